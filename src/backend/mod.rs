@@ -1,0 +1,1 @@
+//! Result stores: where task states and return values are kept.

@@ -1,0 +1,193 @@
+//! Broker and result-store URLs: parsing, validation and masking.
+//!
+//! Celery's form is `transport://user:password@host:port/vhost`; the password never
+//! reaches a log line or the banner, so every error here names the masked URL.
+
+use url::Url;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Redis,
+    /// Redis over TLS.
+    Rediss,
+    /// Redis over a unix socket (`redis+socket:///path` or `unix:///path`).
+    RedisSocket,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Redis database number.
+    pub db: i64,
+    /// Socket path for `RedisSocket`.
+    pub socket_path: Option<String>,
+    masked: String,
+}
+
+impl BrokerUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let masked = mask(raw);
+        let bad = |why: &str| Error::InvalidUrl(format!("invalid broker URL {masked:?}: {why}"));
+        let url = Url::parse(raw).map_err(|err| bad(&err.to_string()))?;
+        let scheme = match url.scheme() {
+            "redis" => Scheme::Redis,
+            "rediss" => Scheme::Rediss,
+            "redis+socket" | "unix" | "socket" => Scheme::RedisSocket,
+            other => return Err(bad(&format!("unsupported transport {other:?}"))),
+        };
+        let decode = |part: &str| {
+            percent_decode(part).map_err(|_| bad("user or password is not valid percent-encoded UTF-8"))
+        };
+        let username = match url.username() {
+            "" => None,
+            name => Some(decode(name)?),
+        };
+        let password = url.password().map(decode).transpose()?;
+        let mut db = 0;
+        let mut socket_path = None;
+        if scheme == Scheme::RedisSocket {
+            if url.path().is_empty() || url.path() == "/" {
+                return Err(bad("a socket URL needs a path"));
+            }
+            socket_path = Some(url.path().to_owned());
+            if let Some((_, value)) = url.query_pairs().find(|(k, _)| k == "virtual_host" || k == "db") {
+                db = value.parse().map_err(|_| bad("the database must be a number"))?;
+            }
+        } else {
+            let path = url.path().trim_matches('/');
+            if !path.is_empty() {
+                db = path
+                    .parse()
+                    .map_err(|_| bad(&format!("the database {path:?} is not a number")))?;
+            }
+            if db < 0 {
+                return Err(bad("the database must not be negative"));
+            }
+        }
+        let host = url.host_str().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
+        let host = if host.is_empty() { "localhost".to_owned() } else { host };
+        Ok(Self {
+            scheme,
+            port: url.port().unwrap_or(6379),
+            host,
+            username,
+            password,
+            db,
+            socket_path,
+            masked,
+        })
+    }
+
+    /// The URL as given, password replaced by `**`.
+    pub fn masked(&self) -> &str {
+        &self.masked
+    }
+
+    pub fn to_redis_info(&self) -> Result<redis::ConnectionInfo> {
+        use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+        let addr = match self.scheme {
+            Scheme::Redis => ConnectionAddr::Tcp(self.host.clone(), self.port),
+            Scheme::Rediss => {
+                return Err(Error::InvalidUrl(format!(
+                    "invalid broker URL {:?}: TLS (rediss://) is not supported yet",
+                    self.masked
+                )))
+            }
+            Scheme::RedisSocket => {
+                ConnectionAddr::Unix(self.socket_path.clone().unwrap_or_default().into())
+            }
+        };
+        let mut redis = RedisConnectionInfo::default().set_db(self.db);
+        if let Some(user) = &self.username {
+            redis = redis.set_username(user.clone());
+        }
+        if let Some(password) = &self.password {
+            redis = redis.set_password(password.clone());
+        }
+        addr.into_connection_info()
+            .map(|info| info.set_redis_settings(redis))
+            .map_err(Error::from)
+    }
+}
+
+fn percent_decode(part: &str) -> std::result::Result<String, std::str::Utf8Error> {
+    url::form_urlencoded::parse(format!("x={}", part.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| Ok(v.into_owned()))
+        .unwrap_or_else(|| Ok(String::new()))
+}
+
+/// Replace the password of `transport://user:password@host...` with `**`.
+///
+/// Works on text, not on a parsed URL, so that even a URL we cannot parse is masked
+/// before it appears in an error message.
+pub fn mask(raw: &str) -> String {
+    let Some(scheme_end) = raw.find("://") else {
+        return raw.to_owned();
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return raw.to_owned();
+    };
+    let credentials = &authority[..at];
+    let Some(colon) = credentials.find(':') else {
+        return raw.to_owned();
+    };
+    format!(
+        "{}{}:**{}",
+        &raw[..scheme_end + 3],
+        &credentials[..colon],
+        &rest[at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_the_password_only() {
+        assert_eq!(mask("redis://:secret@localhost:6379/0"), "redis://:**@localhost:6379/0");
+        assert_eq!(mask("amqp://guest:guest@localhost:5672//"), "amqp://guest:**@localhost:5672//");
+        assert_eq!(mask("redis://localhost:6379/0"), "redis://localhost:6379/0");
+        assert_eq!(mask("redis://user@host/1"), "redis://user@host/1");
+        assert_eq!(mask("redis://u:p@ss@host/1"), "redis://u:**@host/1");
+        assert_eq!(mask("not a url"), "not a url");
+    }
+
+    #[test]
+    fn parses_redis_urls() {
+        let url = BrokerUrl::parse("redis://:pw@127.0.0.1:6380/3").unwrap();
+        assert_eq!(url.scheme, Scheme::Redis);
+        assert_eq!((url.host.as_str(), url.port, url.db), ("127.0.0.1", 6380, 3));
+        assert_eq!(url.password.as_deref(), Some("pw"));
+        let url = BrokerUrl::parse("redis://localhost").unwrap();
+        assert_eq!((url.port, url.db), (6379, 0));
+        let url = BrokerUrl::parse("redis://localhost:6379//").unwrap();
+        assert_eq!(url.db, 0);
+        let url = BrokerUrl::parse("redis://:p%40ss@localhost/0").unwrap();
+        assert_eq!(url.password.as_deref(), Some("p@ss"));
+    }
+
+    #[test]
+    fn bad_urls_name_the_masked_url() {
+        for raw in [
+            "redis://:secret@localhost:6379/notadb",
+            "kafka://:secret@localhost",
+            "redis://:secret@localhost:99999/0",
+        ] {
+            let err = BrokerUrl::parse(raw).unwrap_err().to_string();
+            assert!(err.contains(":**@localhost"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        assert!(BrokerUrl::parse("").is_err());
+    }
+}

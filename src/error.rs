@@ -1,0 +1,31 @@
+//! The one error type of the Rust core.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A URL that cannot be used; the text names the URL with its password masked.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// The broker or result store cannot be reached or went away.
+    #[error("{0}")]
+    Connection(String),
+    /// A wait ran out of time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Bytes that are not a message we understand.
+    #[error("{0}")]
+    Decode(String),
+    /// A value that cannot be put on the wire.
+    #[error("{0}")]
+    Encode(String),
+    /// The producer, consumer or store was closed.
+    #[error("{0} is closed")]
+    Closed(&'static str),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,19 @@
+//! celeriac's Rust core: Celery's wire protocol, broker I/O and result waiting.
+//!
+//! Everything outside `py/` is plain Rust and is tested by `cargo test` alone;
+//! `py/` converts between Python objects and these types and holds no logic.
+
+pub mod backend;
+pub mod broker;
+pub mod error;
+pub mod protocol;
+pub mod runtime;
+
+mod py;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::register(m)
+}

@@ -1,0 +1,5 @@
+//! Celery's message protocol v2 and kombu's framing, in plain Rust.
+
+pub mod envelope;
+pub mod json;
+pub mod message;

@@ -1,0 +1,6 @@
+//! (placeholder until written)
+use pyo3::prelude::*;
+
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The only pyo3 code: converts Python objects to and from the core's types and
+//! delegates. Each file registers its own classes and functions.
+
+use pyo3::prelude::*;
+
+pub mod backend;
+pub mod codec;
+pub mod consumer;
+pub mod exceptions;
+pub mod producer;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    exceptions::register(m)?;
+    codec::register(m)?;
+    producer::register(m)?;
+    consumer::register(m)?;
+    backend::register(m)?;
+    Ok(())
+}
