@@ -1,6 +1,175 @@
-//! (placeholder until written)
-use pyo3::prelude::*;
+//! `Backend`: the Redis result store (`crate::backend::redis`) seen from Python.
+//!
+//! Encoding happens here, in the calling thread (the meta is a Python mapping); the
+//! bytes go to the store's writer. Every call that waits on the network releases the
+//! GIL. `wait` waits in short slices and checks for signals between them, so Ctrl-C
+//! raises `KeyboardInterrupt` promptly.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
-    Ok(())
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyMapping, PyString};
+
+use super::codec;
+use super::exceptions::{DecodeError, TimeoutError};
+use crate::backend::redis::{RedisBackend, RedisBackendOptions};
+
+/// How long `wait` stays detached from the interpreter before checking for signals.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// The result store (`redis://`): `celery-task-meta-<id>` keys and pub/sub.
+#[pyclass(module = "celeriac._core", name = "Backend", frozen)]
+pub struct Backend {
+    inner: RedisBackend,
+}
+
+#[pymethods]
+impl Backend {
+    #[new]
+    #[pyo3(signature = (
+        url,
+        *,
+        expires = Some(86400.0),
+        key_prefix = String::from(crate::backend::redis::DEFAULT_KEY_PREFIX),
+        transport_options = None,
+        connect_timeout = 4.0,
+    ))]
+    fn new(
+        py: Python<'_>,
+        url: &str,
+        expires: Option<f64>,
+        key_prefix: String,
+        transport_options: Option<&Bound<'_, PyAny>>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        let expires = match expires {
+            None => None,
+            Some(secs) => Some(duration("expires", secs)?),
+        };
+        let connect_timeout = duration("connect_timeout", connect_timeout)?;
+        if connect_timeout.is_zero() {
+            return Err(PyValueError::new_err("connect_timeout must be positive"));
+        }
+        let options = RedisBackendOptions {
+            expires,
+            key_prefix,
+            global_keyprefix: global_keyprefix(transport_options)?,
+            connect_timeout,
+        };
+        let inner = py.detach(|| RedisBackend::connect(url, options))?;
+        Ok(Self { inner })
+    }
+
+    /// Write ``meta`` (encoded by ``dumps``) with SETEX + PUBLISH; asynchronous and
+    /// pipelined. ``TypeError`` if meta cannot be encoded.
+    fn store(&self, task_id: &str, meta: &Bound<'_, PyAny>) -> PyResult<()> {
+        if meta.cast::<PyMapping>().is_err() {
+            return Err(PyTypeError::new_err(format!(
+                "meta must be a mapping, not {}",
+                meta.get_type().name()?
+            )));
+        }
+        let json = codec::dumps(meta)?;
+        Ok(self.inner.store(task_id, json)?)
+    }
+
+    /// The stored meta, or None when there is none (PENDING).
+    fn get_meta<'py>(&self, py: Python<'py>, task_id: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match py.detach(|| self.inner.get(task_id))? {
+            Some(json) => decode_meta(py, task_id, &json).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Block (GIL released, Ctrl-C honoured) until the task's meta has a ready state
+    /// and return it. Raises ``TimeoutError`` after ``timeout`` seconds.
+    #[pyo3(signature = (task_id, timeout))]
+    fn wait<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let deadline = match timeout {
+            None => None,
+            Some(secs) => Some(Instant::now() + duration("timeout", secs.max(0.0))?),
+        };
+        let mut waiter = self.inner.watch(task_id)?;
+        loop {
+            let slice_end = Instant::now() + WAIT_SLICE;
+            let until = deadline.map_or(slice_end, |deadline| deadline.min(slice_end));
+            if let Some(json) = py.detach(|| waiter.wait_until(until))? {
+                return decode_meta(py, task_id, &json);
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(TimeoutError::new_err("The operation timed out."));
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Delete the task's meta.
+    fn forget(&self, py: Python<'_>, task_id: &str) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.forget(task_id))?)
+    }
+
+    /// Wait until everything stored so far is written. ``OperationalError`` when it
+    /// could not be written within ``timeout`` seconds.
+    #[pyo3(signature = (timeout = 10.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = duration("timeout", timeout)?;
+        Ok(py.detach(|| self.inner.flush(timeout))?)
+    }
+
+    /// Write what is pending, then release the connections. Later calls raise
+    /// ``OperationalError``; closing twice does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.close())?)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Backend {}>", self.inner.masked_url())
+    }
+}
+
+/// Seconds from Python as a `Duration`; negative or NaN is a `ValueError`.
+fn duration(name: &str, secs: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be a non-negative number of seconds, not {secs}"
+        ))
+    })
+}
+
+/// `transport_options["global_keyprefix"]`, if any.
+fn global_keyprefix(transport_options: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
+    let Some(options) = transport_options.filter(|options| !options.is_none()) else {
+        return Ok(None);
+    };
+    let value = options.call_method1("get", ("global_keyprefix",))?;
+    if value.is_none() {
+        return Ok(None);
+    }
+    match value.cast::<PyString>() {
+        Ok(text) => Ok(Some(text.to_str()?.to_owned())),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "transport_options['global_keyprefix'] must be a str, not {}",
+            value.get_type().name()?
+        ))),
+    }
+}
+
+fn decode_meta<'py>(py: Python<'py>, task_id: &str, json: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let meta = codec::loads(py, json)?;
+    if meta.cast::<PyDict>().is_err() {
+        return Err(DecodeError::new_err(format!(
+            "the stored result of task {task_id:?} is not a JSON object"
+        )));
+    }
+    Ok(meta)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Backend>()
 }
