@@ -1,1 +1,1006 @@
-//! Redis broker (kombu layout).
+//! The Redis broker in kombu's layout (celery-wire §3), so Celery peers share queues.
+//!
+//! - A queue is a list; priorities live in sub-lists `<queue>\x06\x16<step>`.
+//! - Publishing is `LPUSH`; the producer's I/O task pipelines everything pending
+//!   (several values per `LPUSH` when they share a list) in one round trip.
+//! - Consuming pops with `RPOP key count` inside a Lua script that also records each
+//!   message in kombu's ack emulation (`unacked` hash + `unacked_index` zset), so a
+//!   batch costs one round trip and no message is ever popped without being recorded.
+//!   When every list is empty the fetcher blocks in `BRPOP` on its own connection.
+//! - Messages whose worker died are put back after `visibility_timeout`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+
+use super::url::BrokerUrl;
+use crate::error::{Error, Result};
+use crate::protocol::envelope::{self, IncomingEnvelope};
+use crate::protocol::message::OutgoingMessage;
+
+/// kombu's separator between a queue name and its priority step.
+pub const PRIORITY_SEP: &str = "\x06\x16";
+/// kombu's priority steps: 0-2 → 0, 3-5 → 3, 6-8 → 6, 9 → 9 (lower is served first).
+pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// The list that holds messages of `priority` for `queue`.
+pub fn priority_key(queue: &str, priority: u8) -> String {
+    let step = PRIORITY_STEPS
+        .iter()
+        .rev()
+        .find(|step| priority.min(9) >= **step)
+        .copied()
+        .unwrap_or(0);
+    if step == 0 {
+        queue.to_owned()
+    } else {
+        format!("{queue}{PRIORITY_SEP}{step}")
+    }
+}
+
+/// Transport options we understand (`broker_transport_options`), with kombu's defaults.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub visibility_timeout: Duration,
+    pub global_keyprefix: String,
+    pub unacked_key: String,
+    pub unacked_index_key: String,
+    pub unacked_mutex_key: String,
+    pub unacked_mutex_expire: Duration,
+    /// How often a consumer looks for messages whose visibility timeout has passed.
+    pub restore_interval: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(3600),
+            global_keyprefix: String::new(),
+            unacked_key: "unacked".into(),
+            unacked_index_key: "unacked_index".into(),
+            unacked_mutex_key: "unacked_mutex".into(),
+            unacked_mutex_expire: Duration::from_secs(300),
+            restore_interval: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+impl RedisOptions {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.global_keyprefix)
+    }
+}
+
+async fn connect(
+    url: &BrokerUrl,
+    timeout: Duration,
+    response_timeout: Option<Duration>,
+) -> Result<MultiplexedConnection> {
+    let masked = url.masked();
+    let client = Client::open(url.to_redis_info()?)
+        .map_err(|err| Error::Connection(format!("cannot connect to {masked}: {err}")))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(response_timeout);
+    let attempt = client.get_multiplexed_async_connection_with_config(&config);
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(Error::Connection(format!(
+            "cannot connect to {masked}: {err}"
+        ))),
+        Err(_) => Err(Error::Connection(format!(
+            "cannot connect to {masked}: timed out after {:.1}s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Back off 0.1 s, 0.2 s, ... up to 2 s between reconnection attempts.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
+}
+
+// ---------------------------------------------------------------------------------
+// Producer
+
+struct ProducerState {
+    queued: AtomicU64,
+    written: AtomicU64,
+    progress: Notify,
+    last_error: Mutex<Option<String>>,
+    closed: AtomicBool,
+}
+
+/// Publishes task messages; cheap to call from any thread.
+pub struct RedisProducer {
+    tx: mpsc::UnboundedSender<OutgoingMessage>,
+    state: Arc<ProducerState>,
+    masked: String,
+}
+
+impl RedisProducer {
+    /// Connect (failing fast with a clear error) and start the I/O task.
+    pub async fn connect(url: &BrokerUrl, options: RedisOptions) -> Result<Self> {
+        let conn = connect(url, options.connect_timeout, Some(Duration::from_secs(30))).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(ProducerState {
+            queued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            progress: Notify::new(),
+            last_error: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(publish_loop(conn, url.clone(), options, rx, state.clone()));
+        Ok(Self {
+            tx,
+            state,
+            masked: url.masked().to_owned(),
+        })
+    }
+
+    /// Hand a message to the I/O task; never waits.
+    pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("the producer"));
+        }
+        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx
+            .send(message)
+            .map_err(|_| Error::Closed("the producer"))
+    }
+
+    /// Wait until every message published before this call is written to Redis.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let target = self.state.queued.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.state.progress.notified();
+            let written = self.state.written.load(Ordering::Acquire);
+            if written >= target {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                let reason = self
+                    .state
+                    .last_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default()
+                    .unwrap_or_else(|| "no reply".into());
+                return Err(Error::Connection(format!(
+                    "{} message(s) not yet written to {} after {:.1}s: {reason}",
+                    target - written,
+                    self.masked,
+                    timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::Release);
+    }
+}
+
+async fn publish_loop(
+    mut conn: MultiplexedConnection,
+    url: BrokerUrl,
+    options: RedisOptions,
+    mut rx: mpsc::UnboundedReceiver<OutgoingMessage>,
+    state: Arc<ProducerState>,
+) {
+    const MAX_BATCH: usize = 4096;
+    let mut declared: std::collections::HashSet<String> = Default::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let count = batch.len() as u64;
+        let pipe = build_publish_pipeline(&batch, &options, &mut declared);
+        batch.clear();
+        let mut attempt = 0;
+        loop {
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => break,
+                Err(err) => {
+                    if let Ok(mut last) = state.last_error.lock() {
+                        *last = Some(err.to_string());
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    if let Ok(fresh) =
+                        connect(&url, options.connect_timeout, Some(Duration::from_secs(30))).await
+                    {
+                        conn = fresh;
+                    }
+                }
+            }
+        }
+        state.written.fetch_add(count, Ordering::AcqRel);
+        state.progress.notify_waiters();
+    }
+}
+
+fn build_publish_pipeline(
+    batch: &[OutgoingMessage],
+    options: &RedisOptions,
+    declared: &mut std::collections::HashSet<String>,
+) -> redis::Pipeline {
+    // Group by list, keeping each list's order: LPUSH k v1 v2 puts v2 at the head, and
+    // consumers pop from the tail, so v1 is still served first.
+    let mut lists: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut pipe = redis::pipe();
+    for message in batch {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let encoded = match envelope::encode(message, &tag) {
+            Ok(bytes) => bytes,
+            // Headers and body were produced by our own encoder; this cannot fail in
+            // practice, and a message we cannot frame is better dropped than wedged.
+            Err(_) => continue,
+        };
+        let queue = if message.exchange.is_empty() {
+            message.routing_key.as_str()
+        } else {
+            // Named exchanges are resolved through kombu's binding table by the
+            // consumer side of kombu; Celery itself publishes direct queues to `''`.
+            message.routing_key.as_str()
+        };
+        if declared.insert(queue.to_owned()) {
+            pipe.cmd("SADD")
+                .arg(options.key(&format!("_kombu.binding.{queue}")))
+                .arg(format!("{queue}{PRIORITY_SEP}{PRIORITY_SEP}{queue}"))
+                .ignore();
+        }
+        let key = options.key(&priority_key(
+            queue,
+            message.properties.priority.unwrap_or(0),
+        ));
+        let slot = *index.entry(key.clone()).or_insert_with(|| {
+            lists.push((key, Vec::new()));
+            lists.len() - 1
+        });
+        lists[slot].1.push(encoded);
+    }
+    for (key, values) in lists {
+        pipe.cmd("LPUSH").arg(key).arg(values).ignore();
+    }
+    pipe
+}
+
+// ---------------------------------------------------------------------------------
+// Consumer
+
+/// Pops up to ARGV[1] messages from the lists KEYS[3..] in order and records each one
+/// in kombu's ack emulation (KEYS[1] = unacked hash, KEYS[2] = unacked_index zset) in
+/// the same atomic step. Returns a flat array of (list index, message) pairs.
+const FETCH_SCRIPT: &str = r#"
+local want = tonumber(ARGV[1])
+local now = ARGV[2]
+local out = {}
+for i = 3, #KEYS do
+  if want <= 0 then break end
+  local got = redis.call('RPOP', KEYS[i], want)
+  if got then
+    for _, msg in ipairs(got) do
+      local ok, env = pcall(cjson.decode, msg)
+      if ok and type(env) == 'table' and type(env.properties) == 'table'
+          and type(env.properties.delivery_tag) == 'string' then
+        local info = env.properties.delivery_info
+        local ex, rk = '', ''
+        if type(info) == 'table' then
+          if type(info.exchange) == 'string' then ex = info.exchange end
+          if type(info.routing_key) == 'string' then rk = info.routing_key end
+        end
+        local tag = env.properties.delivery_tag
+        redis.call('ZADD', KEYS[2], now, tag)
+        redis.call('HSET', KEYS[1], tag,
+          '[' .. msg .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+      end
+      out[#out + 1] = i - 3
+      out[#out + 1] = msg
+    end
+    want = want - #got
+  end
+end
+return out
+"#;
+
+/// Releases the restore lock only if we still hold it.
+const UNLOCK_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// A message taken from a list, parsed as far as pure Rust can.
+pub struct RawDelivery {
+    /// The message as stored in the list.
+    pub raw: Arc<Vec<u8>>,
+    /// The queue (not the priority sub-list) it was taken from.
+    pub queue: String,
+    /// The delivery tag, or a made-up one when the message has none.
+    pub delivery_tag: String,
+    /// The parsed envelope, or why it could not be parsed.
+    pub envelope: std::result::Result<IncomingEnvelope, String>,
+}
+
+/// What the fetcher hands to the consumer's reader.
+// Errors are rare; boxing the message instead would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+pub enum Fetched {
+    Message(RawDelivery),
+    /// A connection problem; the fetcher keeps retrying.
+    Error(String),
+}
+
+struct InFlight {
+    raw: Arc<Vec<u8>>,
+    list_key: String,
+}
+
+enum AckCommand {
+    Ack(Vec<String>),
+    Requeue(String),
+    RestoreAll(oneshot::Sender<Result<usize>>),
+}
+
+struct ConsumerShared {
+    options: RedisOptions,
+    /// The priority lists of every queue, priority-major (kombu's BRPOP order).
+    list_keys: Vec<String>,
+    /// The queue each list belongs to.
+    list_queue: Vec<String>,
+    window: Semaphore,
+    unbounded: bool,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    closed: AtomicBool,
+    masked: String,
+}
+
+impl ConsumerShared {
+    fn release(&self, count: usize) {
+        if !self.unbounded && count > 0 {
+            self.window.add_permits(count);
+        }
+    }
+
+    fn forget(&self, tags: &[String]) -> usize {
+        let Ok(mut map) = self.in_flight.lock() else {
+            return 0;
+        };
+        tags.iter().filter(|tag| map.remove(*tag).is_some()).count()
+    }
+}
+
+/// Takes messages from queues within a prefetch window; acks them in batches.
+pub struct RedisConsumer {
+    shared: Arc<ConsumerShared>,
+    ack_tx: mpsc::UnboundedSender<AckCommand>,
+    /// Becomes true when the fetch task has ended.
+    fetcher_stopped: watch::Receiver<bool>,
+}
+
+/// Tells the consumer the fetch task has ended, however it ends.
+struct StoppedGuard(watch::Sender<bool>);
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+const MAX_FETCH_BATCH: usize = 512;
+
+impl RedisConsumer {
+    /// Connect and start fetching into `deliveries`. `prefetch_count` 0 = unbounded.
+    pub async fn connect(
+        url: &BrokerUrl,
+        queues: &[String],
+        prefetch_count: usize,
+        options: RedisOptions,
+        deliveries: mpsc::UnboundedSender<Fetched>,
+    ) -> Result<Self> {
+        if queues.is_empty() {
+            return Err(Error::Connection("no queue to consume from".into()));
+        }
+        let fetch_conn = connect(url, options.connect_timeout, None).await?;
+        let mut ack_conn =
+            connect(url, options.connect_timeout, Some(Duration::from_secs(30))).await?;
+        // Declare the bindings as a Celery worker does, so kombu peers see the queues.
+        let mut pipe = redis::pipe();
+        for queue in queues {
+            pipe.cmd("SADD")
+                .arg(options.key(&format!("_kombu.binding.{queue}")))
+                .arg(format!("{queue}{PRIORITY_SEP}{PRIORITY_SEP}{queue}"))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut ack_conn).await?;
+
+        let mut list_keys = Vec::new();
+        let mut list_queue = Vec::new();
+        for step in PRIORITY_STEPS {
+            for queue in queues {
+                list_keys.push(options.key(&priority_key(queue, step)));
+                list_queue.push(queue.clone());
+            }
+        }
+        let unbounded = prefetch_count == 0;
+        let shared = Arc::new(ConsumerShared {
+            window: Semaphore::new(if unbounded { 0 } else { prefetch_count }),
+            unbounded,
+            list_keys,
+            list_queue,
+            in_flight: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            masked: url.masked().to_owned(),
+            options,
+        });
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let (stopped_tx, fetcher_stopped) = watch::channel(false);
+        tokio::spawn(fetch_loop(
+            fetch_conn,
+            url.clone(),
+            shared.clone(),
+            deliveries,
+            StoppedGuard(stopped_tx),
+        ));
+        tokio::spawn(ack_loop(
+            ack_conn.clone(),
+            url.clone(),
+            shared.clone(),
+            ack_rx,
+        ));
+        tokio::spawn(restore_visible_loop(ack_conn, shared.clone()));
+        Ok(Self {
+            shared,
+            ack_tx,
+            fetcher_stopped,
+        })
+    }
+
+    pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        self.ack_tx
+            .send(AckCommand::Ack(tags))
+            .map_err(|_| Error::Closed("the consumer"))
+    }
+
+    /// `requeue=false` drops the message (kombu: same as ack); `true` puts it back.
+    pub fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        let command = if requeue {
+            AckCommand::Requeue(tag)
+        } else {
+            AckCommand::Ack(vec![tag])
+        };
+        self.ack_tx
+            .send(command)
+            .map_err(|_| Error::Closed("the consumer"))
+    }
+
+    /// Stop fetching and put every fetched, unacked message back at the front of its
+    /// list (so it is consumed next), marked redelivered.
+    pub async fn restore_unacked(&self) -> Result<usize> {
+        self.close();
+        // A fetch in flight (a BRPOP waits up to 1 s) may still take a message; wait for
+        // the fetcher to end so that message is restored too.
+        let mut stopped = self.fetcher_stopped.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|done| *done)).await;
+        let (tx, rx) = oneshot::channel();
+        self.ack_tx
+            .send(AckCommand::RestoreAll(tx))
+            .map_err(|_| Error::Closed("the consumer"))?;
+        rx.await.map_err(|_| Error::Closed("the consumer"))?
+    }
+
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.window.close();
+    }
+
+    pub fn masked_url(&self) -> &str {
+        &self.shared.masked
+    }
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn fetch_loop(
+    mut conn: MultiplexedConnection,
+    url: BrokerUrl,
+    shared: Arc<ConsumerShared>,
+    deliveries: mpsc::UnboundedSender<Fetched>,
+    _stopped: StoppedGuard,
+) {
+    let script = Script::new(FETCH_SCRIPT);
+    let mut failures = 0u32;
+    while !shared.closed.load(Ordering::Acquire) {
+        // Take as much of the prefetch window as is free (at least one slot).
+        let mut credits = MAX_FETCH_BATCH;
+        if !shared.unbounded {
+            let Ok(first) = shared.window.acquire().await else {
+                return;
+            };
+            first.forget();
+            credits = 1;
+            while credits < MAX_FETCH_BATCH {
+                match shared.window.try_acquire() {
+                    Ok(permit) => {
+                        permit.forget();
+                        credits += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let result = fetch_once(&mut conn, &script, &shared, credits).await;
+        if shared.closed.load(Ordering::Acquire) {
+            // Whatever was popped is recorded in `unacked`; restore_unacked puts it back.
+            if let Ok(batch) = result {
+                shared.release(credits.saturating_sub(tracked(&batch)));
+                remember(&shared, &batch);
+            }
+            return;
+        }
+        match result {
+            Ok(batch) => {
+                failures = 0;
+                // Malformed messages are not tracked (nothing to restore), so they do
+                // not hold a slot of the window.
+                shared.release(credits.saturating_sub(tracked(&batch)));
+                remember(&shared, &batch);
+                for delivery in batch {
+                    if deliveries.send(Fetched::Message(delivery)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                shared.release(credits);
+                if failures == 0 {
+                    let text = format!("lost the connection to {}: {err}", shared.masked);
+                    if deliveries.send(Fetched::Error(text)).is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(backoff(failures)).await;
+                failures += 1;
+                if let Ok(fresh) = connect(&url, shared.options.connect_timeout, None).await {
+                    conn = fresh;
+                }
+            }
+        }
+    }
+}
+
+fn remember(shared: &ConsumerShared, batch: &[RawDelivery]) {
+    if let Ok(mut map) = shared.in_flight.lock() {
+        for delivery in batch.iter().filter(|d| d.envelope.is_ok()) {
+            let list_key = delivery_list_key(shared, delivery);
+            map.insert(
+                delivery.delivery_tag.clone(),
+                InFlight {
+                    raw: delivery.raw.clone(),
+                    list_key,
+                },
+            );
+        }
+    }
+}
+
+fn tracked(batch: &[RawDelivery]) -> usize {
+    batch.iter().filter(|d| d.envelope.is_ok()).count()
+}
+
+fn delivery_list_key(shared: &ConsumerShared, delivery: &RawDelivery) -> String {
+    let priority = delivery
+        .envelope
+        .as_ref()
+        .ok()
+        .and_then(|env| env.properties.priority)
+        .unwrap_or(0)
+        .clamp(0, 9) as u8;
+    shared.options.key(&priority_key(&delivery.queue, priority))
+}
+
+/// One batch: a non-blocking scripted pop; if every list is empty, a blocking BRPOP
+/// of one message (1 s), recorded in `unacked` right after.
+async fn fetch_once(
+    conn: &mut MultiplexedConnection,
+    script: &Script,
+    shared: &ConsumerShared,
+    credits: usize,
+) -> Result<Vec<RawDelivery>> {
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(shared.options.key(&shared.options.unacked_key))
+        .key(shared.options.key(&shared.options.unacked_index_key));
+    for key in &shared.list_keys {
+        invocation.key(key);
+    }
+    invocation.arg(credits).arg(unix_now());
+    let popped: Vec<(usize, Vec<u8>)> = invocation.invoke_async(conn).await?;
+    if !popped.is_empty() {
+        return Ok(popped
+            .into_iter()
+            .map(|(index, raw)| {
+                let queue = shared.list_queue.get(index).cloned().unwrap_or_default();
+                parse_delivery(raw, queue)
+            })
+            .collect());
+    }
+    let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+        .arg(&shared.list_keys)
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let Some((key, raw)) = popped else {
+        return Ok(Vec::new());
+    };
+    let queue = shared
+        .list_keys
+        .iter()
+        .position(|k| *k == key)
+        .and_then(|i| shared.list_queue.get(i).cloned())
+        .unwrap_or(key);
+    let delivery = parse_delivery(raw, queue);
+    if let Ok(env) = &delivery.envelope {
+        let (exchange, routing_key) = env
+            .properties
+            .delivery_info
+            .as_ref()
+            .map(|info| (info.exchange.as_str(), info.routing_key.as_str()))
+            .unwrap_or(("", ""));
+        let record = unacked_record(&delivery.raw, exchange, routing_key)?;
+        redis::pipe()
+            .cmd("ZADD")
+            .arg(shared.options.key(&shared.options.unacked_index_key))
+            .arg(unix_now())
+            .arg(&delivery.delivery_tag)
+            .ignore()
+            .cmd("HSET")
+            .arg(shared.options.key(&shared.options.unacked_key))
+            .arg(&delivery.delivery_tag)
+            .arg(record)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+    }
+    Ok(vec![delivery])
+}
+
+/// kombu's `unacked` value: `[envelope, exchange, routing_key]`.
+fn unacked_record(raw: &[u8], exchange: &str, routing_key: &str) -> Result<Vec<u8>> {
+    let mut record = Vec::with_capacity(raw.len() + 64);
+    record.push(b'[');
+    record.extend_from_slice(raw);
+    record.extend_from_slice(b", ");
+    serde_json::to_writer(&mut record, exchange)?;
+    record.extend_from_slice(b", ");
+    serde_json::to_writer(&mut record, routing_key)?;
+    record.push(b']');
+    Ok(record)
+}
+
+fn parse_delivery(raw: Vec<u8>, queue: String) -> RawDelivery {
+    let envelope = IncomingEnvelope::parse(&raw).map_err(|err| err.to_string());
+    let delivery_tag = match &envelope {
+        Ok(env) => env.properties.delivery_tag.clone(),
+        Err(_) => envelope::peek_delivery_tag(&raw)
+            .unwrap_or_else(|| format!("invalid-{}", uuid::Uuid::new_v4())),
+    };
+    RawDelivery {
+        raw: Arc::new(raw),
+        queue,
+        delivery_tag,
+        envelope,
+    }
+}
+
+async fn ack_loop(
+    mut conn: MultiplexedConnection,
+    url: BrokerUrl,
+    shared: Arc<ConsumerShared>,
+    mut rx: mpsc::UnboundedReceiver<AckCommand>,
+) {
+    let mut commands = Vec::with_capacity(256);
+    while rx.recv_many(&mut commands, 1024).await > 0 {
+        let mut tags: Vec<String> = Vec::new();
+        for command in commands.drain(..) {
+            match command {
+                AckCommand::Ack(mut batch) => tags.append(&mut batch),
+                AckCommand::Requeue(tag) => {
+                    let entry = shared
+                        .in_flight
+                        .lock()
+                        .ok()
+                        .and_then(|mut m| m.remove(&tag));
+                    if let Some(entry) = entry {
+                        let mut pipe = redis::pipe();
+                        pipe.atomic()
+                            .cmd("LPUSH")
+                            .arg(&entry.list_key)
+                            .arg(entry.raw.as_slice())
+                            .ignore();
+                        unacked_removal(&mut pipe, &shared.options, std::slice::from_ref(&tag));
+                        run_with_retry(&mut conn, &url, &shared, &pipe).await;
+                        shared.release(1);
+                    }
+                }
+                AckCommand::RestoreAll(reply) => {
+                    if !tags.is_empty() {
+                        let released = shared.forget(&tags);
+                        let mut pipe = redis::pipe();
+                        unacked_removal(&mut pipe, &shared.options, &tags);
+                        run_with_retry(&mut conn, &url, &shared, &pipe).await;
+                        shared.release(released);
+                        tags.clear();
+                    }
+                    let _ = reply.send(restore_all(&mut conn, &shared).await);
+                }
+            }
+        }
+        if !tags.is_empty() {
+            let released = shared.forget(&tags);
+            let mut pipe = redis::pipe();
+            unacked_removal(&mut pipe, &shared.options, &tags);
+            run_with_retry(&mut conn, &url, &shared, &pipe).await;
+            shared.release(released);
+        }
+    }
+}
+
+fn unacked_removal(pipe: &mut redis::Pipeline, options: &RedisOptions, tags: &[String]) {
+    pipe.cmd("ZREM")
+        .arg(options.key(&options.unacked_index_key))
+        .arg(tags)
+        .ignore();
+    pipe.cmd("HDEL")
+        .arg(options.key(&options.unacked_key))
+        .arg(tags)
+        .ignore();
+}
+
+/// Acks must not be lost to a passing disconnect: retry until written or closed.
+async fn run_with_retry(
+    conn: &mut MultiplexedConnection,
+    url: &BrokerUrl,
+    shared: &ConsumerShared,
+    pipe: &redis::Pipeline,
+) {
+    let mut attempt = 0;
+    while pipe.query_async::<()>(conn).await.is_err() {
+        if attempt > 50 {
+            return; // the visibility timeout will restore these messages
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt += 1;
+        if let Ok(fresh) = connect(
+            url,
+            shared.options.connect_timeout,
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        {
+            *conn = fresh;
+        }
+    }
+}
+
+/// Mark a message redelivered the way kombu does on restore.
+fn mark_redelivered(raw: &[u8]) -> Vec<u8> {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        return raw.to_vec();
+    };
+    if let Some(headers) = value.get_mut("headers").and_then(|h| h.as_object_mut()) {
+        headers.insert("redelivered".into(), true.into());
+    }
+    if let Some(info) = value
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("delivery_info"))
+        .and_then(|i| i.as_object_mut())
+    {
+        info.insert("redelivered".into(), true.into());
+    }
+    crate::protocol::json::to_vec(&value).unwrap_or_else(|_| raw.to_vec())
+}
+
+async fn restore_all(conn: &mut MultiplexedConnection, shared: &ConsumerShared) -> Result<usize> {
+    let entries: Vec<(String, InFlight)> = match shared.in_flight.lock() {
+        Ok(mut map) => map.drain().collect(),
+        Err(_) => return Ok(0),
+    };
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut tags = Vec::with_capacity(entries.len());
+    for (tag, entry) in &entries {
+        pipe.cmd("RPUSH")
+            .arg(&entry.list_key)
+            .arg(mark_redelivered(&entry.raw))
+            .ignore();
+        tags.push(tag.clone());
+    }
+    unacked_removal(&mut pipe, &shared.options, &tags);
+    pipe.query_async::<()>(conn).await?;
+    shared.release(entries.len());
+    Ok(entries.len())
+}
+
+/// Every `restore_interval`, put back messages unacked for longer than the visibility
+/// timeout (their worker died), under kombu's `unacked_mutex` so that only one
+/// process restores at a time.
+async fn restore_visible_loop(mut conn: MultiplexedConnection, shared: Arc<ConsumerShared>) {
+    loop {
+        tokio::time::sleep(shared.options.restore_interval).await;
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // Errors are retried on the next round; the fetcher reports connection loss.
+        let _ = restore_visible(&mut conn, &shared.options).await;
+    }
+}
+
+/// Restore messages whose visibility timeout has passed. Returns how many.
+pub async fn restore_visible(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+) -> Result<usize> {
+    let mutex_key = options.key(&options.unacked_mutex_key);
+    let token = uuid::Uuid::new_v4().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(&mutex_key)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(options.unacked_mutex_expire.as_millis() as u64)
+        .query_async(conn)
+        .await?;
+    if locked.is_none() {
+        return Ok(0);
+    }
+    let result = restore_expired(conn, options).await;
+    let _: i64 = Script::new(UNLOCK_SCRIPT)
+        .key(&mutex_key)
+        .arg(&token)
+        .invoke_async(conn)
+        .await
+        .unwrap_or(0);
+    result
+}
+
+async fn restore_expired(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+) -> Result<usize> {
+    let index_key = options.key(&options.unacked_index_key);
+    let unacked_key = options.key(&options.unacked_key);
+    let ceiling = unix_now() - options.visibility_timeout.as_secs_f64();
+    let tags: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(&index_key)
+        .arg("-inf")
+        .arg(ceiling)
+        .arg("LIMIT")
+        .arg(0)
+        .arg(1000)
+        .query_async(conn)
+        .await?;
+    let mut restored = 0;
+    for tag in tags {
+        let record: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(&unacked_key)
+            .arg(&tag)
+            .query_async(conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if let Some(record) = record {
+            if let Ok((raw, exchange, routing_key)) =
+                serde_json::from_slice::<(Box<RawValue>, String, String)>(&record)
+            {
+                let raw = raw.get().as_bytes();
+                let priority = IncomingEnvelope::parse(raw)
+                    .ok()
+                    .and_then(|env| env.properties.priority)
+                    .unwrap_or(0)
+                    .clamp(0, 9) as u8;
+                for queue in bound_queues(conn, options, &exchange, &routing_key).await? {
+                    pipe.cmd("RPUSH")
+                        .arg(options.key(&priority_key(&queue, priority)))
+                        .arg(mark_redelivered(raw))
+                        .ignore();
+                }
+                restored += 1;
+            }
+        }
+        pipe.cmd("ZREM").arg(&index_key).arg(&tag).ignore();
+        pipe.cmd("HDEL").arg(&unacked_key).arg(&tag).ignore();
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(restored)
+}
+
+/// The queues a (direct) exchange routes `routing_key` to; `''` is the default exchange.
+async fn bound_queues(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<Vec<String>> {
+    if exchange.is_empty() {
+        return Ok(vec![routing_key.to_owned()]);
+    }
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(options.key(&format!("_kombu.binding.{exchange}")))
+        .query_async(conn)
+        .await?;
+    let queues: Vec<String> = members
+        .iter()
+        .filter_map(|member| {
+            let mut parts = member.split(PRIORITY_SEP);
+            let key = parts.next()?;
+            let _pattern = parts.next()?;
+            let queue = parts.next()?;
+            (key == routing_key).then(|| queue.to_owned())
+        })
+        .collect();
+    Ok(if queues.is_empty() {
+        vec![routing_key.to_owned()]
+    } else {
+        queues
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_round_down_to_kombu_steps() {
+        assert_eq!(priority_key("celery", 0), "celery");
+        assert_eq!(priority_key("celery", 2), "celery");
+        assert_eq!(priority_key("celery", 3), "celery\x06\x163");
+        assert_eq!(priority_key("celery", 5), "celery\x06\x163");
+        assert_eq!(priority_key("celery", 8), "celery\x06\x166");
+        assert_eq!(priority_key("celery", 9), "celery\x06\x169");
+        assert_eq!(priority_key("celery", 200), "celery\x06\x169");
+    }
+
+    #[test]
+    fn unacked_record_is_kombu_shaped() {
+        let record = unacked_record(br#"{"a": 1}"#, "", "celery").unwrap();
+        assert_eq!(record, br#"[{"a": 1}, "", "celery"]"#);
+        let (raw, ex, rk): (Box<RawValue>, String, String) =
+            serde_json::from_slice(&record).unwrap();
+        assert_eq!(
+            (raw.get(), ex.as_str(), rk.as_str()),
+            (r#"{"a": 1}"#, "", "celery")
+        );
+    }
+
+    #[test]
+    fn restore_marks_redelivered() {
+        let raw = br#"{"body": "", "headers": {}, "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}"#;
+        let marked: serde_json::Value = serde_json::from_slice(&mark_redelivered(raw)).unwrap();
+        assert_eq!(marked["headers"]["redelivered"], true);
+        assert_eq!(marked["properties"]["delivery_info"]["redelivered"], true);
+    }
+}

@@ -42,7 +42,8 @@ impl BrokerUrl {
             other => return Err(bad(&format!("unsupported transport {other:?}"))),
         };
         let decode = |part: &str| {
-            percent_decode(part).map_err(|_| bad("user or password is not valid percent-encoded UTF-8"))
+            percent_decode(part)
+                .map_err(|_| bad("user or password is not valid percent-encoded UTF-8"))
         };
         let username = match url.username() {
             "" => None,
@@ -56,8 +57,13 @@ impl BrokerUrl {
                 return Err(bad("a socket URL needs a path"));
             }
             socket_path = Some(url.path().to_owned());
-            if let Some((_, value)) = url.query_pairs().find(|(k, _)| k == "virtual_host" || k == "db") {
-                db = value.parse().map_err(|_| bad("the database must be a number"))?;
+            if let Some((_, value)) = url
+                .query_pairs()
+                .find(|(k, _)| k == "virtual_host" || k == "db")
+            {
+                db = value
+                    .parse()
+                    .map_err(|_| bad("the database must be a number"))?;
             }
         } else {
             let path = url.path().trim_matches('/');
@@ -70,8 +76,16 @@ impl BrokerUrl {
                 return Err(bad("the database must not be negative"));
             }
         }
-        let host = url.host_str().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
-        let host = if host.is_empty() { "localhost".to_owned() } else { host };
+        let host = url
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let host = if host.is_empty() {
+            "localhost".to_owned()
+        } else {
+            host
+        };
         Ok(Self {
             scheme,
             port: url.port().unwrap_or(6379),
@@ -155,8 +169,14 @@ mod tests {
 
     #[test]
     fn masks_the_password_only() {
-        assert_eq!(mask("redis://:secret@localhost:6379/0"), "redis://:**@localhost:6379/0");
-        assert_eq!(mask("amqp://guest:guest@localhost:5672//"), "amqp://guest:**@localhost:5672//");
+        assert_eq!(
+            mask("redis://:secret@localhost:6379/0"),
+            "redis://:**@localhost:6379/0"
+        );
+        assert_eq!(
+            mask("amqp://guest:guest@localhost:5672//"),
+            "amqp://guest:**@localhost:5672//"
+        );
         assert_eq!(mask("redis://localhost:6379/0"), "redis://localhost:6379/0");
         assert_eq!(mask("redis://user@host/1"), "redis://user@host/1");
         assert_eq!(mask("redis://u:p@ss@host/1"), "redis://u:**@host/1");
@@ -167,7 +187,10 @@ mod tests {
     fn parses_redis_urls() {
         let url = BrokerUrl::parse("redis://:pw@127.0.0.1:6380/3").unwrap();
         assert_eq!(url.scheme, Scheme::Redis);
-        assert_eq!((url.host.as_str(), url.port, url.db), ("127.0.0.1", 6380, 3));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.db),
+            ("127.0.0.1", 6380, 3)
+        );
         assert_eq!(url.password.as_deref(), Some("pw"));
         let url = BrokerUrl::parse("redis://localhost").unwrap();
         assert_eq!((url.port, url.db), (6379, 0));

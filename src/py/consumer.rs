@@ -1,6 +1,360 @@
-//! (placeholder until written)
-use pyo3::prelude::*;
+//! `Consumer` and `Delivery`: messages fetched by the broker's I/O task, decoded into
+//! Python objects in batches, one GIL crossing per batch.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use tokio::sync::mpsc;
+
+use super::codec::loads;
+use super::exceptions::OperationalError;
+use super::options::redis_options;
+use super::producer::duration;
+use crate::broker::redis::{Fetched, RawDelivery, RedisConsumer};
+use crate::broker::url::BrokerUrl;
+use crate::runtime;
+
+/// How long the GIL stays released before we look for Ctrl-C.
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct Consumer {
+    inner: RedisConsumer,
+    deliveries: Mutex<mpsc::UnboundedReceiver<Fetched>>,
+}
+
+#[pymethods]
+impl Consumer {
+    #[new]
+    #[pyo3(signature = (url, queues, *, prefetch_count, transport_options = None, connect_timeout = 4.0))]
+    fn new(
+        py: Python<'_>,
+        url: &str,
+        queues: Vec<String>,
+        prefetch_count: usize,
+        transport_options: Option<&Bound<'_, PyDict>>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        let options = redis_options(transport_options, connect_timeout)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = py.detach(|| {
+            runtime::handle().block_on(RedisConsumer::connect(
+                &parsed,
+                &queues,
+                prefetch_count,
+                options,
+                tx,
+            ))
+        })?;
+        Ok(Self {
+            inner,
+            deliveries: Mutex::new(rx),
+        })
+    }
+
+    fn fetch(&self, py: Python<'_>, max_count: usize, timeout: f64) -> PyResult<Vec<Delivery>> {
+        let deadline = Instant::now() + duration("timeout", timeout)?;
+        let max_count = max_count.max(1);
+        let mut guard = self
+            .deliveries
+            .lock()
+            .map_err(|_| OperationalError::new_err("the consumer is broken"))?;
+        let receiver: &mut mpsc::UnboundedReceiver<Fetched> = &mut guard;
+        let mut batch = Vec::with_capacity(max_count.min(256));
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(SIGNAL_SLICE);
+            let received = py.detach(|| {
+                runtime::handle().block_on(async {
+                    match tokio::time::timeout(slice, receiver.recv_many(&mut batch, max_count))
+                        .await
+                    {
+                        Ok(0) => Err(()),
+                        Ok(_) | Err(_) => Ok(()),
+                    }
+                })
+            });
+            if received.is_err() {
+                return Err(OperationalError::new_err("the consumer is closed"));
+            }
+            if !batch.is_empty() {
+                break;
+            }
+            py.check_signals()?;
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+        }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item {
+                Fetched::Message(raw) => deliveries.push(Delivery::decode(py, raw)?),
+                Fetched::Error(text) => {
+                    if deliveries.is_empty() {
+                        return Err(OperationalError::new_err(text));
+                    }
+                    // Report it on the next call; hand over what we have first.
+                    break;
+                }
+            }
+        }
+        Ok(deliveries)
+    }
+
+    fn ack(&self, delivery_tags: Vec<String>) -> PyResult<()> {
+        if !delivery_tags.is_empty() {
+            self.inner.ack(delivery_tags)?;
+        }
+        Ok(())
+    }
+
+    fn reject(&self, delivery_tag: String, requeue: bool) -> PyResult<()> {
+        Ok(self.inner.reject(delivery_tag, requeue)?)
+    }
+
+    fn restore_unacked(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(py.detach(|| runtime::handle().block_on(self.inner.restore_unacked()))?)
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// One message taken from a queue, decoded.
+#[pyclass(module = "celeriac._core", frozen, get_all)]
+pub struct Delivery {
+    delivery_tag: String,
+    exchange: String,
+    routing_key: String,
+    redelivered: bool,
+    priority: i64,
+    reply_to: Option<String>,
+    correlation_id: Option<String>,
+    content_type: String,
+    headers: Py<PyDict>,
+    task: Option<String>,
+    id: Option<String>,
+    args: Py<PyList>,
+    kwargs: Py<PyDict>,
+    embed: Py<PyDict>,
+    error: Option<String>,
+}
+
+#[pymethods]
+impl Delivery {
+    fn __repr__(&self) -> String {
+        match &self.error {
+            Some(error) => format!("<Delivery {} invalid: {error}>", self.delivery_tag),
+            None => format!(
+                "<Delivery {}[{}]>",
+                self.task.as_deref().unwrap_or("?"),
+                self.id.as_deref().unwrap_or("?")
+            ),
+        }
+    }
+}
+
+struct Decoded<'py> {
+    headers: Bound<'py, PyDict>,
+    args: Bound<'py, PyList>,
+    kwargs: Bound<'py, PyDict>,
+    embed: Bound<'py, PyDict>,
+}
+
+impl Delivery {
+    fn decode(py: Python<'_>, raw: RawDelivery) -> PyResult<Self> {
+        let mut delivery = Delivery {
+            delivery_tag: raw.delivery_tag.clone(),
+            exchange: String::new(),
+            routing_key: raw.queue.clone(),
+            redelivered: false,
+            priority: 0,
+            reply_to: None,
+            correlation_id: None,
+            content_type: String::new(),
+            headers: PyDict::new(py).unbind(),
+            task: None,
+            id: None,
+            args: PyList::empty(py).unbind(),
+            kwargs: PyDict::new(py).unbind(),
+            embed: PyDict::new(py).unbind(),
+            error: None,
+        };
+        let envelope = match &raw.envelope {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                delivery.error = Some(reason.clone());
+                return Ok(delivery);
+            }
+        };
+        let props = &envelope.properties;
+        if let Some(info) = &props.delivery_info {
+            delivery.exchange = info.exchange.clone();
+            delivery.routing_key = info.routing_key.clone();
+        }
+        delivery.redelivered = envelope.redelivered();
+        delivery.priority = props.priority.unwrap_or(0);
+        delivery.reply_to = props.reply_to.clone();
+        delivery.correlation_id = props.correlation_id.clone();
+        delivery.content_type = envelope
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/json".into());
+        match decode_task(py, envelope) {
+            Ok(decoded) => {
+                delivery.task = string_item(&decoded.headers, "task")?;
+                delivery.id = string_item(&decoded.headers, "id")?;
+                delivery.headers = decoded.headers.unbind();
+                delivery.args = decoded.args.unbind();
+                delivery.kwargs = decoded.kwargs.unbind();
+                delivery.embed = decoded.embed.unbind();
+                if delivery.task.is_none() || delivery.id.is_none() {
+                    delivery.error =
+                        Some("the message has no task name or id in its headers".into());
+                }
+            }
+            Err(reason) => delivery.error = Some(reason),
+        }
+        Ok(delivery)
+    }
+}
+
+fn string_item(dict: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<String>> {
+    Ok(match dict.get_item(key)? {
+        Some(value) => value.extract::<String>().ok(),
+        None => None,
+    })
+}
+
+/// Decode headers and body into Python objects, or say why they cannot be.
+fn decode_task<'py>(
+    py: Python<'py>,
+    envelope: &crate::protocol::envelope::IncomingEnvelope,
+) -> Result<Decoded<'py>, String> {
+    let content_type = envelope
+        .content_type
+        .as_deref()
+        .unwrap_or("application/json");
+    if content_type != "application/json" {
+        return Err(format!(
+            "content type {content_type:?} is not accepted (accept_content is ['json'])"
+        ));
+    }
+    let headers = match &envelope.headers {
+        Some(raw) => loads(py, raw.get().as_bytes())
+            .map_err(|err| format!("the headers are not valid JSON: {err}"))?
+            .cast_into::<PyDict>()
+            .map_err(|_| "the headers are not a JSON object".to_owned())?,
+        None => PyDict::new(py),
+    };
+    if headers.contains("compression").unwrap_or(false) {
+        return Err("compressed messages are not supported yet".into());
+    }
+    let body_bytes = envelope.body_bytes().map_err(|err| err.to_string())?;
+    let body =
+        loads(py, &body_bytes).map_err(|err| format!("the body is not valid JSON: {err}"))?;
+    let has_task = headers.contains("task").unwrap_or(false);
+    if has_task {
+        decode_v2(py, headers, &body)
+    } else {
+        decode_v1(py, &body)
+    }
+}
+
+/// Protocol v2 body: `[args, kwargs, embed]` (`embed` may be missing or `{}`).
+fn decode_v2<'py>(
+    py: Python<'py>,
+    headers: Bound<'py, PyDict>,
+    body: &Bound<'py, PyAny>,
+) -> Result<Decoded<'py>, String> {
+    let shape = || "the body is not [args, kwargs, embed]".to_owned();
+    let parts = body.cast::<PyList>().map_err(|_| shape())?;
+    if !(2..=3).contains(&parts.len()) {
+        return Err(shape());
+    }
+    let args = parts.get_item(0).map_err(|_| shape())?;
+    let args = args
+        .cast_into::<PyList>()
+        .map_err(|_| "the task args are not a list".to_owned())?;
+    let kwargs = parts.get_item(1).map_err(|_| shape())?;
+    let kwargs = kwargs
+        .cast_into::<PyDict>()
+        .map_err(|_| "the task kwargs are not an object".to_owned())?;
+    let embed = match parts.get_item(2) {
+        Ok(item) if item.is_none() => PyDict::new(py),
+        Ok(item) => item
+            .cast_into::<PyDict>()
+            .map_err(|_| "the embed part is not an object".to_owned())?,
+        Err(_) => PyDict::new(py),
+    };
+    Ok(Decoded {
+        headers,
+        args,
+        kwargs,
+        embed,
+    })
+}
+
+/// Protocol v1: everything in the body (celery-wire §1.6); converted to v2 headers.
+fn decode_v1<'py>(py: Python<'py>, body: &Bound<'py, PyAny>) -> Result<Decoded<'py>, String> {
+    let body = body
+        .cast::<PyDict>()
+        .map_err(|_| "the message has no task headers and is not a protocol v1 body".to_owned())?;
+    let get = |key: &str| body.get_item(key).ok().flatten();
+    if get("task").is_none() || get("id").is_none() {
+        return Err("the message has no task name or id in its headers".into());
+    }
+    let headers = PyDict::new(py);
+    let fail = |err: PyErr| err.to_string();
+    headers.set_item("lang", "py").map_err(fail)?;
+    for key in [
+        "task",
+        "id",
+        "eta",
+        "expires",
+        "group",
+        "group_index",
+        "retries",
+        "timelimit",
+    ] {
+        headers.set_item(key, get(key)).map_err(fail)?;
+    }
+    if let Some(id) = get("id") {
+        headers.set_item("root_id", &id).map_err(fail)?;
+    }
+    headers.set_item("parent_id", py.None()).map_err(fail)?;
+    let args = match get("args") {
+        Some(args) if !args.is_none() => args
+            .cast_into::<PyList>()
+            .map_err(|_| "the task args are not a list".to_owned())?,
+        _ => PyList::empty(py),
+    };
+    let kwargs = match get("kwargs") {
+        Some(kwargs) if !kwargs.is_none() => kwargs
+            .cast_into::<PyDict>()
+            .map_err(|_| "the task kwargs are not an object".to_owned())?,
+        _ => PyDict::new(py),
+    };
+    let embed = PyDict::new(py);
+    for key in ["callbacks", "errbacks", "chord"] {
+        embed.set_item(key, get(key)).map_err(fail)?;
+    }
+    embed.set_item("chain", py.None()).map_err(fail)?;
+    Ok(Decoded {
+        headers,
+        args,
+        kwargs,
+        embed,
+    })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Consumer>()?;
+    m.add_class::<Delivery>()?;
     Ok(())
 }

@@ -7,10 +7,30 @@ use pyo3::prelude::*;
 
 use crate::error::Error;
 
-create_exception!(_core, CeleriacError, PyException, "Base of every error celeriac raises.");
-create_exception!(_core, OperationalError, CeleriacError, "The broker or result store cannot be reached.");
-create_exception!(_core, TimeoutError, CeleriacError, "A wait for a result ran out of time.");
-create_exception!(_core, DecodeError, CeleriacError, "Bytes that are not a message celeriac understands.");
+create_exception!(
+    _core,
+    CeleriacError,
+    PyException,
+    "Base of every error celeriac raises."
+);
+create_exception!(
+    _core,
+    OperationalError,
+    CeleriacError,
+    "The broker or result store cannot be reached."
+);
+create_exception!(
+    _core,
+    TimeoutError,
+    CeleriacError,
+    "A wait for a result ran out of time."
+);
+create_exception!(
+    _core,
+    DecodeError,
+    CeleriacError,
+    "Bytes that are not a message celeriac understands."
+);
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {

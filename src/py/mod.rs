@@ -7,6 +7,7 @@ pub mod backend;
 pub mod codec;
 pub mod consumer;
 pub mod exceptions;
+pub mod options;
 pub mod producer;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,6 +1,364 @@
-//! (placeholder until written)
-use pyo3::prelude::*;
+//! `Producer`: turns `(name, args, kwargs, options)` into a protocol v2 message and
+//! hands it to the broker's I/O task. Encoding happens here, in the caller's thread,
+//! so an argument that cannot be encoded raises before anything is sent.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use std::time::Duration;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use serde_json::value::RawValue;
+use serde_json::Number;
+
+use super::codec::{dumps, dumps_into};
+use super::options::redis_options;
+use crate::broker::redis::RedisProducer;
+use crate::broker::url::BrokerUrl;
+use crate::protocol::message::{OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED};
+use crate::runtime;
+
+/// Celery truncates `argsrepr`/`kwargsrepr` to this many characters.
+const REPR_MAX: usize = 1024;
+
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct Producer {
+    inner: RedisProducer,
+    origin: String,
+    reply_to: String,
+}
+
+#[pymethods]
+impl Producer {
+    #[new]
+    #[pyo3(signature = (url, *, origin, reply_to = String::new(), transport_options = None, connect_timeout = 4.0))]
+    fn new(
+        py: Python<'_>,
+        url: &str,
+        origin: String,
+        reply_to: String,
+        transport_options: Option<&Bound<'_, PyDict>>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        let options = redis_options(transport_options, connect_timeout)?;
+        let inner =
+            py.detach(|| runtime::handle().block_on(RedisProducer::connect(&parsed, options)))?;
+        Ok(Self {
+            inner,
+            origin,
+            reply_to,
+        })
+    }
+
+    #[pyo3(signature = (name, task_id, args, kwargs, queue, options = None))]
+    fn send(
+        &self,
+        name: String,
+        task_id: String,
+        args: &Bound<'_, PyAny>,
+        kwargs: &Bound<'_, PyAny>,
+        queue: String,
+        options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
+        if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
+            return Err(PyTypeError::new_err(format!(
+                "task args must be a list or tuple, not {}",
+                args.get_type().name()?
+            )));
+        }
+        if !kwargs.is_instance_of::<PyDict>() {
+            return Err(PyTypeError::new_err(format!(
+                "task kwargs must be a dict, not {}",
+                kwargs.get_type().name()?
+            )));
+        }
+        let mut headers = TaskHeaders::new(name, task_id.clone(), self.origin.clone());
+        let mut properties = TaskProperties::json(task_id, self.reply_to.clone());
+        let mut exchange = String::new();
+        let mut routing_key = None;
+        let mut embed = Embed::default();
+        if let Some(options) = options {
+            for (key, value) in options.iter() {
+                let key = key
+                    .cast_into::<PyString>()
+                    .map_err(|_| PyTypeError::new_err("send() option names must be strings"))?;
+                apply_option(
+                    key.to_str()?,
+                    &value,
+                    &mut headers,
+                    &mut properties,
+                    &mut exchange,
+                    &mut routing_key,
+                    &mut embed,
+                )?;
+            }
+        }
+        if headers.argsrepr.is_empty() {
+            headers.argsrepr = truncated_repr(args)?;
+        }
+        if headers.kwargsrepr.is_empty() {
+            headers.kwargsrepr = truncated_repr(kwargs)?;
+        }
+        let mut body = Vec::with_capacity(128);
+        body.push(b'[');
+        dumps_into(&mut body, args)?;
+        body.extend_from_slice(b", ");
+        dumps_into(&mut body, kwargs)?;
+        body.extend_from_slice(b", ");
+        embed.write(&mut body);
+        body.push(b']');
+        let message = OutgoingMessage {
+            routing_key: routing_key.unwrap_or(queue),
+            exchange,
+            headers,
+            properties,
+            body,
+        };
+        self.inner.publish(message)?;
+        Ok(())
+    }
+
+    #[pyo3(signature = (timeout = 10.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = duration("timeout", timeout)?;
+        py.detach(|| runtime::handle().block_on(self.inner.flush(timeout)))?;
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+pub(crate) fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        PyValueError::new_err(format!("{name} must be a non-negative number of seconds"))
+    })
+}
+
+fn truncated_repr(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let text = value.repr()?;
+    let text = text.to_str()?;
+    Ok(match text.char_indices().nth(REPR_MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    })
+}
+
+/// The body's third element; each part already encoded, `None` = `null`.
+#[derive(Default)]
+struct Embed {
+    callbacks: Option<Vec<u8>>,
+    errbacks: Option<Vec<u8>>,
+    chain: Option<Vec<u8>>,
+    chord: Option<Vec<u8>>,
+}
+
+impl Embed {
+    fn write(&self, out: &mut Vec<u8>) {
+        if self.callbacks.is_none()
+            && self.errbacks.is_none()
+            && self.chain.is_none()
+            && self.chord.is_none()
+        {
+            out.extend_from_slice(EMPTY_EMBED.as_bytes());
+            return;
+        }
+        let parts = [
+            ("callbacks", &self.callbacks),
+            ("errbacks", &self.errbacks),
+            ("chain", &self.chain),
+            ("chord", &self.chord),
+        ];
+        out.push(b'{');
+        for (i, (name, value)) in parts.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\": ");
+            match value {
+                Some(bytes) => out.extend_from_slice(bytes),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+fn encoded_or_null(value: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+    if value.is_none() {
+        Ok(None)
+    } else {
+        Ok(Some(dumps(value)?))
+    }
+}
+
+fn raw_json(value: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
+    let bytes = dumps(value)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| PyValueError::new_err("encoded header is not UTF-8"))?;
+    RawValue::from_string(text).map_err(|err| PyValueError::new_err(err.to_string()))
+}
+
+fn optional_string(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    if value.is_none() {
+        return Ok(None);
+    }
+    value.extract::<String>().map(Some).map_err(|_| {
+        PyTypeError::new_err(format!("send() option {key:?} must be a string or None"))
+    })
+}
+
+fn string(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
+    value
+        .extract::<String>()
+        .map_err(|_| PyTypeError::new_err(format!("send() option {key:?} must be a string")))
+}
+
+fn number(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Option<Number>> {
+    if value.is_none() {
+        return Ok(None);
+    }
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() {
+        return Ok(Some(Number::from(value.extract::<i64>()?)));
+    }
+    if value.is_instance_of::<PyFloat>() {
+        let float = value.extract::<f64>()?;
+        return Number::from_f64(float)
+            .map(Some)
+            .ok_or_else(|| PyValueError::new_err(format!("send() option {key:?} must be finite")));
+    }
+    Err(PyTypeError::new_err(format!(
+        "send() option {key:?} must hold numbers or None"
+    )))
+}
+
+fn apply_option(
+    key: &str,
+    value: &Bound<'_, PyAny>,
+    headers: &mut TaskHeaders,
+    properties: &mut TaskProperties,
+    exchange: &mut String,
+    routing_key: &mut Option<String>,
+    embed: &mut Embed,
+) -> PyResult<()> {
+    let int = |value: &Bound<'_, PyAny>| -> PyResult<i64> {
+        value
+            .extract::<i64>()
+            .map_err(|_| PyTypeError::new_err(format!("send() option {key:?} must be an int")))
+    };
+    match key {
+        "eta" => headers.eta = optional_string(key, value)?,
+        "expires" => headers.expires = optional_string(key, value)?,
+        "expiration" => {
+            properties.expiration = if value.is_none() {
+                None
+            } else {
+                let ms: f64 = value.extract().map_err(|_| {
+                    PyTypeError::new_err("send() option 'expiration' must be milliseconds")
+                })?;
+                Some(format!("{}", ms.max(0.0) as u64))
+            }
+        }
+        "priority" => {
+            properties.priority = if value.is_none() {
+                None
+            } else {
+                let priority = int(value)?;
+                Some(u8::try_from(priority).map_err(|_| {
+                    PyValueError::new_err(format!("priority must be 0-255, not {priority}"))
+                })?)
+            }
+        }
+        "exchange" => *exchange = optional_string(key, value)?.unwrap_or_default(),
+        "routing_key" => *routing_key = optional_string(key, value)?,
+        "reply_to" => properties.reply_to = optional_string(key, value)?.unwrap_or_default(),
+        "correlation_id" => properties.correlation_id = string(key, value)?,
+        "parent_id" => headers.parent_id = optional_string(key, value)?,
+        "root_id" => {
+            if let Some(root) = optional_string(key, value)? {
+                headers.root_id = root;
+            }
+        }
+        "retries" => headers.retries = if value.is_none() { 0 } else { int(value)? },
+        "timelimit" => {
+            if !value.is_none() {
+                let pair: Vec<Bound<'_, PyAny>> = value.extract().map_err(|_| {
+                    PyTypeError::new_err("send() option 'timelimit' must be (hard, soft)")
+                })?;
+                if pair.len() != 2 {
+                    return Err(PyValueError::new_err(
+                        "timelimit must have two items: (hard, soft)",
+                    ));
+                }
+                headers.timelimit = [number(key, &pair[0])?, number(key, &pair[1])?];
+            }
+        }
+        "shadow" => headers.shadow = optional_string(key, value)?,
+        "group" => headers.group = optional_string(key, value)?,
+        "group_index" => {
+            headers.group_index = if value.is_none() {
+                None
+            } else {
+                Some(int(value)?)
+            }
+        }
+        "ignore_result" => headers.ignore_result = value.is_truthy()?,
+        "headers" => {
+            if !value.is_none() {
+                let extra = value
+                    .cast::<PyDict>()
+                    .map_err(|_| PyTypeError::new_err("send() option 'headers' must be a dict"))?;
+                for (name, item) in extra.iter() {
+                    let name: String = name
+                        .extract()
+                        .map_err(|_| PyTypeError::new_err("header names must be strings"))?;
+                    headers.extra.push((name, raw_json(&item)?));
+                }
+            }
+        }
+        "callbacks" => embed.callbacks = encoded_or_null(value)?,
+        "errbacks" => embed.errbacks = encoded_or_null(value)?,
+        "chain" => embed.chain = encoded_or_null(value)?,
+        "chord" => embed.chord = encoded_or_null(value)?,
+        "argsrepr" => headers.argsrepr = string(key, value)?,
+        "kwargsrepr" => headers.kwargsrepr = string(key, value)?,
+        "delivery_mode" => {
+            let mode = int(value)?;
+            if !(1..=2).contains(&mode) {
+                return Err(PyValueError::new_err(
+                    "delivery_mode must be 1 (transient) or 2 (persistent)",
+                ));
+            }
+            properties.delivery_mode = mode as u8;
+        }
+        "origin" => headers.origin = string(key, value)?,
+        "stamped_headers" => {
+            headers.stamped_headers = if value.is_none() {
+                None
+            } else {
+                Some(raw_json(value)?)
+            }
+        }
+        "stamps" => {
+            headers.stamps = if value.is_none() {
+                None
+            } else {
+                Some(raw_json(value)?)
+            }
+        }
+        "replaced_task_nesting" => headers.replaced_task_nesting = int(value)?,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown send() option {other:?}"
+            )));
+        }
+    }
     Ok(())
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Producer>()
 }
