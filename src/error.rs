@@ -7,6 +7,9 @@ pub enum Error {
     /// A URL that cannot be used; the text names the URL with its password masked.
     #[error("{0}")]
     InvalidUrl(String),
+    /// A setting or option with a value we cannot use.
+    #[error("{0}")]
+    Config(String),
     /// The broker or result store cannot be reached or went away.
     #[error("{0}")]
     Connection(String),

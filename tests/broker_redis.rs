@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use _core::broker::redis::{
-    priority_key, restore_visible, Fetched, RedisConsumer, RedisOptions, RedisProducer,
+    priority_key, restore_visible, RedisConsumer, RedisOptions, RedisProducer,
 };
 use _core::broker::url::BrokerUrl;
+use _core::broker::{BadMessage, Fetched, IncomingMessage};
 use _core::protocol::message::{
     write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
 };
@@ -70,19 +71,25 @@ async fn cleanup(prefix: &str) {
     }
 }
 
-async fn take(
-    rx: &mut mpsc::UnboundedReceiver<Fetched>,
-    count: usize,
-) -> Vec<_core::broker::redis::RawDelivery> {
+type Taken = Result<IncomingMessage, BadMessage>;
+
+async fn take(rx: &mut mpsc::UnboundedReceiver<Fetched>, count: usize) -> Vec<Taken> {
     let mut out = Vec::new();
     while out.len() < count {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(Fetched::Message(delivery))) => out.push(delivery),
+            Ok(Some(Fetched::Message(message))) => out.push(message),
             Ok(Some(Fetched::Error(err))) => panic!("fetch error: {err}"),
             Ok(None) | Err(_) => break,
         }
     }
     out
+}
+
+fn tags(taken: &[Taken]) -> Vec<String> {
+    taken
+        .iter()
+        .map(|m| m.as_ref().expect("a valid message").delivery_tag.clone())
+        .collect()
 }
 
 async fn hlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
@@ -107,25 +114,20 @@ async fn publishes_consumes_and_acks_in_order() {
     producer.flush(Duration::from_secs(10)).await.unwrap();
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, std::slice::from_ref(&queue), 0, options(&prefix), tx)
-        .await
-        .unwrap();
+    let consumer =
+        RedisConsumer::connect(&url, std::slice::from_ref(&queue), 0, options(&prefix), tx)
+            .await
+            .unwrap();
     let got = take(&mut rx, 1000).await;
     assert_eq!(got.len(), 1000);
     for (n, delivery) in got.iter().enumerate() {
-        let env = delivery.envelope.as_ref().expect("valid envelope");
-        assert_eq!(
-            env.body_bytes().unwrap(),
-            message(&queue, n, None).body,
-            "FIFO order"
-        );
-        assert_eq!(delivery.queue, queue);
+        let got = delivery.as_ref().expect("valid message");
+        assert_eq!(got.body, message(&queue, n, None).body, "FIFO order");
+        assert_eq!(got.queue, queue);
     }
     let mut conn = redis().await;
     assert_eq!(hlen(&mut conn, &format!("{prefix}:unacked")).await, 1000);
-    consumer
-        .ack(got.iter().map(|d| d.delivery_tag.clone()).collect())
-        .unwrap();
+    consumer.ack(tags(&got)).unwrap();
     // Acks are asynchronous; wait until the hash is empty (bounded).
     for _ in 0..50 {
         if hlen(&mut conn, &format!("{prefix}:unacked")).await == 0 {
@@ -159,14 +161,10 @@ async fn prefetch_window_bounds_unacked_messages() {
     assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
         .await
         .is_err());
-    consumer
-        .ack(first.iter().map(|d| d.delivery_tag.clone()).collect())
-        .unwrap();
+    consumer.ack(tags(&first)).unwrap();
     let second = take(&mut rx, 4).await;
     assert_eq!(second.len(), 4);
-    consumer
-        .ack(second.iter().map(|d| d.delivery_tag.clone()).collect())
-        .unwrap();
+    consumer.ack(tags(&second)).unwrap();
     consumer.close();
     cleanup(&prefix).await;
 }
@@ -196,12 +194,10 @@ async fn lower_priority_number_is_served_first() {
     let got = take(&mut rx, 3).await;
     let order: Vec<_> = got
         .iter()
-        .map(|d| d.envelope.as_ref().unwrap().properties.priority.unwrap())
+        .map(|d| d.as_ref().expect("valid message").priority)
         .collect();
     assert_eq!(order, vec![0, 5, 9]);
-    consumer
-        .ack(got.iter().map(|d| d.delivery_tag.clone()).collect())
-        .unwrap();
+    consumer.ack(tags(&got)).unwrap();
     consumer.close();
     cleanup(&prefix).await;
 }
@@ -223,7 +219,7 @@ async fn garbage_is_handed_over_with_a_reason_and_not_tracked() {
         .unwrap();
     let got = take(&mut rx, 1).await;
     assert_eq!(got.len(), 1);
-    let reason = got[0].envelope.as_ref().expect_err("an error").clone();
+    let reason = got[0].as_ref().expect_err("an error").reason.clone();
     assert!(reason.contains("not a kombu envelope"), "{reason}");
     assert_eq!(hlen(&mut conn, &format!("{prefix}:unacked")).await, 0);
     // The window (1) is not held by the bad message: a good one still comes through.
@@ -253,7 +249,7 @@ async fn restore_unacked_puts_messages_back_marked_redelivered() {
         .await
         .unwrap();
     let got = take(&mut rx, 3).await;
-    consumer.ack(vec![got[0].delivery_tag.clone()]).unwrap();
+    consumer.ack(tags(&got[..1])).unwrap();
     assert_eq!(consumer.restore_unacked().await.unwrap(), 2);
     let mut conn = redis().await;
     assert_eq!(hlen(&mut conn, &format!("{prefix}:unacked")).await, 0);
@@ -286,13 +282,11 @@ async fn requeue_puts_one_message_back() {
         .await
         .unwrap();
     let first = take(&mut rx, 1).await;
-    consumer
-        .reject(first[0].delivery_tag.clone(), true)
-        .unwrap();
+    consumer.reject(tags(&first).remove(0), true).unwrap();
     let again = take(&mut rx, 1).await;
     assert_eq!(again.len(), 1, "a requeued message is delivered again");
-    assert_eq!(again[0].delivery_tag, first[0].delivery_tag);
-    consumer.ack(vec![again[0].delivery_tag.clone()]).unwrap();
+    assert_eq!(tags(&again), tags(&first));
+    consumer.ack(tags(&again)).unwrap();
     consumer.close();
     cleanup(&prefix).await;
 }

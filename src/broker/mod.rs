@@ -1,4 +1,156 @@
 //! Brokers: where task messages are published and consumed.
+//!
+//! Each transport (`redis.rs`, later `amqp.rs` and `sqlite.rs`) has the same shape:
+//! a producer whose `publish` never waits (an I/O task batches the writes) and a
+//! consumer whose fetch task fills a channel of [`Fetched`] items within a prefetch
+//! window, and which acks in batches. [`Producer`] and [`Consumer`] pick the
+//! transport from the URL's scheme.
 
 pub mod redis;
 pub mod url;
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::protocol::message::OutgoingMessage;
+use url::BrokerUrl;
+
+/// A message taken from a queue: routing facts, properties, headers (JSON text) and
+/// body bytes, the same whatever the transport.
+#[derive(Debug)]
+pub struct IncomingMessage {
+    pub delivery_tag: String,
+    /// The queue it was taken from.
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub priority: i64,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// The task headers as a JSON object, if the message has any.
+    pub headers: Option<Box<RawValue>>,
+    pub body: Vec<u8>,
+}
+
+/// A message that could not even be framed; it is logged and dropped.
+#[derive(Debug)]
+pub struct BadMessage {
+    /// The tag to ack it with (made up when the message has none).
+    pub delivery_tag: String,
+    pub queue: String,
+    pub reason: String,
+}
+
+/// What a consumer's fetch task hands over.
+// Errors are rare; boxing the message instead would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Fetched {
+    Message(std::result::Result<IncomingMessage, BadMessage>),
+    /// A connection problem; the fetch task keeps retrying.
+    Error(String),
+}
+
+/// Settings common to every transport (`broker_connection_timeout`, ...), plus the
+/// transport's own `broker_transport_options`.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    pub connect_timeout: Duration,
+    /// `broker_transport_options` as given; each transport reads the names it knows.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(4),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// Publishes task messages on whichever transport the URL names.
+pub enum Producer {
+    Redis(redis::RedisProducer),
+}
+
+impl Producer {
+    pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
+        let options = redis::RedisOptions::from_transport(options)?;
+        Ok(Self::Redis(
+            redis::RedisProducer::connect(url, options).await?,
+        ))
+    }
+
+    /// Hand a message to the I/O task; never waits.
+    pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        match self {
+            Self::Redis(producer) => producer.publish(message),
+        }
+    }
+
+    /// Wait until everything published before this call is written.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        match self {
+            Self::Redis(producer) => producer.flush(timeout).await,
+        }
+    }
+
+    pub fn close(&self) {
+        match self {
+            Self::Redis(producer) => producer.close(),
+        }
+    }
+}
+
+/// Takes messages from queues on whichever transport the URL names.
+pub enum Consumer {
+    Redis(redis::RedisConsumer),
+}
+
+impl Consumer {
+    /// Connect and start fetching into `deliveries`; `prefetch_count` 0 = unbounded.
+    pub async fn connect(
+        url: &BrokerUrl,
+        queues: &[String],
+        prefetch_count: usize,
+        options: &TransportOptions,
+        deliveries: mpsc::UnboundedSender<Fetched>,
+    ) -> Result<Self> {
+        let options = redis::RedisOptions::from_transport(options)?;
+        let consumer =
+            redis::RedisConsumer::connect(url, queues, prefetch_count, options, deliveries).await?;
+        Ok(Self::Redis(consumer))
+    }
+
+    pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        match self {
+            Self::Redis(consumer) => consumer.ack(tags),
+        }
+    }
+
+    pub fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        match self {
+            Self::Redis(consumer) => consumer.reject(tag, requeue),
+        }
+    }
+
+    /// Stop fetching and give back every fetched, unacked message. Returns how many.
+    pub async fn restore_unacked(&self) -> Result<usize> {
+        match self {
+            Self::Redis(consumer) => consumer.restore_unacked().await,
+        }
+    }
+
+    pub fn close(&self) {
+        match self {
+            Self::Redis(consumer) => consumer.close(),
+        }
+    }
+}

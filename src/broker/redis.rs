@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use super::url::BrokerUrl;
+use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, IncomingEnvelope};
 use crate::protocol::message::OutgoingMessage;
@@ -74,6 +75,47 @@ impl Default for RedisOptions {
 }
 
 impl RedisOptions {
+    /// Read the options this transport knows from `broker_transport_options`.
+    pub fn from_transport(given: &TransportOptions) -> Result<Self> {
+        let mut options = Self {
+            connect_timeout: given.connect_timeout,
+            ..Self::default()
+        };
+        for (key, value) in &given.extra {
+            let seconds = || -> Result<Duration> {
+                value
+                    .as_f64()
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "transport option {key:?} must be a non-negative number of seconds, not {value}"
+                        ))
+                    })
+            };
+            let text = || -> Result<String> {
+                value.as_str().map(str::to_owned).ok_or_else(|| {
+                    Error::Config(format!(
+                        "transport option {key:?} must be a string, not {value}"
+                    ))
+                })
+            };
+            match key.as_str() {
+                "visibility_timeout" => options.visibility_timeout = seconds()?,
+                "unacked_restore_interval" => {
+                    options.restore_interval = seconds()?.max(Duration::from_millis(100));
+                }
+                "unacked_mutex_expire" => options.unacked_mutex_expire = seconds()?,
+                "global_keyprefix" => options.global_keyprefix = text()?,
+                "unacked_key" => options.unacked_key = text()?,
+                "unacked_index_key" => options.unacked_index_key = text()?,
+                "unacked_mutex_key" => options.unacked_mutex_key = text()?,
+                // The dict is shared with kombu's other transports: ignore the rest.
+                _ => {}
+            }
+        }
+        Ok(options)
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.global_keyprefix)
     }
@@ -326,25 +368,54 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-/// A message taken from a list, parsed as far as pure Rust can.
-pub struct RawDelivery {
-    /// The message as stored in the list.
-    pub raw: Arc<Vec<u8>>,
+/// A message popped from a list, with its envelope parsed (or why it could not be).
+struct RawDelivery {
+    raw: Arc<Vec<u8>>,
     /// The queue (not the priority sub-list) it was taken from.
-    pub queue: String,
-    /// The delivery tag, or a made-up one when the message has none.
-    pub delivery_tag: String,
-    /// The parsed envelope, or why it could not be parsed.
-    pub envelope: std::result::Result<IncomingEnvelope, String>,
+    queue: String,
+    delivery_tag: String,
+    envelope: std::result::Result<IncomingEnvelope, String>,
 }
 
-/// What the fetcher hands to the consumer's reader.
-// Errors are rare; boxing the message instead would cost an allocation per message.
-#[allow(clippy::large_enum_variant)]
-pub enum Fetched {
-    Message(RawDelivery),
-    /// A connection problem; the fetcher keeps retrying.
-    Error(String),
+impl RawDelivery {
+    /// The transport-neutral form; the body is base64-decoded here, off the GIL.
+    fn into_fetched(self) -> Fetched {
+        let bad = |reason: String, tag: String, queue: String| {
+            Fetched::Message(Err(BadMessage {
+                delivery_tag: tag,
+                queue,
+                reason,
+            }))
+        };
+        let envelope = match self.envelope {
+            Ok(envelope) => envelope,
+            Err(reason) => return bad(reason, self.delivery_tag, self.queue),
+        };
+        let body = match envelope.body_bytes() {
+            Ok(body) => body,
+            Err(err) => return bad(err.to_string(), self.delivery_tag, self.queue),
+        };
+        let redelivered = envelope.redelivered();
+        let props = envelope.properties;
+        let (exchange, routing_key) = match props.delivery_info {
+            Some(info) => (info.exchange, info.routing_key),
+            None => (String::new(), self.queue.clone()),
+        };
+        Fetched::Message(Ok(IncomingMessage {
+            delivery_tag: self.delivery_tag,
+            queue: self.queue,
+            exchange,
+            routing_key,
+            redelivered,
+            priority: props.priority.unwrap_or(0),
+            reply_to: props.reply_to,
+            correlation_id: props.correlation_id,
+            content_type: envelope.content_type,
+            content_encoding: envelope.content_encoding,
+            headers: envelope.headers,
+            body,
+        }))
+    }
 }
 
 struct InFlight {
@@ -566,7 +637,7 @@ async fn fetch_loop(
                 shared.release(credits.saturating_sub(tracked(&batch)));
                 remember(&shared, &batch);
                 for delivery in batch {
-                    if deliveries.send(Fetched::Message(delivery)).is_err() {
+                    if deliveries.send(delivery.into_fetched()).is_err() {
                         return;
                     }
                 }

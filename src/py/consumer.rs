@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 
 use super::codec::loads;
 use super::exceptions::OperationalError;
-use super::options::redis_options;
+use super::options;
 use super::producer::duration;
-use crate::broker::redis::{Fetched, RawDelivery, RedisConsumer};
 use crate::broker::url::BrokerUrl;
+use crate::broker::{Consumer as AnyConsumer, Fetched, IncomingMessage};
 use crate::runtime;
 
 /// How long the GIL stays released before we look for Ctrl-C.
@@ -21,7 +21,7 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct Consumer {
-    inner: RedisConsumer,
+    inner: AnyConsumer,
     deliveries: Mutex<mpsc::UnboundedReceiver<Fetched>>,
 }
 
@@ -38,14 +38,14 @@ impl Consumer {
         connect_timeout: f64,
     ) -> PyResult<Self> {
         let parsed = BrokerUrl::parse(url)?;
-        let options = redis_options(transport_options, connect_timeout)?;
+        let options = options::transport_options(transport_options, connect_timeout)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = py.detach(|| {
-            runtime::handle().block_on(RedisConsumer::connect(
+            runtime::handle().block_on(AnyConsumer::connect(
                 &parsed,
                 &queues,
                 prefetch_count,
-                options,
+                &options,
                 tx,
             ))
         })?;
@@ -92,7 +92,12 @@ impl Consumer {
         let mut deliveries = Vec::with_capacity(batch.len());
         for item in batch {
             match item {
-                Fetched::Message(raw) => deliveries.push(Delivery::decode(py, raw)?),
+                Fetched::Message(Ok(message)) => deliveries.push(Delivery::decode(py, message)?),
+                Fetched::Message(Err(bad)) => {
+                    let mut delivery = Delivery::empty(py, bad.delivery_tag, bad.queue);
+                    delivery.error = Some(bad.reason);
+                    deliveries.push(delivery);
+                }
                 Fetched::Error(text) => {
                     if deliveries.is_empty() {
                         return Err(OperationalError::new_err(text));
@@ -167,11 +172,11 @@ struct Decoded<'py> {
 }
 
 impl Delivery {
-    fn decode(py: Python<'_>, raw: RawDelivery) -> PyResult<Self> {
-        let mut delivery = Delivery {
-            delivery_tag: raw.delivery_tag.clone(),
+    fn empty(py: Python<'_>, delivery_tag: String, queue: String) -> Self {
+        Delivery {
+            delivery_tag,
             exchange: String::new(),
-            routing_key: raw.queue.clone(),
+            routing_key: queue,
             redelivered: false,
             priority: 0,
             reply_to: None,
@@ -184,28 +189,22 @@ impl Delivery {
             kwargs: PyDict::new(py).unbind(),
             embed: PyDict::new(py).unbind(),
             error: None,
-        };
-        let envelope = match &raw.envelope {
-            Ok(envelope) => envelope,
-            Err(reason) => {
-                delivery.error = Some(reason.clone());
-                return Ok(delivery);
-            }
-        };
-        let props = &envelope.properties;
-        if let Some(info) = &props.delivery_info {
-            delivery.exchange = info.exchange.clone();
-            delivery.routing_key = info.routing_key.clone();
         }
-        delivery.redelivered = envelope.redelivered();
-        delivery.priority = props.priority.unwrap_or(0);
-        delivery.reply_to = props.reply_to.clone();
-        delivery.correlation_id = props.correlation_id.clone();
-        delivery.content_type = envelope
+    }
+
+    fn decode(py: Python<'_>, message: IncomingMessage) -> PyResult<Self> {
+        let mut delivery = Delivery::empty(py, message.delivery_tag.clone(), message.queue.clone());
+        delivery.exchange = message.exchange.clone();
+        delivery.routing_key = message.routing_key.clone();
+        delivery.redelivered = message.redelivered;
+        delivery.priority = message.priority;
+        delivery.reply_to = message.reply_to.clone();
+        delivery.correlation_id = message.correlation_id.clone();
+        delivery.content_type = message
             .content_type
             .clone()
             .unwrap_or_else(|| "application/json".into());
-        match decode_task(py, envelope) {
+        match decode_task(py, &message) {
             Ok(decoded) => {
                 delivery.task = string_item(&decoded.headers, "task")?;
                 delivery.id = string_item(&decoded.headers, "id")?;
@@ -232,11 +231,8 @@ fn string_item(dict: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<String>> 
 }
 
 /// Decode headers and body into Python objects, or say why they cannot be.
-fn decode_task<'py>(
-    py: Python<'py>,
-    envelope: &crate::protocol::envelope::IncomingEnvelope,
-) -> Result<Decoded<'py>, String> {
-    let content_type = envelope
+fn decode_task<'py>(py: Python<'py>, message: &IncomingMessage) -> Result<Decoded<'py>, String> {
+    let content_type = message
         .content_type
         .as_deref()
         .unwrap_or("application/json");
@@ -245,7 +241,7 @@ fn decode_task<'py>(
             "content type {content_type:?} is not accepted (accept_content is ['json'])"
         ));
     }
-    let headers = match &envelope.headers {
+    let headers = match &message.headers {
         Some(raw) => loads(py, raw.get().as_bytes())
             .map_err(|err| format!("the headers are not valid JSON: {err}"))?
             .cast_into::<PyDict>()
@@ -255,9 +251,8 @@ fn decode_task<'py>(
     if headers.contains("compression").unwrap_or(false) {
         return Err("compressed messages are not supported yet".into());
     }
-    let body_bytes = envelope.body_bytes().map_err(|err| err.to_string())?;
     let body =
-        loads(py, &body_bytes).map_err(|err| format!("the body is not valid JSON: {err}"))?;
+        loads(py, &message.body).map_err(|err| format!("the body is not valid JSON: {err}"))?;
     let has_task = headers.contains("task").unwrap_or(false);
     if has_task {
         decode_v2(py, headers, &body)

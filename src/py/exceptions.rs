@@ -36,7 +36,7 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         let text = err.to_string();
         match err {
-            Error::InvalidUrl(_) => PyValueError::new_err(text),
+            Error::InvalidUrl(_) | Error::Config(_) => PyValueError::new_err(text),
             Error::Connection(_) | Error::Closed(_) | Error::Redis(_) => {
                 OperationalError::new_err(text)
             }

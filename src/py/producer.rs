@@ -11,9 +11,9 @@ use serde_json::value::RawValue;
 use serde_json::Number;
 
 use super::codec::{dumps, dumps_into};
-use super::options::redis_options;
-use crate::broker::redis::RedisProducer;
+use super::options;
 use crate::broker::url::BrokerUrl;
+use crate::broker::Producer as AnyProducer;
 use crate::protocol::message::{OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED};
 use crate::runtime;
 
@@ -22,7 +22,7 @@ const REPR_MAX: usize = 1024;
 
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct Producer {
-    inner: RedisProducer,
+    inner: AnyProducer,
     origin: String,
     reply_to: String,
 }
@@ -40,9 +40,9 @@ impl Producer {
         connect_timeout: f64,
     ) -> PyResult<Self> {
         let parsed = BrokerUrl::parse(url)?;
-        let options = redis_options(transport_options, connect_timeout)?;
+        let options = options::transport_options(transport_options, connect_timeout)?;
         let inner =
-            py.detach(|| runtime::handle().block_on(RedisProducer::connect(&parsed, options)))?;
+            py.detach(|| runtime::handle().block_on(AnyProducer::connect(&parsed, &options)))?;
         Ok(Self {
             inner,
             origin,
