@@ -11,7 +11,7 @@ class CeleriacError(Exception):
 class OperationalError(CeleriacError):
     """The broker or the result store cannot be reached (kombu's ``OperationalError``)."""
 
-class TimeoutError(CeleriacError):  # noqa: A001 - Celery's name
+class TimeoutError(CeleriacError):
     """A wait for a result ran out of time."""
 
 class DecodeError(CeleriacError):

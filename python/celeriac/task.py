@@ -1,0 +1,842 @@
+"""Tasks: ``@app.task`` functions and ``Task`` subclasses, with Celery's attributes.
+
+A :class:`Task` is typed by its function's parameters and return type, so a type
+checker flags ``add.delay(1, "x")`` for ``def add(x: int, y: int) -> int``.
+
+The call site checks what it can before anything is sent: the arguments are bound
+against the function's signature (Celery's ``typing=True``), ``args`` must be a list or
+tuple and ``kwargs`` a mapping, and an argument JSON cannot carry raises ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import keyword
+import random
+import socket
+import threading
+import traceback
+import types
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
+
+from celeriac import states
+from celeriac.conf import parse_rate_limit
+from celeriac.exceptions import Ignore, Reject, Retry
+from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError
+from celeriac.local import get_current_app, get_current_worker_task, pop_task, push_task
+from celeriac.result import AsyncResult as _AsyncResult
+from celeriac.result import EagerResult, meta_for
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+    from celeriac.routes import Route
+
+__all__ = ["Request", "Task", "rate"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Tokens per second for a rate limit string (``"10/m"``); 0.0 = no limit.
+rate = parse_rate_limit
+
+
+class Request:
+    """What a running task knows about its message (``task.request``).
+
+    The worker creates one per execution with :meth:`Task.push_request`. Fields not
+    given keep the defaults below; unknown fields are kept as attributes.
+    """
+
+    id: str | None = None
+    task: str | None = None
+    args: Sequence[Any] | None = None
+    kwargs: Mapping[str, Any] | None = None
+    retries: int = 0
+    delivery_info: dict[str, Any] | None = None
+    hostname: str | None = None
+    is_eager: bool = False
+    called_directly: bool = True
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    group_index: int | None = None
+    eta: str | None = None
+    expires: str | None = None
+    headers: dict[str, Any] | None = None
+    ignore_result: bool = False
+    timelimit: Sequence[float | None] | None = None
+    origin: str | None = None
+    shadow: str | None = None
+    callbacks: list[Any] | None = None
+    errbacks: list[Any] | None = None
+    chain: list[Any] | None = None
+    chord: Any = None
+    stamps: dict[str, Any] | None = None
+    stamped_headers: list[str] | None = None
+    replaced_task_nesting: int = 0
+    properties: dict[str, Any] | None = None
+    loglevel: Any = None
+    logfile: Any = None
+    utc: bool | None = None
+    children: list[_AsyncResult[Any]]
+
+    def __init__(self, **fields: Any) -> None:
+        self.children = []
+        self.__dict__.update(fields)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+    def as_execution_options(self) -> dict[str, Any]:
+        """The ``apply_async`` options that send this message again (``retry``)."""
+        hard, soft = self.timelimit or (None, None)
+        return {
+            "task_id": self.id,
+            "root_id": self.root_id,
+            "parent_id": self.parent_id,
+            "group_id": self.group,
+            "group_index": self.group_index,
+            "shadow": self.shadow,
+            "chord": self.chord,
+            "chain": self.chain,
+            "link": self.callbacks,
+            "link_error": self.errbacks,
+            "expires": self.expires,
+            "soft_time_limit": soft,
+            "time_limit": hard,
+            "headers": self.headers,
+            "retries": self.retries,
+            "reply_to": self.reply_to,
+            "replaced_task_nesting": self.replaced_task_nesting,
+            "origin": self.origin,
+            "stamps": self.stamps,
+            "stamped_headers": self.stamped_headers,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Request: {vars(self)!r}>"
+
+
+_Request = Request
+_DEFAULT_REQUEST = Request()
+
+
+class _FromConf:
+    """A task attribute that falls back to an app setting while not set on the task."""
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            return obj.app.conf[self.setting]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
+# -- attribute checks -----------------------------------------------------------------
+
+
+def _check_time_limit(name: str, value: Any) -> Any:
+    if value is not None and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
+    ):
+        raise ValueError(f"{name} must be None or a number of seconds >= 0, not {value!r}")
+    return value
+
+
+def _check_rate_limit(name: str, value: Any) -> Any:
+    parse_rate_limit(value)
+    return value
+
+
+def _check_max_retries(name: str, value: Any) -> Any:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"max_retries must be None or an int >= 0, not {value!r}")
+    return value
+
+
+def _check_delay(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
+    return value
+
+
+def _check_priority(name: str, value: Any) -> Any:
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255
+    ):
+        raise ValueError(f"priority must be None or an int from 0 to 255, not {value!r}")
+    return value
+
+
+def _check_serializer(name: str, value: Any) -> Any:
+    if value not in (None, "json"):
+        raise ValueError(
+            f"{name} {value!r} is not supported yet: celeriac sends JSON "
+            "(kombu's JSON, with datetime, Decimal, UUID and bytes)"
+        )
+    return value
+
+
+def _check_exception_classes(name: str, value: Any) -> Any:
+    classes = tuple(value or ())
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{name} must list exception classes, not {cls!r}")
+    return classes
+
+
+_ATTRIBUTE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "time_limit": _check_time_limit,
+    "soft_time_limit": _check_time_limit,
+    "rate_limit": _check_rate_limit,
+    "max_retries": _check_max_retries,
+    "default_retry_delay": _check_delay,
+    "priority": _check_priority,
+    "serializer": _check_serializer,
+    "autoretry_for": _check_exception_classes,
+    "dont_autoretry_for": _check_exception_classes,
+    "throws": _check_exception_classes,
+}
+
+# Attributes that the cached dispatch defaults depend on.
+_DISPATCH_ATTRIBUTES = frozenset(
+    {
+        "name",
+        "queue",
+        "exchange",
+        "routing_key",
+        "priority",
+        "time_limit",
+        "soft_time_limit",
+        "ignore_result",
+        "expires",
+        "_app",
+    }
+)
+
+
+class DispatchDefaults(NamedTuple):
+    """Per task and settings version: what ``apply_async`` adds when not told."""
+
+    conf: Any
+    version: int
+    route: Route | None
+    priority: int | None
+    time_limit: float | None
+    soft_time_limit: float | None
+    ignore_result: bool
+    expires: Any
+    eager: bool
+
+
+def _build_argcheck(fun: Callable[..., Any]) -> Callable[..., None] | None:
+    """A do-nothing function with ``fun``'s parameters: calling it raises the same
+    ``TypeError`` calling ``fun`` would for wrong arguments, at C speed."""
+    try:
+        signature = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return None
+    kinds = inspect.Parameter
+    parts: list[str] = []
+    defaults: dict[str, Any] = {}
+    positional_only = any(p.kind is kinds.POSITIONAL_ONLY for p in signature.parameters.values())
+    slash_done = not positional_only
+    star_done = False
+    for index, param in enumerate(signature.parameters.values()):
+        if not slash_done and param.kind is not kinds.POSITIONAL_ONLY:
+            parts.append("/")
+            slash_done = True
+        if param.kind is kinds.VAR_POSITIONAL:
+            parts.append("*" + param.name)
+            star_done = True
+            continue
+        if param.kind is kinds.VAR_KEYWORD:
+            parts.append("**" + param.name)
+            continue
+        if param.kind is kinds.KEYWORD_ONLY and not star_done:
+            parts.append("*")
+            star_done = True
+        if param.default is param.empty:
+            parts.append(param.name)
+        else:
+            placeholder = f"__default_{index}"
+            defaults[placeholder] = param.default
+            parts.append(f"{param.name}={placeholder}")
+    if not slash_done:
+        parts.append("/")
+    name = getattr(fun, "__name__", "")
+    if not name.isidentifier() or keyword.iskeyword(name):
+        name = "task"
+    source = f"def {name}({', '.join(parts)}):\n    pass\n"
+    namespace: dict[str, Any] = dict(defaults)
+    exec(compile(source, f"<celeriac signature of {name}>", "exec"), namespace)
+    return cast("Callable[..., None]", namespace[name])
+
+
+_UNBUILT: Any = object()
+
+
+def _exponential_backoff(factor: int, retries: int, maximum: int, full_jitter: bool) -> int:
+    countdown: int = min(maximum, factor << retries)
+    if full_jitter:
+        countdown = random.randrange(countdown + 1)
+    return max(0, countdown)
+
+
+def _add_autoretry(task: Task[Any, Any]) -> None:
+    """Wrap ``task.run`` so ``autoretry_for`` exceptions call ``task.retry``."""
+    autoretry_for = tuple(task.autoretry_for)
+    if not autoretry_for or "_orig_run" in task.__dict__:
+        return
+    dont_autoretry_for = tuple(task.dont_autoretry_for)
+    retry_kwargs = dict(task.retry_kwargs or {})
+    backoff = float(task.retry_backoff)
+    backoff_max = int(task.retry_backoff_max)
+    jitter = bool(task.retry_jitter)
+    orig_run = task.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return orig_run(*args, **kwargs)
+        except (Ignore, Retry):
+            raise
+        except dont_autoretry_for:
+            raise
+        except autoretry_for as exc:
+            options = dict(retry_kwargs)
+            if backoff:
+                options["countdown"] = _exponential_backoff(
+                    int(max(1.0, backoff)), task.request.retries, backoff_max, jitter
+                )
+            raise task.retry(exc=exc, **options) from exc
+
+    run.__wrapped__ = orig_run  # type: ignore[attr-defined]
+    object.__setattr__(task, "_orig_run", orig_run)
+    object.__setattr__(task, "run", run)
+    object.__setattr__(task, "_argcheck", _UNBUILT)
+
+
+class Task(Generic[P, R]):
+    """A task: call it to run it here, ``delay``/``apply_async`` to send it.
+
+    Class attributes are Celery's; ``@app.task(...)`` options set them per task.
+    ``ignore_result``, ``acks_late``, ``track_started``, ``serializer``, ``priority``,
+    ``rate_limit``, ``reject_on_worker_lost``, ``acks_on_failure_or_timeout``,
+    ``store_errors_even_if_ignored`` and ``store_eager_result`` read the app setting
+    while not set on the task.
+    """
+
+    name: str | None = None
+    typing: bool = True
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    expires: Any = None
+    queue: Any = None
+    exchange: Any = None
+    routing_key: str | None = None
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_kwargs: dict[str, Any] = {}  # noqa: RUF012 - Celery's class attribute
+    retry_backoff: bool | float = False
+    retry_backoff_max: int = 600
+    retry_jitter: bool = True
+    throws: tuple[type[BaseException], ...] = ()
+    trail: bool = True
+    send_events: bool = True
+    shadow_name: Any = None
+
+    ignore_result = _FromConf("task_ignore_result")
+    store_errors_even_if_ignored = _FromConf("task_store_errors_even_if_ignored")
+    store_eager_result = _FromConf("task_store_eager_result")
+    serializer = _FromConf("task_serializer")
+    priority = _FromConf("task_default_priority")
+    rate_limit = _FromConf("task_default_rate_limit")
+    track_started = _FromConf("task_track_started")
+    acks_late = _FromConf("task_acks_late")
+    acks_on_failure_or_timeout = _FromConf("task_acks_on_failure_or_timeout")
+    reject_on_worker_lost = _FromConf("task_reject_on_worker_lost")
+
+    MaxRetriesExceededError: ClassVar[type[_MaxRetriesExceededError]] = _MaxRetriesExceededError
+    Request: ClassVar[type[_Request]] = _Request
+
+    _app: Celeriac | None = None
+    _argcheck: Any = _UNBUILT
+    _dispatch: DispatchDefaults | None = None
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _ATTRIBUTE_CHECKS.get(name)
+        if check is not None:
+            value = check(name, value)
+        object.__setattr__(self, name, value)
+        if name in _DISPATCH_ATTRIBUTES:
+            object.__setattr__(self, "_dispatch", None)
+        elif name in ("run", "typing"):
+            object.__setattr__(self, "_argcheck", _UNBUILT)
+
+    @property
+    def app(self) -> Celeriac:
+        """The app this task belongs to (the current app for a ``shared_task``)."""
+        app = self._app
+        return app if app is not None else get_current_app()
+
+    @app.setter
+    def app(self, app: Celeriac) -> None:
+        self._app = app
+
+    @property
+    def backend(self) -> Any:
+        return self.app.backend
+
+    def _check_attributes(self) -> None:
+        """Check attributes that may come from a subclass (not through setattr)."""
+        for name, check in _ATTRIBUTE_CHECKS.items():
+            if name != "serializer" or "serializer" in self.__dict__:
+                check(name, getattr(self, name))
+        hard, soft = self.time_limit, self.soft_time_limit
+        if hard and soft and soft > hard:
+            raise ValueError(
+                f"task {self.name}: soft_time_limit ({soft}) must not exceed time_limit ({hard})"
+            )
+
+    # -- running here -------------------------------------------------------------------
+
+    def run(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The task body. ``@app.task`` sets it to the decorated function."""
+        raise NotImplementedError(f"task {self.name!r} has no run() method")
+
+    def _request_stack(self) -> list[_Request]:
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        try:
+            return cast("list[_Request]", local.stack)
+        except AttributeError:
+            local.stack = []
+            return cast("list[_Request]", local.stack)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task body here, now, in this thread."""
+        if self._request_stack():
+            # A worker (or apply) already pushed this execution's request.
+            return self.run(*args, **kwargs)
+        self.push_request(args=args, kwargs=kwargs, called_directly=True)
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            self.pop_request()
+
+    @property
+    def request(self) -> _Request:
+        """The request of the execution running in this thread (an empty one outside)."""
+        stack = self._request_stack()
+        return stack[-1] if stack else _DEFAULT_REQUEST
+
+    def push_request(self, **fields: Any) -> None:
+        """Make ``Request(**fields)`` this thread's current request and this task the
+        current task. ``called_directly`` defaults to False: pushing is what an
+        executor does."""
+        fields.setdefault("called_directly", False)
+        self._request_stack().append(Request(**fields))
+        push_task(self)
+
+    def pop_request(self) -> None:
+        stack = self._request_stack()
+        if stack:
+            stack.pop()
+        pop_task()
+
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: Any = None,
+        loglevel: Any = None,
+        headers: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> EagerResult[R]:
+        """Run the task here and now, as a worker would, and return its result.
+        Exceptions are re-raised when ``throw`` (default ``task_eager_propagates``)."""
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        task_id = task_id or str(uuid.uuid4())
+        retries = retries or 0
+        app = self.app
+        if throw is None:
+            throw = bool(app.conf["task_eager_propagates"])
+        parent = get_current_worker_task()
+        parent_request = parent.request if parent is not None else None
+        root_id = options.get("root_id") or (
+            (parent_request.root_id or parent_request.id) if parent_request else task_id
+        )
+        ignore_result = options.get("ignore_result")
+        self.push_request(
+            id=task_id,
+            task=self.name,
+            args=args,
+            kwargs=kwargs,
+            retries=retries,
+            is_eager=True,
+            called_directly=False,
+            delivery_info={
+                "is_eager": True,
+                "exchange": None,
+                "routing_key": None,
+                "priority": options.get("priority"),
+            },
+            hostname=socket.gethostname(),
+            correlation_id=task_id,
+            root_id=root_id,
+            parent_id=options.get("parent_id") or (parent_request.id if parent_request else None),
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
+            headers=headers,
+            ignore_result=self.ignore_result if ignore_result is None else ignore_result,
+            timelimit=(options.get("time_limit"), options.get("soft_time_limit")),
+            callbacks=link,
+            errbacks=link_error,
+            loglevel=loglevel,
+            logfile=logfile,
+        )
+        tb: str | None = None
+        retry: Retry | None = None
+        try:
+            try:
+                self.before_start(task_id, args, kwargs)
+                retval: Any = self(*args, **kwargs)
+                state = states.SUCCESS
+            except Retry as exc:
+                if exc.is_eager and isinstance(exc.sig, Mapping):
+                    retry = exc
+                retval, state, tb = exc, states.RETRY, traceback.format_exc()
+            except Ignore as exc:
+                retval, state = exc, states.IGNORED
+            except Exception as exc:
+                retval, state, tb = exc, states.FAILURE, traceback.format_exc()
+                self.on_failure(exc, task_id, args, kwargs, None)
+                if throw:
+                    raise
+            else:
+                self.on_success(retval, task_id, args, kwargs)
+            self.after_return(state, retval, task_id, args, kwargs, None)
+        finally:
+            self.pop_request()
+        if retry is not None:
+            sig = cast("Mapping[str, Any]", retry.sig)
+            return self.apply(
+                sig.get("args"),
+                sig.get("kwargs"),
+                link=link,
+                link_error=link_error,
+                task_id=task_id,
+                retries=retries + 1,
+                throw=throw,
+                headers=headers,
+                **options,
+            )
+        return EagerResult(task_id, retval, state, traceback=tb, name=self.name)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> _AsyncResult[R]:
+        """Send the task with these arguments (``apply_async`` with no options)."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | str | None = None,
+        expires: float | datetime.datetime | str | None = None,
+        queue: Any = None,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        ignore_result: bool | None = None,
+        routing_key: str | None = None,
+        exchange: Any = None,
+        shadow: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        **options: Any,
+    ) -> _AsyncResult[R]:
+        """Send the task: one message to the broker, routed by ``task_routes``.
+
+        Raises ``TypeError`` before sending when the arguments do not fit the
+        function, ``args`` is not a list/tuple, ``kwargs`` not a mapping, or an
+        argument cannot be encoded as JSON.
+        """
+        if args is None:
+            args = ()
+        elif type(args) is not tuple and not isinstance(args, (list, tuple)):
+            raise TypeError(f"task args must be a list or tuple, not {type(args).__name__}")
+        if kwargs is None:
+            kwargs = {}
+        elif type(kwargs) is not dict and not isinstance(kwargs, Mapping):
+            raise TypeError(
+                f"task keyword arguments must be a mapping, not {type(kwargs).__name__}"
+            )
+        task = self
+        app = self._app
+        if app is None:
+            app = get_current_app()
+            registered = app.tasks.get(self.name or "")
+            if registered is not None:
+                task = registered
+        check = task._argcheck
+        if check is not None:
+            if check is _UNBUILT:
+                check = task._build_argcheck()
+            if check is not None:
+                check(*args, **kwargs)
+        return cast(
+            "_AsyncResult[R]",
+            app._send_task_message(
+                task,
+                cast(str, task.name),
+                args,
+                kwargs,
+                task_id,
+                countdown,
+                eta,
+                expires,
+                queue,
+                priority,
+                headers,
+                ignore_result,
+                routing_key,
+                exchange,
+                shadow,
+                time_limit,
+                soft_time_limit,
+                link,
+                link_error,
+                options,
+            ),
+        )
+
+    def _build_argcheck(self) -> Callable[..., None] | None:
+        check = _build_argcheck(self.run) if self.typing else None
+        object.__setattr__(self, "_argcheck", check)
+        return check
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> _AsyncResult[R]:
+        """The result of this task with id ``task_id``."""
+        return _AsyncResult(task_id, app=self.app, task_name=self.name, **kwargs)
+
+    def retry(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: datetime.datetime | str | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Retry:
+        """Send this execution again (same task id, ``retries + 1``) and raise
+        :class:`~celeriac.exceptions.Retry` so the worker records RETRY.
+
+        Past ``max_retries``, raises ``exc`` (or ``MaxRetriesExceededError``) instead.
+        Called outside a worker it raises ``exc`` (or ``Retry``) without sending.
+        """
+        request = self.request
+        retries = request.retries + 1
+        limit = self.max_retries if max_retries is None else max_retries
+        if request.called_directly:
+            if exc is not None:
+                raise exc
+            raise Retry("Task can be retried", None)
+        if not eta and countdown is None:
+            countdown = self.default_retry_delay
+        args = request.args if args is None else args
+        kwargs = request.kwargs if kwargs is None else kwargs
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        if limit is not None and retries > limit:
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{args} kwargs:{kwargs}",
+                task_args=args,
+                task_kwargs=kwargs,
+            )
+        sig = {"task": self.name, "args": args, "kwargs": kwargs, "options": dict(options)}
+        when = eta or countdown
+        ret = Retry(exc=exc, when=when, is_eager=request.is_eager, sig=sig)
+        if request.is_eager:
+            if throw:
+                raise ret
+            return ret
+        try:
+            self._send_retry(request, args, kwargs, retries, eta, countdown, options)
+        except Exception as send_error:
+            raise Reject(send_error, requeue=False) from send_error
+        if throw:
+            raise ret
+        return ret
+
+    def _send_retry(
+        self,
+        request: _Request,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retries: int,
+        eta: Any,
+        countdown: float | None,
+        options: dict[str, Any],
+    ) -> None:
+        hard, soft = request.timelimit or (None, None)
+        delivery_info = request.delivery_info or {}
+        sent: dict[str, Any] = {
+            "root_id": request.root_id,
+            "parent_id": request.parent_id or request.id,
+            "group_id": request.group,
+            "group_index": request.group_index,
+            "chord": request.chord,
+            "chain": request.chain,
+            "retries": retries,
+            "reply_to": request.reply_to,
+            "origin": request.origin,
+            "replaced_task_nesting": request.replaced_task_nesting,
+            "stamps": request.stamps,
+            "stamped_headers": request.stamped_headers,
+            "add_to_parent": False,
+        }
+        queue = options.pop("queue", None)
+        exchange = options.pop("exchange", None)
+        routing_key = options.pop("routing_key", None)
+        if queue is None and exchange is None and routing_key is None:
+            di_exchange = delivery_info.get("exchange")
+            di_routing_key = delivery_info.get("routing_key")
+            if not di_exchange and di_routing_key:
+                queue = di_routing_key
+            elif di_exchange:
+                exchange, routing_key = di_exchange, di_routing_key
+        priority = options.pop("priority", None)
+        if priority is None:
+            priority = delivery_info.get("priority")
+        sent.update(options)
+        self.apply_async(
+            args,
+            kwargs,
+            task_id=request.id,
+            countdown=countdown,
+            eta=eta,
+            expires=sent.pop("expires", request.expires),
+            queue=queue,
+            priority=priority,
+            headers=sent.pop("headers", request.headers),
+            ignore_result=sent.pop("ignore_result", request.ignore_result),
+            routing_key=routing_key,
+            exchange=exchange,
+            shadow=sent.pop("shadow", request.shadow),
+            time_limit=sent.pop("time_limit", hard),
+            soft_time_limit=sent.pop("soft_time_limit", soft),
+            link=sent.pop("link", request.callbacks),
+            link_error=sent.pop("link_error", request.errbacks),
+            **sent,
+        )
+
+    def update_state(
+        self,
+        task_id: str | None = None,
+        state: str | None = None,
+        meta: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Store a custom state (e.g. ``"PROGRESS"`` with ``meta={...}``)."""
+        request = self.request
+        if task_id is None:
+            task_id = request.id
+        if task_id is None:
+            raise ValueError("update_state() needs a task_id outside a running task")
+        backend = self.app.backend
+        if backend is None:
+            raise NotImplementedError("update_state() needs a result backend")
+        own = request if request.id == task_id else None
+        backend.store(task_id, meta_for(task_id, state or states.PENDING, meta, request=own))
+
+    # -- handlers the worker calls (override in a base class) ---------------------------
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Called before the task body runs."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Called after the task returned."""
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Called when the task is to be retried."""
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Called when the task raised."""
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Called after the task ran, whatever the outcome."""
+
+    def add_trail(self, result: _AsyncResult[Any]) -> _AsyncResult[Any]:
+        """Record ``result`` as a child of the running execution (``trail``)."""
+        if self.trail:
+            self.request.children.append(result)
+        return result
+
+    # -- identity -----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        app = self._app
+        owner = f" of {app.main}" if app is not None and app.main else ""
+        return f"<@task: {self.name}{owner}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_task_by_name, (self.name,))
+
+
+def _task_by_name(name: str) -> Task[Any, Any]:
+    return get_current_app().tasks[name]
+
+
+def bind_run(task: Task[Any, Any], fun: Callable[..., Any], bind: bool) -> None:
+    """Make ``fun`` the body of ``task`` (receiving the task first when ``bind``)."""
+    run = types.MethodType(fun, task) if bind else fun
+    object.__setattr__(task, "run", run)
+    object.__setattr__(task, "_argcheck", _UNBUILT)
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        value = getattr(fun, attr, None)
+        if value is not None:
+            object.__setattr__(task, attr, value)
+    object.__setattr__(task, "__wrapped__", fun)
