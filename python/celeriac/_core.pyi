@@ -26,6 +26,9 @@ def loads(data: bytes | str) -> Any:
     """Parse JSON, turning kombu type markers back into Python objects.
     Raises ``DecodeError`` on bad input."""
 
+def uuid4() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())``: the default task id."""
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``**`` (``redis://:**@host:6379/0``)."""
 

@@ -197,14 +197,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_flush_at_exit)
 
 
-def uuid4() -> str:
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but about three
-    times faster: it is made for every message sent."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+# The default task id: made in Rust, several times faster than str(uuid.uuid4()).
+uuid4 = _core.uuid4
 
 
 def _scheme(url: str) -> str:

@@ -359,6 +359,13 @@ fn apply_option(
     Ok(())
 }
 
+/// A random (version 4) UUID as text: the default task id, made for every message.
+#[pyfunction]
+fn uuid4() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(uuid4, m)?)?;
     m.add_class::<Producer>()
 }
