@@ -1,0 +1,375 @@
+"""One task message on its way through the worker: parsed, run, its result stored.
+
+``Request.from_delivery`` turns a decoded ``Delivery`` into what the task sees as
+``self.request``; ``execute`` runs it (in whichever thread the pool chose), stores the
+outcome in the result backend, logs Celery's lines and says what to do with the message.
+Acking is left to the caller, which owns the consumer.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
+from celeriac.result import exception_to_meta, meta_for
+
+if TYPE_CHECKING:
+    from celeriac._core import Backend, Delivery
+    from celeriac.task import Task
+
+logger = logging.getLogger("celeriac.worker.request")
+
+#: Longest repr of a return value in the log (Celery's saferepr limit).
+REPR_MAX = 1024
+
+
+class Disposition(enum.Enum):
+    """What the consumer must do with the message once the task is done."""
+
+    #: Nothing (it was acked before the task ran).
+    NONE = "none"
+    ACK = "ack"
+    #: Drop it (``reject(requeue=False)``).
+    REJECT = "reject"
+    #: Put it back in its queue (``reject(requeue=True)``).
+    REQUEUE = "requeue"
+
+
+#: Headers of the protocol itself (celery-wire §1.2, plus kombu's ``redelivered``);
+#: any other header is the user's (``apply_async(headers=...)``).
+PROTOCOL_HEADERS = frozenset(
+    (
+        "lang",
+        "task",
+        "id",
+        "shadow",
+        "eta",
+        "expires",
+        "group",
+        "group_index",
+        "retries",
+        "timelimit",
+        "root_id",
+        "parent_id",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+        "ignore_result",
+        "replaced_task_nesting",
+        "stamped_headers",
+        "stamps",
+        "compression",
+        "meth",
+        "redelivered",
+    )
+)
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot become a request (e.g. an unparseable ``eta``)."""
+
+
+def parse_time(value: Any, field: str) -> datetime | None:
+    """An ISO-8601 header value as an aware datetime (naive means UTC), or None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{field} {value!r} is not an ISO-8601 string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidMessage(f"{field} {value!r} is not an ISO-8601 date and time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when
+
+
+def short_repr(value: Any, limit: int = REPR_MAX) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not break the worker
+        text = f"<unrepresentable {type(value).__name__}: {exc!r}>"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _setting(conf: Any, name: str, default: Any) -> Any:
+    try:
+        value = conf[name]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
+
+
+@dataclass
+class Request:
+    """A task message the worker accepted, with the policy decided up front."""
+
+    delivery: Delivery
+    task: Task[Any, Any]
+    #: The name shown in logs: the ``shadow`` header, else the task name.
+    name: str
+    id: str
+    eta: datetime | None
+    expires: datetime | None
+    acks_late: bool
+    acks_on_failure: bool
+    ignore_result: bool
+    hostname: str
+    #: ``result_extended``: store name, args, kwargs, worker, retries, queue too.
+    extended: bool = False
+
+    @property
+    def delivery_tag(self) -> str:
+        return self.delivery.delivery_tag
+
+    @classmethod
+    def from_delivery(
+        cls, delivery: Delivery, task: Task[Any, Any], conf: Any, hostname: str
+    ) -> Request:
+        """Raises ``InvalidMessage`` when the message's time fields cannot be read."""
+        headers = delivery.headers
+        task_id = delivery.id or delivery.correlation_id or ""
+        if not task_id:
+            raise InvalidMessage("the message has no task id")
+        acks_late = getattr(task, "acks_late", None)
+        if acks_late is None:
+            acks_late = _setting(conf, "task_acks_late", False)
+        ignore_result = getattr(task, "ignore_result", None)
+        if ignore_result is None:
+            ignore_result = _setting(conf, "task_ignore_result", False)
+        return cls(
+            delivery=delivery,
+            task=task,
+            name=str(headers.get("shadow") or delivery.task or task.name),
+            id=str(task_id),
+            eta=parse_time(headers.get("eta"), "eta"),
+            expires=parse_time(headers.get("expires"), "expires"),
+            acks_late=bool(acks_late),
+            acks_on_failure=bool(_setting(conf, "task_acks_on_failure_or_timeout", True)),
+            ignore_result=headers.get("ignore_result") is True or bool(ignore_result),
+            hostname=hostname,
+            extended=bool(_setting(conf, "result_extended", False)),
+        )
+
+    def context(self) -> dict[str, Any]:
+        """The fields of ``task.request`` (Celery's ``Context``) for this message.
+
+        As in Celery, user headers become attributes too, and ``headers`` holds only
+        them (None when there are none), so ``retry()`` carries them over without
+        overwriting the protocol headers of the new message."""
+        d = self.delivery
+        headers = d.headers
+        embed = d.embed or {}
+        custom = {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS}
+        return {
+            **custom,
+            "id": self.id,
+            "task": d.task,
+            "name": self.name,
+            "args": d.args,
+            "kwargs": d.kwargs,
+            "retries": headers.get("retries") or 0,
+            "eta": headers.get("eta"),
+            "expires": headers.get("expires"),
+            "group": headers.get("group"),
+            "group_index": headers.get("group_index"),
+            "root_id": headers.get("root_id") or self.id,
+            "parent_id": headers.get("parent_id"),
+            "shadow": headers.get("shadow"),
+            "timelimit": headers.get("timelimit"),
+            "origin": headers.get("origin"),
+            "ignore_result": self.ignore_result,
+            "argsrepr": headers.get("argsrepr"),
+            "kwargsrepr": headers.get("kwargsrepr"),
+            "stamped_headers": headers.get("stamped_headers"),
+            "stamps": headers.get("stamps") or {},
+            "replaced_task_nesting": headers.get("replaced_task_nesting") or 0,
+            "correlation_id": d.correlation_id or self.id,
+            "reply_to": d.reply_to,
+            "hostname": self.hostname,
+            "delivery_info": {
+                "exchange": d.exchange,
+                "routing_key": d.routing_key,
+                "priority": d.priority,
+                "redelivered": d.redelivered,
+            },
+            "headers": custom or None,
+            "callbacks": embed.get("callbacks"),
+            "errbacks": embed.get("errbacks"),
+            "chain": embed.get("chain"),
+            "chord": embed.get("chord"),
+            "is_eager": False,
+            "acks_late": self.acks_late,
+        }
+
+    def meta(self, status: str, result: Any, traceback: str | None = None) -> dict[str, Any]:
+        """The result meta to store; inside a run, ``task.request`` (with the
+        children the task sent) supplies the request fields."""
+        ctx = getattr(self.task, "request", None)
+        if ctx is None or getattr(ctx, "id", None) != self.id:
+            ctx = self.context()
+        return meta_for(self.id, status, result, traceback, ctx, extended=self.extended)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if self.expires is None:
+            return False
+        return self.expires <= (now or datetime.now(timezone.utc))
+
+
+def store(backend: Backend | None, request: Request, meta: Mapping[str, Any]) -> None:
+    """Write a result; an encoding error becomes a stored FAILURE naming it."""
+    if backend is None:
+        return
+    try:
+        backend.store(request.id, meta)
+    except TypeError as exc:
+        logger.error("Task %s[%s] result could not be stored: %s", request.name, request.id, exc)
+        backend.store(request.id, request.meta(states.FAILURE, exception_to_meta(exc)))
+
+
+def store_revoked_expired(backend: Backend | None, request: Request) -> None:
+    """Celery's record for a message that expired before it ran (celery-wire §7)."""
+    logger.warning(
+        "Task %s[%s] expired at %s; discarding it.",
+        request.name,
+        request.id,
+        request.expires.isoformat() if request.expires else "?",
+    )
+    if backend is not None and not request.ignore_result:
+        reason = exception_to_meta(TaskRevokedError("expired"))
+        store(backend, request, request.meta(states.REVOKED, reason))
+
+
+class ExceptionInfo:
+    """What ``on_failure``/``on_retry`` receive as ``einfo`` (Celery's ``ExceptionInfo``)."""
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exception = exc
+        self.type = type(exc)
+        self.tb = exc.__traceback__
+        self.traceback = tb
+
+    def __str__(self) -> str:
+        return self.traceback
+
+
+def _handler(request: Request, name: str, *args: Any) -> None:
+    """Call a task hook (``on_success`` ...); its errors are logged, never fatal."""
+    hook = getattr(request.task, name, None)
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        logger.exception("Task %s[%s] %s raised", request.name, request.id, name)
+
+
+def execute(request: Request, backend: Backend | None) -> Disposition:
+    """Run the task, store and log its outcome; returns what to do with the message.
+
+    Early-acked messages (``acks_late`` false) were acked by the caller before this
+    runs, so the answer for them is always ``Disposition.NONE``.
+    """
+    task = request.task
+    late = request.acks_late
+    args, kwargs = request.delivery.args, request.delivery.kwargs
+    task.push_request(**request.context())
+    started = time.monotonic()
+    try:
+        _handler(request, "before_start", request.id, args, kwargs)
+        try:
+            retval = task(*args, **kwargs)
+        except Retry as exc:
+            return _on_retry(request, backend, exc)
+        except Ignore:
+            logger.info("Task %s[%s] ignored", request.name, request.id)
+            return Disposition.ACK if late else Disposition.NONE
+        except Reject as exc:
+            requeue = bool(getattr(exc, "requeue", False))
+            logger.warning("Task %s[%s] %r", request.name, request.id, exc)
+            if not late:
+                return Disposition.NONE
+            return Disposition.REQUEUE if requeue else Disposition.REJECT
+        except (Exception, SystemExit) as exc:
+            return _on_failure(request, backend, exc, traceback.format_exc())
+        return _on_success(request, backend, retval, time.monotonic() - started)
+    finally:
+        task.pop_request()
+
+
+def _on_success(
+    request: Request, backend: Backend | None, retval: Any, runtime: float
+) -> Disposition:
+    if backend is not None and not request.ignore_result:
+        try:
+            backend.store(request.id, request.meta(states.SUCCESS, retval))
+        except TypeError as exc:
+            # The return value cannot be encoded: that is the task's failure.
+            return _on_failure(request, backend, exc, traceback.format_exc())
+    args, kwargs = request.delivery.args, request.delivery.kwargs
+    _handler(request, "on_success", retval, request.id, args, kwargs)
+    _handler(request, "after_return", states.SUCCESS, retval, request.id, args, kwargs, None)
+    logger.info(
+        "Task %s[%s] succeeded in %ss: %s",
+        request.name,
+        request.id,
+        f"{runtime:.6f}",
+        short_repr(retval),
+    )
+    return Disposition.ACK if request.acks_late else Disposition.NONE
+
+
+def _failure_disposition(request: Request) -> Disposition:
+    if not request.acks_late:
+        return Disposition.NONE
+    return Disposition.ACK if request.acks_on_failure else Disposition.REJECT
+
+
+def _on_failure(
+    request: Request, backend: Backend | None, exc: BaseException, tb: str
+) -> Disposition:
+    expected = tuple(getattr(request.task, "throws", ()) or ())
+    if expected and isinstance(exc, expected):
+        logger.info("Task %s[%s] raised expected: %r", request.name, request.id, exc)
+    else:
+        logger.error(
+            "Task %s[%s] raised unexpected: %r",
+            request.name,
+            request.id,
+            exc,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+    if backend is not None and not request.ignore_result:
+        store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
+    einfo = ExceptionInfo(exc, tb)
+    args, kwargs = request.delivery.args, request.delivery.kwargs
+    _handler(request, "on_failure", exc, request.id, args, kwargs, einfo)
+    _handler(request, "after_return", states.FAILURE, exc, request.id, args, kwargs, einfo)
+    return _failure_disposition(request)
+
+
+def _on_retry(request: Request, backend: Backend | None, exc: Retry) -> Disposition:
+    logger.info("Task %s[%s] retry: %s", request.name, request.id, exc)
+    cause = getattr(exc, "exc", None)
+    reason: BaseException = cause if isinstance(cause, BaseException) else exc
+    tb = traceback.format_exc()
+    if backend is not None and not request.ignore_result:
+        store(backend, request, request.meta(states.RETRY, exception_to_meta(reason), tb))
+    einfo = ExceptionInfo(reason, tb)
+    args, kwargs = request.delivery.args, request.delivery.kwargs
+    _handler(request, "on_retry", reason, request.id, args, kwargs, einfo)
+    _handler(request, "after_return", states.RETRY, reason, request.id, args, kwargs, einfo)
+    return Disposition.ACK if request.acks_late else Disposition.NONE
