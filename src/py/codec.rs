@@ -40,7 +40,7 @@ use crate::py::exceptions::DecodeError;
 /// Containers (and `__json__` results) nested deeper than this are refused. Python's
 /// `json` raises `ValueError("Circular reference detected")` for a cycle and
 /// `RecursionError` for deep nesting; we raise `ValueError` for both.
-pub const MAX_DEPTH: u32 = 512;
+pub const MAX_DEPTH: u32 = pjson::MAX_DEPTH;
 
 const DEPTH_MESSAGE: &str = "circular reference or nesting too deep";
 
@@ -233,7 +233,8 @@ impl Serialize for Walk<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let obj = self.obj;
         let tp = obj.get_type_ptr();
-        // SAFETY: only the addresses of the static type objects are taken.
+        // SAFETY: only the addresses of the static type objects and singletons are
+        // read, and each `cast_unchecked` follows an exact type match.
         unsafe {
             if tp == addr_of_mut!(ffi::PyUnicode_Type) {
                 return ser_str(obj.cast_unchecked::<PyString>(), s);
@@ -281,7 +282,7 @@ impl<'py> Walk<'_, 'py> {
         let obj = self.obj;
         let py = obj.py();
         let t = types(py).map_err(|e| fail(e, false))?;
-        // Exact marker types: no `__json__` possible, no subclass to think about.
+        // Exact marker types (their classes define no `__json__`).
         if tp == type_ptr(&t.datetime) {
             return self.ser_datetime(t, s);
         }
@@ -970,4 +971,88 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_dumps, m)?)?;
     m.add_function(wrap_pyfunction!(py_loads, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pyo3::types::PyDict;
+
+    fn attach<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+        Python::initialize();
+        Python::attach(f)
+    }
+
+    fn py_eval<'py>(py: Python<'py>, code: &str) -> Bound<'py, PyAny> {
+        let code = std::ffi::CString::new(code).unwrap();
+        py.eval(&code, None, None).unwrap()
+    }
+
+    #[test]
+    fn pyjson_inside_a_rust_value() {
+        attach(|py| {
+            let args = py_eval(py, "(1, 'é', None)");
+            let kwargs = py_eval(py, "{'when': __import__('datetime').date(2024, 1, 2)}");
+            let body = (PyJson(&args), PyJson(&kwargs), "x");
+            let mut buf = Vec::new();
+            write(&mut buf, &body).unwrap();
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                r#"[[1, "\u00e9", null], {"when": {"__type__": "date", "__value__": "2024-01-02"}}, "x"]"#
+            );
+        });
+    }
+
+    #[test]
+    fn errors_keep_their_python_type() {
+        attach(|py| {
+            let bad = py_eval(py, "{'a': [1, {2, 3}]}");
+            let mut buf = b"prefix".to_vec();
+            let err = dumps_into(&mut buf, &bad).unwrap_err();
+            assert!(err.is_instance_of::<PyTypeError>(py));
+            assert_eq!(
+                err.value(py).to_string(),
+                r#"Object of type set is not JSON serializable (at ["a"][1])"#
+            );
+            assert_eq!(buf, b"prefix");
+
+            // Through the plain-Rust writer, then mapped.
+            let wrapped = (PyJson(&bad),);
+            let err = encode_error(pjson::to_vec(&wrapped).unwrap_err());
+            assert!(err.is_instance_of::<PyTypeError>(py));
+
+            // A `__json__` that raises keeps its exception.
+            let boom = py_eval(py, "type('Boom', (), {'__json__': lambda self: 1 / 0})()");
+            let err = dumps(&boom).unwrap_err();
+            assert!(err.is_instance_of::<pyo3::exceptions::PyZeroDivisionError>(py));
+
+            let cyclic = PyDict::new(py);
+            cyclic.set_item("me", &cyclic).unwrap();
+            let err = dumps(cyclic.as_any()).unwrap_err();
+            assert!(err.is_instance_of::<PyValueError>(py));
+        });
+    }
+
+    #[test]
+    fn loads_round_trip_and_errors() {
+        attach(|py| {
+            let value = loads(
+                py,
+                br#"{"n": 123456789012345678901234567890, "u": {"__type__": "uuid", "__value__": {"hex": "00000000000000000000000000000001"}}}"#,
+            )
+            .unwrap();
+            assert_eq!(
+                dumps(&value).unwrap(),
+                br#"{"n": 123456789012345678901234567890, "u": {"__type__": "uuid", "__value__": {"hex": "00000000000000000000000000000001"}}}"#
+            );
+            let err = loads(py, b"[1,").unwrap_err();
+            assert!(err.is_instance_of::<DecodeError>(py));
+            let err = loads(py, br#"{"__type__": "nope", "__value__": 1}"#).unwrap_err();
+            assert!(err.is_instance_of::<DecodeError>(py));
+            assert!(err
+                .value(py)
+                .to_string()
+                .contains("unsupported kombu type marker"));
+        });
+    }
 }
