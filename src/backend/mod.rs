@@ -5,10 +5,16 @@
 //! stores read is `"status"`, to tell a ready state from a progress update.
 
 pub mod redis;
+pub mod rpc;
+pub mod sqlite;
 
 use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+
+use crate::broker::url::{BrokerUrl, Scheme};
+use crate::error::Result;
 
 /// Celery's `READY_STATES`: a task in one of these will not change again.
 pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
@@ -29,6 +35,206 @@ pub fn is_ready(meta: &[u8]) -> bool {
             .status
             .is_some_and(|status| READY_STATES.contains(&status.as_ref())),
         Err(_) => true,
+    }
+}
+
+/// What every store needs to know; each reads the fields it uses.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Time to live of a stored result (`result_expires`); `None` or zero: forever.
+    pub expires: Option<Duration>,
+    /// Prefix of a task's key (`celery-task-meta-`).
+    pub key_prefix: String,
+    /// `result_backend_transport_options["global_keyprefix"]`.
+    pub global_keyprefix: Option<String>,
+    pub connect_timeout: Duration,
+    /// SQLite: how long a write waits for another process's lock
+    /// (`result_backend_transport_options["busy_timeout"]`).
+    pub busy_timeout: Option<Duration>,
+    /// SQLite: the longest pause between two reads of a waiter
+    /// (`result_backend_transport_options["polling_interval"]`).
+    pub polling_interval: Option<Duration>,
+    /// rpc: the broker URL (`rpc://` results travel on the broker).
+    pub broker_url: Option<String>,
+    /// rpc: this client's reply queue (its oid); empty for a store-only backend.
+    pub reply_to: String,
+    /// rpc: `result_persistent` (delivery mode 2).
+    pub persistent: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        let redis = redis::RedisBackendOptions::default();
+        Self {
+            expires: redis.expires,
+            key_prefix: redis.key_prefix,
+            global_keyprefix: None,
+            connect_timeout: redis.connect_timeout,
+            busy_timeout: None,
+            polling_interval: None,
+            broker_url: None,
+            reply_to: String::new(),
+            persistent: false,
+        }
+    }
+}
+
+/// A result store on whichever backend the URL names (`redis://`, `sqlite://`).
+#[derive(Debug)]
+pub enum Backend {
+    Redis(redis::RedisBackend),
+    Sqlite(sqlite::SqliteBackend),
+    Rpc(Box<rpc::RpcBackend>),
+}
+
+/// One wait for one task's ready meta.
+pub enum Waiter {
+    Redis(redis::Waiter),
+    Sqlite(sqlite::Waiter),
+    Rpc(rpc::Waiter),
+}
+
+impl Waiter {
+    /// The ready meta, or `None` when `deadline` passed first.
+    pub fn wait_until(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::Redis(waiter) => waiter.wait_until(deadline),
+            Self::Sqlite(waiter) => waiter.wait_until(deadline),
+            Self::Rpc(waiter) => waiter.wait_until(deadline),
+        }
+    }
+}
+
+impl Backend {
+    /// Connect to the store `url` names. The blocking methods here must be called
+    /// from a thread that is not a tokio runtime thread.
+    pub fn connect(url: &str, options: BackendOptions) -> Result<Self> {
+        if url
+            .get(..6)
+            .is_some_and(|head| head.eq_ignore_ascii_case("rpc://"))
+        {
+            let broker = options.broker_url.as_deref().ok_or_else(|| {
+                crate::error::Error::Config(
+                    "the rpc:// result backend needs the broker URL (broker_url)".into(),
+                )
+            })?;
+            let defaults = rpc::RpcBackendOptions::default();
+            let options = rpc::RpcBackendOptions {
+                reply_to: options.reply_to,
+                expires: options.expires,
+                persistent: options.persistent,
+                transport: crate::broker::amqp::AmqpOptions {
+                    connect_timeout: options.connect_timeout,
+                    ..defaults.transport
+                },
+            };
+            return Ok(Self::Rpc(Box::new(rpc::RpcBackend::connect(
+                broker, options,
+            )?)));
+        }
+        let parsed = BrokerUrl::parse(url)?;
+        if parsed.scheme == Scheme::Sqlite {
+            let defaults = sqlite::SqliteBackendOptions::default();
+            let options = sqlite::SqliteBackendOptions {
+                expires: options.expires,
+                key_prefix: options.key_prefix,
+                global_keyprefix: options.global_keyprefix,
+                connect_timeout: options.connect_timeout,
+                busy_timeout: options.busy_timeout.unwrap_or(defaults.busy_timeout),
+                polling_interval: options
+                    .polling_interval
+                    .unwrap_or(defaults.polling_interval),
+            };
+            return Ok(Self::Sqlite(sqlite::SqliteBackend::connect_parsed(
+                &parsed, options,
+            )?));
+        }
+        let options = redis::RedisBackendOptions {
+            expires: options.expires,
+            key_prefix: options.key_prefix,
+            global_keyprefix: options.global_keyprefix,
+            connect_timeout: options.connect_timeout,
+        };
+        Ok(Self::Redis(redis::RedisBackend::connect(url, options)?))
+    }
+
+    pub fn masked_url(&self) -> &str {
+        match self {
+            Self::Redis(store) => store.masked_url(),
+            Self::Sqlite(store) => store.masked_url(),
+            Self::Rpc(store) => store.masked_url(),
+        }
+    }
+
+    pub fn store(&self, task_id: &str, meta_json: Vec<u8>) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.store(task_id, meta_json),
+            Self::Sqlite(store) => store.store(task_id, meta_json),
+            Self::Rpc(store) => store.store(task_id, meta_json, None, None),
+        }
+    }
+
+    /// `store` for a request: rpc publishes to its `reply_to` with its
+    /// `correlation_id` (default: the task id); the other stores ignore both.
+    pub fn store_for(
+        &self,
+        task_id: &str,
+        meta_json: Vec<u8>,
+        reply_to: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> Result<()> {
+        match self {
+            Self::Rpc(store) => store.store(task_id, meta_json, reply_to, correlation_id),
+            _ => self.store(task_id, meta_json),
+        }
+    }
+
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.flush(timeout),
+            Self::Sqlite(store) => store.flush(timeout),
+            Self::Rpc(store) => store.flush(timeout),
+        }
+    }
+
+    pub fn get(&self, task_id: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::Redis(store) => store.get(task_id),
+            Self::Sqlite(store) => store.get(task_id),
+            Self::Rpc(store) => store.get(task_id),
+        }
+    }
+
+    pub fn forget(&self, task_id: &str) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.forget(task_id),
+            Self::Sqlite(store) => store.forget(task_id),
+            Self::Rpc(store) => store.forget(task_id),
+        }
+    }
+
+    pub fn watch(&self, task_id: &str) -> Result<Waiter> {
+        match self {
+            Self::Redis(store) => store.watch(task_id).map(Waiter::Redis),
+            Self::Sqlite(store) => store.watch(task_id).map(Waiter::Sqlite),
+            Self::Rpc(store) => store.watch(task_id).map(Waiter::Rpc),
+        }
+    }
+
+    pub fn wait(&self, task_id: &str, deadline: Option<Instant>) -> Result<Vec<u8>> {
+        match self {
+            Self::Redis(store) => store.wait(task_id, deadline),
+            Self::Sqlite(store) => store.wait(task_id, deadline),
+            Self::Rpc(store) => store.wait(task_id, deadline),
+        }
+    }
+
+    pub fn close(&self) -> Result<()> {
+        match self {
+            Self::Redis(store) => store.close(),
+            Self::Sqlite(store) => store.close(),
+            Self::Rpc(store) => store.close(),
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! Brokers: where task messages are published and consumed.
 //!
-//! Each transport (`redis.rs`, later `amqp.rs` and `sqlite.rs`) has the same shape:
+//! Each transport (`redis.rs`, `sqlite.rs`, `amqp.rs`) has the same shape:
 //! a producer whose `publish` never waits (an I/O task batches the writes) and a
 //! consumer whose fetch task fills a channel of [`Fetched`] items within a prefetch
 //! window, and which acks in batches. [`Producer`] and [`Consumer`] pick the
 //! transport from the URL's scheme.
 
+pub mod amqp;
 pub mod redis;
+pub mod sqlite;
 pub mod url;
 
 use std::time::Duration;
@@ -16,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::protocol::message::OutgoingMessage;
-use url::BrokerUrl;
+use url::{BrokerUrl, Scheme};
 
 /// A message taken from a queue: routing facts, properties, headers (JSON text) and
 /// body bytes, the same whatever the transport.
@@ -78,10 +80,24 @@ impl Default for TransportOptions {
 /// Publishes task messages on whichever transport the URL names.
 pub enum Producer {
     Redis(redis::RedisProducer),
+    Sqlite(sqlite::SqliteProducer),
+    Amqp(amqp::AmqpProducer),
 }
 
 impl Producer {
     pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
+        if url.scheme == Scheme::Sqlite {
+            let options = sqlite::SqliteOptions::from_transport(options)?;
+            return Ok(Self::Sqlite(
+                sqlite::SqliteProducer::connect(url, options).await?,
+            ));
+        }
+        if matches!(url.scheme, Scheme::Amqp | Scheme::Amqps) {
+            let options = amqp::AmqpOptions::from_transport(options)?;
+            return Ok(Self::Amqp(
+                amqp::AmqpProducer::connect(url, options, Vec::new()).await?,
+            ));
+        }
         let options = redis::RedisOptions::from_transport(options)?;
         Ok(Self::Redis(
             redis::RedisProducer::connect(url, options).await?,
@@ -92,6 +108,8 @@ impl Producer {
     pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
         match self {
             Self::Redis(producer) => producer.publish(message),
+            Self::Sqlite(producer) => producer.publish(message),
+            Self::Amqp(producer) => producer.publish(message),
         }
     }
 
@@ -99,12 +117,16 @@ impl Producer {
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         match self {
             Self::Redis(producer) => producer.flush(timeout).await,
+            Self::Sqlite(producer) => producer.flush(timeout).await,
+            Self::Amqp(producer) => producer.flush(timeout).await,
         }
     }
 
     pub fn close(&self) {
         match self {
             Self::Redis(producer) => producer.close(),
+            Self::Sqlite(producer) => producer.close(),
+            Self::Amqp(producer) => producer.close(),
         }
     }
 }
@@ -112,6 +134,8 @@ impl Producer {
 /// Takes messages from queues on whichever transport the URL names.
 pub enum Consumer {
     Redis(redis::RedisConsumer),
+    Sqlite(sqlite::SqliteConsumer),
+    Amqp(amqp::AmqpConsumer),
 }
 
 impl Consumer {
@@ -123,6 +147,20 @@ impl Consumer {
         options: &TransportOptions,
         deliveries: mpsc::UnboundedSender<Fetched>,
     ) -> Result<Self> {
+        if url.scheme == Scheme::Sqlite {
+            let options = sqlite::SqliteOptions::from_transport(options)?;
+            let consumer =
+                sqlite::SqliteConsumer::connect(url, queues, prefetch_count, options, deliveries)
+                    .await?;
+            return Ok(Self::Sqlite(consumer));
+        }
+        if matches!(url.scheme, Scheme::Amqp | Scheme::Amqps) {
+            let options = amqp::AmqpOptions::from_transport(options)?;
+            let consumer =
+                amqp::AmqpConsumer::connect(url, queues, prefetch_count, options, deliveries)
+                    .await?;
+            return Ok(Self::Amqp(consumer));
+        }
         let options = redis::RedisOptions::from_transport(options)?;
         let consumer =
             redis::RedisConsumer::connect(url, queues, prefetch_count, options, deliveries).await?;
@@ -132,12 +170,29 @@ impl Consumer {
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
         match self {
             Self::Redis(consumer) => consumer.ack(tags),
+            Self::Sqlite(consumer) => consumer.ack(tags),
+            Self::Amqp(consumer) => consumer.ack(tags),
         }
     }
 
     pub fn reject(&self, tag: String, requeue: bool) -> Result<()> {
         match self {
             Self::Redis(consumer) => consumer.reject(tag, requeue),
+            Self::Sqlite(consumer) => consumer.reject(tag, requeue),
+            Self::Amqp(consumer) => consumer.reject(tag, requeue),
+        }
+    }
+
+    /// Grow (`delta > 0`) or shrink the prefetch window, one slot per message held for
+    /// its ETA or rate limit. Transports without a window of their own ignore it.
+    pub fn extend_window(&self, delta: i64) -> Result<()> {
+        match self {
+            Self::Redis(consumer) => {
+                consumer.extend_window(delta);
+                Ok(())
+            }
+            Self::Amqp(consumer) => consumer.extend_window(delta),
+            _ => Ok(()),
         }
     }
 
@@ -145,12 +200,16 @@ impl Consumer {
     pub async fn restore_unacked(&self) -> Result<usize> {
         match self {
             Self::Redis(consumer) => consumer.restore_unacked().await,
+            Self::Sqlite(consumer) => consumer.restore_unacked().await,
+            Self::Amqp(consumer) => consumer.restore_unacked().await,
         }
     }
 
     pub fn close(&self) {
         match self {
             Self::Redis(consumer) => consumer.close(),
+            Self::Sqlite(consumer) => consumer.close(),
+            Self::Amqp(consumer) => consumer.close(),
         }
     }
 }

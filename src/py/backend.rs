@@ -1,4 +1,5 @@
-//! `Backend`: the Redis result store (`crate::backend::redis`) seen from Python.
+//! `Backend`: the result store (`crate::backend`: Redis, SQLite or rpc, chosen by the
+//! URL's scheme) seen from Python.
 //!
 //! Encoding happens here, in the calling thread (the meta is a Python mapping); the
 //! bytes go to the store's writer. Every call that waits on the network releases the
@@ -13,15 +14,17 @@ use pyo3::types::{PyDict, PyMapping, PyString};
 
 use super::codec;
 use super::exceptions::{DecodeError, TimeoutError};
-use crate::backend::redis::{RedisBackend, RedisBackendOptions};
+use crate::backend::{Backend as AnyBackend, BackendOptions};
 
 /// How long `wait` stays detached from the interpreter before checking for signals.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 
-/// The result store (`redis://`): `celery-task-meta-<id>` keys and pub/sub.
+/// The result store: `redis://` (`celery-task-meta-<id>` keys and pub/sub) or
+/// `sqlite://` (a `results` table in the embedded database file) or `rpc://` (messages
+/// to each client's reply queue on the AMQP broker `broker_url`).
 #[pyclass(module = "celeriac._core", name = "Backend", frozen)]
 pub struct Backend {
-    inner: RedisBackend,
+    inner: AnyBackend,
 }
 
 #[pymethods]
@@ -34,7 +37,11 @@ impl Backend {
         key_prefix = String::from(crate::backend::redis::DEFAULT_KEY_PREFIX),
         transport_options = None,
         connect_timeout = 4.0,
+        broker_url = None,
+        reply_to = String::new(),
+        persistent = false,
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         url: &str,
@@ -42,6 +49,9 @@ impl Backend {
         key_prefix: String,
         transport_options: Option<&Bound<'_, PyAny>>,
         connect_timeout: f64,
+        broker_url: Option<String>,
+        reply_to: String,
+        persistent: bool,
     ) -> PyResult<Self> {
         let expires = match expires {
             None => None,
@@ -51,19 +61,33 @@ impl Backend {
         if connect_timeout.is_zero() {
             return Err(PyValueError::new_err("connect_timeout must be positive"));
         }
-        let options = RedisBackendOptions {
+        let options = BackendOptions {
             expires,
             key_prefix,
             global_keyprefix: global_keyprefix(transport_options)?,
             connect_timeout,
+            busy_timeout: seconds_option(transport_options, "busy_timeout")?,
+            polling_interval: seconds_option(transport_options, "polling_interval")?,
+            broker_url,
+            reply_to,
+            persistent,
         };
-        let inner = py.detach(|| RedisBackend::connect(url, options))?;
+        let inner = py.detach(|| AnyBackend::connect(url, options))?;
         Ok(Self { inner })
     }
 
     /// Write ``meta`` (encoded by ``dumps``) with SETEX + PUBLISH; asynchronous and
     /// pipelined. ``TypeError`` if meta cannot be encoded.
-    fn store(&self, task_id: &str, meta: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// ``rpc://``: published to ``reply_to`` (nothing is sent when it is empty or None)
+    /// with ``correlation_id`` (default: the task id); the other stores ignore both.
+    #[pyo3(signature = (task_id, meta, *, reply_to = None, correlation_id = None))]
+    fn store(
+        &self,
+        task_id: &str,
+        meta: &Bound<'_, PyAny>,
+        reply_to: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> PyResult<()> {
         if meta.cast::<PyMapping>().is_err() {
             return Err(PyTypeError::new_err(format!(
                 "meta must be a mapping, not {}",
@@ -71,7 +95,9 @@ impl Backend {
             )));
         }
         let json = codec::dumps(meta)?;
-        Ok(self.inner.store(task_id, json)?)
+        Ok(self
+            .inner
+            .store_for(task_id, json, reply_to, correlation_id)?)
     }
 
     /// The stored meta, or None when there is none (PENDING).
@@ -95,7 +121,7 @@ impl Backend {
             None => None,
             Some(secs) => Some(Instant::now() + duration("timeout", secs.max(0.0))?),
         };
-        let mut waiter = self.inner.watch(task_id)?;
+        let mut waiter = py.detach(|| self.inner.watch(task_id))?;
         loop {
             let slice_end = Instant::now() + WAIT_SLICE;
             let until = deadline.map_or(slice_end, |deadline| deadline.min(slice_end));
@@ -158,6 +184,26 @@ fn global_keyprefix(transport_options: Option<&Bound<'_, PyAny>>) -> PyResult<Op
             value.get_type().name()?
         ))),
     }
+}
+
+/// `transport_options[name]` as seconds, if given.
+fn seconds_option(
+    transport_options: Option<&Bound<'_, PyAny>>,
+    name: &str,
+) -> PyResult<Option<Duration>> {
+    let Some(options) = transport_options.filter(|options| !options.is_none()) else {
+        return Ok(None);
+    };
+    let value = options.call_method1("get", (name,))?;
+    if value.is_none() {
+        return Ok(None);
+    }
+    let secs: f64 = value.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "transport_options[{name:?}] must be a number of seconds"
+        ))
+    })?;
+    duration(&format!("transport_options[{name:?}]"), secs).map(Some)
 }
 
 fn decode_meta<'py>(py: Python<'py>, task_id: &str, json: &[u8]) -> PyResult<Bound<'py, PyAny>> {

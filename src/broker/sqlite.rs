@@ -1,0 +1,1541 @@
+//! The embedded broker: one SQLite file shared by every process on one machine.
+//!
+//! Layout (schema version [`SCHEMA_VERSION`], kept in `PRAGMA user_version`; the file is
+//! marked with `PRAGMA application_id` = [`APPLICATION_ID`]):
+//!
+//! - `messages`: one row per message, holding kombu's Redis envelope (the same JSON text
+//!   the Redis transport writes) plus the queue, the priority and the claim
+//!   (`claimed_at`, `owner`). A row with no claim is ready.
+//! - `results`: the result store's rows (see `crate::backend::sqlite`).
+//! - `peers`: the live consumers and result waiters (heartbeat, wake-up port).
+//!
+//! Concurrency: WAL journal, `synchronous=NORMAL` (a killed process loses nothing it
+//! committed; a power cut may lose the last transactions), every write in a
+//! `BEGIN IMMEDIATE` transaction with a busy handler that retries for `busy_timeout`.
+//! Each producer and consumer owns one connection on its own thread, never on a tokio
+//! worker.
+//!
+//! - Publishing: `publish` only queues the message; the producer's thread inserts
+//!   everything pending in one transaction.
+//! - Consuming: the consumer's thread acks (deletes), requeues and claims a batch
+//!   (`UPDATE ... RETURNING`) in one transaction, within the prefetch window.
+//!   Messages are served by priority, **lower number first** (as on Celery's Redis
+//!   transport, but exact: no rounding to steps), then in publishing order.
+//! - Waiting: an idle consumer sleeps 1 ms, 2 ms, ... up to `polling_interval` (50 ms)
+//!   between cheap checks (`PRAGMA data_version`, then an index probe) and is woken at
+//!   once by a publisher in the same process or, across processes, by a one-byte UDP
+//!   datagram on the loopback interface (each consumer listens on a port it records in
+//!   `peers`; publishers send to the ports they see there).
+//! - Visibility timeout: every consumer heartbeats its `peers` row. A claimed message is
+//!   put back (marked redelivered) once it was claimed more than `visibility_timeout`
+//!   ago **and** its owner has not heartbeated for that long: the claims of a dead
+//!   worker come back, those of a live one (a long task, a far ETA) do not.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{
+    params, params_from_iter, Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::url::BrokerUrl;
+use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
+use crate::error::{Error, Result};
+use crate::protocol::envelope::{self, IncomingEnvelope};
+use crate::protocol::message::OutgoingMessage;
+
+/// The schema this build writes. A file with a higher `user_version` is refused.
+pub const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA application_id` of a celeriac database ("Celr").
+pub const APPLICATION_ID: i64 = 0x4365_6c72;
+
+const SCHEMA: &str = "
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    published_at REAL NOT NULL,
+    claimed_at REAL,
+    owner TEXT,
+    redelivered INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL
+);
+CREATE INDEX messages_ready ON messages (queue, priority, id) WHERE claimed_at IS NULL;
+CREATE INDEX messages_claimed ON messages (claimed_at) WHERE claimed_at IS NOT NULL;
+CREATE TABLE results (
+    key TEXT PRIMARY KEY,
+    meta TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX results_expiry ON results (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE peers (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    port INTEGER,
+    heartbeat REAL NOT NULL
+);
+";
+
+/// The tables of the schema (and SQLite's own bookkeeping of AUTOINCREMENT).
+const OUR_TABLES: [&str; 3] = ["messages", "results", "peers"];
+
+/// `peers.kind` of a consumer.
+pub(crate) const KIND_CONSUMER: &str = "consumer";
+/// `peers.kind` of a process waiting for results.
+pub(crate) const KIND_WAITER: &str = "waiter";
+/// A peer that has not heartbeated for this long is not sent wake-ups.
+pub(crate) const WAKE_STALE: Duration = Duration::from_secs(60);
+/// How long publishers trust their list of peers to wake.
+const PEERS_REFRESH: Duration = Duration::from_secs(1);
+/// What a wake-up datagram holds (anything else on the port is ignored).
+const WAKE_MAGIC: &[u8] = b"celeriac-wake";
+/// First pause of an idle poll; it doubles up to the polling interval.
+pub(crate) const MIN_IDLE: Duration = Duration::from_millis(1);
+
+/// Transport options we understand (`broker_transport_options`).
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// A claimed message whose owner stopped heartbeating is put back after this long
+    /// (kombu's option name and default: one hour).
+    pub visibility_timeout: Duration,
+    /// How often a consumer heartbeats and looks for messages to restore
+    /// (`unacked_restore_interval`; default: a quarter of the visibility timeout, at
+    /// most 10 s).
+    pub restore_interval: Duration,
+    /// The longest pause between two checks of an idle consumer (`polling_interval`).
+    pub polling_interval: Duration,
+    /// How long a write waits for another process's write lock (`busy_timeout`).
+    pub busy_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(3600),
+            restore_interval: Duration::from_secs(10),
+            polling_interval: Duration::from_millis(50),
+            busy_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Read the options this transport knows from `broker_transport_options`.
+    pub fn from_transport(given: &TransportOptions) -> Result<Self> {
+        let mut options = Self {
+            connect_timeout: given.connect_timeout,
+            ..Self::default()
+        };
+        let mut restore_interval = None;
+        for (key, value) in &given.extra {
+            let seconds = || -> Result<Duration> {
+                value
+                    .as_f64()
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "transport option {key:?} must be a non-negative number of seconds, not {value}"
+                        ))
+                    })
+            };
+            match key.as_str() {
+                "visibility_timeout" => options.visibility_timeout = seconds()?,
+                "unacked_restore_interval" => restore_interval = Some(seconds()?),
+                "polling_interval" => options.polling_interval = seconds()?,
+                "busy_timeout" => options.busy_timeout = seconds()?,
+                // The dict is shared with kombu's other transports: ignore the rest.
+                _ => {}
+            }
+        }
+        options.restore_interval = restore_interval
+            .unwrap_or(options.visibility_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(10));
+        options.polling_interval = options
+            .polling_interval
+            .clamp(MIN_IDLE, Duration::from_secs(5));
+        Ok(options)
+    }
+}
+
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Back off 0.1 s, 0.2 s, ... up to 2 s between attempts after an error.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
+}
+
+// ---------------------------------------------------------------------------------
+// Opening a database
+
+/// The path as shown in errors: absolute, so that a relative URL is unambiguous.
+pub(crate) fn shown(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
+/// An error about the database at `path`, naming it.
+pub(crate) fn db_error(path: &Path, err: &rusqlite::Error) -> Error {
+    Error::Connection(format!(
+        "SQLite database {}: {}",
+        shown(path),
+        describe(path, err)
+    ))
+}
+
+fn describe(path: &Path, err: &rusqlite::Error) -> String {
+    let dir_hint = || {
+        let dir = parent_dir(path);
+        let err = match err.sqlite_error_code() {
+            Some(ErrorCode::CannotOpen) => "cannot create or open the file".to_owned(),
+            _ => err.to_string(),
+        };
+        format!(
+            "{err}; the directory {} must be writable (SQLite keeps -wal and -shm files beside the database)",
+            shown(&dir)
+        )
+    };
+    match err.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => format!("the file is not a SQLite database ({err})"),
+        Some(ErrorCode::DatabaseCorrupt) => format!("the file is corrupt ({err})"),
+        Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
+            dir_hint()
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            format!("{err} (another process held the write lock longer than busy_timeout)")
+        }
+        _ => err.to_string(),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Retry a locked database for `timeout`, in short sleeps (SQLite's own handler
+/// sleeps up to 100 ms at a time, which idles the lock under contention).
+fn install_busy_handler(conn: &mut Connection, timeout: Duration) -> rusqlite::Result<()> {
+    let mut started: Option<Instant> = None;
+    conn.busy_handler(Some(move |attempt: i32| {
+        if attempt == 0 {
+            started = Some(Instant::now());
+        }
+        let since = started.get_or_insert_with(Instant::now);
+        if since.elapsed() >= timeout {
+            return false;
+        }
+        let pause = 20u64 << attempt.clamp(0, 6) as u32;
+        std::thread::sleep(Duration::from_micros(pause.min(1000)));
+        true
+    }))
+}
+
+/// Open (creating if needed) the celeriac database at `path` and check it is one.
+///
+/// Refuses, naming the file: a missing directory, a directory, a read-only file or
+/// directory, a file that is not SQLite or is corrupt, a SQLite file of another
+/// application, and a schema newer than this build's. Never rewrites existing data.
+pub fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    let fail = |why: String| Error::Connection(format!("SQLite database {}: {why}", shown(path)));
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        return Err(fail(format!(
+            "the directory {} does not exist",
+            shown(&dir)
+        )));
+    }
+    if path.is_dir() {
+        return Err(fail("the path is a directory".into()));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| db_error(path, &e))?;
+    if conn.is_readonly("main").unwrap_or(false) {
+        return Err(fail(
+            "the file is read-only; celeriac needs to write to it".into(),
+        ));
+    }
+    install_busy_handler(&mut conn, busy_timeout).map_err(|e| db_error(path, &e))?;
+    let read_header = |conn: &Connection| -> rusqlite::Result<(i64, i64)> {
+        let app: i64 = conn.pragma_query_value(None, "application_id", |row| row.get(0))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        Ok((app, version))
+    };
+    let (app, version) = read_header(&conn).map_err(|e| db_error(path, &e))?;
+    check_header(path, app, version)?;
+    if version == 0 {
+        check_no_foreign_tables(&conn, path)?;
+    }
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| db_error(path, &e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(fail(format!(
+            "cannot switch to WAL mode (SQLite answered {mode:?}); is the file on a network filesystem?"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| db_error(path, &e))?;
+    if version < SCHEMA_VERSION {
+        create_schema(&mut conn, path)?;
+    }
+    let present: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('messages', 'results', 'peers')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| db_error(path, &e))?;
+    if present != OUR_TABLES.len() as i64 {
+        return Err(fail(
+            "it is marked as a celeriac database but its tables are missing (damaged?); \
+             move it away to start afresh"
+                .into(),
+        ));
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn check_header(path: &Path, app: i64, version: i64) -> Result<()> {
+    let fail = |why: String| Error::Connection(format!("SQLite database {}: {why}", shown(path)));
+    if app != 0 && app != APPLICATION_ID {
+        return Err(fail(format!(
+            "it belongs to another application (application_id {app:#x}); celeriac will not write into it"
+        )));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(fail(format!(
+            "it was written by a newer celeriac (schema version {version}; this one knows up to \
+             {SCHEMA_VERSION}): upgrade celeriac or use another file"
+        )));
+    }
+    if version < 0 {
+        return Err(fail(format!("it has an unknown schema version {version}")));
+    }
+    Ok(())
+}
+
+/// A file with no celeriac schema yet must be empty: never write into someone
+/// else's database.
+fn check_no_foreign_tables(conn: &Connection, path: &Path) -> Result<()> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .map_err(|e| db_error(path, &e))?;
+    let names: Vec<String> = stmt
+        .query_map([], |row| row.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| db_error(path, &e))?;
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|name| !OUR_TABLES.contains(&name.as_str()))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+    Err(Error::Connection(format!(
+        "SQLite database {}: it holds tables of another application ({}); celeriac will not \
+         write into it",
+        shown(path),
+        list.join(", ")
+    )))
+}
+
+fn create_schema(conn: &mut Connection, path: &Path) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| db_error(path, &e))?;
+    // Another process may have created it since we looked.
+    let app: i64 = tx
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(|e| db_error(path, &e))?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| db_error(path, &e))?;
+    check_header(path, app, version)?;
+    if version == 0 {
+        check_no_foreign_tables(&tx, path)?;
+        tx.execute_batch(SCHEMA).map_err(|e| db_error(path, &e))?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(|e| db_error(path, &e))?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| db_error(path, &e))?;
+    }
+    tx.commit().map_err(|e| db_error(path, &e))
+}
+
+// ---------------------------------------------------------------------------------
+// Checkpoints off the hot path
+
+/// WAL pages after which a writer asks for a checkpoint (SQLite's own default: 1000).
+const CHECKPOINT_PAGES: i32 = 2000;
+
+/// Checkpoints the WAL of one file on its own thread, so that no writer waits for the
+/// fsyncs of a checkpoint (with `synchronous=NORMAL` they are the only ones). One per
+/// file per process, shared by its producers, consumers and result stores; the thread
+/// ends when the last of them is dropped.
+pub(crate) struct Checkpointer {
+    wanted: Arc<Signal>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.wanted.notify();
+    }
+}
+
+type Checkpointers = Vec<(u32, PathBuf, Weak<Checkpointer>)>;
+
+/// This process's checkpointer of the file at `path`, started if needed. `None` when
+/// it cannot start: writers then keep SQLite's automatic checkpoints.
+pub(crate) fn checkpointer(path: &Path, busy_timeout: Duration) -> Option<Arc<Checkpointer>> {
+    static ALL: OnceLock<Mutex<Checkpointers>> = OnceLock::new();
+    let pid = std::process::id();
+    let key = key_path(path);
+    let mut all = ALL
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Entries of a parent process (after fork) have no thread here: never reuse them.
+    all.retain(|(owner, _, weak)| *owner == pid && weak.strong_count() > 0);
+    if let Some(found) = all
+        .iter()
+        .find(|(_, their, _)| *their == key)
+        .and_then(|(_, _, weak)| weak.upgrade())
+    {
+        return Some(found);
+    }
+    let conn = open(path, busy_timeout).ok()?;
+    let wanted = Arc::new(Signal::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (thread_wanted, thread_stop) = (wanted.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("celeriac-sqlite-ckpt".into())
+        .spawn(move || {
+            let mut seen = thread_wanted.generation();
+            while !thread_stop.load(Ordering::Acquire) {
+                if !thread_wanted.wait(seen, Duration::from_secs(30)) {
+                    continue;
+                }
+                seen = thread_wanted.generation();
+                if thread_stop.load(Ordering::Acquire) {
+                    break;
+                }
+                // PASSIVE never blocks writers or readers; a failure is retried when
+                // the next commit asks again.
+                let _ =
+                    conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .ok()?;
+    let made = Arc::new(Checkpointer { wanted, stop });
+    all.push((pid, key, Arc::downgrade(&made)));
+    Some(made)
+}
+
+/// Have `conn`'s commits ask `checkpointer` for a checkpoint instead of running one.
+fn hand_checkpoints_to(conn: &mut Connection, checkpointer: &Checkpointer) -> rusqlite::Result<()> {
+    let wanted = checkpointer.wanted.clone();
+    // Replaces SQLite's automatic checkpoint (itself a WAL hook).
+    conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+        if pages >= CHECKPOINT_PAGES {
+            wanted.notify();
+        }
+        Ok(())
+    }))
+}
+
+/// Open a connection for a busy writer: its checkpoints run on this process's
+/// checkpointer thread for the file.
+pub(crate) fn open_writer(
+    path: &Path,
+    busy_timeout: Duration,
+) -> Result<(Connection, Option<Arc<Checkpointer>>)> {
+    let mut conn = open(path, busy_timeout)?;
+    let checkpointer = checkpointer(path, busy_timeout);
+    if let Some(checkpointer) = &checkpointer {
+        hand_checkpoints_to(&mut conn, checkpointer).map_err(|e| db_error(path, &e))?;
+    }
+    Ok((conn, checkpointer))
+}
+
+/// Open on tokio's blocking pool (never on a runtime worker).
+async fn open_async(
+    path: PathBuf,
+    busy_timeout: Duration,
+) -> Result<(Connection, Option<Arc<Checkpointer>>)> {
+    let shown_path = shown(&path);
+    tokio::task::spawn_blocking(move || open_writer(&path, busy_timeout))
+        .await
+        .map_err(|err| {
+            Error::Connection(format!(
+                "SQLite database {shown_path}: the opening thread failed: {err}"
+            ))
+        })?
+}
+
+fn sqlite_path(url: &BrokerUrl) -> Result<PathBuf> {
+    url.sqlite_path
+        .clone()
+        .ok_or_else(|| Error::InvalidUrl(format!("{:?} is not a SQLite URL", url.masked())))
+}
+
+/// JSON bytes, stored as TEXT when they are UTF-8 (so that the `sqlite3` shell shows
+/// them), as a BLOB otherwise.
+pub(crate) struct JsonBytes<'a>(pub &'a [u8]);
+
+impl ToSql for JsonBytes<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match std::str::from_utf8(self.0) {
+            Ok(_) => ValueRef::Text(self.0),
+            Err(_) => ValueRef::Blob(self.0),
+        }))
+    }
+}
+
+/// A TEXT or BLOB column's bytes.
+pub(crate) fn column_bytes(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Vec<u8>> {
+    match row.get_ref(index)? {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => Ok(bytes.to_vec()),
+        other => Err(rusqlite::Error::FromSqlConversionFailure(
+            index,
+            other.data_type(),
+            "expected JSON text".into(),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Wake-ups: in this process (a condition variable) and across processes (UDP)
+
+/// A generation counter that waiting threads watch.
+#[derive(Default)]
+pub(crate) struct Signal {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Signal {
+    pub(crate) fn generation(&self) -> u64 {
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn notify(&self) {
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *generation = generation.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// Wait until the generation is no longer `seen`, at most `timeout`. True when
+    /// woken.
+    pub(crate) fn wait(&self, seen: u64, timeout: Duration) -> bool {
+        let guard = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |generation| *generation == seen)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard != seen
+    }
+}
+
+/// What changed in a database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Topic {
+    Messages,
+    Results,
+}
+
+type Subscribers = Vec<(PathBuf, Topic, Weak<Signal>)>;
+
+fn local_subscribers() -> &'static Mutex<Subscribers> {
+    static SUBSCRIBERS: OnceLock<Mutex<Subscribers>> = OnceLock::new();
+    SUBSCRIBERS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+fn key_path(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Have `signal` notified when this process changes `topic` in the file at `path`.
+pub(crate) fn subscribe_local(path: &Path, topic: Topic, signal: &Arc<Signal>) {
+    let mut subscribers = local_subscribers()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    subscribers.retain(|(_, _, weak)| weak.strong_count() > 0);
+    subscribers.push((key_path(path), topic, Arc::downgrade(signal)));
+}
+
+pub(crate) fn notify_local(path: &Path, topic: Topic) {
+    let path = key_path(path);
+    let subscribers = local_subscribers()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (their_path, their_topic, weak) in subscribers.iter() {
+        if *their_topic == topic && *their_path == path {
+            if let Some(signal) = weak.upgrade() {
+                signal.notify();
+            }
+        }
+    }
+}
+
+/// A loopback UDP port whose datagrams notify a [`Signal`]; its thread ends soon
+/// after the listener is dropped.
+pub(crate) struct WakeListener {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl WakeListener {
+    /// `None` when no loopback socket can be had: waiting then relies on polling.
+    pub(crate) fn start(signal: Arc<Signal>) -> Option<Self> {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+        let port = socket.local_addr().ok()?.port();
+        socket.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("celeriac-sqlite-wake".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stopped.load(Ordering::Acquire) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        if from.ip().is_loopback() && buf[..n] == *WAKE_MAGIC {
+                            signal.notify();
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { port, stop })
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for WakeListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the thread so that it sees the flag now rather than within a second.
+        if let Ok(socket) = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)) {
+            let _ = socket.send_to(b"stop", (Ipv4Addr::LOCALHOST, self.port));
+        }
+    }
+}
+
+/// Sends wake-ups to the peers of one kind recorded in the database.
+pub(crate) struct WakeNotifier {
+    socket: Option<UdpSocket>,
+    kind: &'static str,
+    ports: Vec<u16>,
+    refreshed: Option<Instant>,
+}
+
+impl WakeNotifier {
+    pub(crate) fn new(kind: &'static str) -> Self {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .ok()
+            .filter(|socket| socket.set_nonblocking(true).is_ok());
+        Self {
+            socket,
+            kind,
+            ports: Vec::new(),
+            refreshed: None,
+        }
+    }
+
+    /// Wake every live peer of our kind (best effort: they poll anyway).
+    pub(crate) fn notify(&mut self, conn: &Connection) {
+        let Some(socket) = &self.socket else { return };
+        if self
+            .refreshed
+            .is_none_or(|at| at.elapsed() >= PEERS_REFRESH)
+        {
+            self.refreshed = Some(Instant::now());
+            if let Ok(ports) = live_ports(conn, self.kind) {
+                self.ports = ports;
+            }
+        }
+        for port in &self.ports {
+            let _ = socket.send_to(WAKE_MAGIC, SocketAddr::from((Ipv4Addr::LOCALHOST, *port)));
+        }
+    }
+}
+
+fn live_ports(conn: &Connection, kind: &str) -> rusqlite::Result<Vec<u16>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT port FROM peers WHERE kind = ?1 AND port IS NOT NULL AND heartbeat >= ?2",
+    )?;
+    let since = unix_now() - WAKE_STALE.as_secs_f64();
+    let ports = stmt
+        .query_map(params![kind, since], |row| row.get::<_, i64>(0))?
+        .filter_map(|port| port.ok().and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    Ok(ports)
+}
+
+/// Record (or refresh) a peer's heartbeat and wake-up port.
+pub(crate) fn heartbeat(
+    conn: &Connection,
+    id: &str,
+    kind: &str,
+    port: Option<u16>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO peers (id, kind, pid, port, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat, port = excluded.port",
+    )?
+    .execute(params![id, kind, std::process::id(), port, unix_now()])?;
+    Ok(())
+}
+
+pub(crate) fn new_peer_id(kind: &str) -> String {
+    format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// Producer
+
+struct ProducerState {
+    queued: AtomicU64,
+    written: AtomicU64,
+    progress: Notify,
+    last_error: Mutex<Option<String>>,
+    closed: AtomicBool,
+}
+
+/// Publishes task messages; cheap to call from any thread.
+pub struct SqliteProducer {
+    tx: std_mpsc::Sender<OutgoingMessage>,
+    state: Arc<ProducerState>,
+    masked: String,
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+const MAX_PUBLISH_BATCH: usize = 4096;
+
+impl SqliteProducer {
+    /// Open (failing fast with a clear error) and start the writer thread.
+    pub async fn connect(url: &BrokerUrl, options: SqliteOptions) -> Result<Self> {
+        let path = sqlite_path(url)?;
+        let (conn, checkpointer) = open_async(path.clone(), options.busy_timeout).await?;
+        let (tx, rx) = std_mpsc::channel();
+        let state = Arc::new(ProducerState {
+            queued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            progress: Notify::new(),
+            last_error: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        let thread_state = state.clone();
+        std::thread::Builder::new()
+            .name("celeriac-sqlite-pub".into())
+            .spawn(move || publish_loop(conn, path, rx, thread_state))
+            .map_err(|err| Error::Connection(format!("cannot start a thread: {err}")))?;
+        Ok(Self {
+            tx,
+            state,
+            masked: url.masked().to_owned(),
+            _checkpointer: checkpointer,
+        })
+    }
+
+    /// Hand a message to the writer thread; never waits.
+    pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("the producer"));
+        }
+        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx
+            .send(message)
+            .map_err(|_| Error::Closed("the producer"))
+    }
+
+    /// Wait until every message published before this call is committed.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let target = self.state.queued.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.state.progress.notified();
+            let written = self.state.written.load(Ordering::Acquire);
+            if written >= target {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                let reason = self
+                    .state
+                    .last_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default()
+                    .unwrap_or_else(|| "still writing".into());
+                return Err(Error::Connection(format!(
+                    "{} message(s) not yet written to {} after {:.1}s: {reason}",
+                    target - written,
+                    self.masked,
+                    timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::Release);
+    }
+}
+
+/// A message ready for its row.
+struct Row {
+    queue: String,
+    priority: i64,
+    payload: Vec<u8>,
+}
+
+fn publish_loop(
+    mut conn: Connection,
+    path: PathBuf,
+    rx: std_mpsc::Receiver<OutgoingMessage>,
+    state: Arc<ProducerState>,
+) {
+    let mut notifier = WakeNotifier::new(KIND_CONSUMER);
+    let mut rows = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        let mut count = 1u64;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            // Headers and body come from our own encoder: this cannot fail in practice,
+            // and a message we cannot frame is better dropped than wedged.
+            if let Ok(payload) = envelope::encode(&message, "") {
+                rows.push(Row {
+                    queue: message.routing_key,
+                    priority: i64::from(message.properties.priority.unwrap_or(0)),
+                    payload,
+                });
+            }
+            if rows.len() < MAX_PUBLISH_BATCH {
+                next = rx.try_recv().ok();
+                count += u64::from(next.is_some());
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match insert_rows(&mut conn, &rows) {
+                Ok(()) => break,
+                Err(err) => {
+                    if let Ok(mut last) = state.last_error.lock() {
+                        *last = Some(db_error(&path, &err).to_string());
+                    }
+                    std::thread::sleep(backoff(attempt));
+                    attempt += 1;
+                }
+            }
+        }
+        rows.clear();
+        state.written.fetch_add(count, Ordering::AcqRel);
+        state.progress.notify_waiters();
+        notify_local(&path, Topic::Messages);
+        notifier.notify(&conn);
+    }
+}
+
+fn insert_rows(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO messages (queue, priority, published_at, payload) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let now = unix_now();
+        for row in rows {
+            insert.execute(params![
+                row.queue,
+                row.priority,
+                now,
+                JsonBytes(&row.payload)
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+// ---------------------------------------------------------------------------------
+// Consumer
+
+enum Command {
+    Ack(Vec<String>),
+    Requeue(String),
+    RestoreAll(oneshot::Sender<Result<usize>>),
+}
+
+/// Takes messages from queues within a prefetch window; acks them in batches.
+pub struct SqliteConsumer {
+    commands: std_mpsc::Sender<Command>,
+    signal: Arc<Signal>,
+    closed: Arc<AtomicBool>,
+    masked: String,
+    _listener: Option<WakeListener>,
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+const MAX_FETCH_BATCH: usize = 512;
+
+impl SqliteConsumer {
+    /// Open and start claiming into `deliveries`. `prefetch_count` 0 = unbounded.
+    pub async fn connect(
+        url: &BrokerUrl,
+        queues: &[String],
+        prefetch_count: usize,
+        options: SqliteOptions,
+        deliveries: mpsc::UnboundedSender<Fetched>,
+    ) -> Result<Self> {
+        if queues.is_empty() {
+            return Err(Error::Connection("no queue to consume from".into()));
+        }
+        let path = sqlite_path(url)?;
+        let (conn, checkpointer) = open_async(path.clone(), options.busy_timeout).await?;
+        let signal = Arc::new(Signal::default());
+        let listener = WakeListener::start(signal.clone());
+        let owner = new_peer_id(KIND_CONSUMER);
+        let port = listener.as_ref().map(WakeListener::port);
+        let conn = {
+            let (owner, path) = (owner.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                heartbeat(&conn, &owner, KIND_CONSUMER, port)
+                    .map(|()| conn)
+                    .map_err(|e| db_error(&path, &e))
+            })
+            .await
+            .map_err(|err| Error::Connection(format!("cannot start a thread: {err}")))??
+        };
+        subscribe_local(&path, Topic::Messages, &signal);
+        let mut unique: Vec<String> = Vec::new();
+        for queue in queues {
+            if !unique.contains(queue) {
+                unique.push(queue.clone());
+            }
+        }
+        let closed = Arc::new(AtomicBool::new(false));
+        let (commands, rx) = std_mpsc::channel();
+        let fetcher = Fetcher {
+            claim_sql: claim_sql(unique.len()),
+            probe_sql: probe_sql(unique.len()),
+            queues: unique,
+            conn,
+            path,
+            owner,
+            port,
+            prefetch: prefetch_count,
+            options,
+            in_flight: HashSet::new(),
+            pending_acks: Vec::new(),
+            pending_requeues: Vec::new(),
+            deliveries,
+            signal: signal.clone(),
+            closed: closed.clone(),
+            drained: false,
+            data_version: None,
+            failures: 0,
+            notifier: WakeNotifier::new(KIND_CONSUMER),
+            masked: url.masked().to_owned(),
+        };
+        std::thread::Builder::new()
+            .name("celeriac-sqlite-consume".into())
+            .spawn(move || fetcher.run(rx))
+            .map_err(|err| Error::Connection(format!("cannot start a thread: {err}")))?;
+        Ok(Self {
+            commands,
+            signal,
+            closed,
+            masked: url.masked().to_owned(),
+            _listener: listener,
+            _checkpointer: checkpointer,
+        })
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| Error::Closed("the consumer"))?;
+        self.signal.notify();
+        Ok(())
+    }
+
+    pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        self.send(Command::Ack(tags))
+    }
+
+    /// `requeue=false` drops the message (kombu: same as ack); `true` puts it back,
+    /// marked redelivered, in its place in the queue.
+    pub fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        if requeue {
+            self.send(Command::Requeue(tag))
+        } else {
+            self.send(Command::Ack(vec![tag]))
+        }
+    }
+
+    /// Stop claiming and put every claimed, unacked message back, marked redelivered.
+    pub async fn restore_unacked(&self) -> Result<usize> {
+        self.closed.store(true, Ordering::Release);
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::RestoreAll(tx))?;
+        rx.await.map_err(|_| Error::Closed("the consumer"))?
+    }
+
+    /// Stop claiming; acks are still written.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.signal.notify();
+    }
+
+    pub fn masked_url(&self) -> &str {
+        &self.masked
+    }
+}
+
+impl Drop for SqliteConsumer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// `UPDATE ... RETURNING` claiming up to ?3 ready messages of the queues ?4.. for
+/// owner ?2 at time ?1, lowest priority number first, then oldest.
+fn claim_sql(queues: usize) -> String {
+    let pick = |param: usize| {
+        format!(
+            "SELECT id, priority FROM messages WHERE queue = ?{param} AND claimed_at IS NULL \
+             ORDER BY priority, id LIMIT ?3"
+        )
+    };
+    let candidates = if queues == 1 {
+        "SELECT id FROM messages WHERE queue = ?4 AND claimed_at IS NULL ORDER BY priority, id LIMIT ?3"
+            .to_owned()
+    } else {
+        let union: Vec<String> = (0..queues)
+            .map(|i| format!("SELECT id, priority FROM ({})", pick(4 + i)))
+            .collect();
+        format!(
+            "SELECT id FROM ({}) ORDER BY priority, id LIMIT ?3",
+            union.join(" UNION ALL ")
+        )
+    };
+    format!(
+        "UPDATE messages SET claimed_at = ?1, owner = ?2 WHERE id IN ({candidates}) \
+         RETURNING id, queue, priority, redelivered, payload"
+    )
+}
+
+/// Whether any of the queues ?1.. has a ready message (a read, no write lock).
+fn probe_sql(queues: usize) -> String {
+    let parts: Vec<String> = (0..queues)
+        .map(|i| {
+            format!(
+                "EXISTS (SELECT 1 FROM messages WHERE queue = ?{} AND claimed_at IS NULL)",
+                i + 1
+            )
+        })
+        .collect();
+    format!("SELECT {}", parts.join(" OR "))
+}
+
+struct Claimed {
+    id: i64,
+    queue: String,
+    priority: i64,
+    redelivered: bool,
+    payload: Vec<u8>,
+}
+
+struct Fetcher {
+    conn: Connection,
+    path: PathBuf,
+    masked: String,
+    queues: Vec<String>,
+    claim_sql: String,
+    probe_sql: String,
+    owner: String,
+    port: Option<u16>,
+    prefetch: usize,
+    options: SqliteOptions,
+    /// Claimed by us, not yet acked (the prefetch window).
+    in_flight: HashSet<i64>,
+    /// Acks and requeues not yet written (kept across a failed transaction).
+    pending_acks: Vec<i64>,
+    pending_requeues: Vec<i64>,
+    deliveries: mpsc::UnboundedSender<Fetched>,
+    signal: Arc<Signal>,
+    closed: Arc<AtomicBool>,
+    /// The last claim found fewer messages than it wanted.
+    drained: bool,
+    /// `PRAGMA data_version` when the queues were last found drained.
+    data_version: Option<i64>,
+    failures: u32,
+    notifier: WakeNotifier,
+}
+
+impl Fetcher {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        let mut idle = MIN_IDLE;
+        let maintenance_every = self.options.restore_interval;
+        let mut next_maintenance = Instant::now();
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let seen = self.signal.generation();
+            let mut restores = Vec::new();
+            let mut disconnected = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(Command::Ack(tags)) => self.pending_acks.extend(parse_tags(&tags)),
+                    Ok(Command::Requeue(tag)) => self.pending_requeues.extend(parse_tags(&[tag])),
+                    Ok(Command::RestoreAll(reply)) => restores.push(reply),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            if !restores.is_empty() {
+                self.closed.store(true, Ordering::Release);
+            }
+            let now = Instant::now();
+            let may_write = retry_at.is_none_or(|at| now >= at);
+            let mut worked = false;
+            if may_write {
+                let credits = self.credits(disconnected);
+                let claim = credits > 0 && self.may_have_work();
+                if claim || !self.pending_acks.is_empty() || !self.pending_requeues.is_empty() {
+                    match self.transact(if claim { credits } else { 0 }) {
+                        Ok((claimed, drained_at)) => {
+                            retry_at = None;
+                            self.failures = 0;
+                            worked = !claimed.is_empty();
+                            if let Some(version) = drained_at {
+                                self.drained = true;
+                                self.data_version = Some(version);
+                            }
+                            self.deliver(claimed);
+                        }
+                        Err(err) => {
+                            self.report(&err);
+                            retry_at = Some(Instant::now() + backoff(self.failures));
+                            self.failures += 1;
+                        }
+                    }
+                }
+            }
+            for reply in restores {
+                let _ = reply.send(self.restore_all());
+            }
+            if Instant::now() >= next_maintenance {
+                // Errors here are retried next round; claims report lost databases.
+                let _ = self.maintain();
+                next_maintenance = Instant::now() + maintenance_every;
+            }
+            if disconnected {
+                self.finish();
+                return;
+            }
+            if worked {
+                idle = MIN_IDLE;
+                continue;
+            }
+            let mut pause = idle.min(next_maintenance.saturating_duration_since(Instant::now()));
+            if let Some(at) = retry_at {
+                pause = pause.max(at.saturating_duration_since(Instant::now()));
+            }
+            if self.signal.wait(seen, pause) {
+                idle = MIN_IDLE;
+            } else {
+                idle = (idle * 2).min(self.options.polling_interval);
+            }
+        }
+    }
+
+    /// How many messages we may claim now.
+    fn credits(&self, disconnected: bool) -> usize {
+        if disconnected || self.closed.load(Ordering::Acquire) {
+            return 0;
+        }
+        if self.prefetch == 0 {
+            return MAX_FETCH_BATCH;
+        }
+        self.prefetch
+            .saturating_sub(self.in_flight.len())
+            .min(MAX_FETCH_BATCH)
+    }
+
+    /// False only when the queues were drained and nothing ready appeared since.
+    fn may_have_work(&mut self) -> bool {
+        if !self.drained {
+            return true;
+        }
+        let Ok(version) = self.data_version() else {
+            return true;
+        };
+        if self.data_version == Some(version) {
+            return false;
+        }
+        self.data_version = Some(version);
+        match self.probe() {
+            Ok(true) | Err(_) => {
+                self.drained = false;
+                true
+            }
+            Ok(false) => false,
+        }
+    }
+
+    fn data_version(&self) -> rusqlite::Result<i64> {
+        self.conn
+            .pragma_query_value(None, "data_version", |row| row.get(0))
+    }
+
+    fn probe(&self) -> rusqlite::Result<bool> {
+        self.conn
+            .prepare_cached(&self.probe_sql)?
+            .query_row(params_from_iter(self.queues.iter()), |row| row.get(0))
+    }
+
+    /// One transaction: write pending acks and requeues, then claim `credits`. When
+    /// fewer were there, also returns `PRAGMA data_version` as of the claim (read under
+    /// the write lock, so any later publish changes it).
+    fn transact(&mut self, credits: usize) -> rusqlite::Result<(Vec<Claimed>, Option<i64>)> {
+        let now = unix_now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !self.pending_acks.is_empty() {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND owner = ?2")?;
+            for id in &self.pending_acks {
+                delete.execute(params![id, self.owner])?;
+            }
+        }
+        if !self.pending_requeues.is_empty() {
+            let mut requeue = tx.prepare_cached(
+                "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1 \
+                 WHERE id = ?1 AND owner = ?2",
+            )?;
+            for id in &self.pending_requeues {
+                requeue.execute(params![id, self.owner])?;
+            }
+        }
+        let mut claimed = Vec::new();
+        if credits > 0 {
+            let mut claim = tx.prepare_cached(&self.claim_sql)?;
+            let mut values: Vec<rusqlite::types::Value> = vec![
+                now.into(),
+                self.owner.clone().into(),
+                (credits as i64).into(),
+            ];
+            values.extend(self.queues.iter().cloned().map(Into::into));
+            let rows = claim.query_map(params_from_iter(values), |row| {
+                Ok(Claimed {
+                    id: row.get(0)?,
+                    queue: row.get(1)?,
+                    priority: row.get(2)?,
+                    redelivered: row.get::<_, i64>(3)? != 0,
+                    payload: column_bytes(row, 4)?,
+                })
+            })?;
+            for row in rows {
+                claimed.push(row?);
+            }
+        }
+        let drained_at = if credits > 0 && claimed.len() < credits {
+            Some(tx.pragma_query_value(None, "data_version", |row| row.get(0))?)
+        } else {
+            None
+        };
+        tx.commit()?;
+        let requeued = !self.pending_requeues.is_empty();
+        for id in self.pending_acks.drain(..) {
+            self.in_flight.remove(&id);
+        }
+        for id in self.pending_requeues.drain(..) {
+            self.in_flight.remove(&id);
+        }
+        if requeued {
+            self.drained = false;
+            self.wake_others();
+        }
+        claimed.sort_unstable_by_key(|c| (c.priority, c.id));
+        Ok((claimed, drained_at))
+    }
+
+    fn deliver(&mut self, claimed: Vec<Claimed>) {
+        for row in claimed {
+            self.in_flight.insert(row.id);
+            // The receiver goes away with the consumer; what is claimed then stays
+            // claimed until restored.
+            let _ = self.deliveries.send(into_fetched(row));
+        }
+    }
+
+    fn report(&self, err: &rusqlite::Error) {
+        if self.failures == 0 {
+            let text = format!("{}: {}", self.masked, describe(&self.path, err));
+            let _ = self.deliveries.send(Fetched::Error(text));
+        }
+    }
+
+    fn wake_others(&mut self) {
+        notify_local(&self.path, Topic::Messages);
+        self.notifier.notify(&self.conn);
+    }
+
+    /// Put back every message we claimed and did not ack.
+    fn restore_all(&mut self) -> Result<usize> {
+        let ids: Vec<i64> = self.in_flight.iter().copied().collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut attempt = 0;
+        let restored = loop {
+            match self.put_back(&ids) {
+                Ok(count) => break count,
+                Err(err) if attempt < 3 => {
+                    attempt += 1;
+                    std::thread::sleep(backoff(attempt));
+                    let _ = err;
+                }
+                Err(err) => return Err(db_error(&self.path, &err)),
+            }
+        };
+        self.in_flight.clear();
+        self.wake_others();
+        Ok(restored)
+    }
+
+    fn put_back(&mut self, ids: &[i64]) -> rusqlite::Result<usize> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut restored = 0;
+        {
+            let mut requeue = tx.prepare_cached(
+                "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1 \
+                 WHERE id = ?1 AND owner = ?2",
+            )?;
+            for id in ids {
+                restored += requeue.execute(params![id, self.owner])?;
+            }
+        }
+        tx.commit()?;
+        Ok(restored)
+    }
+
+    /// Heartbeat, and put back the claims of consumers that stopped heartbeating.
+    fn maintain(&mut self) -> rusqlite::Result<usize> {
+        heartbeat(&self.conn, &self.owner, KIND_CONSUMER, self.port)?;
+        let restored = restore_dead_claims(&self.conn, self.options.visibility_timeout)?;
+        if restored > 0 {
+            self.drained = false;
+            self.wake_others();
+        }
+        Ok(restored)
+    }
+
+    /// The consumer was dropped: write the last acks and leave the peer list (what is
+    /// still claimed comes back after the visibility timeout).
+    fn finish(&mut self) {
+        for attempt in 0..3 {
+            if self.pending_acks.is_empty() && self.pending_requeues.is_empty() {
+                break;
+            }
+            if self.transact(0).is_ok() {
+                break;
+            }
+            std::thread::sleep(backoff(attempt));
+        }
+        let _ = self
+            .conn
+            .execute("DELETE FROM peers WHERE id = ?1", params![self.owner]);
+    }
+}
+
+/// Put back, marked redelivered, every message claimed more than `visibility_timeout`
+/// ago by a consumer that has not heartbeated for as long. Returns how many.
+pub fn restore_dead_claims(
+    conn: &Connection,
+    visibility_timeout: Duration,
+) -> rusqlite::Result<usize> {
+    let now = unix_now();
+    let cutoff = now - visibility_timeout.as_secs_f64();
+    let restored = conn
+        .prepare_cached(
+            "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1
+             WHERE claimed_at IS NOT NULL AND claimed_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM peers WHERE peers.id = messages.owner
+                                                   AND peers.heartbeat >= ?1)",
+        )?
+        .execute(params![cutoff])?;
+    // Peers silent for long are gone for good.
+    let forget = now - (2.0 * visibility_timeout.as_secs_f64()).max(3600.0);
+    conn.prepare_cached("DELETE FROM peers WHERE heartbeat < ?1")?
+        .execute(params![forget])?;
+    Ok(restored)
+}
+
+fn parse_tags(tags: &[String]) -> impl Iterator<Item = i64> + '_ {
+    tags.iter().filter_map(|tag| tag.parse::<i64>().ok())
+}
+
+/// The transport-neutral form; the body is base64-decoded here, off the GIL.
+fn into_fetched(row: Claimed) -> Fetched {
+    let tag = row.id.to_string();
+    let bad = |reason: String, tag: String, queue: String| {
+        Fetched::Message(Err(BadMessage {
+            delivery_tag: tag,
+            queue,
+            reason,
+        }))
+    };
+    let envelope = match IncomingEnvelope::parse(&row.payload) {
+        Ok(envelope) => envelope,
+        Err(err) => return bad(err.to_string(), tag, row.queue),
+    };
+    let body = match envelope.body_bytes() {
+        Ok(body) => body,
+        Err(err) => return bad(err.to_string(), tag, row.queue),
+    };
+    let redelivered = row.redelivered || envelope.redelivered();
+    let props = envelope.properties;
+    let (exchange, routing_key) = match props.delivery_info {
+        Some(info) => (info.exchange, info.routing_key),
+        None => (String::new(), row.queue.clone()),
+    };
+    Fetched::Message(Ok(IncomingMessage {
+        delivery_tag: tag,
+        queue: row.queue,
+        exchange,
+        routing_key,
+        redelivered,
+        priority: props.priority.unwrap_or(row.priority),
+        reply_to: props.reply_to,
+        correlation_id: props.correlation_id,
+        content_type: envelope.content_type,
+        content_encoding: envelope.content_encoding,
+        headers: envelope.headers,
+        body,
+    }))
+}
+
+/// Counts of a database's rows, for tests and diagnostics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: usize,
+    pub claimed: usize,
+}
+
+/// How many messages of `queue` are ready and how many are claimed.
+pub fn queue_counts(conn: &Connection, queue: &str) -> rusqlite::Result<QueueCounts> {
+    conn.query_row(
+        "SELECT count(*) FILTER (WHERE claimed_at IS NULL), count(*) FILTER (WHERE claimed_at IS NOT NULL)
+         FROM messages WHERE queue = ?1",
+        params![queue],
+        |row| {
+            Ok(QueueCounts {
+                ready: row.get::<_, i64>(0)? as usize,
+                claimed: row.get::<_, i64>(1)? as usize,
+            })
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_sql_is_valid_for_one_and_many_queues() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("x.db"), Duration::from_secs(1)).unwrap();
+        for queues in 1..4 {
+            conn.prepare(&claim_sql(queues)).unwrap();
+            conn.prepare(&probe_sql(queues)).unwrap();
+        }
+    }
+
+    #[test]
+    fn options_follow_the_visibility_timeout() {
+        let mut given = TransportOptions::default();
+        given
+            .extra
+            .insert("visibility_timeout".into(), serde_json::json!(2));
+        let options = SqliteOptions::from_transport(&given).unwrap();
+        assert_eq!(options.visibility_timeout, Duration::from_secs(2));
+        assert_eq!(options.restore_interval, Duration::from_millis(500));
+        let options = SqliteOptions::from_transport(&TransportOptions::default()).unwrap();
+        assert_eq!(options.restore_interval, Duration::from_secs(10));
+        given
+            .extra
+            .insert("polling_interval".into(), serde_json::json!("x"));
+        assert!(SqliteOptions::from_transport(&given).is_err());
+    }
+
+    #[test]
+    fn signal_wakes_a_waiter() {
+        let signal = Arc::new(Signal::default());
+        let seen = signal.generation();
+        assert!(!signal.wait(seen, Duration::from_millis(5)));
+        let other = signal.clone();
+        let thread = std::thread::spawn(move || other.notify());
+        assert!(signal.wait(seen, Duration::from_secs(5)));
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn wake_listener_forwards_datagrams() {
+        let signal = Arc::new(Signal::default());
+        let listener = WakeListener::start(signal.clone()).expect("loopback UDP");
+        let seen = signal.generation();
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        socket
+            .send_to(WAKE_MAGIC, (Ipv4Addr::LOCALHOST, listener.port()))
+            .unwrap();
+        assert!(signal.wait(seen, Duration::from_secs(5)));
+    }
+}
