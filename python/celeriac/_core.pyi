@@ -149,6 +149,11 @@ class Consumer:
     def reject(self, delivery_tag: str, requeue: bool) -> None:
         """``requeue=False`` drops the message; ``True`` puts it back in its queue."""
 
+    def extend_window(self, delta: int) -> None:
+        """Grow (``delta > 0``) or shrink the prefetch window, one slot per message held
+        for its ETA or rate limit (Celery's ``qos.increment_eventually``). Transports
+        without a local window ignore it."""
+
     def restore_unacked(self) -> int:
         """Put every message this consumer fetched and did not ack back in its queue
         (warm shutdown). Returns how many."""
@@ -156,7 +161,10 @@ class Consumer:
     def close(self) -> None: ...
 
 class Backend:
-    """The result store (``redis://``): ``celery-task-meta-<id>`` keys and pub/sub."""
+    """The result store (``redis://``): ``celery-task-meta-<id>`` keys and pub/sub.
+    ``rpc://``: results are messages on the AMQP broker ``broker_url``: each client
+    reads its own reply queue ``reply_to`` (its oid, declared here as Celery 5.7 does:
+    durable, auto-delete, ``x-expires`` = ``expires``)."""
 
     def __init__(
         self,
@@ -166,10 +174,25 @@ class Backend:
         key_prefix: str = "celery-task-meta-",
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
-    ) -> None: ...
-    def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
+        broker_url: str | None = None,
+        reply_to: str = "",
+        persistent: bool = False,
+    ) -> None:
+        """``broker_url``, ``reply_to`` and ``persistent`` (``result_persistent``) are
+        read by ``rpc://`` only; a backend with an empty ``reply_to`` only stores."""
+
+    def store(
+        self,
+        task_id: str,
+        meta: Mapping[str, Any],
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
         """Write ``meta`` (encoded by ``dumps``) with SETEX + PUBLISH; asynchronous and
-        pipelined. ``TypeError`` if meta cannot be encoded."""
+        pipelined. ``TypeError`` if meta cannot be encoded. ``rpc://`` publishes it to
+        the request's ``reply_to`` (nothing is sent when that is empty or None) with its
+        ``correlation_id`` (default: ``task_id``); the other stores ignore both."""
 
     def get_meta(self, task_id: str) -> dict[str, Any] | None:
         """The stored meta, or None when there is none (PENDING)."""
@@ -182,3 +205,17 @@ class Backend:
     def forget(self, task_id: str) -> None: ...
     def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
+
+class RateLimiter:
+    """Per-task token buckets (capacity 1) for the worker's rate limits; one per
+    worker process, as in Celery (limits are not cluster-wide)."""
+
+    def __init__(self) -> None: ...
+    def set(self, name: str, rate: float) -> None:
+        """Limit ``name`` to ``rate`` messages per second; ``0`` removes the limit.
+        ``ValueError`` for a negative or NaN rate."""
+
+    def is_limited(self, name: str) -> bool: ...
+    def acquire(self, name: str) -> float:
+        """``0.0`` when a message of ``name`` may start now (a token is taken), else the
+        seconds to wait before asking again."""
