@@ -51,7 +51,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Transports the core speaks now. Anything else fails at first use with a clear error.
-_SUPPORTED_BROKERS = frozenset({"redis", "rediss", "redis+socket", "unix", "socket"})
+_SUPPORTED_BROKERS = frozenset({"redis", "rediss", "redis+socket", "unix", "socket", "sqlite"})
 _SUPPORTED_BACKENDS = _SUPPORTED_BROKERS
 _DISABLED_BACKENDS = frozenset({"", "disabled", "disabled://"})
 
@@ -854,6 +854,10 @@ class Celeriac:
     def result_backend_url(self) -> str | None:
         """The result backend URL, or None when results are disabled."""
         url = self.conf.result_backend
+        if url is None and not self.conf.broker_url:
+            # Nothing configured at all: the embedded default keeps results too, so
+            # the first-steps tutorial works with no server.
+            return DEFAULT_BROKER_URL
         if url is None or url.strip() in _DISABLED_BACKENDS:
             return None
         return url if "://" in url else url + "://"
@@ -880,7 +884,7 @@ class Celeriac:
             if scheme not in _SUPPORTED_BROKERS:
                 raise ImproperlyConfigured(
                     f"broker_url {_core.mask_url(url)!r}: the {scheme!r} transport is not "
-                    "supported yet; celeriac speaks redis:// for now"
+                    "supported yet; celeriac speaks redis:// and sqlite:// for now"
                 )
             try:
                 _check_serializer("task_serializer", self.conf["task_serializer"])
@@ -917,7 +921,7 @@ class Celeriac:
                 if scheme not in _SUPPORTED_BACKENDS:
                     raise ImproperlyConfigured(
                         f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
-                        "not supported yet; celeriac stores results in redis:// for now"
+                        "not supported yet; celeriac stores results in redis:// and sqlite:// for now"
                     )
                 options = dict(self.conf["result_backend_transport_options"])
                 prefix = options.pop("global_keyprefix", None) or ""

@@ -11,9 +11,10 @@ Celery's old upper-case names (``BROKER_URL``, ``CELERY_RESULT_BACKEND``,
 to the new ones.
 
 Broker: with no ``broker_url`` (and no ``CELERY_BROKER_URL`` in the environment)
-celeriac connects to :data:`DEFAULT_BROKER_URL`, a Redis server on localhost. An
-embedded default that needs no server is planned; this constant is the one place that
-will change. Result backend: ``None`` (the default) disables results, as in Celery.
+celeriac uses :data:`DEFAULT_BROKER_URL`, a SQLite file in the current directory, so
+the first command works with no server installed (Celery's default is a RabbitMQ on
+localhost). Result backend: ``None`` disables results, as in Celery -- except that
+when neither a broker nor a backend is configured, results go to the same SQLite file.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ __all__ = [
     "read_object",
 ]
 
-#: The broker used when none is configured.
-DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+#: The broker used when none is configured: the embedded SQLite file, for one machine.
+DEFAULT_BROKER_URL = "sqlite://celeriac.sqlite3"
 
 #: Celery's default for every setting celeriac reads.
 DEFAULTS: dict[str, Any] = {

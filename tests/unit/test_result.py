@@ -314,8 +314,15 @@ def test_async_result_identity() -> None:
         AsyncResult("")
 
 
-def test_no_backend() -> None:
+def test_nothing_configured_keeps_results_in_the_embedded_default() -> None:
     app = Celeriac(set_as_current=False)
+    assert app.broker_url == "sqlite://celeriac.sqlite3"
+    assert app.result_backend_url == "sqlite://celeriac.sqlite3"
+
+
+def test_no_backend() -> None:
+    # A broker but no backend: results are disabled, as in Celery.
+    app = Celeriac(set_as_current=False, broker="redis://127.0.0.1:6379/0")
     assert app.backend is None
     assert app.backend_url_masked == "disabled://"
     result = app.AsyncResult("abc")

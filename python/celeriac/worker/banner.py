@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,15 @@ def _queue_lines(queues: Sequence[QueueInfo]) -> str:
     return lines[0] + "\n" + "\n".join(lines[1:])
 
 
+def describe_url(masked: str) -> str:
+    """A masked URL as the banner shows it: the embedded SQLite file is shown with its
+    absolute path and a reminder that it is for one machine."""
+    if masked.startswith("sqlite://"):
+        path = masked[len("sqlite://") :]
+        return f"sqlite://{os.path.abspath(path)} (embedded SQLite: for one machine)"
+    return masked
+
+
 def render(info: BannerInfo, loglevel: int = logging.INFO) -> str:
     """The banner text: a blank line, the art block, then ``[tasks]`` at INFO or below."""
     events = EVENTS_ON if info.task_events else EVENTS_OFF
@@ -82,8 +92,8 @@ def render(info: BannerInfo, loglevel: int = logging.INFO) -> str:
         "\n"
         "[config]\n"
         f".> app:         {info.app}\n"
-        f".> transport:   {info.transport}\n"
-        f".> results:     {info.results}\n"
+        f".> transport:   {describe_url(info.transport)}\n"
+        f".> results:     {describe_url(info.results)}\n"
         f".> concurrency: {info.concurrency} ({info.pool})\n"
         f".> task events: {events}\n"
         "\n"
