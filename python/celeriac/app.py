@@ -51,8 +51,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Transports the core speaks now. Anything else fails at first use with a clear error.
-_SUPPORTED_BROKERS = frozenset({"redis", "rediss", "redis+socket", "unix", "socket", "sqlite"})
-_SUPPORTED_BACKENDS = _SUPPORTED_BROKERS
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "unix", "socket"})
+_AMQP_SCHEMES = frozenset({"amqp", "pyamqp", "amqps"})
+_SUPPORTED_BROKERS = _REDIS_SCHEMES | _AMQP_SCHEMES | {"sqlite"}
+_SUPPORTED_BACKENDS = _REDIS_SCHEMES | {"sqlite", "rpc"}
 _DISABLED_BACKENDS = frozenset({"", "disabled", "disabled://"})
 
 # apply_async option -> Producer.send option.
@@ -287,6 +289,7 @@ class Celeriac:
         self._local = threading.local()
         self._producer: Any = None
         self._producer_pid = 0
+        self._process_oid: tuple[int, str] | None = None
         self._backend: Any = _UNBUILT
         self._backend_pid = 0
         self._router: Router | None = None
@@ -867,6 +870,37 @@ class Celeriac:
         url = self.result_backend_url
         return "disabled://" if url is None else _core.mask_url(url)
 
+    def transport_options(self) -> dict[str, Any]:
+        """``broker_transport_options`` plus what the transport needs from other
+        settings: for AMQP the heartbeat and the queue declarations (``task_queues``,
+        priorities, quorum queues), declared with Celery's flags."""
+        options = dict(self.conf["broker_transport_options"] or {})
+        if _scheme(self.broker_url) not in _AMQP_SCHEMES:
+            return options
+        conf = self.conf
+        options.setdefault("heartbeat", conf["broker_heartbeat"])
+        arguments: dict[str, Any] = {}
+        if conf.get("task_queue_max_priority") is not None:
+            arguments["x-max-priority"] = int(conf["task_queue_max_priority"])
+        if conf.get("task_create_missing_queue_type") == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        if arguments:
+            options.setdefault("queue_arguments", arguments)
+        queues: dict[str, Any] = {}
+        for name, spec in self.queues.items():
+            declaration: dict[str, Any] = {
+                "exchange": spec.exchange,
+                "exchange_type": spec.exchange_type,
+                "routing_key": spec.routing_key,
+            }
+            if name == conf["task_default_queue"] and conf.get("task_default_queue_type") == (
+                "quorum"
+            ):
+                declaration["queue_arguments"] = {"x-queue-type": "quorum"}
+            queues[name] = declaration
+        options.setdefault("queues", queues)
+        return options
+
     @property
     def producer(self) -> Any:
         """This process's ``celeriac._core.Producer``, connected on first use."""
@@ -884,17 +918,21 @@ class Celeriac:
             if scheme not in _SUPPORTED_BROKERS:
                 raise ImproperlyConfigured(
                     f"broker_url {_core.mask_url(url)!r}: the {scheme!r} transport is not "
-                    "supported yet; celeriac speaks redis:// and sqlite:// for now"
+                    "supported; celeriac speaks amqp://, redis:// and sqlite://"
                 )
             try:
                 _check_serializer("task_serializer", self.conf["task_serializer"])
             except ValueError as exc:
                 raise ImproperlyConfigured(str(exc)) from None
+            result_url = self.result_backend_url
+            if result_url is not None and _scheme(result_url) == "rpc":
+                # Declare our reply queue before the first task can answer into it.
+                _ = self.backend
             producer = _core.Producer(
                 url,
                 origin=f"gen{os.getpid()}@{_HOSTNAME}",
-                reply_to=self.thread_oid,
-                transport_options=self.conf["broker_transport_options"],
+                reply_to=self.process_oid,
+                transport_options=self.transport_options(),
                 connect_timeout=float(self.conf["broker_connection_timeout"]),
             )
             self._producer = producer
@@ -921,7 +959,7 @@ class Celeriac:
                 if scheme not in _SUPPORTED_BACKENDS:
                     raise ImproperlyConfigured(
                         f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
-                        "not supported yet; celeriac stores results in redis:// and sqlite:// for now"
+                        "not supported; celeriac stores results in redis://, rpc:// and sqlite://"
                     )
                 options = dict(self.conf["result_backend_transport_options"])
                 prefix = options.pop("global_keyprefix", None) or ""
@@ -930,12 +968,23 @@ class Celeriac:
                 expires = self.conf["result_expires"]
                 if isinstance(expires, datetime.timedelta):
                     expires = expires.total_seconds()
+                rpc: dict[str, Any] = {}
+                if scheme == "rpc":
+                    # Results come back through the broker, to this process's reply
+                    # queue: the `reply_to` every message of ours carries.
+                    rpc = {
+                        "broker_url": self.broker_url,
+                        "reply_to": self.process_oid,
+                        "persistent": bool(self.conf["result_persistent"]),
+                    }
+                    options = self.transport_options()
                 backend = _core.Backend(
                     url,
                     expires=float(expires) if expires else None,
                     key_prefix=prefix + "celery-task-meta-",
                     transport_options=options,
                     connect_timeout=float(self.conf["broker_connection_timeout"]),
+                    **rpc,
                 )
             self._backend = backend
             self._backend_pid = os.getpid()
@@ -981,6 +1030,17 @@ class Celeriac:
                     backend.close()
 
     # -- identity and time ------------------------------------------------------------
+
+    @property
+    def process_oid(self) -> str:
+        """The reply id of this process: every message it sends carries it as
+        ``reply_to``, and an ``rpc://`` backend reads its results from the queue of that
+        name. (Celery keeps one per thread; the producer here is one per process.)"""
+        pid = os.getpid()
+        if self._process_oid is None or self._process_oid[0] != pid:
+            seed = f"{uuid.getnode():x}-{pid:x}-{id(self):x}"
+            self._process_oid = (pid, str(uuid.uuid3(uuid.NAMESPACE_OID, seed)))
+        return self._process_oid[1]
 
     @property
     def thread_oid(self) -> str:

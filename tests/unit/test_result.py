@@ -332,10 +332,11 @@ def test_no_backend() -> None:
 
 
 def test_unsupported_backend_is_reported_at_first_use() -> None:
-    app = Celeriac(set_as_current=False, backend="rpc://")
-    with pytest.raises(exc.ImproperlyConfigured, match="not supported yet"):
+    app = Celeriac(set_as_current=False, backend="mongodb://:secret@localhost/results")
+    with pytest.raises(exc.ImproperlyConfigured, match="not supported") as raised:
         _ = app.backend
-    assert app.backend_url_masked == "rpc://"
+    assert "secret" not in str(raised.value)
+    assert app.backend_url_masked == "mongodb://:**@localhost/results"
     assert Celeriac(set_as_current=False, backend="disabled").backend is None
 
 

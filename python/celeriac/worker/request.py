@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.result import exception_to_meta, meta_for
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from celeriac._core import Backend, Delivery
     from celeriac.task import Task
 
@@ -130,10 +133,25 @@ class Request:
     hostname: str
     #: ``result_extended``: store name, args, kwargs, worker, retries, queue too.
     extended: bool = False
+    #: ``task_reject_on_worker_lost``: requeue (not fail) when the process dies.
+    reject_on_worker_lost: bool = False
+    #: ``task_track_started``: store STARTED before the body runs.
+    track_started: bool = False
+    #: Held (ETA or rate limit) with a window slot of its own.
+    extra_slot: bool = False
+    #: Held for its rate limit (not its ETA).
+    rate_held: bool = False
 
     @property
     def delivery_tag(self) -> str:
         return self.delivery.delivery_tag
+
+    @property
+    def reply_options(self) -> dict[str, Any]:
+        """Where an ``rpc://`` result goes: the sender's reply queue, tagged with the
+        message's correlation id (other backends ignore these)."""
+        d = self.delivery
+        return {"reply_to": d.reply_to, "correlation_id": d.correlation_id or self.id}
 
     @classmethod
     def from_delivery(
@@ -162,6 +180,8 @@ class Request:
             ignore_result=headers.get("ignore_result") is True or bool(ignore_result),
             hostname=hostname,
             extended=bool(_setting(conf, "result_extended", False)),
+            reject_on_worker_lost=bool(getattr(task, "reject_on_worker_lost", None)),
+            track_started=bool(getattr(task, "track_started", None)),
         )
 
     def context(self) -> dict[str, Any]:
@@ -234,10 +254,14 @@ def store(backend: Backend | None, request: Request, meta: Mapping[str, Any]) ->
     if backend is None:
         return
     try:
-        backend.store(request.id, meta)
+        backend.store(request.id, meta, **request.reply_options)
     except TypeError as exc:
         logger.error("Task %s[%s] result could not be stored: %s", request.name, request.id, exc)
-        backend.store(request.id, request.meta(states.FAILURE, exception_to_meta(exc)))
+        backend.store(
+            request.id,
+            request.meta(states.FAILURE, exception_to_meta(exc)),
+            **request.reply_options,
+        )
 
 
 def store_revoked_expired(backend: Backend | None, request: Request) -> None:
@@ -277,11 +301,17 @@ def _handler(request: Request, name: str, *args: Any) -> None:
         logger.exception("Task %s[%s] %s raised", request.name, request.id, name)
 
 
-def execute(request: Request, backend: Backend | None) -> Disposition:
+def execute(
+    request: Request,
+    backend: Backend | None,
+    guard: Callable[[bool], None] | None = None,
+) -> Disposition:
     """Run the task, store and log its outcome; returns what to do with the message.
 
     Early-acked messages (``acks_late`` false) were acked by the caller before this
-    runs, so the answer for them is always ``Disposition.NONE``.
+    runs, so the answer for them is always ``Disposition.NONE``. ``guard(True)`` is
+    called right before the task body and ``guard(False)`` right after it (a prefork
+    child arms its soft time limit only for the body).
     """
     task = request.task
     late = request.acks_late
@@ -290,8 +320,17 @@ def execute(request: Request, backend: Backend | None) -> Disposition:
     started = time.monotonic()
     try:
         _handler(request, "before_start", request.id, args, kwargs)
+        if request.track_started and backend is not None and not request.ignore_result:
+            started_meta = {"pid": os.getpid(), "hostname": request.hostname}
+            store(backend, request, request.meta(states.STARTED, started_meta))
         try:
-            retval = task(*args, **kwargs)
+            if guard is not None:
+                guard(True)
+            try:
+                retval = task(*args, **kwargs)
+            finally:
+                if guard is not None:
+                    guard(False)
         except Retry as exc:
             return _on_retry(request, backend, exc)
         except Ignore:
@@ -315,7 +354,7 @@ def _on_success(
 ) -> Disposition:
     if backend is not None and not request.ignore_result:
         try:
-            backend.store(request.id, request.meta(states.SUCCESS, retval))
+            backend.store(request.id, request.meta(states.SUCCESS, retval), **request.reply_options)
         except TypeError as exc:
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
