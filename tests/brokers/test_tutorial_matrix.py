@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from kombu import Connection
-
 from conftest import REDIS_URL, worker_env
+from kombu import Connection
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
