@@ -8,6 +8,7 @@ pub mod broker;
 pub mod error;
 pub mod protocol;
 pub mod runtime;
+pub mod scheduler;
 
 mod py;
 

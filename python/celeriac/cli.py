@@ -25,8 +25,9 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
 
-POOL_CHOICES = ("solo", "threads")
-PLANNED_POOLS = ("prefork", "processes", "eventlet", "gevent")
+POOL_CHOICES = ("prefork", "solo", "threads")
+POOL_ALIASES = {"processes": "prefork"}
+PLANNED_POOLS = ("eventlet", "gevent")
 LOGLEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -71,6 +72,26 @@ def _concurrency(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if number != number or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {value}")
+    return number
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _multiplier(value: str) -> int:
     try:
         number = int(value)
@@ -83,10 +104,11 @@ def _multiplier(value: str) -> int:
 
 def _pool(value: str) -> str:
     name = value.strip().lower()
+    name = POOL_ALIASES.get(name, name)
     if name in PLANNED_POOLS:
         raise argparse.ArgumentTypeError(
             f"pool {value!r} is not available in celeriac yet; "
-            f"use -P solo (the default) or -P threads"
+            f"use -P prefork (the default), -P threads or -P solo"
         )
     if name not in POOL_CHOICES:
         raise argparse.ArgumentTypeError(
@@ -134,8 +156,8 @@ def build_parser() -> _Parser:
         type=_concurrency,
         default=None,
         metavar="N",
-        help="tasks run at once (threads pool; default: worker_concurrency, else the CPUs "
-        "this process may use; solo runs one at a time)",
+        help="tasks run at once: child processes (prefork) or threads (default: "
+        "worker_concurrency, else the CPUs this process may use; solo runs one at a time)",
     )
     worker.add_argument(
         "-P",
@@ -143,8 +165,37 @@ def build_parser() -> _Parser:
         type=_pool,
         default=None,
         metavar="POOL",
-        help="execution pool: solo (default, tasks run in the worker's own thread) or "
-        "threads; prefork is not available yet",
+        help="execution pool: prefork (default: forked child processes), threads, or solo "
+        "(tasks run in the worker's own thread)",
+    )
+    worker.add_argument(
+        "--max-tasks-per-child",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="prefork: replace a child after it ran N tasks (worker_max_tasks_per_child)",
+    )
+    worker.add_argument(
+        "--max-memory-per-child",
+        type=_positive,
+        default=None,
+        metavar="KIB",
+        help="prefork: replace a child whose resident memory passes KIB kilobytes after a "
+        "task (worker_max_memory_per_child)",
+    )
+    worker.add_argument(
+        "--time-limit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="prefork: hard time limit of every task (task_time_limit)",
+    )
+    worker.add_argument(
+        "--soft-time-limit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="prefork: soft time limit of every task (task_soft_time_limit)",
     )
     worker.add_argument(
         "-Q",
@@ -393,6 +444,10 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         loglevel=level,
         prefetch_multiplier=ns.prefetch_multiplier,
         task_events=ns.task_events,
+        max_tasks_per_child=ns.max_tasks_per_child,
+        max_memory_per_child=ns.max_memory_per_child,
+        time_limit=ns.time_limit,
+        soft_time_limit=ns.soft_time_limit,
     )
     try:
         worker = Worker(app, options)

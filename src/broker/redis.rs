@@ -57,6 +57,12 @@ pub struct RedisOptions {
     /// How often a consumer looks for messages whose visibility timeout has passed.
     pub restore_interval: Duration,
     pub connect_timeout: Duration,
+    /// How often a consumer refreshes its heartbeat key and looks for dead consumers
+    /// (`celeriac_heartbeat_interval`; zero turns heartbeats off).
+    pub heartbeat_interval: Duration,
+    /// How long a heartbeat lives: a consumer silent this long is dead and its unacked
+    /// messages go back to their queues (`celeriac_heartbeat_ttl`).
+    pub heartbeat_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -70,6 +76,8 @@ impl Default for RedisOptions {
             unacked_mutex_expire: Duration::from_secs(300),
             restore_interval: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(4),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -105,6 +113,10 @@ impl RedisOptions {
                     options.restore_interval = seconds()?.max(Duration::from_millis(100));
                 }
                 "unacked_mutex_expire" => options.unacked_mutex_expire = seconds()?,
+                "celeriac_heartbeat_interval" => options.heartbeat_interval = seconds()?,
+                "celeriac_heartbeat_ttl" => {
+                    options.heartbeat_ttl = seconds()?.max(Duration::from_millis(500));
+                }
                 "global_keyprefix" => options.global_keyprefix = text()?,
                 "unacked_key" => options.unacked_key = text()?,
                 "unacked_index_key" => options.unacked_index_key = text()?,
@@ -327,14 +339,15 @@ fn build_publish_pipeline(
 // ---------------------------------------------------------------------------------
 // Consumer
 
-/// Pops up to ARGV[1] messages from the lists KEYS[3..] in order and records each one
-/// in kombu's ack emulation (KEYS[1] = unacked hash, KEYS[2] = unacked_index zset) in
-/// the same atomic step. Returns a flat array of (list index, message) pairs.
+/// Pops up to ARGV[1] messages from the lists KEYS[4..] in order and records each one
+/// in kombu's ack emulation (KEYS[1] = unacked hash, KEYS[2] = unacked_index zset) and
+/// in this consumer's own set of tags (KEYS[3], for heartbeat recovery) in the same
+/// atomic step. Returns a flat array of (list index, message) pairs.
 const FETCH_SCRIPT: &str = r#"
 local want = tonumber(ARGV[1])
 local now = ARGV[2]
 local out = {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   if want <= 0 then break end
   local got = redis.call('RPOP', KEYS[i], want)
   if got then
@@ -352,8 +365,9 @@ for i = 3, #KEYS do
         redis.call('ZADD', KEYS[2], now, tag)
         redis.call('HSET', KEYS[1], tag,
           '[' .. msg .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+        redis.call('SADD', KEYS[3], tag)
       end
-      out[#out + 1] = i - 3
+      out[#out + 1] = i - 4
       out[#out + 1] = msg
     end
     want = want - #got
@@ -440,12 +454,66 @@ struct ConsumerShared {
     in_flight: Mutex<HashMap<String, InFlight>>,
     closed: AtomicBool,
     masked: String,
+    /// This consumer's name in the heartbeat registry.
+    id: String,
+    /// The set of delivery tags this consumer holds unacked (`celeriac.owned.<id>`).
+    owned_key: String,
+    /// Window slots still to take back after `extend_window` shrank it by more than
+    /// was free at the time; paid from the next releases.
+    debt: Mutex<usize>,
+}
+
+/// The registry of live consumers (a set of ids), shared by every celeriac consumer.
+const CONSUMERS_KEY: &str = "celeriac.consumers";
+
+fn heartbeat_key(options: &RedisOptions, id: &str) -> String {
+    options.key(&format!("celeriac.heartbeat.{id}"))
+}
+
+fn owned_key(options: &RedisOptions, id: &str) -> String {
+    options.key(&format!("celeriac.owned.{id}"))
 }
 
 impl ConsumerShared {
     fn release(&self, count: usize) {
-        if !self.unbounded && count > 0 {
+        if self.unbounded || count == 0 {
+            return;
+        }
+        let mut count = count;
+        if let Ok(mut debt) = self.debt.lock() {
+            let paid = (*debt).min(count);
+            *debt -= paid;
+            count -= paid;
+        }
+        if count > 0 {
             self.window.add_permits(count);
+        }
+    }
+
+    /// Grow (`delta > 0`) or shrink the prefetch window; a shrink larger than the free
+    /// slots is taken back from later releases.
+    fn extend_window(&self, delta: i64) {
+        if self.unbounded || delta == 0 {
+            return;
+        }
+        if delta > 0 {
+            let mut grow = usize::try_from(delta).unwrap_or(usize::MAX);
+            if let Ok(mut debt) = self.debt.lock() {
+                let paid = (*debt).min(grow);
+                *debt -= paid;
+                grow -= paid;
+            }
+            if grow > 0 {
+                self.window.add_permits(grow);
+            }
+        } else {
+            let shrink = usize::try_from(delta.unsigned_abs()).unwrap_or(usize::MAX);
+            let taken = self.window.forget_permits(shrink);
+            if taken < shrink {
+                if let Ok(mut debt) = self.debt.lock() {
+                    *debt += shrink - taken;
+                }
+            }
         }
     }
 
@@ -510,6 +578,12 @@ impl RedisConsumer {
             }
         }
         let unbounded = prefetch_count == 0;
+        let id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let heartbeats = !options.heartbeat_interval.is_zero();
+        if heartbeats {
+            // Registered before the first fetch, so no message is held unseen.
+            beat(&mut ack_conn, &options, &id).await?;
+        }
         let shared = Arc::new(ConsumerShared {
             window: Semaphore::new(if unbounded { 0 } else { prefetch_count }),
             unbounded,
@@ -518,6 +592,9 @@ impl RedisConsumer {
             in_flight: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             masked: url.masked().to_owned(),
+            owned_key: owned_key(&options, &id),
+            id,
+            debt: Mutex::new(0),
             options,
         });
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -535,6 +612,13 @@ impl RedisConsumer {
             shared.clone(),
             ack_rx,
         ));
+        if heartbeats {
+            tokio::spawn(heartbeat_loop(
+                ack_conn.clone(),
+                url.clone(),
+                shared.clone(),
+            ));
+        }
         tokio::spawn(restore_visible_loop(ack_conn, shared.clone()));
         Ok(Self {
             shared,
@@ -579,6 +663,18 @@ impl RedisConsumer {
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.window.close();
+    }
+
+    /// Grow (`delta > 0`) or shrink the prefetch window, e.g. by one for each message
+    /// held until its ETA (Celery's `qos.increment_eventually`). No effect when the
+    /// window is unbounded.
+    pub fn extend_window(&self, delta: i64) {
+        self.shared.extend_window(delta);
+    }
+
+    /// This consumer's id in the heartbeat registry.
+    pub fn id(&self) -> &str {
+        &self.shared.id
     }
 
     pub fn masked_url(&self) -> &str {
@@ -701,7 +797,8 @@ async fn fetch_once(
     let mut invocation = script.prepare_invoke();
     invocation
         .key(shared.options.key(&shared.options.unacked_key))
-        .key(shared.options.key(&shared.options.unacked_index_key));
+        .key(shared.options.key(&shared.options.unacked_index_key))
+        .key(&shared.owned_key);
     for key in &shared.list_keys {
         invocation.key(key);
     }
@@ -749,6 +846,10 @@ async fn fetch_once(
             .arg(shared.options.key(&shared.options.unacked_key))
             .arg(&delivery.delivery_tag)
             .arg(record)
+            .ignore()
+            .cmd("SADD")
+            .arg(&shared.owned_key)
+            .arg(&delivery.delivery_tag)
             .ignore()
             .query_async::<()>(conn)
             .await?;
@@ -809,35 +910,45 @@ async fn ack_loop(
                             .arg(&entry.list_key)
                             .arg(entry.raw.as_slice())
                             .ignore();
-                        unacked_removal(&mut pipe, &shared.options, std::slice::from_ref(&tag));
+                        unacked_removal(&mut pipe, &shared, std::slice::from_ref(&tag));
                         run_with_retry(&mut conn, &url, &shared, &pipe).await;
                         shared.release(1);
+                    } else {
+                        // Another consumer's message (e.g. a worker process that died
+                        // running it): put it back from kombu's `unacked` record.
+                        let _ = requeue_recorded(&mut conn, &shared.options, &tag, false).await;
                     }
                 }
                 AckCommand::RestoreAll(reply) => {
                     if !tags.is_empty() {
                         let released = shared.forget(&tags);
                         let mut pipe = redis::pipe();
-                        unacked_removal(&mut pipe, &shared.options, &tags);
+                        unacked_removal(&mut pipe, &shared, &tags);
                         run_with_retry(&mut conn, &url, &shared, &pipe).await;
                         shared.release(released);
                         tags.clear();
                     }
-                    let _ = reply.send(restore_all(&mut conn, &shared).await);
+                    let restored = restore_all(&mut conn, &shared).await;
+                    if restored.is_ok() && !shared.options.heartbeat_interval.is_zero() {
+                        let _ = unregister(&mut conn, &shared).await;
+                    }
+                    let _ = reply.send(restored);
                 }
             }
         }
         if !tags.is_empty() {
             let released = shared.forget(&tags);
             let mut pipe = redis::pipe();
-            unacked_removal(&mut pipe, &shared.options, &tags);
+            unacked_removal(&mut pipe, &shared, &tags);
             run_with_retry(&mut conn, &url, &shared, &pipe).await;
             shared.release(released);
         }
     }
 }
 
-fn unacked_removal(pipe: &mut redis::Pipeline, options: &RedisOptions, tags: &[String]) {
+fn unacked_removal(pipe: &mut redis::Pipeline, shared: &ConsumerShared, tags: &[String]) {
+    let options = &shared.options;
+    pipe.cmd("SREM").arg(&shared.owned_key).arg(tags).ignore();
     pipe.cmd("ZREM")
         .arg(options.key(&options.unacked_index_key))
         .arg(tags)
@@ -910,10 +1021,26 @@ async fn restore_all(conn: &mut MultiplexedConnection, shared: &ConsumerShared) 
             .ignore();
         tags.push(tag.clone());
     }
-    unacked_removal(&mut pipe, &shared.options, &tags);
+    unacked_removal(&mut pipe, shared, &tags);
     pipe.query_async::<()>(conn).await?;
     shared.release(entries.len());
     Ok(entries.len())
+}
+
+/// Leave the heartbeat registry (the consumer stopped cleanly).
+async fn unregister(conn: &mut MultiplexedConnection, shared: &ConsumerShared) -> Result<()> {
+    redis::pipe()
+        .cmd("DEL")
+        .arg(&shared.owned_key)
+        .arg(heartbeat_key(&shared.options, &shared.id))
+        .ignore()
+        .cmd("SREM")
+        .arg(shared.options.key(CONSUMERS_KEY))
+        .arg(&shared.id)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
 }
 
 /// Every `restore_interval`, put back messages unacked for longer than the visibility
@@ -963,7 +1090,6 @@ async fn restore_expired(
     options: &RedisOptions,
 ) -> Result<usize> {
     let index_key = options.key(&options.unacked_index_key);
-    let unacked_key = options.key(&options.unacked_key);
     let ceiling = unix_now() - options.visibility_timeout.as_secs_f64();
     let tags: Vec<String> = redis::cmd("ZRANGEBYSCORE")
         .arg(&index_key)
@@ -976,36 +1102,229 @@ async fn restore_expired(
         .await?;
     let mut restored = 0;
     for tag in tags {
-        let record: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(&unacked_key)
-            .arg(&tag)
-            .query_async(conn)
-            .await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        if let Some(record) = record {
-            if let Ok((raw, exchange, routing_key)) =
-                serde_json::from_slice::<(Box<RawValue>, String, String)>(&record)
+        if requeue_recorded(conn, options, &tag, true).await? {
+            restored += 1;
+        }
+    }
+    Ok(restored)
+}
+
+/// Put the message recorded under `tag` in kombu's `unacked` hash back in its queue(s),
+/// marked redelivered, and forget the record: at the front of the line (`RPUSH`, served
+/// next) when `front`, else at the back (`LPUSH`, as kombu's `reject(requeue=True)`).
+/// Returns whether there was a message to put back.
+async fn requeue_recorded(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+    tag: &str,
+    front: bool,
+) -> Result<bool> {
+    let index_key = options.key(&options.unacked_index_key);
+    let unacked_key = options.key(&options.unacked_key);
+    let record: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&unacked_key)
+        .arg(tag)
+        .query_async(conn)
+        .await?;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut found = false;
+    if let Some(record) = record {
+        if let Ok((raw, exchange, routing_key)) =
+            serde_json::from_slice::<(Box<RawValue>, String, String)>(&record)
+        {
+            let raw = raw.get().as_bytes();
+            let priority = IncomingEnvelope::parse(raw)
+                .ok()
+                .and_then(|env| env.properties.priority)
+                .unwrap_or(0)
+                .clamp(0, 9) as u8;
+            for queue in bound_queues(conn, options, &exchange, &routing_key).await? {
+                pipe.cmd(if front { "RPUSH" } else { "LPUSH" })
+                    .arg(options.key(&priority_key(&queue, priority)))
+                    .arg(mark_redelivered(raw))
+                    .ignore();
+            }
+            found = true;
+        }
+    }
+    pipe.cmd("ZREM").arg(&index_key).arg(tag).ignore();
+    pipe.cmd("HDEL").arg(&unacked_key).arg(tag).ignore();
+    pipe.query_async::<()>(conn).await?;
+    Ok(found)
+}
+
+/// Refresh this consumer's heartbeat key and its place in the registry.
+async fn beat(conn: &mut MultiplexedConnection, options: &RedisOptions, id: &str) -> Result<()> {
+    let ttl = options
+        .heartbeat_ttl
+        .max(options.heartbeat_interval * 2)
+        .as_millis() as u64;
+    redis::pipe()
+        .cmd("SET")
+        .arg(heartbeat_key(options, id))
+        .arg(unix_now())
+        .arg("PX")
+        .arg(ttl)
+        .ignore()
+        .cmd("SADD")
+        .arg(options.key(CONSUMERS_KEY))
+        .arg(id)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every `heartbeat_interval`: refresh our heartbeat, put back the unacked messages of
+/// consumers whose heartbeat has expired (they died: SIGKILL, OOM, power loss), and
+/// now and then move our own unacked messages' `unacked_index` score to now, so that
+/// no visibility-timeout restore (ours or kombu's) takes them while we live.
+async fn heartbeat_loop(
+    mut conn: MultiplexedConnection,
+    url: BrokerUrl,
+    shared: Arc<ConsumerShared>,
+) {
+    let interval = shared.options.heartbeat_interval;
+    // Refresh scores well within the visibility timeout (at least once a minute).
+    let refresh_every = (shared.options.visibility_timeout / 4)
+        .min(Duration::from_secs(60))
+        .max(interval);
+    let mut last_refresh = Instant::now();
+    loop {
+        tokio::time::sleep(interval).await;
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if beat(&mut conn, &shared.options, &shared.id).await.is_err() {
+            // The fetcher reports a lost connection; try a fresh one next round.
+            if let Ok(fresh) = connect(
+                &url,
+                shared.options.connect_timeout,
+                Some(Duration::from_secs(30)),
+            )
+            .await
             {
-                let raw = raw.get().as_bytes();
-                let priority = IncomingEnvelope::parse(raw)
-                    .ok()
-                    .and_then(|env| env.properties.priority)
-                    .unwrap_or(0)
-                    .clamp(0, 9) as u8;
-                for queue in bound_queues(conn, options, &exchange, &routing_key).await? {
-                    pipe.cmd("RPUSH")
-                        .arg(options.key(&priority_key(&queue, priority)))
-                        .arg(mark_redelivered(raw))
-                        .ignore();
+                conn = fresh;
+            }
+            continue;
+        }
+        let _ = recover_dead(&mut conn, &shared.options, &shared.id).await;
+        if last_refresh.elapsed() >= refresh_every {
+            last_refresh = Instant::now();
+            let tags: Vec<String> = shared
+                .in_flight
+                .lock()
+                .map(|map| map.keys().cloned().collect())
+                .unwrap_or_default();
+            if !tags.is_empty() {
+                let mut cmd = redis::cmd("ZADD");
+                cmd.arg(shared.options.key(&shared.options.unacked_index_key))
+                    .arg("XX");
+                let now = unix_now();
+                for tag in &tags {
+                    cmd.arg(now).arg(tag);
                 }
-                restored += 1;
+                let _ = cmd.query_async::<()>(&mut conn).await;
             }
         }
-        pipe.cmd("ZREM").arg(&index_key).arg(&tag).ignore();
-        pipe.cmd("HDEL").arg(&unacked_key).arg(&tag).ignore();
-        pipe.query_async::<()>(conn).await?;
     }
+}
+
+/// Put back every message held by a registered consumer whose heartbeat has expired.
+/// Runs under kombu's `unacked_mutex`, so one process restores at a time. Returns how
+/// many messages went back.
+pub async fn recover_dead(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+    own_id: &str,
+) -> Result<usize> {
+    let registry = options.key(CONSUMERS_KEY);
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&registry)
+        .query_async(conn)
+        .await?;
+    let others: Vec<&String> = ids.iter().filter(|id| id.as_str() != own_id).collect();
+    if others.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    for id in &others {
+        pipe.cmd("EXISTS").arg(heartbeat_key(options, id));
+    }
+    let alive: Vec<bool> = pipe.query_async(conn).await?;
+    let dead: Vec<&String> = others
+        .into_iter()
+        .zip(alive)
+        .filter_map(|(id, alive)| (!alive).then_some(id))
+        .collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let mutex_key = options.key(&options.unacked_mutex_key);
+    let token = uuid::Uuid::new_v4().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(&mutex_key)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(options.unacked_mutex_expire.as_millis() as u64)
+        .query_async(conn)
+        .await?;
+    if locked.is_none() {
+        return Ok(0);
+    }
+    let mut restored = 0;
+    let mut result = Ok(());
+    for id in dead {
+        match recover_one(conn, options, id).await {
+            Ok(count) => restored += count,
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    let _: i64 = Script::new(UNLOCK_SCRIPT)
+        .key(&mutex_key)
+        .arg(&token)
+        .invoke_async(conn)
+        .await
+        .unwrap_or(0);
+    result.map(|()| restored)
+}
+
+async fn recover_one(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+    id: &str,
+) -> Result<usize> {
+    // Checked again under the lock: a slow consumer may have come back.
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(heartbeat_key(options, id))
+        .query_async(conn)
+        .await?;
+    if alive {
+        return Ok(0);
+    }
+    let owned = owned_key(options, id);
+    let tags: Vec<String> = redis::cmd("SMEMBERS").arg(&owned).query_async(conn).await?;
+    let mut restored = 0;
+    for tag in &tags {
+        if requeue_recorded(conn, options, tag, true).await? {
+            restored += 1;
+        }
+    }
+    redis::pipe()
+        .cmd("DEL")
+        .arg(&owned)
+        .ignore()
+        .cmd("SREM")
+        .arg(options.key(CONSUMERS_KEY))
+        .arg(id)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
     Ok(restored)
 }
 

@@ -121,6 +121,14 @@ impl Consumer {
         Ok(self.inner.reject(delivery_tag, requeue)?)
     }
 
+    /// Grow (`delta > 0`) or shrink the prefetch window (one slot per message held
+    /// for its ETA or its rate limit). Transports without a local window ignore it.
+    fn extend_window(&self, delta: i64) {
+        if let AnyConsumer::Redis(consumer) = &self.inner {
+            consumer.extend_window(delta);
+        }
+    }
+
     fn restore_unacked(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(py.detach(|| runtime::handle().block_on(self.inner.restore_unacked()))?)
     }

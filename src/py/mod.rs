@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod exceptions;
 pub mod options;
 pub mod producer;
+pub mod scheduler;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -17,5 +18,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     producer::register(m)?;
     consumer::register(m)?;
     backend::register(m)?;
+    scheduler::register(m)?;
     Ok(())
 }

@@ -374,11 +374,6 @@ def test_several_queues(worker: StartWorker, tasks_dir: TasksDir, result_keys: R
     assert b.get(timeout=10) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ETA messages hold prefetch slots: the Rust consumer needs a way to grow its "
-    "window per held ETA message (Celery's qos.increment_eventually)",
-)
 def test_many_countdowns_do_not_starve_other_tasks(
     worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys
 ) -> None:

@@ -9,6 +9,7 @@ from datetime import datetime
 from celeriac import Celeriac
 from celeriac.worker import Worker, WorkerOptions
 from celeriac.worker.banner import ART, EVENTS_OFF, BannerInfo, QueueInfo, render
+from celeriac.worker.options import available_cpus
 
 #: Celery's art, to make sure ours is not a copy.
 CELERY_ART_LINE = "--- ***** -----"
@@ -101,7 +102,8 @@ def test_worker_banner_masks_passwords_and_disables_results() -> None:
     assert "hunter22" not in text
     assert ".> transport:   redis://user:**@example.invalid:6390/3" in text
     assert ".> results:     disabled://" in text
-    assert ".> concurrency: 1 (solo)" in text
+    # prefork is the default pool, with one child per CPU this process may use
+    assert f".> concurrency: {available_cpus()} (prefork)" in text
     assert re.search(r"\.> app:         bannerapp:0x[0-9a-f]+\n", text)
     assert "  . bannerapp.ping" in text
     assert " w9@" in text and "(celeriac)" in text

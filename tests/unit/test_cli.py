@@ -111,7 +111,19 @@ def test_console_script_matches_module(project: Path) -> None:
 
 BAD_INPUT = [
     pytest.param(["-A", "tasks", "worker", "-P", "bogus"], 2, "unknown pool 'bogus'", id="pool"),
-    pytest.param(["-A", "tasks", "worker", "-P", "prefork"], 2, "not available", id="prefork"),
+    pytest.param(["-A", "tasks", "worker", "-P", "gevent"], 2, "not available", id="gevent"),
+    pytest.param(
+        ["-A", "tasks", "worker", "--time-limit", "-1"], 2, "seconds > 0", id="time-limit-neg"
+    ),
+    pytest.param(
+        ["-A", "tasks", "worker", "--soft-time-limit", "soon"],
+        2,
+        "'soon' is not a number of seconds",
+        id="soft-time-limit-nan",
+    ),
+    pytest.param(
+        ["-A", "tasks", "worker", "--max-tasks-per-child", "0"], 2, "at least 1", id="mtpc0"
+    ),
     pytest.param(["-A", "tasks", "worker", "-c", "0"], 2, "at least 1", id="c0"),
     pytest.param(["-A", "tasks", "worker", "-c", "-3"], 2, "at least 1", id="c-neg"),
     pytest.param(["-A", "tasks", "worker", "-c", "abc"], 2, "'abc' is not a whole", id="c-abc"),
@@ -165,7 +177,7 @@ def test_loglevel_is_case_insensitive() -> None:
 
 def test_worker_defaults() -> None:
     ns = build_parser().parse_args(["-A", "tasks", "worker"])
-    assert ns.pool is None  # solo unless worker_pool says threads
+    assert ns.pool is None  # prefork unless worker_pool says otherwise
     assert ns.concurrency is None
     assert ns.hostname == "celery@%h"
     assert ns.loglevel == "warning"

@@ -10,9 +10,11 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Pools that run today. ``prefork`` is Celery's default; it arrives later.
-POOLS = ("solo", "threads")
-PLANNED_POOLS = ("prefork", "processes", "eventlet", "gevent")
+#: Pools that run today; ``prefork`` is the default, as in Celery.
+POOLS = ("prefork", "solo", "threads")
+#: Other names for a pool (Celery's ``processes``).
+POOL_ALIASES = {"processes": "prefork"}
+PLANNED_POOLS = ("eventlet", "gevent")
 
 DEFAULT_NODENAME = "celery@%h"
 
@@ -29,6 +31,11 @@ class WorkerOptions:
     loglevel: int = logging.WARNING
     prefetch_multiplier: int | None = None
     task_events: bool = False
+    max_tasks_per_child: int | None = None
+    #: KiB of resident memory after which a prefork child is replaced.
+    max_memory_per_child: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
 
 
 def split_names(values: list[str] | None) -> list[str]:

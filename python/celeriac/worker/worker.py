@@ -31,12 +31,19 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core, states
-from celeriac.exceptions import NotRegistered
+from celeriac.conf import parse_rate_limit
+from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
 from celeriac.worker.eta import EtaSchedule
-from celeriac.worker.options import POOLS, WorkerOptions, available_cpus, expand_nodename
+from celeriac.worker.options import (
+    POOL_ALIASES,
+    POOLS,
+    WorkerOptions,
+    available_cpus,
+    expand_nodename,
+)
 from celeriac.worker.request import (
     Disposition,
     InvalidMessage,
@@ -44,8 +51,11 @@ from celeriac.worker.request import (
     execute,
     store_revoked_expired,
 )
+from celeriac.worker.slots import Flag, Slot, SlotTable, State
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from celeriac._core import Backend, Consumer, Delivery
     from celeriac.app import Celeriac
 
@@ -64,6 +74,11 @@ UNBOUNDED_BATCH = 100
 RETRY_MAX_INTERVAL = 8.0
 #: Celery sends prefetch counts above this as 0 (unbounded).
 MAX_PREFETCH = 65535
+#: Most messages held for their rate limit that widen the prefetch window (each held
+#: one takes an extra slot, so other tasks keep flowing); past it they use the window.
+RATE_LIMIT_HOLD = 64
+#: How long a retiring prefork child waits for its replacement to be ready.
+REPLACEMENT_WAIT = 10.0
 
 
 class ColdShutdown(BaseException):
@@ -77,6 +92,85 @@ class _StopFetch(BaseException):
 
 class WorkerError(Exception):
     """The worker cannot start with this configuration (message is user-facing)."""
+
+
+class ChildContext:
+    """What a prefork child knows about its place in the supervisor's table."""
+
+    def __init__(
+        self,
+        index: int,
+        number: int,
+        table: SlotTable,
+        parent_pid: int,
+        pending: list[tuple[str, bool]],
+    ) -> None:
+        self.index = index
+        self.number = number
+        self.table = table
+        self.parent_pid = parent_pid
+        #: ``(delivery_tag, requeue)`` for messages of dead children: ack or requeue.
+        self.pending = pending
+        self.tasks_done = 0
+        self.retiring = False
+
+    def publish(self, state: State, request: Request | None = None, hard: float = 0.0) -> None:
+        slot = Slot(pid=os.getpid(), state=state)
+        if request is not None:
+            flags = Flag.NONE
+            if request.acks_late:
+                flags |= Flag.ACKS_LATE
+            if request.reject_on_worker_lost:
+                flags |= Flag.REJECT_ON_WORKER_LOST
+            if request.ignore_result:
+                flags |= Flag.IGNORE_RESULT
+            if request.acks_on_failure:
+                flags |= Flag.ACKS_ON_FAILURE
+            slot.flags = flags
+            slot.started = time.time()
+            slot.hard = hard
+            slot.task_id = request.id
+            slot.delivery_tag = request.delivery_tag
+            slot.name = request.name
+        self.table.write(self.index, slot)
+
+
+def _rss_kib() -> int:
+    """This process's resident memory in KiB (0 when unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _positive_number(name: str, value: Any) -> float | None:
+    """A time limit setting: None/0 = none; else a number of seconds > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise WorkerError(f"{name} must be a number of seconds, not {value!r}") from None
+    if value != value or value < 0:
+        raise WorkerError(f"{name} must be a number of seconds >= 0, not {value!r}")
+    return float(value) or None
+
+
+def _optional_count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise WorkerError(f"{name} must be a whole number, not {value!r}") from None
+    if isinstance(value, bool) or number < 0 or number != value:
+        raise WorkerError(f"{name} must be a whole number >= 0, not {value!r}")
+    return number or None
 
 
 def _setting(app: Celeriac, name: str, default: Any) -> Any:
@@ -130,7 +224,9 @@ class Worker:
         pool = options.pool
         if pool is None:
             configured = _setting(app, "worker_pool", None)
-            pool = configured if configured in POOLS else "solo"
+            configured = POOL_ALIASES.get(configured, configured)
+            pool = configured if configured in POOLS else "prefork"
+        pool = POOL_ALIASES.get(pool, pool)
         if pool not in POOLS:
             raise WorkerError(f"pool {pool!r} is not available (choose from {', '.join(POOLS)})")
         self.pool_name: str = pool
@@ -162,7 +258,8 @@ class Worker:
             ) from None
         if multiplier < 0:
             raise WorkerError(f"the prefetch multiplier must be 0 or more, not {multiplier}")
-        window = concurrency * multiplier
+        # A prefork child consumes for itself: its window is its own share.
+        window = (1 if pool == "prefork" else concurrency) * multiplier
         #: Most messages fetched and not finished; 0 = unbounded.
         self.window: int = 0 if window > MAX_PREFETCH else window
 
@@ -170,18 +267,76 @@ class Worker:
         queues = [q for q in queues if q not in options.exclude_queues]
         if not queues:
             raise WorkerError("every queue was excluded (-X): nothing to consume from")
+        if options.queues and not _setting(app, "task_create_missing_queues", True):
+            try:
+                known = set(app.queues)
+            except Exception as exc:
+                raise WorkerError(f"task_queues: {exc}") from None
+            for name in queues:
+                if name not in known:
+                    raise WorkerError(
+                        f"queue {name!r} is not defined in task_queues "
+                        "(and task_create_missing_queues is False)"
+                    )
         self.queues: list[str] = queues
+
+        self.max_tasks_per_child = _optional_count(
+            "--max-tasks-per-child",
+            options.max_tasks_per_child
+            if options.max_tasks_per_child is not None
+            else _setting(app, "worker_max_tasks_per_child", None),
+        )
+        self.max_memory_per_child = _optional_count(
+            "--max-memory-per-child",
+            options.max_memory_per_child
+            if options.max_memory_per_child is not None
+            else _setting(app, "worker_max_memory_per_child", None),
+        )
+        self.eta_task_limit = _optional_count(
+            "worker_eta_task_limit", _setting(app, "worker_eta_task_limit", None)
+        )
+        self.time_limit = _positive_number(
+            "time limit",
+            options.time_limit
+            if options.time_limit is not None
+            else _setting(app, "task_time_limit", None),
+        )
+        self.soft_time_limit = _positive_number(
+            "soft time limit",
+            options.soft_time_limit
+            if options.soft_time_limit is not None
+            else _setting(app, "task_soft_time_limit", None),
+        )
+        try:
+            tasks = dict(app.tasks.items())  # applies task_annotations
+        except (ValueError, TypeError) as exc:
+            raise WorkerError(f"task_annotations: {exc}") from None
+        self.rate_limits_enabled = not _setting(app, "worker_disable_rate_limits", False)
+        self.rate_limiter = _core.RateLimiter()
+        self._rate_of: dict[str, Any] = {}
+        if self.rate_limits_enabled:
+            for name, task in tasks.items():
+                self._rate_for(name, task)
+        for name, task in tasks.items():
+            for attr in ("time_limit", "soft_time_limit"):
+                _positive_number(f"task {name}: {attr}", getattr(task, attr, None))
         self.task_events = options.task_events or bool(
             _setting(app, "worker_send_task_events", False)
         )
 
         self.consumer: Consumer | None = None
         self.backend: Backend | None = None
+        # Each prefork child runs its tasks one at a time, in its own main thread.
         self.pool: pool_mod.Pool[Request, Disposition] = pool_mod.create(
-            self.pool_name, self._job, self.concurrency
+            "solo" if pool == "prefork" else pool, self._job, self.concurrency
         )
         self.reserved: collections.deque[Request] = collections.deque()
         self.eta: EtaSchedule[Request] = EtaSchedule()
+        #: Held requests (ETA or rate limit) that took an extra window slot each.
+        self._eta_extra = 0
+        self._rate_extra = 0
+        self.child: ChildContext | None = None
+        self._in_task = False
         self._stop_requested = False
         self._signals_seen = 0
         self._in_fetch = False
@@ -215,8 +370,47 @@ class Worker:
             return banner_mod.QueueInfo(name, name, "direct", name)
         return banner_mod.QueueInfo(name, spec.exchange, spec.exchange_type, spec.routing_key)
 
-    def _connect(self) -> Consumer | None:
+    def _rate_for(self, name: str, task: Any) -> float:
+        """The task's rate limit in tasks per second (0 = none), given to the limiter.
+        ``WorkerError`` for a rate string that cannot be read."""
+        value = getattr(task, "rate_limit", None)
+        try:
+            rate = parse_rate_limit(value)
+        except ValueError as exc:
+            raise WorkerError(f"task {name}: {exc}") from None
+        if self._rate_of.get(name) != value:
+            self._rate_of[name] = value
+            self.rate_limiter.set(name, rate)
+        return rate
+
+    def _consumer_factory(self) -> Callable[[], Consumer]:
+        app = self.app
+        timeout = float(_setting(app, "broker_connection_timeout", 4.0))
+        options = app.transport_options()
+        return lambda: _core.Consumer(
+            app.broker_url,
+            self.queues,
+            prefetch_count=self.window,
+            transport_options=options,
+            connect_timeout=timeout,
+        )
+
+    def _probe_factory(self) -> Callable[[], Any]:
+        """The supervisor checks the broker with a producer: it consumes nothing."""
+        app = self.app
+        timeout = float(_setting(app, "broker_connection_timeout", 4.0))
+        options = _setting(app, "broker_transport_options", {}) or {}
+        return lambda: _core.Producer(
+            app.broker_url,
+            origin=self.nodename,
+            transport_options=options,
+            connect_timeout=timeout,
+        )
+
+    def _connect(self, factory: Callable[[], Any] | None = None) -> Any:
         """The consumer, retrying per ``broker_connection_*``; None after giving up."""
+        if factory is None:
+            factory = self._consumer_factory()
         app = self.app
         url = app.broker_url
         masked = app.broker_url_masked
@@ -224,18 +418,10 @@ class Worker:
         if retry is None:
             retry = _setting(app, "broker_connection_retry", True)
         max_retries = _setting(app, "broker_connection_max_retries", 100) or 0
-        timeout = float(_setting(app, "broker_connection_timeout", 4.0))
-        options = _setting(app, "broker_transport_options", {}) or {}
         attempt = 0
         while not self._stop_requested:
             try:
-                return _core.Consumer(
-                    url,
-                    self.queues,
-                    prefetch_count=self.window,
-                    transport_options=options,
-                    connect_timeout=timeout,
-                )
+                return factory()
             except ValueError as exc:
                 reason = _scrub(str(exc), url, masked)
                 logger.error("consumer: Cannot connect to %s: %s", masked, reason)
@@ -297,17 +483,30 @@ class Worker:
         if signum == signal.SIGQUIT or self._signals_seen >= 2:
             if self._signals_seen >= 3:
                 os._exit(EX_FAILURE)
-            _say("worker: Cold shutdown (MainProcess)")
+            if self.child is None:
+                _say("worker: Cold shutdown (MainProcess)")
             raise ColdShutdown()
-        _say("worker: Warm shutdown (MainProcess)")
+        if self.child is None:
+            _say("worker: Warm shutdown (MainProcess)")
         self._stop_requested = True
         if self._in_fetch:
             raise _StopFetch()
+
+    def _on_soft_limit(self, signum: int, frame: FrameType | None) -> None:
+        """SIGALRM in a prefork child: the running task's soft time limit passed."""
+        if self._in_task:
+            self._in_task = False  # raise once
+            logger.warning("Soft time limit exceeded for the running task")
+            raise SoftTimeLimitExceeded()
 
     # -- main ----------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until told to stop; the process exit status."""
+        if self.pool_name == "prefork" and self.child is None:
+            from celeriac.worker.prefork import Supervisor
+
+            return Supervisor(self).run()
         self._install_signals()
         try:
             return self._run()
@@ -319,22 +518,51 @@ class Worker:
 
     def _run(self) -> int:
         print(self.banner(), file=sys.stdout, flush=True)
+        self.warn_task_events()
+        return self._serve()
+
+    def warn_task_events(self) -> None:
         if self.task_events:
             logger.warning(
                 "-E/--task-events: celeriac does not send task events yet; "
                 "monitors (Flower, celery events) will not see this worker's tasks."
             )
+
+    def run_child(self, ctx: ChildContext) -> int:
+        """The body of a prefork child, right after the fork; its exit status."""
+        self.child = ctx
+        _die_with_parent(ctx.parent_pid)
+        import multiprocessing
+
+        multiprocessing.current_process().name = f"ForkPoolWorker-{ctx.number}"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
+        signal.signal(signal.SIGALRM, self._on_soft_limit)
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+        ctx.publish(State.STARTING)
+        try:
+            return self._serve()
+        except ColdShutdown:
+            self._cold_shutdown()
+            return EX_FAILURE  # not reached
+
+    def _serve(self) -> int:
         self.consumer = self._connect()
         if self.consumer is None:
             return EX_OK if self._stop_requested else EX_FAILURE
-        logger.info("Connected to %s", self.app.broker_url_masked)
+        if self.child is None:
+            logger.info("Connected to %s", self.app.broker_url_masked)
         try:
             self.backend = self.app.backend
         except Exception as exc:
             logger.error("Cannot use the result backend %s: %s", self.app.backend_url_masked, exc)
             self.consumer.close()
             return EX_FAILURE
-        logger.info("%s ready.", self.nodename)
+        if self.child is not None:
+            self._settle_inherited(self.consumer, self.child)
+            self.child.publish(State.IDLE)
+        else:
+            logger.info("%s ready.", self.nodename)
         try:
             self._loop(self.consumer)
         except _StopFetch:
@@ -345,10 +573,30 @@ class Worker:
             return EX_FAILURE
         return self._warm_shutdown(self.consumer)
 
+    def _settle_inherited(self, consumer: Consumer, ctx: ChildContext) -> None:
+        """Ack or requeue the messages of tasks whose child died (the supervisor has
+        no broker connection of its own)."""
+        for tag, requeue in ctx.pending:
+            try:
+                if requeue:
+                    consumer.reject(tag, True)
+                else:
+                    consumer.ack([tag])
+            except Exception as exc:
+                logger.error("Could not settle message %s of a lost worker: %s", tag, exc)
+        ctx.pending = []
+
     def _loop(self, consumer: Consumer) -> None:
+        child = self.child
         while not self._stop_requested:
+            if child is not None:
+                if os.getppid() != child.parent_pid:
+                    logger.error("The supervisor is gone; stopping.")
+                    raise ColdShutdown()
+                if child.retiring:
+                    break
             self._finish(consumer, self.pool.completed())
-            self._release_due_eta()
+            self._release_due_eta(consumer)
             self._dispatch(consumer)
             if self._stop_requested:
                 break
@@ -389,7 +637,9 @@ class Worker:
             self._in_fetch = False
 
     def _room(self) -> int:
-        held = len(self.reserved) + self.pool.active() + len(self.eta)
+        # Held messages that widened the window do not take a slot of it.
+        held_in_window = len(self.eta) - self._eta_extra - self._rate_extra
+        held = len(self.reserved) + self.pool.active() + held_in_window
         if self.window == 0:
             return max(0, UNBOUNDED_BATCH - len(self.reserved))
         return max(0, self.window - held)
@@ -438,9 +688,40 @@ class Worker:
             consumer.ack([tag])
             return
         if request.eta is not None and request.eta.timestamp() > time.time():
-            self.eta.push(request.eta.timestamp(), request)
+            self._hold(consumer, request, request.eta.timestamp(), rate=False)
             return
         self.reserved.append(request)
+
+    def _hold(self, consumer: Consumer, request: Request, due: float, *, rate: bool) -> None:
+        """Keep ``request`` (unacked) until ``due``, widening the prefetch window by one
+        so it does not starve other messages (Celery raises QoS the same way), up to
+        ``worker_eta_task_limit`` for ETA messages and ``RATE_LIMIT_HOLD`` for
+        rate-limited ones."""
+        if self.window:
+            if rate:
+                if self._rate_extra < RATE_LIMIT_HOLD:
+                    request.extra_slot = True
+                    self._rate_extra += 1
+            elif self.eta_task_limit is None or self._eta_extra < self.eta_task_limit:
+                request.extra_slot = True
+                self._eta_extra += 1
+            if request.extra_slot:
+                consumer.extend_window(1)
+        request.rate_held = rate
+        self.eta.push(due, request)
+
+    def _unhold(self, consumer: Consumer, requests: list[Request]) -> None:
+        shrink = 0
+        for request in requests:
+            if request.extra_slot:
+                request.extra_slot = False
+                shrink += 1
+                if request.rate_held:
+                    self._rate_extra -= 1
+                else:
+                    self._eta_extra -= 1
+        if shrink:
+            consumer.extend_window(-shrink)
 
     def _on_unregistered(self, consumer: Consumer, delivery: Delivery, name: str) -> None:
         logger.error(
@@ -460,9 +741,12 @@ class Worker:
                 logger.error("Could not store the failure of task %s: %s", task_id, exc)
         consumer.reject(delivery.delivery_tag, False)
 
-    def _release_due_eta(self) -> None:
+    def _release_due_eta(self, consumer: Consumer) -> None:
         if len(self.eta):
-            self.reserved.extend(self.eta.pop_due(time.time()))
+            due = self.eta.pop_due(time.time())
+            if due:
+                self._unhold(consumer, due)
+                self.reserved.extend(due)
 
     def _dispatch(self, consumer: Consumer) -> None:
         """Start reserved requests while the pool has room."""
@@ -478,19 +762,97 @@ class Worker:
                     store_revoked_expired(self.backend, request)
                     consumer.ack([request.delivery_tag])
                     continue
+                if self.rate_limits_enabled:
+                    wait = self._rate_wait(request)
+                    if wait > 0:
+                        self._hold(consumer, request, time.time() + wait, rate=True)
+                        continue
                 batch.append(request)
             early = [r.delivery_tag for r in batch if not r.acks_late]
             if early:
                 consumer.ack(early)
             for request in batch:
                 self.pool.submit(request)
-            if self.pool_name == "solo":
+            if self.pool.name == "solo":  # also each prefork child: ack at once
                 self._finish(consumer, self.pool.completed())
+
+    def _rate_wait(self, request: Request) -> float:
+        """0 when ``request`` may start now under its task's rate limit (a token is
+        taken), else the seconds to hold it."""
+        name = request.task.name or ""
+        try:
+            self._rate_for(name, request.task)  # picks up a changed rate_limit
+        except WorkerError as exc:
+            logger.error("%s; running without a rate limit", exc)
+            return 0.0
+        return float(self.rate_limiter.acquire(name))
+
+    def _time_limits(self, request: Request) -> tuple[float | None, float | None]:
+        """``(hard, soft)``: the message's ``timelimit`` header, else the task's
+        attributes, else ``task_time_limit``/``task_soft_time_limit``."""
+        header = request.delivery.headers.get("timelimit")
+        hard_h = soft_h = None
+        if isinstance(header, (list, tuple)) and len(header) == 2:
+            hard_h, soft_h = header
+        task = request.task
+        limits: list[float | None] = []
+        for from_header, attr, default in (
+            (hard_h, "time_limit", self.time_limit),
+            (soft_h, "soft_time_limit", self.soft_time_limit),
+        ):
+            value: Any = from_header
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                value = getattr(task, attr, None)
+            try:
+                limits.append(_positive_number(attr, value) or default)
+            except WorkerError:
+                limits.append(default)
+        return limits[0], limits[1]
 
     def _job(self, request: Request) -> Disposition:
         """Runs in the pool. Never raises: a failure here is the worker's, not the task's."""
+        child = self.child
+        if child is None:
+            return self._execute(request)
+        hard, soft = self._time_limits(request)
+        child.tasks_done += 1
+        last = self.max_tasks_per_child is not None and child.tasks_done >= self.max_tasks_per_child
+        if last:
+            child.retiring = True  # the supervisor starts the replacement now
+            self._stop_requested = True  # take nothing more; give back the rest
+        child.publish(State.RETIRING if last else State.RUNNING, request, hard or 0.0)
+        guard = None
+        if soft:
+            limit = soft
+
+            def guard(entering: bool) -> None:
+                self._in_task = entering
+                signal.setitimer(signal.ITIMER_REAL, limit if entering else 0)
+
         try:
-            return execute(request, self.backend)
+            return self._execute(request, guard)
+        finally:
+            self._in_task = False
+            if (
+                not child.retiring
+                and self.max_memory_per_child is not None
+                and _rss_kib() > self.max_memory_per_child
+            ):
+                logger.warning(
+                    "Memory usage %d KiB is over --max-memory-per-child (%d KiB): "
+                    "replacing this process.",
+                    _rss_kib(),
+                    self.max_memory_per_child,
+                )
+                child.retiring = True
+                self._stop_requested = True
+            child.publish(State.RETIRING if child.retiring else State.IDLE)
+
+    def _execute(
+        self, request: Request, guard: Callable[[bool], None] | None = None
+    ) -> Disposition:
+        try:
+            return execute(request, self.backend, guard)
         except ColdShutdown:
             raise
         except BaseException as exc:
@@ -521,7 +883,7 @@ class Worker:
         self._finish(consumer, self.pool.completed())
         held = len(self.reserved) + len(self.eta)
         self.reserved.clear()
-        self.eta.clear()
+        self._unhold(consumer, self.eta.clear())
         status = EX_OK
         try:
             restored = consumer.restore_unacked()
@@ -557,4 +919,19 @@ class Worker:
                 logger.error("Cold shutdown: results may not have been stored: %s", exc)
         logging.shutdown()
         sys.stdout.flush()
+        os._exit(EX_FAILURE)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so a
+    supervisor killed with SIGKILL leaves no orphan consuming messages."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl
         os._exit(EX_FAILURE)
