@@ -628,6 +628,11 @@ impl RedisConsumer {
     }
 
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        // An ack handed to the I/O task is as good as written (it is retried until it
+        // is): free the window slots now, so the next fetch overlaps with writing the
+        // ack instead of waiting a round trip for it.
+        let released = self.shared.forget(&tags);
+        self.shared.release(released);
         self.ack_tx
             .send(AckCommand::Ack(tags))
             .map_err(|_| Error::Closed("the consumer"))
@@ -638,6 +643,8 @@ impl RedisConsumer {
         let command = if requeue {
             AckCommand::Requeue(tag)
         } else {
+            let released = self.shared.forget(std::slice::from_ref(&tag));
+            self.shared.release(released);
             AckCommand::Ack(vec![tag])
         };
         self.ack_tx
