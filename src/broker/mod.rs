@@ -192,7 +192,7 @@ impl Consumer {
                 Ok(())
             }
             Self::Amqp(consumer) => consumer.extend_window(delta),
-            _ => Ok(()),
+            Self::Sqlite(consumer) => consumer.extend_window(delta),
         }
     }
 

@@ -904,6 +904,8 @@ fn insert_rows(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
 enum Command {
     Ack(Vec<String>),
     Requeue(String),
+    /// Grow (or shrink) the window by this many slots (messages held for an ETA).
+    ExtendWindow(i64),
     RestoreAll(oneshot::Sender<Result<usize>>),
 }
 
@@ -965,6 +967,7 @@ impl SqliteConsumer {
             owner,
             port,
             prefetch: prefetch_count,
+            window_extra: 0,
             options,
             in_flight: HashSet::new(),
             pending_acks: Vec::new(),
@@ -1002,6 +1005,12 @@ impl SqliteConsumer {
 
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
         self.send(Command::Ack(tags))
+    }
+
+    /// Grow (`delta > 0`) or shrink the prefetch window, one slot per message the
+    /// worker holds for its ETA or rate limit.
+    pub fn extend_window(&self, delta: i64) -> Result<()> {
+        self.send(Command::ExtendWindow(delta))
     }
 
     /// `requeue=false` drops the message (kombu: same as ack); `true` puts it back,
@@ -1097,6 +1106,8 @@ struct Fetcher {
     owner: String,
     port: Option<u16>,
     prefetch: usize,
+    /// Slots added to `prefetch` for messages the worker holds (ETA, rate limits).
+    window_extra: i64,
     options: SqliteOptions,
     /// Claimed by us, not yet acked (the prefetch window).
     in_flight: HashSet<i64>,
@@ -1128,6 +1139,9 @@ impl Fetcher {
                 match rx.try_recv() {
                     Ok(Command::Ack(tags)) => self.pending_acks.extend(parse_tags(&tags)),
                     Ok(Command::Requeue(tag)) => self.pending_requeues.extend(parse_tags(&[tag])),
+                    Ok(Command::ExtendWindow(delta)) => {
+                        self.window_extra = self.window_extra.saturating_add(delta);
+                    }
                     Ok(Command::RestoreAll(reply)) => restores.push(reply),
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
@@ -1201,7 +1215,9 @@ impl Fetcher {
         if self.prefetch == 0 {
             return MAX_FETCH_BATCH;
         }
-        self.prefetch
+        let window =
+            usize::try_from((self.prefetch as i64).saturating_add(self.window_extra)).unwrap_or(0);
+        window
             .saturating_sub(self.in_flight.len())
             .min(MAX_FETCH_BATCH)
     }

@@ -123,10 +123,8 @@ impl Consumer {
 
     /// Grow (`delta > 0`) or shrink the prefetch window (one slot per message held
     /// for its ETA or its rate limit). Transports without a local window ignore it.
-    fn extend_window(&self, delta: i64) {
-        if let AnyConsumer::Redis(consumer) = &self.inner {
-            consumer.extend_window(delta);
-        }
+    fn extend_window(&self, delta: i64) -> PyResult<()> {
+        Ok(self.inner.extend_window(delta)?)
     }
 
     fn restore_unacked(&self, py: Python<'_>) -> PyResult<usize> {

@@ -89,3 +89,18 @@ def test_send_task_and_unknown_ids(
     result_keys.add(result.id)
     assert result.get(timeout=10) == 5
     assert tasks.app.AsyncResult("no-such-task-id").state == "PENDING"
+
+
+def test_countdown_tasks_do_not_starve_the_window(
+    pairing: tuple[str, str], worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys
+) -> None:
+    # More held countdown messages than the prefetch window (1 process x 4): each one
+    # widens the window, so a task sent after them still runs at once.
+    worker()
+    tasks = tasks_dir.import_module()
+    for _ in range(6):
+        held = tasks.add.apply_async((1, 1), countdown=60)
+        result_keys.add(held.id)
+    result = tasks.add.delay(2, 2)
+    result_keys.add(result.id)
+    assert result.get(timeout=10) == 4
