@@ -353,7 +353,7 @@ async fn claims_of_a_dead_consumer_come_back_after_the_visibility_timeout() {
     let back = take(&mut rx, 1).await;
     assert_eq!(task_ids(&back), ["task-2"]);
     assert!(back[0].as_ref().unwrap().redelivered);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_secs(30));
     // The live consumer's claims stay with it.
     assert!(tokio::time::timeout(Duration::from_millis(1500), rx.recv())
         .await

@@ -256,6 +256,25 @@ fn install_busy_handler(conn: &mut Connection, timeout: Duration) -> rusqlite::R
 /// directory, a file that is not SQLite or is corrupt, a SQLite file of another
 /// application, and a schema newer than this build's. Never rewrites existing data.
 pub fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    // Processes that open a fresh file at the same moment race to switch it to WAL
+    // and create the schema; SQLite answers some of those steps with "locked" without
+    // calling the busy handler, so the whole opening is retried within busy_timeout.
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match open_once(path, busy_timeout) {
+            Err(Error::Connection(text))
+                if text.contains("locked") && started.elapsed() < busy_timeout =>
+            {
+                std::thread::sleep(Duration::from_millis((5u64 << attempt.min(5)).min(100)));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_once(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let fail = |why: String| Error::Connection(format!("SQLite database {}: {why}", shown(path)));
     let dir = parent_dir(path);
     if !dir.is_dir() {
