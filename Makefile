@@ -1,0 +1,110 @@
+# celeriac: `make help` lists the targets.
+#
+# Every target works from a fresh clone: with no virtualenv active, .venv is created in the
+# repo and used; with one active ($VIRTUAL_ENV), that one is used. The build tools and the
+# test/lint/bench dependencies (pyproject's extras) are installed into it on first use.
+
+.DEFAULT_GOAL := help
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+PYTHON ?= python3
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(CURDIR)/.venv)
+BIN := $(VENV)/bin
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(BIN):$(PATH)
+
+# Cargo profile of the extension built by dev/test/demo/bench: `ci` is optimised without fat
+# LTO (fast to build); `make bench PROFILE=release` measures the fat-LTO build.
+PROFILE ?= ci
+EXTRAS := test lint bench
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+DEMO_ARGS ?=
+
+DEPS := $(VENV)/.celeriac-deps
+BUILT := $(VENV)/.celeriac-built-$(PROFILE)
+RUST_INPUTS := $(shell find src -name '*.rs' 2>/dev/null) Cargo.toml Cargo.lock pyproject.toml
+
+# Prints the requirements of the extras named on the command line, from pyproject.toml.
+define READ_EXTRAS
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    extras = tomllib.load(f)["project"]["optional-dependencies"]
+print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
+endef
+export READ_EXTRAS
+
+.PHONY: help venv dev test test-rust lint fmt bench demo wheel clean ci
+
+help: ## Show this help
+	@echo "usage: make TARGET   (venv: $(VENV))"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c 'import tomllib' 2>/dev/null || $(BIN)/python -m pip install -q tomli
+	$(BIN)/python -c "$$READ_EXTRAS" $(EXTRAS) > $(VENV)/.celeriac-requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check \
+		maturin -r $(VENV)/.celeriac-requirements.txt
+	touch $@
+
+venv: $(DEPS) ## Create the venv (.venv unless one is active) with maturin and the test/lint/bench deps
+
+$(BUILT): $(DEPS) $(RUST_INPUTS)
+	$(BIN)/maturin develop --profile $(PROFILE)
+	rm -f $(VENV)/.celeriac-built-*
+	touch $@
+
+dev: $(DEPS) ## Build the Rust extension (profile ci) and install celeriac, editable, into the venv
+	rm -f $(BUILT)
+	$(MAKE) $(BUILT)
+
+test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); builds first if needed
+	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: that is a failure" >&2; fi; \
+	exit $$rc
+
+test-rust: ## Run the Rust tests (cargo test, dev profile: debug assertions on)
+	cargo test
+
+lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict)
+	cargo fmt --check
+	cargo clippy --all-targets --profile ci -- -D warnings  # reuses what `make dev` built
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
+	MYPYPATH=python $(BIN)/mypy benches examples
+
+fmt: $(DEPS) ## Format the Rust and Python code in place (and sort imports)
+	cargo fmt
+	$(BIN)/ruff check --select I --fix
+	$(BIN)/ruff format
+
+bench: $(BUILT) ## Benchmark celeriac against Celery on the local Redis (BENCH_ARGS="-n 2000")
+	$(BIN)/python -m benches $(BENCH_ARGS)
+
+demo: $(BUILT) ## Start a worker in the background, send it tasks, print the results (no server needed)
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
+
+wheel: $(DEPS) ## Build the release wheel (fat LTO; one abi3 manylinux wheel) into dist/
+	rm -f dist/celeriac-*.whl
+	$(BIN)/maturin build --release --out dist
+	@ls -1 dist/celeriac-*.whl
+
+clean: ## Remove build outputs and caches (keeps the venv and benches/results)
+	cargo clean
+	rm -rf dist python/celeriac/_core*.so .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
+	rm -f $(VENV)/.celeriac-built-*
+
+ci: ## Run what CI runs (bash .ci/run: starts Redis/RabbitMQ if down, lints, builds, tests)
+	bash .ci/run

@@ -1,0 +1,1 @@
+"""celeriac's benchmarks: ``python -m benches`` (see ``benches/run.py``)."""

@@ -1,0 +1,3 @@
+from benches.run import main
+
+raise SystemExit(main())
