@@ -219,3 +219,42 @@ class RateLimiter:
     def acquire(self, name: str) -> float:
         """``0.0`` when a message of ``name`` may start now (a token is taken), else the
         seconds to wait before asking again."""
+
+class EventPublisher:
+    """Fire-and-forget broadcasts to a named exchange: Celery events (``celeryev``).
+    Redis: one ``PUBLISH`` of the kombu envelope on ``/{db}.<exchange>/<routing_key>``;
+    AMQP: ``basic.publish`` to the exchange (declared once with ``exchange_type`` and
+    ``durable``), not mandatory. Written by an I/O task; best effort."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        connect_timeout: float = 4.0,
+    ) -> None:
+        """Connect now; same errors as ``Producer`` (``OperationalError``,
+        ``ValueError``); the SQLite broker raises ``ValueError`` (no broadcast)."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: Any,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        exchange_type: str = "topic",
+        durable: bool = True,
+    ) -> None:
+        """Encode ``body`` (``dumps``) and hand it over; never waits. ``TypeError``
+        when it cannot be encoded."""
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything handed over was written (or given up after retries);
+        ``OperationalError`` after ``timeout``."""
+
+    @property
+    def dropped(self) -> int:
+        """Broadcasts given up so far (broker down, backlog full)."""
+
+    def close(self) -> None: ...

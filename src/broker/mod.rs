@@ -7,6 +7,7 @@
 //! transport from the URL's scheme.
 
 pub mod amqp;
+pub mod events;
 pub mod redis;
 pub mod sqlite;
 pub mod url;

@@ -133,7 +133,7 @@ impl RedisOptions {
     }
 }
 
-async fn connect(
+pub(crate) async fn connect(
     url: &BrokerUrl,
     timeout: Duration,
     response_timeout: Option<Duration>,

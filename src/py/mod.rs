@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 pub mod backend;
 pub mod codec;
 pub mod consumer;
+pub mod events;
 pub mod exceptions;
 pub mod options;
 pub mod producer;
@@ -17,6 +18,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     producer::register(m)?;
     consumer::register(m)?;
+    events::register(m)?;
     backend::register(m)?;
     scheduler::register(m)?;
     Ok(())

@@ -88,6 +88,9 @@ class Supervisor:
         self._startup_failures = 0
         self._previous: dict[int, Any] = {}
         self._status = EX_OK
+        #: Slot index -> (task id, start time) last seen running, for heartbeats.
+        self._running: dict[int, tuple[str, float]] = {}
+        self._processed = 0
 
     # -- signals -------------------------------------------------------------------
 
@@ -146,8 +149,10 @@ class Supervisor:
             self._reap()
             self._enforce_time_limits()
             self._fill()
+            self._count_tasks()
             if not self._ready_logged and self._all_ready():
                 self._ready_logged = True
+                worker.start_events(lambda: (len(self._running), self._processed))
                 logger.info("%s ready.", worker.nodename)
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 logger.critical(
@@ -158,6 +163,19 @@ class Supervisor:
                 break
             time.sleep(TICK)
         return self._shutdown()
+
+    def _count_tasks(self) -> None:
+        """Running tasks and a count of tasks started, read from the slot table
+        (what the heartbeats report as ``active`` and ``processed``)."""
+        running: dict[int, tuple[str, float]] = {}
+        for child in self.children.values():
+            slot = self.table.read(child.index)
+            if slot.task_id and slot.state in (State.RUNNING, State.RETIRING):
+                key = (slot.task_id, slot.started)
+                running[child.index] = key
+                if self._running.get(child.index) != key:
+                    self._processed += 1
+        self._running = running
 
     def _all_ready(self) -> bool:
         if len(self.children) < self.concurrency:
@@ -279,6 +297,9 @@ class Supervisor:
             )
             return
         logger.error("Task handler raised error: %r", exc)
+        events = self.worker.events
+        if events is not None and events.enabled:
+            events.send("task-failed", uuid=slot.task_id, exception=repr(exc), traceback=None)
         if self.backend is not None and not slot.flags & Flag.IGNORE_RESULT:
             meta = meta_for(slot.task_id, states.FAILURE, exc, None, None)
             try:
@@ -327,6 +348,7 @@ class Supervisor:
             time.sleep(TICK)
         if self._cold:
             self._status = EX_FAILURE
+        self.worker.stop_events()
         try:
             self.worker.app.close()
         except Exception as exc:

@@ -141,6 +141,13 @@ class Request:
     extra_slot: bool = False
     #: Held for its rate limit (not its ETA).
     rate_held: bool = False
+    #: The process's ``EventDispatcher`` when task events are on (``-E``).
+    events: Any = None
+
+    def send_event(self, type_: str, **fields: Any) -> None:
+        """Buffer a task event for this request (no-op without ``-E``)."""
+        if self.events is not None:
+            self.events.send_task(type_, uuid=self.id, **fields)
 
     @property
     def delivery_tag(self) -> str:
@@ -272,6 +279,7 @@ def store_revoked_expired(backend: Backend | None, request: Request) -> None:
         request.id,
         request.expires.isoformat() if request.expires else "?",
     )
+    request.send_event("task-revoked", terminated=False, signum=None, expired=True)
     if backend is not None and not request.ignore_result:
         reason = exception_to_meta(TaskRevokedError("expired"))
         store(backend, request, request.meta(states.REVOKED, reason))
@@ -318,6 +326,7 @@ def execute(
     args, kwargs = request.delivery.args, request.delivery.kwargs
     task.push_request(**request.context())
     started = time.monotonic()
+    request.send_event("task-started")
     try:
         _handler(request, "before_start", request.id, args, kwargs)
         if request.track_started and backend is not None and not request.ignore_result:
@@ -339,6 +348,7 @@ def execute(
         except Reject as exc:
             requeue = bool(getattr(exc, "requeue", False))
             logger.warning("Task %s[%s] %r", request.name, request.id, exc)
+            request.send_event("task-rejected", requeue=requeue)
             if not late:
                 return Disposition.NONE
             return Disposition.REQUEUE if requeue else Disposition.REJECT
@@ -358,6 +368,7 @@ def _on_success(
         except TypeError as exc:
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
+    request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
     args, kwargs = request.delivery.args, request.delivery.kwargs
     _handler(request, "on_success", retval, request.id, args, kwargs)
     _handler(request, "after_return", states.SUCCESS, retval, request.id, args, kwargs, None)
@@ -393,6 +404,7 @@ def _on_failure(
         )
     if backend is not None and not request.ignore_result:
         store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
+    request.send_event("task-failed", exception=short_repr(exc), traceback=tb)
     einfo = ExceptionInfo(exc, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs
     _handler(request, "on_failure", exc, request.id, args, kwargs, einfo)
@@ -407,6 +419,7 @@ def _on_retry(request: Request, backend: Backend | None, exc: Retry) -> Disposit
     tb = traceback.format_exc()
     if backend is not None and not request.ignore_result:
         store(backend, request, request.meta(states.RETRY, exception_to_meta(reason), tb))
+    request.send_event("task-retried", exception=short_repr(reason), traceback=tb)
     einfo = ExceptionInfo(reason, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs
     _handler(request, "on_retry", reason, request.id, args, kwargs, einfo)

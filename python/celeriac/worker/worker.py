@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import _core, states
 from celeriac.conf import parse_rate_limit
+from celeriac.events import EventDispatcher, Heart
 from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.worker import banner as banner_mod
@@ -49,6 +50,7 @@ from celeriac.worker.request import (
     InvalidMessage,
     Request,
     execute,
+    short_repr,
     store_revoked_expired,
 )
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
@@ -323,6 +325,12 @@ class Worker:
         self.task_events = options.task_events or bool(
             _setting(app, "worker_send_task_events", False)
         )
+        #: This process's event dispatcher (task events only with ``-E``).
+        self.events: EventDispatcher | None = None
+        #: Sends worker-online/heartbeat/offline (the supervisor does it in prefork).
+        self.heart: Heart | None = None
+        #: Tasks handed to the pool so far (``processed`` in heartbeats).
+        self.processed = 0
 
         self.consumer: Consumer | None = None
         self.backend: Backend | None = None
@@ -355,7 +363,7 @@ class Worker:
             results=app.backend_url_masked,
             concurrency=self.concurrency,
             pool=self.pool_name,
-            task_events=False,
+            task_events=self.task_events,
             queues=[self._queue_info(q) for q in self.queues],
             tasks=list(app.tasks),
         )
@@ -522,11 +530,31 @@ class Worker:
         return self._serve()
 
     def warn_task_events(self) -> None:
-        if self.task_events:
-            logger.warning(
-                "-E/--task-events: celeriac does not send task events yet; "
-                "monitors (Flower, celery events) will not see this worker's tasks."
-            )
+        """Kept for callers; events are sent now (``start_events``)."""
+
+    def start_events(self, counts: Callable[[], tuple[int, int]] | None = None) -> None:
+        """This process's dispatcher; with ``counts`` (the process that speaks for
+        the node) also the heart: worker-online now, a heartbeat every 2 s."""
+        if self.events is not None and self.events.pid != os.getpid():
+            self.events = self.heart = None  # inherited through fork: not ours
+        if self.events is None:
+            self.events = EventDispatcher(self.app, self.nodename, enabled=self.task_events)
+        if counts is not None and self.heart is None:
+            self.heart = Heart(self.events, counts)
+            self.heart.start()
+
+    def stop_events(self) -> None:
+        """worker-offline (from the heart's owner), then send what is buffered."""
+        events, heart = self.events, self.heart
+        self.events = self.heart = None
+        if events is None or events.pid != os.getpid():
+            return
+        try:
+            if heart is not None:
+                heart.stop()
+            events.close()
+        except Exception as exc:
+            logger.warning("Could not send the last events: %s", exc)
 
     def run_child(self, ctx: ChildContext) -> int:
         """The body of a prefork child, right after the fork; its exit status."""
@@ -559,9 +587,11 @@ class Worker:
             self.consumer.close()
             return EX_FAILURE
         if self.child is not None:
+            self.start_events()
             self._settle_inherited(self.consumer, self.child)
             self.child.publish(State.IDLE)
         else:
+            self.start_events(lambda: (self.pool.active(), self.processed))
             logger.info("%s ready.", self.nodename)
         try:
             self._loop(self.consumer)
@@ -598,6 +628,8 @@ class Worker:
             self._finish(consumer, self.pool.completed())
             self._release_due_eta(consumer)
             self._dispatch(consumer)
+            if self.events is not None:
+                self.events.flush()
             if self._stop_requested:
                 break
             wait = self._wait_budget()
@@ -683,6 +715,20 @@ class Worker:
             consumer.reject(tag, False)
             return
         logger.info("Task %s[%s] received", request.name, request.id)
+        if self.events is not None and self.events.enabled:
+            request.events = self.events
+            headers = delivery.headers
+            request.send_event(
+                "task-received",
+                name=request.name,
+                args=headers.get("argsrepr") or short_repr(delivery.args),
+                kwargs=headers.get("kwargsrepr") or short_repr(delivery.kwargs),
+                root_id=headers.get("root_id") or request.id,
+                parent_id=headers.get("parent_id"),
+                retries=headers.get("retries") or 0,
+                eta=headers.get("eta"),
+                expires=headers.get("expires"),
+            )
         if request.expired():
             store_revoked_expired(self.backend, request)
             consumer.ack([tag])
@@ -732,11 +778,24 @@ class Worker:
             name,
         )
         task_id = delivery.id
+        if self.events is not None and self.events.enabled and task_id:
+            self.events.send_task(
+                "task-failed",
+                uuid=task_id,
+                exception=repr(NotRegistered(name)),
+                traceback=None,
+            )
         if self.backend is not None and task_id:
             reason = exception_to_meta(NotRegistered(name))
             meta = meta_for(task_id, states.FAILURE, reason, None, delivery.headers)
             try:
-                self.backend.store(task_id, meta)
+                # rpc:// answers the sender's reply queue, as for any other result.
+                self.backend.store(
+                    task_id,
+                    meta,
+                    reply_to=delivery.reply_to,
+                    correlation_id=delivery.correlation_id or task_id,
+                )
             except Exception as exc:
                 logger.error("Could not store the failure of task %s: %s", task_id, exc)
         consumer.reject(delivery.delivery_tag, False)
@@ -768,6 +827,7 @@ class Worker:
                         self._hold(consumer, request, time.time() + wait, rate=True)
                         continue
                 batch.append(request)
+            self.processed += len(batch)
             early = [r.delivery_tag for r in batch if not r.acks_late]
             if early:
                 consumer.ack(early)
@@ -885,6 +945,7 @@ class Worker:
         self.reserved.clear()
         self._unhold(consumer, self.eta.clear())
         status = EX_OK
+        self.stop_events()
         try:
             restored = consumer.restore_unacked()
             if restored or held:

@@ -1,0 +1,231 @@
+"""Celery's events (celery-wire §5): what Flower and ``celery events`` consume.
+
+``EventDispatcher`` publishes on the ``celeryev`` exchange (a durable topic exchange on
+AMQP; PUB/SUB channel ``/{db}.celeryev/<routing key>`` on Redis) with Celery's fields:
+``type``, ``hostname``, ``timestamp``, ``utcoffset``, ``pid``, ``clock`` and the event's
+own. Task events are buffered and sent as one list on ``task.multi`` (at most
+``BATCH`` per message), as a Celery worker does; worker events are sent at once.
+
+Events are best effort: a broker that is down loses them (logged once), and nothing
+here ever raises into the worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from celeriac import _core
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+
+__all__ = ["EventDispatcher", "Heart", "utcoffset", "worker_fields"]
+
+logger = logging.getLogger("celeriac.events")
+
+#: Task events buffered before a flush (Celery flushes at 24 or on the next tick).
+BATCH = 24
+#: Seconds between ``worker-heartbeat`` events (Celery's default ``freq``).
+HEARTBEAT_FREQ = 2.0
+#: What Celery reports as ``sw_ident``/``sw_ver``: monitors key features off them.
+SW_IDENT = "py-celery"
+SW_VER = "5.7.0"
+
+
+def utcoffset() -> float:
+    """Hours *west* of UTC, as Celery sends it (UTC+1 -> -1.0)."""
+    if time.localtime().tm_isdst > 0:
+        return time.altzone / 3600
+    return time.timezone / 3600
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return [0.0, 0.0, 0.0]
+
+
+def worker_fields(freq: float, active: int, processed: int) -> dict[str, Any]:
+    """The fields of ``worker-online``/``worker-heartbeat``/``worker-offline``."""
+    return {
+        "freq": freq,
+        "active": active,
+        "processed": processed,
+        "loadavg": _loadavg(),
+        "sw_ident": SW_IDENT,
+        "sw_ver": SW_VER,
+        "sw_sys": platform.system(),
+    }
+
+
+class EventDispatcher:
+    """Sends events for ``hostname`` through its own broker connection.
+
+    ``enabled`` turns task events on (``-E``); worker events are always sent.
+    One per process: a forked child makes its own (``for_process``).
+    """
+
+    def __init__(
+        self,
+        app: Celeriac,
+        hostname: str,
+        *,
+        enabled: bool = True,
+        exchange: str | None = None,
+    ) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.enabled = enabled
+        self.exchange = exchange or str(_conf(app, "event_exchange", "celeryev"))
+        redis_like = not app.broker_url.lower().startswith(("amqp", "pyamqp"))
+        #: Celery makes ``celeryev`` a fanout exchange on Redis; it is PUB/SUB there.
+        self.exchange_type = "fanout" if redis_like else "topic"
+        self.pid = os.getpid()
+        self._clock = itertools.count(1)
+        self._lock = threading.Lock()
+        self._buffer: list[dict[str, Any]] = []
+        self._publisher: Any = None
+        self._failed = False
+
+    # -- connection -----------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self._publisher is None and not self._failed:
+            app = self.app
+            try:
+                self._publisher = _core.EventPublisher(
+                    app.broker_url,
+                    transport_options=app.transport_options(),
+                    connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
+                )
+            except Exception as exc:
+                self._failed = True
+                logger.warning("Events are off: cannot publish events: %s", exc)
+        return self._publisher
+
+    # -- sending --------------------------------------------------------------------
+
+    def event(self, type_: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The event dict, with the standard fields and the next clock value."""
+        event = dict(fields)
+        event.update(
+            type=type_,
+            hostname=self.hostname,
+            timestamp=time.time(),
+            utcoffset=utcoffset(),
+            pid=self.pid,
+            clock=next(self._clock),
+        )
+        return event
+
+    def send(self, type_: str, **fields: Any) -> None:
+        """Send one event now (worker events, or any event outside a worker loop)."""
+        if type_.startswith("task-") and not self.enabled:
+            return
+        self._publish(type_.replace("-", "."), self.event(type_, fields))
+
+    def send_task(self, type_: str, **fields: Any) -> None:
+        """Buffer a task event (sent by ``flush``, or at once when ``BATCH`` wait)."""
+        if not self.enabled:
+            return
+        event = self.event(type_, fields)
+        with self._lock:
+            self._buffer.append(event)
+            full = len(self._buffer) >= BATCH
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered task events as one ``task.multi`` message."""
+        if not self._buffer:
+            return
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+        if batch:
+            self._publish("task.multi", batch)
+
+    def _publish(self, routing_key: str, body: Any) -> None:
+        publisher = self._connect()
+        if publisher is None:
+            return
+        try:
+            publisher.publish(
+                self.exchange,
+                routing_key,
+                body,
+                headers={"hostname": self.hostname},
+                exchange_type=self.exchange_type,
+                durable=True,
+            )
+        except Exception as exc:  # an event must never break the worker
+            logger.warning("Could not send event %s: %s", routing_key, exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered and wait (bounded) until it is written."""
+        self.flush()
+        publisher, self._publisher = self._publisher, None
+        if publisher is None:
+            return
+        try:
+            publisher.flush(timeout)
+        except Exception as exc:
+            logger.warning("Some events were not sent: %s", exc)
+        finally:
+            publisher.close()
+
+
+class Heart:
+    """Sends ``worker-online`` now, ``worker-heartbeat`` every ``freq`` seconds from a
+    daemon thread, and ``worker-offline`` on ``stop``. ``counts()`` gives
+    ``(active, processed)``."""
+
+    def __init__(
+        self,
+        dispatcher: EventDispatcher,
+        counts: Callable[[], tuple[int, int]],
+        freq: float = HEARTBEAT_FREQ,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.counts = counts
+        self.freq = freq
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _send(self, type_: str) -> None:
+        try:
+            active, processed = self.counts()
+        except Exception:
+            active, processed = 0, 0
+        self.dispatcher.send(type_, **worker_fields(self.freq, active, processed))
+
+    def start(self) -> None:
+        self._send("worker-online")
+        self._thread = threading.Thread(target=self._run, name="celeriac-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.freq):
+            self._send("worker-heartbeat")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.freq + 1.0)
+            self._thread = None
+        self._send("worker-offline")
+
+
+def _conf(app: Celeriac, name: str, default: Any) -> Any:
+    try:
+        value = app.conf[name]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value

@@ -1,0 +1,429 @@
+//! Broadcast publishing: Celery's events (`celeryev`) and other fire-and-forget
+//! messages to a named exchange.
+//!
+//! - Redis: kombu's fanout emulation is PUB/SUB, so a message is one `PUBLISH` of the
+//!   kombu envelope on channel `/{db}.<exchange>/<routing key>` (`/{db}.<exchange>`
+//!   when the routing key is empty), prefixed by `global_keyprefix` (celery-wire §3.4).
+//! - AMQP: `basic.publish` to the exchange, declared once per connection with the
+//!   given type and durability (`celeryev` is a durable topic exchange), without
+//!   `mandatory`: nobody listening is normal for events.
+//!
+//! Best effort, as kombu's event dispatcher: `publish` never waits; the I/O task writes
+//! batches, reconnects when the connection drops and gives a batch up after a few
+//! attempts (the last error is kept for `flush` to report).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, Notify};
+
+use super::url::{BrokerUrl, Scheme};
+use super::{amqp, redis as redis_transport, TransportOptions};
+use crate::error::{Error, Result};
+
+/// Attempts per batch before it is given up.
+const ATTEMPTS: u32 = 3;
+/// Most messages waiting for the I/O task; past it new ones are dropped (and counted).
+const MAX_BACKLOG: u64 = 100_000;
+
+/// One message for an exchange.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    pub exchange: String,
+    /// `topic`, `fanout` or `direct` (AMQP declaration only).
+    pub exchange_type: String,
+    pub durable: bool,
+    pub routing_key: String,
+    /// Message headers (a JSON object).
+    pub headers: Map<String, Value>,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+struct State {
+    queued: AtomicU64,
+    done: AtomicU64,
+    dropped: AtomicU64,
+    progress: Notify,
+    closed: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl State {
+    fn fail(&self, why: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(why);
+        }
+    }
+}
+
+/// Publishes broadcasts; cheap to call from any thread.
+pub struct EventPublisher {
+    tx: mpsc::UnboundedSender<Broadcast>,
+    state: Arc<State>,
+    masked: String,
+}
+
+// One per publisher, never moved after it starts: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    Redis {
+        conn: Option<MultiplexedConnection>,
+        prefix: String,
+    },
+    Amqp {
+        conn: Option<(Connection, Channel)>,
+        options: amqp::AmqpOptions,
+        declared: HashSet<String>,
+    },
+}
+
+impl EventPublisher {
+    /// Connect now (failing fast with a clear error) and start the I/O task.
+    pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
+        let link = match url.scheme {
+            Scheme::Sqlite => {
+                return Err(Error::Config(
+                    "events need a Redis or AMQP broker; the embedded SQLite broker has no \
+                     broadcast"
+                        .into(),
+                ))
+            }
+            Scheme::Amqp | Scheme::Amqps => {
+                let options = amqp::AmqpOptions::from_transport(options)?;
+                let conn = open_amqp(url, &options).await?;
+                Link::Amqp {
+                    conn: Some(conn),
+                    options,
+                    declared: HashSet::new(),
+                }
+            }
+            _ => {
+                let options = redis_transport::RedisOptions::from_transport(options)?;
+                let conn = redis_transport::connect(
+                    url,
+                    options.connect_timeout,
+                    Some(Duration::from_secs(10)),
+                )
+                .await?;
+                Link::Redis {
+                    conn: Some(conn),
+                    prefix: format!("{}/{}.", options.global_keyprefix, url.db),
+                }
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(State {
+            queued: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            progress: Notify::new(),
+            closed: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        tokio::spawn(io_loop(url.clone(), link, rx, state.clone()));
+        Ok(Self {
+            tx,
+            state,
+            masked: url.masked().to_owned(),
+        })
+    }
+
+    /// Hand a message to the I/O task; never waits. Dropped (counted) when the
+    /// backlog is full.
+    pub fn publish(&self, message: Broadcast) -> Result<()> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("the event publisher"));
+        }
+        let queued = self.state.queued.load(Ordering::Acquire);
+        if queued.saturating_sub(self.state.done.load(Ordering::Acquire)) >= MAX_BACKLOG {
+            self.state.dropped.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx
+            .send(message)
+            .map_err(|_| Error::Closed("the event publisher"))
+    }
+
+    /// Wait until every message handed over before this call was written or given up.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let target = self.state.queued.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.state.progress.notified();
+            let done = self.state.done.load(Ordering::Acquire);
+            if done >= target {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                let reason = self
+                    .state
+                    .last_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default()
+                    .unwrap_or_else(|| "no reply".into());
+                return Err(Error::Connection(format!(
+                    "{} event(s) not yet written to {} after {:.1}s: {reason}",
+                    target - done,
+                    self.masked,
+                    timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    /// Messages given up (connection down, backlog full) so far.
+    pub fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Acquire)
+    }
+
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::Release);
+    }
+}
+
+async fn open_amqp(url: &BrokerUrl, options: &amqp::AmqpOptions) -> Result<(Connection, Channel)> {
+    let conn = amqp::connect(url, options, "events").await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|err| Error::Connection(format!("cannot open a channel: {err}")))?;
+    Ok((conn, channel))
+}
+
+fn short(what: &str, text: &str) -> Result<ShortString> {
+    ShortString::try_new(text)
+        .map_err(|_| Error::Config(format!("{what} is longer than AMQP's 255 bytes")))
+}
+
+fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
+    match kind {
+        "direct" => lapin::ExchangeKind::Direct,
+        "fanout" => lapin::ExchangeKind::Fanout,
+        "headers" => lapin::ExchangeKind::Headers,
+        _ => lapin::ExchangeKind::Topic,
+    }
+}
+
+/// The PUB/SUB channel kombu's Redis transport uses for `(exchange, routing_key)`.
+pub fn redis_channel(prefix: &str, exchange: &str, routing_key: &str) -> String {
+    if routing_key.is_empty() {
+        format!("{prefix}{exchange}")
+    } else {
+        format!("{prefix}{exchange}/{routing_key}")
+    }
+}
+
+/// The kombu envelope of a broadcast on Redis (celery-wire §3.1).
+pub fn redis_envelope(message: &Broadcast) -> Result<Vec<u8>> {
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(&message.body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": Value::Object(message.headers.clone()),
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {
+                "exchange": message.exchange,
+                "routing_key": message.routing_key,
+            },
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    });
+    Ok(serde_json::to_vec(&envelope)?)
+}
+
+async fn io_loop(
+    url: BrokerUrl,
+    mut link: Link,
+    mut rx: mpsc::UnboundedReceiver<Broadcast>,
+    state: Arc<State>,
+) {
+    const MAX_BATCH: usize = 1024;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let count = batch.len() as u64;
+        let mut attempt = 0;
+        loop {
+            match write(&url, &mut link, &batch).await {
+                Ok(()) => break,
+                Err(err) => {
+                    state.fail(err.to_string());
+                    attempt += 1;
+                    if attempt >= ATTEMPTS {
+                        state.dropped.fetch_add(count, Ordering::AcqRel);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        batch.clear();
+        state.done.fetch_add(count, Ordering::AcqRel);
+        state.progress.notify_waiters();
+    }
+}
+
+async fn write(url: &BrokerUrl, link: &mut Link, batch: &[Broadcast]) -> Result<()> {
+    match link {
+        Link::Redis { conn, prefix } => {
+            let mut pipe = redis::pipe();
+            for message in batch {
+                let channel = redis_channel(prefix, &message.exchange, &message.routing_key);
+                pipe.cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(redis_envelope(message)?)
+                    .ignore();
+            }
+            if conn.is_none() {
+                *conn = Some(
+                    redis_transport::connect(
+                        url,
+                        Duration::from_secs(4),
+                        Some(Duration::from_secs(10)),
+                    )
+                    .await?,
+                );
+            }
+            let Some(active) = conn.as_mut() else {
+                return Err(Error::Closed("the connection"));
+            };
+            if let Err(err) = pipe.query_async::<()>(active).await {
+                *conn = None;
+                return Err(err.into());
+            }
+            Ok(())
+        }
+        Link::Amqp {
+            conn,
+            options,
+            declared,
+        } => {
+            if conn.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+                *conn = None;
+                declared.clear();
+                *conn = Some(open_amqp(url, options).await?);
+            }
+            let Some((_, channel)) = conn.as_ref() else {
+                return Err(Error::Closed("the connection"));
+            };
+            let channel = channel.clone();
+            let outcome = publish_amqp(&channel, declared, batch).await;
+            if outcome.is_err() {
+                *conn = None;
+                declared.clear();
+            }
+            outcome
+        }
+    }
+}
+
+async fn publish_amqp(
+    channel: &Channel,
+    declared: &mut HashSet<String>,
+    batch: &[Broadcast],
+) -> Result<()> {
+    let lost = |err: lapin::Error| Error::Connection(format!("event publish failed: {err}"));
+    for message in batch {
+        if !message.exchange.is_empty() && !declared.contains(&message.exchange) {
+            channel
+                .exchange_declare(
+                    short("exchange name", &message.exchange)?,
+                    exchange_kind(&message.exchange_type),
+                    ExchangeDeclareOptions {
+                        passive: false,
+                        durable: message.durable,
+                        auto_delete: false,
+                        internal: false,
+                        nowait: false,
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(lost)?;
+            declared.insert(message.exchange.clone());
+        }
+        let properties = BasicProperties::default()
+            .with_content_type(short("content type", "application/json")?)
+            .with_content_encoding(short("content encoding", "utf-8")?)
+            .with_delivery_mode(1)
+            .with_priority(0)
+            .with_headers(amqp::json_to_field_table(&message.headers)?);
+        channel
+            .basic_publish(
+                short("exchange name", &message.exchange)?,
+                short("routing key", &message.routing_key)?,
+                BasicPublishOptions::default(),
+                &message.body,
+                properties,
+            )
+            .await
+            .map_err(lost)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Broadcast {
+        let mut headers = Map::new();
+        headers.insert("hostname".into(), Value::from("w1@vm"));
+        Broadcast {
+            exchange: "celeryev".into(),
+            exchange_type: "topic".into(),
+            durable: true,
+            routing_key: "worker.heartbeat".into(),
+            headers,
+            body: br#"{"type": "worker-heartbeat"}"#.to_vec(),
+        }
+    }
+
+    #[test]
+    fn channels_follow_kombu_fanout_names() {
+        assert_eq!(
+            redis_channel("/0.", "celeryev", "task.multi"),
+            "/0.celeryev/task.multi"
+        );
+        assert_eq!(
+            redis_channel("/3.", "celery.pidbox", ""),
+            "/3.celery.pidbox"
+        );
+        assert_eq!(
+            redis_channel("pfx:/0.", "celeryev", "worker.online"),
+            "pfx:/0.celeryev/worker.online"
+        );
+    }
+
+    #[test]
+    fn envelope_is_kombu_shaped() {
+        let raw = redis_envelope(&event()).expect("encodes");
+        let value: Value = serde_json::from_slice(&raw).expect("json");
+        assert_eq!(value["content-type"], "application/json");
+        assert_eq!(value["headers"]["hostname"], "w1@vm");
+        assert_eq!(value["properties"]["body_encoding"], "base64");
+        assert_eq!(
+            value["properties"]["delivery_info"]["routing_key"],
+            "worker.heartbeat"
+        );
+        assert!(value["properties"]["delivery_tag"].is_string());
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(value["body"].as_str().expect("str"))
+            .expect("base64");
+        assert_eq!(body, br#"{"type": "worker-heartbeat"}"#);
+    }
+}

@@ -1,0 +1,247 @@
+"""Fixtures for the interop suite: real Celery 5.7 beside celeriac.
+
+Both sides load one module text, ``compat_tasks`` (celeriac) and ``celery_tasks``
+(Celery), with the same explicitly named tasks, so a message sent by either client is
+understood by either worker. Celery workers run as ``python -m celery ... worker -P
+solo`` subprocesses; the Celery client runs in the test process.
+
+Every test gets its own queue; Redis keys and RabbitMQ queues/exchanges named after it
+are removed afterwards, as are the result keys of the task ids the test recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from conftest import (
+    READY_TIMEOUT,
+    REDIS_URL,
+    ResultKeys,
+    TasksDir,
+    WorkerProcess,
+    worker_env,
+)
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+#: broker + result backend pairs every interop test runs on.
+PAIRS = {
+    "redis": (REDIS_URL, REDIS_URL),
+    "amqp-rpc": (AMQP_URL, "rpc://"),
+}
+
+#: One module text for both implementations; ``{impl}`` is ``celeriac`` or ``celery``.
+TASKS_TEMPLATE = '''\
+import os
+import time
+
+from {impl} import Celery
+
+import compat_errors
+
+app = Celery(
+    "{module}",
+    broker=os.environ["CELERIAC_TEST_BROKER"],
+    backend=os.environ["CELERIAC_TEST_BACKEND"],
+)
+app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("CELERIAC_TEST_PROTOCOL"):
+    app.conf.task_protocol = int(os.environ["CELERIAC_TEST_PROTOCOL"])
+
+
+@app.task(name="compat.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="compat.echo")
+def echo(*args, **kwargs):
+    """The arguments as received, and their type names (proof of decoding)."""
+    return {{
+        "args": list(args),
+        "kwargs": kwargs,
+        "arg_types": [type(a).__name__ for a in args],
+        "kwarg_types": {{k: type(v).__name__ for k, v in kwargs.items()}},
+    }}
+
+
+@app.task(name="compat.fail")
+def fail(kind, *args):
+    if kind == "custom":
+        raise compat_errors.CustomError(*args)
+    if kind == "key":
+        raise KeyError(*args)
+    raise ValueError(*args)
+
+
+@app.task(name="compat.flaky", bind=True, max_retries=3)
+def flaky(self, succeed_after):
+    if self.request.retries < succeed_after:
+        raise self.retry(countdown=0.1)
+    return self.request.retries
+
+
+@app.task(name="compat.give_up", bind=True, max_retries=1)
+def give_up(self):
+    try:
+        raise ValueError("still broken")
+    except ValueError as exc:
+        raise self.retry(exc=exc, countdown=0.1)
+
+
+@app.task(name="compat.info", bind=True)
+def info(self):
+    """What the worker read from the message."""
+    req = self.request
+    delivery_info = req.delivery_info or {{}}
+    timelimit = req.timelimit
+    return {{
+        "id": req.id,
+        "retries": req.retries,
+        "eta": req.eta if req.eta is None else str(req.eta),
+        "expires": req.expires if req.expires is None else str(req.expires),
+        "timelimit": list(timelimit) if timelimit else None,
+        "priority": delivery_info.get("priority"),
+        "root_id": req.root_id,
+        "parent_id": req.parent_id,
+        "now": time.time(),
+    }}
+
+
+@app.task(name="compat.sleep")
+def sleep(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seconds
+'''
+
+ERRORS_PY = '''\
+class CustomError(Exception):
+    """A user exception both sides can import."""
+'''
+
+
+class CompatDir(TasksDir):
+    """The test directory with ``compat_tasks`` (celeriac) and ``celery_tasks``."""
+
+    def __init__(self, path: Path, queue: str) -> None:
+        super().__init__(path, queue)
+        self.write("compat_errors.py", ERRORS_PY)
+        self.write("compat_tasks.py", TASKS_TEMPLATE.format(impl="celeriac", module="compat_tasks"))
+        self.write("celery_tasks.py", TASKS_TEMPLATE.format(impl="celery", module="celery_tasks"))
+
+    def celeriac_app(self) -> ModuleType:
+        return self.import_module("compat_tasks")
+
+    def celery_app(self) -> ModuleType:
+        return self.import_module("celery_tasks")
+
+
+@pytest.fixture(params=sorted(PAIRS))
+def compat(
+    request: pytest.FixtureRequest, tmp_path: Path, queue_name: str, result_keys: ResultKeys
+) -> Iterator[CompatDir]:
+    """A test directory on one broker/backend pair; both apps are closed afterwards."""
+    broker, backend = PAIRS[request.param]
+    directory = CompatDir(tmp_path, queue_name)
+    directory.env = worker_env(queue_name, broker, backend)
+    yield directory
+    for name in ("celery_tasks", "compat_tasks"):
+        module = sys.modules.pop(name, None)
+        app = getattr(module, "app", None)
+        if app is not None:
+            with contextlib.suppress(Exception):
+                app.close()
+    sys.modules.pop("compat_errors", None)
+    if broker.startswith("amqp"):
+        delete_amqp(broker, queue_name)
+
+
+def delete_amqp(broker: str, *queues: str) -> None:
+    """Remove our durable queues and their exchanges from RabbitMQ."""
+    from kombu import Connection
+
+    with contextlib.suppress(Exception), Connection(broker, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                channel.queue_delete(queue)
+            with contextlib.suppress(Exception):
+                channel.exchange_delete(queue)
+
+
+def celery_argv(app: str, queue: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-P",
+        "solo",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "info",
+        "-Q",
+        queue,
+        "-n",
+        f"celery-{uuid.uuid4().hex[:8]}@%h",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def start_worker(compat: CompatDir, result_keys: ResultKeys) -> Iterator[Any]:
+    """``start_worker("celery" | "celeriac", *extra)``: a worker on the test's queue,
+    ready; stopped (warm) at teardown, exit status 0 required."""
+    started: list[WorkerProcess] = []
+
+    def start(kind: str, *extra: str, pool: str = "solo") -> WorkerProcess:
+        if kind == "celery":
+            argv = celery_argv("celery_tasks", compat.queue, *extra)
+            if pool != "solo":
+                argv[argv.index("solo")] = pool
+        else:
+            argv = [
+                sys.executable,
+                "-m",
+                "celeriac",
+                "-A",
+                "compat_tasks",
+                "worker",
+                "-l",
+                "info",
+                "-P",
+                pool,
+                "-Q",
+                compat.queue,
+                *extra,
+            ]
+        process = WorkerProcess(argv, compat.path, compat.env)
+        started.append(process)
+        process.wait_for(r" ready\.", timeout=READY_TIMEOUT)
+        return process
+
+    yield start
+
+    failures: list[str] = []
+    for process in started:
+        status = process.stop()
+        for task_id in process.task_ids():
+            result_keys.add(task_id)
+        if status != 0:
+            failures.append(f"worker {process.argv} exited with {status}:\n{process.log}")
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)

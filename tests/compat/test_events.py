@@ -1,0 +1,230 @@
+"""celeriac workers seen through Celery's own event receiver, as Flower sees them.
+
+A real ``celery.events.EventReceiver`` (with ``celery.events.state.State``, Flower's
+model) listens on the broker while a celeriac worker runs with ``-E``: it must see the
+worker come online, beat, and go offline, and every task move through its states.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from celery import Celery
+from celery.events.state import State
+
+if TYPE_CHECKING:
+    from conftest import ResultKeys
+
+    from compat.conftest import CompatDir
+
+#: Longest wait for an expected event (a bound, never a speed check).
+EVENT_WAIT = 15.0
+
+
+class Capture:
+    """Celery's EventReceiver in a thread, feeding Flower's ``State``."""
+
+    def __init__(self, broker: str) -> None:
+        self.app = Celery("monitor", broker=broker, set_as_current=False)
+        self.state = State()
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self._receiver: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(EVENT_WAIT):
+            raise AssertionError(f"the event receiver did not start: {self._error!r}")
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        with self._cond:
+            self.state.event(event)
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        capture = self
+
+        try:
+            with self.app.connection_for_read() as conn:
+                base = self.app.events.Receiver
+
+                class Receiver(base):  # type: ignore[misc,valid-type]
+                    def on_consume_ready(self, *args: Any, **kwargs: Any) -> None:
+                        capture._ready.set()
+
+                receiver = Receiver(conn, handlers={"*": self._on_event})
+                self._receiver = receiver
+                receiver.capture(limit=None, timeout=None, wakeup=False)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], what: str, count: int = 1
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + EVENT_WAIT
+        with self._cond:
+            while True:
+                found = [e for e in self.events if predicate(e)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    types = [(e["type"], e.get("uuid")) for e in self.events]
+                    raise AssertionError(f"no {what} within {EVENT_WAIT}s; got {types}")
+                self._cond.wait(min(left, 0.2))
+
+    def task_events(self, task_id: str) -> list[str]:
+        with self._cond:
+            return [e["type"] for e in self.events if e.get("uuid") == task_id]
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(10)
+        self.app.close()
+
+
+@pytest.fixture
+def capture(compat: CompatDir) -> Iterator[Capture]:
+    watcher = Capture(compat.env["CELERIAC_TEST_BROKER"])
+    yield watcher
+    watcher.stop()
+
+
+def _of(type_: str, hostname: str, task_id: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    def match(event: dict[str, Any]) -> bool:
+        if event.get("type") != type_ or event.get("hostname") != hostname:
+            return False
+        return task_id is None or event.get("uuid") == task_id
+
+    return match
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_flower_sees_worker_and_tasks(
+    compat: CompatDir,
+    capture: Capture,
+    start_worker: Any,
+    result_keys: ResultKeys,
+    pool: str,
+) -> None:
+    node = f"ev-{pool}-{compat.queue[-6:]}@test"
+    worker = start_worker("celeriac", "-E", "-n", node, "-c", "2", pool=pool)
+    online = capture.wait_for(_of("worker-online", node), "worker-online")[0]
+    for field in ("freq", "active", "processed", "loadavg", "sw_ident", "sw_ver", "sw_sys"):
+        assert field in online
+    for field in ("timestamp", "utcoffset", "pid", "clock"):
+        assert field in online
+    assert online["freq"] == 2.0
+    assert online["sw_ident"] == "py-celery"
+
+    tasks = compat.celeriac_app()
+    ok = tasks.add.delay(2, 3)
+    bad = tasks.fail.delay("value", "boom")
+    retried = tasks.flaky.delay(1)
+    expired = tasks.add.apply_async(
+        (1, 1), expires=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+    )
+    for result in (ok, bad, retried, expired):
+        result_keys.add(result.id)
+    assert ok.get(timeout=10) == 5
+    assert retried.get(timeout=10) == 1
+
+    capture.wait_for(_of("task-succeeded", node, ok.id), "task-succeeded")
+    capture.wait_for(_of("task-failed", node, bad.id), "task-failed")
+    capture.wait_for(_of("task-retried", node, retried.id), "task-retried")
+    capture.wait_for(_of("task-succeeded", node, retried.id), "retried task-succeeded")
+    revoked = capture.wait_for(_of("task-revoked", node, expired.id), "task-revoked")[0]
+    assert revoked["expired"] is True
+    assert revoked["terminated"] is False
+    capture.wait_for(_of("worker-heartbeat", node), "worker-heartbeat")
+
+    assert capture.task_events(ok.id) == ["task-received", "task-started", "task-succeeded"]
+    with capture._cond:
+        state = capture.state
+        assert state.workers[node].alive
+        assert state.workers[node].sw_ident == "py-celery"
+        seen = state.tasks[ok.id]
+        assert seen.state == "SUCCESS"
+        assert seen.name == "compat.add"
+        assert seen.args == "(2, 3)"
+        assert seen.result == "5"
+        assert seen.worker.hostname == node
+        assert seen.runtime is not None and seen.runtime >= 0
+        failed = state.tasks[bad.id]
+        assert failed.state == "FAILURE"
+        assert failed.exception == "ValueError('boom')"
+        assert "ValueError" in failed.traceback
+        assert state.tasks[retried.id].state == "SUCCESS"
+        assert state.tasks[expired.id].state == "REVOKED"
+
+    assert worker.stop() == 0
+    capture.wait_for(_of("worker-offline", node), "worker-offline")
+    with capture._cond:
+        assert not capture.state.workers[node].alive
+
+
+def test_task_events_need_dash_e(
+    compat: CompatDir, capture: Capture, start_worker: Any, result_keys: ResultKeys
+) -> None:
+    # Without -E (and worker_send_task_events) only worker events are sent.
+    node = f"quiet-{compat.queue[-6:]}@test"
+    worker = start_worker("celeriac", "-n", node)
+    capture.wait_for(_of("worker-online", node), "worker-online")
+    result = compat.celeriac_app().add.delay(1, 1)
+    result_keys.add(result.id)
+    assert result.get(timeout=10) == 2
+    assert worker.stop() == 0
+    capture.wait_for(_of("worker-offline", node), "worker-offline")
+    with capture._cond:
+        sent = [e["type"] for e in capture.events if e.get("hostname") == node]
+    assert all(t.startswith("worker-") for t in sent), sent
+
+
+def test_setting_turns_task_events_on(
+    compat: CompatDir, capture: Capture, start_worker: Any, result_keys: ResultKeys
+) -> None:
+    compat.write(
+        "celeryconfig.py",
+        "worker_send_task_events = True\n",
+    )
+    text = (compat.path / "compat_tasks.py").read_text()
+    (compat.path / "compat_tasks.py").write_text(
+        text + "\napp.config_from_object('celeryconfig')\n"
+    )
+    node = f"setting-{compat.queue[-6:]}@test"
+    start_worker("celeriac", "-n", node)
+    result = compat.celeriac_app().add.delay(3, 4)
+    result_keys.add(result.id)
+    assert result.get(timeout=10) == 7
+    capture.wait_for(_of("task-succeeded", node, result.id), "task-succeeded")
+
+
+def test_client_sends_task_sent(
+    compat: CompatDir, capture: Capture, result_keys: ResultKeys
+) -> None:
+    tasks = compat.celeriac_app()
+    tasks.app.conf.task_send_sent_event = True
+    result = tasks.add.apply_async((5, 6), countdown=30)
+    result_keys.add(result.id)
+    tasks.app.close()  # sends what is pending
+    sent = capture.wait_for(
+        lambda e: e.get("type") == "task-sent" and e.get("uuid") == result.id, "task-sent"
+    )[0]
+    assert sent["hostname"].startswith("gen")
+    assert sent["name"] == "compat.add"
+    assert sent["args"] == "(5, 6)"
+    assert sent["queue"] == compat.queue
+    assert sent["retries"] == 0
+    assert sent["eta"] is not None
+    with capture._cond:
+        assert capture.state.tasks[result.id].state == "PENDING"
+        assert capture.state.tasks[result.id].name == "compat.add"
