@@ -292,6 +292,8 @@ class Celeriac:
         self._process_oid: tuple[int, str] | None = None
         self._backend: Any = _UNBUILT
         self._backend_pid = 0
+        #: ``task_send_sent_event``: this process's event dispatcher (made on first use).
+        self._events: Any = None
         self._router: Router | None = None
         self._router_version = -1
         self._name_defaults: dict[str, DispatchDefaults] = {}
@@ -589,6 +591,7 @@ class Celeriac:
         self._load_annotations()
         router = self._get_router()
         version = conf._version
+        confirm = bool((conf["broker_transport_options"] or {}).get("confirm_publish"))
         if task is None:
             defaults = DispatchDefaults(
                 conf,
@@ -600,6 +603,7 @@ class Celeriac:
                 False,
                 None,
                 False,
+                confirm,
             )
             self._name_defaults[name] = defaults
             return defaults
@@ -626,6 +630,7 @@ class Celeriac:
             bool(task.ignore_result),
             task.expires,
             bool(conf["task_always_eager"]),
+            confirm,
         )
         object.__setattr__(task, "_dispatch", defaults)
         return defaults
@@ -753,7 +758,14 @@ class Celeriac:
                     if inherited is not None:
                         opts["priority"] = inherited
 
-        self.producer.send(name, task_id, args, kwargs, route.queue, opts or None)
+        producer = self.producer
+        producer.send(name, task_id, args, kwargs, route.queue, opts or None)
+        if defaults.confirm_publish:
+            # broker_transport_options={"confirm_publish": True}: return only once the
+            # broker has the message (OperationalError after broker_connection_timeout).
+            producer.flush(float(conf["broker_connection_timeout"]))
+        if conf["task_send_sent_event"]:
+            self._send_sent_event(name, task_id, args, kwargs, route.queue, opts)
 
         result: _AsyncResult[Any] = _AsyncResult(task_id, app=self, task_name=name)
         if ignore_result:
@@ -761,6 +773,37 @@ class Celeriac:
         if parent is not None and add_to_parent:
             parent.add_trail(result)
         return result
+
+    def _send_sent_event(
+        self,
+        name: str,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        queue: str,
+        opts: Mapping[str, Any],
+    ) -> None:
+        """Celery's ``task-sent`` event (celery-wire §5.3), from ``gen<pid>@host``."""
+        from celeriac.events import EventDispatcher
+
+        events = self._events
+        if events is None or events.pid != os.getpid():
+            events = self._events = EventDispatcher(self, f"gen{os.getpid()}@{_HOSTNAME}")
+        events.send(
+            "task-sent",
+            uuid=task_id,
+            root_id=opts.get("root_id", task_id),
+            parent_id=opts.get("parent_id"),
+            name=name,
+            args=opts.get("argsrepr") or repr(args)[:1024],
+            kwargs=opts.get("kwargsrepr") or repr(kwargs)[:1024],
+            retries=opts.get("retries", 0),
+            eta=opts.get("eta"),
+            expires=opts.get("expires"),
+            queue=queue,
+            exchange=opts.get("exchange", ""),
+            routing_key=opts.get("routing_key", queue),
+        )
 
     def _set_expires(self, opts: dict[str, Any], expires: Any) -> None:
         now = self.now()
@@ -1000,6 +1043,9 @@ class Celeriac:
 
     def _flush_at_exit(self) -> None:
         pid = os.getpid()
+        events = self._events
+        if events is not None and events.pid == pid:
+            events.close()
         if self._producer is not None and self._producer_pid == pid:
             try:
                 self._producer.flush(10.0)
@@ -1015,6 +1061,9 @@ class Celeriac:
     def close(self) -> None:
         """Flush and close this process's connections (they reconnect on next use)."""
         with self._lock:
+            events, self._events = self._events, None
+            if events is not None and events.pid == os.getpid():
+                events.close()
             producer, backend = self._producer, self._backend
             self._producer = None
             self._backend = _UNBUILT

@@ -243,6 +243,8 @@ class DispatchDefaults(NamedTuple):
     ignore_result: bool
     expires: Any
     eager: bool
+    #: ``broker_transport_options["confirm_publish"]``: wait for the broker's confirm.
+    confirm_publish: bool = False
 
 
 def _build_argcheck(fun: Callable[..., Any]) -> Callable[..., None] | None:
@@ -784,7 +786,15 @@ class Task(Generic[P, R]):
         if backend is None:
             raise NotImplementedError("update_state() needs a result backend")
         own = request if request.id == task_id else None
-        backend.store(task_id, meta_for(task_id, state or states.PENDING, meta, request=own))
+        reply: dict[str, Any] = {}
+        if own is not None:  # rpc:// sends it to the caller's reply queue
+            reply = {
+                "reply_to": getattr(own, "reply_to", None),
+                "correlation_id": getattr(own, "correlation_id", None) or task_id,
+            }
+        backend.store(
+            task_id, meta_for(task_id, state or states.PENDING, meta, request=own), **reply
+        )
 
     # -- handlers the worker calls (override in a base class) ---------------------------
 

@@ -140,3 +140,31 @@ def test_rabbitmq_restart_mid_stream_loses_no_acks_late_task(
     values = [result.get(timeout=120) for result in results]
     assert values == list(range(count))
     assert process.proc.poll() is None, "the worker kept running through the restart"
+
+
+def test_publish_during_an_outage_raises_and_loses_nothing(on_rabbitmq: str) -> None:
+    from celeriac import Celery
+    from celeriac.exceptions import OperationalError
+
+    app = Celery(
+        "outage",
+        broker=AMQP_URL,
+        broker_connection_timeout=2,
+        broker_transport_options={"confirm_publish": True},
+    )
+    app.conf.task_default_queue = on_rabbitmq
+    app.send_task("tasks.add", args=[1, 1])  # connected, queue declared, confirmed
+    try:
+        _rabbitmqctl("stop_app")
+        # The broker is gone: the call does not hang and does not drop silently.
+        with pytest.raises(OperationalError) as raised:
+            app.send_task("tasks.add", args=[2, 2])
+        assert "guest:**@127.0.0.1:5672" in str(raised.value)
+    finally:
+        _rabbitmqctl("start_app")
+        _rabbitmqctl("await_startup", timeout=120)
+    # The unconfirmed message stayed in the outbox and is sent after the reconnect.
+    app.producer.flush(60)
+    with Connection(AMQP_URL, connect_timeout=5) as conn:
+        _, ready, _ = conn.default_channel.queue_declare(on_rabbitmq, passive=True)
+    assert ready == 2
