@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod events;
+pub mod outbox;
 pub mod redis;
 pub mod sqlite;
 pub mod url;

@@ -10,15 +10,16 @@
 //! - Messages whose worker died are put back after `visibility_timeout`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use super::outbox::Outbox;
 use super::url::BrokerUrl;
 use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
@@ -172,18 +173,10 @@ fn backoff(attempt: u32) -> Duration {
 // ---------------------------------------------------------------------------------
 // Producer
 
-struct ProducerState {
-    queued: AtomicU64,
-    written: AtomicU64,
-    progress: Notify,
-    last_error: Mutex<Option<String>>,
-    closed: AtomicBool,
-}
-
 /// Publishes task messages; cheap to call from any thread.
 pub struct RedisProducer {
     tx: mpsc::UnboundedSender<OutgoingMessage>,
-    state: Arc<ProducerState>,
+    state: Arc<Outbox>,
     masked: String,
 }
 
@@ -192,13 +185,7 @@ impl RedisProducer {
     pub async fn connect(url: &BrokerUrl, options: RedisOptions) -> Result<Self> {
         let conn = connect(url, options.connect_timeout, Some(Duration::from_secs(30))).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let state = Arc::new(ProducerState {
-            queued: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            progress: Notify::new(),
-            last_error: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        });
+        let state = Arc::new(Outbox::default());
         tokio::spawn(publish_loop(conn, url.clone(), options, rx, state.clone()));
         Ok(Self {
             tx,
@@ -209,10 +196,7 @@ impl RedisProducer {
 
     /// Hand a message to the I/O task; never waits.
     pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
-        if self.state.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed("the producer"));
-        }
-        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        self.state.admit()?;
         self.tx
             .send(message)
             .map_err(|_| Error::Closed("the producer"))
@@ -220,35 +204,11 @@ impl RedisProducer {
 
     /// Wait until every message published before this call is written to Redis.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        let target = self.state.queued.load(Ordering::Acquire);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.state.progress.notified();
-            let written = self.state.written.load(Ordering::Acquire);
-            if written >= target {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                let reason = self
-                    .state
-                    .last_error
-                    .lock()
-                    .map(|e| e.clone())
-                    .unwrap_or_default()
-                    .unwrap_or_else(|| "no reply".into());
-                return Err(Error::Connection(format!(
-                    "{} message(s) not yet written to {} after {:.1}s: {reason}",
-                    target - written,
-                    self.masked,
-                    timeout.as_secs_f64()
-                )));
-            }
-        }
+        self.state.flush(timeout, &self.masked, "no reply").await
     }
 
     pub fn close(&self) {
-        self.state.closed.store(true, Ordering::Release);
+        self.state.close();
     }
 }
 
@@ -257,7 +217,7 @@ async fn publish_loop(
     url: BrokerUrl,
     options: RedisOptions,
     mut rx: mpsc::UnboundedReceiver<OutgoingMessage>,
-    state: Arc<ProducerState>,
+    state: Arc<Outbox>,
 ) {
     const MAX_BATCH: usize = 4096;
     let mut declared: std::collections::HashSet<String> = Default::default();
@@ -271,9 +231,7 @@ async fn publish_loop(
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => break,
                 Err(err) => {
-                    if let Ok(mut last) = state.last_error.lock() {
-                        *last = Some(err.to_string());
-                    }
+                    state.note_error(err.to_string());
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                     if let Ok(fresh) =
@@ -284,8 +242,7 @@ async fn publish_loop(
                 }
             }
         }
-        state.written.fetch_add(count, Ordering::AcqRel);
-        state.progress.notify_waiters();
+        state.written(count);
     }
 }
 

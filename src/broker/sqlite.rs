@@ -34,7 +34,7 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,8 +43,9 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{
     params, params_from_iter, Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior,
 };
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
+use super::outbox::Outbox;
 use super::url::BrokerUrl;
 use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
@@ -755,18 +756,10 @@ pub(crate) fn new_peer_id(kind: &str) -> String {
 // ---------------------------------------------------------------------------------
 // Producer
 
-struct ProducerState {
-    queued: AtomicU64,
-    written: AtomicU64,
-    progress: Notify,
-    last_error: Mutex<Option<String>>,
-    closed: AtomicBool,
-}
-
 /// Publishes task messages; cheap to call from any thread.
 pub struct SqliteProducer {
     tx: std_mpsc::Sender<OutgoingMessage>,
-    state: Arc<ProducerState>,
+    state: Arc<Outbox>,
     masked: String,
     _checkpointer: Option<Arc<Checkpointer>>,
 }
@@ -779,13 +772,7 @@ impl SqliteProducer {
         let path = sqlite_path(url)?;
         let (conn, checkpointer) = open_async(path.clone(), options.busy_timeout).await?;
         let (tx, rx) = std_mpsc::channel();
-        let state = Arc::new(ProducerState {
-            queued: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            progress: Notify::new(),
-            last_error: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        });
+        let state = Arc::new(Outbox::default());
         let thread_state = state.clone();
         std::thread::Builder::new()
             .name("celeriac-sqlite-pub".into())
@@ -801,10 +788,7 @@ impl SqliteProducer {
 
     /// Hand a message to the writer thread; never waits.
     pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
-        if self.state.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed("the producer"));
-        }
-        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        self.state.admit()?;
         self.tx
             .send(message)
             .map_err(|_| Error::Closed("the producer"))
@@ -812,35 +796,13 @@ impl SqliteProducer {
 
     /// Wait until every message published before this call is committed.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        let target = self.state.queued.load(Ordering::Acquire);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.state.progress.notified();
-            let written = self.state.written.load(Ordering::Acquire);
-            if written >= target {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                let reason = self
-                    .state
-                    .last_error
-                    .lock()
-                    .map(|e| e.clone())
-                    .unwrap_or_default()
-                    .unwrap_or_else(|| "still writing".into());
-                return Err(Error::Connection(format!(
-                    "{} message(s) not yet written to {} after {:.1}s: {reason}",
-                    target - written,
-                    self.masked,
-                    timeout.as_secs_f64()
-                )));
-            }
-        }
+        self.state
+            .flush(timeout, &self.masked, "still writing")
+            .await
     }
 
     pub fn close(&self) {
-        self.state.closed.store(true, Ordering::Release);
+        self.state.close();
     }
 }
 
@@ -855,7 +817,7 @@ fn publish_loop(
     mut conn: Connection,
     path: PathBuf,
     rx: std_mpsc::Receiver<OutgoingMessage>,
-    state: Arc<ProducerState>,
+    state: Arc<Outbox>,
 ) {
     let mut notifier = WakeNotifier::new(KIND_CONSUMER);
     let mut rows = Vec::with_capacity(256);
@@ -882,17 +844,14 @@ fn publish_loop(
             match insert_rows(&mut conn, &rows) {
                 Ok(()) => break,
                 Err(err) => {
-                    if let Ok(mut last) = state.last_error.lock() {
-                        *last = Some(db_error(&path, &err).to_string());
-                    }
+                    state.note_error(db_error(&path, &err).to_string());
                     std::thread::sleep(backoff(attempt));
                     attempt += 1;
                 }
             }
         }
         rows.clear();
-        state.written.fetch_add(count, Ordering::AcqRel);
-        state.progress.notify_waiters();
+        state.written(count);
         notify_local(&path, Topic::Messages);
         notifier.notify(&conn);
     }
