@@ -258,3 +258,45 @@ class EventPublisher:
         """Broadcasts given up so far (broker down, backlog full)."""
 
     def close(self) -> None: ...
+
+class Mailbox:
+    """Remote control's transport (kombu's pidbox on Redis only; ``ValueError`` for
+    other brokers). Broadcasts are one ``PUBLISH`` on ``/{db}.<exchange>``; a direct
+    publish is an ``LPUSH`` to each queue bound with the routing key in
+    ``_kombu.binding.<exchange>``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        connect_timeout: float = 4.0,
+    ) -> None: ...
+    def subscribe(self, exchange: str) -> None:
+        """``PSUBSCRIBE`` the exchange's channel on a connection of its own (resubscribes
+        after a lost connection); messages wait for ``receive``."""
+
+    def receive(self, timeout: float = 1.0) -> tuple[Any, Any] | None:
+        """The next broadcast as ``(headers, body bytes)``; ``(None, reason)`` for one
+        that is not a kombu envelope; None after ``timeout``."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: Any,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        exchange_type: str = "direct",
+    ) -> int:
+        """Encode ``body`` and send it now (``fanout``: PUBLISH; else LPUSH to the bound
+        queues); the number of receivers/queues reached."""
+
+    def bind(self, exchange: str, routing_key: str, queue: str) -> None: ...
+    def unbind(self, exchange: str, routing_key: str, queue: str) -> None:
+        """Remove the binding and delete the queue."""
+
+    def pop(self, queue: str) -> tuple[Any, Any] | None:
+        """The oldest message of ``queue`` (as ``receive``), or None."""
+
+    def close(self) -> None: ...

@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod events;
 pub mod outbox;
+pub mod pidbox;
 pub mod redis;
 pub mod sqlite;
 pub mod url;

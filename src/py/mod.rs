@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod events;
 pub mod exceptions;
 pub mod options;
+pub mod pidbox;
 pub mod producer;
 pub mod scheduler;
 
@@ -19,6 +20,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     producer::register(m)?;
     consumer::register(m)?;
     events::register(m)?;
+    pidbox::register(m)?;
     backend::register(m)?;
     scheduler::register(m)?;
     Ok(())

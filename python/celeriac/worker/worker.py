@@ -331,6 +331,11 @@ class Worker:
         self.heart: Heart | None = None
         #: Tasks handed to the pool so far (``processed`` in heartbeats).
         self.processed = 0
+        #: Requests running now and tasks run per name (``inspect active``/``stats``).
+        self.running: list[Request] = []
+        self.totals: collections.Counter[str] = collections.Counter()
+        #: Answers remote control (solo/threads; not yet in prefork).
+        self.pidbox: Any = None
 
         self.consumer: Consumer | None = None
         self.backend: Backend | None = None
@@ -390,6 +395,11 @@ class Worker:
             self._rate_of[name] = value
             self.rate_limiter.set(name, rate)
         return rate
+
+    def refresh_rate_limit(self, name: str, task: Any) -> None:
+        """Apply a ``rate_limit`` changed by remote control."""
+        if self.rate_limits_enabled:
+            self._rate_for(name, task)
 
     def _consumer_factory(self) -> Callable[[], Consumer]:
         app = self.app
@@ -592,6 +602,10 @@ class Worker:
             self.child.publish(State.IDLE)
         else:
             self.start_events(lambda: (self.pool.active(), self.processed))
+            from celeriac.control import Pidbox
+
+            self.pidbox = Pidbox(self)
+            self.pidbox.start()
             logger.info("%s ready.", self.nodename)
         try:
             self._loop(self.consumer)
@@ -911,6 +925,8 @@ class Worker:
     def _execute(
         self, request: Request, guard: Callable[[bool], None] | None = None
     ) -> Disposition:
+        self.running.append(request)
+        self.totals[request.name] += 1
         try:
             return execute(request, self.backend, guard)
         except ColdShutdown:
@@ -920,6 +936,9 @@ class Worker:
                 "Task %s[%s] INTERNAL ERROR: %r", request.name, request.id, exc, exc_info=True
             )
             return Disposition.ACK if request.acks_late else Disposition.NONE
+        finally:
+            with contextlib.suppress(ValueError):
+                self.running.remove(request)
 
     def _finish(self, consumer: Consumer, done: list[tuple[Request, Disposition]]) -> None:
         acks: list[str] = []
@@ -945,6 +964,9 @@ class Worker:
         self.reserved.clear()
         self._unhold(consumer, self.eta.clear())
         status = EX_OK
+        if self.pidbox is not None:
+            self.pidbox.stop()
+            self.pidbox = None
         self.stop_events()
         try:
             restored = consumer.restore_unacked()

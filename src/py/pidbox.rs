@@ -1,0 +1,124 @@
+//! `Mailbox`: remote control's broadcasts and replies (Redis; see broker/pidbox.rs).
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use serde_json::{Map, Value};
+
+use super::codec::{dumps, loads};
+use super::options;
+use super::producer::duration;
+use crate::broker::events::Broadcast;
+use crate::broker::pidbox::{Mailbox as Inner, Received};
+use crate::broker::url::BrokerUrl;
+use crate::runtime;
+
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct Mailbox {
+    inner: Inner,
+}
+
+/// `(headers, body bytes)`, or `(None, reason)` for a message that cannot be read.
+fn to_python<'py>(py: Python<'py>, message: Received) -> PyResult<Bound<'py, PyTuple>> {
+    match message {
+        Ok((headers, body)) => {
+            let text = serde_json::to_vec(&headers)
+                .map_err(|err| PyTypeError::new_err(err.to_string()))?;
+            let headers = loads(py, &text)?;
+            PyTuple::new(py, [headers, PyBytes::new(py, &body).into_any()])
+        }
+        Err(reason) => PyTuple::new(
+            py,
+            [
+                py.None().into_bound(py),
+                reason.into_pyobject(py)?.into_any(),
+            ],
+        ),
+    }
+}
+
+#[pymethods]
+impl Mailbox {
+    #[new]
+    #[pyo3(signature = (url, *, transport_options = None, connect_timeout = 4.0))]
+    fn new(
+        py: Python<'_>,
+        url: &str,
+        transport_options: Option<&Bound<'_, PyDict>>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        let options = options::transport_options(transport_options, connect_timeout)?;
+        let inner = py.detach(|| runtime::handle().block_on(Inner::connect(&parsed, &options)))?;
+        Ok(Self { inner })
+    }
+
+    fn subscribe(&self, py: Python<'_>, exchange: &str) -> PyResult<()> {
+        py.detach(|| runtime::handle().block_on(self.inner.subscribe(exchange)))?;
+        Ok(())
+    }
+
+    #[pyo3(signature = (timeout = 1.0))]
+    fn receive<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let timeout = duration("timeout", timeout)?;
+        let got = py.detach(|| runtime::handle().block_on(self.inner.receive(timeout)))?;
+        got.map(|message| to_python(py, message)).transpose()
+    }
+
+    #[pyo3(signature = (exchange, routing_key, body, *, headers = None, exchange_type = "direct"))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        exchange: String,
+        routing_key: String,
+        body: &Bound<'_, PyAny>,
+        headers: Option<&Bound<'_, PyDict>>,
+        exchange_type: &str,
+    ) -> PyResult<usize> {
+        let body = dumps(body)?;
+        let headers: Map<String, Value> = match headers {
+            Some(given) => serde_json::from_slice(&dumps(given.as_any())?)
+                .map_err(|err| PyTypeError::new_err(format!("headers: {err}")))?,
+            None => Map::new(),
+        };
+        let message = Broadcast {
+            exchange,
+            exchange_type: exchange_type.to_owned(),
+            durable: false,
+            routing_key,
+            headers,
+            body,
+        };
+        Ok(py.detach(|| runtime::handle().block_on(self.inner.publish(&message)))?)
+    }
+
+    fn bind(&self, py: Python<'_>, exchange: &str, routing_key: &str, queue: &str) -> PyResult<()> {
+        py.detach(|| runtime::handle().block_on(self.inner.bind(exchange, routing_key, queue)))?;
+        Ok(())
+    }
+
+    fn unbind(
+        &self,
+        py: Python<'_>,
+        exchange: &str,
+        routing_key: &str,
+        queue: &str,
+    ) -> PyResult<()> {
+        py.detach(|| runtime::handle().block_on(self.inner.unbind(exchange, routing_key, queue)))?;
+        Ok(())
+    }
+
+    fn pop<'py>(&self, py: Python<'py>, queue: &str) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let got = py.detach(|| runtime::handle().block_on(self.inner.pop(queue)))?;
+        got.map(|message| to_python(py, message)).transpose()
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Mailbox>()?;
+    Ok(())
+}
