@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from types import ModuleType
@@ -24,6 +26,8 @@ PROG = "celeriac"
 EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
+#: No worker answered a remote-control command (Celery's exit status, sysexits' 69).
+EX_UNAVAILABLE = 69
 
 POOL_CHOICES = ("prefork", "solo", "threads")
 POOL_ALIASES = {"processes": "prefork"}
@@ -243,11 +247,87 @@ def build_parser() -> _Parser:
         "celeriac always schedules fairly)",
     )
 
+    inspect = commands.add_parser(
+        "inspect",
+        help="ask the workers something (remote control; Redis brokers for now)",
+        description="Ask running workers and print their replies.",
+        epilog="Example: celeriac -A tasks inspect ping",
+    )
+    _add_global_options(inspect, suppress=True)
+    inspect.add_argument("method", choices=INSPECT_METHODS, metavar="METHOD",
+                         help="one of: " + ", ".join(INSPECT_METHODS))  # fmt: skip
+    _add_control_options(inspect)
+
+    control = commands.add_parser(
+        "control",
+        help="tell the workers to do something (remote control; Redis brokers for now)",
+        description="Send a command to running workers and print their replies.",
+        epilog="Example: celeriac -A tasks control rate_limit tasks.add 10/m",
+    )
+    _add_global_options(control, suppress=True)
+    control.add_argument("method", choices=CONTROL_METHODS, metavar="METHOD",
+                         help="one of: " + ", ".join(CONTROL_METHODS))  # fmt: skip
+    control.add_argument("arguments", nargs="*", metavar="ARG",
+                         help="rate_limit: TASK_NAME RATE (e.g. tasks.add 10/m)")  # fmt: skip
+    _add_control_options(control)
+
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
     )
     help_cmd.add_argument("topic", nargs="?", metavar="COMMAND")
     return parser
+
+
+#: Remote-control commands the CLI can send (what celeriac workers answer today).
+INSPECT_METHODS = ("ping", "registered", "active", "stats")
+CONTROL_METHODS = ("rate_limit",)
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-t", "--timeout", type=float, default=1.0, metavar="SECONDS",
+        help="how long to wait for replies (default: 1.0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-d", "--destination", default=None, metavar="NODES",
+        help="comma-separated node names to ask (default: all)",
+    )  # fmt: skip
+
+
+def _cmd_remote(ns: argparse.Namespace) -> int:
+    """``inspect``/``control``: broadcast, then print one block per replying node the
+    way Celery's command line does."""
+    from celeriac import _core
+    from celeriac.control import broadcast
+
+    arguments: dict[str, Any] = {}
+    if ns.command == "control" and ns.method == "rate_limit":
+        if len(ns.arguments) != 2:
+            raise UsageError("rate_limit takes two arguments: TASK_NAME RATE (e.g. 10/m)")
+        arguments = {"task_name": ns.arguments[0], "rate_limit": ns.arguments[1]}
+    if ns.timeout <= 0:
+        raise UsageError("argument -t/--timeout: must be a positive number of seconds")
+    destination = [n for n in (ns.destination or "").split(",") if n] or None
+    app = _prepare_app(ns)
+    try:
+        replies = broadcast(app, ns.method, arguments, destination=destination, timeout=ns.timeout)
+    except (ValueError, _core.OperationalError) as exc:
+        raise AppError(str(exc)) from None
+    if not replies:
+        print("Error: No nodes replied within time constraint.", file=sys.stderr)
+        return EX_UNAVAILABLE
+    for reply in replies:
+        for node, answer in reply.items():
+            if isinstance(answer, dict) and set(answer) == {"error"}:
+                print(f"->  {node}: ERROR\n        {answer['error']}")
+            elif isinstance(answer, dict) and set(answer) == {"ok"}:
+                print(f"->  {node}: OK\n        {answer['ok']}")
+            else:
+                text = json.dumps(answer, indent=4, sort_keys=True, default=repr)
+                print(f"->  {node}: OK\n" + textwrap.indent(text, " " * 8))
+    count = len(replies)
+    print(f"\n{count} node{'s' if count != 1 else ''} online.")
+    return EX_OK
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -479,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workdir {ns.workdir!r}: {exc.strerror}") from None
         if ns.command == "worker":
             return _cmd_worker(ns)
+        if ns.command in ("inspect", "control"):
+            return _cmd_remote(ns)
         raise UsageError(f"unknown command {ns.command!r}")
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
