@@ -1,20 +1,31 @@
-"""The benchmark's app and tasks, the same module for both implementations.
+"""The benchmark's app and tasks for celeriac and Celery: the very same module for both.
 
-The implementation is chosen by the ``BENCH_IMPL`` environment variable (``celeriac`` or
-``celery``), so the worker (``-A benches.app``) and the client import the very same code
-and differ only in the ``Celery`` class. The orchestrator (``benches/run.py``) sets
-``BENCH_QUEUE`` to a fresh queue name for every measurement.
+The implementation is chosen by ``BENCH_IMPL`` (``celeriac`` or ``celery``), so the worker
+(``-A benches.app``) and the client import the same code and differ only in the ``Celery``
+class. Broker and queue come from the environment (see ``benches/peers/common.py``):
+
+- ``redis``: broker and result backend on Redis;
+- ``amqp``: RabbitMQ (Celery through py-amqp, ``pyamqp://``), results through ``rpc://``;
+- ``sqlite``: celeriac's embedded broker and result backend, one file.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+
+from benches.peers.common import (
+    AMQP_URL,
+    BROKER,
+    IO_SLEEP,
+    QUEUE,
+    REDIS_URL,
+    SQLITE_PATH,
+    count_done,
+)
+from benches.peers.common import mark as _mark
 
 IMPL = os.environ.get("BENCH_IMPL", "celery")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 
 if IMPL == "celeriac":
     from celeriac import Celery
@@ -23,10 +34,18 @@ elif IMPL == "celery":
 else:
     raise SystemExit(f"BENCH_IMPL must be 'celeriac' or 'celery', not {IMPL!r}")
 
-app = Celery("benches", broker=REDIS_URL, backend=REDIS_URL)
-app.conf.update(task_default_queue=QUEUE)
+if BROKER == "redis":
+    broker, backend = REDIS_URL, REDIS_URL
+elif BROKER == "amqp":
+    broker = ("pyamqp" if IMPL == "celery" else "amqp") + "://" + AMQP_URL.split("://", 1)[1]
+    backend = "rpc://"
+elif BROKER == "sqlite" and IMPL == "celeriac":
+    broker = backend = f"sqlite://{SQLITE_PATH}"
+else:
+    raise SystemExit(f"{IMPL} has no {BROKER} broker here")
 
-_redis: Any = None
+app = Celery("benches", broker=broker, backend=backend)
+app.conf.update(task_default_queue=QUEUE)
 
 
 @app.task(name="bench.noop", ignore_result=True)
@@ -36,18 +55,15 @@ def noop() -> None:
 
 @app.task(name="bench.mark", ignore_result=True)
 def mark(key: str) -> None:
-    """Sentinel for the drain scenario: push the wall-clock time it ran to a Redis list.
+    """Sentinel: push the wall-clock time it ran to a Redis list (see ``common.mark``)."""
+    _mark(key)
 
-    One is queued before the no-op tasks and one after; as the queue is FIFO and the worker
-    runs one task at a time, they tell when the first and the last task ran without costing
-    the other tasks anything.
-    """
-    global _redis
-    if _redis is None:
-        import redis
 
-        _redis = redis.Redis.from_url(REDIS_URL)
-    _redis.rpush(key, repr(time.time()))
+@app.task(name="bench.io", ignore_result=True)
+def io(key: str, n: int) -> None:
+    """The I/O-bound task: a 100 ms blocking sleep, then count it done."""
+    time.sleep(IO_SLEEP)
+    count_done(key, n)
 
 
 @app.task(name="bench.echo")

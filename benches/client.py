@@ -1,107 +1,138 @@
-"""One client-side measurement, run by ``benches/run.py`` in a fresh process.
+"""One client-side step of a measurement, run by ``benches/run.py`` in a fresh process.
 
-    BENCH_IMPL=celery BENCH_QUEUE=q python -m benches.client enqueue -n 20000
+    BENCH_QUEUE=q BENCH_BROKER=redis python -m benches.client celery enqueue -n 20000
 
-Prints one JSON object on the last line of stdout.
+Prints one JSON object on the last line of stdout. Every peer adapter module
+(``benches/peers/*``) offers the same functions: ``start``, ``send_noop``, ``send_noops``,
+``send_mark``, ``send_io``, ``pending``, ``finish`` and, for round trips, ``call``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 import time
+from types import ModuleType
 from typing import Any
 
-import redis
+MODULES = {
+    "celeriac": "benches.peers.celery_like",
+    "celery": "benches.peers.celery_like",
+    "dramatiq": "benches.peers.dramatiq_peer",
+    "rq": "benches.peers.rq_peer",
+    "huey": "benches.peers.huey_peer",
+    "taskiq": "benches.peers.taskiq_peer",
+}
 
-from benches.app import QUEUE, REDIS_URL, echo, mark, noop
+
+def load(peer: str) -> ModuleType:
+    if peer in ("celeriac", "celery"):
+        os.environ["BENCH_IMPL"] = peer
+    return importlib.import_module(MODULES[peer])
 
 
-def _wait_for_length(r: redis.Redis, expected: int, timeout: float) -> float:
-    """Poll the queue's length until it holds ``expected`` messages; return the time then.
+def wait_pending(mod: ModuleType, expected: int, timeout: float) -> float:
+    """Poll the queue until it holds ``expected`` messages; return the time then.
 
     A producer that writes asynchronously has not finished enqueueing until the broker
-    holds every message, so the clock stops here, not when ``delay`` returns.
+    holds every message, so the clock stops here, not when the last call returns.
     """
     deadline = time.perf_counter() + timeout
     while True:
         now = time.perf_counter()
-        length = int(r.llen(QUEUE))
+        length = mod.pending()
         if length == expected:
             return now
         if length > expected or now > deadline:
-            raise SystemExit(f"queue {QUEUE} holds {length} messages, expected {expected}")
+            raise SystemExit(f"the queue holds {length} messages, expected {expected}")
         time.sleep(0.0005)
 
 
-def enqueue(n: int) -> dict[str, Any]:
-    """(a) ``noop.delay()`` n times from one process; clock stops when Redis holds them all."""
-    r = redis.Redis.from_url(REDIS_URL)
-    noop.delay()  # warm-up: connects the producer
-    _wait_for_length(r, 1, 30.0)
+def enqueue(mod: ModuleType, n: int) -> dict[str, Any]:
+    """n single sends from one process; the clock stops when the broker holds them all."""
+    mod.start()
+    mod.send_noop()  # warm-up: connects the producer, declares the queue
+    wait_pending(mod, 1, 30.0)
     t0 = time.perf_counter()
-    for _ in range(n):
-        noop.delay()
+    mod.send_noops(n)
     t_loop = time.perf_counter()
-    t_end = _wait_for_length(r, n + 1, 120.0)
+    t_end = wait_pending(mod, n + 1, 120.0)
     seconds = max(t_end, t_loop) - t0
+    mod.finish()
+    if hasattr(mod, "cleanup"):
+        mod.cleanup()
     return {"n": n, "seconds": seconds, "loop_seconds": t_loop - t0, "rate": n / seconds}
 
 
-def fill(n: int, marks_key: str) -> dict[str, Any]:
-    """Queue the drain scenario's input (not timed): a mark, n no-ops, a mark."""
-    r = redis.Redis.from_url(REDIS_URL)
-    mark.delay(marks_key)
-    for _ in range(n):
-        noop.delay()
-    mark.delay(marks_key)
-    _wait_for_length(r, n + 2, 120.0)
-    return {"n": n, "queued": n + 2}
+def fill(mod: ModuleType, n: int, marks: str, kind: str, wait: bool) -> dict[str, Any]:
+    """Queue a drain's input (not timed): a sentinel, then n no-ops and a sentinel, or n
+    I/O-bound tasks (the last one done pushes the second time). With ``wait``, return once
+    the broker holds them all (no worker runs yet)."""
+    mod.start()
+    mod.send_mark(marks)
+    if kind == "noop":
+        mod.send_noops(n)
+        mod.send_mark(marks)
+        queued = n + 2
+    else:
+        for _ in range(n):
+            mod.send_io(marks, n)
+        queued = n + 1
+    if wait:
+        wait_pending(mod, queued, 120.0 + n / 100)
+    mod.finish()
+    return {"n": n, "queued": queued}
 
 
-def roundtrip(calls: int, warmup: int) -> dict[str, Any]:
-    """(c) sequential ``echo.delay(i).get()``; one latency per call, in milliseconds."""
-    ids: list[str] = []
+def mark(mod: ModuleType, marks: str) -> dict[str, Any]:
+    """One sentinel (the memory scenario's 'the worker is ready')."""
+    mod.start()
+    mod.send_mark(marks)
+    mod.finish()
+    return {}
+
+
+def roundtrip(mod: ModuleType, calls: int, warmup: int) -> dict[str, Any]:
+    """Sequential ``call(i)`` (send, then wait for the result); one latency per call, ms."""
+    mod.start()
     # The first call also waits for the worker to start.
-    first = echo.delay(-1)
-    ids.append(first.id)
-    if first.get(timeout=60) != -1:
-        raise SystemExit("echo(-1) returned a wrong result")
     for i in range(warmup):
-        res = echo.delay(i)
-        ids.append(res.id)
-        res.get(timeout=10)
+        if mod.call(i) != i:
+            raise SystemExit(f"call({i}) returned a wrong result")
     latencies: list[float] = []
     clock = time.perf_counter_ns
     for i in range(calls):
         t0 = clock()
-        res = echo.delay(i)
-        value = res.get(timeout=10)
+        value = mod.call(i)
         latencies.append((clock() - t0) / 1e6)
-        ids.append(res.id)
         if value != i:
-            raise SystemExit(f"echo({i}) returned {value!r}")
-    # Clean up the result keys (not timed).
-    r = redis.Redis.from_url(REDIS_URL)
-    for start in range(0, len(ids), 1000):
-        r.delete(*(f"celery-task-meta-{tid}" for tid in ids[start : start + 1000]))
+            raise SystemExit(f"call({i}) returned {value!r}")
+    mod.finish()
     return {"calls": calls, "latencies_ms": latencies}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.client")
-    parser.add_argument("scenario", choices=["enqueue", "fill", "roundtrip"])
+    parser.add_argument("peer", choices=sorted(MODULES))
+    parser.add_argument("step", choices=["enqueue", "fill", "mark", "roundtrip"])
     parser.add_argument("-n", type=int, default=20_000)
-    parser.add_argument("--marks-key", default="")
+    parser.add_argument("--marks", default="")
+    parser.add_argument("--kind", choices=["noop", "io"], default="noop")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--no-wait", action="store_true", help="fill: a worker is running")
     args = parser.parse_args(argv)
-    if args.scenario == "enqueue":
-        out = enqueue(args.n)
-    elif args.scenario == "fill":
-        out = fill(args.n, args.marks_key)
+    mod = load(args.peer)
+    if args.step == "enqueue":
+        out = enqueue(mod, args.n)
+    elif args.step == "fill":
+        out = fill(mod, args.n, args.marks, args.kind, not args.no_wait)
+    elif args.step == "mark":
+        out = mark(mod, args.marks)
     else:
-        out = roundtrip(args.n, args.warmup)
+        out = roundtrip(mod, args.n, args.warmup)
     sys.stdout.write("\n" + json.dumps(out) + "\n")
     sys.stdout.flush()
     return 0

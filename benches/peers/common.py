@@ -1,0 +1,128 @@
+"""What every peer adapter shares: the settings from the environment and the side channel.
+
+Each measurement runs its worker and its client in fresh processes; the orchestrator
+(``benches/run.py``) passes them the broker and a fresh queue name through the
+environment:
+
+- ``BENCH_BROKER``: ``redis``, ``amqp`` or ``sqlite``;
+- ``BENCH_QUEUE``: the queue name, unique to the measurement (every key, queue or file the
+  peer makes contains it, so the orchestrator can delete them all);
+- ``BENCH_REDIS_URL``, ``BENCH_AMQP_URL``, ``BENCH_SQLITE``: where the brokers are.
+
+The side channel is a Redis list written by sentinel tasks (:func:`mark`) and by the
+I/O-bound task once the n-th one is done (:func:`count_done`): the orchestrator reads it,
+so completion costs the measured tasks nothing (the I/O-bound tasks pay one ``INCR`` each,
+under 1 % of their 100 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+BROKER = os.environ.get("BENCH_BROKER", "redis")
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+SQLITE_PATH = os.environ.get("BENCH_SQLITE", f"/tmp/{QUEUE}.sqlite3")
+
+#: the I/O-bound task's sleep, seconds
+IO_SLEEP = 0.1
+
+_redis: Any = None
+_redis_pid = 0
+
+
+def side_redis() -> Any:
+    """A Redis client for the side channel, made in the process that uses it (after a fork)."""
+    global _redis, _redis_pid
+    if _redis is None or _redis_pid != os.getpid():
+        import redis
+
+        _redis = redis.Redis.from_url(REDIS_URL)
+        _redis_pid = os.getpid()
+    return _redis
+
+
+def mark(key: str) -> None:
+    """The sentinel's body: push the wall-clock time it ran to the list ``key``."""
+    side_redis().rpush(key, repr(time.time()))
+
+
+def count_done(key: str, n: int) -> None:
+    """Count one finished task; the n-th pushes the time to ``key`` (as a sentinel would)."""
+    r = side_redis()
+    if int(r.incr(f"{key}:count")) == n:
+        r.rpush(key, repr(time.time()))
+
+
+def redis_length(key: str) -> int:
+    return int(side_redis().llen(key))
+
+
+_amqp: Any = None
+_amqp_channel: Any = None
+
+
+def amqp_length(queue: str) -> int:
+    """Ready messages in a RabbitMQ queue (a passive declare); 0 if it does not exist yet."""
+    global _amqp, _amqp_channel
+    import amqp  # type: ignore[import-untyped]
+
+    if _amqp is None:
+        rest = AMQP_URL.split("://", 1)[1]
+        creds, _, hostpart = rest.rpartition("@")
+        user, _, password = creds.partition(":")
+        _amqp = amqp.Connection(
+            host=hostpart.split("/")[0], userid=user or "guest", password=password or "guest"
+        )
+        _amqp.connect()
+    if _amqp_channel is None or not _amqp_channel.is_open:
+        _amqp_channel = _amqp.channel()
+    try:
+        _, count, _ = _amqp_channel.queue_declare(queue, passive=True)
+    except amqp.exceptions.NotFound:
+        _amqp_channel = None  # the broker closed the channel
+        return 0
+    return int(count)
+
+
+_COUNTER = """
+import sqlite3, sys
+for line in sys.stdin:
+    path, sql, *params = line.rstrip("\\n").split("\\t")
+    try:
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            n = conn.execute(sql, params).fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        n = 0
+    print(n, flush=True)
+"""
+_counter: Any = None
+
+
+def sqlite_length(sql: str, *params: str) -> int:
+    """Rows counted by ``sql`` in the measurement's SQLite file (0 if it has no table yet).
+
+    Counted in a helper process: two SQLite libraries in one process (Python's and the
+    copy inside celeriac's extension) clear each other's POSIX locks and can corrupt the
+    file (sqlite.org/howtocorrupt.html, 2.2.1).
+    """
+    global _counter
+    if not os.path.exists(SQLITE_PATH):
+        return 0
+    if _counter is None:
+        _counter = subprocess.Popen(
+            [sys.executable, "-c", _COUNTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+    assert _counter.stdin is not None and _counter.stdout is not None
+    _counter.stdin.write("\t".join([SQLITE_PATH, sql, *params]) + "\n")
+    _counter.stdin.flush()
+    return int(_counter.stdout.readline())
