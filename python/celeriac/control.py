@@ -145,6 +145,11 @@ class Pidbox:
         try:
             self._mailbox = _mailbox(self.worker.app)
             self._mailbox.subscribe(PIDBOX)
+        except ValueError as exc:
+            # A broker we have no mailbox for yet (AMQP, SQLite): expected, not a fault.
+            logger.info("Remote control is off: %s", exc)
+            self._mailbox = None
+            return
         except Exception as exc:
             logger.warning("Remote control is off: %s", exc)
             self._mailbox = None

@@ -106,6 +106,10 @@ class EventDispatcher:
                     transport_options=app.transport_options(),
                     connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
                 )
+            except ValueError as exc:
+                # A broker without broadcast (the embedded SQLite): expected, not a fault.
+                self._failed = True
+                logger.info("Events are off: %s", exc)
             except Exception as exc:
                 self._failed = True
                 logger.warning("Events are off: cannot publish events: %s", exc)
