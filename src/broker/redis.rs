@@ -1022,30 +1022,43 @@ async fn restore_visible_loop(mut conn: MultiplexedConnection, shared: Arc<Consu
 }
 
 /// Restore messages whose visibility timeout has passed. Returns how many.
-pub async fn restore_visible(
+/// Take kombu's `unacked_mutex` (SET NX PX) so that one process restores at a time;
+/// the token to release it with, or `None` when another process holds it.
+async fn lock_restore(
     conn: &mut MultiplexedConnection,
     options: &RedisOptions,
-) -> Result<usize> {
-    let mutex_key = options.key(&options.unacked_mutex_key);
+) -> Result<Option<String>> {
     let token = uuid::Uuid::new_v4().to_string();
     let locked: Option<String> = redis::cmd("SET")
-        .arg(&mutex_key)
+        .arg(options.key(&options.unacked_mutex_key))
         .arg(&token)
         .arg("NX")
         .arg("PX")
         .arg(options.unacked_mutex_expire.as_millis() as u64)
         .query_async(conn)
         .await?;
-    if locked.is_none() {
-        return Ok(0);
-    }
-    let result = restore_expired(conn, options).await;
+    Ok(locked.map(|_| token))
+}
+
+/// Release the mutex if we still hold it; a failure only lets it expire.
+async fn unlock_restore(conn: &mut MultiplexedConnection, options: &RedisOptions, token: &str) {
     let _: i64 = Script::new(UNLOCK_SCRIPT)
-        .key(&mutex_key)
-        .arg(&token)
+        .key(options.key(&options.unacked_mutex_key))
+        .arg(token)
         .invoke_async(conn)
         .await
         .unwrap_or(0);
+}
+
+pub async fn restore_visible(
+    conn: &mut MultiplexedConnection,
+    options: &RedisOptions,
+) -> Result<usize> {
+    let Some(token) = lock_restore(conn, options).await? else {
+        return Ok(0);
+    };
+    let result = restore_expired(conn, options).await;
+    unlock_restore(conn, options, &token).await;
     result
 }
 
@@ -1225,19 +1238,9 @@ pub async fn recover_dead(
     if dead.is_empty() {
         return Ok(0);
     }
-    let mutex_key = options.key(&options.unacked_mutex_key);
-    let token = uuid::Uuid::new_v4().to_string();
-    let locked: Option<String> = redis::cmd("SET")
-        .arg(&mutex_key)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(options.unacked_mutex_expire.as_millis() as u64)
-        .query_async(conn)
-        .await?;
-    if locked.is_none() {
+    let Some(token) = lock_restore(conn, options).await? else {
         return Ok(0);
-    }
+    };
     let mut restored = 0;
     let mut result = Ok(());
     for id in dead {
@@ -1249,12 +1252,7 @@ pub async fn recover_dead(
             }
         }
     }
-    let _: i64 = Script::new(UNLOCK_SCRIPT)
-        .key(&mutex_key)
-        .arg(&token)
-        .invoke_async(conn)
-        .await
-        .unwrap_or(0);
+    unlock_restore(conn, options, &token).await;
     result.map(|()| restored)
 }
 
