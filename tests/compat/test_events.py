@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,30 @@ class Capture:
         self._thread.start()
         if not self._ready.wait(EVENT_WAIT):
             raise AssertionError(f"the event receiver did not start: {self._error!r}")
+        self._wait_subscribed()
+
+    def _wait_subscribed(self) -> None:
+        """Send probe events until one comes back.
+
+        kombu calls ``on_consume_ready`` before its Redis channel has sent PSUBSCRIBE, and
+        pub/sub keeps nothing for late subscribers: an event published in that gap is lost.
+        """
+        probe = f"probe-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + EVENT_WAIT
+        with self.app.connection_for_write() as conn:
+            dispatcher = self.app.events.Dispatcher(conn, hostname=probe)
+            try:
+                while time.monotonic() < deadline:
+                    dispatcher.send("probe-ready")
+                    with self._cond:
+                        seen = self._cond.wait_for(
+                            lambda: any(e.get("hostname") == probe for e in self.events), 0.2
+                        )
+                    if seen:
+                        return
+            finally:
+                dispatcher.close()
+        raise AssertionError(f"the event receiver saw no probe within {EVENT_WAIT}s")
 
     def _on_event(self, event: dict[str, Any]) -> None:
         with self._cond:
