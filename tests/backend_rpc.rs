@@ -223,3 +223,104 @@ fn the_backend_enum_picks_rpc_and_needs_an_amqp_broker() {
     );
     delete_queue(&reply_to);
 }
+
+/// celeriac's own Rust parts of an `rpc://` round trip, with no Python: the client's
+/// task producer and rpc backend, a worker's consumer (prefetch 4, acking each
+/// message) and rpc backend, on the real RabbitMQ. Prints p50/p90/p99 of 2,000
+/// sequential round trips, to set against `broker_amqp`'s bare lapin floor and the
+/// benchmark's Python figure; run with
+/// `cargo test --test backend_rpc -- --ignored rust_only --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn rust_only_round_trip() {
+    use _core::broker::amqp::{AmqpConsumer, AmqpProducer};
+    use _core::broker::Fetched;
+    use _core::protocol::message::{
+        write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
+    };
+    const CALLS: usize = 2000;
+    let reply_to = oid();
+    let queue = oid();
+    let url = BrokerUrl::parse(BROKER).expect("url");
+    let client = client(&reply_to);
+    let store = worker();
+    let handle = runtime::handle();
+    let producer = handle
+        .block_on(AmqpProducer::connect(
+            &url,
+            AmqpOptions::default(),
+            Vec::new(),
+        ))
+        .expect("producer");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = handle
+        .block_on(AmqpConsumer::connect(
+            &url,
+            std::slice::from_ref(&queue),
+            4,
+            AmqpOptions::default(),
+            tx,
+        ))
+        .expect("consumer");
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Instant>();
+    let serve = std::thread::spawn(move || {
+        while let Some(Fetched::Message(Ok(message))) = rx.blocking_recv() {
+            let _ = seen_tx.send(Instant::now());
+            consumer.ack(vec![message.delivery_tag]).expect("ack");
+            let id = message.correlation_id.unwrap_or_default();
+            let reply = message.reply_to.unwrap_or_default();
+            if id == "stop" {
+                break;
+            }
+            store
+                .store(&id, meta(&id, "SUCCESS", 1), Some(&reply), None)
+                .expect("store");
+        }
+        consumer.close();
+    });
+    let send = |id: &str| {
+        let mut body = Vec::new();
+        write_body(&mut body, b"[1]", b"{}", EMPTY_EMBED.as_bytes());
+        producer
+            .publish(OutgoingMessage {
+                exchange: String::new(),
+                routing_key: queue.clone(),
+                headers: TaskHeaders::new("tests.echo".into(), id.to_owned(), "gen0@t".into()),
+                properties: TaskProperties::json(id.to_owned(), reply_to.clone()),
+                body,
+            })
+            .expect("publish");
+    };
+    let mut latencies = Vec::with_capacity(CALLS);
+    let mut legs = Vec::with_capacity(CALLS);
+    for i in 0..CALLS + 50 {
+        let id = format!("t{i}");
+        let started = Instant::now();
+        send(&id);
+        let got = client
+            .wait(&id, Some(Instant::now() + Duration::from_secs(10)))
+            .expect("result");
+        let done = Instant::now();
+        assert_eq!(got, meta(&id, "SUCCESS", 1));
+        let seen = seen_rx.recv().expect("seen");
+        if i >= 50 {
+            latencies.push(done - started);
+            legs.push(seen - started);
+        }
+    }
+    legs.sort();
+    eprintln!("  send -> worker has it: p50 {:?}", legs[legs.len() / 2]);
+    send("stop");
+    serve.join().expect("worker thread");
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "celeriac (Rust only) rpc round trip: p50 {:?} p90 {:?} p99 {:?}",
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
+    producer.close();
+    delete_queue(&queue);
+    delete_queue(&reply_to);
+}

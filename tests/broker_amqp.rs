@@ -804,3 +804,357 @@ fn queue_specs_follow_celery() {
     assert_eq!(reply.exchange, "");
     assert_eq!(reply.arguments["x-expires"], 86_400_000);
 }
+
+/// The broker's own bound, with no celeriac code in the way: a bare lapin loop
+/// publishing n messages of a no-op task's size to a durable queue on one channel,
+/// timed until the queue holds them all (what `python -m benches` enqueue measures),
+/// for persistent and transient messages, with and without confirm mode. Prints the
+/// rates; run with `cargo test --test broker_amqp -- --ignored bare_lapin --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn bare_lapin_publish_ceiling() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::BasicProperties;
+    const N: u32 = 20_000;
+    let body = vec![b'x'; 180];
+    for (mode, confirm) in [(2u8, true), (2, false), (1, true), (1, false)] {
+        let queue = unique("bare");
+        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
+            .await
+            .expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
+            .await
+            .expect("declare");
+        if confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirm");
+        }
+        let started = Instant::now();
+        let mut confirms = Vec::with_capacity(N as usize);
+        for _ in 0..N {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(mode),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        let written = started.elapsed();
+        while depth(&queue).await < N {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let held = started.elapsed();
+        for confirm in confirms {
+            confirm.await.expect("confirmed");
+        }
+        let confirmed = started.elapsed();
+        eprintln!(
+            "bare lapin: delivery_mode {mode}, confirms {confirm}: {N} written in {:.3}s, \
+             held by the queue after {:.3}s ({:.0}/s), confirmed after {:.3}s",
+            written.as_secs_f64(),
+            held.as_secs_f64(),
+            f64::from(N) / held.as_secs_f64(),
+            confirmed.as_secs_f64()
+        );
+        let _ = conn.close(200, "OK".into()).await;
+        cleanup(&[&queue]).await;
+    }
+    // Task messages (Celery's headers) through celeriac's producer, and the same
+    // header table through bare lapin.
+    for bare in [false, true] {
+        let queue = unique("bare");
+        let producer = new_producer(AmqpOptions::default()).await;
+        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
+            .await
+            .expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
+            .await
+            .expect("declare");
+        let sample = message(&queue, 0, None);
+        let headers = match serde_json::to_value(&sample.headers).expect("json") {
+            serde_json::Value::Object(object) => amqp::json_to_field_table(&object).expect("t"),
+            _ => unreachable!(),
+        };
+        let started = Instant::now();
+        let mut confirms = Vec::new();
+        for n in 0..N {
+            if bare {
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_content_encoding("utf-8".into())
+                    .with_correlation_id(format!("task-{n}").into())
+                    .with_reply_to("reply-oid".into())
+                    .with_headers(headers.clone());
+                confirms.push(
+                    channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &sample.body,
+                            properties,
+                        )
+                        .await
+                        .expect("publish"),
+                );
+            } else {
+                producer
+                    .publish(message(&queue, n as usize, None))
+                    .expect("publish");
+            }
+        }
+        while depth(&queue).await < N {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let held = started.elapsed();
+        producer
+            .flush(Duration::from_secs(60))
+            .await
+            .expect("confirmed");
+        for confirm in confirms {
+            confirm.await.expect("confirmed");
+        }
+        let confirmed = started.elapsed();
+        eprintln!(
+            "{}: task messages ({} bytes of body), delivery_mode 2, confirms true: held by \
+             the queue after {:.3}s ({:.0}/s), confirmed after {:.3}s",
+            if bare {
+                "bare lapin"
+            } else {
+                "celeriac producer"
+            },
+            sample.body.len(),
+            held.as_secs_f64(),
+            f64::from(N) / held.as_secs_f64(),
+            confirmed.as_secs_f64()
+        );
+        producer.close();
+        let _ = conn.close(200, "OK".into()).await;
+        cleanup(&[&queue]).await;
+    }
+    // The same messages through celeriac's producer (raw: no task headers).
+    for mode in [2u8, 1] {
+        let queue = unique("bare");
+        let producer = new_producer(AmqpOptions::default()).await;
+        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
+            .await
+            .expect("connect");
+        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
+            .await
+            .expect("declare");
+        let started = Instant::now();
+        for _ in 0..N {
+            producer
+                .publish_raw(RawPublish {
+                    exchange: String::new(),
+                    routing_key: queue.clone(),
+                    correlation_id: None,
+                    content_type: "application/json".into(),
+                    content_encoding: "utf-8".into(),
+                    delivery_mode: mode,
+                    body: body.clone(),
+                })
+                .expect("publish");
+        }
+        while depth(&queue).await < N {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let held = started.elapsed();
+        producer
+            .flush(Duration::from_secs(60))
+            .await
+            .expect("confirmed");
+        let confirmed = started.elapsed();
+        eprintln!(
+            "celeriac producer: delivery_mode {mode}, confirms true: held by the queue after \
+             {:.3}s ({:.0}/s), confirmed after {:.3}s",
+            held.as_secs_f64(),
+            f64::from(N) / held.as_secs_f64(),
+            confirmed.as_secs_f64()
+        );
+        producer.close();
+        let _ = conn.close(200, "OK".into()).await;
+        cleanup(&[&queue]).await;
+    }
+}
+
+/// The round trip's floor with no celeriac code: bare lapin, one connection as the
+/// client (publishes a persistent task to queue A, waits on its reply queue B) and one
+/// as the worker (consumes A with acks, publishes the result to B, transient). Prints
+/// p50/p90/p99 of 2,000 sequential round trips; run with
+/// `cargo test --test broker_amqp -- --ignored bare_lapin_round --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn bare_lapin_round_trip_floor() {
+    for _ in 0..2 {
+        round_trip_floor(false, (false, false)).await;
+        round_trip_floor(true, (false, false)).await;
+        round_trip_floor(false, (true, false)).await;
+        round_trip_floor(false, (false, true)).await;
+        round_trip_floor(false, (true, true)).await;
+    }
+}
+
+/// `relay`: every publish goes through an mpsc to a task that publishes it, as
+/// celeriac's producer I/O task does (one thread hop more on each side).
+async fn round_trip_floor(relay: bool, confirm: (bool, bool)) {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+    use lapin::BasicProperties;
+    const CALLS: usize = 2000;
+    let tasks = unique("rt-tasks");
+    let replies = unique("rt-replies");
+    let client = amqp::connect(&url(), &AmqpOptions::default(), "rt-client")
+        .await
+        .expect("connect");
+    let worker = amqp::connect(&url(), &AmqpOptions::default(), "rt-worker")
+        .await
+        .expect("connect");
+    amqp::declare(&client, &QueueSpec::celery(&tasks, Default::default()))
+        .await
+        .expect("declare");
+    amqp::declare(&client, &QueueSpec::rpc_reply(&replies, None))
+        .await
+        .expect("declare");
+    let client_channel = client.create_channel().await.expect("channel");
+    let worker_channel = worker.create_channel().await.expect("channel");
+    for (channel, on) in [(&client_channel, confirm.0), (&worker_channel, confirm.1)] {
+        if on {
+            channel
+                .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                .await
+                .expect("confirm");
+        }
+    }
+    worker_channel
+        .basic_qos(4, Default::default())
+        .await
+        .expect("qos");
+    let mut incoming = worker_channel
+        .basic_consume(
+            tasks.as_str().into(),
+            "w".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut answers = client_channel
+        .basic_consume(
+            replies.as_str().into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let replies_for_worker = replies.clone();
+    let (relay_tx, mut relay_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(lapin::Channel, String, Vec<u8>, u8)>();
+    let relay_task = tokio::spawn(async move {
+        while let Some((channel, queue, body, mode)) = relay_rx.recv().await {
+            let _ = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(mode),
+                )
+                .await;
+        }
+    });
+    let worker_relay = relay_tx.clone();
+    let serve = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = incoming.next().await {
+            let _ = worker_channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await;
+            if relay {
+                let _ = worker_relay.send((
+                    worker_channel.clone(),
+                    replies_for_worker.clone(),
+                    delivery.data,
+                    1,
+                ));
+                continue;
+            }
+            let _ = worker_channel
+                .basic_publish(
+                    "".into(),
+                    replies_for_worker.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    BasicProperties::default().with_delivery_mode(1),
+                )
+                .await;
+        }
+    });
+    let mut latencies = Vec::with_capacity(CALLS);
+    for i in 0..CALLS + 50 {
+        let started = Instant::now();
+        if relay {
+            relay_tx
+                .send((
+                    client_channel.clone(),
+                    tasks.clone(),
+                    format!("{i}").into_bytes(),
+                    2,
+                ))
+                .expect("relay");
+        } else {
+            client_channel
+                .basic_publish(
+                    "".into(),
+                    tasks.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("{i}").as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+        }
+        let answer = answers.next().await.expect("answer").expect("delivery");
+        assert_eq!(answer.data, format!("{i}").as_bytes());
+        if i >= 50 {
+            latencies.push(started.elapsed());
+        }
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "bare lapin round trip{} (confirm mode: client {}, worker {}): p50 {:?} p90 {:?} p99 {:?}",
+        if relay {
+            " (publishes relayed by a task)"
+        } else {
+            ""
+        },
+        confirm.0,
+        confirm.1,
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
+    serve.abort();
+    relay_task.abort();
+    let _ = client.close(200, "OK".into()).await;
+    let _ = worker.close(200, "OK".into()).await;
+    cleanup(&[&tasks, &replies]).await;
+}

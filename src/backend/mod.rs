@@ -60,6 +60,8 @@ pub struct BackendOptions {
     pub reply_to: String,
     /// rpc: `result_persistent` (delivery mode 2).
     pub persistent: bool,
+    /// rpc: the broker's transport options (`broker_transport_options`, TLS, heartbeat).
+    pub broker_transport: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for BackendOptions {
@@ -75,6 +77,7 @@ impl Default for BackendOptions {
             broker_url: None,
             reply_to: String::new(),
             persistent: false,
+            broker_transport: serde_json::Map::new(),
         }
     }
 }
@@ -118,15 +121,16 @@ impl Backend {
                     "the rpc:// result backend needs the broker URL (broker_url)".into(),
                 )
             })?;
-            let defaults = rpc::RpcBackendOptions::default();
             let options = rpc::RpcBackendOptions {
                 reply_to: options.reply_to,
                 expires: options.expires,
                 persistent: options.persistent,
-                transport: crate::broker::amqp::AmqpOptions {
-                    connect_timeout: options.connect_timeout,
-                    ..defaults.transport
-                },
+                transport: crate::broker::amqp::AmqpOptions::from_transport(
+                    &crate::broker::TransportOptions {
+                        connect_timeout: options.connect_timeout,
+                        extra: options.broker_transport,
+                    },
+                )?,
             };
             return Ok(Self::Rpc(Box::new(rpc::RpcBackend::connect(
                 broker, options,

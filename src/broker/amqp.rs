@@ -6,9 +6,12 @@
 //!   `X -> X` with key `X`. Tasks for a direct queue are published to the default
 //!   exchange `''` with routing key `X`, as Celery does. Queues configured with other
 //!   exchanges come from the `queues` transport option.
-//! - Publishing: `publish` only queues the message. One I/O task per producer writes
-//!   everything pending back to back on a channel in confirm mode, keeps each message in
-//!   an outbox until the broker confirms it, and re-sends the outbox after a reconnect.
+//! - Publishing: `publish` never waits. One I/O task per producer writes everything
+//!   pending back to back on a channel in confirm mode, keeps each message in an
+//!   outbox until the broker confirms it, and re-sends the outbox after a reconnect.
+//!   When nothing is pending (every earlier message confirmed) and the target is
+//!   declared, `publish` queues the frames on the channel itself and hands the I/O task
+//!   only the confirm to track: a lone publish (a round trip's) saves a thread hop.
 //!   A nack or an unroutable (returned) message is counted and reported by the next
 //!   `flush`. `flush(timeout)` waits for the confirms.
 //! - Consuming: one I/O task per consumer owns the connection and the channel:
@@ -36,6 +39,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -136,7 +140,10 @@ impl QueueSpec {
 /// - `queues` (dict name -> {`exchange`, `exchange_type`, `routing_key`, `durable`,
 ///   `auto_delete`, `exclusive`, `queue_arguments`}): `task_queues`,
 /// - `qos_global` (bool): force `basic.qos`'s global flag,
-/// - `max_message_size` (bytes).
+/// - `max_message_size` (bytes),
+/// - `ssl`: `broker_use_ssl` — `true` (TLS, the system's root certificates) or a
+///   dict of `ca_certs`, `certfile`, `keyfile` (PEM file paths) and `cert_reqs`
+///   (`"required"`, `"optional"`, `"none"`; see [`TlsSettings`]).
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
     pub connect_timeout: Duration,
@@ -147,6 +154,91 @@ pub struct AmqpOptions {
     pub max_message_size: usize,
     /// Shown in RabbitMQ's connection list (default: `celeriac <role> (pid N)`).
     pub connection_name: Option<String>,
+    /// TLS settings from `broker_use_ssl`; `amqps://` uses TLS without them too.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `broker_use_ssl`, read and checked once (the files are read when the options are,
+/// so a missing file fails at start, naming the setting and the path).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsSettings {
+    /// Extra trusted roots (`ca_certs`) and the client certificate (`certfile` +
+    /// `keyfile`), as lapin takes them. The system's roots are always trusted too.
+    pub config: OwnedTLSConfig,
+}
+
+impl TlsSettings {
+    /// From the `ssl` transport option: `true`, or a dict as Celery's
+    /// `broker_use_ssl` (`ca_certs`, `certfile`, `keyfile`, `cert_reqs`).
+    pub fn from_value(value: &Value) -> Result<Option<Self>> {
+        let bad = |why: String| Error::Config(format!("broker_use_ssl: {why}"));
+        let object = match value {
+            Value::Null | Value::Bool(false) => return Ok(None),
+            Value::Bool(true) => return Ok(Some(Self::default())),
+            Value::Object(object) => object,
+            other => {
+                return Err(bad(format!(
+                    "must be True or a dict (ca_certs, certfile, keyfile, cert_reqs), not {other}"
+                )))
+            }
+        };
+        let path = |key: &str| -> Result<Option<String>> {
+            match object.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(path)) => Ok(Some(path.clone())),
+                Some(other) => Err(bad(format!("{key} must be a file path, not {other}"))),
+            }
+        };
+        let read = |key: &str, path: &str| -> Result<Vec<u8>> {
+            std::fs::read(path).map_err(|err| bad(format!("cannot read {key} {path:?}: {err}")))
+        };
+        let mut settings = Self::default();
+        match object.get("cert_reqs") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(reqs)) if matches!(reqs.as_str(), "required" | "optional") => {}
+            Some(Value::String(reqs)) if reqs == "none" => {
+                return Err(bad(
+                    "cert_reqs=CERT_NONE (no check of the server's certificate) is not \
+                     supported; give the server's CA in ca_certs instead"
+                        .into(),
+                ))
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "cert_reqs must be ssl.CERT_REQUIRED, ssl.CERT_OPTIONAL or ssl.CERT_NONE, not {other}"
+                )))
+            }
+        }
+        if let Some(ca) = path("ca_certs")? {
+            let pem = read("ca_certs", &ca)?;
+            let text = String::from_utf8(pem)
+                .ok()
+                .filter(|text| text.contains("-----BEGIN CERTIFICATE-----"))
+                .ok_or_else(|| bad(format!("ca_certs {ca:?} holds no PEM certificate")))?;
+            settings.config.cert_chain = Some(text);
+        }
+        match (path("certfile")?, path("keyfile")?) {
+            (None, None) => {}
+            (Some(cert), key) => {
+                let pem = read("certfile", &cert)?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(bad(format!("certfile {cert:?} holds no PEM certificate")));
+                }
+                // Python's ssl takes the key from the certificate file when no
+                // keyfile is given.
+                let key = match key {
+                    Some(key) => read("keyfile", &key)?,
+                    None => pem.clone(),
+                };
+                if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
+                    return Err(bad("keyfile holds no PEM private key".into()));
+                }
+                settings.config.identity = Some(OwnedIdentity::PKCS8 { pem, key });
+            }
+            (None, Some(_)) => return Err(bad("keyfile is given without certfile".into())),
+        }
+        Ok(Some(settings))
+    }
 }
 
 impl Default for AmqpOptions {
@@ -159,6 +251,7 @@ impl Default for AmqpOptions {
             qos_global: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             connection_name: None,
+            tls: None,
         }
     }
 }
@@ -213,6 +306,7 @@ impl AmqpOptions {
                         .ok_or_else(|| bad(key, "a positive number of bytes", value))?
                         as usize;
                 }
+                "ssl" => options.tls = TlsSettings::from_value(value)?,
                 // The dict is shared with kombu's other options: ignore the rest.
                 _ => {}
             }
@@ -638,7 +732,9 @@ fn prepare_task(message: &OutgoingMessage) -> Result<Prepared> {
     })
 }
 
-/// A message that is not a task: an rpc result, for example.
+/// A message that is not a task: an rpc result, for example. It is published as
+/// Celery publishes results: nothing is declared for it and it is not mandatory (a
+/// result for a client whose reply queue is gone is dropped by the broker).
 #[derive(Debug, Clone)]
 pub struct RawPublish {
     pub exchange: String,
@@ -670,9 +766,15 @@ fn prepare_raw(message: &RawPublish) -> Result<Prepared> {
 // ---------------------------------------------------------------------------------
 // Connecting
 
+/// Whether the connection uses TLS: an `amqps://` URL, or `broker_use_ssl`.
+pub fn uses_tls(url: &BrokerUrl, options: &AmqpOptions) -> bool {
+    url.scheme == Scheme::Amqps || options.tls.is_some()
+}
+
 fn amqp_uri(url: &BrokerUrl, options: &AmqpOptions) -> AMQPUri {
+    let tls = uses_tls(url, options);
     AMQPUri {
-        scheme: if url.scheme == Scheme::Amqps {
+        scheme: if tls {
             AMQPScheme::AMQPS
         } else {
             AMQPScheme::AMQP
@@ -683,7 +785,12 @@ fn amqp_uri(url: &BrokerUrl, options: &AmqpOptions) -> AMQPUri {
                 password: url.password.clone().unwrap_or_else(|| "guest".into()),
             },
             host: url.host.clone(),
-            port: url.port,
+            // kombu: `amqp://` with `broker_use_ssl` and no port goes to 5671.
+            port: if tls && !url.port_given {
+                5671
+            } else {
+                url.port
+            },
         },
         vhost: if url.vhost.is_empty() {
             "/".to_owned()
@@ -722,7 +829,26 @@ pub fn describe(err: &lapin::Error, url: &BrokerUrl) -> String {
     if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") {
         return format!("access refused: wrong user name or password ({text})");
     }
-    text
+    tls_hint(text)
+}
+
+/// A TLS failure in words: what rustls said, and what to change.
+fn tls_hint(text: String) -> String {
+    let text = text
+        .strip_prefix("IO error: ")
+        .map_or(text.clone(), str::to_owned);
+    if text.contains("invalid peer certificate") {
+        format!(
+            "TLS: the server's certificate is not trusted ({text}); give the CA that signed \
+             it in broker_use_ssl's ca_certs"
+        )
+    } else if text.contains("received corrupt message") || text.contains("InvalidContentType") {
+        format!("TLS: the server does not speak TLS on this port ({text})")
+    } else if text.contains("peer is incompatible") || text.contains("handshake") {
+        format!("TLS handshake failed ({text})")
+    } else {
+        text
+    }
 }
 
 /// Open a connection on the current tokio runtime, bounded by the connect timeout.
@@ -734,7 +860,13 @@ pub async fn connect(url: &BrokerUrl, options: &AmqpOptions, name: &str) -> Resu
     };
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let runtime = async_rs::Runtime::tokio_with_handle(tokio::runtime::Handle::current());
-    let attempt = Connection::connect_uri_with_runtime(amqp_uri(url, options), properties, runtime);
+    let tls = options
+        .tls
+        .as_ref()
+        .map(|tls| tls.config.clone())
+        .unwrap_or_default();
+    let attempt =
+        Connection::connect_uri_with_config(amqp_uri(url, options), properties, tls, runtime);
     match tokio::time::timeout(options.connect_timeout, attempt).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(err)) => Err(Error::Connection(format!(
@@ -797,7 +929,20 @@ impl Publish {
 #[allow(clippy::large_enum_variant)]
 enum ProducerCommand {
     Publish(Publish),
+    /// Already written by `publish` itself (the fast path): the message, the link
+    /// generation it was written on, and its confirm to wait for.
+    Written(Arc<Publish>, u64, ConfirmFuture),
     Close(oneshot::Sender<()>),
+}
+
+/// What `publish` needs to write a message itself, without a hop to the I/O task,
+/// when nothing else is pending: the I/O task keeps it up to date.
+#[derive(Default)]
+struct FastPath {
+    /// The current link's generation and channel (None while down or re-sending).
+    link: Option<(u64, Channel)>,
+    /// Targets declared on that link (whose exchange exists).
+    declared: HashSet<(String, String)>,
 }
 
 #[derive(Default)]
@@ -825,6 +970,8 @@ struct ProducerState {
     total_returned: AtomicU64,
     reconnects: AtomicU64,
     warnings: Mutex<Vec<String>>,
+    /// Also orders the publishes: a message's index is taken under this lock.
+    fast: Mutex<FastPath>,
 }
 
 /// Counters of a producer's life, for logs and tests.
@@ -866,6 +1013,7 @@ impl AmqpProducer {
             total_returned: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             warnings: Mutex::new(Vec::new()),
+            fast: Mutex::new(FastPath::default()),
         });
         let mut io = ProducerIo {
             url: url.clone(),
@@ -875,6 +1023,7 @@ impl AmqpProducer {
             outbox: BTreeMap::new(),
             received: 0,
             link: None,
+            generation: 0,
         };
         io.attach(conn).await.map_err(|err| {
             Error::Connection(format!(
@@ -883,6 +1032,7 @@ impl AmqpProducer {
                 describe(&err, url)
             ))
         })?;
+        io.open_fast_path();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(io.run(rx));
         Ok(Self {
@@ -954,11 +1104,55 @@ impl AmqpProducer {
         Ok(())
     }
 
+    /// Queue the message for the I/O task, or, when nothing is pending (every earlier
+    /// message is confirmed) and its target is declared, write it here and hand the
+    /// I/O task only its confirm: a single publish (a round trip's) then goes out
+    /// without waking the I/O task first. Indexes are taken under the lock, so the
+    /// messages keep their order on either path.
     fn send(&self, message: Publish) -> Result<()> {
+        let fast = self
+            .state
+            .fast
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let seq = self.state.queued.load(Ordering::Acquire);
+        let command = self.write_now(&fast, seq, message);
         self.state.queued.fetch_add(1, Ordering::AcqRel);
         self.tx
-            .send(ProducerCommand::Publish(message))
+            .send(command)
             .map_err(|_| Error::Closed("the producer"))
+    }
+
+    /// The fast path of `send`: `Written`, or `Publish` (for the I/O task) when it
+    /// does not apply.
+    fn write_now(&self, fast: &FastPath, seq: u64, message: Publish) -> ProducerCommand {
+        let Some((generation, channel)) = fast.link.as_ref() else {
+            return ProducerCommand::Publish(message);
+        };
+        if self.state.settled.load(Ordering::Acquire) != seq {
+            return ProducerCommand::Publish(message);
+        }
+        let Ok(prepared) = message.prepare() else {
+            return ProducerCommand::Publish(message);
+        };
+        if let Publish::Task(_) = &message {
+            let target = (
+                prepared.exchange.as_str().to_owned(),
+                prepared.routing_key.as_str().to_owned(),
+            );
+            if !fast.declared.contains(&target) {
+                return ProducerCommand::Publish(message);
+            }
+        }
+        let message = Arc::new(message);
+        let mut publish = start_publish(channel.clone(), seq, prepared, message.clone());
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        // The first poll queues the frames (lapin wakes its I/O thread); the I/O task
+        // polls the rest with its own waker.
+        if let Poll::Ready(outcome) = publish.as_mut().poll(&mut cx) {
+            publish = Box::pin(std::future::ready(outcome));
+        }
+        ProducerCommand::Written(message, *generation, publish)
     }
 
     fn last_error(&self) -> Option<String> {
@@ -1080,6 +1274,35 @@ struct Link {
     confirms: FuturesUnordered<ConfirmFuture>,
 }
 
+/// Start writing one message: the future's first poll queues its frames and
+/// registers its confirm; it ends with the broker's confirm.
+fn start_publish(
+    channel: Channel,
+    seq: u64,
+    prepared: Prepared,
+    source: Arc<Publish>,
+) -> ConfirmFuture {
+    let mandatory = matches!(*source, Publish::Task(_));
+    Box::pin(async move {
+        let written = channel
+            .basic_publish(
+                prepared.exchange,
+                prepared.routing_key,
+                BasicPublishOptions {
+                    mandatory,
+                    immediate: false,
+                },
+                source.body(),
+                prepared.properties,
+            )
+            .await;
+        match written {
+            Ok(confirm) => (seq, confirm.await),
+            Err(err) => (seq, Err(err)),
+        }
+    })
+}
+
 struct ProducerIo {
     url: BrokerUrl,
     options: AmqpOptions,
@@ -1090,9 +1313,38 @@ struct ProducerIo {
     /// Messages received from the queue so far (the next receive index).
     received: u64,
     link: Option<Link>,
+    /// Counts the links (connections) so far; messages written on an older one by
+    /// the fast path are written again.
+    generation: u64,
 }
 
 impl ProducerIo {
+    /// Let `publish` write by itself on the current link (after everything pending
+    /// was written on it).
+    fn open_fast_path(&self) {
+        let mut fast = self
+            .state
+            .fast
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // `declared` was emptied when the last link was lost, and filled since by the
+        // declarations made on this one.
+        fast.link = self
+            .link
+            .as_ref()
+            .map(|link| (self.generation, link.channel.clone()));
+    }
+
+    fn close_fast_path(&self) {
+        let mut fast = self
+            .state
+            .fast
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        fast.link = None;
+        fast.declared.clear();
+    }
+
     async fn attach(&mut self, conn: Connection) -> Result<(), lapin::Error> {
         let channel = conn.create_channel().await?;
         channel
@@ -1112,6 +1364,7 @@ impl ProducerIo {
             }
         }
         self.link = Some(link);
+        self.generation += 1;
         self.set_down(None);
         Ok(())
     }
@@ -1198,8 +1451,9 @@ impl ProducerIo {
                                 .iter()
                                 .map(|(seq, p)| (*seq, p.clone()))
                                 .collect();
-                            if let Err(err) = self.write(pending).await {
-                                self.lose(&err);
+                            match self.write(pending).await {
+                                Ok(()) => self.open_fast_path(),
+                                Err(err) => self.lose(&err),
                             }
                         }
                         Err(err) => self.lose(&err),
@@ -1219,6 +1473,10 @@ impl ProducerIo {
                         }
                         ProducerCommand::Publish(message) => {
                             self.accept(message);
+                        }
+                        ProducerCommand::Written(message, _, _) => {
+                            // Written on a lost link: kept, written again on reconnect.
+                            self.accept_shared(message);
                         }
                     }
                 }
@@ -1245,6 +1503,16 @@ impl ProducerIo {
                             ProducerCommand::Publish(message) => {
                                 if let Some(entry) = self.accept(message) {
                                     fresh.push(entry);
+                                }
+                            }
+                            ProducerCommand::Written(message, generation, confirm) => {
+                                let entry = self.accept_shared(message);
+                                match self.link.as_ref() {
+                                    Some(link) if generation == self.generation => {
+                                        link.confirms.push(confirm);
+                                    }
+                                    // Written on an earlier link: write it again.
+                                    _ => fresh.push(entry),
                                 }
                             }
                             ProducerCommand::Close(done) => {
@@ -1275,6 +1543,7 @@ impl ProducerIo {
                         let text = "the connection or channel went away".to_owned();
                         self.set_down(Some(lost_text(self.url.masked(), &text)));
                         self.link = None;
+                        self.close_fast_path();
                     }
                 }
             }
@@ -1319,14 +1588,18 @@ impl ProducerIo {
 
     /// Take a message into the outbox.
     fn accept(&mut self, message: Publish) -> Option<(u64, Arc<Publish>)> {
+        Some(self.accept_shared(Arc::new(message)))
+    }
+
+    fn accept_shared(&mut self, message: Arc<Publish>) -> (u64, Arc<Publish>) {
         let seq = self.received;
         self.received += 1;
-        let message = Arc::new(message);
         self.outbox.insert(seq, message.clone());
-        Some((seq, message))
+        (seq, message)
     }
 
     fn lose(&mut self, err: &lapin::Error) {
+        self.close_fast_path();
         self.set_down(Some(lost_text(
             self.url.masked(),
             &describe(err, &self.url),
@@ -1360,7 +1633,12 @@ impl ProducerIo {
             return Err(lapin_other(&Error::Closed("the connection")));
         };
         let mut warnings = Vec::new();
-        for (_, prepared) in &heads {
+        for ((_, prepared), source) in heads.iter().zip(&sources) {
+            // A raw message (an rpc result) is sent as Celery sends results: nothing
+            // declared (the reply queue is its reader's), not mandatory.
+            if matches!(**source, Publish::Raw(_)) {
+                continue;
+            }
             let target = (
                 prepared.exchange.as_str().to_owned(),
                 prepared.routing_key.as_str().to_owned(),
@@ -1376,6 +1654,13 @@ impl ProducerIo {
             if !target.0.is_empty() && !link.declarer.exchange_exists(&link.conn, &target.0).await?
             {
                 link.missing_exchanges.insert(target.0.clone());
+            } else {
+                self.state
+                    .fast
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .declared
+                    .insert(target.clone());
             }
             link.declared.insert(target);
         }
@@ -1386,28 +1671,10 @@ impl ProducerIo {
                 unroutable.push((seq, prepared.exchange.as_str().to_owned()));
                 continue;
             }
-            let channel = link.channel.clone();
             // Written, then confirmed: one future per message. Its first poll queues
             // the frames and registers the confirm, so polling in order here keeps
             // the messages in order; the rest runs while the next batch is prepared.
-            let mut publish: ConfirmFuture = Box::pin(async move {
-                let written = channel
-                    .basic_publish(
-                        prepared.exchange,
-                        prepared.routing_key,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        source.body(),
-                        prepared.properties,
-                    )
-                    .await;
-                match written {
-                    Ok(confirm) => (seq, confirm.await),
-                    Err(err) => (seq, Err(err)),
-                }
-            });
+            let mut publish = start_publish(link.channel.clone(), seq, prepared, source);
             match std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await {
                 Poll::Ready(outcome) => finished.push(outcome),
                 Poll::Pending => link.confirms.push(publish),
@@ -1439,6 +1706,10 @@ enum ConsumerCommand {
     SetPrefetch(usize),
     ExtendWindow(i64),
     Restore(oneshot::Sender<Result<usize>>),
+    /// Consume from one more queue (declared first); false: consumed already.
+    AddQueue(String, oneshot::Sender<Result<bool>>),
+    /// Stop consuming from a queue; false: it was not consumed.
+    CancelQueue(String, oneshot::Sender<Result<bool>>),
     Close,
 }
 
@@ -1563,6 +1834,26 @@ impl AmqpConsumer {
         if !self.shared.closed.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(ConsumerCommand::Close);
         }
+    }
+
+    /// Declare `queue` as the worker declares its queues and consume from it too;
+    /// false when it was consumed already.
+    pub async fn add_queue(&self, queue: &str) -> Result<bool> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(ConsumerCommand::AddQueue(queue.to_owned(), reply))
+            .map_err(|_| Error::Closed("the consumer"))?;
+        done.await.map_err(|_| Error::Closed("the consumer"))?
+    }
+
+    /// Stop consuming from `queue` (`basic.cancel`); false when it was not consumed.
+    /// Messages already delivered from it are still handed over and acked.
+    pub async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(ConsumerCommand::CancelQueue(queue.to_owned(), reply))
+            .map_err(|_| Error::Closed("the consumer"))?;
+        done.await.map_err(|_| Error::Closed("the consumer"))?
     }
 
     pub fn stats(&self) -> ConsumerStats {
@@ -1791,6 +2082,13 @@ impl ConsumerIo {
                                 ConsumerCommand::Reject(..) => {
                                     self.shared.stale_acks.fetch_add(1, Ordering::AcqRel);
                                 }
+                                // Taken into account by the next connection.
+                                ConsumerCommand::AddQueue(queue, reply) => {
+                                    let _ = reply.send(self.add_spec(&queue).map(|s| s.is_some()));
+                                }
+                                ConsumerCommand::CancelQueue(queue, reply) => {
+                                    let _ = reply.send(Ok(self.remove_spec(&queue).is_some()));
+                                }
                             }
                         }
                     }
@@ -1816,7 +2114,7 @@ impl ConsumerIo {
                         return;
                     }
                 }
-                item = link.stream.next() => {
+                item = link.stream.next(), if !link.stream.is_empty() => {
                     match item {
                         Some((queue, Ok(delivery))) => {
                             let message = self.incoming(&queue, delivery);
@@ -1826,6 +2124,8 @@ impl ConsumerIo {
                             }
                         }
                         Some((_, Err(err))) => self.lose(&err, &deliveries),
+                        // The last queue was cancelled by `cancel_queue`.
+                        None if self.specs.is_empty() => {}
                         None => {
                             // Every consumer was cancelled (a queue was deleted).
                             let err = lapin_other(&Error::Connection("the broker cancelled the consumer".into()));
@@ -1890,6 +2190,40 @@ impl ConsumerIo {
                     *stop = true;
                     return Ok(());
                 }
+                ConsumerCommand::AddQueue(queue, reply) => {
+                    self.send_acks(&mut acked).await?;
+                    match self.add_queue(&queue).await {
+                        Ok(outcome) => {
+                            let _ = reply.send(outcome);
+                        }
+                        Err(err) => {
+                            let text = describe(&err, &self.url);
+                            let _ = reply.send(Err(Error::Connection(format!(
+                                "cannot consume from {queue:?}: {text}"
+                            ))));
+                            return Err(err);
+                        }
+                    }
+                }
+                ConsumerCommand::CancelQueue(queue, reply) => {
+                    self.send_acks(&mut acked).await?;
+                    let index = self.remove_spec(&queue);
+                    if let (Some(index), Some(link)) = (index, self.link.as_mut()) {
+                        if index < link.consumer_tags.len() {
+                            let tag = link.consumer_tags.remove(index);
+                            if let Err(err) = link
+                                .channel
+                                .basic_cancel(tag, BasicCancelOptions::default())
+                                .await
+                            {
+                                let text = describe(&err, &self.url);
+                                let _ = reply.send(Err(Error::Connection(text)));
+                                return Err(err);
+                            }
+                        }
+                    }
+                    let _ = reply.send(Ok(index.is_some()));
+                }
                 ConsumerCommand::Close => {
                     self.send_acks(&mut acked).await?;
                     self.shutdown().await;
@@ -1912,6 +2246,76 @@ impl ConsumerIo {
             }
         }
         Ok(())
+    }
+
+    /// Add `queue` to the queues consumed (declared and consumed from the next
+    /// `attach` on); its index, or None when it is consumed already.
+    fn add_spec(&mut self, queue: &str) -> Result<Option<usize>> {
+        if self.specs.iter().any(|spec| spec.name == queue) {
+            return Ok(None);
+        }
+        let spec = self.options.queue_spec(queue);
+        short("queue name", &spec.name)?;
+        self.specs.push(spec);
+        Ok(Some(self.specs.len() - 1))
+    }
+
+    /// Drop `queue` from the queues consumed; its index, or None when not consumed.
+    fn remove_spec(&mut self, queue: &str) -> Option<usize> {
+        let index = self.specs.iter().position(|spec| spec.name == queue)?;
+        self.specs.remove(index);
+        Some(index)
+    }
+
+    /// Declare `queue` (Celery's flags) and `basic.consume` it on the current channel.
+    /// The outer error is the connection's; the inner one the queue's (a bad name, a
+    /// queue that cannot be declared): the consumer goes on with its other queues.
+    async fn add_queue(&mut self, queue: &str) -> Result<Result<bool>, lapin::Error> {
+        let index = match self.add_spec(queue) {
+            Ok(Some(index)) => index,
+            Ok(None) => return Ok(Ok(false)),
+            Err(err) => return Ok(Err(err)),
+        };
+        let Some(link) = self.link.as_mut() else {
+            return Ok(Ok(true));
+        };
+        let spec = self.specs[index].clone();
+        let mut declarer = Declarer::new();
+        let warning = declarer.declare(&link.conn, &spec).await?;
+        let exists = match warning {
+            None => true,
+            Some(_) => queue_exists(declarer.channel(&link.conn).await?, &spec.name).await?,
+        };
+        if let Some(channel) = declarer.channel.take() {
+            let _ = channel.close(200, ShortString::from("OK")).await;
+        }
+        if !exists {
+            self.specs.remove(index);
+            return Ok(Err(Error::Connection(format!(
+                "cannot declare queue {queue:?}: {}",
+                warning.unwrap_or_default()
+            ))));
+        }
+        let tag = ShortString::from(format!(
+            "celeriac-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let consumer = link
+            .channel
+            .basic_consume(
+                short("queue name", &spec.name).map_err(|e| lapin_other(&e))?,
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        link.consumer_tags.push(tag);
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        let tagged: DeliveryStream =
+            Box::pin(consumer.map(move |delivery| (name.clone(), delivery)));
+        link.stream.push(tagged);
+        Ok(Ok(true))
     }
 
     /// A new window: `Some(count)` sets it, `None` moves it by `delta` (never below 1;
@@ -2023,6 +2427,103 @@ mod tests {
         let (upto, singles) = plan_acks(&mut outstanding, &acked);
         assert_eq!((upto, singles), (Some(10), vec![]));
         assert!(outstanding.is_empty());
+    }
+
+    #[test]
+    fn tls_settings_are_read_from_broker_use_ssl() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        assert_eq!(TlsSettings::from_value(&Value::Bool(false)).unwrap(), None);
+        assert_eq!(TlsSettings::from_value(&Value::Null).unwrap(), None);
+        assert_eq!(
+            TlsSettings::from_value(&Value::Bool(true)).unwrap(),
+            Some(TlsSettings::default())
+        );
+        let full = serde_json::json!({
+            "ca_certs": path(&ca), "certfile": path(&ca), "keyfile": path(&key),
+            "cert_reqs": "required"
+        });
+        let settings = TlsSettings::from_value(&full).unwrap().unwrap();
+        assert!(settings
+            .config
+            .cert_chain
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
+        assert!(matches!(
+            settings.config.identity,
+            Some(OwnedIdentity::PKCS8 { .. })
+        ));
+        for (bad, words) in [
+            (serde_json::json!("yes"), "must be True or a dict"),
+            (
+                serde_json::json!({"ca_certs": "/no/such.pem"}),
+                "cannot read ca_certs \"/no/such.pem\"",
+            ),
+            (
+                serde_json::json!({"ca_certs": path(&key)}),
+                "holds no PEM certificate",
+            ),
+            (
+                serde_json::json!({"certfile": path(&ca), "keyfile": path(&ca)}),
+                "no PEM private key",
+            ),
+            (
+                serde_json::json!({"keyfile": path(&key)}),
+                "without certfile",
+            ),
+            (serde_json::json!({"cert_reqs": "none"}), "CERT_NONE"),
+            (serde_json::json!({"cert_reqs": 7}), "cert_reqs must be"),
+        ] {
+            let err = TlsSettings::from_value(&bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("broker_use_ssl: ") && err.contains(words),
+                "{err}"
+            );
+        }
+        // `amqp://` with broker_use_ssl speaks TLS, on 5671 unless a port is given.
+        let given = TransportOptions {
+            extra: serde_json::from_value(serde_json::json!({"ssl": true})).unwrap(),
+            ..TransportOptions::default()
+        };
+        let options = AmqpOptions::from_transport(&given).unwrap();
+        let uri = amqp_uri(&BrokerUrl::parse("amqp://h//").unwrap(), &options);
+        assert_eq!((uri.scheme, uri.authority.port), (AMQPScheme::AMQPS, 5671));
+        let uri = amqp_uri(&BrokerUrl::parse("amqp://h:5999//").unwrap(), &options);
+        assert_eq!((uri.scheme, uri.authority.port), (AMQPScheme::AMQPS, 5999));
+        let plain = amqp_uri(
+            &BrokerUrl::parse("amqp://h//").unwrap(),
+            &AmqpOptions::default(),
+        );
+        assert_eq!(
+            (plain.scheme, plain.authority.port),
+            (AMQPScheme::AMQP, 5672)
+        );
+    }
+
+    #[test]
+    fn tls_failures_are_told_in_words() {
+        let text = tls_hint("IO error: invalid peer certificate: UnknownIssuer".into());
+        assert!(
+            text.starts_with("TLS: the server's certificate is not trusted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("UnknownIssuer") && text.contains("ca_certs"),
+            "{text}"
+        );
+        assert_eq!(tls_hint("connection refused".into()), "connection refused");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct BrokerUrl {
     pub scheme: Scheme,
     pub host: String,
     pub port: u16,
+    /// Whether the URL names the port (else `port` is the scheme's default).
+    pub port_given: bool,
     pub username: Option<String>,
     pub password: Option<String>,
     /// Redis database number.
@@ -108,6 +110,7 @@ impl BrokerUrl {
         Ok(Self {
             scheme,
             port: url.port().unwrap_or(6379),
+            port_given: url.port().is_some(),
             host,
             username,
             password,
@@ -156,6 +159,7 @@ impl BrokerUrl {
         Ok(Self {
             scheme,
             port: url.port().unwrap_or(default_port),
+            port_given: url.port().is_some(),
             host,
             username: Some(username),
             password: Some(password),
@@ -192,6 +196,7 @@ impl BrokerUrl {
             scheme: Scheme::Sqlite,
             host: String::new(),
             port: 0,
+            port_given: false,
             username: None,
             password: None,
             db: 0,
@@ -394,6 +399,8 @@ mod tests {
         assert_eq!(url.password.as_deref(), Some("guest"));
         let url = BrokerUrl::parse("amqps://u:p%40ss@rabbit.example/prod").unwrap();
         assert_eq!((url.scheme, url.port), (Scheme::Amqps, 5671));
+        assert!(!url.port_given);
+        assert!(BrokerUrl::parse("amqp://h:5672//").unwrap().port_given);
         assert_eq!(url.password.as_deref(), Some("p@ss"));
         assert_eq!(url.vhost, "prod");
         assert!(url.to_redis_info().is_err());

@@ -61,7 +61,15 @@ impl Backend {
         if connect_timeout.is_zero() {
             return Err(PyValueError::new_err("connect_timeout must be positive"));
         }
+        // rpc:// results travel on the broker: its transport options (TLS, heartbeat).
+        let broker_transport = match transport_options {
+            Some(given) if broker_url.is_some() => {
+                super::options::transport_options(Some(given.cast::<PyDict>()?), 4.0)?.extra
+            }
+            _ => serde_json::Map::new(),
+        };
         let options = BackendOptions {
+            broker_transport,
             expires,
             key_prefix,
             global_keyprefix: global_keyprefix(transport_options)?,
