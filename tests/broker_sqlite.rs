@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use _core::broker::sqlite::{
-    open, queue_counts, QueueCounts, SqliteConsumer, SqliteOptions, SqliteProducer, APPLICATION_ID,
-    SCHEMA_VERSION,
+    open, queue_counts, FanoutRow, FanoutSubscription, QueueCounts, SqliteConsumer, SqliteFanout,
+    SqliteOptions, SqliteProducer, APPLICATION_ID, SCHEMA_VERSION,
 };
 use _core::broker::url::BrokerUrl;
 use _core::broker::{BadMessage, Consumer, Fetched, IncomingMessage, Producer, TransportOptions};
@@ -210,14 +210,36 @@ async fn prefetch_window_bounds_unacked_messages() {
             claimed: 4
         }
     );
+    // One free slot: the refill waits until half the window is free (its ack is
+    // still written, within a few milliseconds).
     consumer.ack(tags(&first[..1])).unwrap();
-    let second = take(&mut rx, 1).await;
-    assert_eq!(task_ids(&second), ["task-4"]);
+    wait_for_counts(
+        &path,
+        "q",
+        QueueCounts {
+            ready: 16,
+            claimed: 3,
+        },
+    )
+    .await;
     assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv())
         .await
         .is_err());
-    consumer.ack(tags(&first[1..])).unwrap();
-    assert_eq!(take(&mut rx, 3).await.len(), 3);
+    consumer.ack(tags(&first[1..2])).unwrap();
+    let second = take(&mut rx, 2).await;
+    assert_eq!(task_ids(&second), ["task-4", "task-5"]);
+    assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv())
+        .await
+        .is_err());
+    assert_eq!(
+        counts(&path, "q"),
+        QueueCounts {
+            ready: 14,
+            claimed: 4
+        }
+    );
+    consumer.ack(tags(&first[2..])).unwrap();
+    assert_eq!(take(&mut rx, 2).await.len(), 2);
     consumer.close();
 }
 
@@ -595,4 +617,189 @@ async fn a_directory_path_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let err = connect_error(dir.path()).await;
     assert!(err.contains("is a directory"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------
+// Fanout (events, remote control)
+
+fn row(exchange: &str, routing_key: &str, payload: &str) -> FanoutRow {
+    FanoutRow {
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+async fn fanout(path: &Path) -> SqliteFanout {
+    SqliteFanout::connect(&url_for(path), SqliteOptions::default())
+        .await
+        .expect("fanout")
+}
+
+async fn next_payload(sub: &mut FanoutSubscription) -> String {
+    let message = sub
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("open")
+        .expect("a broadcast within 10 s");
+    String::from_utf8(message.payload.expect("readable")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subscriber_sees_each_broadcast_published_after_it_subscribed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fanout.db");
+    let publisher = fanout(&path).await;
+    publisher
+        .publish(vec![row("celeryev", "worker.online", "before")])
+        .await
+        .unwrap();
+    // Two subscribers on other connections, one filtering on a routing key.
+    let (a, b) = (fanout(&path).await, fanout(&path).await);
+    let mut all = a.subscribe("celeryev", None).await.unwrap();
+    let mut replies = b.subscribe("celeryev", Some("oid-1")).await.unwrap();
+    publisher
+        .publish(vec![
+            row("celeryev", "worker.heartbeat", "one"),
+            row("other", "oid-1", "elsewhere"),
+            row("celeryev", "oid-1", "two"),
+        ])
+        .await
+        .unwrap();
+    publisher
+        .publish(vec![row("celeryev", "task.multi", "three")])
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut all).await, "one");
+    assert_eq!(next_payload(&mut all).await, "two");
+    assert_eq!(next_payload(&mut all).await, "three");
+    assert_eq!(next_payload(&mut replies).await, "two");
+    assert!(replies.try_recv().unwrap().is_none());
+    assert!(all
+        .recv(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_none());
+    // A fanout sees its own broadcasts too.
+    let mut own = publisher.subscribe("celeryev", None).await.unwrap();
+    publisher
+        .publish(vec![row("celeryev", "x", "mine")])
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut own).await, "mine");
+    assert_eq!(next_payload(&mut all).await, "mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_broadcast_row_does_not_stop_the_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fanout.db");
+    let subscriber = fanout(&path).await;
+    let mut sub = subscriber.subscribe("celeryev", None).await.unwrap();
+    {
+        // Rows written by something else: a wrong type for the routing key, a
+        // payload that is no envelope.
+        let conn = open(&path, Duration::from_secs(5)).unwrap();
+        conn.execute(
+            "INSERT INTO broadcast (exchange, routing_key, created, payload) \
+             VALUES ('celeryev', 42, (julianday('now') - 2440587.5) * 86400.0, 'not json {')",
+            [],
+        )
+        .unwrap();
+    }
+    let publisher = fanout(&path).await;
+    publisher
+        .publish(vec![row("celeryev", "k", "fine")])
+        .await
+        .unwrap();
+    assert_eq!(next_payload(&mut sub).await, "not json {");
+    assert_eq!(next_payload(&mut sub).await, "fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    publish(&path, (0..3).map(|n| message("q", n, None))).await;
+    {
+        let conn = open(&path, Duration::from_secs(5)).unwrap();
+        conn.execute_batch("DROP TABLE broadcast; PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    let publisher = fanout(&path).await;
+    publisher
+        .publish(vec![row("celeryev", "k", "after upgrade")])
+        .await
+        .unwrap();
+    let conn = open(&path, Duration::from_secs(5)).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM broadcast", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert_eq!(counts(&path, "q").ready, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_names_with_quotes_are_consumed_and_nul_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("names.db");
+    let odd = "it's a 'queue'; DROP TABLE messages; --";
+    publish(&path, [message(odd, 0, None), message("plain", 1, None)]).await;
+    let (consumer, mut rx) = consumer(&path, &[odd, "x"], 4, SqliteOptions::default()).await;
+    let got = take(&mut rx, 1).await;
+    assert_eq!(task_ids(&got), ["task-0"]);
+    consumer.ack(tags(&got)).unwrap();
+    wait_for_counts(
+        &path,
+        "plain",
+        QueueCounts {
+            ready: 1,
+            claimed: 0,
+        },
+    )
+    .await;
+    consumer.close();
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let refused = SqliteConsumer::connect(
+        &url_for(&path),
+        &["bad\0name".to_owned()],
+        4,
+        SqliteOptions::default(),
+        tx,
+    )
+    .await;
+    let err = refused.err().expect("a NUL in a queue name is refused");
+    assert!(err.to_string().contains("NUL"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_prunes_broadcasts_older_than_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prune.db");
+    let conn = open(&path, Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "INSERT INTO broadcast (exchange, routing_key, created, payload)
+         VALUES ('celeryev', 'old', 0, '{}'),
+                ('celeryev', 'recent', (julianday('now') - 2440587.5) * 86400.0, '{}');",
+    )
+    .unwrap();
+    let publisher = fanout(&path).await;
+    publisher
+        .publish(vec![row("celeryev", "new", "{}")])
+        .await
+        .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT routing_key FROM broadcast ORDER BY id")
+        .unwrap();
+    let keys: Vec<String> = stmt
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(keys, ["recent", "new"]);
 }

@@ -8,6 +8,10 @@ own. Task events are buffered and sent as one list on ``task.multi`` (at most
 
 Events are best effort: a broker that is down loses them (logged once), and nothing
 here ever raises into the worker.
+
+On the embedded SQLite broker events are rows of the file's ``broadcast`` log (kept a
+minute); ``EventReceiver`` reads them back there, since Celery's own receiver (and
+Flower) cannot open that transport.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from celeriac import _core
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
-__all__ = ["EventDispatcher", "Heart", "utcoffset", "worker_fields"]
+__all__ = ["EventDispatcher", "EventReceiver", "Heart", "utcoffset", "worker_fields"]
 
 logger = logging.getLogger("celeriac.events")
 
@@ -225,6 +229,70 @@ class Heart:
             self._thread.join(self.freq + 1.0)
             self._thread = None
         self._send("worker-offline")
+
+
+class EventReceiver:
+    """Reads the events sent from now on, on the embedded SQLite broker, as Celery's
+    ``EventReceiver`` hands them to its handlers: one dict per event (a ``task.multi``
+    message gives several), plus ``local_received``. Broadcasts that cannot be read
+    are logged and skipped. ``ValueError`` for other brokers."""
+
+    def __init__(
+        self,
+        app: Celeriac,
+        *,
+        handlers: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None,
+        exchange: str | None = None,
+    ) -> None:
+        self.app = app
+        self.handlers = dict(handlers or {})
+        self._receiver: Any = _core.EventReceiver(
+            app.broker_url,
+            exchange=exchange or str(_conf(app, "event_exchange", "celeryev")),
+            transport_options=app.transport_options(),
+            connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
+        )
+
+    def next_events(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """The events of the next broadcast; ``[]`` when none came within ``timeout``
+        seconds or it could not be read."""
+        got = self._receiver.receive(timeout)
+        if got is None:
+            return []
+        routing_key, headers, body = got
+        if headers is None:
+            logger.warning("Skipped an unreadable event message (%s): %s", routing_key, body)
+            return []
+        try:
+            decoded = _core.loads(body)
+        except Exception as exc:
+            logger.warning("Skipped an event message (%s) that is not JSON: %s", routing_key, exc)
+            return []
+        items = decoded if isinstance(decoded, list) else [decoded]
+        events = []
+        now = time.time()
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("type"), str):
+                item["local_received"] = now
+                events.append(item)
+            else:
+                logger.warning("Skipped an event (%s) without a type: %.200r", routing_key, item)
+        return events
+
+    def capture(self, limit: int | None = None, timeout: float | None = None) -> int:
+        """Call the handler of each event's type (``"*"``: any) until ``limit`` events
+        were handled or nothing came for ``timeout`` seconds; how many were handled."""
+        handled = 0
+        while limit is None or handled < limit:
+            events = self.next_events(1.0 if timeout is None else timeout)
+            if not events and timeout is not None:
+                return handled
+            for event in events:
+                handler = self.handlers.get(event["type"]) or self.handlers.get("*")
+                if handler is not None:
+                    handler(event)
+                handled += 1
+        return handled
 
 
 def _conf(app: Celeriac, name: str, default: Any) -> Any:

@@ -7,6 +7,8 @@
 //! - AMQP: `basic.publish` to the exchange, declared once per connection with the
 //!   given type and durability (`celeryev` is a durable topic exchange), without
 //!   `mandatory`: nobody listening is normal for events.
+//! - SQLite: a row of the `broadcast` log holding the same kombu envelope as on Redis
+//!   (see `sqlite::SqliteFanout`); [`EventSubscriber`] reads them back.
 //!
 //! Best effort, as kombu's event dispatcher: `publish` never waits; the I/O task writes
 //! batches, reconnects when the connection drops and gives a batch up after a few
@@ -25,6 +27,8 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Notify};
 
+use super::pidbox::{decode, Received};
+use super::sqlite::{FanoutRow, FanoutSubscription, SqliteFanout, SqliteOptions};
 use super::url::{BrokerUrl, Scheme};
 use super::{amqp, redis as redis_transport, TransportOptions};
 use crate::error::{Error, Result};
@@ -84,6 +88,7 @@ enum Link {
         options: amqp::AmqpOptions,
         declared: HashSet<String>,
     },
+    Sqlite(SqliteFanout),
 }
 
 impl EventPublisher {
@@ -91,11 +96,8 @@ impl EventPublisher {
     pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
         let link = match url.scheme {
             Scheme::Sqlite => {
-                return Err(Error::Config(
-                    "events need a Redis or AMQP broker; the embedded SQLite broker has no \
-                     broadcast"
-                        .into(),
-                ))
+                let options = SqliteOptions::from_transport(options)?;
+                Link::Sqlite(SqliteFanout::connect(url, options).await?)
             }
             Scheme::Amqp | Scheme::Amqps => {
                 let options = amqp::AmqpOptions::from_transport(options)?;
@@ -307,6 +309,17 @@ async fn write(url: &BrokerUrl, link: &mut Link, batch: &[Broadcast]) -> Result<
             }
             Ok(())
         }
+        Link::Sqlite(fanout) => {
+            let mut rows = Vec::with_capacity(batch.len());
+            for message in batch {
+                rows.push(FanoutRow {
+                    exchange: message.exchange.clone(),
+                    routing_key: message.routing_key.clone(),
+                    payload: redis_envelope(message)?,
+                });
+            }
+            fanout.publish(rows).await
+        }
         Link::Amqp {
             conn,
             options,
@@ -374,6 +387,57 @@ async fn publish_amqp(
             .map_err(lost)?;
     }
     Ok(())
+}
+
+/// One broadcast as a subscriber reads it: its routing key and its headers and body
+/// (or why it could not be read).
+#[derive(Debug)]
+pub struct ReceivedBroadcast {
+    pub routing_key: String,
+    pub message: Received,
+}
+
+/// Receives the broadcasts of one exchange (Celery's events on `celeryev`), for
+/// monitors and tests. The embedded SQLite broker only: on Redis and AMQP, Celery's
+/// own `EventReceiver` (and Flower) read celeriac's events.
+pub struct EventSubscriber {
+    _fanout: SqliteFanout,
+    subscription: tokio::sync::Mutex<FanoutSubscription>,
+}
+
+impl EventSubscriber {
+    pub async fn connect(
+        url: &BrokerUrl,
+        options: &TransportOptions,
+        exchange: &str,
+    ) -> Result<Self> {
+        if url.scheme != Scheme::Sqlite {
+            return Err(Error::Config(
+                "celeriac's event receiver reads the embedded SQLite broker; on Redis and \
+                 AMQP use Celery's EventReceiver (celery events, Flower)"
+                    .into(),
+            ));
+        }
+        let options = SqliteOptions::from_transport(options)?;
+        let fanout = SqliteFanout::connect(url, options).await?;
+        let subscription = fanout.subscribe(exchange, None).await?;
+        Ok(Self {
+            _fanout: fanout,
+            subscription: tokio::sync::Mutex::new(subscription),
+        })
+    }
+
+    /// The next broadcast, or `None` after `timeout`.
+    pub async fn receive(&self, timeout: Duration) -> Result<Option<ReceivedBroadcast>> {
+        let mut subscription = self.subscription.lock().await;
+        Ok(subscription
+            .recv(timeout)
+            .await?
+            .map(|row| ReceivedBroadcast {
+                routing_key: row.routing_key,
+                message: row.payload.and_then(|payload| decode(&payload)),
+            }))
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //!   the Redis transport writes) plus the queue, the priority and the claim
 //!   (`claimed_at`, `owner`). A row with no claim is ready.
 //! - `results`: the result store's rows (see `crate::backend::sqlite`).
-//! - `peers`: the live consumers and result waiters (heartbeat, wake-up port).
+//! - `peers`: the live consumers, result waiters and fanout subscribers (heartbeat,
+//!   wake-up port).
+//! - `broadcast`: the fanout log of events and remote control (see [`SqliteFanout`]).
 //!
 //! Concurrency: WAL journal, `synchronous=NORMAL` (a killed process loses nothing it
 //! committed; a power cut may lose the last transactions), every write in a
@@ -18,7 +20,10 @@
 //! - Publishing: `publish` only queues the message; the producer's thread inserts
 //!   everything pending in one transaction.
 //! - Consuming: the consumer's thread acks (deletes), requeues and claims a batch
-//!   (`UPDATE ... RETURNING`) in one transaction, within the prefetch window.
+//!   (`UPDATE ... RETURNING`) in one transaction, within the prefetch window. It claims
+//!   once half the window is free (or the worker holds nothing), and an ack waits for
+//!   that transaction at most `ACK_DELAY` (2 ms): about one transaction per two tasks
+//!   rather than two per task.
 //!   Messages are served by priority, **lower number first** (as on Celery's Redis
 //!   transport, but exact: no rounding to steps), then in publishing order.
 //! - Waiting: an idle consumer sleeps 1 ms, 2 ms, ... up to `polling_interval` (50 ms)
@@ -31,7 +36,7 @@
 //!   ago **and** its owner has not heartbeated for that long: the claims of a dead
 //!   worker come back, those of a live one (a long task, a far ETA) do not.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,20 +45,21 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{
-    params, params_from_iter, Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior,
-};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::{redis_envelope, Broadcast};
 use super::outbox::Outbox;
+use super::pidbox::{decode, Received};
 use super::url::BrokerUrl;
 use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, IncomingEnvelope};
 use crate::protocol::message::OutgoingMessage;
 
-/// The schema this build writes. A file with a higher `user_version` is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this build writes. A file with a higher `user_version` is refused; a
+/// lower one is upgraded in place (version 2 added `broadcast`).
+pub const SCHEMA_VERSION: i64 = 2;
 /// `PRAGMA application_id` of a celeriac database ("Celr").
 pub const APPLICATION_ID: i64 = 0x4365_6c72;
 
@@ -86,13 +92,29 @@ CREATE TABLE peers (
 );
 ";
 
+/// What version 2 added: the fanout log (see [`SqliteFanout`]). AUTOINCREMENT, so that
+/// an id is never reused once pruning emptied the table: subscribers' cursors stay
+/// valid.
+const SCHEMA_V2: &str = "
+CREATE TABLE broadcast (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    created REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX broadcast_created ON broadcast (created);
+";
+
 /// The tables of the schema (and SQLite's own bookkeeping of AUTOINCREMENT).
-const OUR_TABLES: [&str; 3] = ["messages", "results", "peers"];
+const OUR_TABLES: [&str; 4] = ["messages", "results", "peers", "broadcast"];
 
 /// `peers.kind` of a consumer.
 pub(crate) const KIND_CONSUMER: &str = "consumer";
 /// `peers.kind` of a process waiting for results.
 pub(crate) const KIND_WAITER: &str = "waiter";
+/// `peers.kind` of a fanout subscriber (events, remote control).
+pub(crate) const KIND_SUBSCRIBER: &str = "subscriber";
 /// A peer that has not heartbeated for this long is not sent wake-ups.
 pub(crate) const WAKE_STALE: Duration = Duration::from_secs(60);
 /// How long publishers trust their list of peers to wake.
@@ -322,7 +344,8 @@ fn open_once(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     }
     let present: i64 = conn
         .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('messages', 'results', 'peers')",
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('messages', 'results', 'peers', 'broadcast')",
             [],
             |row| row.get(0),
         )
@@ -400,6 +423,12 @@ fn create_schema(conn: &mut Connection, path: &Path) -> Result<()> {
         tx.execute_batch(SCHEMA).map_err(|e| db_error(path, &e))?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(|e| db_error(path, &e))?;
+    }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2)
+            .map_err(|e| db_error(path, &e))?;
+    }
+    if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| db_error(path, &e))?;
     }
@@ -465,10 +494,15 @@ pub(crate) fn checkpointer(path: &Path, busy_timeout: Duration) -> Option<Arc<Ch
                 if thread_stop.load(Ordering::Acquire) {
                     break;
                 }
-                // PASSIVE never blocks writers or readers; a failure is retried when
-                // the next commit asks again.
-                let _ =
-                    conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE);
+                // PASSIVE copies most of the log without blocking anyone; under a
+                // steady stream of commits it never catches up, so the log would grow
+                // without end (every append then allocates new file blocks). RESTART
+                // then holds writers back (their busy handler waits) for the last few
+                // frames and one sync, so that the next commit starts the log over.
+                // A failure is retried when the next commit asks again.
+                use rusqlite::wal::CheckpointMode;
+                let _ = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE);
+                let _ = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::RESTART);
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
@@ -597,6 +631,7 @@ impl Signal {
 pub(crate) enum Topic {
     Messages,
     Results,
+    Broadcast,
 }
 
 type Subscribers = Vec<(PathBuf, Topic, Weak<Signal>)>;
@@ -885,6 +920,10 @@ enum Command {
     /// Grow (or shrink) the window by this many slots (messages held for an ETA).
     ExtendWindow(i64),
     RestoreAll(oneshot::Sender<Result<usize>>),
+    /// Claim from one more queue; false: claimed from already.
+    AddQueue(String, oneshot::Sender<bool>),
+    /// Stop claiming from a queue; false: it was not claimed from.
+    CancelQueue(String, oneshot::Sender<bool>),
 }
 
 /// Takes messages from queues within a prefetch window; acks them in batches.
@@ -898,6 +937,8 @@ pub struct SqliteConsumer {
 }
 
 const MAX_FETCH_BATCH: usize = 512;
+/// Longest an ack waits to be written with the next claim.
+const ACK_DELAY: Duration = Duration::from_millis(2);
 
 impl SqliteConsumer {
     /// Open and start claiming into `deliveries`. `prefetch_count` 0 = unbounded.
@@ -910,6 +951,11 @@ impl SqliteConsumer {
     ) -> Result<Self> {
         if queues.is_empty() {
             return Err(Error::Connection("no queue to consume from".into()));
+        }
+        if let Some(bad) = queues.iter().find(|queue| queue.contains('\0')) {
+            return Err(Error::Config(format!(
+                "queue name {bad:?} holds a NUL character"
+            )));
         }
         let path = sqlite_path(url)?;
         let (conn, checkpointer) = open_async(path.clone(), options.busy_timeout).await?;
@@ -937,8 +983,8 @@ impl SqliteConsumer {
         let closed = Arc::new(AtomicBool::new(false));
         let (commands, rx) = std_mpsc::channel();
         let fetcher = Fetcher {
-            claim_sql: claim_sql(unique.len()),
-            probe_sql: probe_sql(unique.len()),
+            claim_sql: claim_sql(&unique),
+            probe_sql: probe_sql(&unique),
             queues: unique,
             conn,
             path,
@@ -949,6 +995,7 @@ impl SqliteConsumer {
             options,
             in_flight: HashSet::new(),
             pending_acks: Vec::new(),
+            acks_since: None,
             pending_requeues: Vec::new(),
             deliveries,
             signal: signal.clone(),
@@ -1009,6 +1056,26 @@ impl SqliteConsumer {
         rx.await.map_err(|_| Error::Closed("the consumer"))?
     }
 
+    /// Claim from `queue` too; false when it is claimed from already.
+    pub async fn add_queue(&self, queue: &str) -> Result<bool> {
+        if queue.contains('\0') {
+            return Err(Error::Config(format!(
+                "queue name {queue:?} holds a NUL character"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::AddQueue(queue.to_owned(), tx))?;
+        rx.await.map_err(|_| Error::Closed("the consumer"))
+    }
+
+    /// Stop claiming from `queue`; false when it was not claimed from. Messages
+    /// already claimed from it are still handed over and acked.
+    pub async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::CancelQueue(queue.to_owned(), tx))?;
+        rx.await.map_err(|_| Error::Closed("the consumer"))
+    }
+
     /// Stop claiming; acks are still written.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -1026,24 +1093,40 @@ impl Drop for SqliteConsumer {
     }
 }
 
-/// `UPDATE ... RETURNING` claiming up to ?3 ready messages of the queues ?4.. for
-/// owner ?2 at time ?1, lowest priority number first, then oldest.
-fn claim_sql(queues: usize) -> String {
-    let pick = |param: usize| {
+/// A queue name as an SQL string literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `UPDATE ... RETURNING` claiming up to ?3 ready messages of `queues` for owner ?2 at
+/// time ?1, lowest priority number first, then oldest.
+///
+/// Written so that SQLite never prepares it again (with the statement cache, a
+/// re-prepare took a third of a claim): the queue names are literals (a `queue = ?`
+/// parameter compared with the partial index makes every new binding expire the
+/// statement), and the limit is `?3 + 0` (SQLite reads a bare `LIMIT ?` while
+/// preparing and prepares again whenever its value changes).
+fn claim_sql(queues: &[String]) -> String {
+    let pick = |queue: &str| {
         format!(
-            "SELECT id, priority FROM messages WHERE queue = ?{param} AND claimed_at IS NULL \
-             ORDER BY priority, id LIMIT ?3"
+            "SELECT id, priority FROM messages WHERE queue = {} AND claimed_at IS NULL \
+             ORDER BY priority, id LIMIT ?3 + 0",
+            sql_literal(queue)
         )
     };
-    let candidates = if queues == 1 {
-        "SELECT id FROM messages WHERE queue = ?4 AND claimed_at IS NULL ORDER BY priority, id LIMIT ?3"
-            .to_owned()
+    let candidates = if let [queue] = queues {
+        format!(
+            "SELECT id FROM messages WHERE queue = {} AND claimed_at IS NULL \
+             ORDER BY priority, id LIMIT ?3 + 0",
+            sql_literal(queue)
+        )
     } else {
-        let union: Vec<String> = (0..queues)
-            .map(|i| format!("SELECT id, priority FROM ({})", pick(4 + i)))
+        let union: Vec<String> = queues
+            .iter()
+            .map(|queue| format!("SELECT id, priority FROM ({})", pick(queue)))
             .collect();
         format!(
-            "SELECT id FROM ({}) ORDER BY priority, id LIMIT ?3",
+            "SELECT id FROM ({}) ORDER BY priority, id LIMIT ?3 + 0",
             union.join(" UNION ALL ")
         )
     };
@@ -1053,13 +1136,14 @@ fn claim_sql(queues: usize) -> String {
     )
 }
 
-/// Whether any of the queues ?1.. has a ready message (a read, no write lock).
-fn probe_sql(queues: usize) -> String {
-    let parts: Vec<String> = (0..queues)
-        .map(|i| {
+/// Whether any of `queues` has a ready message (a read, no write lock).
+fn probe_sql(queues: &[String]) -> String {
+    let parts: Vec<String> = queues
+        .iter()
+        .map(|queue| {
             format!(
-                "EXISTS (SELECT 1 FROM messages WHERE queue = ?{} AND claimed_at IS NULL)",
-                i + 1
+                "EXISTS (SELECT 1 FROM messages WHERE queue = {} AND claimed_at IS NULL)",
+                sql_literal(queue)
             )
         })
         .collect();
@@ -1078,9 +1162,10 @@ struct Fetcher {
     conn: Connection,
     path: PathBuf,
     masked: String,
-    queues: Vec<String>,
     claim_sql: String,
     probe_sql: String,
+    /// The queues claimed from (`claim_sql` and `probe_sql` are built from them).
+    queues: Vec<String>,
     owner: String,
     port: Option<u16>,
     prefetch: usize,
@@ -1091,6 +1176,9 @@ struct Fetcher {
     in_flight: HashSet<i64>,
     /// Acks and requeues not yet written (kept across a failed transaction).
     pending_acks: Vec<i64>,
+    /// When the oldest unwritten ack came (acks wait for the next claim, at most
+    /// [`ACK_DELAY`]).
+    acks_since: Option<Instant>,
     pending_requeues: Vec<i64>,
     deliveries: mpsc::UnboundedSender<Fetched>,
     signal: Arc<Signal>,
@@ -1115,12 +1203,34 @@ impl Fetcher {
             let mut disconnected = false;
             loop {
                 match rx.try_recv() {
-                    Ok(Command::Ack(tags)) => self.pending_acks.extend(parse_tags(&tags)),
+                    Ok(Command::Ack(tags)) => {
+                        if self.pending_acks.is_empty() {
+                            self.acks_since = Some(Instant::now());
+                        }
+                        self.pending_acks.extend(parse_tags(&tags));
+                    }
                     Ok(Command::Requeue(tag)) => self.pending_requeues.extend(parse_tags(&[tag])),
                     Ok(Command::ExtendWindow(delta)) => {
                         self.window_extra = self.window_extra.saturating_add(delta);
                     }
                     Ok(Command::RestoreAll(reply)) => restores.push(reply),
+                    Ok(Command::AddQueue(queue, reply)) => {
+                        let added = !self.queues.contains(&queue);
+                        if added {
+                            self.queues.push(queue);
+                            self.queues_changed();
+                        }
+                        let _ = reply.send(added);
+                    }
+                    Ok(Command::CancelQueue(queue, reply)) => {
+                        let before = self.queues.len();
+                        self.queues.retain(|q| *q != queue);
+                        let removed = self.queues.len() != before;
+                        if removed {
+                            self.queues_changed();
+                        }
+                        let _ = reply.send(removed);
+                    }
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
                         disconnected = true;
@@ -1136,11 +1246,20 @@ impl Fetcher {
             let mut worked = false;
             if may_write {
                 let credits = self.credits(disconnected);
-                let claim = credits > 0 && self.may_have_work();
-                if claim || !self.pending_acks.is_empty() || !self.pending_requeues.is_empty() {
+                let claim = credits > 0
+                    && !self.queues.is_empty()
+                    && credits >= self.refill_at()
+                    && self.may_have_work();
+                let stopping = disconnected || self.closed.load(Ordering::Acquire);
+                let acks_due = !self.pending_acks.is_empty()
+                    && (claim
+                        || stopping
+                        || self.acks_since.is_some_and(|at| at.elapsed() >= ACK_DELAY));
+                if claim || acks_due || !self.pending_requeues.is_empty() {
                     match self.transact(if claim { credits } else { 0 }) {
                         Ok((claimed, drained_at)) => {
                             retry_at = None;
+                            self.acks_since = None;
                             self.failures = 0;
                             worked = !claimed.is_empty();
                             if let Some(version) = drained_at {
@@ -1174,6 +1293,9 @@ impl Fetcher {
                 continue;
             }
             let mut pause = idle.min(next_maintenance.saturating_duration_since(Instant::now()));
+            if let Some(since) = self.acks_since {
+                pause = pause.min((since + ACK_DELAY).saturating_duration_since(Instant::now()));
+            }
             if let Some(at) = retry_at {
                 pause = pause.max(at.saturating_duration_since(Instant::now()));
             }
@@ -1185,7 +1307,18 @@ impl Fetcher {
         }
     }
 
-    /// How many messages we may claim now.
+    /// Rebuild the statements after `queues` changed (none are built for no queue:
+    /// nothing is claimed then).
+    fn queues_changed(&mut self) {
+        if !self.queues.is_empty() {
+            self.claim_sql = claim_sql(&self.queues);
+            self.probe_sql = probe_sql(&self.queues);
+        }
+        self.drained = false;
+    }
+
+    /// How many messages we may claim now: acked (and requeued) messages leave the
+    /// window at once, even before their ack is written (it is written with the claim).
     fn credits(&self, disconnected: bool) -> usize {
         if disconnected || self.closed.load(Ordering::Acquire) {
             return 0;
@@ -1193,11 +1326,30 @@ impl Fetcher {
         if self.prefetch == 0 {
             return MAX_FETCH_BATCH;
         }
-        let window =
-            usize::try_from((self.prefetch as i64).saturating_add(self.window_extra)).unwrap_or(0);
-        window
-            .saturating_sub(self.in_flight.len())
+        self.window()
+            .saturating_sub(self.held())
             .min(MAX_FETCH_BATCH)
+    }
+
+    fn window(&self) -> usize {
+        usize::try_from((self.prefetch as i64).saturating_add(self.window_extra)).unwrap_or(0)
+    }
+
+    /// Claimed messages not yet acked or requeued by the worker.
+    fn held(&self) -> usize {
+        self.in_flight
+            .len()
+            .saturating_sub(self.pending_acks.len() + self.pending_requeues.len())
+    }
+
+    /// The fewest credits worth a claim: half the window while the worker still holds
+    /// messages (a claim per two tasks rather than per task: half the transactions),
+    /// one when it holds none.
+    fn refill_at(&self) -> usize {
+        if self.prefetch == 0 || self.held() == 0 {
+            return 1;
+        }
+        self.window().div_ceil(2).max(1)
     }
 
     /// False only when the queues were drained and nothing ready appeared since.
@@ -1229,7 +1381,7 @@ impl Fetcher {
     fn probe(&self) -> rusqlite::Result<bool> {
         self.conn
             .prepare_cached(&self.probe_sql)?
-            .query_row(params_from_iter(self.queues.iter()), |row| row.get(0))
+            .query_row([], |row| row.get(0))
     }
 
     /// One transaction: write pending acks and requeues, then claim `credits`. When
@@ -1237,53 +1389,48 @@ impl Fetcher {
     /// the write lock, so any later publish changes it).
     fn transact(&mut self, credits: usize) -> rusqlite::Result<(Vec<Claimed>, Option<i64>)> {
         let now = unix_now();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !self.pending_acks.is_empty() {
-            let mut delete =
-                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND owner = ?2")?;
-            for id in &self.pending_acks {
-                delete.execute(params![id, self.owner])?;
+        let (acks, requeues, owner) = (&self.pending_acks, &self.pending_requeues, &self.owner);
+        let claim_sql = &self.claim_sql;
+        let (mut claimed, drained_at) = immediate(&self.conn, |tx| {
+            if !acks.is_empty() {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND owner = ?2")?;
+                for id in acks {
+                    delete.execute(params![id, owner])?;
+                }
             }
-        }
-        if !self.pending_requeues.is_empty() {
-            let mut requeue = tx.prepare_cached(
-                "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1 \
-                 WHERE id = ?1 AND owner = ?2",
-            )?;
-            for id in &self.pending_requeues {
-                requeue.execute(params![id, self.owner])?;
+            if !requeues.is_empty() {
+                let mut requeue = tx.prepare_cached(
+                    "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1 \
+                     WHERE id = ?1 AND owner = ?2",
+                )?;
+                for id in requeues {
+                    requeue.execute(params![id, owner])?;
+                }
             }
-        }
-        let mut claimed = Vec::new();
-        if credits > 0 {
-            let mut claim = tx.prepare_cached(&self.claim_sql)?;
-            let mut values: Vec<rusqlite::types::Value> = vec![
-                now.into(),
-                self.owner.clone().into(),
-                (credits as i64).into(),
-            ];
-            values.extend(self.queues.iter().cloned().map(Into::into));
-            let rows = claim.query_map(params_from_iter(values), |row| {
-                Ok(Claimed {
-                    id: row.get(0)?,
-                    queue: row.get(1)?,
-                    priority: row.get(2)?,
-                    redelivered: row.get::<_, i64>(3)? != 0,
-                    payload: column_bytes(row, 4)?,
-                })
-            })?;
-            for row in rows {
-                claimed.push(row?);
+            let mut claimed = Vec::new();
+            if credits > 0 {
+                let mut claim = tx.prepare_cached(claim_sql)?;
+                let rows = claim.query_map(params![now, owner, credits as i64], |row| {
+                    Ok(Claimed {
+                        id: row.get(0)?,
+                        queue: row.get(1)?,
+                        priority: row.get(2)?,
+                        redelivered: row.get::<_, i64>(3)? != 0,
+                        payload: column_bytes(row, 4)?,
+                    })
+                })?;
+                for row in rows {
+                    claimed.push(row?);
+                }
             }
-        }
-        let drained_at = if credits > 0 && claimed.len() < credits {
-            Some(tx.pragma_query_value(None, "data_version", |row| row.get(0))?)
-        } else {
-            None
-        };
-        tx.commit()?;
+            let drained_at = if credits > 0 && claimed.len() < credits {
+                Some(tx.pragma_query_value(None, "data_version", |row| row.get(0))?)
+            } else {
+                None
+            };
+            Ok((claimed, drained_at))
+        })?;
         let requeued = !self.pending_requeues.is_empty();
         for id in self.pending_acks.drain(..) {
             self.in_flight.remove(&id);
@@ -1322,7 +1469,13 @@ impl Fetcher {
 
     /// Put back every message we claimed and did not ack.
     fn restore_all(&mut self) -> Result<usize> {
-        let ids: Vec<i64> = self.in_flight.iter().copied().collect();
+        // Acked ones whose ack is not written yet are not put back.
+        let ids: Vec<i64> = self
+            .in_flight
+            .iter()
+            .copied()
+            .filter(|id| !self.pending_acks.contains(id))
+            .collect();
         if ids.is_empty() {
             return Ok(0);
         }
@@ -1388,6 +1541,24 @@ impl Fetcher {
             .conn
             .execute("DELETE FROM peers WHERE id = ?1", params![self.owner]);
     }
+}
+
+/// `BEGIN IMMEDIATE`, `body`, `COMMIT`, with cached statements (rusqlite's
+/// `Transaction` parses both anew each time: a few percent of a busy consumer); rolled
+/// back when anything fails.
+fn immediate<T>(
+    conn: &Connection,
+    body: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let outcome = body(conn).and_then(|value| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(value)
+    });
+    if outcome.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    outcome
 }
 
 /// Put back, marked redelivered, every message claimed more than `visibility_timeout`
@@ -1457,6 +1628,648 @@ fn into_fetched(row: Claimed) -> Fetched {
     }))
 }
 
+// ---------------------------------------------------------------------------------
+// Fanout: broadcasts that every subscriber sees (events, remote control)
+
+/// Broadcast rows older than this are pruned: a subscriber further behind loses them
+/// (events and remote control are best effort, as on Redis PUB/SUB).
+pub const BROADCAST_RETENTION: Duration = Duration::from_secs(60);
+/// How often a publishing fanout prunes old rows.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// How often a subscribing fanout refreshes its `peers` row (its wake-up port).
+const SUBSCRIBER_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Rows read per query by a subscriber.
+const MAX_BROADCAST_READ: usize = 512;
+
+/// One broadcast to write: the kombu envelope of the message (JSON), as on Redis.
+#[derive(Debug, Clone)]
+pub struct FanoutRow {
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+}
+
+/// One broadcast as read back by a subscriber.
+#[derive(Debug, Clone)]
+pub struct FanoutMessage {
+    /// The row id: increases with every broadcast of the file.
+    pub id: i64,
+    pub exchange: String,
+    pub routing_key: String,
+    /// The envelope, or why the row could not be read (a damaged row).
+    pub payload: std::result::Result<Vec<u8>, String>,
+}
+
+enum FanoutCommand {
+    Publish(Vec<FanoutRow>, oneshot::Sender<Result<()>>),
+    Subscribe {
+        exchange: String,
+        routing_key: Option<String>,
+        deliveries: mpsc::UnboundedSender<FanoutMessage>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Unsubscribe(u64),
+    Purge(String, oneshot::Sender<Result<u64>>),
+}
+
+/// Fanout exchanges on the embedded database: the `broadcast` table is a log that
+/// publishers append to (one transaction per batch) and every subscriber reads from
+/// its own cursor (the last row id it saw), so that each subscriber sees every
+/// broadcast published after it subscribed. Rows are pruned after
+/// [`BROADCAST_RETENTION`].
+///
+/// One thread per fanout owns its connection. A subscribing fanout waits as the
+/// consumer does: `PRAGMA data_version` checks, 1 ms, 2 ms, ... up to
+/// `polling_interval` apart, woken at once by publishers of this process and, across
+/// processes, by a loopback UDP datagram (its port is in `peers`, kind `subscriber`).
+///
+/// For remote control: a worker subscribes to `celery.pidbox` (every routing key); a
+/// client "binds its reply queue" by subscribing to `reply.celery.pidbox` with its
+/// routing key, publishes the request, then takes replies from that subscription.
+pub struct SqliteFanout {
+    commands: std_mpsc::Sender<FanoutCommand>,
+    signal: Arc<Signal>,
+    masked: String,
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+impl SqliteFanout {
+    /// Open (failing fast with a clear error) and start the fanout's thread.
+    pub async fn connect(url: &BrokerUrl, options: SqliteOptions) -> Result<Self> {
+        let path = sqlite_path(url)?;
+        let (conn, checkpointer) = open_async(path.clone(), options.busy_timeout).await?;
+        let signal = Arc::new(Signal::default());
+        let (commands, rx) = std_mpsc::channel();
+        let worker = FanoutThread {
+            conn,
+            path,
+            polling_interval: options.polling_interval,
+            signal: signal.clone(),
+            subscriptions: Vec::new(),
+            next_id: 1,
+            cursor: 0,
+            data_version: None,
+            peer_id: new_peer_id(KIND_SUBSCRIBER),
+            listener: None,
+            next_heartbeat: Instant::now(),
+            next_prune: Instant::now(),
+            notifier: WakeNotifier::new(KIND_SUBSCRIBER),
+            warned: false,
+            local_subscribed: false,
+        };
+        std::thread::Builder::new()
+            .name("celeriac-sqlite-fanout".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|err| Error::Connection(format!("cannot start a thread: {err}")))?;
+        Ok(Self {
+            commands,
+            signal,
+            masked: url.masked().to_owned(),
+            _checkpointer: checkpointer,
+        })
+    }
+
+    fn send(&self, command: FanoutCommand) -> Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| Error::Closed("the SQLite fanout"))?;
+        self.signal.notify();
+        Ok(())
+    }
+
+    /// Append `rows` in one transaction and wake the subscribers; returns once
+    /// committed.
+    pub async fn publish(&self, rows: Vec<FanoutRow>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (reply, done) = oneshot::channel();
+        self.send(FanoutCommand::Publish(rows, reply))?;
+        done.await.map_err(|_| Error::Closed("the SQLite fanout"))?
+    }
+
+    /// Receive, from now on, every broadcast to `exchange` (only those with
+    /// `routing_key` when given: the key itself, or an AMQP topic pattern when it has
+    /// `*` or `#`).
+    pub async fn subscribe(
+        &self,
+        exchange: &str,
+        routing_key: Option<&str>,
+    ) -> Result<FanoutSubscription> {
+        let (deliveries, rx) = mpsc::unbounded_channel();
+        let (reply, done) = oneshot::channel();
+        self.send(FanoutCommand::Subscribe {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.map(str::to_owned),
+            deliveries,
+            reply,
+        })?;
+        let id = done
+            .await
+            .map_err(|_| Error::Closed("the SQLite fanout"))??;
+        Ok(FanoutSubscription {
+            id,
+            rx,
+            commands: self.commands.clone(),
+            signal: self.signal.clone(),
+        })
+    }
+
+    /// Delete the ready (unclaimed) messages of the task queue `queue` (what `celery
+    /// purge` does); how many. Claimed ones stay with their consumer.
+    pub async fn purge(&self, queue: &str) -> Result<u64> {
+        let (reply, done) = oneshot::channel();
+        self.send(FanoutCommand::Purge(queue.to_owned(), reply))?;
+        done.await.map_err(|_| Error::Closed("the SQLite fanout"))?
+    }
+
+    pub fn masked_url(&self) -> &str {
+        &self.masked
+    }
+}
+
+/// What a subscriber receives; dropping it unsubscribes.
+pub struct FanoutSubscription {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<FanoutMessage>,
+    commands: std_mpsc::Sender<FanoutCommand>,
+    signal: Arc<Signal>,
+}
+
+impl FanoutSubscription {
+    /// The next broadcast, or `None` after `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<FanoutMessage>> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Ok(Some(message)) => Ok(Some(message)),
+            Ok(None) => Err(Error::Closed("the SQLite fanout")),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The next broadcast already read, if any (never waits).
+    pub fn try_recv(&mut self) -> Result<Option<FanoutMessage>> {
+        match self.rx.try_recv() {
+            Ok(message) => Ok(Some(message)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(Error::Closed("the SQLite fanout")),
+        }
+    }
+}
+
+impl Drop for FanoutSubscription {
+    fn drop(&mut self) {
+        if self
+            .commands
+            .send(FanoutCommand::Unsubscribe(self.id))
+            .is_ok()
+        {
+            self.signal.notify();
+        }
+    }
+}
+
+struct FanoutSub {
+    id: u64,
+    exchange: String,
+    routing_key: Option<String>,
+    /// Rows up to this id were published before the subscription.
+    after: i64,
+    deliveries: mpsc::UnboundedSender<FanoutMessage>,
+}
+
+impl FanoutSub {
+    fn wants(&self, row: &FanoutMessage) -> bool {
+        row.id > self.after
+            && row.exchange == self.exchange
+            && self.routing_key.as_ref().is_none_or(|key| {
+                *key == row.routing_key
+                    || (key.contains(['*', '#']) && topic_matches(key, &row.routing_key))
+            })
+    }
+}
+
+struct FanoutThread {
+    conn: Connection,
+    path: PathBuf,
+    polling_interval: Duration,
+    signal: Arc<Signal>,
+    subscriptions: Vec<FanoutSub>,
+    next_id: u64,
+    /// The last row read (every subscription is at or past it).
+    cursor: i64,
+    /// `PRAGMA data_version` when the log was last read to its end (`None`: read now).
+    data_version: Option<i64>,
+    peer_id: String,
+    listener: Option<WakeListener>,
+    next_heartbeat: Instant,
+    next_prune: Instant,
+    notifier: WakeNotifier,
+    /// A read error was reported (once, until a read succeeds).
+    warned: bool,
+    /// Publishers of this process wake us.
+    local_subscribed: bool,
+}
+
+impl FanoutThread {
+    fn run(mut self, rx: std_mpsc::Receiver<FanoutCommand>) {
+        let mut idle = MIN_IDLE;
+        let mut first: Option<FanoutCommand> = None;
+        loop {
+            let seen = self.signal.generation();
+            let mut publishes = Vec::new();
+            let mut disconnected = false;
+            if let Some(command) = first.take() {
+                self.handle(command, &mut publishes);
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(command) => self.handle(command, &mut publishes),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            let mut worked = false;
+            if !publishes.is_empty() {
+                self.publish(publishes);
+                worked = true;
+            }
+            if !self.subscriptions.is_empty() {
+                worked |= self.read();
+                if Instant::now() >= self.next_heartbeat {
+                    let _ = heartbeat(&self.conn, &self.peer_id, KIND_SUBSCRIBER, self.port());
+                    self.next_heartbeat = Instant::now() + SUBSCRIBER_HEARTBEAT;
+                }
+            }
+            if disconnected {
+                self.leave();
+                return;
+            }
+            if worked {
+                idle = MIN_IDLE;
+                continue;
+            }
+            if self.subscriptions.is_empty() {
+                // A publisher only: sleep until the next command (or the last handle
+                // going away).
+                match rx.recv() {
+                    Ok(command) => first = Some(command),
+                    Err(_) => {
+                        self.leave();
+                        return;
+                    }
+                }
+                continue;
+            }
+            // Nothing new: sleep until a wake-up (a publish, a command) or the next
+            // check.
+            if self.signal.wait(seen, idle) {
+                idle = MIN_IDLE;
+            } else {
+                idle = (idle * 2).min(self.polling_interval);
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        command: FanoutCommand,
+        publishes: &mut Vec<(Vec<FanoutRow>, oneshot::Sender<Result<()>>)>,
+    ) {
+        match command {
+            FanoutCommand::Publish(rows, reply) => publishes.push((rows, reply)),
+            FanoutCommand::Subscribe {
+                exchange,
+                routing_key,
+                deliveries,
+                reply,
+            } => {
+                let outcome = self.subscribe(exchange, routing_key, deliveries);
+                let _ = reply.send(outcome);
+            }
+            FanoutCommand::Unsubscribe(id) => self.unsubscribe(id),
+            FanoutCommand::Purge(queue, reply) => {
+                let outcome = self
+                    .conn
+                    .prepare_cached("DELETE FROM messages WHERE queue = ?1 AND claimed_at IS NULL")
+                    .and_then(|mut delete| delete.execute(params![queue]))
+                    .map(|count| count as u64)
+                    .map_err(|e| db_error(&self.path, &e));
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.listener.as_ref().map(WakeListener::port)
+    }
+
+    fn subscribe(
+        &mut self,
+        exchange: String,
+        routing_key: Option<String>,
+        deliveries: mpsc::UnboundedSender<FanoutMessage>,
+    ) -> Result<u64> {
+        let last: i64 = self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM broadcast", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| db_error(&self.path, &e))?;
+        if self.subscriptions.is_empty() {
+            self.cursor = last;
+            self.data_version = None;
+            if self.listener.is_none() {
+                self.listener = WakeListener::start(self.signal.clone());
+            }
+            if !self.local_subscribed {
+                subscribe_local(&self.path, Topic::Broadcast, &self.signal);
+                self.local_subscribed = true;
+            }
+            heartbeat(&self.conn, &self.peer_id, KIND_SUBSCRIBER, self.port())
+                .map_err(|e| db_error(&self.path, &e))?;
+            self.next_heartbeat = Instant::now() + SUBSCRIBER_HEARTBEAT;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.subscriptions.push(FanoutSub {
+            id,
+            exchange,
+            routing_key,
+            after: last,
+            deliveries,
+        });
+        Ok(id)
+    }
+
+    fn unsubscribe(&mut self, id: u64) {
+        self.subscriptions.retain(|sub| sub.id != id);
+        if self.subscriptions.is_empty() {
+            self.leave();
+        }
+    }
+
+    /// No longer a subscriber: stop the wake-ups.
+    fn leave(&mut self) {
+        self.listener = None;
+        let _ = self
+            .conn
+            .execute("DELETE FROM peers WHERE id = ?1", params![self.peer_id]);
+    }
+
+    fn publish(&mut self, publishes: Vec<(Vec<FanoutRow>, oneshot::Sender<Result<()>>)>) {
+        let rows: Vec<&FanoutRow> = publishes.iter().flat_map(|(rows, _)| rows).collect();
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.insert(&rows) {
+                Ok(()) => break Ok(()),
+                Err(err) if attempt < 2 => {
+                    std::thread::sleep(backoff(attempt));
+                    attempt += 1;
+                    let _ = err;
+                }
+                Err(err) => break Err(db_error(&self.path, &err)),
+            }
+        };
+        let ok = outcome.is_ok();
+        for (_, reply) in publishes {
+            let _ = reply.send(match &outcome {
+                Ok(()) => Ok(()),
+                Err(err) => Err(Error::Connection(err.to_string())),
+            });
+        }
+        if ok {
+            // Our own commits do not change our data_version: read them too.
+            self.data_version = None;
+            notify_local(&self.path, Topic::Broadcast);
+            self.notifier.notify(&self.conn);
+        }
+    }
+
+    fn insert(&mut self, rows: &[&FanoutRow]) -> rusqlite::Result<()> {
+        let now = unix_now();
+        let prune = Instant::now() >= self.next_prune;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO broadcast (exchange, routing_key, created, payload) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for row in rows {
+                insert.execute(params![
+                    row.exchange,
+                    row.routing_key,
+                    now,
+                    JsonBytes(&row.payload)
+                ])?;
+            }
+            if prune {
+                tx.prepare_cached("DELETE FROM broadcast WHERE created < ?1")?
+                    .execute(params![now - BROADCAST_RETENTION.as_secs_f64()])?;
+            }
+        }
+        tx.commit()?;
+        if prune {
+            self.next_prune = Instant::now() + PRUNE_EVERY;
+        }
+        Ok(())
+    }
+
+    /// Read what was broadcast since the cursor and hand it to the subscriptions
+    /// that want it. True when something was read.
+    fn read(&mut self) -> bool {
+        let version: Option<i64> = self
+            .conn
+            .pragma_query_value(None, "data_version", |row| row.get(0))
+            .ok();
+        if version.is_some() && version == self.data_version {
+            return false;
+        }
+        let mut read_any = false;
+        loop {
+            match self.read_batch() {
+                Ok(rows) => {
+                    self.warned = false;
+                    let full = rows.len() >= MAX_BROADCAST_READ;
+                    read_any |= !rows.is_empty();
+                    for row in rows {
+                        self.cursor = self.cursor.max(row.id);
+                        for sub in &self.subscriptions {
+                            if sub.wants(&row) {
+                                // A dropped receiver unsubscribes; nothing to do here.
+                                let _ = sub.deliveries.send(row.clone());
+                            }
+                        }
+                    }
+                    if !full {
+                        self.data_version = version;
+                        return read_any;
+                    }
+                }
+                Err(err) => {
+                    if !self.warned {
+                        self.warned = true;
+                        let text = format!("{}", db_error(&self.path, &err));
+                        for sub in &self.subscriptions {
+                            let _ = sub.deliveries.send(FanoutMessage {
+                                id: self.cursor,
+                                exchange: sub.exchange.clone(),
+                                routing_key: String::new(),
+                                payload: Err(text.clone()),
+                            });
+                        }
+                    }
+                    return read_any;
+                }
+            }
+        }
+    }
+
+    fn read_batch(&self) -> rusqlite::Result<Vec<FanoutMessage>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, exchange, routing_key, payload FROM broadcast WHERE id > ?1 \
+             ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![self.cursor, MAX_BROADCAST_READ as i64], |row| {
+            let text = |index: usize| -> rusqlite::Result<String> {
+                Ok(match row.get_ref(index)? {
+                    ValueRef::Text(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => String::new(),
+                })
+            };
+            Ok(FanoutMessage {
+                id: row.get(0)?,
+                exchange: text(1)?,
+                routing_key: text(2)?,
+                payload: column_bytes(row, 3).map_err(|err| {
+                    format!("broadcast row {}: {err}", row.get::<_, i64>(0).unwrap_or(0))
+                }),
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Remote control's mailbox on the fanout
+
+/// Remote control (kombu's pidbox) on the embedded database, for
+/// `pidbox::Mailbox`: requests and replies are broadcasts (see [`SqliteFanout`]).
+///
+/// - A worker subscribes to `celery.pidbox` ([`SqliteMailbox::subscribe`]).
+/// - A client "binds its reply queue": a subscription to `reply.celery.pidbox` with
+///   its routing key (the oid), read by [`SqliteMailbox::pop`]; a worker's reply is a
+///   broadcast with that routing key. Only replies sent after the bind are seen, as
+///   with a queue declared before the request.
+pub struct SqliteMailbox {
+    fanout: SqliteFanout,
+    replies: tokio::sync::Mutex<HashMap<String, FanoutSubscription>>,
+}
+
+impl SqliteMailbox {
+    pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
+        let options = SqliteOptions::from_transport(options)?;
+        Ok(Self {
+            fanout: SqliteFanout::connect(url, options).await?,
+            replies: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forward the broadcasts of `exchange` to `tx` until `stop` changes. `binding`:
+    /// `""` or `"#"` for all, else an AMQP topic pattern (`*` one word, `#` any).
+    pub async fn subscribe(
+        &self,
+        exchange: &str,
+        binding: &str,
+        tx: mpsc::UnboundedSender<Received>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let key = (!binding.is_empty() && binding != "#").then_some(binding);
+        let mut subscription = self.fanout.subscribe(exchange, key).await?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = subscription.recv(Duration::from_secs(3600)) => match got {
+                        Ok(Some(message)) => {
+                            let received = message.payload.and_then(|raw| decode(&raw));
+                            if tx.send(received).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => return,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// One broadcast of the kombu envelope (as on Redis); returns 1.
+    pub async fn publish(&self, message: &Broadcast) -> Result<usize> {
+        let row = FanoutRow {
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            payload: redis_envelope(message)?,
+        };
+        self.fanout.publish(vec![row]).await?;
+        Ok(1)
+    }
+
+    /// Receive what is sent to `exchange` with `routing_key` from now on, as `queue`.
+    pub async fn bind(&self, exchange: &str, routing_key: &str, queue: &str) -> Result<()> {
+        let subscription = self.fanout.subscribe(exchange, Some(routing_key)).await?;
+        self.replies
+            .lock()
+            .await
+            .insert(queue.to_owned(), subscription);
+        Ok(())
+    }
+
+    pub async fn unbind(&self, queue: &str) -> Result<()> {
+        self.replies.lock().await.remove(queue);
+        Ok(())
+    }
+
+    /// The oldest message received as `queue`, if any (never waits).
+    pub async fn pop(&self, queue: &str) -> Result<Option<Received>> {
+        let mut replies = self.replies.lock().await;
+        let Some(subscription) = replies.get_mut(queue) else {
+            return Err(Error::Config(format!("queue {queue:?} is not bound")));
+        };
+        Ok(subscription
+            .try_recv()?
+            .map(|message| message.payload.and_then(|raw| decode(&raw))))
+    }
+
+    /// Delete the ready messages of the task queue `queue`; how many.
+    pub async fn purge(&self, queue: &str) -> Result<u64> {
+        self.fanout.purge(queue).await
+    }
+}
+
+/// Whether `key` matches the AMQP topic `pattern` (`*`: one word, `#`: zero or more).
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(pattern: &[&str], key: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => key.is_empty(),
+            Some((&"#", rest)) => (0..=key.len()).any(|skip| go(rest, &key[skip..])),
+            Some((&word, rest)) => match key.split_first() {
+                Some((first, others)) => (word == "*" || word == *first) && go(rest, others),
+                None => false,
+            },
+        }
+    }
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = key.split('.').collect();
+    go(&pattern, &key)
+}
+
 /// Counts of a database's rows, for tests and diagnostics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueCounts {
@@ -1487,9 +2300,10 @@ mod tests {
     fn claim_sql_is_valid_for_one_and_many_queues() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open(&dir.path().join("x.db"), Duration::from_secs(1)).unwrap();
+        let names: Vec<String> = ["a", "it's", "c"].map(String::from).to_vec();
         for queues in 1..4 {
-            conn.prepare(&claim_sql(queues)).unwrap();
-            conn.prepare(&probe_sql(queues)).unwrap();
+            conn.prepare(&claim_sql(&names[..queues])).unwrap();
+            conn.prepare(&probe_sql(&names[..queues])).unwrap();
         }
     }
 
@@ -1508,6 +2322,16 @@ mod tests {
             .extra
             .insert("polling_interval".into(), serde_json::json!("x"));
         assert!(SqliteOptions::from_transport(&given).is_err());
+    }
+
+    #[test]
+    fn topic_patterns_follow_amqp() {
+        assert!(topic_matches("#", "a.b"));
+        assert!(topic_matches("task.*", "task.multi"));
+        assert!(!topic_matches("task.*", "task.multi.x"));
+        assert!(topic_matches("task.#", "task"));
+        assert!(topic_matches("*.heartbeat", "worker.heartbeat"));
+        assert!(!topic_matches("worker.*", "task.multi"));
     }
 
     #[test]

@@ -2,13 +2,13 @@
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use serde_json::{Map, Value};
 
-use super::codec::dumps;
+use super::codec::{dumps, loads};
 use super::options;
 use super::producer::duration;
-use crate::broker::events::{Broadcast, EventPublisher as Inner};
+use crate::broker::events::{Broadcast, EventPublisher as Inner, EventSubscriber};
 use crate::broker::url::BrokerUrl;
 use crate::runtime;
 
@@ -77,7 +77,65 @@ impl EventPublisher {
     }
 }
 
+/// Reads the broadcasts of one exchange (the embedded SQLite broker).
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct EventReceiver {
+    inner: EventSubscriber,
+}
+
+#[pymethods]
+impl EventReceiver {
+    #[new]
+    #[pyo3(signature = (url, *, exchange = "celeryev", transport_options = None, connect_timeout = 4.0))]
+    fn new(
+        py: Python<'_>,
+        url: &str,
+        exchange: &str,
+        transport_options: Option<&Bound<'_, PyDict>>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        let options = options::transport_options(transport_options, connect_timeout)?;
+        let inner = py.detach(|| {
+            runtime::handle().block_on(EventSubscriber::connect(&parsed, &options, exchange))
+        })?;
+        Ok(Self { inner })
+    }
+
+    /// `(routing_key, headers, body bytes)`, `(routing_key, None, reason)` for a
+    /// message that cannot be read, or None after `timeout` seconds.
+    #[pyo3(signature = (timeout = 1.0))]
+    fn receive<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let timeout = duration("timeout", timeout)?;
+        let Some(got) = py.detach(|| runtime::handle().block_on(self.inner.receive(timeout)))?
+        else {
+            return Ok(None);
+        };
+        let key = got.routing_key.into_pyobject(py)?.into_any();
+        let tuple = match got.message {
+            Ok((headers, body)) => {
+                let text = serde_json::to_vec(&headers)
+                    .map_err(|err| PyTypeError::new_err(err.to_string()))?;
+                PyTuple::new(
+                    py,
+                    [key, loads(py, &text)?, PyBytes::new(py, &body).into_any()],
+                )?
+            }
+            Err(reason) => PyTuple::new(
+                py,
+                [
+                    key,
+                    py.None().into_bound(py),
+                    reason.into_pyobject(py)?.into_any(),
+                ],
+            )?,
+        };
+        Ok(Some(tuple))
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EventPublisher>()?;
+    m.add_class::<EventReceiver>()?;
     Ok(())
 }

@@ -70,9 +70,21 @@ def test_bad_bodies_raise_and_the_publisher_keeps_working() -> None:
         publisher.publish("celeriac-test-ev", "x", {})  # closed
 
 
-def test_sqlite_has_no_broadcast(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="events need"):
-        _core.EventPublisher(f"sqlite://{tmp_path / 'x.db'}")
+def test_sqlite_broadcasts_reach_a_receiver(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'x.db'}"
+    receiver = _core.EventReceiver(url)
+    publisher = _core.EventPublisher(url)
+    publisher.publish("celeryev", "worker.online", {"type": "worker-online"}, headers={"h": 1})
+    publisher.flush(10)
+    publisher.close()
+    got = receiver.receive(10)
+    assert got is not None
+    routing_key, headers, body = got
+    assert (routing_key, headers["h"], _core.loads(body)) == (
+        "worker.online",
+        1,
+        {"type": "worker-online"},
+    )
 
 
 def test_dispatcher_with_no_broker_only_logs(caplog: pytest.LogCaptureFixture) -> None:
