@@ -337,3 +337,44 @@ async fn unreachable_broker_fails_fast_with_the_masked_url() {
     assert!(err.contains("redis://:**@127.0.0.1:1/0"), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
+
+/// A message taken by the blocking pop (the queue was empty) is handed over before its
+/// `unacked` record is written; an ack sent at once must still remove that record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immediate_ack_of_a_blocking_pop_leaves_no_unacked_record() {
+    let prefix = unique("brpop-ack");
+    let url = BrokerUrl::parse(URL).unwrap();
+    let producer = RedisProducer::connect(&url, options(&prefix))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let consumer = RedisConsumer::connect(&url, &["q".into()], 4, options(&prefix), tx)
+        .await
+        .unwrap();
+    let mut conn = redis().await;
+    for n in 0..20 {
+        // Let the consumer reach its BRPOP on the empty list.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        producer.publish(message("q", n, None)).unwrap();
+        let got = take(&mut rx, 1).await;
+        assert_eq!(got.len(), 1, "message {n}");
+        consumer.ack(tags(&got)).unwrap();
+    }
+    // Acks are asynchronous: wait (bounded) until the hash and its index are empty.
+    let mut left = (usize::MAX, usize::MAX);
+    for _ in 0..50 {
+        let index: usize = redis::cmd("ZCARD")
+            .arg(format!("{prefix}:unacked_index"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        left = (hlen(&mut conn, &format!("{prefix}:unacked")).await, index);
+        if left == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, (0, 0), "unacked records left behind");
+    consumer.close();
+    cleanup(&prefix).await;
+}

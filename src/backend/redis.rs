@@ -14,11 +14,13 @@
 //!   broken connection is reopened and the batch written again;
 //! - the **dispatcher** task: owns the single pub/sub connection of this store (opened
 //!   on the first wait, kept afterwards), holds `channel -> waiters`, SUBSCRIBEs a
-//!   channel when its first waiter comes and UNSUBSCRIBEs it when its last one leaves.
+//!   channel when its first waiter comes and UNSUBSCRIBEs it a little after its last
+//!   one leaves (in batches, off the next waiter's path); right after a SUBSCRIBE it
+//!   reads the new waiters' keys (one MGET) and hands each waiter its value.
 //!   After a lost connection it subscribes again and re-reads every watched key, since
 //!   a result may have been published while it was away.
 //!
-//! A waiter subscribes *before* it reads the key, so a result stored in between is
+//! A waiter is subscribed *before* its key is read, so a result stored in between is
 //! seen either by the read or by the subscription. States that are not ready
 //! (STARTED, RETRY) are skipped.
 //!
@@ -58,6 +60,12 @@ const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 /// Waiters are told the store is gone when their pub/sub connection stays down this long.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+/// A channel whose last waiter left stays subscribed this long (or until this many
+/// gather), so its UNSUBSCRIBE is off the next waiter's path: a client that waits for
+/// one result after another would otherwise wait for an UNSUBSCRIBE before each
+/// SUBSCRIBE.
+const UNSUBSCRIBE_DELAY: Duration = Duration::from_millis(20);
+const UNSUBSCRIBE_BATCH: usize = 256;
 /// Attempts at a pending batch once the store is closed or dropped.
 const ATTEMPTS_WHEN_STOPPING: u32 = 3;
 
@@ -130,9 +138,10 @@ impl RedisBackend {
     pub fn connect(url: &str, options: RedisBackendOptions) -> Result<Self> {
         let parsed = BrokerUrl::parse(url)?;
         let masked = parsed.masked().to_owned();
-        let client = redis::Client::open(parsed.to_redis_info()?).map_err(|err| {
-            Error::InvalidUrl(format!("invalid result backend URL {masked:?}: {err}"))
-        })?;
+        let client = redis::Client::open(crate::broker::redis::nodelay(parsed.to_redis_info()?))
+            .map_err(|err| {
+                Error::InvalidUrl(format!("invalid result backend URL {masked:?}: {err}"))
+            })?;
         let expires = options
             .expires
             .filter(|ttl| !ttl.is_zero())
@@ -241,8 +250,8 @@ impl RedisBackend {
     }
 
     /// Start watching a task: its channel is subscribed in the background and the
-    /// returned `Waiter` reads the key once the subscription is confirmed. Returns at
-    /// once. Dropping the waiter ends the watch.
+    /// key is read once the subscription is confirmed (by the dispatcher, or by the
+    /// `Waiter` when that read failed). Returns at once. Dropping the waiter ends the watch.
     pub fn watch(&self, task_id: &str) -> Result<Waiter> {
         self.check_open()?;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -331,8 +340,8 @@ pub struct Waiter {
 }
 
 enum WaitState {
-    /// Waiting for the dispatcher to confirm the SUBSCRIBE.
-    Subscribing(oneshot::Receiver<Result<(), String>>),
+    /// Waiting for the dispatcher to confirm the SUBSCRIBE (and read the key).
+    Subscribing(oneshot::Receiver<Result<Subscribed, String>>),
     /// Subscribed; the key is still to be read.
     Reading,
     /// Read; waiting for a published update.
@@ -358,7 +367,13 @@ impl Waiter {
         loop {
             match &mut self.state {
                 WaitState::Subscribing(ready) => match ready.await {
-                    Ok(Ok(())) => self.state = WaitState::Reading,
+                    Ok(Ok(Subscribed::Read(meta))) => {
+                        self.state = WaitState::Listening;
+                        if let Some(meta) = meta.filter(|meta| is_ready(meta)) {
+                            return Ok(meta);
+                        }
+                    }
+                    Ok(Ok(Subscribed::Unread)) => self.state = WaitState::Reading,
                     Ok(Err(text)) => return Err(Error::Connection(text)),
                     Err(_) => return Err(Error::Closed(CLOSED)),
                 },
@@ -615,13 +630,21 @@ enum Command {
         channel: String,
         id: u64,
         events: mpsc::UnboundedSender<Event>,
-        ready: oneshot::Sender<Result<(), String>>,
+        ready: oneshot::Sender<Result<Subscribed, String>>,
     },
     Unsubscribe {
         channel: String,
         id: u64,
     },
     Close,
+}
+
+/// A confirmed subscription, with the key as read right after it (when the read
+/// worked): the dispatcher reads the keys of a batch of new waiters in one MGET, so a
+/// waiter is not woken twice (once to read, once for the reply).
+enum Subscribed {
+    Read(Option<Vec<u8>>),
+    Unread,
 }
 
 enum Event {
@@ -637,8 +660,12 @@ struct Dispatcher {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Invariant between batches: when connected, the subscribed channels are exactly
-    /// these keys.
+    /// these keys and `stale`.
     channels: HashMap<String, Waiters>,
+    /// Channels without waiters, still subscribed: unsubscribed at `unsubscribe_at`
+    /// (their messages are dropped meanwhile). Empty while disconnected.
+    stale: HashSet<String>,
+    unsubscribe_at: Option<tokio::time::Instant>,
     sink: Option<PubSubSink>,
     stream: Option<PubSubStream>,
     ever_connected: bool,
@@ -654,6 +681,8 @@ impl Dispatcher {
             shared,
             commands,
             channels: HashMap::new(),
+            stale: HashSet::new(),
+            unsubscribe_at: None,
             sink: None,
             stream: None,
             ever_connected: false,
@@ -684,16 +713,16 @@ impl Dispatcher {
                     None => self.disconnected(),
                 },
                 () = sleep_until(self.retry_at) => self.retry().await,
+                () = sleep_until(self.unsubscribe_at) => self.unsubscribe_stale().await,
             }
         }
         // Dropping the waiters' senders ends their waits with `Error::Closed`.
     }
 
-    /// Apply a batch of commands with one UNSUBSCRIBE and one SUBSCRIBE at most.
-    /// Returns false on `Close`.
+    /// Apply a batch of commands with one SUBSCRIBE at most; channels left without
+    /// waiters are unsubscribed later (`unsubscribe_stale`). Returns false on `Close`.
     async fn handle(&mut self, batch: Vec<Command>) -> bool {
         let mut subscribe: HashSet<String> = HashSet::new();
-        let mut unsubscribe: HashSet<String> = HashSet::new();
         let mut acks = Vec::new();
         let mut open = true;
         for command in batch {
@@ -705,11 +734,11 @@ impl Dispatcher {
                     ready,
                 } => {
                     let waiters = self.channels.entry(channel.clone()).or_default();
-                    if waiters.is_empty() && !unsubscribe.remove(&channel) {
-                        subscribe.insert(channel);
+                    if waiters.is_empty() && !self.stale.remove(&channel) {
+                        subscribe.insert(channel.clone());
                     }
                     waiters.insert(id, events);
-                    acks.push(ready);
+                    acks.push((channel, ready));
                 }
                 Command::Unsubscribe { channel, id } => {
                     let Some(waiters) = self.channels.get_mut(&channel) else {
@@ -718,8 +747,8 @@ impl Dispatcher {
                     waiters.remove(&id);
                     if waiters.is_empty() {
                         self.channels.remove(&channel);
-                        if !subscribe.remove(&channel) {
-                            unsubscribe.insert(channel);
+                        if !subscribe.remove(&channel) && self.sink.is_some() {
+                            self.stale.insert(channel);
                         }
                     }
                 }
@@ -734,7 +763,7 @@ impl Dispatcher {
         }
         let mut outcome = Ok(());
         if self.sink.is_some() {
-            if let Err(text) = self.change_subscriptions(unsubscribe, subscribe).await {
+            if let Err(text) = self.change_subscriptions(HashSet::new(), subscribe).await {
                 self.disconnected();
                 outcome = Err(text);
             }
@@ -743,11 +772,60 @@ impl Dispatcher {
             // A new waiter gets one immediate attempt, and an error if it fails.
             outcome = self.reconnect().await;
         }
-        for ready in acks {
+        let mut values: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+        if outcome.is_ok() && !acks.is_empty() {
+            let keys: Vec<String> = acks
+                .iter()
+                .map(|(channel, _)| channel.clone())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let read = self.shared.run(|mut conn| {
+                let keys = keys.clone();
+                async move {
+                    redis::cmd("MGET")
+                        .arg(keys)
+                        .query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+                        .await
+                }
+            });
+            // On failure (or no answer) each waiter reads its key itself.
+            if let Ok(Ok(read)) = tokio::time::timeout(RESPONSE_TIMEOUT, read).await {
+                if read.len() == keys.len() {
+                    values = keys.into_iter().zip(read).collect();
+                }
+            }
+        }
+        for (channel, ready) in acks {
+            let subscribed = outcome.clone().map(|()| match values.get(&channel) {
+                Some(value) => Subscribed::Read(value.clone()),
+                None => Subscribed::Unread,
+            });
             // The waiter may have gone away already.
-            let _ = ready.send(outcome.clone());
+            let _ = ready.send(subscribed);
+        }
+        if self.stale.len() >= UNSUBSCRIBE_BATCH {
+            self.unsubscribe_stale().await;
+        } else if !self.stale.is_empty() && self.unsubscribe_at.is_none() {
+            self.unsubscribe_at = Some(tokio::time::Instant::now() + UNSUBSCRIBE_DELAY);
         }
         true
+    }
+
+    /// UNSUBSCRIBE the channels left without waiters.
+    async fn unsubscribe_stale(&mut self) {
+        self.unsubscribe_at = None;
+        let stale = std::mem::take(&mut self.stale);
+        if stale.is_empty() || self.sink.is_none() {
+            return;
+        }
+        if self
+            .change_subscriptions(stale, HashSet::new())
+            .await
+            .is_err()
+        {
+            self.disconnected();
+        }
     }
 
     async fn change_subscriptions(
@@ -796,6 +874,9 @@ impl Dispatcher {
     fn disconnected(&mut self) {
         self.sink = None;
         self.stream = None;
+        // A new connection starts with no subscription.
+        self.stale.clear();
+        self.unsubscribe_at = None;
         if !self.channels.is_empty() {
             self.down_since.get_or_insert_with(Instant::now);
             self.retry_at = Some(tokio::time::Instant::now());
@@ -844,6 +925,8 @@ impl Dispatcher {
             }
         };
         let (sink, stream) = pubsub.split();
+        self.stale.clear();
+        self.unsubscribe_at = None;
         self.sink = Some(sink);
         self.stream = Some(stream);
         let channels: HashSet<String> = self.channels.keys().cloned().collect();

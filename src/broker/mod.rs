@@ -186,6 +186,14 @@ impl Consumer {
         }
     }
 
+    /// Give the fetcher every window slot freed by acks and held back so far (Redis
+    /// groups them); called before waiting for messages.
+    pub fn release_window(&self) {
+        if let Self::Redis(consumer) = self {
+            consumer.release_deferred();
+        }
+    }
+
     /// Grow (`delta > 0`) or shrink the prefetch window, one slot per message held for
     /// its ETA or rate limit. Transports without a window of their own ignore it.
     pub fn extend_window(&self, delta: i64) -> Result<()> {
@@ -205,6 +213,26 @@ impl Consumer {
             Self::Redis(consumer) => consumer.restore_unacked().await,
             Self::Sqlite(consumer) => consumer.restore_unacked().await,
             Self::Amqp(consumer) => consumer.restore_unacked().await,
+        }
+    }
+
+    /// Start consuming from `queue` too (declared as the worker's queues are);
+    /// false when it is consumed already (`add_consumer`).
+    pub async fn add_queue(&self, queue: &str) -> Result<bool> {
+        match self {
+            Self::Redis(consumer) => consumer.add_queue(queue).await,
+            Self::Sqlite(consumer) => consumer.add_queue(queue).await,
+            Self::Amqp(consumer) => consumer.add_queue(queue).await,
+        }
+    }
+
+    /// Stop consuming from `queue`; false when it was not consumed
+    /// (`cancel_consumer`). Messages already fetched from it are still handed over.
+    pub async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        match self {
+            Self::Redis(consumer) => Ok(consumer.cancel_queue(queue).await),
+            Self::Sqlite(consumer) => consumer.cancel_queue(queue).await,
+            Self::Amqp(consumer) => consumer.cancel_queue(queue).await,
         }
     }
 

@@ -6,12 +6,15 @@
 //! - Consuming pops with `RPOP key count` inside a Lua script that also records each
 //!   message in kombu's ack emulation (`unacked` hash + `unacked_index` zset), so a
 //!   batch costs one round trip and no message is ever popped without being recorded.
-//!   When every list is empty the fetcher blocks in `BRPOP` on its own connection.
+//!   When every list is empty the fetcher blocks in `BRPOP` on its own connection;
+//!   that message is handed over at once and recorded while it runs (its ack waits
+//!   for the record). Acks are written at once, or batched for a moment while more
+//!   messages are queued.
 //! - Messages whose worker died are put back after `visibility_timeout`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
@@ -140,7 +143,7 @@ pub(crate) async fn connect(
     response_timeout: Option<Duration>,
 ) -> Result<MultiplexedConnection> {
     let masked = url.masked();
-    let client = Client::open(url.to_redis_info()?)
+    let client = Client::open(nodelay(url.to_redis_info()?))
         .map_err(|err| Error::Connection(format!("cannot connect to {masked}: {err}")))?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -156,6 +159,14 @@ pub(crate) async fn connect(
             timeout.as_secs_f64()
         ))),
     }
+}
+
+/// Small commands go out at once: without `TCP_NODELAY` a command written while the
+/// previous one is unanswered (a pipelined fetch, ack or subscription) waits for its
+/// reply's ACK (Nagle), a round trip on the latency path.
+pub(crate) fn nodelay(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
+    let settings = info.tcp_settings().clone().set_nodelay(true);
+    info.set_tcp_settings(settings)
 }
 
 fn unix_now() -> f64 {
@@ -402,10 +413,15 @@ enum AckCommand {
 
 struct ConsumerShared {
     options: RedisOptions,
-    /// The priority lists of every queue, priority-major (kombu's BRPOP order).
-    list_keys: Vec<String>,
-    /// The queue each list belongs to.
-    list_queue: Vec<String>,
+    /// The queues consumed and their lists; replaced whole by `add_consumer` /
+    /// `cancel_consumer`, read (an `Arc` clone) by each fetch.
+    lists: RwLock<Arc<QueueLists>>,
+    /// The generation of the lists the fetch in progress reads (None between
+    /// fetches): `cancel_queue` waits until no fetch reads the cancelled queue.
+    fetching: watch::Sender<Option<u64>>,
+    /// The fetch connection's `CLIENT ID` (0: not known), to end its `BRPOP` with
+    /// `CLIENT UNBLOCK` when the queues change.
+    fetch_client: AtomicI64,
     window: Semaphore,
     unbounded: bool,
     in_flight: Mutex<HashMap<String, InFlight>>,
@@ -418,6 +434,56 @@ struct ConsumerShared {
     /// Window slots still to take back after `extend_window` shrank it by more than
     /// was free at the time; paid from the next releases.
     debt: Mutex<usize>,
+    /// Slots freed by acks and not yet given back to the fetcher: they are given back
+    /// `release_batch` at a time (or all at the next `fetch`), so the fetcher is woken
+    /// once per few acks and takes several messages per round trip.
+    deferred: AtomicUsize,
+    release_batch: usize,
+    /// How many messages taken by `BRPOP` are handed over with their `unacked`
+    /// record still being written: acks wait until none is, so an ack never runs
+    /// before the record it removes.
+    recording: watch::Sender<usize>,
+    /// True when the last fetch found messages waiting (no blocking pop was needed):
+    /// more work is queued, so the ack writer may linger to batch acks.
+    backlog: AtomicBool,
+}
+
+/// The queues a consumer reads and their priority lists.
+struct QueueLists {
+    /// Bumped by each change.
+    generation: u64,
+    queues: Vec<String>,
+    /// The priority lists of every queue, priority-major (kombu's BRPOP order).
+    keys: Vec<String>,
+    /// The queue each list belongs to.
+    queue_of: Vec<String>,
+}
+
+impl QueueLists {
+    fn new(options: &RedisOptions, queues: Vec<String>, generation: u64) -> Self {
+        let mut keys = Vec::new();
+        let mut queue_of = Vec::new();
+        for step in PRIORITY_STEPS {
+            for queue in &queues {
+                keys.push(options.key(&priority_key(queue, step)));
+                queue_of.push(queue.clone());
+            }
+        }
+        Self {
+            generation,
+            queues,
+            keys,
+            queue_of,
+        }
+    }
+}
+
+/// kombu's binding of queue `queue` to the direct exchange of the same name.
+fn binding(options: &RedisOptions, queue: &str) -> (String, String) {
+    (
+        options.key(&format!("_kombu.binding.{queue}")),
+        format!("{queue}{PRIORITY_SEP}{PRIORITY_SEP}{queue}"),
+    )
 }
 
 /// The registry of live consumers (a set of ids), shared by every celeriac consumer.
@@ -474,6 +540,26 @@ impl ConsumerShared {
         }
     }
 
+    fn lists(&self) -> Arc<QueueLists> {
+        match self.lists.read() {
+            Ok(lists) => lists.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replace the queue list with `change(current)`, if it gives one; the new
+    /// generation.
+    fn change_queues(&self, change: impl FnOnce(&[String]) -> Option<Vec<String>>) -> Option<u64> {
+        let mut lists = match self.lists.write() {
+            Ok(lists) => lists,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let queues = change(&lists.queues)?;
+        let generation = lists.generation + 1;
+        *lists = Arc::new(QueueLists::new(&self.options, queues, generation));
+        Some(generation)
+    }
+
     fn forget(&self, tags: &[String]) -> usize {
         let Ok(mut map) = self.in_flight.lock() else {
             return 0;
@@ -488,6 +574,8 @@ pub struct RedisConsumer {
     ack_tx: mpsc::UnboundedSender<AckCommand>,
     /// Becomes true when the fetch task has ended.
     fetcher_stopped: watch::Receiver<bool>,
+    /// For `add_queue`'s binding and `CLIENT UNBLOCK` (the ack connection).
+    control_conn: MultiplexedConnection,
 }
 
 /// Tells the consumer the fetch task has ended, however it ends.
@@ -500,6 +588,11 @@ impl Drop for StoppedGuard {
 }
 
 const MAX_FETCH_BATCH: usize = 512;
+
+/// How long the ack writer waits for more acks before writing a small batch.
+const ACK_LINGER: Duration = Duration::from_millis(1);
+/// Batches at least this big are written at once.
+const ACK_BATCH_TARGET: usize = 64;
 
 impl RedisConsumer {
     /// Connect and start fetching into `deliveries`. `prefetch_count` 0 = unbounded.
@@ -519,21 +612,12 @@ impl RedisConsumer {
         // Declare the bindings as a Celery worker does, so kombu peers see the queues.
         let mut pipe = redis::pipe();
         for queue in queues {
-            pipe.cmd("SADD")
-                .arg(options.key(&format!("_kombu.binding.{queue}")))
-                .arg(format!("{queue}{PRIORITY_SEP}{PRIORITY_SEP}{queue}"))
-                .ignore();
+            let (key, member) = binding(&options, queue);
+            pipe.cmd("SADD").arg(key).arg(member).ignore();
         }
         pipe.query_async::<()>(&mut ack_conn).await?;
 
-        let mut list_keys = Vec::new();
-        let mut list_queue = Vec::new();
-        for step in PRIORITY_STEPS {
-            for queue in queues {
-                list_keys.push(options.key(&priority_key(queue, step)));
-                list_queue.push(queue.clone());
-            }
-        }
+        let lists = QueueLists::new(&options, queues.to_vec(), 0);
         let unbounded = prefetch_count == 0;
         let id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let heartbeats = !options.heartbeat_interval.is_zero();
@@ -544,14 +628,19 @@ impl RedisConsumer {
         let shared = Arc::new(ConsumerShared {
             window: Semaphore::new(if unbounded { 0 } else { prefetch_count }),
             unbounded,
-            list_keys,
-            list_queue,
+            lists: RwLock::new(Arc::new(lists)),
+            fetching: watch::channel(None).0,
+            fetch_client: AtomicI64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             masked: url.masked().to_owned(),
             owned_key: owned_key(&options, &id),
             id,
             debt: Mutex::new(0),
+            deferred: AtomicUsize::new(0),
+            release_batch: (prefetch_count / 2).max(1),
+            recording: watch::channel(0).0,
+            backlog: AtomicBool::new(false),
             options,
         });
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -576,11 +665,13 @@ impl RedisConsumer {
                 shared.clone(),
             ));
         }
+        let control_conn = ack_conn.clone();
         tokio::spawn(restore_visible_loop(ack_conn, shared.clone()));
         Ok(Self {
             shared,
             ack_tx,
             fetcher_stopped,
+            control_conn,
         })
     }
 
@@ -589,10 +680,29 @@ impl RedisConsumer {
         // is): free the window slots now, so the next fetch overlaps with writing the
         // ack instead of waiting a round trip for it.
         let released = self.shared.forget(&tags);
-        self.shared.release(released);
+        self.defer_release(released);
         self.ack_tx
             .send(AckCommand::Ack(tags))
             .map_err(|_| Error::Closed("the consumer"))
+    }
+
+    /// Give `count` window slots back, in groups of `release_batch`: waking the
+    /// fetcher costs more than the ack itself, and one slot per round trip is slow.
+    fn defer_release(&self, count: usize) {
+        if count == 0 || self.shared.unbounded {
+            return;
+        }
+        let pending = self.shared.deferred.fetch_add(count, Ordering::AcqRel) + count;
+        if pending >= self.shared.release_batch {
+            self.release_deferred();
+        }
+    }
+
+    /// Give back every slot freed by acks so far (the caller is about to wait for
+    /// messages, so nothing may stay held back).
+    pub fn release_deferred(&self) {
+        let pending = self.shared.deferred.swap(0, Ordering::AcqRel);
+        self.shared.release(pending);
     }
 
     /// `requeue=false` drops the message (kombu: same as ack); `true` puts it back.
@@ -601,7 +711,7 @@ impl RedisConsumer {
             AckCommand::Requeue(tag)
         } else {
             let released = self.shared.forget(std::slice::from_ref(&tag));
-            self.shared.release(released);
+            self.defer_release(released);
             AckCommand::Ack(vec![tag])
         };
         self.ack_tx
@@ -637,6 +747,75 @@ impl RedisConsumer {
     }
 
     /// This consumer's id in the heartbeat registry.
+    /// Consume from `queue` too (its kombu binding declared first); false when it
+    /// was consumed already. The fetcher reads it from its next round (a blocked
+    /// `BRPOP` ends within a second).
+    pub async fn add_queue(&self, queue: &str) -> Result<bool> {
+        if self.shared.lists().queues.iter().any(|q| q == queue) {
+            return Ok(false);
+        }
+        let mut conn = self.control_conn.clone();
+        let (key, member) = binding(&self.shared.options, queue);
+        redis::cmd("SADD")
+            .arg(key)
+            .arg(member)
+            .query_async::<()>(&mut conn)
+            .await?;
+        let changed = self.shared.change_queues(|queues| {
+            (!queues.iter().any(|q| q == queue)).then(|| {
+                let mut queues = queues.to_vec();
+                queues.push(queue.to_owned());
+                queues
+            })
+        });
+        if let Some(generation) = changed {
+            self.wait_for_fetcher(generation).await;
+        }
+        Ok(changed.is_some())
+    }
+
+    /// Wait (at most 3 s) until no fetch reads lists older than `generation`,
+    /// ending a blocked `BRPOP` at once with `CLIENT UNBLOCK`.
+    async fn wait_for_fetcher(&self, generation: u64) {
+        let mut fetching = self.shared.fetching.subscribe();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !self.shared.closed.load(Ordering::Acquire) {
+            if fetching
+                .borrow_and_update()
+                .is_none_or(|seen| seen >= generation)
+            {
+                return;
+            }
+            let id = self.shared.fetch_client.load(Ordering::Acquire);
+            if id > 0 {
+                let mut conn = self.control_conn.clone();
+                let _ = redis::cmd("CLIENT")
+                    .arg("UNBLOCK")
+                    .arg(id)
+                    .query_async::<i64>(&mut conn)
+                    .await;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), fetching.changed()).await;
+        }
+    }
+
+    /// Stop fetching from `queue`; false when it was not consumed. Returns once no
+    /// fetch reads it any more (a blocked `BRPOP` ends within a second); messages
+    /// already fetched from it are still handed over and acked as usual.
+    pub async fn cancel_queue(&self, queue: &str) -> bool {
+        let changed = self.shared.change_queues(|queues| {
+            queues
+                .iter()
+                .any(|q| q == queue)
+                .then(|| queues.iter().filter(|q| *q != queue).cloned().collect())
+        });
+        let Some(generation) = changed else {
+            return false;
+        };
+        self.wait_for_fetcher(generation).await;
+        true
+    }
+
     pub fn id(&self) -> &str {
         &self.shared.id
     }
@@ -661,6 +840,7 @@ async fn fetch_loop(
 ) {
     let script = Script::new(FETCH_SCRIPT);
     let mut failures = 0u32;
+    learn_client_id(&mut conn, &shared).await;
     while !shared.closed.load(Ordering::Acquire) {
         // Take as much of the prefetch window as is free (at least one slot).
         let mut credits = MAX_FETCH_BATCH;
@@ -680,30 +860,59 @@ async fn fetch_loop(
                 }
             }
         }
-        let result = fetch_once(&mut conn, &script, &shared, credits).await;
+        let lists = shared.lists();
+        shared.fetching.send_replace(Some(lists.generation));
+        let result = fetch_once(&mut conn, &script, &shared, &lists, credits).await;
+        shared.fetching.send_replace(None);
         if shared.closed.load(Ordering::Acquire) {
             // Whatever was popped is recorded in `unacked`; restore_unacked puts it back.
-            if let Ok(batch) = result {
+            if let Ok((batch, record)) = result {
+                if let Some(record) = record {
+                    let _ = record.query_async::<()>(&mut conn).await;
+                }
                 shared.release(credits.saturating_sub(tracked(&batch)));
                 remember(&shared, &batch);
             }
             return;
         }
-        match result {
-            Ok(batch) => {
+        let result = match result {
+            Ok((batch, record)) => {
                 failures = 0;
                 // Malformed messages are not tracked (nothing to restore), so they do
                 // not hold a slot of the window.
                 shared.release(credits.saturating_sub(tracked(&batch)));
                 remember(&shared, &batch);
+                // A message taken by BRPOP is handed over first and recorded in
+                // `unacked` while it runs (and while the next fetch starts): the
+                // record is off the latency path, and acks wait for it (`recording`).
+                // A failed record leaves the message to this consumer alone (as a
+                // pop lost before its record would); the next fetch sees the error.
+                if let Some(record) = record {
+                    shared.recording.send_modify(|pending| *pending += 1);
+                    let mut record_conn = conn.clone();
+                    let record_shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _ = record.query_async::<()>(&mut record_conn).await;
+                        record_shared
+                            .recording
+                            .send_modify(|pending| *pending = pending.saturating_sub(1));
+                    });
+                }
                 for delivery in batch {
                     if deliveries.send(delivery.into_fetched()).is_err() {
                         return;
                     }
                 }
+                Ok(())
             }
             Err(err) => {
                 shared.release(credits);
+                Err(err)
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(err) => {
                 if failures == 0 {
                     let text = format!("lost the connection to {}: {err}", shared.masked);
                     if deliveries.send(Fetched::Error(text)).is_err() {
@@ -714,10 +923,21 @@ async fn fetch_loop(
                 failures += 1;
                 if let Ok(fresh) = connect(&url, shared.options.connect_timeout, None).await {
                     conn = fresh;
+                    learn_client_id(&mut conn, &shared).await;
                 }
             }
         }
     }
+}
+
+/// Note the fetch connection's `CLIENT ID` (0 when the server will not tell).
+async fn learn_client_id(conn: &mut MultiplexedConnection, shared: &ConsumerShared) {
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(conn)
+        .await
+        .unwrap_or(0);
+    shared.fetch_client.store(id, Ordering::Release);
 }
 
 fn remember(shared: &ConsumerShared, batch: &[RawDelivery]) {
@@ -751,47 +971,59 @@ fn delivery_list_key(shared: &ConsumerShared, delivery: &RawDelivery) -> String 
 }
 
 /// One batch: a non-blocking scripted pop; if every list is empty, a blocking BRPOP
-/// of one message (1 s), recorded in `unacked` right after.
+/// of one message (1 s), to be recorded in `unacked` by the returned pipeline.
+/// The second value is the pipeline recording a `BRPOP`ed message in `unacked`, to
+/// run once the message is handed over.
 async fn fetch_once(
     conn: &mut MultiplexedConnection,
     script: &Script,
     shared: &ConsumerShared,
+    lists: &QueueLists,
     credits: usize,
-) -> Result<Vec<RawDelivery>> {
+) -> Result<(Vec<RawDelivery>, Option<redis::Pipeline>)> {
     let mut invocation = script.prepare_invoke();
     invocation
         .key(shared.options.key(&shared.options.unacked_key))
         .key(shared.options.key(&shared.options.unacked_index_key))
         .key(&shared.owned_key);
-    for key in &shared.list_keys {
+    if lists.keys.is_empty() {
+        // Every queue was cancelled: wait (as a BRPOP would) for one to be added.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return Ok((Vec::new(), None));
+    }
+    for key in &lists.keys {
         invocation.key(key);
     }
     invocation.arg(credits).arg(unix_now());
     let popped: Vec<(usize, Vec<u8>)> = invocation.invoke_async(conn).await?;
     if !popped.is_empty() {
-        return Ok(popped
+        shared.backlog.store(true, Ordering::Release);
+        let batch = popped
             .into_iter()
             .map(|(index, raw)| {
-                let queue = shared.list_queue.get(index).cloned().unwrap_or_default();
+                let queue = lists.queue_of.get(index).cloned().unwrap_or_default();
                 parse_delivery(raw, queue)
             })
-            .collect());
+            .collect();
+        return Ok((batch, None));
     }
+    shared.backlog.store(false, Ordering::Release);
     let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-        .arg(&shared.list_keys)
+        .arg(&lists.keys)
         .arg(1)
         .query_async(conn)
         .await?;
     let Some((key, raw)) = popped else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
-    let queue = shared
-        .list_keys
+    let queue = lists
+        .keys
         .iter()
         .position(|k| *k == key)
-        .and_then(|i| shared.list_queue.get(i).cloned())
+        .and_then(|i| lists.queue_of.get(i).cloned())
         .unwrap_or(key);
     let delivery = parse_delivery(raw, queue);
+    let mut record = None;
     if let Ok(env) = &delivery.envelope {
         let (exchange, routing_key) = env
             .properties
@@ -799,9 +1031,9 @@ async fn fetch_once(
             .as_ref()
             .map(|info| (info.exchange.as_str(), info.routing_key.as_str()))
             .unwrap_or(("", ""));
-        let record = unacked_record(&delivery.raw, exchange, routing_key)?;
-        redis::pipe()
-            .cmd("ZADD")
+        let value = unacked_record(&delivery.raw, exchange, routing_key)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
             .arg(shared.options.key(&shared.options.unacked_index_key))
             .arg(unix_now())
             .arg(&delivery.delivery_tag)
@@ -809,16 +1041,15 @@ async fn fetch_once(
             .cmd("HSET")
             .arg(shared.options.key(&shared.options.unacked_key))
             .arg(&delivery.delivery_tag)
-            .arg(record)
+            .arg(value)
             .ignore()
             .cmd("SADD")
             .arg(&shared.owned_key)
             .arg(&delivery.delivery_tag)
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
+            .ignore();
+        record = Some(pipe);
     }
-    Ok(vec![delivery])
+    Ok((vec![delivery], record))
 }
 
 /// kombu's `unacked` value: `[envelope, exchange, routing_key]`.
@@ -856,7 +1087,27 @@ async fn ack_loop(
     mut rx: mpsc::UnboundedReceiver<AckCommand>,
 ) {
     let mut commands = Vec::with_capacity(256);
+    let mut recording = shared.recording.subscribe();
     while rx.recv_many(&mut commands, 1024).await > 0 {
+        // When more messages are queued, linger a moment so the acks of the next tasks
+        // join this write: one pipeline (and one wake-up of this task) per batch
+        // instead of per task. The window slots were freed by `ack` already, so
+        // fetching does not wait for this. With nothing queued, a lone ack is written
+        // at once, so it does not land on the next message's path.
+        if commands.len() < ACK_BATCH_TARGET
+            && shared.backlog.load(Ordering::Acquire)
+            && commands.iter().all(|c| matches!(c, AckCommand::Ack(_)))
+        {
+            tokio::time::sleep(ACK_LINGER).await;
+            while commands.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+        }
+        // A message taken by BRPOP may still be having its `unacked` record written.
+        let _ = recording.wait_for(|pending| *pending == 0).await;
         let mut tags: Vec<String> = Vec::new();
         for command in commands.drain(..) {
             match command {

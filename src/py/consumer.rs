@@ -58,6 +58,7 @@ impl Consumer {
     fn fetch(&self, py: Python<'_>, max_count: usize, timeout: f64) -> PyResult<Vec<Delivery>> {
         let deadline = Instant::now() + duration("timeout", timeout)?;
         let max_count = max_count.max(1);
+        self.inner.release_window();
         let mut guard = self
             .deliveries
             .lock()
@@ -125,6 +126,16 @@ impl Consumer {
     /// for its ETA or its rate limit). Transports without a local window ignore it.
     fn extend_window(&self, delta: i64) -> PyResult<()> {
         Ok(self.inner.extend_window(delta)?)
+    }
+
+    /// Consume from `queue` too (`add_consumer`); False when it is consumed already.
+    fn add_queue(&self, py: Python<'_>, queue: &str) -> PyResult<bool> {
+        Ok(py.detach(|| runtime::handle().block_on(self.inner.add_queue(queue)))?)
+    }
+
+    /// Stop consuming from `queue` (`cancel_consumer`); False when it was not.
+    fn cancel_queue(&self, py: Python<'_>, queue: &str) -> PyResult<bool> {
+        Ok(py.detach(|| runtime::handle().block_on(self.inner.cancel_queue(queue)))?)
     }
 
     fn restore_unacked(&self, py: Python<'_>) -> PyResult<usize> {
@@ -199,32 +210,58 @@ impl Delivery {
     }
 
     fn decode(py: Python<'_>, message: IncomingMessage) -> PyResult<Self> {
-        let mut delivery = Delivery::empty(py, message.delivery_tag.clone(), message.queue.clone());
-        delivery.exchange = message.exchange.clone();
-        delivery.routing_key = message.routing_key.clone();
-        delivery.redelivered = message.redelivered;
-        delivery.priority = message.priority;
-        delivery.reply_to = message.reply_to.clone();
-        delivery.correlation_id = message.correlation_id.clone();
-        delivery.content_type = message
-            .content_type
-            .clone()
-            .unwrap_or_else(|| "application/json".into());
-        match decode_task(py, &message) {
+        let decoded = decode_task(py, &message);
+        // Move the message's strings into the delivery (no copies, and no empty
+        // containers made only to be replaced).
+        let IncomingMessage {
+            delivery_tag,
+            queue,
+            exchange,
+            routing_key,
+            redelivered,
+            priority,
+            reply_to,
+            correlation_id,
+            content_type,
+            ..
+        } = message;
+        let mut delivery = match decoded {
             Ok(decoded) => {
-                delivery.task = string_item(&decoded.headers, "task")?;
-                delivery.id = string_item(&decoded.headers, "id")?;
-                delivery.headers = decoded.headers.unbind();
-                delivery.args = decoded.args.unbind();
-                delivery.kwargs = decoded.kwargs.unbind();
-                delivery.embed = decoded.embed.unbind();
-                if delivery.task.is_none() || delivery.id.is_none() {
-                    delivery.error =
-                        Some("the message has no task name or id in its headers".into());
+                let task = string_item(&decoded.headers, "task")?;
+                let id = string_item(&decoded.headers, "id")?;
+                let error = (task.is_none() || id.is_none())
+                    .then(|| "the message has no task name or id in its headers".to_owned());
+                Delivery {
+                    delivery_tag,
+                    exchange: String::new(),
+                    routing_key: String::new(),
+                    redelivered: false,
+                    priority: 0,
+                    reply_to: None,
+                    correlation_id: None,
+                    content_type: String::new(),
+                    headers: decoded.headers.unbind(),
+                    task,
+                    id,
+                    args: decoded.args.unbind(),
+                    kwargs: decoded.kwargs.unbind(),
+                    embed: decoded.embed.unbind(),
+                    error,
                 }
             }
-            Err(reason) => delivery.error = Some(reason),
-        }
+            Err(reason) => {
+                let mut delivery = Delivery::empty(py, delivery_tag, queue);
+                delivery.error = Some(reason);
+                delivery
+            }
+        };
+        delivery.exchange = exchange;
+        delivery.routing_key = routing_key;
+        delivery.redelivered = redelivered;
+        delivery.priority = priority;
+        delivery.reply_to = reply_to;
+        delivery.correlation_id = correlation_id;
+        delivery.content_type = content_type.unwrap_or_else(|| "application/json".into());
         Ok(delivery)
     }
 }
