@@ -1,11 +1,14 @@
-//! `RateLimiter`: the worker's per-task token buckets (`crate::scheduler`).
+//! `RateLimiter`: the worker's per-task token buckets, and `EtaSchedule`: the messages
+//! held for their ETA (`crate::scheduler`).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::exceptions::PyValueError;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
+use pyo3::PyTraverseError;
 
-use crate::scheduler::RateLimits;
+use crate::scheduler::{self, RateLimits};
 
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct RateLimiter {
@@ -44,14 +47,108 @@ impl RateLimiter {
 }
 
 impl RateLimiter {
-    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, RateLimits>> {
+    fn lock(&self) -> PyResult<MutexGuard<'_, RateLimits>> {
         self.inner
             .lock()
             .map_err(|_| PyValueError::new_err("the rate limiter is broken"))
     }
 }
 
+/// Python objects keyed by a due time (UNIX seconds), handed back once due: earliest
+/// first, first pushed first among equal times.
+///
+/// No Python code runs while the lock is held: items are moved out (or their
+/// reference counts raised) under it, and converted or dropped after.
+#[pyclass(module = "celeriac._core", frozen, generic)]
+pub struct EtaSchedule {
+    inner: Mutex<scheduler::EtaSchedule<Py<PyAny>>>,
+}
+
+#[pymethods]
+impl EtaSchedule {
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: Mutex::new(scheduler::EtaSchedule::new()),
+        }
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.lock()?.len())
+    }
+
+    /// Hold `item` until `due`; `ValueError` for a NaN or infinite time.
+    fn push(&self, due: f64, item: Py<PyAny>) -> PyResult<()> {
+        Ok(self.lock()?.push(due, item)?)
+    }
+
+    /// The earliest due time, or `None` when empty.
+    fn next_due(&self) -> PyResult<Option<f64>> {
+        Ok(self.lock()?.next_due())
+    }
+
+    /// The items due at `now` or earlier, earliest first, at most `limit`.
+    #[pyo3(signature = (now, limit = None))]
+    fn pop_due(&self, now: f64, limit: Option<i64>) -> PyResult<Vec<Py<PyAny>>> {
+        let limit = match limit {
+            None => None,
+            Some(n) => Some(usize::try_from(n).map_err(|_| {
+                PyValueError::new_err(format!("limit must be None or >= 0, not {n}"))
+            })?),
+        };
+        let due = self.lock()?.pop_due(now, limit);
+        Ok(due)
+    }
+
+    /// Remove and return everything still held, earliest first.
+    fn clear(&self) -> PyResult<Vec<Py<PyAny>>> {
+        let items = self.lock()?.drain();
+        Ok(items)
+    }
+
+    /// Everything held, earliest first (remote control's inspect).
+    fn items(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .sorted()
+            .into_iter()
+            .map(|(_, item)| item.clone_ref(py))
+            .collect())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let inner = match self.inner.try_lock() {
+            Ok(inner) => inner,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Being changed right now (by code that runs no Python): nothing to visit.
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        for item in inner.iter() {
+            visit.call(item)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let items = match self.inner.lock() {
+            Ok(mut inner) => inner.drain(),
+            Err(poisoned) => poisoned.into_inner().drain(),
+        };
+        // Dropped here, with the lock released: a finalizer may use this schedule.
+        drop(items);
+    }
+}
+
+impl EtaSchedule {
+    fn lock(&self) -> PyResult<MutexGuard<'_, scheduler::EtaSchedule<Py<PyAny>>>> {
+        self.inner
+            .lock()
+            .map_err(|_| PyValueError::new_err("the ETA schedule is broken"))
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RateLimiter>()?;
+    m.add_class::<EtaSchedule>()?;
     Ok(())
 }

@@ -1,5 +1,10 @@
 //! Worker-side scheduling that needs no Python: per-task token buckets for rate limits
-//! (celery-wire §7: per worker process, capacity 1, refilled continuously).
+//! (celery-wire §7: per worker process, capacity 1, refilled continuously), and the
+//! timer that holds ETA/countdown messages until due (`eta`).
+
+pub mod eta;
+
+pub use eta::EtaSchedule;
 
 use std::collections::HashMap;
 use std::time::Instant;
