@@ -9,6 +9,7 @@ as ``parent_id``.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "get_current_worker_task",
     "pop_task",
     "push_task",
+    "set_async_task",
     "set_current_app",
 ]
 
@@ -128,6 +130,17 @@ class _TaskStack(threading.local):
 
 _stack = _TaskStack()
 
+#: The task a coroutine (an ``async def`` task on the worker's event loop) runs: many
+#: share one thread, so each asyncio task carries its own in its context.
+_async_task: contextvars.ContextVar[Task[Any, Any] | None] = contextvars.ContextVar(
+    "celeriac_async_task", default=None
+)
+
+
+def set_async_task(task: Task[Any, Any] | None) -> None:
+    """Make ``task`` the current task of the running asyncio task (its context)."""
+    _async_task.set(task)
+
 
 def push_task(task: Task[Any, Any]) -> None:
     _stack.tasks.append(task)
@@ -142,7 +155,7 @@ def pop_task() -> None:
 def get_current_task() -> Task[Any, Any] | None:
     """The task running in this thread (called directly or by a worker), if any."""
     tasks: list[Task[Any, Any]] = _stack.tasks
-    return tasks[-1] if tasks else None
+    return tasks[-1] if tasks else _async_task.get()
 
 
 def get_current_worker_task() -> Task[Any, Any] | None:
@@ -152,4 +165,4 @@ def get_current_worker_task() -> Task[Any, Any] | None:
     for task in tasks[::-1]:
         if not task.request.called_directly:
             return task
-    return None
+    return _async_task.get()

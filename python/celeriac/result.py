@@ -481,6 +481,27 @@ class AsyncResult(Generic[R]):
         self._cache = None
         self._require_backend().forget(self.id)
 
+    def revoke(
+        self,
+        connection: Any = None,
+        terminate: bool = False,
+        signal: str | int | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Tell every worker to discard this task (remote control's ``revoke``); with
+        ``terminate`` a running one is stopped with ``signal`` (default SIGTERM).
+        ``wait`` waits up to ``timeout`` seconds (default 1) for the workers' replies."""
+        from celeriac.control import Control
+
+        Control(self.app or get_current_app()).revoke(
+            self.id,
+            terminate=terminate,
+            signal=signal or "SIGTERM",
+            reply=wait,
+            timeout=1.0 if timeout is None else float(timeout),
+        )
+
 
 class EagerResult(AsyncResult[R]):
     """The result of a task run locally (``apply`` / ``task_always_eager``)."""

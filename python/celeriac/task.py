@@ -10,6 +10,8 @@ tuple and ``kwargs`` a mapping, and an argument JSON cannot carry raises ``TypeE
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import datetime
 import inspect
 import keyword
@@ -19,14 +21,20 @@ import threading
 import traceback
 import types
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 from celeriac import states
 from celeriac.conf import parse_rate_limit
 from celeriac.exceptions import Ignore, Reject, Retry
 from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError
-from celeriac.local import get_current_app, get_current_worker_task, pop_task, push_task
+from celeriac.local import (
+    get_current_app,
+    get_current_worker_task,
+    pop_task,
+    push_task,
+    set_async_task,
+)
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.result import EagerResult, meta_for
 
@@ -124,6 +132,46 @@ class Request:
 
 _Request = Request
 _DEFAULT_REQUEST = Request()
+
+#: ``(task, request)`` of the ``async def`` execution the running asyncio task is: the
+#: worker's event loop runs many in one thread, so a thread-local stack cannot tell them
+#: apart; each asyncio task has a context of its own.
+_ASYNC_REQUEST: contextvars.ContextVar[tuple[Any, Request] | None] = contextvars.ContextVar(
+    "celeriac_async_request", default=None
+)
+
+
+def is_async_task(task: Any) -> bool:
+    """Whether ``task``'s body is an ``async def`` (a coroutine function)."""
+    run = task.__dict__.get("_orig_run") or getattr(task, "run", None)
+    return inspect.iscoroutinefunction(run) or inspect.iscoroutinefunction(
+        getattr(run, "__wrapped__", None)
+    )
+
+
+def run_coroutine(awaitable: Any) -> Any:
+    """Run a coroutine to its end from synchronous code (eager ``apply``): in this
+    thread when no event loop runs here, else in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(awaitable)
+    outcome: list[Any] = []
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            outcome.append((True, context.run(asyncio.run, awaitable)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="celeriac-eager-async")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 class _FromConf:
@@ -313,22 +361,40 @@ def _add_autoretry(task: Task[Any, Any]) -> None:
     jitter = bool(task.retry_jitter)
     orig_run = task.run
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return orig_run(*args, **kwargs)
-        except (Ignore, Retry):
-            raise
-        except dont_autoretry_for:
-            raise
-        except autoretry_for as exc:
-            options = dict(retry_kwargs)
-            if backoff:
-                options["countdown"] = _exponential_backoff(
-                    int(max(1.0, backoff)), task.request.retries, backoff_max, jitter
-                )
-            raise task.retry(exc=exc, **options) from exc
+    def retry_for(exc: BaseException) -> Retry:
+        options = dict(retry_kwargs)
+        if backoff:
+            options["countdown"] = _exponential_backoff(
+                int(max(1.0, backoff)), task.request.retries, backoff_max, jitter
+            )
+        return task.retry(exc=exc, **options)
 
-    run.__wrapped__ = orig_run  # type: ignore[attr-defined]
+    run: Callable[..., Any]
+    if is_async_task(task):
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await orig_run(*args, **kwargs)
+            except (Ignore, Retry):
+                raise
+            except dont_autoretry_for:
+                raise
+            except autoretry_for as exc:
+                raise retry_for(exc) from exc
+
+    else:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return orig_run(*args, **kwargs)
+            except (Ignore, Retry):
+                raise
+            except dont_autoretry_for:
+                raise
+            except autoretry_for as exc:
+                raise retry_for(exc) from exc
+
+    run.__wrapped__ = orig_run  # type: ignore[union-attr]
     object.__setattr__(task, "_orig_run", orig_run)
     object.__setattr__(task, "run", run)
     object.__setattr__(task, "_argcheck", _UNBUILT)
@@ -437,8 +503,9 @@ class Task(Generic[P, R]):
             return cast("list[_Request]", local.stack)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the task body here, now, in this thread."""
-        if self._request_stack():
+        """Run the task body here, now, in this thread (an ``async def`` body returns
+        its coroutine)."""
+        if self._request_stack() or self._async_request() is not None:
             # A worker (or apply) already pushed this execution's request.
             return self.run(*args, **kwargs)
         self.push_request(args=args, kwargs=kwargs, called_directly=True)
@@ -449,9 +516,29 @@ class Task(Generic[P, R]):
 
     @property
     def request(self) -> _Request:
-        """The request of the execution running in this thread (an empty one outside)."""
+        """The request of the execution running in this thread, or in this asyncio
+        task for an ``async def`` task (an empty one outside)."""
         stack = self._request_stack()
-        return stack[-1] if stack else _DEFAULT_REQUEST
+        if stack:
+            return stack[-1]
+        return self._async_request() or _DEFAULT_REQUEST
+
+    def _async_request(self) -> _Request | None:
+        current = _ASYNC_REQUEST.get()
+        if current is not None and current[0] is self:
+            return current[1]
+        return None
+
+    def enter_async_request(self, request: _Request | None = None, **fields: Any) -> _Request:
+        """The worker's ``push_request`` for an ``async def`` execution: call it inside
+        the asyncio task that runs it (the request lives in that task's context, so
+        nothing needs popping). ``request``: a ready one, else ``Request(**fields)``."""
+        if request is None:
+            fields.setdefault("called_directly", False)
+            request = Request(**fields)
+        _ASYNC_REQUEST.set((self, request))
+        set_async_task(self)
+        return request
 
     def push_request(self, **fields: Any) -> None:
         """Make ``Request(**fields)`` this thread's current request and this task the
@@ -530,6 +617,8 @@ class Task(Generic[P, R]):
             try:
                 self.before_start(task_id, args, kwargs)
                 retval: Any = self(*args, **kwargs)
+                if inspect.iscoroutine(retval):
+                    retval = run_coroutine(retval)
                 state = states.SUCCESS
             except Retry as exc:
                 if exc.is_eager and isinstance(exc.sig, Mapping):
@@ -606,19 +695,9 @@ class Task(Generic[P, R]):
             raise TypeError(
                 f"task keyword arguments must be a mapping, not {type(kwargs).__name__}"
             )
-        task = self
-        app = self._app
-        if app is None:
-            app = get_current_app()
-            registered = app.tasks.get(self.name or "")
-            if registered is not None:
-                task = registered
-        check = task._argcheck
+        app, task, check = self._sender()
         if check is not None:
-            if check is _UNBUILT:
-                check = task._build_argcheck()
-            if check is not None:
-                check(*args, **kwargs)
+            check(*args, **kwargs)
         return cast(
             "_AsyncResult[R]",
             app._send_task_message(
@@ -644,6 +723,109 @@ class Task(Generic[P, R]):
                 options,
             ),
         )
+
+    def _sender(self) -> tuple[Any, Task[Any, Any], Callable[..., None] | None]:
+        """The app that sends this task's messages, the task it has registered under
+        this name (a shared task's app-bound copy, else this one) and that task's
+        argument check, if any."""
+        task = self
+        app = self._app
+        if app is None:
+            app = get_current_app()
+            registered = app.tasks.get(self.name or "")
+            if registered is not None:
+                task = registered
+        check = task._argcheck
+        if check is _UNBUILT:
+            check = task._build_argcheck()
+        return app, task, check
+
+    def delay_many(
+        self, args_list: Iterable[Sequence[Any]], **options: Any
+    ) -> list[_AsyncResult[R]]:
+        """Send one message per item of ``args_list`` (each item: the positional
+        arguments of one task, a tuple or list), all with the same ``apply_async``
+        options, in one call to the producer. Returns their results, in order.
+
+        ``add.delay_many([(1, 2), (3, 4)])`` sends what ``add.delay(1, 2)`` and
+        ``add.delay(3, 4)`` would, with the same routing and headers. Every item is
+        checked and encoded before anything is sent: a bad one raises ``TypeError``
+        naming its index, and no message goes out.
+        """
+        return self.apply_async_many(args_list, **options)
+
+    def apply_async_many(
+        self,
+        args_list: Iterable[Sequence[Any]],
+        kwargs_list: Iterable[Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> list[_AsyncResult[R]]:
+        """``delay_many`` with keyword arguments too: item i of ``kwargs_list`` goes
+        with item i of ``args_list`` (same length). ``options`` are ``apply_async``'s,
+        shared by every message; each message gets its own task id (so ``task_id`` is
+        refused)."""
+        if "task_id" in options:
+            raise TypeError("apply_async_many() gives every message its own id: no task_id")
+        items = _batch_items(args_list, kwargs_list)
+        if not items:
+            return []
+        app, task, check = self._sender()
+        if check is not None:
+            for index, (args, kwargs) in enumerate(items):
+                try:
+                    check(*args, **kwargs)
+                except TypeError as exc:
+                    raise TypeError(f"item {index}: {exc}") from exc
+        name = cast(str, task.name)
+        named = {key: options.pop(key, None) for key in _APPLY_ASYNC_NAMED}
+
+        def plan(args: Sequence[Any], kwargs: Mapping[str, Any], batch: list[Any]) -> Any:
+            return app._send_task_message(
+                task, name, args, kwargs, None, named["countdown"], named["eta"],
+                named["expires"], named["queue"], named["priority"], named["headers"],
+                named["ignore_result"], named["routing_key"], named["exchange"],
+                named["shadow"], named["time_limit"], named["soft_time_limit"],
+                named["link"], named["link_error"], dict(options), batch=batch,
+            )  # fmt: skip
+
+        planned: list[Any] = []
+        first = plan(items[0][0], items[0][1], planned)
+        if not planned:  # task_always_eager: run each one here, as apply_async does
+            return [first] + [
+                self.apply_async(args, kwargs, **named, **options) for args, kwargs in items[1:]
+            ]
+        queue, opts, static, parent, confirm, ignore_result = planned[0]
+        sent: list[Any]
+        if static:
+            # One route and one set of options for all: only the ids and arguments vary.
+            sent = [(None, args, kwargs) for args, kwargs in items]
+        else:
+            # task_routes with a router function: each message is routed on its own.
+            for args, kwargs in items[1:]:
+                plan(args, kwargs, planned)
+            sent = [
+                (None, args, kwargs, route[0], route[1] or None)
+                for (args, kwargs), route in zip(items, planned, strict=True)
+            ]
+        producer = app.producer
+        ids = producer.send_many(name, sent, queue, opts or None)
+        if confirm:
+            producer.flush(float(app.conf["broker_connection_timeout"]))
+        results: list[_AsyncResult[R]] = []
+        for task_id in ids:
+            result: _AsyncResult[R] = _AsyncResult(task_id, app=app, task_name=name)
+            if ignore_result:
+                result.ignored = True
+            results.append(result)
+        if parent is not None:
+            for result in results:
+                parent.add_trail(result)
+        if app.conf["task_send_sent_event"]:
+            for task_id, (args, kwargs), route in zip(
+                ids, items, planned if not static else [planned[0]] * len(items), strict=True
+            ):
+                app._send_sent_event(name, task_id, args, kwargs, route[0], route[1])
+        return results
 
     def _build_argcheck(self) -> Callable[..., None] | None:
         check = _build_argcheck(self.run) if self.typing else None
@@ -834,6 +1016,51 @@ class Task(Generic[P, R]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_task_by_name, (self.name,))
+
+
+#: ``apply_async``'s named options, as ``apply_async_many`` passes them on
+_APPLY_ASYNC_NAMED = (
+    "countdown", "eta", "expires", "queue", "priority", "headers", "ignore_result",
+    "routing_key", "exchange", "shadow", "time_limit", "soft_time_limit", "link", "link_error",
+)  # fmt: skip
+
+
+def _batch_items(
+    args_list: Iterable[Sequence[Any]], kwargs_list: Iterable[Mapping[str, Any]] | None
+) -> list[tuple[Sequence[Any], dict[str, Any]]]:
+    """``apply_async_many``'s input as checked ``(args, kwargs)`` pairs."""
+    if isinstance(args_list, (str, bytes, Mapping)) or not isinstance(args_list, Iterable):
+        raise TypeError(
+            f"args_list must be an iterable of argument tuples, not {type(args_list).__name__}"
+        )
+    all_args = list(args_list)
+    if kwargs_list is None:
+        all_kwargs: list[Any] = [{}] * len(all_args)
+    else:
+        if isinstance(kwargs_list, (str, bytes, Mapping)) or not isinstance(kwargs_list, Iterable):
+            raise TypeError(
+                f"kwargs_list must be an iterable of mappings, not {type(kwargs_list).__name__}"
+            )
+        all_kwargs = list(kwargs_list)
+        if len(all_kwargs) != len(all_args):
+            raise ValueError(
+                f"kwargs_list has {len(all_kwargs)} items and args_list {len(all_args)}"
+            )
+    items: list[tuple[Sequence[Any], dict[str, Any]]] = []
+    for index, (args, kwargs) in enumerate(zip(all_args, all_kwargs, strict=True)):
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(
+                f"item {index}: task args must be a list or tuple, not {type(args).__name__}"
+            )
+        if type(kwargs) is not dict:
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(
+                    f"item {index}: task keyword arguments must be a mapping, "
+                    f"not {type(kwargs).__name__}"
+                )
+            kwargs = dict(kwargs)
+        items.append((args, kwargs))
+    return items
 
 
 def _task_by_name(name: str) -> Task[Any, Any]:

@@ -166,6 +166,32 @@ def counted(key, seconds=0.0):
     if seconds:
         time.sleep(seconds)
     return True
+
+
+@app.task(bind=True)
+def context_fields(self, x, *, y):
+    self.request.note = "set by the task"  # before any field is read
+    r = self.request
+    return {
+        "id": r.id, "root_id": r.root_id, "retries": r.retries, "args": list(r.args),
+        "kwargs": r.kwargs, "hostname": r.hostname, "called_directly": r.called_directly,
+        "is_eager": r.is_eager, "routing_key": r.delivery_info["routing_key"],
+        "custom": r.custom_header, "headers": r.headers, "note": r.note,
+        "missing": r.get("no_such_field", "default"), "children": r.children,
+    }
+
+
+class Hooked(app.Task):
+    def on_success(self, retval, task_id, args, kwargs):
+        client().rpush(kwargs["key"], f"on_success {retval}")
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        client().rpush(kwargs["key"], f"after_return {status}")
+
+
+@app.task(base=Hooked, ignore_result=True)
+def hooked(key):
+    return 7
 """
 
 
@@ -206,6 +232,39 @@ def meta(client: redis.Redis, task_id: str) -> dict[str, Any]:
 def queue_length(client: redis.Redis, queue: str) -> int:
     keys = [queue] + [f"{queue}{SEP}{step}" for step in (3, 6, 9)]
     return sum(int(client.llen(key)) for key in keys)
+
+
+# -- the request seen by a task ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_task_request_fields_and_hooks(
+    worker: StartWorker,
+    engine: TasksDir,
+    result_keys: ResultKeys,
+    scratch: Any,
+    redis_client: redis.Redis,
+    pool: str,
+) -> None:
+    """``task.request`` is built only when the task reads it: every field is still
+    there (user headers as attributes too), and what the task set first is kept;
+    overridden hooks run even though the base class's no-ops are skipped."""
+    worker("-c", "1", pool=pool, app="engine")
+    tasks = engine.import_module("engine")
+    sent = tasks.context_fields.apply_async((1,), {"y": 2}, headers={"custom_header": "hi"})
+    result_keys.add(sent.id)
+    got = sent.get(timeout=20)
+    assert got["id"] == sent.id and got["root_id"] == sent.id
+    assert got["retries"] == 0 and got["args"] == [1] and got["kwargs"] == {"y": 2}
+    assert got["hostname"].startswith("celery@") and got["called_directly"] is False
+    assert got["is_eager"] is False and got["routing_key"] == engine.queue
+    assert got["custom"] == "hi" and got["headers"] == {"custom_header": "hi"}
+    assert got["note"] == "set by the task" and got["missing"] == "default"
+    assert got["children"] == []
+    key = scratch("hooks")
+    tasks.hooked.delay(key=key)
+    assert wait_until(lambda: redis_client.llen(key) == 2, timeout=20)
+    assert redis_client.lrange(key, 0, -1) == [b"on_success 7", b"after_return SUCCESS"]
 
 
 # -- prefork -------------------------------------------------------------------------

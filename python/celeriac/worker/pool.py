@@ -73,11 +73,15 @@ class ThreadPool(Pool[R, D]):
 
     name = "threads"
 
-    def __init__(self, job: Callable[[R], D], limit: int) -> None:
+    def __init__(
+        self, job: Callable[[R], D], limit: int, wakeup: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(job, limit)
         self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="celeriac")
         self._done: queue.SimpleQueue[tuple[R, Future[D]]] = queue.SimpleQueue()
         self._active = 0
+        #: Called after each job (``HybridPool`` waits on two pools at once).
+        self._wakeup = wakeup
 
     def free_slots(self) -> int:
         return max(0, self.limit - self._active)
@@ -88,7 +92,16 @@ class ThreadPool(Pool[R, D]):
     def submit(self, request: R) -> None:
         future = self._executor.submit(self.job, request)
         self._active += 1
-        future.add_done_callback(lambda f: self._done.put((request, f)))
+        wakeup = self._wakeup
+        if wakeup is None:
+            future.add_done_callback(lambda f: self._done.put((request, f)))
+        else:
+
+            def done(f: Future[D]) -> None:
+                self._done.put((request, f))
+                wakeup()
+
+            future.add_done_callback(done)
 
     def completed(self, timeout: float = 0.0) -> list[tuple[R, D]]:
         finished: list[tuple[R, Future[D]]] = []
@@ -113,9 +126,69 @@ class ThreadPool(Pool[R, D]):
         self._executor.shutdown(wait=True)
 
 
-def create(name: str, job: Callable[[R], D], limit: int) -> Pool[R, D]:
+class HybridPool(Pool[R, D]):
+    """A sync pool and the ``async def`` pool side by side (a worker whose app has
+    coroutine tasks): each request goes to the pool of its kind.
+
+    ``free_slots`` is the sum of both, so the worker never waits on one kind while the
+    other has room; a request of a kind whose pool is full waits inside that pool
+    (the thread pool's queue, the event loop's queue) and starts when a slot frees.
+    """
+
+    def __init__(
+        self,
+        sync: Pool[R, D],
+        coroutines: Pool[R, D],
+        is_async: Callable[[R], bool],
+        wakeups: queue.SimpleQueue[None],
+    ) -> None:
+        super().__init__(sync.job, sync.limit)
+        self.sync = sync
+        self.coroutines = coroutines
+        self.is_async = is_async
+        self.name = sync.name
+        self._wakeups = wakeups
+
+    def free_slots(self) -> int:
+        return self.sync.free_slots() + self.coroutines.free_slots()
+
+    def active(self) -> int:
+        return self.sync.active() + self.coroutines.active()
+
+    def submit(self, request: R) -> None:
+        if self.is_async(request):
+            self.coroutines.submit(request)
+        else:
+            self.sync.submit(request)
+
+    def completed(self, timeout: float = 0.0) -> list[tuple[R, D]]:
+        done = self._collect()
+        if done or timeout <= 0 or not self.active():
+            return done
+        try:
+            self._wakeups.get(timeout=timeout)
+        except queue.Empty:
+            return done
+        return self._collect()
+
+    def _collect(self) -> list[tuple[R, D]]:
+        while True:  # tokens of what is collected now
+            try:
+                self._wakeups.get_nowait()
+            except queue.Empty:
+                break
+        return self.sync.completed() + self.coroutines.completed()
+
+    def join(self) -> None:
+        self.sync.join()
+        self.coroutines.join()
+
+
+def create(
+    name: str, job: Callable[[R], D], limit: int, wakeup: Callable[[], None] | None = None
+) -> Pool[R, D]:
     if name == "solo":
         return SoloPool(job, limit)
     if name == "threads":
-        return ThreadPool(job, limit)
+        return ThreadPool(job, limit, wakeup)
     raise ValueError(f"unknown pool {name!r}")

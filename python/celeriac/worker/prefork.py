@@ -14,7 +14,9 @@ the shared slot table (``slots.py``) and reacts:
   ``TimeLimitExceeded`` stored; soft limits are raised inside the child;
 - a child that is about to retire (``--max-tasks-per-child``,
   ``--max-memory-per-child``) gets its replacement forked at once;
-- the first SIGTERM/SIGINT is a warm shutdown of every child, the second a cold one.
+- the first SIGTERM/SIGINT is a warm shutdown of every child, the second a cold one;
+- remote control: the supervisor holds the node's mailbox and reaches its children
+  through a socket pair each (``celeriac.control.ChildLinks``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.exceptions import TimeLimitExceeded, WorkerLostError
+from celeriac.control import ChildLinks, Pidbox
+from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.result import meta_for
+from celeriac.worker.revoke import signal_name
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
 
 if TYPE_CHECKING:
@@ -47,6 +51,8 @@ TICK = 0.05
 MAX_STARTUP_FAILURES = 5
 #: Longest wait for the children to stop in a cold shutdown before SIGKILL.
 COLD_WAIT = 10.0
+#: How long a child has to die of a terminate revoke's signal before SIGKILL.
+TERMINATE_GRACE = 3.0
 
 
 def describe_exit(status: int) -> str:
@@ -61,6 +67,11 @@ def describe_exit(status: int) -> str:
     return f"exitcode {os.waitstatus_to_exitcode(status)}"
 
 
+def _reply_options(slot: Slot) -> dict[str, Any]:
+    """Where an ``rpc://`` result of the slot's task goes (other backends ignore it)."""
+    return {"reply_to": slot.reply_to, "correlation_id": slot.correlation_id or slot.task_id}
+
+
 class _Child:
     def __init__(self, pid: int, index: int, number: int) -> None:
         self.pid = pid
@@ -70,6 +81,9 @@ class _Child:
         self.ever_ready = False
         #: Set when the supervisor killed it for a hard time limit: the limit.
         self.hard_killed: float | None = None
+        #: ``(task id, signal, deadline)`` of a revoke that stops its running task;
+        #: past the deadline (the signal did not end it) it gets SIGKILL.
+        self.terminating: tuple[str, int, float] | None = None
 
 
 class Supervisor:
@@ -77,6 +91,7 @@ class Supervisor:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        worker.supervisor = self
         self.concurrency = worker.concurrency
         self.table = SlotTable(2 * self.concurrency + 2)
         self.children: dict[int, _Child] = {}
@@ -91,6 +106,11 @@ class Supervisor:
         #: Slot index -> (task id, start time) last seen running, for heartbeats.
         self._running: dict[int, tuple[str, float]] = {}
         self._processed = 0
+        #: Remote control: the node's mailbox (once ready) and the links to children.
+        self.links = ChildLinks()
+        self.pidbox: Pidbox | None = None
+        #: Pool size changes asked by remote control, applied by the main loop.
+        self._resizes: list[int] = []
 
     # -- signals -------------------------------------------------------------------
 
@@ -148,11 +168,15 @@ class Supervisor:
         while not worker._stop_requested:
             self._reap()
             self._enforce_time_limits()
+            self._apply_resizes()
             self._fill()
             self._count_tasks()
             if not self._ready_logged and self._all_ready():
                 self._ready_logged = True
                 worker.start_events(lambda: (len(self._running), self._processed))
+                self.pidbox = Pidbox(worker, supervisor=self)
+                self.pidbox.links = self.links
+                self.pidbox.start()
                 logger.info("%s ready.", worker.nodename)
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 logger.critical(
@@ -226,12 +250,14 @@ class Supervisor:
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
+        control_end = self.links.before_fork(index)
         pid = os.fork()
         if pid == 0:  # the child: never returns into the supervisor's stack
             status = EX_FAILURE
             try:
                 for sig in (signal.SIGTERM, signal.SIGQUIT):
                     signal.signal(sig, signal.SIG_DFL)
+                self.links.after_fork_child(self.worker, control_end)
                 ctx = ChildContext(index, number, self.table, parent, pending)
                 status = self.worker.run_child(ctx)
             except BaseException:
@@ -243,7 +269,31 @@ class Supervisor:
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(status)
+        control_end.close()
         self.children[pid] = _Child(pid, index, number)
+
+    def resize(self, delta: int) -> None:
+        """Grow (``delta`` > 0) or shrink the pool; called by remote control from its
+        thread, applied by the main loop."""
+        self._resizes.append(delta)
+
+    def _apply_resizes(self) -> None:
+        while self._resizes:
+            delta = self._resizes.pop(0)
+            # Leave a slot of the table for a child that retires.
+            wanted = max(1, min(self.table.count - 1, self.concurrency + delta))
+            excess = self.concurrency - wanted
+            self.concurrency = wanted
+            if excess <= 0:
+                continue
+
+            # Warm-stop the extra children, idle ones first; they are not replaced.
+            def busy(child: _Child) -> bool:
+                return self.table.read(child.index).state is not State.IDLE
+
+            for child in sorted(self.children.values(), key=busy)[:excess]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGTERM)
 
     def _reap(self) -> None:
         while self.children:
@@ -258,6 +308,7 @@ class Supervisor:
                 self._on_exit(child, status)
 
     def _on_exit(self, child: _Child, status: int) -> None:
+        self.links.detach(child.index)
         slot = self.table.read(child.index)
         self.table.clear(child.index)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -275,8 +326,94 @@ class Supervisor:
         if slot.task_id:
             self._task_lost(slot, child, status)
 
+    def running_ids(self) -> list[str] | None:
+        """Ids of the tasks the children run now: sync ones from the slot table, and
+        with ``async def`` tasks, what the children answer to ``active``; None when a
+        child did not answer (what it runs is not known)."""
+        children = list(self.children.values())
+        ids = []
+        for child in children:
+            slot = self.table.read(child.index)
+            if slot.task_id and slot.state in (State.RUNNING, State.RETIRING):
+                ids.append(slot.task_id)
+        if self.worker.async_tasks:
+            try:
+                answers = self.links.ask("active", {})
+            except Exception as exc:
+                logger.warning("Could not ask the children what they run: %s", exc)
+                return None
+            if len(answers) < len(children):
+                return None
+            for part in answers:
+                ids += [i["id"] for i in part or () if isinstance(i, dict) and "id" in i]
+        return ids
+
+    def terminate(self, ids: list[str], signum: int) -> list[str]:
+        """Revoke with terminate: signal each child that runs one of ``ids`` (a sync
+        task; the children cancel ``async def`` ones themselves). Called from the
+        remote-control thread; the child is replaced and REVOKED stored when it dies
+        (``_task_lost``). Returns the ids found running."""
+        wanted = set(ids)
+        found: list[str] = []
+        for child in list(self.children.values()):
+            slot = self.table.read(child.index)
+            if slot.task_id not in wanted or slot.state not in (State.RUNNING, State.RETIRING):
+                continue
+            logger.info("Terminating %s (%s)", slot.task_id, signum)
+            child.terminating = (slot.task_id, signum, time.monotonic() + TERMINATE_GRACE)
+            self.table.request_terminate(child.index, slot.task_id, signum)
+            found.append(slot.task_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+        return found
+
+    def _enforce_terminates(self) -> None:
+        """SIGKILL a child that a terminate signal did not stop in time (the task
+        ignored it, or the signal is one the child ignores), if it still runs the
+        revoked task."""
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            request = child.terminating
+            if request is None or now < request[2]:
+                continue
+            if self.table.read(child.index).task_id == request[0]:
+                logger.warning(
+                    "Task %s did not stop on signal %d; killing its process", *request[:2]
+                )
+                child.terminating = (request[0], request[1], float("inf"))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+            else:
+                child.terminating = None
+
+    def _task_terminated(self, slot: Slot, signum: int) -> None:
+        """The child running ``slot``'s task died after a terminate revoke: REVOKED
+        ('terminated'), as Celery records it; an ``acks_late`` message is acked."""
+        logger.warning("Task %s[%s] terminated on request (revoked).", slot.name, slot.task_id)
+        if slot.flags & Flag.ACKS_LATE:
+            self.pending.append((slot.delivery_tag, False))
+        events = self.worker.events
+        if events is not None and events.enabled:
+            events.send(
+                "task-revoked",
+                uuid=slot.task_id,
+                terminated=True,
+                signum=signal_name(signum),
+                expired=False,
+            )
+        if self.backend is not None and not slot.flags & Flag.IGNORE_RESULT:
+            reason = TaskRevokedError("terminated")
+            meta = meta_for(slot.task_id, states.REVOKED, reason, None, None)
+            try:
+                self.backend.store(slot.task_id, meta, **_reply_options(slot))
+            except Exception as store_error:
+                logger.error("Could not store the revoke of %s: %s", slot.task_id, store_error)
+
     def _task_lost(self, slot: Slot, child: _Child, status: int) -> None:
         """The child died running ``slot``'s task: decide its fate as Celery does."""
+        if child.terminating is not None and child.terminating[0] == slot.task_id:
+            self._task_terminated(slot, child.terminating[1])
+            return
         timeout = child.hard_killed is not None
         exc: Exception
         if timeout:
@@ -303,11 +440,12 @@ class Supervisor:
         if self.backend is not None and not slot.flags & Flag.IGNORE_RESULT:
             meta = meta_for(slot.task_id, states.FAILURE, exc, None, None)
             try:
-                self.backend.store(slot.task_id, meta)
+                self.backend.store(slot.task_id, meta, **_reply_options(slot))
             except Exception as store_error:
                 logger.error("Could not store the failure of %s: %s", slot.task_id, store_error)
 
     def _enforce_time_limits(self) -> None:
+        self._enforce_terminates()
         now = time.time()
         for child in self.children.values():
             if child.hard_killed is not None:
@@ -329,6 +467,9 @@ class Supervisor:
                 os.kill(pid, signum)
 
     def _shutdown(self) -> int:
+        if self.pidbox is not None:
+            self.pidbox.stop()
+            self.pidbox = None
         cold_sent = self._cold
         self._signal_children(signal.SIGQUIT if cold_sent else signal.SIGTERM)
         cold_deadline = time.monotonic() + COLD_WAIT if cold_sent else None
@@ -348,6 +489,7 @@ class Supervisor:
             time.sleep(TICK)
         if self._cold:
             self._status = EX_FAILURE
+        self.links.close()
         self.worker.stop_events()
         try:
             self.worker.app.close()

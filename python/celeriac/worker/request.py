@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import states
 from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
+from celeriac.local import push_task
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.task import Request as TaskRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -116,6 +118,57 @@ def _setting(conf: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+#: The task hooks ``execute`` calls; a hook still the base class's no-op is skipped.
+HOOKS = frozenset(("before_start", "on_success", "on_failure", "on_retry", "after_return"))
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """What the worker decides per task name once (task attributes over settings),
+    instead of per message: the worker keeps one per task for its lifetime."""
+
+    task: Any
+    acks_late: bool
+    acks_on_failure: bool
+    #: The task's ``ignore_result`` (a message may still ask for it with a header).
+    ignore_result: bool
+    extended: bool
+    reject_on_worker_lost: bool
+    track_started: bool
+    #: The hooks the task overrides (the others are not called).
+    hooks: frozenset[str]
+
+
+def task_policy(task: Task[Any, Any], conf: Any) -> TaskPolicy:
+    acks_late = getattr(task, "acks_late", None)
+    if acks_late is None:
+        acks_late = _setting(conf, "task_acks_late", False)
+    ignore_result = getattr(task, "ignore_result", None)
+    if ignore_result is None:
+        ignore_result = _setting(conf, "task_ignore_result", False)
+    return TaskPolicy(
+        task=task,
+        acks_late=bool(acks_late),
+        acks_on_failure=bool(_setting(conf, "task_acks_on_failure_or_timeout", True)),
+        ignore_result=bool(ignore_result),
+        extended=bool(_setting(conf, "result_extended", False)),
+        reject_on_worker_lost=bool(getattr(task, "reject_on_worker_lost", None)),
+        track_started=bool(getattr(task, "track_started", None)),
+        hooks=_overridden_hooks(task),
+    )
+
+
+def _overridden_hooks(task: Any) -> frozenset[str]:
+    from celeriac.task import Task as BaseTask
+
+    hooks = set()
+    for name in HOOKS:
+        base = getattr(BaseTask, name, None)
+        if name in getattr(task, "__dict__", {}) or getattr(type(task), name, None) is not base:
+            hooks.add(name)
+    return frozenset(hooks)
+
+
 @dataclass
 class Request:
     """A task message the worker accepted, with the policy decided up front."""
@@ -143,6 +196,8 @@ class Request:
     rate_held: bool = False
     #: The process's ``EventDispatcher`` when task events are on (``-E``).
     events: Any = None
+    #: The task hooks to call (see ``HOOKS``).
+    hooks: frozenset[str] = HOOKS
 
     def send_event(self, type_: str, **fields: Any) -> None:
         """Buffer a task event for this request (no-op without ``-E``)."""
@@ -162,33 +217,39 @@ class Request:
 
     @classmethod
     def from_delivery(
-        cls, delivery: Delivery, task: Task[Any, Any], conf: Any, hostname: str
+        cls,
+        delivery: Delivery,
+        task: Task[Any, Any],
+        conf: Any,
+        hostname: str,
+        policy: TaskPolicy | None = None,
     ) -> Request:
-        """Raises ``InvalidMessage`` when the message's time fields cannot be read."""
+        """Raises ``InvalidMessage`` when the message's time fields cannot be read.
+        ``policy``: the task's, when the caller keeps them (else read now)."""
         headers = delivery.headers
         task_id = delivery.id or delivery.correlation_id or ""
         if not task_id:
             raise InvalidMessage("the message has no task id")
-        acks_late = getattr(task, "acks_late", None)
-        if acks_late is None:
-            acks_late = _setting(conf, "task_acks_late", False)
-        ignore_result = getattr(task, "ignore_result", None)
-        if ignore_result is None:
-            ignore_result = _setting(conf, "task_ignore_result", False)
+        if policy is None or policy.task is not task:
+            policy = task_policy(task, conf)
+        get = headers.get
+        eta = get("eta")
+        expires = get("expires")
         return cls(
             delivery=delivery,
             task=task,
-            name=str(headers.get("shadow") or delivery.task or task.name),
+            name=str(get("shadow") or delivery.task or task.name),
             id=str(task_id),
-            eta=parse_time(headers.get("eta"), "eta"),
-            expires=parse_time(headers.get("expires"), "expires"),
-            acks_late=bool(acks_late),
-            acks_on_failure=bool(_setting(conf, "task_acks_on_failure_or_timeout", True)),
-            ignore_result=headers.get("ignore_result") is True or bool(ignore_result),
+            eta=None if eta is None else parse_time(eta, "eta"),
+            expires=None if expires is None else parse_time(expires, "expires"),
+            acks_late=policy.acks_late,
+            acks_on_failure=policy.acks_on_failure,
+            ignore_result=policy.ignore_result or get("ignore_result") is True,
             hostname=hostname,
-            extended=bool(_setting(conf, "result_extended", False)),
-            reject_on_worker_lost=bool(getattr(task, "reject_on_worker_lost", None)),
-            track_started=bool(getattr(task, "track_started", None)),
+            extended=policy.extended,
+            reject_on_worker_lost=policy.reject_on_worker_lost,
+            track_started=policy.track_started,
+            hooks=policy.hooks,
         )
 
     def context(self) -> dict[str, Any]:
@@ -199,8 +260,14 @@ class Request:
         overwriting the protocol headers of the new message."""
         d = self.delivery
         headers = d.headers
+        get = headers.get
         embed = d.embed or {}
-        custom = {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS}
+        # Usually every header is the protocol's: test that with one set operation.
+        custom = (
+            {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS}
+            if headers.keys() - PROTOCOL_HEADERS
+            else {}
+        )
         return {
             **custom,
             "id": self.id,
@@ -208,22 +275,22 @@ class Request:
             "name": self.name,
             "args": d.args,
             "kwargs": d.kwargs,
-            "retries": headers.get("retries") or 0,
-            "eta": headers.get("eta"),
-            "expires": headers.get("expires"),
-            "group": headers.get("group"),
-            "group_index": headers.get("group_index"),
-            "root_id": headers.get("root_id") or self.id,
-            "parent_id": headers.get("parent_id"),
-            "shadow": headers.get("shadow"),
-            "timelimit": headers.get("timelimit"),
-            "origin": headers.get("origin"),
+            "retries": get("retries") or 0,
+            "eta": get("eta"),
+            "expires": get("expires"),
+            "group": get("group"),
+            "group_index": get("group_index"),
+            "root_id": get("root_id") or self.id,
+            "parent_id": get("parent_id"),
+            "shadow": get("shadow"),
+            "timelimit": get("timelimit"),
+            "origin": get("origin"),
             "ignore_result": self.ignore_result,
-            "argsrepr": headers.get("argsrepr"),
-            "kwargsrepr": headers.get("kwargsrepr"),
-            "stamped_headers": headers.get("stamped_headers"),
-            "stamps": headers.get("stamps") or {},
-            "replaced_task_nesting": headers.get("replaced_task_nesting") or 0,
+            "argsrepr": get("argsrepr"),
+            "kwargsrepr": get("kwargsrepr"),
+            "stamped_headers": get("stamped_headers"),
+            "stamps": get("stamps") or {},
+            "replaced_task_nesting": get("replaced_task_nesting") or 0,
             "correlation_id": d.correlation_id or self.id,
             "reply_to": d.reply_to,
             "hostname": self.hostname,
@@ -254,6 +321,78 @@ class Request:
         if self.expires is None:
             return False
         return self.expires <= (now or datetime.now(timezone.utc))
+
+
+class _ContextField:
+    """A field of ``task.request`` that reads the message only when first asked for
+    (a non-data descriptor: once filled, the instance's own value wins)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return getattr(TaskRequest, self.name, None)
+        obj._fill()
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+
+class LazyContext(TaskRequest):
+    """``task.request`` for a message the worker runs: the same fields as
+    ``Request.context()``, built on first use. Most tasks never look at their request,
+    and building it for each message was a good part of the per-task cost."""
+
+    def __init__(self, source: Request) -> None:
+        self.children = []
+        self.called_directly = False
+        self._source: Request | None = source
+
+    def _fill(self) -> None:
+        fields = self.__dict__
+        source = fields.pop("_source", None)
+        if source is not None:
+            for key, value in source.context().items():
+                fields.setdefault(key, value)  # what the task set itself stays
+
+    def __getattr__(self, name: str) -> Any:
+        # Only names the class does not know: the message's own (user) headers.
+        if name.startswith("__") or "_source" not in self.__dict__:
+            raise AttributeError(name)
+        self._fill()
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        self._fill()
+        return super().__repr__()
+
+
+#: Every field ``Request.context()`` sets (a user header may add more).
+CONTEXT_FIELDS = (
+    "id", "task", "name", "args", "kwargs", "retries", "eta", "expires", "group",
+    "group_index", "root_id", "parent_id", "shadow", "timelimit", "origin",
+    "ignore_result", "argsrepr", "kwargsrepr", "stamped_headers", "stamps",
+    "replaced_task_nesting", "correlation_id", "reply_to", "hostname", "delivery_info",
+    "headers", "callbacks", "errbacks", "chain", "chord", "is_eager", "acks_late",
+)  # fmt: skip
+for _name in CONTEXT_FIELDS:
+    setattr(LazyContext, _name, _ContextField(_name))
+del _name
+
+
+def push_context(request: Request) -> None:
+    """Make a ``LazyContext`` for ``request`` its task's current request (what
+    ``task.push_request(**request.context())`` does, without building it now)."""
+    task = request.task
+    task._request_stack().append(LazyContext(request))
+    push_task(task)
 
 
 def store(backend: Backend | None, request: Request, meta: Mapping[str, Any]) -> None:
@@ -300,6 +439,8 @@ class ExceptionInfo:
 
 def _handler(request: Request, name: str, *args: Any) -> None:
     """Call a task hook (``on_success`` ...); its errors are logged, never fatal."""
+    if name not in request.hooks:
+        return  # the base class's no-op
     hook = getattr(request.task, name, None)
     if hook is None:
         return
@@ -324,11 +465,13 @@ def execute(
     task = request.task
     late = request.acks_late
     args, kwargs = request.delivery.args, request.delivery.kwargs
-    task.push_request(**request.context())
+    push_context(request)
     started = time.monotonic()
-    request.send_event("task-started")
+    if request.events is not None:
+        request.send_event("task-started")
     try:
-        _handler(request, "before_start", request.id, args, kwargs)
+        if "before_start" in request.hooks:
+            _handler(request, "before_start", request.id, args, kwargs)
         if request.track_started and backend is not None and not request.ignore_result:
             started_meta = {"pid": os.getpid(), "hostname": request.hostname}
             store(backend, request, request.meta(states.STARTED, started_meta))
@@ -343,15 +486,9 @@ def execute(
         except Retry as exc:
             return _on_retry(request, backend, exc)
         except Ignore:
-            logger.info("Task %s[%s] ignored", request.name, request.id)
-            return Disposition.ACK if late else Disposition.NONE
+            return _on_ignore(request, late)
         except Reject as exc:
-            requeue = bool(getattr(exc, "requeue", False))
-            logger.warning("Task %s[%s] %r", request.name, request.id, exc)
-            request.send_event("task-rejected", requeue=requeue)
-            if not late:
-                return Disposition.NONE
-            return Disposition.REQUEUE if requeue else Disposition.REJECT
+            return _on_reject(request, exc, late)
         except (Exception, SystemExit) as exc:
             return _on_failure(request, backend, exc, traceback.format_exc())
         return _on_success(request, backend, retval, time.monotonic() - started)
@@ -368,17 +505,21 @@ def _on_success(
         except TypeError as exc:
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
-    request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
-    args, kwargs = request.delivery.args, request.delivery.kwargs
-    _handler(request, "on_success", retval, request.id, args, kwargs)
-    _handler(request, "after_return", states.SUCCESS, retval, request.id, args, kwargs, None)
-    logger.info(
-        "Task %s[%s] succeeded in %ss: %s",
-        request.name,
-        request.id,
-        f"{runtime:.6f}",
-        short_repr(retval),
-    )
+    if request.events is not None:
+        request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
+    hooks = request.hooks
+    if hooks:
+        args, kwargs = request.delivery.args, request.delivery.kwargs
+        _handler(request, "on_success", retval, request.id, args, kwargs)
+        _handler(request, "after_return", states.SUCCESS, retval, request.id, args, kwargs, None)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "Task %s[%s] succeeded in %ss: %s",
+            request.name,
+            request.id,
+            f"{runtime:.6f}",
+            short_repr(retval),
+        )
     return Disposition.ACK if request.acks_late else Disposition.NONE
 
 
@@ -410,6 +551,22 @@ def _on_failure(
     _handler(request, "on_failure", exc, request.id, args, kwargs, einfo)
     _handler(request, "after_return", states.FAILURE, exc, request.id, args, kwargs, einfo)
     return _failure_disposition(request)
+
+
+def _on_ignore(request: Request, late: bool) -> Disposition:
+    """The task raised ``Ignore``: no state stored; a late-acked message is acked."""
+    logger.info("Task %s[%s] ignored", request.name, request.id)
+    return Disposition.ACK if late else Disposition.NONE
+
+
+def _on_reject(request: Request, exc: Reject, late: bool) -> Disposition:
+    """The task raised ``Reject``: a late-acked message is rejected or requeued."""
+    requeue = bool(getattr(exc, "requeue", False))
+    logger.warning("Task %s[%s] %r", request.name, request.id, exc)
+    request.send_event("task-rejected", requeue=requeue)
+    if not late:
+        return Disposition.NONE
+    return Disposition.REQUEUE if requeue else Disposition.REJECT
 
 
 def _on_retry(request: Request, backend: Backend | None, exc: Retry) -> Disposition:

@@ -18,9 +18,12 @@ import struct
 import time
 from dataclasses import dataclass
 
-#: pid, state, seq, flags, started, hard, task_id, delivery_tag, name
-_FORMAT = struct.Struct("<iiIId d 64s 96s 160s")
+#: pid, state, seq, flags, started, hard, task_id, delivery_tag, name, reply_to,
+#: correlation_id
+_FORMAT = struct.Struct("<iiIId d 64s 96s 160s 64s 64s")
 SLOT_SIZE = _FORMAT.size
+#: signal, task id
+_TERMINATE = struct.Struct("<i64s")
 
 
 class State(enum.IntEnum):
@@ -55,6 +58,9 @@ class Slot:
     task_id: str = ""
     delivery_tag: str = ""
     name: str = ""
+    #: Where an ``rpc://`` result goes (the supervisor stores results of lost tasks).
+    reply_to: str = ""
+    correlation_id: str = ""
 
 
 def _text(raw: bytes) -> str:
@@ -74,6 +80,9 @@ class SlotTable:
         # Slots (written by their child), then one byte per slot written only by the
         # supervisor: 1 once a retiring child's replacement is ready.
         self._map = mmap.mmap(-1, SLOT_SIZE * count + count)
+        # Per slot, written by the supervisor: a terminate request (revoke with
+        # terminate=True) as the signal number and the id of the task to stop.
+        self._terminate = mmap.mmap(-1, _TERMINATE.size * count)
 
     def read(self, index: int) -> Slot:
         offset = index * SLOT_SIZE
@@ -84,7 +93,7 @@ class SlotTable:
             if seq % 2 == 0 and again[2] == seq:
                 break
             time.sleep(0)
-        pid, state, _seq, flags, started, hard, task_id, tag, name = values
+        pid, state, _seq, flags, started, hard, task_id, tag, name, reply_to, correlation = values
         return Slot(
             pid=pid,
             state=State(state) if state in State._value2member_map_ else State.FREE,
@@ -94,6 +103,8 @@ class SlotTable:
             task_id=_text(task_id),
             delivery_tag=_text(tag),
             name=_text(name),
+            reply_to=_text(reply_to),
+            correlation_id=_text(correlation),
         )
 
     def write(self, index: int, slot: Slot) -> None:
@@ -113,6 +124,8 @@ class SlotTable:
             _raw(slot.task_id, 64),
             _raw(slot.delivery_tag, 96),
             _raw(slot.name, 160),
+            _raw(slot.reply_to, 64),
+            _raw(slot.correlation_id, 64),
         )
         struct.pack_into("<I", self._map, offset + 8, (seq + 1) & 0xFFFFFFFF)
 
@@ -121,6 +134,16 @@ class SlotTable:
 
     def replaced(self, index: int) -> bool:
         return self._map[SLOT_SIZE * self.count + index] == 1
+
+    def request_terminate(self, index: int, task_id: str, signum: int) -> None:
+        """Ask the child of slot ``index`` to die by ``signum`` if it still runs
+        ``task_id`` when the signal lands (set before the signal is sent)."""
+        _TERMINATE.pack_into(self._terminate, index * _TERMINATE.size, signum, _raw(task_id, 64))
+
+    def terminate_request(self, index: int) -> tuple[int, str]:
+        """``(signal, task id)`` asked for slot ``index``; ``(0, "")`` when none."""
+        signum, task_id = _TERMINATE.unpack_from(self._terminate, index * _TERMINATE.size)
+        return int(signum), _text(task_id)
 
     def free(self) -> int | None:
         """The index of a free slot, or None."""
@@ -132,3 +155,4 @@ class SlotTable:
     def clear(self, index: int) -> None:
         self.write(index, Slot())
         self.set_replaced(index, False)
+        self.request_terminate(index, "", 0)

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import signal
 import sys
 import time
@@ -33,10 +34,12 @@ from typing import TYPE_CHECKING, Any
 from celeriac import _core, states
 from celeriac.conf import parse_rate_limit
 from celeriac.events import EventDispatcher, Heart
-from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded
+from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
+from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.options import (
     POOL_ALIASES,
@@ -49,10 +52,13 @@ from celeriac.worker.request import (
     Disposition,
     InvalidMessage,
     Request,
+    TaskPolicy,
     execute,
     short_repr,
     store_revoked_expired,
+    task_policy,
 )
+from celeriac.worker.revoke import REVOKES_MAX, RevokedSet, parse_signal, store_revoked
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
 
 if TYPE_CHECKING:
@@ -117,23 +123,28 @@ class ChildContext:
         self.retiring = False
 
     def publish(self, state: State, request: Request | None = None, hard: float = 0.0) -> None:
-        slot = Slot(pid=os.getpid(), state=state)
-        if request is not None:
-            flags = Flag.NONE
-            if request.acks_late:
-                flags |= Flag.ACKS_LATE
-            if request.reject_on_worker_lost:
-                flags |= Flag.REJECT_ON_WORKER_LOST
-            if request.ignore_result:
-                flags |= Flag.IGNORE_RESULT
-            if request.acks_on_failure:
-                flags |= Flag.ACKS_ON_FAILURE
-            slot.flags = flags
-            slot.started = time.time()
-            slot.hard = hard
-            slot.task_id = request.id
-            slot.delivery_tag = request.delivery_tag
-            slot.name = request.name
+        # Written twice per task: plain ints for the flags (enum.Flag's | is slow).
+        if request is None:
+            slot = Slot(pid=os.getpid(), state=state)
+        else:
+            delivery = request.delivery
+            slot = Slot(
+                pid=os.getpid(),
+                state=state,
+                flags=Flag(
+                    (Flag.ACKS_LATE.value if request.acks_late else 0)
+                    | (Flag.REJECT_ON_WORKER_LOST.value if request.reject_on_worker_lost else 0)
+                    | (Flag.IGNORE_RESULT.value if request.ignore_result else 0)
+                    | (Flag.ACKS_ON_FAILURE.value if request.acks_on_failure else 0)
+                ),
+                started=time.time(),
+                hard=hard,
+                task_id=request.id,
+                delivery_tag=delivery.delivery_tag,
+                name=request.name,
+                reply_to=delivery.reply_to or "",
+                correlation_id=delivery.correlation_id or "",
+            )
         self.table.write(self.index, slot)
 
 
@@ -173,6 +184,15 @@ def _optional_count(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or number < 0 or number != value:
         raise WorkerError(f"{name} must be a whole number >= 0, not {value!r}")
     return number or None
+
+
+def _whole_at_least_one(name: str, value: Any) -> int:
+    """A count setting that must be an int >= 1 (digits in a string are accepted)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise WorkerError(f"{name} must be a whole number >= 1, not {value!r}")
+    return value
 
 
 def _setting(app: Celeriac, name: str, default: Any) -> Any:
@@ -260,6 +280,11 @@ class Worker:
             ) from None
         if multiplier < 0:
             raise WorkerError(f"the prefetch multiplier must be 0 or more, not {multiplier}")
+        #: ``async def`` tasks run on an event loop per process, this many at once.
+        self.async_concurrency = _whole_at_least_one(
+            "worker_async_concurrency",
+            _setting(app, "worker_async_concurrency", DEFAULT_ASYNC_CONCURRENCY),
+        )
         # A prefork child consumes for itself: its window is its own share.
         window = (1 if pool == "prefork" else concurrency) * multiplier
         #: Most messages fetched and not finished; 0 = unbounded.
@@ -316,12 +341,27 @@ class Worker:
         self.rate_limits_enabled = not _setting(app, "worker_disable_rate_limits", False)
         self.rate_limiter = _core.RateLimiter()
         self._rate_of: dict[str, Any] = {}
+        self._policies: dict[str, TaskPolicy] = {}
         if self.rate_limits_enabled:
             for name, task in tasks.items():
                 self._rate_for(name, task)
         for name, task in tasks.items():
             for attr in ("time_limit", "soft_time_limit"):
                 _positive_number(f"task {name}: {attr}", getattr(task, attr, None))
+        #: Names of the ``async def`` tasks. The first one this process receives widens
+        #: the prefetch window by ``worker_async_concurrency`` so the event loop is kept
+        #: full; a process that only ever gets sync tasks keeps Celery's window (a wider
+        #: one would let a few prefork children hoard the queue).
+        self.async_tasks = frozenset(n for n, t in tasks.items() if _is_async_task(t))
+        self._async_window_open = False
+        #: Ids revoked by remote control (``revoke``), remembered per process.
+        self.revoked = RevokedSet(
+            _whole_at_least_one(
+                "worker_revoked_ids_max", _setting(app, "worker_revoked_ids_max", REVOKES_MAX)
+            )
+        )
+        #: The prefork supervisor, in the supervisor's process.
+        self.supervisor: Any = None
         self.task_events = options.task_events or bool(
             _setting(app, "worker_send_task_events", False)
         )
@@ -334,15 +374,13 @@ class Worker:
         #: Requests running now and tasks run per name (``inspect active``/``stats``).
         self.running: list[Request] = []
         self.totals: collections.Counter[str] = collections.Counter()
-        #: Answers remote control (solo/threads; not yet in prefork).
+        #: Answers remote control (solo/threads; in prefork the supervisor holds it).
         self.pidbox: Any = None
 
         self.consumer: Consumer | None = None
         self.backend: Backend | None = None
         # Each prefork child runs its tasks one at a time, in its own main thread.
-        self.pool: pool_mod.Pool[Request, Disposition] = pool_mod.create(
-            "solo" if pool == "prefork" else pool, self._job, self.concurrency
-        )
+        self.pool: pool_mod.Pool[Request, Disposition] = self._make_pool(pool)
         self.reserved: collections.deque[Request] = collections.deque()
         self.eta: EtaSchedule[Request] = EtaSchedule()
         #: Held requests (ETA or rate limit) that took an extra window slot each.
@@ -356,6 +394,108 @@ class Worker:
         self._previous_handlers: dict[int, Any] = {}
 
     # -- setup ---------------------------------------------------------------------
+
+    def _make_pool(self, pool: str) -> pool_mod.Pool[Request, Disposition]:
+        """The sync pool; beside it an event loop pool when the app has ``async def``
+        tasks (started on the first one, so after a prefork child's fork)."""
+        kind = "solo" if pool == "prefork" else pool
+        if not self.async_tasks:
+            return pool_mod.create(kind, self._job, self.concurrency)
+        wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+        def wake() -> None:
+            wakeups.put(None)
+
+        names = self.async_tasks
+        return pool_mod.HybridPool(
+            pool_mod.create(kind, self._job, self.concurrency, wake),
+            AsyncPool(self, self.async_concurrency, wake),
+            lambda request: request.task.name in names,
+            wakeups,
+        )
+
+    def _async_pool(self) -> AsyncPool | None:
+        pool = self.pool
+        if isinstance(pool, pool_mod.HybridPool) and isinstance(pool.coroutines, AsyncPool):
+            return pool.coroutines
+        return None
+
+    # -- revoke --------------------------------------------------------------------
+
+    def is_revoked(self, task_id: str) -> bool:
+        revoked = self.revoked
+        return bool(revoked.ids) and task_id in revoked
+
+    def revoke(self, task_ids: Any, terminate: bool = False, signal_: Any = None) -> dict[str, str]:
+        """Remote control's ``revoke``: remember ``task_ids`` (a task id or a list of
+        them) so their messages are discarded, and with ``terminate`` stop the ones
+        running here (prefork: the supervisor signals the child of a sync task; an
+        ``async def`` task's coroutine is cancelled). Celery's reply text."""
+        if isinstance(task_ids, str):
+            ids = [task_ids]
+        elif isinstance(task_ids, (list, tuple)) and all(isinstance(i, str) for i in task_ids):
+            ids = list(dict.fromkeys(task_ids))
+        else:
+            return {"error": f"task_id must be a task id or a list of them, not {task_ids!r}"}
+        ids = [i for i in ids if i]
+        signum = 0
+        if terminate:
+            try:
+                signum = parse_signal(signal_)
+            except ValueError as exc:
+                return {"error": str(exc)}
+        self.revoked.add(ids, signum)
+        if self.child is None:  # the process that speaks for the node
+            self._store_revoked(ids)
+        if not terminate:
+            logger.info("Tasks flagged as revoked: %s", ", ".join(ids))
+            return {"ok": "tasks {" + ", ".join(repr(i) for i in ids) + "} flagged as revoked"}
+        terminated: list[str] = []
+        if self.supervisor is not None:
+            terminated = list(self.supervisor.terminate(ids, signum))
+        coroutines = self._async_pool()
+        if coroutines is not None:
+            terminated += [i for i in ids if coroutines.terminate(i, signum)]
+        if self.child is None and self.supervisor is None:
+            stuck = [r.id for r in list(self.running) if r.id in ids and r.id not in terminated]
+            if stuck:
+                logger.warning(
+                    "Cannot terminate running task(s) %s: the %s pool runs them in this "
+                    "process (revoked: a redelivery will not run)",
+                    ", ".join(stuck),
+                    self.pool_name,
+                )
+        if not terminated:
+            return {"ok": "terminate: tasks unknown"}
+        return {"ok": "terminate: " + ", ".join(terminated)}
+
+    def _store_revoked(self, ids: list[str]) -> None:
+        """REVOKED for each id that has no result yet and does not run here (Celery
+        5.7 writes it when the command arrives)."""
+        try:
+            backend = self.app.backend
+        except Exception:
+            return
+        if backend is None:
+            return
+        running = {r.id for r in list(self.running)}
+        if self.supervisor is not None:
+            children = self.supervisor.running_ids()
+            if children is None:
+                return  # not sure what runs: the messages are discarded when they come
+            running |= set(children)
+        reason = exception_to_meta(TaskRevokedError("revoked"))
+        for task_id in ids:
+            if task_id in running:
+                continue
+            try:
+                stored = backend.get_meta(task_id)
+                status = stored.get("status") if isinstance(stored, dict) else None
+                if status not in (None, states.PENDING, "RECEIVED", states.RETRY, "REJECTED"):
+                    continue
+                backend.store(task_id, meta_for(task_id, states.REVOKED, reason, None, None))
+            except Exception as exc:
+                logger.warning("Failed to mark task %s as revoked in the backend: %s", task_id, exc)
 
     def banner(self) -> str:
         app = self.app
@@ -497,6 +637,17 @@ class Worker:
         self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        child = self.child
+        if child is not None:
+            wanted, task_id = child.table.terminate_request(child.index)
+            if wanted == signum:
+                # The supervisor stops the running task (revoke, terminate=True):
+                # die by the signal if that task still runs, else ignore it.
+                child.table.request_terminate(child.index, "", 0)
+                if task_id and child.table.read(child.index).task_id == task_id:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                return
         self._signals_seen += 1
         if signum == signal.SIGQUIT or self._signals_seen >= 2:
             if self._signals_seen >= 3:
@@ -569,6 +720,7 @@ class Worker:
     def run_child(self, ctx: ChildContext) -> int:
         """The body of a prefork child, right after the fork; its exit status."""
         self.child = ctx
+        self.supervisor = None  # the fork copied the supervisor's: not ours to drive
         _die_with_parent(ctx.parent_pid)
         import multiprocessing
 
@@ -717,7 +869,9 @@ class Worker:
             self._on_unregistered(consumer, delivery, name)
             return
         try:
-            request = Request.from_delivery(delivery, task, self.app.conf, self.nodename)
+            request = Request.from_delivery(
+                delivery, task, self.app.conf, self.nodename, self._policy(name, task)
+            )
         except InvalidMessage as exc:
             logger.error(
                 "Received invalid task message: %s. The message has been dropped. "
@@ -747,10 +901,32 @@ class Worker:
             store_revoked_expired(self.backend, request)
             consumer.ack([tag])
             return
+        if self.revoked.ids and request.id in self.revoked:
+            store_revoked(self.backend, request)
+            consumer.ack([tag])
+            return
+        if not self._async_window_open and name in self.async_tasks:
+            self._open_async_window(consumer)
         if request.eta is not None and request.eta.timestamp() > time.time():
             self._hold(consumer, request, request.eta.timestamp(), rate=False)
             return
         self.reserved.append(request)
+
+    def _open_async_window(self, consumer: Consumer) -> None:
+        """Widen the prefetch window for coroutines, once per process (a consumer made
+        after a reconnect starts with the widened window)."""
+        self._async_window_open = True
+        if self.window:
+            extra = min(MAX_PREFETCH, self.window + self.async_concurrency) - self.window
+            self.window += extra
+            consumer.extend_window(extra)
+
+    def _policy(self, name: str, task: Any) -> TaskPolicy:
+        """The task's acking/result policy, read once per task (not per message)."""
+        policy = self._policies.get(name)
+        if policy is None or policy.task is not task:
+            policy = self._policies[name] = task_policy(task, self.app.conf)
+        return policy
 
     def _hold(self, consumer: Consumer, request: Request, due: float, *, rate: bool) -> None:
         """Keep ``request`` (unacked) until ``due``, widening the prefetch window by one
@@ -828,13 +1004,16 @@ class Worker:
             if slots <= 0:
                 return
             batch: list[Request] = []
-            now = datetime.now(timezone.utc)
+            now: datetime | None = None
             while self.reserved and len(batch) < slots:
                 request = self.reserved.popleft()
-                if request.expired(now):
-                    store_revoked_expired(self.backend, request)
-                    consumer.ack([request.delivery_tag])
-                    continue
+                if request.expires is not None:
+                    if now is None:
+                        now = datetime.now(timezone.utc)
+                    if request.expired(now):
+                        store_revoked_expired(self.backend, request)
+                        consumer.ack([request.delivery_tag])
+                        continue
                 if self.rate_limits_enabled:
                     wait = self._rate_wait(request)
                     if wait > 0:
@@ -853,12 +1032,17 @@ class Worker:
     def _rate_wait(self, request: Request) -> float:
         """0 when ``request`` may start now under its task's rate limit (a token is
         taken), else the seconds to hold it."""
-        name = request.task.name or ""
-        try:
-            self._rate_for(name, request.task)  # picks up a changed rate_limit
-        except WorkerError as exc:
-            logger.error("%s; running without a rate limit", exc)
-            return 0.0
+        task = request.task
+        name = task.name or ""
+        value = getattr(task, "rate_limit", None)
+        if value != self._rate_of.get(name):
+            try:
+                self._rate_for(name, task)  # picks up a changed rate_limit
+            except WorkerError as exc:
+                logger.error("%s; running without a rate limit", exc)
+                return 0.0
+        if not value:
+            return 0.0  # no limit: no token to take
         return float(self.rate_limiter.acquire(name))
 
     def _time_limits(self, request: Request) -> tuple[float | None, float | None]:
@@ -877,6 +1061,9 @@ class Worker:
             value: Any = from_header
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 value = getattr(task, attr, None)
+            if value is None:
+                limits.append(default)
+                continue
             try:
                 limits.append(_positive_number(attr, value) or default)
             except WorkerError:
@@ -885,6 +1072,9 @@ class Worker:
 
     def _job(self, request: Request) -> Disposition:
         """Runs in the pool. Never raises: a failure here is the worker's, not the task's."""
+        if self.revoked.ids and request.id in self.revoked:  # revoked while it waited
+            store_revoked(self.backend, request)
+            return Disposition.ACK if request.acks_late else Disposition.NONE
         child = self.child
         if child is None:
             return self._execute(request)
