@@ -9,13 +9,16 @@ runtime failures (broker unreachable, an error inside the app module) give statu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import importlib
 import json
 import os
+import pprint
 import sys
-import textwrap
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
@@ -247,87 +250,14 @@ def build_parser() -> _Parser:
         "celeriac always schedules fairly)",
     )
 
-    inspect = commands.add_parser(
-        "inspect",
-        help="ask the workers something (remote control; Redis brokers for now)",
-        description="Ask running workers and print their replies.",
-        epilog="Example: celeriac -A tasks inspect ping",
-    )
-    _add_global_options(inspect, suppress=True)
-    inspect.add_argument("method", choices=INSPECT_METHODS, metavar="METHOD",
-                         help="one of: " + ", ".join(INSPECT_METHODS))  # fmt: skip
-    _add_control_options(inspect)
-
-    control = commands.add_parser(
-        "control",
-        help="tell the workers to do something (remote control; Redis brokers for now)",
-        description="Send a command to running workers and print their replies.",
-        epilog="Example: celeriac -A tasks control rate_limit tasks.add 10/m",
-    )
-    _add_global_options(control, suppress=True)
-    control.add_argument("method", choices=CONTROL_METHODS, metavar="METHOD",
-                         help="one of: " + ", ".join(CONTROL_METHODS))  # fmt: skip
-    control.add_argument("arguments", nargs="*", metavar="ARG",
-                         help="rate_limit: TASK_NAME RATE (e.g. tasks.add 10/m)")  # fmt: skip
-    _add_control_options(control)
+    _add_remote_parsers(commands)
+    _add_tool_parsers(commands)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
     )
     help_cmd.add_argument("topic", nargs="?", metavar="COMMAND")
     return parser
-
-
-#: Remote-control commands the CLI can send (what celeriac workers answer today).
-INSPECT_METHODS = ("ping", "registered", "active", "stats")
-CONTROL_METHODS = ("rate_limit",)
-
-
-def _add_control_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-t", "--timeout", type=float, default=1.0, metavar="SECONDS",
-        help="how long to wait for replies (default: 1.0)",
-    )  # fmt: skip
-    parser.add_argument(
-        "-d", "--destination", default=None, metavar="NODES",
-        help="comma-separated node names to ask (default: all)",
-    )  # fmt: skip
-
-
-def _cmd_remote(ns: argparse.Namespace) -> int:
-    """``inspect``/``control``: broadcast, then print one block per replying node the
-    way Celery's command line does."""
-    from celeriac import _core
-    from celeriac.control import broadcast
-
-    arguments: dict[str, Any] = {}
-    if ns.command == "control" and ns.method == "rate_limit":
-        if len(ns.arguments) != 2:
-            raise UsageError("rate_limit takes two arguments: TASK_NAME RATE (e.g. 10/m)")
-        arguments = {"task_name": ns.arguments[0], "rate_limit": ns.arguments[1]}
-    if ns.timeout <= 0:
-        raise UsageError("argument -t/--timeout: must be a positive number of seconds")
-    destination = [n for n in (ns.destination or "").split(",") if n] or None
-    app = _prepare_app(ns)
-    try:
-        replies = broadcast(app, ns.method, arguments, destination=destination, timeout=ns.timeout)
-    except (ValueError, _core.OperationalError) as exc:
-        raise AppError(str(exc)) from None
-    if not replies:
-        print("Error: No nodes replied within time constraint.", file=sys.stderr)
-        return EX_UNAVAILABLE
-    for reply in replies:
-        for node, answer in reply.items():
-            if isinstance(answer, dict) and set(answer) == {"error"}:
-                print(f"->  {node}: ERROR\n        {answer['error']}")
-            elif isinstance(answer, dict) and set(answer) == {"ok"}:
-                print(f"->  {node}: OK\n        {answer['ok']}")
-            else:
-                text = json.dumps(answer, indent=4, sort_keys=True, default=repr)
-                print(f"->  {node}: OK\n" + textwrap.indent(text, " " * 8))
-    count = len(replies)
-    print(f"\n{count} node{'s' if count != 1 else ''} online.")
-    return EX_OK
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -537,6 +467,606 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     return worker.run()
 
 
+# -- remote control, as Celery's ``inspect``/``control``/``status`` -----------------
+
+
+@dataclass(frozen=True)
+class RemoteCommand:
+    """How the command line builds a remote-control request (Celery's ``Panel.meta``):
+    positional ``args`` as ``(name, type)``, then the rest into ``variadic``."""
+
+    kind: str
+    args: tuple[tuple[str, Callable[[str], Any]], ...] = ()
+    variadic: str | None = None
+    signature: str = ""
+    #: Positional arguments that must be given.
+    required: int = 0
+    help: str = ""
+
+
+def _strtobool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true/false)")
+
+
+_RATE_SIGNATURE = "<task_name> <rate_limit (e.g., 5/s | 5/m | 5/h)>"
+
+#: The remote-control commands the CLI sends (celeriac and Celery workers answer them).
+REMOTE_COMMANDS: dict[str, RemoteCommand] = {
+    # inspect
+    "active": RemoteCommand("inspect", help="List of tasks currently being executed."),
+    "active_queues": RemoteCommand("inspect", help="List the task queues a worker consumes."),
+    "clock": RemoteCommand("inspect", help="Get current logical clock value."),
+    "conf": RemoteCommand(
+        "inspect",
+        (("with_defaults", _strtobool),),
+        signature="[include_defaults=False]",
+        help="List configuration.",
+    ),
+    "ping": RemoteCommand("inspect", help="Ping worker(s)."),
+    "query_task": RemoteCommand(
+        "inspect",
+        variadic="ids",
+        signature="[id1 [id2 [... [idN]]]]",
+        help="Query for task information by id.",
+    ),
+    "registered": RemoteCommand(
+        "inspect",
+        variadic="taskinfoitems",
+        signature="[attr1 [attr2 [... [attrN]]]]",
+        help="List of registered tasks.",
+    ),
+    "report": RemoteCommand("inspect", help="Information about the installation."),
+    "reserved": RemoteCommand("inspect", help="List of currently reserved tasks."),
+    "revoked": RemoteCommand("inspect", help="List of revoked task-ids."),
+    "scheduled": RemoteCommand("inspect", help="List of currently scheduled ETA/countdown tasks."),
+    "stats": RemoteCommand("inspect", help="Request worker statistics/information."),
+    # control
+    "add_consumer": RemoteCommand(
+        "control",
+        (("queue", str), ("exchange", str), ("exchange_type", str), ("routing_key", str)),
+        signature="<queue> [exchange [type [routing_key]]]",
+        required=1,
+        help="Tell worker(s) to consume from task queue by name.",
+    ),
+    "autoscale": RemoteCommand(
+        "control",
+        (("max", int), ("min", int)),
+        signature="[max [min]]",
+        help="Modify autoscale settings.",
+    ),
+    "cancel_consumer": RemoteCommand(
+        "control",
+        (("queue", str),),
+        signature="<queue>",
+        required=1,
+        help="Tell worker(s) to stop consuming from task queue by name.",
+    ),
+    "disable_events": RemoteCommand("control", help="Tell worker(s) to stop sending task events."),
+    "enable_events": RemoteCommand("control", help="Tell worker(s) to send task events."),
+    "heartbeat": RemoteCommand("control", help="Tell worker(s) to send event heartbeat now."),
+    "pool_grow": RemoteCommand(
+        "control", (("n", int),), signature="[N=1]", help="Grow pool by n processes."
+    ),
+    "pool_shrink": RemoteCommand(
+        "control", (("n", int),), signature="[N=1]", help="Shrink pool by n processes."
+    ),
+    "pool_restart": RemoteCommand("control", help="Restart execution pool."),
+    "rate_limit": RemoteCommand(
+        "control",
+        (("task_name", str), ("rate_limit", str)),
+        signature=_RATE_SIGNATURE,
+        required=2,
+        help="Tell worker(s) to modify the rate limit for a task by type.",
+    ),
+    "revoke": RemoteCommand(
+        "control",
+        variadic="task_id",
+        signature="[id1 [id2 [... [idN]]]]",
+        required=1,
+        help="Revoke task by task id (or list of ids).",
+    ),
+    "shutdown": RemoteCommand("control", help="Shutdown worker(s)."),
+    "terminate": RemoteCommand(
+        "control",
+        (("signal", str),),
+        variadic="task_id",
+        signature="<signal> [id1 [id2 [... [idN]]]]",
+        required=2,
+        help="Terminate task by task id (or list of ids).",
+    ),
+    "time_limit": RemoteCommand(
+        "control",
+        (("task_name", str), ("soft", float), ("hard", float)),
+        signature="<task_name> <soft_secs> [hard_secs]",
+        required=2,
+        help="Tell worker(s) to modify the time limit for task by type.",
+    ),
+}
+
+
+def _remote_names(kind: str) -> list[str]:
+    return sorted(name for name, spec in REMOTE_COMMANDS.items() if spec.kind == kind)
+
+
+def remote_arguments(method: str, given: Sequence[str]) -> dict[str, Any]:
+    """The request's ``arguments`` from the words after the command, as Celery's CLI
+    builds them; ``UsageError`` for too few/many or a value of the wrong type."""
+    spec = REMOTE_COMMANDS[method]
+    usage = f"Command {method!r} takes arguments: {spec.signature}"
+    if len(given) < spec.required:
+        raise UsageError(usage)
+    if len(given) > len(spec.args) and spec.variadic is None:
+        raise UsageError(usage)
+    arguments: dict[str, Any] = {}
+    for (name, convert), word in zip(spec.args, given, strict=False):
+        try:
+            arguments[name] = convert(word)
+        except ValueError:
+            raise UsageError(f"{method}: {name} {word!r} is not valid ({usage})") from None
+    if spec.variadic is not None:
+        arguments[spec.variadic] = list(given[len(spec.args) :])
+    return arguments
+
+
+def _add_remote_options(parser: argparse.ArgumentParser, *, json_only: bool = False) -> None:
+    parser.add_argument(
+        "-t", "--timeout", type=float, default=1.0, metavar="SECONDS",
+        help="timeout in seconds waiting for reply (default: 1.0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-d", "--destination", default=None, metavar="NODES",
+        help="comma separated list of destination node names (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-j", "--json", action="store_true", help="use json as output format"
+    )  # fmt: skip
+
+
+def _add_remote_parsers(commands: Any) -> None:
+    """``inspect`` and ``control`` (one shape, two command tables) and ``status``."""
+    for kind, verb, example in (
+        ("inspect", "ask the workers something", "inspect ping"),
+        ("control", "tell the workers to do something", "control rate_limit tasks.add 10/m"),
+    ):
+        names = _remote_names(kind)
+        sub = commands.add_parser(
+            kind,
+            help=f"{verb} (remote control)",
+            description=f"Send the {kind} COMMAND to the workers and print their replies. "
+            "Commands: " + ", ".join(names) + ".",
+            epilog=f"Example: celeriac -A tasks {example}",
+        )
+        _add_global_options(sub, suppress=True)
+        sub.add_argument("method", nargs="?", metavar="COMMAND", help="one of: " + ", ".join(names))
+        sub.add_argument("arguments", nargs="*", metavar="ARG", help="the command's arguments")
+        sub.add_argument("--list", action="store_true", help=f"list the {kind} commands and exit")
+        _add_remote_options(sub)
+    status = commands.add_parser(
+        "status",
+        help="show the workers that are online",
+        description="Ping the workers and list those that answer.",
+        epilog="Example: celeriac -A tasks status",
+    )
+    _add_global_options(status, suppress=True)
+    _add_remote_options(status)
+
+
+def _pretty(answer: Any) -> tuple[str, str]:
+    """``(status, text)`` of one node's reply, the way Celery's command line shows it."""
+    if isinstance(answer, list):
+        if not answer:
+            return "OK", "- empty -"
+        return "OK", "\n".join(f"* {item}" for item in answer)
+    if isinstance(answer, dict):
+        if "ok" in answer:
+            return "OK", _indent(_pretty(answer["ok"])[1], 4)
+        if "error" in answer:
+            return "ERROR", _indent(_pretty(answer["error"])[1], 4)
+        return "OK", json.dumps(answer, sort_keys=True, indent=4, default=repr)
+    if isinstance(answer, str):
+        return "OK", answer
+    return "OK", pprint.pformat(answer)
+
+
+def _indent(text: str, width: int) -> str:
+    return "\n".join(" " * width + line for line in text.split("\n"))
+
+
+def _say_reply(reply: Mapping[str, Any], show_body: bool) -> None:
+    for node, answer in reply.items():
+        status, text = _pretty(answer)
+        print(f"->  {node}: {status}")
+        if show_body and text:
+            print(_indent(text, 4))
+
+
+def _cmd_remote(ns: argparse.Namespace) -> int:
+    """``inspect``/``control``/``status``: broadcast, then print the replies as
+    Celery's command line does."""
+    from celeriac.control import broadcast
+
+    kind = ns.command
+    if kind == "status":
+        method, arguments = "ping", {}
+    else:
+        if ns.list:
+            for name in _remote_names(kind):
+                spec = REMOTE_COMMANDS[name]
+                print(f"  {name} {spec.signature}".rstrip().ljust(40) + f"  {spec.help}")
+            return EX_OK
+        method = ns.method
+        if not method:
+            raise UsageError(
+                f"missing the {kind} COMMAND (one of: {', '.join(_remote_names(kind))})"
+            )
+        if method not in REMOTE_COMMANDS or REMOTE_COMMANDS[method].kind != kind:
+            raise UsageError(
+                f"Command {method} not recognized. Available {kind} commands: "
+                + ", ".join(_remote_names(kind))
+            )
+        arguments = remote_arguments(method, ns.arguments)
+    if not ns.timeout > 0:
+        raise UsageError("argument -t/--timeout: must be a positive number of seconds")
+    destination = [n.strip() for n in (ns.destination or "").split(",") if n.strip()] or None
+    app = _prepare_app(ns)
+    try:
+        replies = broadcast(app, method, arguments, destination=destination, timeout=ns.timeout)
+    except ValueError as exc:  # a broker URL the mailbox cannot use
+        raise UsageError(str(exc)) from None
+    except Exception as exc:
+        print(
+            "Error: Could not connect to the message broker. Please make sure your broker "
+            "(e.g., RabbitMQ or Redis) is running and the connection settings are correct. "
+            f"Reason: {exc}",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
+    if not replies:
+        print("Error: No nodes replied within time constraint", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if ns.json:
+        flat: dict[str, Any] = {}
+        for reply in replies:
+            flat.update(reply)
+        print(json.dumps(replies if kind == "control" else flat, default=repr))
+        if kind != "status":
+            return EX_OK
+    else:
+        for reply in replies:
+            _say_reply(reply, show_body=kind != "status")
+    if kind == "control":
+        return EX_OK
+    count = len(replies)
+    print(f"\n{count} node{'s' if count != 1 else ''} online.")
+    return EX_OK
+
+
+# -- purge, call, result, events -----------------------------------------------------
+
+
+def _add_tool_parsers(commands: Any) -> None:
+    purge = commands.add_parser(
+        "purge",
+        help="erase all messages from the task queues",
+        description="Erase all messages from all known task queues. There is no undo.",
+        epilog="Example: celeriac -A tasks purge -f -Q celery",
+    )
+    _add_global_options(purge, suppress=True)
+    purge.add_argument("-f", "--force", action="store_true", help="don't prompt for verification")
+    purge.add_argument("-Q", "--queues", action="append", metavar="QUEUES",
+                       help="comma separated list of queue names to purge")  # fmt: skip
+    purge.add_argument("-X", "--exclude-queues", action="append", metavar="QUEUES",
+                       help="comma separated list of queue names not to purge")  # fmt: skip
+
+    call = commands.add_parser(
+        "call",
+        help="call a task by name",
+        description="Send a task message by name and print the task id.",
+        epilog="Example: celeriac -A tasks call tasks.add --args '[1, 2]'",
+    )
+    _add_global_options(call, suppress=True)
+    call.add_argument("name", metavar="TASK_NAME")
+    call.add_argument("-a", "--args", type=_json_array, default=None, metavar="JSON",
+                      help="positional arguments (a JSON array)")  # fmt: skip
+    call.add_argument("-k", "--kwargs", type=_json_object, default=None, metavar="JSON",
+                      help="keyword arguments (a JSON object)")  # fmt: skip
+    call.add_argument("--eta", type=_iso8601, default=None, metavar="ISO8601",
+                      help="scheduled time (ISO 8601)")  # fmt: skip
+    call.add_argument("--countdown", type=float, default=None, metavar="SECONDS",
+                      help="eta in seconds from now")  # fmt: skip
+    call.add_argument("--expires", type=_iso8601_or_float, default=None, metavar="WHEN",
+                      help="expiry time (ISO 8601) or seconds from now")  # fmt: skip
+    call.add_argument("--serializer", default=None, help="task serializer (json)")
+    call.add_argument("--queue", default=None, help="custom queue name")
+    call.add_argument("--exchange", default=None, help="custom exchange name")
+    call.add_argument("--routing-key", default=None, help="custom routing key")
+
+    result = commands.add_parser(
+        "result",
+        help="print the return value of a task",
+        description="Print the return value (or the traceback) of the task with this id.",
+        epilog="Example: celeriac -A tasks result 5f1c...",
+    )
+    _add_global_options(result, suppress=True)
+    result.add_argument("task_id", metavar="TASK_ID")
+    result.add_argument("-t", "--task", default=None, help="name of task (if custom backend)")
+    result.add_argument("--traceback", action="store_true", help="show traceback instead")
+    result.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="give up waiting after SECONDS (celeriac; default: wait)")  # fmt: skip
+
+    events = commands.add_parser(
+        "events",
+        help="dump the workers' events as they happen",
+        description="Print every event (worker and task) as it happens, like "
+        "'celery events --dump'. Stop with Ctrl-C.",
+        epilog="Example: celeriac -A tasks events --dump",
+    )
+    _add_global_options(events, suppress=True)
+    events.add_argument("-d", "--dump", action="store_true",
+                        help="dump events to stdout (the only mode celeriac has)")  # fmt: skip
+
+
+def _json_array(value: str) -> list[Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not JSON: {exc}") from None
+    if not isinstance(parsed, list):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON array")
+    return parsed
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object")
+    return parsed
+
+
+def _iso8601(value: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date/time") from None
+
+
+def _iso8601_or_float(value: str) -> datetime.datetime | float:
+    try:
+        return float(value)
+    except ValueError:
+        return _iso8601(value)
+
+
+def _queue_names(values: Sequence[str] | None) -> list[str]:
+    return [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else f"{word}s"
+
+
+def _cmd_purge(ns: argparse.Namespace) -> int:
+    from celeriac.control import _mailbox
+
+    app = _prepare_app(ns)
+    queues = set(_queue_names(ns.queues)) or set(app.queues)
+    names = queues - set(_queue_names(ns.exclude_queues))
+    count = len(names)
+    if not names:
+        return EX_OK
+    headline = _plural(count, "queue")
+    if not ns.force:
+        question = (
+            f"WARNING:This will remove all tasks from {headline}: {', '.join(sorted(names))}.\n"
+            "         There is no undo for this operation!\n\n"
+            "(to skip this prompt use the -f option)\n"
+            "Are you sure you want to delete all tasks? [y/N]: "
+        )
+        try:
+            answer = input(question)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Aborted!", file=sys.stderr)
+            return EX_FAILURE
+    try:
+        mailbox = _mailbox(app)
+    except ValueError as exc:  # a broker URL the mailbox cannot use
+        raise UsageError(f"purge: {exc}") from None
+    except Exception as exc:
+        raise AppError(f"cannot reach the broker: {exc}") from None
+    try:
+        messages = sum(mailbox.purge(name) for name in sorted(names))
+    finally:
+        mailbox.close()
+    if messages:
+        print(
+            f"Purged {messages} {_plural(messages, 'message')} from {count} known task {headline}."
+        )
+    else:
+        print(f"No messages purged from {count} {headline}.")
+    return EX_OK
+
+
+def _cmd_call(ns: argparse.Namespace) -> int:
+    app = _prepare_app(ns)
+    options = {
+        key: value
+        for key, value in (
+            ("countdown", ns.countdown),
+            ("eta", ns.eta),
+            ("expires", ns.expires),
+            ("serializer", ns.serializer),
+            ("queue", ns.queue),
+            ("exchange", ns.exchange),
+            ("routing_key", ns.routing_key),
+        )
+        if value is not None
+    }
+    try:
+        result = app.send_task(ns.name, args=ns.args, kwargs=ns.kwargs, **options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:
+        raise AppError(f"cannot send the task: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            app.close()
+    print(result.id)
+    return EX_OK
+
+
+def _cmd_result(ns: argparse.Namespace) -> int:
+    app = _prepare_app(ns)
+    if ns.task:
+        task = app.tasks.get(ns.task)
+        if task is None:
+            raise UsageError(f"--task {ns.task!r}: no such task in the app")
+    result = app.AsyncResult(ns.task_id)
+    try:
+        value = result.traceback if ns.traceback else result.get(timeout=ns.timeout)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    print(value)
+    return EX_OK
+
+
+_HUMAN_TYPES = {
+    "worker-offline": "shutdown",
+    "worker-online": "started",
+    "worker-heartbeat": "heartbeat",
+}
+
+
+class EventDumper:
+    """Formats events as ``celery events --dump`` prints them."""
+
+    def __init__(self, out: Any = None) -> None:
+        self.out = out
+        self.task_names: dict[str, str] = {}
+
+    def say(self, message: str) -> None:
+        print(message, file=self.out or sys.stdout, flush=True)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        event.pop("local_received", None)
+        try:
+            stamp = datetime.datetime.fromtimestamp(
+                float(event.pop("timestamp")), datetime.timezone.utc
+            )
+        except (KeyError, TypeError, ValueError, OverflowError):
+            stamp = datetime.datetime.now(datetime.timezone.utc)
+        kind = str(event.pop("type", "")).lower()
+        hostname = event.pop("hostname", "?")
+        human = _HUMAN_TYPES.get(kind, kind.replace("-", " "))
+        if kind.startswith("task-"):
+            uuid = str(event.pop("uuid", ""))
+            if kind in ("task-received", "task-sent"):
+                task = (
+                    f"{event.pop('name', None)}({uuid}) args={event.pop('args', None)} "
+                    f"kwargs={event.pop('kwargs', None)}"
+                )
+                self.task_names[uuid] = task
+                if len(self.task_names) > 0xFFF:
+                    self.task_names.pop(next(iter(self.task_names)))
+            else:
+                task = self.task_names.get(uuid, "")
+            fields = ", ".join(f"{key}={event[key]}" for key in sorted(event))
+            sep = ":" if fields else ""
+            self.say(f"{hostname} [{stamp}] {human}{sep} {task} {fields}")
+            return
+        fields = ", ".join(f"{key}={event[key]}" for key in sorted(event))
+        sep = ":" if fields else ""
+        self.say(f"{hostname} [{stamp}] {human}{sep} {fields}")
+
+
+def _cmd_events(ns: argparse.Namespace) -> int:
+    app = _prepare_app(ns)
+    dumper = EventDumper()
+    try:
+        next_events = _event_source(app)
+    except ValueError as exc:
+        raise UsageError(f"events: {exc}") from None
+    except Exception as exc:
+        raise AppError(f"cannot receive events: {exc}") from None
+    dumper.say("-> evdump: starting capture...")
+    try:
+        while True:
+            for event in next_events():
+                dumper.on_event(event)
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+def _event_source(app: Celeriac) -> Callable[[], list[dict[str, Any]]]:
+    """A function giving the next events (``[]`` after a second without any):
+    celeriac's ``EventReceiver`` on SQLite; on Redis and AMQP a subscription of its own
+    to ``celeryev``, as Celery's receiver (exclusive ``celeryev.<uuid>`` queue bound
+    with ``#``, ``event_queue_ttl``/``event_queue_expires``)."""
+    import uuid
+
+    from celeriac import _core
+    from celeriac.events import EventReceiver
+
+    if app.broker_url.startswith("sqlite"):
+        receiver = EventReceiver(app)
+        return lambda: receiver.next_events(1.0)
+    conf = app.conf
+    expires, ttl = conf["event_queue_expires"], conf["event_queue_ttl"]
+    mailbox = _core.Mailbox(
+        app.broker_url,
+        transport_options=app.transport_options(),
+        connect_timeout=float(conf["broker_connection_timeout"] or 4.0),
+        queue_expires=float(expires) if expires else None,
+        queue_ttl=float(ttl) if ttl else None,
+    )
+    exchange = str(conf["event_exchange"] or "celeryev")
+    prefix = str(conf.get("event_queue_prefix") or "celeryev")
+    mailbox.subscribe(
+        exchange,
+        f"{prefix}.{uuid.uuid4()}",
+        exchange_type="topic",
+        routing_key="#",
+        durable=True,
+    )
+
+    def next_events() -> list[dict[str, Any]]:
+        got = mailbox.receive(1.0)
+        if got is None:
+            return []
+        headers, body = got
+        if headers is None:
+            print(f"-> skipped an unreadable event message: {body}", file=sys.stderr)
+            return []
+        try:
+            decoded = _core.loads(body)
+        except Exception as exc:
+            print(f"-> skipped an event message that is not JSON: {exc}", file=sys.stderr)
+            return []
+        items = decoded if isinstance(decoded, list) else [decoded]
+        return [item for item in items if isinstance(item, dict) and "type" in item]
+
+    return next_events
+
+
+_TOOLS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "purge": _cmd_purge,
+    "call": _cmd_call,
+    "result": _cmd_result,
+    "events": _cmd_events,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``celeriac`` and ``python -m celeriac``; returns the exit status."""
     parser = build_parser()
@@ -559,8 +1089,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workdir {ns.workdir!r}: {exc.strerror}") from None
         if ns.command == "worker":
             return _cmd_worker(ns)
-        if ns.command in ("inspect", "control"):
+        if ns.command in ("inspect", "control", "status"):
             return _cmd_remote(ns)
+        if ns.command in _TOOLS:
+            return _TOOLS[ns.command](ns)
         raise UsageError(f"unknown command {ns.command!r}")
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-//! `Mailbox`: remote control's broadcasts and replies (Redis; see broker/pidbox.rs).
+//! `Mailbox`: remote control's broadcasts and replies (Redis and AMQP; see
+//! broker/pidbox.rs).
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -9,7 +10,7 @@ use super::codec::{dumps, loads};
 use super::options;
 use super::producer::duration;
 use crate::broker::events::Broadcast;
-use crate::broker::pidbox::{Mailbox as Inner, Received};
+use crate::broker::pidbox::{Mailbox as Inner, QueueTimes, Received, Subscription};
 use crate::broker::url::BrokerUrl;
 use crate::runtime;
 
@@ -40,21 +41,51 @@ fn to_python<'py>(py: Python<'py>, message: Received) -> PyResult<Bound<'py, PyT
 #[pymethods]
 impl Mailbox {
     #[new]
-    #[pyo3(signature = (url, *, transport_options = None, connect_timeout = 4.0))]
+    #[pyo3(signature = (
+        url, *, transport_options = None, connect_timeout = 4.0, queue_expires = Some(10.0),
+        queue_ttl = Some(300.0)
+    ))]
     fn new(
         py: Python<'_>,
         url: &str,
         transport_options: Option<&Bound<'_, PyDict>>,
         connect_timeout: f64,
+        queue_expires: Option<f64>,
+        queue_ttl: Option<f64>,
     ) -> PyResult<Self> {
         let parsed = BrokerUrl::parse(url)?;
         let options = options::transport_options(transport_options, connect_timeout)?;
-        let inner = py.detach(|| runtime::handle().block_on(Inner::connect(&parsed, &options)))?;
+        let times = QueueTimes {
+            expires: queue_expires
+                .map(|s| duration("queue_expires", s))
+                .transpose()?,
+            message_ttl: queue_ttl.map(|s| duration("queue_ttl", s)).transpose()?,
+        };
+        let inner =
+            py.detach(|| runtime::handle().block_on(Inner::connect(&parsed, &options, times)))?;
         Ok(Self { inner })
     }
 
-    fn subscribe(&self, py: Python<'_>, exchange: &str) -> PyResult<()> {
-        py.detach(|| runtime::handle().block_on(self.inner.subscribe(exchange)))?;
+    #[pyo3(signature = (
+        exchange, queue = "", *, exchange_type = "fanout", routing_key = "", durable = false
+    ))]
+    fn subscribe(
+        &self,
+        py: Python<'_>,
+        exchange: &str,
+        queue: &str,
+        exchange_type: &str,
+        routing_key: &str,
+        durable: bool,
+    ) -> PyResult<()> {
+        let subscription = Subscription {
+            exchange,
+            exchange_type,
+            durable,
+            queue,
+            binding: routing_key,
+        };
+        py.detach(|| runtime::handle().block_on(self.inner.subscribe_to(&subscription)))?;
         Ok(())
     }
 
@@ -108,13 +139,25 @@ impl Mailbox {
         Ok(())
     }
 
-    fn pop<'py>(&self, py: Python<'py>, queue: &str) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let got = py.detach(|| runtime::handle().block_on(self.inner.pop(queue)))?;
+    #[pyo3(signature = (queue, timeout = 0.0))]
+    fn pop<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &str,
+        timeout: f64,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let timeout = duration("timeout", timeout)?;
+        let got = py.detach(|| runtime::handle().block_on(self.inner.pop_wait(queue, timeout)))?;
         got.map(|message| to_python(py, message)).transpose()
     }
 
-    fn close(&self) {
-        self.inner.close();
+    /// Remove every waiting message of the task queue `queue`; the number removed.
+    fn purge(&self, py: Python<'_>, queue: &str) -> PyResult<u64> {
+        Ok(py.detach(|| runtime::handle().block_on(self.inner.purge(queue)))?)
+    }
+
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| runtime::handle().block_on(self.inner.close()));
     }
 }
 

@@ -143,6 +143,60 @@ BAD_INPUT = [
     pytest.param(
         ["--workdir", "/nonexistent/celeriac", "-A", "tasks", "worker"], 2, "--workdir", id="wd"
     ),
+    # remote control, purge, call, result, events: refused before any connection
+    pytest.param(
+        ["-A", "tasks", "inspect", "frobnicate"], 2, "Command frobnicate not recognized", id="insp"
+    ),
+    pytest.param(
+        ["-A", "tasks", "control", "ping"], 2, "Available control commands", id="ctl-kind"
+    ),
+    pytest.param(["-A", "tasks", "inspect"], 2, "missing the inspect COMMAND", id="insp-none"),
+    pytest.param(
+        ["-A", "tasks", "control", "rate_limit", "tasks.add"],
+        2,
+        "Command 'rate_limit' takes arguments: <task_name> <rate_limit",
+        id="rate-args",
+    ),
+    pytest.param(
+        ["-A", "tasks", "control", "rate_limit", "a", "1/s", "extra"],
+        2,
+        "takes arguments",
+        id="rate-extra",
+    ),
+    pytest.param(
+        ["-A", "tasks", "control", "pool_grow", "many"], 2, "n 'many' is not valid", id="grow"
+    ),
+    pytest.param(
+        ["-A", "tasks", "control", "time_limit", "tasks.add", "soon"], 2, "soft 'soon'", id="tl"
+    ),
+    pytest.param(
+        ["-A", "tasks", "inspect", "conf", "maybe"], 2, "with_defaults 'maybe'", id="conf"
+    ),
+    pytest.param(["-A", "tasks", "inspect", "ping", "-t", "0"], 2, "--timeout", id="timeout"),
+    pytest.param(["-A", "tasks", "status", "-t", "-1"], 2, "--timeout", id="status-timeout"),
+    pytest.param(
+        ["-A", "tasks", "call", "tasks.add", "--args", "[1,"], 2, "is not JSON", id="call-json"
+    ),
+    pytest.param(
+        ["-A", "tasks", "call", "tasks.add", "--args", "{}"], 2, "not a JSON array", id="call-args"
+    ),
+    pytest.param(
+        ["-A", "tasks", "call", "tasks.add", "--kwargs", "[]"], 2, "not a JSON object", id="kw"
+    ),
+    pytest.param(
+        ["-A", "tasks", "call", "tasks.add", "--eta", "tomorrow"], 2, "ISO 8601", id="call-eta"
+    ),
+    pytest.param(
+        ["-A", "tasks", "call", "tasks.add", "--countdown", "x"], 2, "invalid float", id="cd"
+    ),
+    pytest.param(["-A", "tasks", "call"], 2, "TASK_NAME", id="call-name"),
+    pytest.param(["-A", "tasks", "result"], 2, "TASK_ID", id="result-id"),
+    pytest.param(
+        ["-b", "bogus://nowhere", "-A", "tasks", "status"], 2, "bogus", id="status-bad-url"
+    ),
+    pytest.param(
+        ["-A", "tasks", "result", "x", "--task", "no.such"], 2, "no such task", id="result-task"
+    ),
 ]
 
 
@@ -309,3 +363,109 @@ def test_parse_loglevel() -> None:
     assert parse_loglevel("fatal") == 50
     with pytest.raises(ValueError, match="unknown log level"):
         parse_loglevel("chatty")
+
+
+# -- remote control and the other tools: formats, as Celery's command line prints ---
+
+
+def test_remote_arguments_follow_celery_signatures() -> None:
+    from celeriac.cli import remote_arguments
+
+    assert remote_arguments("rate_limit", ["tasks.add", "10/m"]) == {
+        "task_name": "tasks.add",
+        "rate_limit": "10/m",
+    }
+    assert remote_arguments("time_limit", ["tasks.add", "1", "2.5"]) == {
+        "task_name": "tasks.add",
+        "soft": 1.0,
+        "hard": 2.5,
+    }
+    assert remote_arguments("registered", []) == {"taskinfoitems": []}
+    assert remote_arguments("query_task", ["a", "b"]) == {"ids": ["a", "b"]}
+    assert remote_arguments("terminate", ["KILL", "a", "b"]) == {
+        "signal": "KILL",
+        "task_id": ["a", "b"],
+    }
+    assert remote_arguments("pool_grow", []) == {}
+    assert remote_arguments("pool_grow", ["3"]) == {"n": 3}
+    assert remote_arguments("conf", ["true"]) == {"with_defaults": True}
+    for bad in (["tasks.add"], ["a", "b", "c"]):
+        with pytest.raises(UsageError, match="takes arguments"):
+            remote_arguments("rate_limit", bad)
+
+
+def test_replies_are_printed_like_celery(capsys: pytest.CaptureFixture[str]) -> None:
+    from celeriac.cli import _say_reply
+
+    _say_reply({"w1@vm": {"ok": "pong"}}, show_body=True)
+    _say_reply({"w1@vm": {"error": "unknown task"}}, show_body=True)
+    _say_reply({"w1@vm": ["tasks.add", "tasks.mul [rate_limit=1/s]"]}, show_body=True)
+    _say_reply({"w1@vm": []}, show_body=True)
+    _say_reply({"w1@vm": {"pid": 1, "clock": "2"}}, show_body=True)
+    _say_reply({"w1@vm": None}, show_body=True)
+    _say_reply({"w1@vm": {"ok": "pong"}}, show_body=False)
+    assert capsys.readouterr().out == (
+        "->  w1@vm: OK\n        pong\n"
+        "->  w1@vm: ERROR\n        unknown task\n"
+        "->  w1@vm: OK\n    * tasks.add\n    * tasks.mul [rate_limit=1/s]\n"
+        "->  w1@vm: OK\n    - empty -\n"
+        '->  w1@vm: OK\n    {\n        "clock": "2",\n        "pid": 1\n    }\n'
+        "->  w1@vm: OK\n    None\n"
+        "->  w1@vm: OK\n"
+    )
+
+
+def test_event_dump_lines_match_celery(capsys: pytest.CaptureFixture[str]) -> None:
+    from celeriac.cli import EventDumper
+
+    dumper = EventDumper()
+    stamp = 1700000000.5
+    dumper.on_event({"type": "worker-online", "hostname": "w1@vm", "timestamp": stamp, "freq": 2.0})
+    dumper.on_event(
+        {
+            "type": "task-received",
+            "hostname": "w1@vm",
+            "timestamp": stamp,
+            "uuid": "id-1",
+            "name": "tasks.add",
+            "args": "(1, 2)",
+            "kwargs": "{}",
+            "retries": 0,
+        }
+    )
+    dumper.on_event(
+        {
+            "type": "task-succeeded",
+            "hostname": "w1@vm",
+            "timestamp": stamp,
+            "uuid": "id-1",
+            "result": "3",
+            "runtime": 0.01,
+            "local_received": 1.0,
+        }
+    )
+    # a peer that sends fewer fields (no timestamp, no hostname): still one line
+    dumper.on_event({"type": "worker-heartbeat"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "w1@vm [2023-11-14 22:13:20.500000+00:00] started: freq=2.0"
+    assert lines[1] == (
+        "w1@vm [2023-11-14 22:13:20.500000+00:00] task received: "
+        "tasks.add(id-1) args=(1, 2) kwargs={} retries=0"
+    )
+    assert lines[2] == (
+        "w1@vm [2023-11-14 22:13:20.500000+00:00] task succeeded: "
+        "tasks.add(id-1) args=(1, 2) kwargs={} result=3, runtime=0.01"
+    )
+    assert lines[3].startswith("? [") and lines[3].endswith("] heartbeat ")
+
+
+def test_remote_commands_cover_the_worker_table() -> None:
+    from celeriac import control
+    from celeriac.cli import REMOTE_COMMANDS
+
+    for name, found in control.COMMANDS.items():
+        if name == "hello" or name in REMOTE_COMMANDS:  # hello: mingle's, hidden
+            if name in REMOTE_COMMANDS:
+                assert REMOTE_COMMANDS[name].kind == found.kind, name
+            continue
+        pytest.fail(f"the worker answers {name!r} but the command line cannot send it")
