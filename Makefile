@@ -41,7 +41,7 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint fmt bench demo wheel clean ci
+.PHONY: help venv dev test test-rust lint fmt bench bench-rust demo wheel clean ci
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
@@ -89,8 +89,11 @@ fmt: $(DEPS) ## Format the Rust and Python code in place (and sort imports)
 	$(BIN)/ruff check --select I --fix
 	$(BIN)/ruff format
 
-bench: $(BUILT) ## Benchmark celeriac against Celery on the local Redis (BENCH_ARGS="-n 2000")
+bench: $(BUILT) ## Benchmark celeriac against Celery and pure-Python queues (BENCH_ARGS="-n 2000")
 	$(BIN)/python -m benches $(BENCH_ARGS)
+
+bench-rust: ## Rust micro-benchmarks (divan: message/envelope codec, rate buckets), profile ci
+	cargo bench --profile $(PROFILE) --bench micro $(if $(BENCH_FILTER),-- $(BENCH_FILTER),)
 
 demo: $(BUILT) ## Start a worker in the background, send it tasks, print the results (no server needed)
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)

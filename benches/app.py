@@ -6,11 +6,13 @@ class. Broker and queue come from the environment (see ``benches/peers/common.py
 
 - ``redis``: broker and result backend on Redis;
 - ``amqp``: RabbitMQ (Celery through py-amqp, ``pyamqp://``), results through ``rpc://``;
-- ``sqlite``: celeriac's embedded broker and result backend, one file.
+- ``sqlite``: celeriac's embedded broker and result backend, one file; Celery's
+  ``sqla+sqlite://`` (kombu's SQLAlchemy transport) and ``db+sqlite://`` results.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -22,6 +24,7 @@ from benches.peers.common import (
     REDIS_URL,
     SQLITE_PATH,
     count_done,
+    cpu_task,
 )
 from benches.peers.common import mark as _mark
 
@@ -41,11 +44,16 @@ elif BROKER == "amqp":
     backend = "rpc://"
 elif BROKER == "sqlite" and IMPL == "celeriac":
     broker = backend = f"sqlite://{SQLITE_PATH}"
+elif BROKER == "sqlite":
+    # Celery's SQLite: kombu's SQLAlchemy transport and the SQLAlchemy result backend.
+    broker, backend = f"sqla+sqlite:///{SQLITE_PATH}", f"db+sqlite:///{SQLITE_PATH}-results"
 else:
     raise SystemExit(f"{IMPL} has no {BROKER} broker here")
 
 app = Celery("benches", broker=broker, backend=backend)
 app.conf.update(task_default_queue=QUEUE)
+if os.environ.get("BENCH_ASYNC_CONCURRENCY"):  # celeriac's async def tasks, this many at once
+    app.conf.update(worker_async_concurrency=int(os.environ["BENCH_ASYNC_CONCURRENCY"]))
 
 
 @app.task(name="bench.noop", ignore_result=True)
@@ -64,6 +72,24 @@ def io(key: str, n: int) -> None:
     """The I/O-bound task: a 100 ms blocking sleep, then count it done."""
     time.sleep(IO_SLEEP)
     count_done(key, n)
+
+
+async def _io_async(key: str, n: int) -> None:
+    """The I/O-bound task as ``async def`` (celeriac only; taskiq's is the same)."""
+    await asyncio.sleep(IO_SLEEP)
+    await asyncio.to_thread(count_done, key, n)
+
+
+#: Registered only for the async run: a celeriac worker with any ``async def`` task widens
+#: every process's prefetch window by ``worker_async_concurrency`` (sync runs keep theirs).
+ASYNC_RUN = bool(os.environ.get("BENCH_ASYNC_CONCURRENCY") or os.environ.get("BENCH_IO_ASYNC"))
+io_async = app.task(name="bench.io_async", ignore_result=True)(_io_async) if ASYNC_RUN else None
+
+
+@app.task(name="bench.cpu", ignore_result=True)
+def cpu(key: str, n: int) -> None:
+    """The CPU-bound task: about 2 ms of hashing, then count it done."""
+    cpu_task(key, n)
 
 
 @app.task(name="bench.echo")

@@ -4,7 +4,8 @@
 
 Prints one JSON object on the last line of stdout. Every peer adapter module
 (``benches/peers/*``) offers the same functions: ``start``, ``send_noop``, ``send_noops``,
-``send_mark``, ``send_io``, ``pending``, ``finish`` and, for round trips, ``call``.
+``send_mark``, ``send_io``, ``send_cpu``, ``pending``, ``finish``, for round trips
+``call``, and where the library has a batch API, ``send_noops_batch``.
 """
 
 from __future__ import annotations
@@ -51,35 +52,54 @@ def wait_pending(mod: ModuleType, expected: int, timeout: float) -> float:
         time.sleep(0.0005)
 
 
-def enqueue(mod: ModuleType, n: int) -> dict[str, Any]:
-    """n single sends from one process; the clock stops when the broker holds them all."""
+def enqueue(mod: ModuleType, n: int, batch: bool = False) -> dict[str, Any]:
+    """n single sends from one process (or, with ``batch``, one call of the library's
+    batch API); the clock stops when the broker holds them all."""
+    if batch and not hasattr(mod, "send_noops_batch"):
+        raise SystemExit("this peer has no batch API")
     mod.start()
     mod.send_noop()  # warm-up: connects the producer, declares the queue
     wait_pending(mod, 1, 30.0)
     t0 = time.perf_counter()
-    mod.send_noops(n)
+    if batch:
+        mod.send_noops_batch(n)
+    else:
+        mod.send_noops(n)
     t_loop = time.perf_counter()
     t_end = wait_pending(mod, n + 1, 120.0)
     seconds = max(t_end, t_loop) - t0
     mod.finish()
     if hasattr(mod, "cleanup"):
         mod.cleanup()
-    return {"n": n, "seconds": seconds, "loop_seconds": t_loop - t0, "rate": n / seconds}
+    loop = t_loop - t0
+    return {
+        "n": n, "seconds": seconds, "loop_seconds": loop, "rate": n / seconds,
+        "calls_rate": n / loop if loop > 0 else 0.0,
+    }  # fmt: skip
 
 
-def fill(mod: ModuleType, n: int, marks: str, kind: str, wait: bool) -> dict[str, Any]:
+def fill(
+    mod: ModuleType, n: int, marks: str, kind: str, wait: bool, clock: bool = False
+) -> dict[str, Any]:
     """Queue a drain's input (not timed): a sentinel, then n no-ops and a sentinel, or n
-    I/O-bound tasks (the last one done pushes the second time). With ``wait``, return once
-    the broker holds them all (no worker runs yet)."""
+    I/O-bound or CPU-bound tasks (the last one done pushes the second time). With
+    ``wait``, return once the broker holds them all (no worker runs yet). With ``clock``,
+    no first sentinel: this process pushes the time it starts sending (a worker runs)."""
     mod.start()
-    mod.send_mark(marks)
+    if clock:
+        from benches.peers.common import side_redis
+
+        side_redis().rpush(marks, repr(time.time()))
+    else:
+        mod.send_mark(marks)
     if kind == "noop":
         mod.send_noops(n)
         mod.send_mark(marks)
         queued = n + 2
     else:
+        send = mod.send_io if kind == "io" else mod.send_cpu
         for _ in range(n):
-            mod.send_io(marks, n)
+            send(marks, n)
         queued = n + 1
     if wait:
         wait_pending(mod, queued, 120.0 + n / 100)
@@ -120,15 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("step", choices=["enqueue", "fill", "mark", "roundtrip"])
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("--marks", default="")
-    parser.add_argument("--kind", choices=["noop", "io"], default="noop")
+    parser.add_argument("--kind", choices=["noop", "io", "cpu"], default="noop")
+    parser.add_argument("--batch", action="store_true", help="enqueue: the batch API")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--no-wait", action="store_true", help="fill: a worker is running")
+    parser.add_argument("--clock", action="store_true", help="fill: push the start time")
     args = parser.parse_args(argv)
     mod = load(args.peer)
     if args.step == "enqueue":
-        out = enqueue(mod, args.n)
+        out = enqueue(mod, args.n, args.batch)
     elif args.step == "fill":
-        out = fill(mod, args.n, args.marks, args.kind, not args.no_wait)
+        out = fill(mod, args.n, args.marks, args.kind, not args.no_wait, args.clock)
     elif args.step == "mark":
         out = mark(mod, args.marks)
     else:

@@ -10,17 +10,31 @@ from benches.peers import PEERS
 
 # scenario -> [(metric key, label, higher is better, shown in the chart)]
 METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
-    "enqueue": [("rate", "tasks/s", True, True)],
+    "enqueue": [
+        ("rate", "tasks/s", True, True),
+        ("calls_rate", "tasks/s, calls alone", True, False),
+    ],
     "drain": [
         ("rate", "tasks/s after start-up", True, True),
         ("seconds", "s incl. start-up", False, False),
     ],
     "io": [
+        ("run_seconds", "s, workers ready", False, True),
+        ("startup_seconds", "s to start", False, False),
+    ],
+    "cpu": [
         ("run_seconds", "s after start-up", False, True),
         ("seconds", "s incl. start-up", False, False),
     ],
     "roundtrip": [
         ("p50_ms", "p50 ms", False, True),
+        ("p90_ms", "p90 ms", False, False),
+        ("p99_ms", "p99 ms", False, False),
+    ],
+    "mixed": [
+        ("rate", "tasks/s after start-up", True, True),
+        ("p50_ms", "p50 ms", False, True),
+        ("p90_ms", "p90 ms", False, False),
         ("p99_ms", "p99 ms", False, False),
     ],
     "memory": [
@@ -37,12 +51,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     celeriac's ratio to Celery and to the best other peer (> 1: celeriac is better)."""
     cells: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
     for rec in results:
-        if rec["ok"]:
+        if rec["ok"] and rec["scenario"] in METRICS:
             cell = (rec["broker"], rec["scenario"], rec["shape"])
             cells.setdefault(cell, {}).setdefault(rec["peer"], []).append(rec)
     rows = []
     for (broker, scenario, shape), by_peer in cells.items():
         for key, label, higher, chart in METRICS[scenario]:
+            if not all(key in r for recs in by_peer.values() for r in recs):
+                continue  # a metric of another shape of the scenario
             values = {
                 peer: statistics.median(r[key] for r in recs) for peer, recs in by_peer.items()
             }
@@ -106,9 +122,97 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ceiling_summary(
+    rows: list[dict[str, Any]], results: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per broker: the pure-Rust ceiling (medians), redis-benchmark's figures, and
+    celeriac's enqueue and one-process drain as a share of the ceiling."""
+    out = []
+    for broker in BROKER_NAMES:
+        recs = [r for r in results if r["ok"] and r["broker"] == broker
+                and r["scenario"] == "ceiling"]  # fmt: skip
+        rust = [r for r in recs if r["shape"] == "pure Rust"]
+        free = [r for r in recs if r["shape"] == "pure Rust, no window"]
+        bench = [r for r in recs if r["shape"] == "redis-benchmark"]
+        if not rust and not bench and not free:
+            continue
+        entry: dict[str, Any] = {"broker": broker}
+        if rust:
+            entry["enqueue_rate"] = statistics.median(r["enqueue_rate"] for r in rust)
+            entry["drain_rate"] = statistics.median(r["drain_rate"] for r in rust)
+            entry["prefetch"] = rust[0]["prefetch"]
+            mine = {
+                (r["scenario"], r["shape"]): r["values"].get("celeriac")
+                for r in rows
+                if r["broker"] == broker and r["metric"] == "rate"
+            }
+            for key, (scen, shape), base in (
+                ("enqueue_pct", ("enqueue", ""), "enqueue_rate"),
+                ("batch_enqueue_pct", ("enqueue", "batch API"), "enqueue_rate"),
+                ("drain_pct", ("drain", "1 process"), "drain_rate"),
+            ):
+                value = mine.get((scen, shape))
+                if value:
+                    entry[key] = 100 * value / entry[base]
+        if free:
+            entry["unbounded_enqueue_rate"] = statistics.median(r["enqueue_rate"] for r in free)
+            entry["unbounded_drain_rate"] = statistics.median(r["drain_rate"] for r in free)
+        if bench:
+            for key in bench[0]:
+                if key.endswith("_rate"):
+                    entry["redis_benchmark_" + key] = statistics.median(r[key] for r in bench)
+        out.append(entry)
+    return out
+
+
+def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in ceilings:
+        name = BROKER_NAMES[c["broker"]]
+        if "drain_rate" in c:
+            parts = [
+                f"{name}: pure-Rust ceiling (benches/ceiling.rs, prefetch {c['prefetch']}): "
+                f"enqueue {c['enqueue_rate']:,.0f} tasks/s, drain {c['drain_rate']:,.0f} tasks/s"
+            ]
+            shares = [
+                f"{label} {c[key]:.0f} %"
+                for key, label in (
+                    ("enqueue_pct", "enqueue"),
+                    ("batch_enqueue_pct", "batch enqueue"),
+                    ("drain_pct", "drain 1 process"),
+                )
+                if key in c
+            ]
+            if shares:
+                parts.append("  celeriac as a share of it: " + ", ".join(shares))
+            lines += parts
+        if "unbounded_drain_rate" in c:
+            lines.append(
+                f"{name}: the same with no prefetch window: enqueue "
+                f"{c['unbounded_enqueue_rate']:,.0f} tasks/s, drain "
+                f"{c['unbounded_drain_rate']:,.0f} tasks/s"
+            )
+        bench = {k[len("redis_benchmark_") :]: v for k, v in c.items()
+                 if k.startswith("redis_benchmark_")}  # fmt: skip
+        if bench:
+            lines.append(
+                f"{name}: redis-benchmark -t lpush,rpop: "
+                + ", ".join(
+                    f"{k.split('_')[0].upper()} {v:,.0f}/s ({k.split('_')[1][1:]} client"
+                    + ("s)" if not k.split("_")[1].endswith("c1") else ")")
+                    for k, v in bench.items()
+                )
+            )
+    return lines
+
+
 def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
     print()
     print("\n".join(table_lines(rows)))
+    ceilings = ceiling_summary(rows, results)
+    if ceilings:
+        print()
+        print("\n".join(ceiling_lines(ceilings)))
     print(
         "\nx Celery, x best peer: how many times better celeriac is (> 1: better; throughput"
         " divided, or time/latency/memory inverted); best peer = the best of the others,"
@@ -120,10 +224,16 @@ def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> No
         s = rec.get("settings")
         if s and s not in seen:
             seen.add(s)
-            print(f"  {rec['peer']:<9} {s}")
+            name = "ceiling" if rec["scenario"] == "ceiling" else rec["peer"]
+            print(f"  {name:<9} {s}")
 
 
-def write_chart(rows: list[dict[str, Any]], path: Path, facts: dict[str, Any]) -> str | None:
+def write_chart(
+    rows: list[dict[str, Any]],
+    path: Path,
+    facts: dict[str, Any],
+    ceilings: list[dict[str, Any]] | None = None,
+) -> str | None:
     """A grid of bar charts, one per cell's main metric; None, or why there is none."""
     try:
         import matplotlib
@@ -143,6 +253,12 @@ def write_chart(rows: list[dict[str, Any]], path: Path, facts: dict[str, Any]) -
         vals = [row["values"][p] for p in peers]
         colors = ["#d9534f" if p == "celeriac" else "#5b7db1" for p in peers]
         ax.bar(peers, vals, color=colors)
+        ceiling = next((c for c in ceilings or [] if c["broker"] == row["broker"]), None)
+        if ceiling and row["metric"] == "rate" and row["scenario"] in ("enqueue", "drain"):
+            key = "enqueue_rate" if row["scenario"] == "enqueue" else "drain_rate"
+            if key in ceiling and (row["scenario"] == "enqueue" or row["shape"] == "1 process"):
+                ax.axhline(ceiling[key], color="#444", linestyle="--", linewidth=1)
+                ax.text(0, ceiling[key], " pure-Rust ceiling", fontsize=7, va="bottom")
         scen = row["scenario"] + (f" {row['shape']}" if row["shape"] else "")
         ratio = f"  ({row['vs_celery']:.1f}x Celery)" if row["vs_celery"] else ""
         ax.set_title(f"{BROKER_NAMES[row['broker']]}: {scen}{ratio}", fontsize=9)

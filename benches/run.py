@@ -1,22 +1,36 @@
 """celeriac against Celery and the pure-Python queues, on Redis, RabbitMQ and SQLite.
 
-    python -m benches [-n 10000] [--repeats 3] [--brokers redis,amqp] [--peers celery,rq]
+    python -m benches [-n 10000] [--repeats 2] [--brokers redis,amqp] [--peers celery,rq]
                       [--scenarios enqueue,drain] [--json out.json]
 
 Every measurement runs in fresh processes on a fresh queue (or SQLite file) whose name is
 unique to it; its keys, queues and files are deleted before and after. Scenarios:
 
 - ``enqueue``: one process sends n no-op tasks, one call per task; the clock stops when
-  the broker holds all n (an asynchronous producer is charged for its writes);
+  the broker holds all n (an asynchronous producer is charged for its writes); and the
+  same through a batch API where there is one (celeriac's ``delay_many``, RQ's
+  ``enqueue_many``);
 - ``drain``: n no-ops queued (not timed) between two sentinel tasks that push the time they
   ran to a Redis list; one worker starts; the clock runs from its start to the second
   sentinel (no task pays for the measurement). Shapes: one process (solo), prefork -c 1,
-  prefork -c 2, threads -c 2;
-- ``io``: 1,000 tasks of ``time.sleep(0.1)`` (``asyncio.sleep`` for taskiq) with a
-  concurrency of 50; each counts itself done (one ``INCR``), the last pushes the time;
-- ``roundtrip``: sequential ``delay(i).get()``, p50/p90/p99 (celeriac and Celery);
+  prefork -c 2, threads -c 2, at the short-task prefetch window (``--prefetch``, 64:
+  Celery's docs advise a high ``worker_prefetch_multiplier`` for many short tasks); and
+  celeriac and Celery in one process at their default window;
+- ``io``: 1,000 tasks of ``time.sleep(0.1)`` (threads, prefork) or ``await
+  asyncio.sleep(0.1)`` (async: celeriac's ``async def`` tasks, taskiq) with a concurrency
+  of 50, sent to a worker that is up and idle (every prefork child started); each counts
+  itself done (one ``INCR``), the last pushes the time;
+- ``cpu``: 500 tasks of about 2 ms of hashing each (SHA-256 rounds, calibrated once
+  per run in this process), one process and ``-c 2`` processes; counted as ``io`` is;
+- ``roundtrip``: sequential ``delay(i).get()``, p50/p90/p99 (nearest-rank percentiles of
+  every call, as HdrHistogram reports them; celeriac and Celery);
 - ``memory``: PSS and RSS of the worker's processes (``/proc/PID/smaps_rollup``) once it
-  is idle and ready, and after it ran n tasks.
+  is idle and ready, and after it ran 100,000 tasks;
+- ``mixed``: the migration on Redis: a Celery client sends, a celeriac worker runs (drain
+  and round trip through Celery's ``AsyncResult``), against a Celery worker, same client;
+- ``ceiling``: the pure-Rust ceiling (``benches/ceiling.rs``, built once with cargo's
+  ``ci`` profile): the crate's own producer and consumer doing the broker work of n
+  no-ops with no Python; and ``redis-benchmark -t lpush,rpop`` where it is installed.
 
 Prints a table with ratios to Celery and to the best pure-Python peer, writes the raw
 numbers and the machine's facts to ``benches/results/bench-*.json`` and a bar chart next
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -51,19 +66,35 @@ if __package__ in (None, ""):  # `python benches/run.py`
 
 import redis  # noqa: E402
 
-from benches.peers import BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
-from benches.report import print_table, summarize, write_chart  # noqa: E402
+from benches.peers import BEST_PREFETCH, BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
+from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate  # noqa: E402
+from benches.report import ceiling_summary, print_table, summarize, write_chart  # noqa: E402
 
-SCENARIOS = ("enqueue", "drain", "io", "roundtrip", "memory")
+SCENARIOS = ("enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed")
 ALL_BROKERS = ("redis", "amqp", "sqlite")
 RESULTS_DIR = ROOT / "benches" / "results"
+#: the drain row of celeriac and Celery at their default prefetch window (4 per slot)
+DEFAULTS_SHAPE = "1 process, defaults"
+#: the mixed scenario's shapes (a Celery client; a celeriac or a Celery worker)
+MIXED_DRAIN, MIXED_ROUNDTRIP = "Celery client, drain 1 process", "Celery client, round trip"
 #: drain shapes: label -> (worker mode, concurrency)
 DRAIN_SHAPES = {
     "1 process": ("solo", 1),
+    DEFAULTS_SHAPE: ("solo", 1),
     "prefork -c 1": ("prefork", 1),
     "prefork -c 2": ("prefork", 2),
     "threads -c 2": ("threads", 2),
 }
+#: CPU-bound shapes: label -> (worker mode, concurrency)
+CPU_SHAPES = {"1 process": ("solo", 1), "prefork -c 2": ("prefork", 2)}
+#: peers with a batch enqueue API measured in the "batch API" enqueue cell
+BATCH_PEERS = ("celeriac", "rq")
+#: the ceiling run with no prefetch window (the other one has the worker's: 4)
+UNBOUNDED_CEILING = "pure Rust, no window"
+#: peers of the memory scenario by default: 100,000 tasks take Celery's worker 1-3 min on
+#: 2 cores, Dramatiq's and taskiq's 1-2 min each and RQ's 6: the default run keeps Huey,
+#: the fastest pure-Python one (``--mem-peers`` names others)
+MEM_PEERS = ("celeriac", "celery", "huey")
 
 
 class BenchError(Exception):
@@ -79,6 +110,8 @@ class Job:
     repeat: int
     mode: str = "solo"
     c: int = 1
+    prefetch: int = 0  # the worker's prefetch window per slot; 0: the peer's default
+    client_peer: str = ""  # the client's library when not the worker's (mixed)
 
 
 @dataclass
@@ -87,6 +120,8 @@ class Bench:
     args: argparse.Namespace
     r: redis.Redis
     tmp: Path
+    cpu_rounds: int = 0
+    ceiling_exe: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -100,9 +135,12 @@ class Bench:
             BENCH_REDIS_URL=self.args.redis_url,
             BENCH_AMQP_URL=self.args.amqp_url,
             BENCH_SQLITE=str(self.tmp / f"{queue}.sqlite3"),
+            BENCH_CPU_ROUNDS=str(self.cpu_rounds),
         )
         if job.peer in ("celeriac", "celery"):
             env["BENCH_IMPL"] = job.peer
+        if job.mode == "async" and job.scenario == "io":
+            env["BENCH_IO_ASYNC"] = "1"  # celeriac: the async def task
         return env
 
     def purge(self, job: Job, queue: str) -> None:
@@ -120,7 +158,7 @@ class Bench:
             _amqp_delete(self.args.amqp_url, [queue, f"{queue}.DQ", f"{queue}.XQ"])
 
     def client(self, job: Job, queue: str, *args: str, timeout: float) -> dict[str, Any]:
-        cmd = [self.python, "-m", "benches.client", job.peer, *args]
+        cmd = [self.python, "-m", "benches.client", job.client_peer or job.peer, *args]
         try:
             proc = subprocess.run(
                 cmd, cwd=ROOT, env=self.env(job, queue), stdin=subprocess.DEVNULL,
@@ -142,13 +180,14 @@ class Bench:
 
     @contextlib.contextmanager
     def worker(self, job: Job, queue: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-        spec = worker_spec(job.peer, self.python, queue, job.mode, job.c, job.broker)
+        spec = worker_spec(job.peer, self.python, queue, job.mode, job.c, job.broker, job.prefetch)
         if spec is None:
             raise BenchError(f"{job.peer} has no {job.mode} mode")
         argv = [self.args.redis_url if a == "$REDIS_URL" else a for a in spec.argv]
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(
-                argv, cwd=ROOT, env=self.env(job, queue), stdin=subprocess.DEVNULL,
+                argv, cwd=ROOT, env={**self.env(job, queue), **spec.env},
+                stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: children too
             )  # fmt: skip
@@ -179,10 +218,11 @@ class Bench:
 
     def enqueue(self, job: Job, queue: str) -> dict[str, Any]:
         n = self.args.n
-        return self.client(job, queue, "enqueue", "-n", str(n), timeout=60 + n / 100)
+        batch = ["--batch"] if job.shape == "batch API" else []
+        return self.client(job, queue, "enqueue", "-n", str(n), *batch, timeout=60 + n / 100)
 
     def drain(self, job: Job, queue: str, kind: str = "noop") -> dict[str, Any]:
-        n = self.args.io_n if kind == "io" else self.args.n
+        n = {"io": self.args.io_n, "cpu": self.args.cpu_n}.get(kind, self.args.n)
         marks = f"{queue}:marks"
         self.client(job, queue, "fill", "-n", str(n), "--marks", marks, "--kind", kind,
                     timeout=60 + n / 100)  # fmt: skip
@@ -194,25 +234,85 @@ class Bench:
             "startup_seconds": first - t_start, "run_seconds": last - first,
             "rate": n / (last - first),
         }  # fmt: skip
-        if kind == "io":
-            out["ideal_seconds"] = n * 0.1 / job.c
+        if kind in ("io", "cpu"):
+            task_seconds = IO_SLEEP if kind == "io" else CPU_SECONDS
+            out["ideal_seconds"] = n * task_seconds / job.c
             out["efficiency"] = out["ideal_seconds"] / out["run_seconds"]
+        if kind == "cpu":
+            out["cpu_rounds"] = self.cpu_rounds
         return out
 
     def io(self, job: Job, queue: str) -> dict[str, Any]:
-        return self.drain(job, queue, kind="io")
+        """The I/O-bound tasks, sent to a worker that is up and idle: it runs one sentinel,
+        then its processes' CPU time must stop growing (every prefork child started); the
+        clock runs from the client's first send to the n-th task done."""
+        n = self.args.io_n
+        marks = f"{queue}:marks"
+        t_start = time.time()
+        with self.worker(job, queue) as (proc, settings):
+            self.client(job, queue, "mark", "--marks", marks, timeout=60)
+            self.wait_marks(proc, marks, 1, 60)
+            _wait_idle(proc.pid, timeout=60)
+            t_ready = time.time()
+            self.client(job, queue, "fill", "-n", str(n), "--marks", marks, "--kind", "io",
+                        "--no-wait", "--clock", timeout=60 + n / 100)  # fmt: skip
+            first, last = self.wait_marks(proc, marks, 2, 60 + n / 50)
+        out = {
+            "n": n, "settings": settings, "startup_seconds": t_ready - t_start,
+            "run_seconds": last - first, "seconds": t_ready - t_start + last - first,
+            "rate": n / (last - first), "ideal_seconds": n * IO_SLEEP / job.c,
+        }  # fmt: skip
+        out["efficiency"] = out["ideal_seconds"] / out["run_seconds"]
+        return out
+
+    def mixed(self, job: Job, queue: str) -> dict[str, Any]:
+        """The migration: a Celery client sends, a celeriac (or a Celery) worker runs."""
+        if job.shape == MIXED_DRAIN:
+            return self.drain(job, queue)
+        return self.roundtrip(job, queue)
+
+    def cpu(self, job: Job, queue: str) -> dict[str, Any]:
+        return self.drain(job, queue, kind="cpu")
+
+    def ceiling(self, job: Job, queue: str) -> dict[str, Any]:
+        """The pure-Rust program (job.shape "pure Rust"), or redis-benchmark."""
+        if job.shape == "redis-benchmark":
+            return _redis_benchmark(self.args.redis_url, self.r)
+        if self.ceiling_exe is None:
+            raise BenchError("the ceiling program is not built (see the note above)")
+        url = self.args.redis_url if job.broker == "redis" else self.args.amqp_url
+        n = self.args.n
+        # The worker's window at -c 1 (the drain's prefetch multiplier), or none at all.
+        prefetch = 0 if job.shape == UNBOUNDED_CEILING else (self.args.prefetch or 4)
+        cmd = [self.ceiling_exe, "--url", url, "-n", str(n), "--queue", queue,
+               "--prefetch", str(prefetch)]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=60 + n / 100, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"the ceiling program timed out after {exc.timeout:.0f}s") from exc
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise BenchError(f"ceiling exited {proc.returncode}:\n{_tail(proc.stderr)}")
+        out: dict[str, Any] = json.loads(lines[-1])
+        window = f"prefetch {prefetch}" if prefetch else "no prefetch limit"
+        out["settings"] = f"benches/ceiling.rs (cargo profile ci), {window}"
+        return out
 
     def roundtrip(self, job: Job, queue: str) -> dict[str, Any]:
-        calls = self.args.calls
+        # The mixed scenario's round trips: half as many (the run's time budget).
+        calls = self.args.calls if job.scenario != "mixed" else max(10, self.args.calls // 2)
         with self.worker(job, queue) as (proc, settings):
             out = self.client(job, queue, "roundtrip", "-n", str(calls), timeout=120 + calls)
             if proc.poll() is not None:
                 raise BenchError(f"worker exited with code {proc.returncode}")
-        lat = out.pop("latencies_ms")
-        q = statistics.quantiles(lat, n=1000, method="inclusive")
+        lat = sorted(out.pop("latencies_ms"))
         out.update(
-            settings=settings, p50_ms=q[499], p90_ms=q[899], p99_ms=q[989],
-            mean_ms=statistics.fmean(lat), max_ms=max(lat),
+            settings=settings,
+            p50_ms=percentile(lat, 50), p90_ms=percentile(lat, 90),
+            p99_ms=percentile(lat, 99), p999_ms=percentile(lat, 99.9),
+            mean_ms=statistics.fmean(lat), min_ms=lat[0], max_ms=lat[-1],
+            distribution_ms={str(p): percentile(lat, p) for p in PERCENTILES},
         )  # fmt: skip
         return out
 
@@ -259,6 +359,76 @@ class Bench:
 
 # -- helpers ---------------------------------------------------------------------------------
 
+#: the percentiles kept in the JSON for every round-trip run
+PERCENTILES = (0, 25, 50, 75, 90, 95, 99, 99.9, 100)
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    """The value at percentile ``p`` of the sorted ``ordered``, as HdrHistogram's
+    ``getValueAtPercentile`` defines it (with no bucketing): the smallest recorded value
+    that at least ``p`` % of all values are less than or equal to (nearest rank)."""
+    if not ordered:
+        raise ValueError("no values")
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _redis_benchmark(url: str, r: redis.Redis) -> dict[str, Any]:
+    """``redis-benchmark -t lpush,rpop``: with one client (one command at a time, the
+    bound of a consumer that waits for each reply) and with its default 50 clients."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise BenchError("redis-benchmark is not installed (it ships with redis-server)")
+    kw = r.connection_pool.connection_kwargs
+    host, port, db = str(kw.get("host", "127.0.0.1")), str(kw.get("port", 6379)), kw.get("db", 0)
+    if r.exists("mylist"):
+        raise BenchError("Redis already has a key 'mylist' (redis-benchmark's); not touching it")
+    out: dict[str, Any] = {"settings": "redis-benchmark -t lpush,rpop -n 50000 -q --csv"}
+    try:
+        for clients in (1, 50):
+            cmd = [exe, "-h", host, "-p", port, "--dbnum", str(db), "-t", "lpush,rpop",
+                   "-n", "50000", "-c", str(clients), "-q", "--csv"]  # fmt: skip
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                                      check=False)  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError("redis-benchmark timed out") from exc
+            if proc.returncode != 0:
+                raise BenchError(f"redis-benchmark exited {proc.returncode}: {proc.stderr}")
+            for line in proc.stdout.splitlines():
+                cells = [c.strip('"') for c in line.split(",")]
+                if len(cells) >= 2 and cells[0] in ("LPUSH", "RPOP"):
+                    with contextlib.suppress(ValueError):
+                        out[f"{cells[0].lower()}_c{clients}_rate"] = float(cells[1])
+    finally:
+        r.delete("mylist")
+    if not any(k.endswith("_rate") for k in out):
+        raise BenchError("redis-benchmark printed no LPUSH/RPOP figures")
+    return out
+
+
+def build_ceiling() -> tuple[str | None, str | None]:
+    """Build ``benches/ceiling.rs`` with cargo's ``ci`` profile: (executable, None) or
+    (None, why not). Cargo skips the work when nothing changed."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        return None, "cargo is not installed"
+    cmd = [cargo, "build", "--profile", "ci", "--bench", "ceiling", "--message-format=json"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                              check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"cargo build failed: {exc}"
+    exe = None
+    for line in proc.stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            msg = json.loads(line)
+            if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "ceiling":
+                exe = msg.get("executable") or exe
+    if proc.returncode != 0 or exe is None:
+        return None, f"cargo build --bench ceiling exited {proc.returncode}:\n{_tail(proc.stderr)}"
+    return exe, None
+
 
 def _amqp_delete(url: str, queues: list[str]) -> None:
     import amqp  # type: ignore[import-untyped]
@@ -277,6 +447,37 @@ def _amqp_delete(url: str, queues: list[str]) -> None:
             ch = conn.channel() if not ch.is_open else ch
             with contextlib.suppress(amqp.exceptions.AMQPError):
                 ch.exchange_delete(name)
+
+
+def _group_cpu(pgid: int) -> tuple[int, float]:
+    """(processes, CPU seconds used so far) of the process group ``pgid``."""
+    count, ticks = 0, 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # field 5: pgrp; 14, 15: utime, stime
+            count += 1
+            ticks += int(fields[11]) + int(fields[12])
+    return count, ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_idle(pgid: int, timeout: float, window: float = 0.5, busy: float = 0.1) -> None:
+    """Wait until the worker's processes use under ``busy`` of a core over ``window``
+    seconds with their number unchanged: every child forked and done starting."""
+    deadline = time.monotonic() + timeout
+    before = _group_cpu(pgid)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = _group_cpu(pgid)
+        if now[0] == before[0] and now[1] - before[1] < busy * window:
+            return
+        before = now
+    raise BenchError(f"the worker was still busy starting after {timeout:.0f}s")
 
 
 def _group_memory(pgid: int) -> dict[str, Any]:
@@ -329,11 +530,20 @@ def _brief(rec: dict[str, Any]) -> str:
     scen = rec["scenario"]
     if scen == "enqueue":
         return f"{rec['rate']:>10,.0f} tasks/s"
-    if scen in ("drain", "io"):
+    if scen in ("drain", "io") or (scen == "mixed" and "rate" in rec):
         extra = f", {rec['efficiency']:.0%} of ideal" if scen == "io" else ""
         return (
             f"{rec['rate']:>10,.0f} tasks/s after start-up ({rec['startup_seconds']:.2f} s){extra}"
         )
+    if scen == "cpu":
+        return f"{rec['run_seconds']:>7.2f} s after start-up, {rec['efficiency']:.0%} of ideal"
+    if scen == "ceiling":
+        if "drain_rate" in rec:
+            return (
+                f"enqueue {rec['enqueue_rate']:>9,.0f} tasks/s, "
+                f"drain {rec['drain_rate']:>9,.0f} tasks/s"
+            )
+        return ", ".join(f"{k[:-5]} {v:,.0f}/s" for k, v in rec.items() if k.endswith("_rate"))
     if scen == "memory":
         return (
             f"PSS idle {rec['idle_pss_mb']:.1f} MB, after {rec['n']:,} tasks "
@@ -432,10 +642,24 @@ def amqp_up(url: str) -> str | None:
 # -- the plan --------------------------------------------------------------------------------
 
 
+def ceiling_jobs(args: argparse.Namespace, broker: str, on: list[str], rep: int) -> list[Job]:
+    """The pure-Rust ceiling (with the drain's window and with none) and redis-benchmark."""
+    if rep >= args.extra_repeats or broker not in ("redis", "amqp"):
+        return []
+    jobs = []
+    if "celeriac" in on:
+        jobs.append(Job(broker, "ceiling", "pure Rust", "celeriac", rep))
+        jobs.append(Job(broker, "ceiling", UNBOUNDED_CEILING, "celeriac", rep))
+    if broker == "redis":
+        jobs.append(Job(broker, "ceiling", "redis-benchmark", "redis", rep))
+    return jobs
+
+
 def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list[Job]:
     """Every measurement of the run, in order: repeat by repeat, scenario by scenario, the
     peers alternating their order between repeats to spread any drift."""
     jobs: list[Job] = []
+    best = args.prefetch  # the short no-op tasks' prefetch window (0: each peer's default)
     for rep in range(args.repeats):
         order = peers if rep % 2 == 0 else peers[::-1]
         for broker in brokers:
@@ -443,6 +667,12 @@ def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list
             for scenario in args.scenarios:
                 if scenario == "enqueue":
                     jobs += [Job(broker, "enqueue", "", p, rep) for p in on]
+                    if broker == "redis":
+                        jobs += [
+                            Job(broker, "enqueue", "batch API", p, rep)
+                            for p in on
+                            if p in BATCH_PEERS
+                        ]
                 elif scenario == "drain":
                     for label, (mode, c) in DRAIN_SHAPES.items():
                         if label != "1 process" and (
@@ -451,12 +681,20 @@ def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list
                             continue
                         if args.no_prefork and mode == "prefork":
                             continue
+                        if label == DEFAULTS_SHAPE and not best:
+                            continue  # the "1 process" row has the defaults already
                         jobs += [
-                            Job(broker, "drain", label, p, rep, mode, c)
+                            Job(broker, "drain", label, p, rep, mode, c,
+                                prefetch=0 if label == DEFAULTS_SHAPE else best)
                             for p in on
                             if worker_spec(p, "python", "q", mode, c, broker) is not None
-                            and (label != "prefork -c 1" or p in ("celeriac", "celery"))
-                        ]
+                            and (label not in ("prefork -c 1", DEFAULTS_SHAPE)
+                                 or p in ("celeriac", "celery"))
+                        ]  # fmt: skip
+                        if label == "1 process" and "ceiling" in args.scenarios:
+                            # Right after the drain it bounds: on a busy machine, cells
+                            # measured minutes apart differ more than side by side.
+                            jobs += ceiling_jobs(args, broker, on, rep)
                 elif scenario == "io":
                     if broker != "redis" or rep >= args.extra_repeats:
                         continue
@@ -470,19 +708,57 @@ def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list
                             if worker_spec(p, "python", "q", mode, args.io_c, broker) is not None
                             and (mode != "prefork" or p in ("celeriac", "celery"))
                         ]
-                elif scenario == "roundtrip":
+                elif scenario == "cpu":
+                    if broker != "redis" or rep >= args.extra_repeats:
+                        continue
+                    for label, (mode, c) in CPU_SHAPES.items():
+                        if args.no_prefork and mode == "prefork":
+                            continue
+                        jobs += [
+                            Job(broker, "cpu", label, p, rep, mode, c)
+                            for p in on
+                            if worker_spec(p, "python", "q", mode, c, broker) is not None
+                        ]
+                elif scenario == "ceiling" and "drain" not in args.scenarios:
+                    jobs += ceiling_jobs(args, broker, on, rep)
+                elif scenario == "mixed":
+                    # Celery's client sends; a celeriac worker, then a Celery one, runs.
+                    if broker != "redis" or rep >= args.extra_repeats or "celery" not in on:
+                        continue
                     jobs += [
-                        Job(broker, "roundtrip", "", p, rep)
+                        Job(broker, "mixed", shape, p, rep, prefetch=best, client_peer="celery")
+                        for shape in (MIXED_DRAIN, MIXED_ROUNDTRIP)
                         for p in on
                         if p in ("celeriac", "celery")
+                    ]
+                elif scenario == "roundtrip":
+                    # Not Celery on SQLite: kombu's SQLAlchemy transport polls once a
+                    # second, so 2,000 calls would take over half an hour.
+                    jobs += [
+                        Job(broker, "roundtrip", "", p, rep, prefetch=best)
+                        for p in on
+                        if p in ("celeriac", "celery") and (broker, p) != ("sqlite", "celery")
                     ]
                 elif scenario == "memory":
                     if broker != "redis" or rep >= args.extra_repeats:
                         continue
-                    jobs += [Job(broker, "memory", "1 process", p, rep) for p in on]
-                    if not args.no_prefork:
+                    jobs += [
+                        Job(broker, "memory", "1 process", p, rep, prefetch=best)
+                        for p in on
+                        if p in args.mem_peers
+                    ]
+                    if args.mem_prefork and not args.no_prefork:
                         jobs += [
-                            Job(broker, "memory", "prefork -c 1", p, rep, "prefork", 1)
+                            Job(
+                                broker,
+                                "memory",
+                                "prefork -c 1",
+                                p,
+                                rep,
+                                "prefork",
+                                1,
+                                prefetch=best,
+                            )
                             for p in on
                             if p in ("celeriac", "celery")
                         ]
@@ -508,15 +784,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benches",
         description="celeriac against Celery and pure-Python task queues.",
     )
-    p.add_argument("-n", type=int, default=10_000, help="tasks for enqueue and drain (10000)")
+    p.add_argument("-n", type=int, default=5_000,
+                   help="tasks for enqueue, drain and the ceiling (5000)")  # fmt: skip
     p.add_argument("--calls", type=int, default=2_000, help="round-trip calls (2000)")
+    p.add_argument(
+        "--prefetch", type=int, default=BEST_PREFETCH,
+        help=f"prefetch window per slot for the no-op tasks (drain, round trip, memory, "
+        f"mixed, the ceiling): celeriac's and Celery's --prefetch-multiplier, Dramatiq's "
+        f"dramatiq_queue_prefetch, taskiq's --max-prefetch ({BEST_PREFETCH}, as Celery's "
+        f"docs advise for short tasks; 0: every peer's default)",
+    )  # fmt: skip
     p.add_argument("--io-n", type=int, default=1_000, help="I/O-bound tasks (1000)")
     p.add_argument("--io-c", type=int, default=50, help="I/O-bound concurrency (50)")
-    p.add_argument("--mem-n", type=int, default=10_000, help="tasks before the memory reading")
-    p.add_argument("--repeats", type=int, default=2, help="repeats of the main cells (2)")
+    p.add_argument("--cpu-n", type=int, default=500, help="CPU-bound tasks (500)")
+    p.add_argument("--mem-n", type=int, default=100_000,
+                   help="tasks before the second memory reading (100000)")  # fmt: skip
+    p.add_argument("--mem-peers", type=_csv(PEERS), default=list(MEM_PEERS),
+                   help=f"peers of the memory scenario ({','.join(MEM_PEERS)}: the others "
+                   "need minutes to run 100,000 tasks)")  # fmt: skip
+    p.add_argument("--mem-prefork", action="store_true",
+                   help="memory: also prefork -c 1 (celeriac, Celery)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1, help="repeats of the main cells (1)")
     p.add_argument(
         "--extra-repeats", type=int, default=1,
-        help="repeats of the -c 2, io and memory cells (1)",
+        help="repeats of the -c 2, io, cpu, memory and ceiling cells (1)",
     )  # fmt: skip
     p.add_argument("--peers", type=_csv(PEERS), default=list(PEERS),
                    help=f"comma-separated ({','.join(PEERS)})")  # fmt: skip
@@ -538,8 +829,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scenarios = args.only
     if args.impl:
         args.peers = args.impl
-    if min(args.n, args.io_n, args.mem_n, args.io_c, args.repeats) < 1 or args.calls < 10:
-        p.error("need -n, --io-n, --mem-n, --io-c, --repeats >= 1 and --calls >= 10")
+    if min(args.n, args.io_n, args.cpu_n, args.mem_n, args.io_c, args.repeats) < 1:
+        p.error("need -n, --io-n, --cpu-n, --mem-n, --io-c, --repeats >= 1")
+    if args.prefetch < 0:
+        p.error("need --prefetch >= 0")
+    if args.calls < 10:
+        p.error("need --calls >= 10")
     if args.extra_repeats < 0:
         p.error("need --extra-repeats >= 0 (0: no -c 2, io and memory cells)")
     return args
@@ -575,8 +870,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     jobs = plan(args, peers, brokers)
     started = time.time()
+    cpu_rounds = 0
+    if "cpu" in args.scenarios:
+        cpu_rounds = calibrate()
+        facts["cpu_task_rounds"] = cpu_rounds
+        print(f"CPU-bound task: {cpu_rounds:,} SHA-256 rounds = {CPU_SECONDS * 1000:.0f} ms here")
+    ceiling_exe = None
+    if any(job.shape == "pure Rust" for job in jobs):
+        print("building the pure-Rust ceiling (cargo build --profile ci --bench ceiling) ...",
+              flush=True)  # fmt: skip
+        t_build = time.time()
+        ceiling_exe, problem = build_ceiling()
+        if problem is not None:
+            print(f"note: no pure-Rust ceiling: {problem}")
+            skipped["ceiling"] = problem
+        facts["ceiling_build_seconds"] = time.time() - t_build
     with tempfile.TemporaryDirectory(prefix="celeriac-bench-") as tmp:
-        bench = Bench(python=python, args=args, r=r, tmp=Path(tmp))
+        bench = Bench(python=python, args=args, r=r, tmp=Path(tmp), cpu_rounds=cpu_rounds,
+                      ceiling_exe=ceiling_exe)  # fmt: skip
         for i, job in enumerate(jobs, 1):
             elapsed = time.time() - started
             bar = _bar(i - 1, len(jobs))
@@ -585,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
             cell = f"{job.broker:<6} {job.scenario:<9} {job.shape:<14} {job.peer:<9}"
             print(f"{cell} {_brief(rec)}", flush=True)
     rows = summarize(bench.results)
+    ceilings = ceiling_summary(rows, bench.results)
     print_table(rows, bench.results)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = args.json or RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -599,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "machine": facts,
         "summary": rows,
+        "ceiling": ceilings,
         "runs": bench.results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nraw results: {out}")
     if not args.no_chart:
         png = out.with_suffix(".png")
-        problem = write_chart(rows, png, facts)
+        problem = write_chart(rows, png, facts, ceilings)
         print(f"chart: {png}" if problem is None else f"no chart: {problem}")
     print(f"took {(time.time() - started) / 60:.1f} min")
     failed = [rec for rec in bench.results if not rec["ok"]]

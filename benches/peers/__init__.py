@@ -12,12 +12,12 @@ Worker modes (the same shape for every peer, each at its documented settings):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: brokers each peer is measured on
 BROKERS = {
     "celeriac": ("redis", "amqp", "sqlite"),
-    "celery": ("redis", "amqp"),
+    "celery": ("redis", "amqp", "sqlite"),
     "dramatiq": ("redis", "amqp"),
     "rq": ("redis",),
     "huey": ("redis", "sqlite"),
@@ -35,24 +35,40 @@ DISTRIBUTIONS = {
 PEERS = tuple(BROKERS)
 
 
+#: the prefetch window per process slot for short tasks: Celery's "Optimizing" guide
+#: advises a large ``worker_prefetch_multiplier`` ("say 64, or 128") for many short tasks
+BEST_PREFETCH = 64
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     argv: list[str]
     settings: str  # how it was run, for the table's notes
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables
 
 
 def worker_spec(
-    peer: str, python: str, queue: str, mode: str, c: int, broker: str
+    peer: str, python: str, queue: str, mode: str, c: int, broker: str, prefetch: int = 0
 ) -> WorkerSpec | None:
     """The worker's command line for ``mode`` with concurrency ``c``, or None if the peer
-    has no such mode."""
+    has no such mode. ``prefetch``: the prefetch window per slot (celeriac's and Celery's
+    ``--prefetch-multiplier``, Dramatiq's ``dramatiq_queue_prefetch``, taskiq's
+    ``--max-prefetch``); 0 keeps each peer's default."""
     if peer == "celeriac":
-        pool = "solo" if mode == "solo" else mode
+        pool = "solo" if mode in ("solo", "async") else mode
         if pool not in ("solo", "prefork", "threads"):
             return None
         argv = [python, "-m", "celeriac", "-A", "benches.app", "worker", "-P", pool,
-                "-c", str(c), "-Q", queue, "-l", "warning"]  # fmt: skip
-        return WorkerSpec(argv, f"celeriac worker -P {pool} -c {c}")
+                "-c", str(1 if mode == "async" else c), "-Q", queue, "-l", "warning"]  # fmt: skip
+        env = {}
+        settings = f"celeriac worker -P {pool} -c {1 if mode == 'async' else c}"
+        if mode == "async":  # async def tasks, c at once on the process's event loop
+            env["BENCH_ASYNC_CONCURRENCY"] = str(c)
+            settings += f", worker_async_concurrency={c} (async def tasks)"
+        if prefetch:
+            argv += ["--prefetch-multiplier", str(prefetch)]
+            settings += f" --prefetch-multiplier {prefetch}"
+        return WorkerSpec(argv, settings, env)
     if peer == "celery":
         pool = "solo" if mode == "solo" else mode
         if pool not in ("solo", "prefork", "threads"):
@@ -61,10 +77,15 @@ def worker_spec(
         argv = [python, "-m", "celery", "-A", "benches.app", "worker", "--pool", pool,
                 "-c", str(c), "-Q", queue, "-l", "warning", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
-        transport = "py-amqp" if broker == "amqp" else broker
+        transport = {"amqp": "py-amqp", "sqlite": "sqla+sqlite, SQLAlchemy"}.get(broker, broker)
+        window = ""
+        if prefetch:
+            argv += ["--prefetch-multiplier", str(prefetch)]
+            window = f" --prefetch-multiplier {prefetch}"
         return WorkerSpec(
             argv,
-            f"celery worker --pool {pool} -c {c} --without-gossip/mingle/heartbeat ({transport})",
+            f"celery worker --pool {pool} -c {c}{window} --without-gossip/mingle/heartbeat"
+            f" ({transport})",
         )
     if peer == "dramatiq":
         # One thread prefetches 2 messages and drains ~8x slower than dramatiq's default of
@@ -75,7 +96,12 @@ def worker_spec(
         argv = [python, "-m", "dramatiq", "benches.peers.dramatiq_peer",
                 "--processes", str(shape[0]), "--threads", str(shape[1]), "-Q",
                 queue if broker == "amqp" else "default"]  # fmt: skip
-        return WorkerSpec(argv, f"dramatiq --processes {shape[0]} --threads {shape[1]}")
+        settings = f"dramatiq --processes {shape[0]} --threads {shape[1]}"
+        env = {}
+        if prefetch:  # default: 2 per thread
+            env["dramatiq_queue_prefetch"] = str(prefetch)
+            settings += f", dramatiq_queue_prefetch={prefetch}"
+        return WorkerSpec(argv, settings, env)
     if peer == "rq":
         if mode != "solo":
             return None
@@ -102,7 +128,12 @@ def worker_spec(
         argv = [python, "-m", "taskiq", "worker", "benches.peers.taskiq_peer:broker",
                 "--workers", str(workers), "--max-async-tasks", str(tasks),
                 "--log-level", "WARNING"]  # fmt: skip
+        window = ""
+        if prefetch:  # default: 0 beyond --max-async-tasks
+            argv += ["--max-prefetch", str(prefetch)]
+            window = f" --max-prefetch {prefetch}"
         return WorkerSpec(
-            argv, f"taskiq worker --workers {workers} --max-async-tasks {tasks} (async tasks)"
+            argv,
+            f"taskiq worker --workers {workers} --max-async-tasks {tasks}{window} (async tasks)",
         )
     raise ValueError(f"unknown peer {peer!r}")

@@ -17,11 +17,16 @@ under 1 % of their 100 ms).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import time
 from typing import Any
+
+# Imported here, in the worker's parent, by every peer's app module alike: a prefork child
+# then does not import the side channel's client at its first task (~0.2 s of CPU each).
+import redis
 
 BROKER = os.environ.get("BENCH_BROKER", "redis")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
@@ -31,6 +36,9 @@ SQLITE_PATH = os.environ.get("BENCH_SQLITE", f"/tmp/{QUEUE}.sqlite3")
 
 #: the I/O-bound task's sleep, seconds
 IO_SLEEP = 0.1
+#: the CPU-bound task's work, seconds (calibrated once per run: ``BENCH_CPU_ROUNDS``)
+CPU_SECONDS = 0.002
+CPU_ROUNDS = int(os.environ.get("BENCH_CPU_ROUNDS", "0") or 0)
 
 _redis: Any = None
 _redis_pid = 0
@@ -40,8 +48,6 @@ def side_redis() -> Any:
     """A Redis client for the side channel, made in the process that uses it (after a fork)."""
     global _redis, _redis_pid
     if _redis is None or _redis_pid != os.getpid():
-        import redis
-
         _redis = redis.Redis.from_url(REDIS_URL)
         _redis_pid = os.getpid()
     return _redis
@@ -57,6 +63,37 @@ def count_done(key: str, n: int) -> None:
     r = side_redis()
     if int(r.incr(f"{key}:count")) == n:
         r.rpush(key, repr(time.time()))
+
+
+def burn(rounds: int = 0) -> bytes:
+    """The CPU-bound task's body: ``rounds`` chained SHA-256 of 32 bytes (Python code
+    holding the GIL all along: ``hashlib`` only releases it for inputs over 2 KiB)."""
+    digest = b"celeriac-bench-cpu-bound-task-32"
+    sha256 = hashlib.sha256
+    for _ in range(rounds or CPU_ROUNDS):
+        digest = sha256(digest).digest()
+    return digest
+
+
+def calibrate(seconds: float = CPU_SECONDS) -> int:
+    """How many rounds of :func:`burn` take ``seconds`` here (best of a few tries, so a
+    busy moment makes the task shorter, not longer)."""
+    probe = 2000
+    burn(probe)  # warm-up
+    best = min(_timed(probe) for _ in range(7))
+    return max(1, round(seconds * probe / best))
+
+
+def _timed(rounds: int) -> float:
+    t0 = time.perf_counter()
+    burn(rounds)
+    return time.perf_counter() - t0
+
+
+def cpu_task(key: str, n: int) -> None:
+    """The CPU-bound task: about ``CPU_SECONDS`` of hashing, then count it done."""
+    burn()
+    count_done(key, n)
 
 
 def redis_length(key: str) -> int:

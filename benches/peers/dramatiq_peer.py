@@ -19,6 +19,7 @@ from benches.peers.common import (
     REDIS_URL,
     amqp_length,
     count_done,
+    cpu_task,
     redis_length,
 )
 from benches.peers.common import mark as _mark
@@ -54,6 +55,11 @@ def io(key: str, n: int) -> None:
     count_done(key, n)
 
 
+@dramatiq.actor(queue_name=QUEUE_NAME, max_retries=0)
+def cpu(key: str, n: int) -> None:
+    cpu_task(key, n)
+
+
 def start() -> None:
     pass
 
@@ -73,6 +79,10 @@ def send_mark(key: str) -> None:
 
 def send_io(key: str, n: int) -> None:
     io.send(key, n)
+
+
+def send_cpu(key: str, n: int) -> None:
+    cpu.send(key, n)
 
 
 def pending() -> int:

@@ -17,6 +17,7 @@ from benches.peers.common import (
     REDIS_URL,
     SQLITE_PATH,
     count_done,
+    cpu_task,
 )
 from benches.peers.common import mark as _mark
 
@@ -44,6 +45,11 @@ def io(key: str, n: int) -> None:
     count_done(key, n)
 
 
+@huey.task()  # type: ignore[untyped-decorator]
+def cpu(key: str, n: int) -> None:
+    cpu_task(key, n)
+
+
 def start() -> None:
     pass
 
@@ -63,6 +69,10 @@ def send_mark(key: str) -> None:
 
 def send_io(key: str, n: int) -> None:
     io(key, n)
+
+
+def send_cpu(key: str, n: int) -> None:
+    cpu(key, n)
 
 
 def pending() -> int:

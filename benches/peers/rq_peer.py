@@ -12,7 +12,7 @@ import time
 from redis import Redis
 from rq import Queue
 
-from benches.peers.common import IO_SLEEP, QUEUE, REDIS_URL, count_done
+from benches.peers.common import IO_SLEEP, QUEUE, REDIS_URL, count_done, cpu_task
 from benches.peers.common import mark as _mark
 
 _queue: Queue | None = None
@@ -29,6 +29,10 @@ def mark(key: str) -> None:
 def io(key: str, n: int) -> None:
     time.sleep(IO_SLEEP)
     count_done(key, n)
+
+
+def cpu(key: str, n: int) -> None:
+    cpu_task(key, n)
 
 
 def _q() -> Queue:
@@ -52,12 +56,22 @@ def send_noops(n: int) -> None:
         q.enqueue(noop, result_ttl=0)
 
 
+def send_noops_batch(n: int) -> None:
+    """``Queue.enqueue_many``: every job in one Redis pipeline."""
+    q = _q()
+    q.enqueue_many([Queue.prepare_data(noop, result_ttl=0) for _ in range(n)])
+
+
 def send_mark(key: str) -> None:
     _q().enqueue(mark, key, result_ttl=0)
 
 
 def send_io(key: str, n: int) -> None:
     _q().enqueue(io, key, n, result_ttl=0)
+
+
+def send_cpu(key: str, n: int) -> None:
+    _q().enqueue(cpu, key, n, result_ttl=0)
 
 
 def pending() -> int:

@@ -12,7 +12,15 @@ from typing import Any
 
 from taskiq_redis import ListQueueBroker
 
-from benches.peers.common import BROKER, IO_SLEEP, QUEUE, REDIS_URL, count_done, redis_length
+from benches.peers.common import (
+    BROKER,
+    IO_SLEEP,
+    QUEUE,
+    REDIS_URL,
+    count_done,
+    cpu_task,
+    redis_length,
+)
 from benches.peers.common import mark as _mark
 
 if BROKER != "redis":
@@ -35,6 +43,11 @@ async def mark(key: str) -> None:
 async def io(key: str, n: int) -> None:
     await asyncio.sleep(IO_SLEEP)
     await asyncio.to_thread(count_done, key, n)
+
+
+@broker.task(task_name="bench.cpu")
+async def cpu(key: str, n: int) -> None:
+    cpu_task(key, n)  # blocks the event loop, as CPU-bound work in an async task does
 
 
 _loop = asyncio.new_event_loop()
@@ -67,6 +80,10 @@ def send_mark(key: str) -> None:
 
 def send_io(key: str, n: int) -> None:
     _run(io.kiq(key, n))
+
+
+def send_cpu(key: str, n: int) -> None:
+    _run(cpu.kiq(key, n))
 
 
 def pending() -> int:

@@ -60,20 +60,116 @@ impl Producer {
         queue: String,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
-        if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
-            return Err(PyTypeError::new_err(format!(
-                "task args must be a list or tuple, not {}",
-                args.get_type().name()?
-            )));
+        let template = self.template(name, options)?;
+        let message = template.into_message(task_id, args, kwargs, queue)?;
+        self.inner.publish(message)?;
+        Ok(())
+    }
+
+    /// Many messages of one task in one call: each item is `(task_id, args, kwargs)`
+    /// (`task_id` None: a new one) or `(task_id, args, kwargs, queue, options)` (its
+    /// own route and options). Every message is encoded before any is published, so a
+    /// bad item raises and nothing is sent. Returns the task ids, in order.
+    #[pyo3(signature = (name, items, queue, options = None))]
+    fn send_many(
+        &self,
+        py: Python<'_>,
+        name: String,
+        items: &Bound<'_, PyAny>,
+        queue: String,
+        options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<String>> {
+        let items = items.cast::<PyList>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "send_many() items must be a list, not {}",
+                items
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let shared = self.template(name.clone(), options)?;
+        let mut messages = Vec::with_capacity(items.len());
+        let mut ids = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let built = (|| -> PyResult<OutgoingMessage> {
+                let item = item
+                    .cast::<PyTuple>()
+                    .map_err(|_| PyTypeError::new_err("a send_many() item must be a tuple"))?;
+                let task_id = match item.len() {
+                    3 | 5 => optional_string("task_id", &item.get_item(0)?)?
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    n => {
+                        return Err(PyTypeError::new_err(format!(
+                            "a send_many() item must have 3 or 5 parts, not {n}"
+                        )))
+                    }
+                };
+                ids.push(task_id.clone());
+                let (args, kwargs) = (item.get_item(1)?, item.get_item(2)?);
+                if item.len() == 3 {
+                    return shared.build(task_id, &args, &kwargs, queue.clone());
+                }
+                let own_queue: String = item.get_item(3)?.extract().map_err(|_| {
+                    PyTypeError::new_err("a send_many() item's queue must be a string")
+                })?;
+                let own_options = item.get_item(4)?;
+                let own_options = if own_options.is_none() {
+                    None
+                } else {
+                    Some(own_options.cast_into::<PyDict>().map_err(|_| {
+                        PyTypeError::new_err("a send_many() item's options must be a dict")
+                    })?)
+                };
+                self.template(name.clone(), own_options.as_ref())?
+                    .build(task_id, &args, &kwargs, own_queue)
+            })();
+            match built {
+                Ok(message) => messages.push(message),
+                Err(err) => {
+                    let text = format!("item {index}: {}", err.value(py));
+                    let again = PyErr::from_type(err.get_type(py), text);
+                    again.set_cause(py, Some(err));
+                    return Err(again);
+                }
+            }
         }
-        if !kwargs.is_instance_of::<PyDict>() {
-            return Err(PyTypeError::new_err(format!(
-                "task kwargs must be a dict, not {}",
-                kwargs.get_type().name()?
-            )));
+        for message in messages {
+            self.inner.publish(message)?;
         }
-        let mut headers = TaskHeaders::new(name, task_id.clone(), self.origin.clone());
-        let mut properties = TaskProperties::json(task_id, self.reply_to.clone());
+        Ok(ids)
+    }
+
+    #[pyo3(signature = (timeout = 10.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = duration("timeout", timeout)?;
+        py.detach(|| runtime::handle().block_on(self.inner.flush(timeout)))?;
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// What every message of one `send`/`send_many` call shares: the options applied to
+/// headers and properties (the id-dependent fields are set per message by `build`).
+struct Template {
+    headers: TaskHeaders,
+    properties: TaskProperties,
+    exchange: String,
+    routing_key: Option<String>,
+    embed: Vec<u8>,
+    /// Whether the caller set these, else they follow the task id.
+    root_id_given: bool,
+    correlation_id_given: bool,
+}
+
+impl Producer {
+    fn template(&self, name: String, options: Option<&Bound<'_, PyDict>>) -> PyResult<Template> {
+        let mut headers = TaskHeaders::new(name, String::new(), self.origin.clone());
+        let mut properties = TaskProperties::json(String::new(), self.reply_to.clone());
         let mut exchange = String::new();
         let mut routing_key = None;
         let mut embed = Embed::default();
@@ -93,6 +189,86 @@ impl Producer {
                 )?;
             }
         }
+        let mut embedded = Vec::new();
+        embed.write(&mut embedded);
+        Ok(Template {
+            root_id_given: !headers.root_id.is_empty(),
+            correlation_id_given: !properties.correlation_id.is_empty(),
+            headers,
+            properties,
+            exchange,
+            routing_key,
+            embed: embedded,
+        })
+    }
+}
+
+impl Template {
+    /// The message for one task id and its arguments (checked and encoded here).
+    fn build(
+        &self,
+        task_id: String,
+        args: &Bound<'_, PyAny>,
+        kwargs: &Bound<'_, PyAny>,
+        queue: String,
+    ) -> PyResult<OutgoingMessage> {
+        self.assemble(
+            self.headers.clone(),
+            self.properties.clone(),
+            task_id,
+            args,
+            kwargs,
+            queue,
+        )
+    }
+
+    /// `build` for the template's only message: its headers move, not copied.
+    fn into_message(
+        mut self,
+        task_id: String,
+        args: &Bound<'_, PyAny>,
+        kwargs: &Bound<'_, PyAny>,
+        queue: String,
+    ) -> PyResult<OutgoingMessage> {
+        let headers = std::mem::replace(
+            &mut self.headers,
+            TaskHeaders::new(String::new(), String::new(), String::new()),
+        );
+        let properties = std::mem::replace(
+            &mut self.properties,
+            TaskProperties::json(String::new(), String::new()),
+        );
+        self.assemble(headers, properties, task_id, args, kwargs, queue)
+    }
+
+    fn assemble(
+        &self,
+        mut headers: TaskHeaders,
+        mut properties: TaskProperties,
+        task_id: String,
+        args: &Bound<'_, PyAny>,
+        kwargs: &Bound<'_, PyAny>,
+        queue: String,
+    ) -> PyResult<OutgoingMessage> {
+        if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
+            return Err(PyTypeError::new_err(format!(
+                "task args must be a list or tuple, not {}",
+                args.get_type().name()?
+            )));
+        }
+        if !kwargs.is_instance_of::<PyDict>() {
+            return Err(PyTypeError::new_err(format!(
+                "task kwargs must be a dict, not {}",
+                kwargs.get_type().name()?
+            )));
+        }
+        if !self.root_id_given {
+            headers.root_id.clone_from(&task_id);
+        }
+        if !self.correlation_id_given {
+            properties.correlation_id.clone_from(&task_id);
+        }
+        headers.id = task_id;
         if headers.argsrepr.is_empty() {
             headers.argsrepr = truncated_repr(args)?;
         }
@@ -105,28 +281,15 @@ impl Producer {
         body.extend_from_slice(b", ");
         dumps_into(&mut body, kwargs)?;
         body.extend_from_slice(b", ");
-        embed.write(&mut body);
+        body.extend_from_slice(&self.embed);
         body.push(b']');
-        let message = OutgoingMessage {
-            routing_key: routing_key.unwrap_or(queue),
-            exchange,
+        Ok(OutgoingMessage {
+            routing_key: self.routing_key.clone().unwrap_or(queue),
+            exchange: self.exchange.clone(),
             headers,
             properties,
             body,
-        };
-        self.inner.publish(message)?;
-        Ok(())
-    }
-
-    #[pyo3(signature = (timeout = 10.0))]
-    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let timeout = duration("timeout", timeout)?;
-        py.detach(|| runtime::handle().block_on(self.inner.flush(timeout)))?;
-        Ok(())
-    }
-
-    fn close(&self) {
-        self.inner.close();
+        })
     }
 }
 
