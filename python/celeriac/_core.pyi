@@ -1,7 +1,9 @@
 """Type stubs for celeriac's Rust extension (src/py/)."""
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+_T = TypeVar("_T")
 
 __version__: str
 
@@ -74,6 +76,23 @@ class Producer:
         ``replaced_task_nesting``. An unknown key raises ``ValueError``.
         An argument that cannot be encoded raises ``TypeError``; nothing is sent.
         """
+
+    def send_many(
+        self,
+        name: str,
+        items: list[
+            tuple[str | None, Sequence[Any], Mapping[str, Any]]
+            | tuple[str | None, Sequence[Any], Mapping[str, Any], str, Mapping[str, Any] | None]
+        ],
+        queue: str,
+        options: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Publish one message of task ``name`` per item, in one call: ``(task_id, args,
+        kwargs)`` goes to ``queue`` with ``options`` (as ``send``'s); ``(task_id, args,
+        kwargs, queue, options)`` has its own. A ``task_id`` of None gets a new one.
+        Every message is encoded before any is published: a bad item raises
+        ``TypeError`` (or ``ValueError``) naming its index, and nothing is sent.
+        Returns the task ids, in order."""
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything sent so far is written. Raises ``OperationalError``
@@ -154,6 +173,15 @@ class Consumer:
         for its ETA or rate limit (Celery's ``qos.increment_eventually``). Transports
         without a local window ignore it."""
 
+    def add_queue(self, queue: str) -> bool:
+        """Consume from ``queue`` too, declared as the worker's queues are
+        (``add_consumer``); ``False`` when it is consumed already. Raises
+        ``OperationalError`` when it cannot be declared or consumed."""
+
+    def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming from ``queue`` (``cancel_consumer``); ``False`` when it was
+        not consumed. Messages already fetched from it are still handed over."""
+
     def restore_unacked(self) -> int:
         """Put every message this consumer fetched and did not ack back in its queue
         (warm shutdown). Returns how many."""
@@ -220,11 +248,35 @@ class RateLimiter:
         """``0.0`` when a message of ``name`` may start now (a token is taken), else the
         seconds to wait before asking again."""
 
+class EtaSchedule(Generic[_T]):
+    """Items held until a due time (UNIX seconds): the worker's ETA/countdown timer.
+    Earliest due first, first pushed first among equal times. Subscriptable at run
+    time (``EtaSchedule[Request]``)."""
+
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def push(self, due: float, item: _T) -> None:
+        """Hold ``item`` until ``due``. ``ValueError`` for a NaN or infinite time."""
+
+    def next_due(self) -> float | None:
+        """The earliest due time, or None when empty."""
+
+    def pop_due(self, now: float, limit: int | None = None) -> list[_T]:
+        """Items due at ``now`` or earlier, earliest first, at most ``limit``
+        (``ValueError`` if negative)."""
+
+    def clear(self) -> list[_T]:
+        """Remove and return everything still held, earliest first."""
+
+    def items(self) -> list[_T]:
+        """Everything held, earliest first (for remote control's inspect)."""
+
 class EventPublisher:
     """Fire-and-forget broadcasts to a named exchange: Celery events (``celeryev``).
     Redis: one ``PUBLISH`` of the kombu envelope on ``/{db}.<exchange>/<routing_key>``;
     AMQP: ``basic.publish`` to the exchange (declared once with ``exchange_type`` and
-    ``durable``), not mandatory. Written by an I/O task; best effort."""
+    ``durable``), not mandatory; SQLite: a row of the ``broadcast`` log holding the
+    Redis envelope. Written by an I/O task; best effort."""
 
     def __init__(
         self,
@@ -234,7 +286,7 @@ class EventPublisher:
         connect_timeout: float = 4.0,
     ) -> None:
         """Connect now; same errors as ``Producer`` (``OperationalError``,
-        ``ValueError``); the SQLite broker raises ``ValueError`` (no broadcast)."""
+        ``ValueError``)."""
 
     def publish(
         self,
@@ -259,11 +311,31 @@ class EventPublisher:
 
     def close(self) -> None: ...
 
+class EventReceiver:
+    """Reads the broadcasts of ``exchange`` on the embedded SQLite broker (from the
+    moment it is made); ``ValueError`` for other brokers (Celery's own receiver reads
+    celeriac's events there)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        exchange: str = "celeryev",
+        transport_options: Mapping[str, Any] | None = None,
+        connect_timeout: float = 4.0,
+    ) -> None: ...
+    def receive(self, timeout: float = 1.0) -> tuple[str, Any, Any] | None:
+        """``(routing_key, headers, body bytes)``; ``(routing_key, None, reason)`` for a
+        broadcast that cannot be read; None after ``timeout``."""
+
 class Mailbox:
-    """Remote control's transport (kombu's pidbox on Redis only; ``ValueError`` for
-    other brokers). Broadcasts are one ``PUBLISH`` on ``/{db}.<exchange>``; a direct
-    publish is an ``LPUSH`` to each queue bound with the routing key in
-    ``_kombu.binding.<exchange>``."""
+    """Remote control's transport (kombu's pidbox) on Redis, AMQP and the embedded
+    SQLite broker (requests and replies are rows of its ``broadcast`` log; a bound
+    reply queue sees what is sent after the bind). Redis: broadcasts are one ``PUBLISH`` on
+    ``/{db}.<exchange>``; a direct publish is an ``LPUSH`` to each queue bound with the
+    routing key in ``_kombu.binding.<exchange>``. AMQP: exchanges and exclusive,
+    auto-delete queues with Celery 5.7's flags (``queue_expires``/``queue_ttl`` are
+    ``control_queue_expires``/``control_queue_ttl``, seconds; None = no argument)."""
 
     def __init__(
         self,
@@ -271,10 +343,25 @@ class Mailbox:
         *,
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
+        queue_expires: float | None = 10.0,
+        queue_ttl: float | None = 300.0,
     ) -> None: ...
-    def subscribe(self, exchange: str) -> None:
-        """``PSUBSCRIBE`` the exchange's channel on a connection of its own (resubscribes
-        after a lost connection); messages wait for ``receive``."""
+    def subscribe(
+        self,
+        exchange: str,
+        queue: str = "",
+        *,
+        exchange_type: str = "fanout",
+        routing_key: str = "",
+        durable: bool = False,
+    ) -> None:
+        """Start receiving the exchange's broadcasts on a connection of its own
+        (Redis: ``PSUBSCRIBE /{db}.<exchange>`` or, with a ``routing_key`` such as
+        ``#``, ``/{db}.<exchange>/*``; AMQP: declare ``queue`` (the node's
+        ``<node>.celery.pidbox``, or a monitor's ``celeryev.<uuid>``) exclusive and
+        auto-delete, bind it with ``routing_key`` to the exchange declared with
+        ``exchange_type``/``durable``, and consume it); resubscribes after a lost
+        connection; messages wait for ``receive``."""
 
     def receive(self, timeout: float = 1.0) -> tuple[Any, Any] | None:
         """The next broadcast as ``(headers, body bytes)``; ``(None, reason)`` for one
@@ -289,14 +376,23 @@ class Mailbox:
         headers: Mapping[str, Any] | None = None,
         exchange_type: str = "direct",
     ) -> int:
-        """Encode ``body`` and send it now (``fanout``: PUBLISH; else LPUSH to the bound
-        queues); the number of receivers/queues reached."""
+        """Encode ``body`` and send it now (Redis ``fanout``: PUBLISH, else LPUSH to the
+        bound queues: the number of receivers/queues reached; AMQP: basic.publish, 1)."""
 
-    def bind(self, exchange: str, routing_key: str, queue: str) -> None: ...
+    def bind(self, exchange: str, routing_key: str, queue: str) -> None:
+        """Bind ``queue`` to ``exchange`` under ``routing_key`` (AMQP: declares the
+        reply queue and consumes it for ``pop``)."""
+
     def unbind(self, exchange: str, routing_key: str, queue: str) -> None:
         """Remove the binding and delete the queue."""
 
-    def pop(self, queue: str) -> tuple[Any, Any] | None:
-        """The oldest message of ``queue`` (as ``receive``), or None."""
+    def pop(self, queue: str, timeout: float = 0.0) -> tuple[Any, Any] | None:
+        """The oldest message of ``queue`` (as ``receive``), waiting up to ``timeout``
+        seconds for one; None if none came."""
 
-    def close(self) -> None: ...
+    def purge(self, queue: str) -> int:
+        """Remove every waiting message of the task queue ``queue`` (``celeriac
+        purge``); the number removed (0 for a queue that does not exist)."""
+
+    def close(self) -> None:
+        """Stop receiving and close the connection (AMQP: the exclusive queues go)."""

@@ -203,6 +203,27 @@ atexit.register(_flush_at_exit)
 uuid4 = _core.uuid4
 
 
+_CERT_REQS = {0: "none", 1: "optional", 2: "required"}
+
+
+def _ssl_option(value: Any) -> Any:
+    """``broker_use_ssl`` for the transport: True, or its dict with paths as text and
+    ``cert_reqs`` (``ssl.CERT_*``, or kombu's ``"required"``-style text) as a word.
+    Anything else goes through as it is, for the transport to refuse by name."""
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in ("ca_certs", "certfile", "keyfile") and isinstance(item, os.PathLike):
+            item = os.fspath(item)
+        elif key == "cert_reqs" and isinstance(item, int) and not isinstance(item, bool):
+            item = _CERT_REQS.get(int(item), item)
+        elif key == "cert_reqs" and isinstance(item, str):
+            item = item.lower().removeprefix("cert_")
+        out[str(key)] = item
+    return out
+
+
 def _scheme(url: str) -> str:
     return url.partition("://")[0].lower() if "://" in url else url.lower()
 
@@ -658,9 +679,12 @@ class Celeriac:
         link_error: Any,
         options: dict[str, Any],
         eager_ok: bool = True,
+        batch: list[Any] | None = None,
     ) -> _AsyncResult[Any]:
         """The one path every message takes: route, build the few options that were
-        given, and hand everything to ``Producer.send``."""
+        given, and hand everything to ``Producer.send``. With ``batch`` (from
+        ``Task.apply_async_many``), nothing is sent: ``(queue, options, static route,
+        parent, confirm_publish, ignore_result)`` is appended for the caller to send."""
         conf = self.conf
         defaults = task._dispatch if task is not None else self._name_defaults.get(name)
         if defaults is None or defaults.version != conf._version or defaults.conf is not conf:
@@ -758,6 +782,13 @@ class Celeriac:
                     if inherited is not None:
                         opts["priority"] = inherited
 
+        if batch is not None:
+            parent = parent if add_to_parent else None
+            static = route is defaults.route
+            batch.append(
+                (route.queue, opts, static, parent, defaults.confirm_publish, ignore_result)
+            )
+            return _AsyncResult(task_id, app=self, task_name=name)
         producer = self.producer
         producer.send(name, task_id, args, kwargs, route.queue, opts or None)
         if defaults.confirm_publish:
@@ -922,6 +953,8 @@ class Celeriac:
             return options
         conf = self.conf
         options.setdefault("heartbeat", conf["broker_heartbeat"])
+        if conf.get("broker_use_ssl"):
+            options.setdefault("ssl", _ssl_option(conf["broker_use_ssl"]))
         arguments: dict[str, Any] = {}
         if conf.get("task_queue_max_priority") is not None:
             arguments["x-max-priority"] = int(conf["task_queue_max_priority"])
@@ -1123,6 +1156,13 @@ class Celeriac:
     def now(self) -> datetime.datetime:
         """The current time, aware, in the app's time zone."""
         return datetime.datetime.now(self.timezone)
+
+    @property
+    def control(self) -> Any:
+        """Remote control of the workers (``app.control.revoke(task_id)``, ...)."""
+        from celeriac.control import Control
+
+        return Control(self)
 
     @property
     def current_task(self) -> _Task[Any, Any] | None:

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "broker_heartbeat": 120,
     "broker_pool_limit": 10,
     "broker_transport_options": {},
+    "broker_use_ssl": False,
     # results
     "result_backend": None,
     "result_backend_transport_options": {},
@@ -113,6 +114,11 @@ DEFAULTS: dict[str, Any] = {
     # worker
     "worker_concurrency": None,
     "worker_prefetch_multiplier": 4,
+    # celeriac: ``async def`` tasks running at once per worker process (and how far
+    # the prefetch window grows for them); Celery has no bound.
+    "worker_async_concurrency": 100,
+    # Revoked task ids each worker process remembers (Celery: 50000, env REVOKES_MAX).
+    "worker_revoked_ids_max": 50000,
     "worker_pool": "prefork",
     "worker_max_tasks_per_child": None,
     "worker_max_memory_per_child": None,
@@ -155,6 +161,7 @@ OLD_NAMES: dict[str, str] = {
     "BROKER_HEARTBEAT": "broker_heartbeat",
     "BROKER_POOL_LIMIT": "broker_pool_limit",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
+    "BROKER_USE_SSL": "broker_use_ssl",
     "CELERY_RESULT_BACKEND": "result_backend",
     "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS": "result_backend_transport_options",
     "CELERY_RESULT_SERIALIZER": "result_serializer",
@@ -260,6 +267,12 @@ def _check_optional_bool(name: str, value: Any) -> Any:
 def _check_non_negative_int(name: str, value: Any) -> Any:
     if not _is_int(value) or value < 0:
         raise _bad(name, "an int >= 0", value)
+    return value
+
+
+def _check_positive_int(name: str, value: Any) -> Any:
+    if not _is_int(value) or value < 1:
+        raise _bad(name, "an int >= 1", value)
     return value
 
 
@@ -411,6 +424,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "timezone": _check_timezone,
     "worker_concurrency": _check_optional_non_negative_int,
     "worker_prefetch_multiplier": _check_non_negative_int,
+    "worker_async_concurrency": _check_positive_int,
+    "worker_revoked_ids_max": _check_positive_int,
     "worker_pool": _check_str,
     "worker_max_tasks_per_child": _check_optional_non_negative_int,
     "worker_max_memory_per_child": _check_optional_non_negative_int,
