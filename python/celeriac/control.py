@@ -568,7 +568,7 @@ def _info(request: Any, hostname: str, safe: bool = False) -> dict[str, Any]:
         "kwargs": kwargs,
         "type": request.name,
         "hostname": hostname,
-        "time_start": getattr(request, "time_start", None),
+        "time_start": request.time_start,
         "acknowledged": not request.acks_late,
         "delivery_info": {
             "exchange": delivery.exchange,

@@ -199,15 +199,18 @@ def test_prefork_worker_answers_once_and_children_apply(
 
         # A task running in a child is listed once, with that child's pid.
         sender = compat.celery_app().app
+        sent_at = time.time()
         running = sender.send_task("compat.sleep", (3,), queue=compat.queue)
         worker.wait_for(rf"Task compat.sleep\[{running.id}\] received")
         active: list[Any] = []
         deadline = time.monotonic() + 10
-        while not active and time.monotonic() < deadline:
+        while not (active and active[0]["time_start"]) and time.monotonic() < deadline:
             got = inspect.active() or {}
             active = got.get(node, [])
         assert [entry["id"] for entry in active] == [running.id]
         assert active[0]["worker_pid"] in stats[node]["pool"]["processes"]
+        # When the body started, as Celery gives it: UNIX time (Flower shows it).
+        assert sent_at <= active[0]["time_start"] <= time.time()
         assert running.get(timeout=10) == 3
 
         # A changed time limit reaches the children that run the tasks.

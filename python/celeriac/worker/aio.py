@@ -345,6 +345,7 @@ class AsyncPool(Pool[Request, Disposition]):
         args, kwargs = request.delivery.args, request.delivery.kwargs
         task.enter_async_request(LazyContext(request))
         started = time.monotonic()
+        request.time_start = time.time()
         request.send_event("task-started")
         _handler(request, "before_start", request.id, args, kwargs)
         if request.track_started and backend is not None and not request.ignore_result:

@@ -198,6 +198,8 @@ class Request:
     events: Any = None
     #: The task hooks to call (see ``HOOKS``).
     hooks: frozenset[str] = HOOKS
+    #: When the body started (UNIX time), for ``inspect active``; None until then.
+    time_start: float | None = None
 
     def send_event(self, type_: str, **fields: Any) -> None:
         """Buffer a task event for this request (no-op without ``-E``)."""
@@ -467,6 +469,7 @@ def execute(
     args, kwargs = request.delivery.args, request.delivery.kwargs
     push_context(request)
     started = time.monotonic()
+    request.time_start = time.time()
     if request.events is not None:
         request.send_event("task-started")
     try:
