@@ -204,18 +204,44 @@ async fn open_amqp(url: &BrokerUrl, options: &amqp::AmqpOptions) -> Result<(Conn
     Ok((conn, channel))
 }
 
-fn short(what: &str, text: &str) -> Result<ShortString> {
+/// An AMQP short string (exchange, queue, routing key), or a config error naming `what`.
+pub(crate) fn short(what: &str, text: &str) -> Result<ShortString> {
     ShortString::try_new(text)
         .map_err(|_| Error::Config(format!("{what} is longer than AMQP's 255 bytes")))
 }
 
+/// kombu's exchange type names; anything else is `direct`, kombu's default.
 fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
     match kind {
-        "direct" => lapin::ExchangeKind::Direct,
         "fanout" => lapin::ExchangeKind::Fanout,
+        "topic" => lapin::ExchangeKind::Topic,
         "headers" => lapin::ExchangeKind::Headers,
-        _ => lapin::ExchangeKind::Topic,
+        _ => lapin::ExchangeKind::Direct,
     }
+}
+
+/// Declares the exchange a broadcast (event or pidbox message) goes to, with the flags
+/// kombu gives it: durable only if asked, never auto-deleted.
+pub(crate) async fn declare_exchange(
+    channel: &Channel,
+    message: &Broadcast,
+    lost: impl Fn(lapin::Error) -> Error,
+) -> Result<()> {
+    channel
+        .exchange_declare(
+            short("exchange name", &message.exchange)?,
+            exchange_kind(&message.exchange_type),
+            ExchangeDeclareOptions {
+                passive: false,
+                durable: message.durable,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lost)
 }
 
 /// The PUB/SUB channel kombu's Redis transport uses for `(exchange, routing_key)`.
@@ -352,21 +378,7 @@ async fn publish_amqp(
     let lost = |err: lapin::Error| Error::Connection(format!("event publish failed: {err}"));
     for message in batch {
         if !message.exchange.is_empty() && !declared.contains(&message.exchange) {
-            channel
-                .exchange_declare(
-                    short("exchange name", &message.exchange)?,
-                    exchange_kind(&message.exchange_type),
-                    ExchangeDeclareOptions {
-                        passive: false,
-                        durable: message.durable,
-                        auto_delete: false,
-                        internal: false,
-                        nowait: false,
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(lost)?;
+            declare_exchange(channel, message, lost).await?;
             declared.insert(message.exchange.clone());
         }
         let properties = BasicProperties::default()

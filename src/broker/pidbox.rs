@@ -30,8 +30,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicConsumeOptions, BasicPublishOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -40,7 +39,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use super::amqp::{self, AmqpOptions, QueueSpec};
-use super::events::{redis_channel, redis_envelope, Broadcast};
+use super::events::{declare_exchange, redis_channel, redis_envelope, short, Broadcast};
 use super::redis::{self as redis_transport, RedisOptions, PRIORITY_SEP};
 use super::sqlite::SqliteMailbox;
 use super::url::{BrokerUrl, Scheme};
@@ -520,21 +519,7 @@ impl AmqpLink {
         if !message.exchange.is_empty() {
             let mut declared = self.declared.lock().await;
             if !declared.contains(&message.exchange) {
-                self.channel
-                    .exchange_declare(
-                        short("exchange name", &message.exchange)?,
-                        exchange_kind(&message.exchange_type),
-                        ExchangeDeclareOptions {
-                            passive: false,
-                            durable: message.durable,
-                            auto_delete: false,
-                            internal: false,
-                            nowait: false,
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(lost)?;
+                declare_exchange(&self.channel, message, lost).await?;
                 declared.insert(message.exchange.clone());
             }
         }
@@ -596,19 +581,6 @@ impl AmqpLink {
 
 fn lost(url: &BrokerUrl, err: &lapin::Error) -> Error {
     Error::Connection(format!("{}: {}", url.masked(), amqp::describe(err, url)))
-}
-
-fn short(what: &str, text: &str) -> Result<ShortString> {
-    ShortString::try_new(text)
-        .map_err(|_| Error::Config(format!("{what} is longer than AMQP's 255 bytes")))
-}
-
-fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
-    match kind {
-        "fanout" => lapin::ExchangeKind::Fanout,
-        "topic" => lapin::ExchangeKind::Topic,
-        _ => lapin::ExchangeKind::Direct,
-    }
 }
 
 /// `basic.consume` without acks (kombu's pidbox consumers use `no_ack=True`).
