@@ -4,6 +4,7 @@ the file's ``broadcast`` log)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -72,3 +73,38 @@ def test_purge_on_sqlite(sqlite_tasks: TasksDir, run_cli: RunCli) -> None:
     assert purged.stdout.startswith("Purged 2 messages from 1 known task queue")
     again = run_cli("-A", "tasks", "purge", "-f", "-Q", sqlite_tasks.queue)
     assert again.stdout.startswith("No messages purged from 1 queue")
+
+
+#: Sends 40 additions and prints the sum of their results (60 s bound on each).
+SEND_AND_SUM = textwrap.dedent(
+    """
+    import tasks
+    results = [tasks.add.delay(i, i) for i in range(40)]
+    print(sum(result.get(timeout=60) for result in results))
+    """
+)
+
+
+def test_prefork_worker_on_sqlite(
+    sqlite_tasks: TasksDir, worker: StartWorker, run_cli: RunCli
+) -> None:
+    """A new user's first worker: the default pool (prefork) on the SQLite file. Two
+    children share the file with the supervisor; the node answers remote control once."""
+    node = f"sqp-{sqlite_tasks.queue}@test"
+    process = worker("-n", node, "-c", "2", pool="prefork")
+    sent = subprocess.run(
+        [sys.executable, "-c", SEND_AND_SUM],
+        cwd=sqlite_tasks.path,
+        env=sqlite_tasks.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == f"{sum(2 * i for i in range(40))}\n"
+    ping = run_cli("-A", "tasks", "inspect", "ping", "-d", node, "-t", "5")
+    assert ping.stdout == f"->  {node}: OK\n        pong\n\n1 node online.\n"
+    stats = run_cli("-A", "tasks", "inspect", "stats", "-d", node, "-j", "-t", "5")
+    assert stats.returncode == 0, stats.stderr
+    assert len(json.loads(stats.stdout)[node]["pool"]["processes"]) == 2
+    assert "database is locked" not in process.log
