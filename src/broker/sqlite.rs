@@ -1342,14 +1342,16 @@ impl Fetcher {
             .saturating_sub(self.pending_acks.len() + self.pending_requeues.len())
     }
 
-    /// The fewest credits worth a claim: half the window while the worker still holds
-    /// messages (a claim per two tasks rather than per task: half the transactions),
-    /// one when it holds none.
+    /// The fewest credits worth a claim: half the prefetch window while the worker still
+    /// holds messages (a claim per two tasks rather than per task: half the transactions),
+    /// one when it holds none. Half of the window as given, not as widened: each message
+    /// held for its ETA widens it by the slot it takes, so half the widened window might
+    /// never come free while those messages wait.
     fn refill_at(&self) -> usize {
         if self.prefetch == 0 || self.held() == 0 {
             return 1;
         }
-        self.window().div_ceil(2).max(1)
+        self.prefetch.div_ceil(2).max(1)
     }
 
     /// False only when the queues were drained and nothing ready appeared since.
