@@ -4,6 +4,8 @@
 //! test's own connections only, so other tests and users of the broker are not
 //! disturbed; the full broker restart test is `#[ignore]`d (run it with `--ignored`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,9 +13,7 @@ use std::time::{Duration, Instant};
 use _core::broker::amqp::{self, AmqpConsumer, AmqpOptions, AmqpProducer, QueueSpec, RawPublish};
 use _core::broker::url::BrokerUrl;
 use _core::broker::{Fetched, IncomingMessage};
-use _core::protocol::message::{
-    write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
-};
+use _core::protocol::message::OutgoingMessage;
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
@@ -29,24 +29,11 @@ fn unique(name: &str) -> String {
     format!("rs-amqp-{name}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The shared test message, with a reply queue (`reply-oid`) as an RPC client sets it.
 fn message(queue: &str, n: usize, priority: Option<u8>) -> OutgoingMessage {
-    let id = format!("task-{n}");
-    let mut body = Vec::new();
-    write_body(
-        &mut body,
-        format!("[{n}]").as_bytes(),
-        b"{}",
-        EMPTY_EMBED.as_bytes(),
-    );
-    let mut properties = TaskProperties::json(id.clone(), "reply-oid".into());
-    properties.priority = priority;
-    OutgoingMessage {
-        exchange: String::new(),
-        routing_key: queue.to_owned(),
-        headers: TaskHeaders::new("tests.noop".into(), id, "gen0@test".into()),
-        properties,
-        body,
-    }
+    let mut message = common::message(queue, n, priority);
+    message.properties.reply_to = "reply-oid".into();
+    message
 }
 
 fn body_index(message: &IncomingMessage) -> usize {
@@ -139,6 +126,24 @@ async fn new_consumer(
     (consumer, rx)
 }
 
+/// A producer (default options) that has sent messages `ns` to `queue`, all confirmed.
+async fn published(queue: &str, ns: std::ops::Range<usize>) -> AmqpProducer {
+    let producer = new_producer(AmqpOptions::default()).await;
+    for n in ns {
+        producer.publish(message(queue, n, None)).expect("publish");
+    }
+    producer
+        .flush(Duration::from_secs(10))
+        .await
+        .expect("flush");
+    producer
+}
+
+/// A consumer (default options) of `queue` alone with a prefetch window of `prefetch`.
+async fn consume(queue: &str, prefetch: usize) -> (AmqpConsumer, mpsc::UnboundedReceiver<Fetched>) {
+    new_consumer(&[queue.to_owned()], prefetch, AmqpOptions::default()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_and_consumes_ten_thousand_in_order() {
     const N: usize = 10_000;
@@ -157,8 +162,7 @@ async fn publishes_and_consumes_ten_thousand_in_order() {
     eprintln!("amqp: publish() x{N} returned after {handed_over:?}");
     assert_eq!(depth(&queue).await, N as u32);
 
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 1000, AmqpOptions::default()).await;
+    let (consumer, mut rx) = consume(&queue, 1000).await;
     let started = Instant::now();
     let mut next = 0;
     while next < N {
@@ -202,16 +206,8 @@ async fn publishes_and_consumes_ten_thousand_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prefetch_window_is_honoured() {
     let queue = unique("window");
-    let producer = new_producer(AmqpOptions::default()).await;
-    for n in 0..50 {
-        producer.publish(message(&queue, n, None)).expect("publish");
-    }
-    producer
-        .flush(Duration::from_secs(10))
-        .await
-        .expect("flush");
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 5, AmqpOptions::default()).await;
+    let _producer = published(&queue, 0..50).await;
+    let (consumer, mut rx) = consume(&queue, 5).await;
     let first = take(&mut rx, 5).await;
     assert_eq!(quiet(&mut rx, Duration::from_millis(500)).await, 0);
     consumer
@@ -232,14 +228,8 @@ async fn the_prefetch_window_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_requeue_or_drop() {
     let queue = unique("reject");
-    let producer = new_producer(AmqpOptions::default()).await;
-    producer.publish(message(&queue, 0, None)).expect("publish");
-    producer
-        .flush(Duration::from_secs(10))
-        .await
-        .expect("flush");
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 4, AmqpOptions::default()).await;
+    let _producer = published(&queue, 0..1).await;
+    let (consumer, mut rx) = consume(&queue, 4).await;
     let first = take(&mut rx, 1).await.remove(0);
     assert!(!first.redelivered);
     consumer
@@ -262,16 +252,8 @@ async fn rejects_requeue_or_drop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_unacked_gives_everything_back() {
     let queue = unique("restore");
-    let producer = new_producer(AmqpOptions::default()).await;
-    for n in 0..20 {
-        producer.publish(message(&queue, n, None)).expect("publish");
-    }
-    producer
-        .flush(Duration::from_secs(10))
-        .await
-        .expect("flush");
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 10, AmqpOptions::default()).await;
+    let _producer = published(&queue, 0..20).await;
+    let (consumer, mut rx) = consume(&queue, 10).await;
     let got = take(&mut rx, 10).await;
     consumer
         .ack(got[..3].iter().map(|m| m.delivery_tag.clone()).collect())
@@ -280,8 +262,7 @@ async fn restore_unacked_gives_everything_back() {
     let restored = consumer.restore_unacked().await.expect("restore");
     assert!((7..=10).contains(&restored), "{restored}");
     assert_eq!(depth(&queue).await, 17);
-    let (again, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 0, AmqpOptions::default()).await;
+    let (again, mut rx) = consume(&queue, 0).await;
     let all = take(&mut rx, 17).await;
     let redelivered: Vec<usize> = all
         .iter()
@@ -380,12 +361,7 @@ async fn topology_matches_celery_57() {
     let plain = unique("plain");
     let prio = unique("prio");
     let quorum = unique("quorum");
-    let producer = new_producer(AmqpOptions::default()).await;
-    producer.publish(message(&plain, 0, None)).expect("publish");
-    producer
-        .flush(Duration::from_secs(10))
-        .await
-        .expect("flush");
+    let _producer = published(&plain, 0..1).await;
     let channel = admin().await;
     // Celery's declarations of the same names succeed (no 406): queue durable, no
     // arguments; exchange direct durable; binding queue -> exchange with key = name.
@@ -445,8 +421,7 @@ async fn topology_matches_celery_57() {
         .queue_declare(prio.as_str().into(), celery_queue, args)
         .await
         .expect("Celery's priority queue declaration is compatible");
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&prio), 0, AmqpOptions::default()).await;
+    let (consumer, mut rx) = consume(&prio, 0).await;
     let order: Vec<usize> = take(&mut rx, 3).await.iter().map(body_index).collect();
     assert_eq!(order, vec![1, 2, 0], "higher priority first");
     assert_eq!(quiet(&mut rx, Duration::from_millis(200)).await, 0);
@@ -500,19 +475,13 @@ async fn a_queue_declared_otherwise_by_a_peer_is_used_as_it_is() {
         )
         .await
         .expect("declare");
-    let producer = new_producer(AmqpOptions::default()).await;
-    producer.publish(message(&queue, 0, None)).expect("publish");
-    producer
-        .flush(Duration::from_secs(10))
-        .await
-        .expect("flush");
+    let producer = published(&queue, 0..1).await;
     let warnings = producer.take_warnings();
     assert!(
         warnings.iter().any(|w| w.contains("using it as it is")),
         "{warnings:?}"
     );
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 1, AmqpOptions::default()).await;
+    let (consumer, mut rx) = consume(&queue, 1).await;
     assert_eq!(body_index(&take(&mut rx, 1).await[0]), 0);
     consumer.close();
     cleanup(&[&queue]).await;
@@ -593,8 +562,7 @@ async fn headers_round_trip_through_the_broker() {
         .flush(Duration::from_secs(10))
         .await
         .expect("flush");
-    let (consumer, mut rx) =
-        new_consumer(std::slice::from_ref(&queue), 2, AmqpOptions::default()).await;
+    let (consumer, mut rx) = consume(&queue, 2).await;
     let got = take(&mut rx, 2).await;
     let headers: serde_json::Value =
         serde_json::from_str(got[0].headers.as_ref().expect("headers").get()).expect("json");
@@ -805,6 +773,24 @@ fn queue_specs_follow_celery() {
     assert_eq!(reply.arguments["x-expires"], 86_400_000);
 }
 
+/// A bare lapin connection, with `queue` declared on it as Celery declares it.
+async fn bare_connection(queue: &str) -> lapin::Connection {
+    let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
+        .await
+        .expect("connect");
+    amqp::declare(&conn, &QueueSpec::celery(queue, Default::default()))
+        .await
+        .expect("declare");
+    conn
+}
+
+/// Until `queue` holds `count` messages (no bound: for the measurements only).
+async fn wait_for_depth(queue: &str, count: u32) {
+    while depth(queue).await < count {
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
 /// The broker's own bound, with no celeriac code in the way: a bare lapin loop
 /// publishing n messages of a no-op task's size to a durable queue on one channel,
 /// timed until the queue holds them all (what `python -m benches` enqueue measures),
@@ -819,13 +805,8 @@ async fn bare_lapin_publish_ceiling() {
     let body = vec![b'x'; 180];
     for (mode, confirm) in [(2u8, true), (2, false), (1, true), (1, false)] {
         let queue = unique("bare");
-        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
-            .await
-            .expect("connect");
+        let conn = bare_connection(&queue).await;
         let channel = conn.create_channel().await.expect("channel");
-        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
-            .await
-            .expect("declare");
         if confirm {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
@@ -848,9 +829,7 @@ async fn bare_lapin_publish_ceiling() {
             confirms.push(confirm);
         }
         let written = started.elapsed();
-        while depth(&queue).await < N {
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        wait_for_depth(&queue, N).await;
         let held = started.elapsed();
         for confirm in confirms {
             confirm.await.expect("confirmed");
@@ -872,17 +851,12 @@ async fn bare_lapin_publish_ceiling() {
     for bare in [false, true] {
         let queue = unique("bare");
         let producer = new_producer(AmqpOptions::default()).await;
-        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
-            .await
-            .expect("connect");
+        let conn = bare_connection(&queue).await;
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirm");
-        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
-            .await
-            .expect("declare");
         let sample = message(&queue, 0, None);
         let headers = match serde_json::to_value(&sample.headers).expect("json") {
             serde_json::Value::Object(object) => amqp::json_to_field_table(&object).expect("t"),
@@ -917,9 +891,7 @@ async fn bare_lapin_publish_ceiling() {
                     .expect("publish");
             }
         }
-        while depth(&queue).await < N {
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        wait_for_depth(&queue, N).await;
         let held = started.elapsed();
         producer
             .flush(Duration::from_secs(60))
@@ -950,12 +922,7 @@ async fn bare_lapin_publish_ceiling() {
     for mode in [2u8, 1] {
         let queue = unique("bare");
         let producer = new_producer(AmqpOptions::default()).await;
-        let conn = amqp::connect(&url(), &AmqpOptions::default(), "bare")
-            .await
-            .expect("connect");
-        amqp::declare(&conn, &QueueSpec::celery(&queue, Default::default()))
-            .await
-            .expect("declare");
+        let conn = bare_connection(&queue).await;
         let started = Instant::now();
         for _ in 0..N {
             producer
@@ -970,9 +937,7 @@ async fn bare_lapin_publish_ceiling() {
                 })
                 .expect("publish");
         }
-        while depth(&queue).await < N {
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
+        wait_for_depth(&queue, N).await;
         let held = started.elapsed();
         producer
             .flush(Duration::from_secs(60))

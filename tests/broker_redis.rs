@@ -1,19 +1,13 @@
 //! The Redis broker against the real Redis on 127.0.0.1:6379 (kombu's layout).
 //! Each test uses its own queue names and removes its keys.
 
+mod common;
+
 use std::time::Duration;
 
-use _core::broker::redis::{
-    priority_key, restore_visible, RedisConsumer, RedisOptions, RedisProducer,
-};
+use _core::broker::redis::{priority_key, restore_visible, RedisOptions, RedisProducer};
 use _core::broker::url::BrokerUrl;
-use _core::broker::{BadMessage, Fetched, IncomingMessage};
-use _core::protocol::message::{
-    write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
-};
-use tokio::sync::mpsc;
-
-const URL: &str = "redis://127.0.0.1:6379/0";
+use common::{cleanup, message, redis, redis_consumer, redis_publish, redis_url, tags, take};
 
 fn unique(name: &str) -> String {
     format!("rs-test-{name}-{}", uuid::Uuid::new_v4())
@@ -25,71 +19,6 @@ fn options(prefix: &str) -> RedisOptions {
         global_keyprefix: format!("{prefix}:"),
         ..RedisOptions::default()
     }
-}
-
-fn message(queue: &str, n: usize, priority: Option<u8>) -> OutgoingMessage {
-    let id = format!("task-{n}");
-    let mut body = Vec::new();
-    write_body(
-        &mut body,
-        format!("[{n}]").as_bytes(),
-        b"{}",
-        EMPTY_EMBED.as_bytes(),
-    );
-    let mut properties = TaskProperties::json(id.clone(), String::new());
-    properties.priority = priority;
-    OutgoingMessage {
-        exchange: String::new(),
-        routing_key: queue.to_owned(),
-        headers: TaskHeaders::new("tests.noop".into(), id, "gen0@test".into()),
-        properties,
-        body,
-    }
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(URL)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis must run on 127.0.0.1:6379")
-}
-
-async fn cleanup(prefix: &str) {
-    let mut conn = redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or(());
-    }
-}
-
-type Taken = Result<IncomingMessage, BadMessage>;
-
-async fn take(rx: &mut mpsc::UnboundedReceiver<Fetched>, count: usize) -> Vec<Taken> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(Fetched::Message(message))) => out.push(message),
-            Ok(Some(Fetched::Error(err))) => panic!("fetch error: {err}"),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    out
-}
-
-fn tags(taken: &[Taken]) -> Vec<String> {
-    taken
-        .iter()
-        .map(|m| m.as_ref().expect("a valid message").delivery_tag.clone())
-        .collect()
 }
 
 async fn hlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
@@ -104,20 +33,13 @@ async fn hlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize 
 async fn publishes_consumes_and_acks_in_order() {
     let prefix = unique("order");
     let queue = "q".to_owned();
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    for n in 0..1000 {
-        producer.publish(message(&queue, n, None)).unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).await.unwrap();
+    let _producer = redis_publish(
+        &options(&prefix),
+        (0..1000).map(|n| message(&queue, n, None)),
+    )
+    .await;
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer =
-        RedisConsumer::connect(&url, std::slice::from_ref(&queue), 0, options(&prefix), tx)
-            .await
-            .unwrap();
+    let (consumer, mut rx) = redis_consumer(&[&queue], 0, &options(&prefix)).await;
     let got = take(&mut rx, 1000).await;
     assert_eq!(got.len(), 1000);
     for (n, delivery) in got.iter().enumerate() {
@@ -143,18 +65,8 @@ async fn publishes_consumes_and_acks_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_window_bounds_unacked_messages() {
     let prefix = unique("window");
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    for n in 0..20 {
-        producer.publish(message("q", n, None)).unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 4, options(&prefix), tx)
-        .await
-        .unwrap();
+    let _producer = redis_publish(&options(&prefix), (0..20).map(|n| message("q", n, None))).await;
+    let (consumer, mut rx) = redis_consumer(&["q"], 4, &options(&prefix)).await;
     let first = take(&mut rx, 4).await;
     assert_eq!(first.len(), 4);
     // The window is full: nothing more arrives until we ack.
@@ -172,14 +84,11 @@ async fn prefetch_window_bounds_unacked_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lower_priority_number_is_served_first() {
     let prefix = unique("prio");
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    producer.publish(message("q", 9, Some(9))).unwrap();
-    producer.publish(message("q", 5, Some(5))).unwrap();
-    producer.publish(message("q", 0, Some(0))).unwrap();
-    producer.flush(Duration::from_secs(10)).await.unwrap();
+    let _producer = redis_publish(
+        &options(&prefix),
+        [(9, Some(9)), (5, Some(5)), (0, Some(0))].map(|(n, p)| message("q", n, p)),
+    )
+    .await;
     let mut conn = redis().await;
     let len: usize = redis::cmd("LLEN")
         .arg(format!("{prefix}:{}", priority_key("q", 5)))
@@ -187,10 +96,7 @@ async fn lower_priority_number_is_served_first() {
         .await
         .unwrap();
     assert_eq!(len, 1, "priority 5 goes to the 3-step list");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 0, options(&prefix), tx)
-        .await
-        .unwrap();
+    let (consumer, mut rx) = redis_consumer(&["q"], 0, &options(&prefix)).await;
     let got = take(&mut rx, 3).await;
     let order: Vec<_> = got
         .iter()
@@ -205,7 +111,6 @@ async fn lower_priority_number_is_served_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_handed_over_with_a_reason_and_not_tracked() {
     let prefix = unique("garbage");
-    let url = BrokerUrl::parse(URL).unwrap();
     let mut conn = redis().await;
     let _: () = redis::cmd("LPUSH")
         .arg(format!("{prefix}:q"))
@@ -213,21 +118,14 @@ async fn garbage_is_handed_over_with_a_reason_and_not_tracked() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 1, options(&prefix), tx)
-        .await
-        .unwrap();
+    let (consumer, mut rx) = redis_consumer(&["q"], 1, &options(&prefix)).await;
     let got = take(&mut rx, 1).await;
     assert_eq!(got.len(), 1);
     let reason = got[0].as_ref().expect_err("an error").reason.clone();
     assert!(reason.contains("not a kombu envelope"), "{reason}");
     assert_eq!(hlen(&mut conn, &format!("{prefix}:unacked")).await, 0);
     // The window (1) is not held by the bad message: a good one still comes through.
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    producer.publish(message("q", 1, None)).unwrap();
-    producer.flush(Duration::from_secs(5)).await.unwrap();
+    let _producer = redis_publish(&options(&prefix), [message("q", 1, None)]).await;
     assert_eq!(take(&mut rx, 1).await.len(), 1);
     consumer.close();
     cleanup(&prefix).await;
@@ -236,18 +134,8 @@ async fn garbage_is_handed_over_with_a_reason_and_not_tracked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_unacked_puts_messages_back_marked_redelivered() {
     let prefix = unique("restore");
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    for n in 0..3 {
-        producer.publish(message("q", n, None)).unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 10, options(&prefix), tx)
-        .await
-        .unwrap();
+    let _producer = redis_publish(&options(&prefix), (0..3).map(|n| message("q", n, None))).await;
+    let (consumer, mut rx) = redis_consumer(&["q"], 10, &options(&prefix)).await;
     let got = take(&mut rx, 3).await;
     consumer.ack(tags(&got[..1])).unwrap();
     assert_eq!(consumer.restore_unacked().await.unwrap(), 2);
@@ -271,16 +159,8 @@ async fn restore_unacked_puts_messages_back_marked_redelivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeue_puts_one_message_back() {
     let prefix = unique("requeue");
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
-        .await
-        .unwrap();
-    producer.publish(message("q", 7, None)).unwrap();
-    producer.flush(Duration::from_secs(5)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 1, options(&prefix), tx)
-        .await
-        .unwrap();
+    let _producer = redis_publish(&options(&prefix), [message("q", 7, None)]).await;
+    let (consumer, mut rx) = redis_consumer(&["q"], 1, &options(&prefix)).await;
     let first = take(&mut rx, 1).await;
     consumer.reject(tags(&first).remove(0), true).unwrap();
     let again = take(&mut rx, 1).await;
@@ -294,18 +174,12 @@ async fn requeue_puts_one_message_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_of_a_dead_consumer_come_back_after_the_visibility_timeout() {
     let prefix = unique("visibility");
-    let url = BrokerUrl::parse(URL).unwrap();
     let mut opts = options(&prefix);
     opts.visibility_timeout = Duration::from_millis(300);
-    let producer = RedisProducer::connect(&url, opts.clone()).await.unwrap();
-    producer.publish(message("q", 1, None)).unwrap();
-    producer.flush(Duration::from_secs(5)).await.unwrap();
+    let _producer = redis_publish(&opts, [message("q", 1, None)]).await;
     {
         // A consumer that takes the message and "dies" without acking.
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let dead = RedisConsumer::connect(&url, &["q".into()], 1, opts.clone(), tx)
-            .await
-            .unwrap();
+        let (dead, mut rx) = redis_consumer(&["q"], 1, &opts).await;
         assert_eq!(take(&mut rx, 1).await.len(), 1);
         dead.close();
     }
@@ -343,14 +217,10 @@ async fn unreachable_broker_fails_fast_with_the_masked_url() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_immediate_ack_of_a_blocking_pop_leaves_no_unacked_record() {
     let prefix = unique("brpop-ack");
-    let url = BrokerUrl::parse(URL).unwrap();
-    let producer = RedisProducer::connect(&url, options(&prefix))
+    let producer = RedisProducer::connect(&redis_url(), options(&prefix))
         .await
         .unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 4, options(&prefix), tx)
-        .await
-        .unwrap();
+    let (consumer, mut rx) = redis_consumer(&["q"], 4, &options(&prefix)).await;
     let mut conn = redis().await;
     for n in 0..20 {
         // Let the consumer reach its BRPOP on the empty list.

@@ -1,17 +1,14 @@
 //! Redis consumer heartbeats and the prefetch window, against the real Redis on
 //! 127.0.0.1:6379. Each test uses its own key prefix and removes its keys.
 
+mod common;
+
 use std::time::Duration;
 
-use _core::broker::redis::{recover_dead, RedisConsumer, RedisOptions, RedisProducer};
-use _core::broker::url::BrokerUrl;
+use _core::broker::redis::{recover_dead, RedisOptions};
 use _core::broker::Fetched;
-use _core::protocol::message::{
-    write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
-};
+use common::{cleanup, message, redis, redis_consumer, redis_publish};
 use tokio::sync::mpsc;
-
-const URL: &str = "redis://127.0.0.1:6379/0";
 
 fn options(prefix: &str) -> RedisOptions {
     RedisOptions {
@@ -19,48 +16,6 @@ fn options(prefix: &str) -> RedisOptions {
         heartbeat_interval: Duration::from_millis(200),
         heartbeat_ttl: Duration::from_millis(600),
         ..RedisOptions::default()
-    }
-}
-
-fn message(queue: &str, n: usize) -> OutgoingMessage {
-    let id = format!("task-{n}");
-    let mut body = Vec::new();
-    write_body(
-        &mut body,
-        format!("[{n}]").as_bytes(),
-        b"{}",
-        EMPTY_EMBED.as_bytes(),
-    );
-    OutgoingMessage {
-        exchange: String::new(),
-        routing_key: queue.to_owned(),
-        headers: TaskHeaders::new("tests.noop".into(), id.clone(), "gen0@test".into()),
-        properties: TaskProperties::json(id, String::new()),
-        body,
-    }
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(URL)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis must run on 127.0.0.1:6379")
-}
-
-async fn cleanup(prefix: &str) {
-    let mut conn = redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or(());
     }
 }
 
@@ -83,19 +38,11 @@ async fn llen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_consumer_returns_the_messages_of_a_dead_one() {
     let prefix = format!("rs-test-heartbeat-{}", uuid::Uuid::new_v4());
-    let url = BrokerUrl::parse(URL).unwrap();
     let opts = options(&prefix);
-    let producer = RedisProducer::connect(&url, opts.clone()).await.unwrap();
-    for n in 0..3 {
-        producer.publish(message("q", n)).unwrap();
-    }
-    producer.flush(Duration::from_secs(5)).await.unwrap();
+    let _producer = redis_publish(&opts, (0..3).map(|n| message("q", n, None))).await;
     {
         // Takes the messages and stops beating without acking or restoring (as if killed).
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let dead = RedisConsumer::connect(&url, &["q".into()], 3, opts.clone(), tx)
-            .await
-            .unwrap();
+        let (dead, mut rx) = redis_consumer(&["q"], 3, &opts).await;
         assert_eq!(take(&mut rx, 3, Duration::from_secs(5)).await, 3);
         dead.close();
     }
@@ -104,10 +51,7 @@ async fn a_live_consumer_returns_the_messages_of_a_dead_one() {
     // Before the heartbeat expires, nothing is taken back.
     assert_eq!(recover_dead(&mut conn, &opts, "me").await.unwrap(), 0);
     // A live consumer on another queue takes them back within a few heartbeats.
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let live = RedisConsumer::connect(&url, &["other".into()], 1, opts.clone(), tx)
-        .await
-        .unwrap();
+    let (live, _rx) = redis_consumer(&["other"], 1, &opts).await;
     let mut back = 0;
     for _ in 0..50 {
         back = llen(&mut conn, &format!("{prefix}:q")).await;
@@ -130,20 +74,11 @@ async fn a_live_consumer_returns_the_messages_of_a_dead_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_messages_of_a_live_consumer_stay_put() {
     let prefix = format!("rs-test-alive-{}", uuid::Uuid::new_v4());
-    let url = BrokerUrl::parse(URL).unwrap();
     let opts = options(&prefix);
-    let producer = RedisProducer::connect(&url, opts.clone()).await.unwrap();
-    producer.publish(message("q", 1)).unwrap();
-    producer.flush(Duration::from_secs(5)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let holder = RedisConsumer::connect(&url, &["q".into()], 1, opts.clone(), tx)
-        .await
-        .unwrap();
+    let _producer = redis_publish(&opts, [message("q", 1, None)]).await;
+    let (holder, mut rx) = redis_consumer(&["q"], 1, &opts).await;
     assert_eq!(take(&mut rx, 1, Duration::from_secs(5)).await, 1);
-    let (tx2, _rx2) = mpsc::unbounded_channel();
-    let other = RedisConsumer::connect(&url, &["other".into()], 1, opts.clone(), tx2)
-        .await
-        .unwrap();
+    let (other, _rx2) = redis_consumer(&["other"], 1, &opts).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut conn = redis().await;
     assert_eq!(llen(&mut conn, &format!("{prefix}:q")).await, 0);
@@ -155,17 +90,9 @@ async fn held_messages_of_a_live_consumer_stay_put() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_grows_and_shrinks() {
     let prefix = format!("rs-test-window-{}", uuid::Uuid::new_v4());
-    let url = BrokerUrl::parse(URL).unwrap();
     let opts = options(&prefix);
-    let producer = RedisProducer::connect(&url, opts.clone()).await.unwrap();
-    for n in 0..6 {
-        producer.publish(message("q", n)).unwrap();
-    }
-    producer.flush(Duration::from_secs(5)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = RedisConsumer::connect(&url, &["q".into()], 2, opts.clone(), tx)
-        .await
-        .unwrap();
+    let _producer = redis_publish(&opts, (0..6).map(|n| message("q", n, None))).await;
+    let (consumer, mut rx) = redis_consumer(&["q"], 2, &opts).await;
     assert_eq!(take(&mut rx, 6, Duration::from_millis(500)).await, 2);
     consumer.extend_window(2);
     assert_eq!(take(&mut rx, 6, Duration::from_millis(500)).await, 2);

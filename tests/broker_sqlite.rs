@@ -1,5 +1,7 @@
 //! The SQLite broker against real files in temporary directories.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,56 +11,14 @@ use _core::broker::sqlite::{
     SqliteOptions, SqliteProducer, APPLICATION_ID, SCHEMA_VERSION,
 };
 use _core::broker::url::BrokerUrl;
-use _core::broker::{BadMessage, Consumer, Fetched, IncomingMessage, Producer, TransportOptions};
+use _core::broker::{Consumer, Fetched, Producer, TransportOptions};
 use _core::error::Error;
-use _core::protocol::message::{
-    write_body, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
-};
+use _core::protocol::message::OutgoingMessage;
+use common::{message, tags, take, Taken};
 use tokio::sync::mpsc;
 
 fn url_for(path: &Path) -> BrokerUrl {
     BrokerUrl::parse(&format!("sqlite://{}", path.display())).expect("a sqlite URL")
-}
-
-fn message(queue: &str, n: usize, priority: Option<u8>) -> OutgoingMessage {
-    let id = format!("task-{n}");
-    let mut body = Vec::new();
-    write_body(
-        &mut body,
-        format!("[{n}]").as_bytes(),
-        b"{}",
-        EMPTY_EMBED.as_bytes(),
-    );
-    let mut properties = TaskProperties::json(id.clone(), String::new());
-    properties.priority = priority;
-    OutgoingMessage {
-        exchange: String::new(),
-        routing_key: queue.to_owned(),
-        headers: TaskHeaders::new("tests.noop".into(), id, "gen0@test".into()),
-        properties,
-        body,
-    }
-}
-
-type Taken = Result<IncomingMessage, BadMessage>;
-
-async fn take(rx: &mut mpsc::UnboundedReceiver<Fetched>, count: usize) -> Vec<Taken> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(Fetched::Message(message))) => out.push(message),
-            Ok(Some(Fetched::Error(err))) => panic!("fetch error: {err}"),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    out
-}
-
-fn tags(taken: &[Taken]) -> Vec<String> {
-    taken
-        .iter()
-        .map(|m| m.as_ref().expect("a valid message").delivery_tag.clone())
-        .collect()
 }
 
 fn task_ids(taken: &[Taken]) -> Vec<String> {

@@ -8,6 +8,8 @@ Every Redis key a test touches is namespaced by its queue name or task ids, and 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import importlib
 import json
 import os
@@ -30,27 +32,58 @@ import redis
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 PRIORITY_SEP = "\x06\x16"
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 20.0
+#: Longest wait for an expected event (a bound, never a speed check).
+EVENT_WAIT = 15.0
 
-#: The tutorial's tasks. ``CELERIAC_TEST_*`` come from the environment so the worker
-#: and the test process share one module text.
-TASKS_PY = '''\
+#: The top of every tasks module: ``app`` on the broker, result backend and default
+#: queue that :func:`worker_env` puts in the environment, so the worker and the test
+#: process share one module text.
+APP_HEADER = """\
 import os
-import time
-
-import redis
-
-from celeriac import Celery
+{imports}
+from {impl} import Celery
 
 app = Celery(
-    "tasks",
+    "{name}",
     broker=os.environ["CELERIAC_TEST_BROKER"],
     backend=os.environ["CELERIAC_TEST_BACKEND"],
 )
 app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+"""
 
+#: ``client()`` in a tasks module: the test Redis, where tasks leave what a test reads.
+REDIS_CLIENT_PY = """
+
+def client():
+    return redis.Redis(host="127.0.0.1", port=6379, db=0)
+"""
+
+
+def app_module(
+    name: str,
+    body: str,
+    *,
+    imports: tuple[str, ...] = (),
+    impl: str = "celeriac",
+    redis_client: bool = False,
+) -> str:
+    """The text of the tasks module ``name`` (its ``app`` is named ``name`` too):
+    :data:`APP_HEADER` for ``impl`` (``celeriac`` or ``celery``) with the ``imports``
+    lines, ``client()`` (:data:`REDIS_CLIENT_PY`) when ``redis_client``, then ``body``."""
+    if redis_client:
+        imports = (*imports, "import redis")
+    header = APP_HEADER.format(name=name, imports="\n".join(imports), impl=impl)
+    return header + (REDIS_CLIENT_PY if redis_client else "") + body
+
+
+#: The tutorial's tasks.
+TASKS_PY = app_module(
+    "tasks",
+    '''
 
 @app.task
 def add(x, y):
@@ -102,7 +135,9 @@ def flaky(self, succeed_after):
 @app.task(acks_late=True)
 def late(x):
     return x
-'''
+''',
+    imports=("import time", "import redis"),
+)
 
 
 def _client() -> redis.Redis:
@@ -147,6 +182,16 @@ def unacked_tags(client: redis.Redis, queue: str) -> list[str]:
     return tags
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 @pytest.fixture
 def queue_name(redis_client: redis.Redis) -> Iterator[str]:
     """A queue no other test uses; its lists, binding and unacked entries are removed."""
@@ -186,6 +231,24 @@ def result_keys(redis_client: redis.Redis) -> Iterator[ResultKeys]:
     keys = ResultKeys(redis_client)
     yield keys
     keys.clear()
+
+
+def task_meta(client: redis.Redis, task_id: str) -> dict[str, Any]:
+    """The stored ``celery-task-meta-*`` document of ``task_id`` (``{}`` when none)."""
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return json.loads(raw) if raw else {}
+
+
+def success_meta(task_id: str, result: Any) -> dict[str, Any]:
+    """The result document Celery stores for a task that returned ``result`` now."""
+    return {
+        "status": "SUCCESS",
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "task_id": task_id,
+    }
 
 
 def worker_env(queue: str, broker: str = REDIS_URL, backend: str = REDIS_URL) -> dict[str, str]:
@@ -349,6 +412,75 @@ def tasks_dir(tmp_path: Path, queue_name: str) -> Iterator[TasksDir]:
     yield tasks
     for name in ("tasks", "celeryconfig"):
         sys.modules.pop(name, None)
+
+
+Scratch = Callable[[str], str]
+
+
+@pytest.fixture
+def scratch(redis_client: redis.Redis, tasks_dir: TasksDir) -> Iterator[Scratch]:
+    """``scratch("name")``: a Redis key of this test's own (named after its queue),
+    removed afterwards."""
+    made: list[str] = []
+
+    def key(name: str) -> str:
+        made.append(f"{tasks_dir.queue}-{name}")
+        return made[-1]
+
+    yield key
+    if made:
+        redis_client.delete(*made)
+
+
+def delete_amqp(broker: str, *queues: str) -> None:
+    """Remove our durable queues and their same-named exchanges from RabbitMQ."""
+    from kombu import Connection
+
+    with contextlib.suppress(Exception), Connection(broker, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                channel.queue_delete(queue)
+            with contextlib.suppress(Exception):
+                channel.exchange_delete(queue)
+
+
+@pytest.fixture
+def on_rabbitmq(tasks_dir: TasksDir) -> Iterator[str]:
+    """Point this test's tasks modules (worker and client) at RabbitMQ, results in
+    Redis; the queue is removed from RabbitMQ afterwards."""
+    tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    yield tasks_dir.queue
+    delete_amqp(AMQP_URL, tasks_dir.queue)
+
+
+class EventLog:
+    """Events that arrive in another thread (``_on_event``), waited for with a bound."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], what: str, count: int = 1
+    ) -> list[dict[str, Any]]:
+        """The first ``count`` events that match; fail after ``EVENT_WAIT`` seconds."""
+        deadline = time.monotonic() + EVENT_WAIT
+        with self._cond:
+            while True:
+                found = [e for e in self.events if predicate(e)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(e["type"], e.get("uuid")) for e in self.events]
+                    pytest.fail(f"no {count} {what} within {EVENT_WAIT}s; saw {seen}")
+                self._cond.wait(min(left, 0.2))
 
 
 StartWorker = Callable[..., WorkerProcess]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,9 +11,8 @@ from typing import Any
 
 import pytest
 from celeriac import _core
-from conftest import REDIS_URL
+from conftest import AMQP_URL, REDIS_URL, delete_amqp
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 #: How long a consumer is watched not taking a message it must not take.
 QUIET = 1.5
 
@@ -39,15 +37,7 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         finally:
             client.close()
     else:
-        from kombu import Connection
-
-        with contextlib.suppress(Exception), Connection(url, connect_timeout=5) as conn:
-            channel = conn.default_channel
-            for name in names:
-                with contextlib.suppress(Exception):
-                    channel.queue_delete(name)
-                with contextlib.suppress(Exception):
-                    channel.exchange_delete(name)
+        delete_amqp(url, *names)
 
 
 def _fetch(consumer: _core.Consumer, want: int, timeout: float = 10.0) -> list[Any]:

@@ -21,6 +21,7 @@ import kombu.pools
 import pytest
 from celeriac import _core
 from celery.app.task import Context  # type: ignore[import-untyped]
+from conftest import success_meta
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.message import Message
@@ -32,17 +33,6 @@ MASKED = "amqp://guest:**@127.0.0.1:5672//"
 
 def unique(name: str) -> str:
     return f"py-amqp-{name}-{uuid.uuid4().hex}"
-
-
-def success(task_id: str, result: Any) -> dict[str, Any]:
-    return {
-        "status": "SUCCESS",
-        "result": result,
-        "traceback": None,
-        "children": [],
-        "date_done": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "task_id": task_id,
-    }
 
 
 @pytest.fixture
@@ -260,8 +250,8 @@ def test_rpc_results_reach_the_client(oid: str) -> None:
     worker = _core.Backend("rpc://", broker_url=BROKER)
     task_id = str(uuid.uuid4())
     worker.store(task_id, {"status": "STARTED", "result": None, "task_id": task_id}, reply_to=oid)
-    worker.store(task_id, success(task_id, [1, 2]), reply_to=oid, correlation_id=task_id)
-    worker.store("nowhere", success("nowhere", 1))  # no reply_to: nothing is sent
+    worker.store(task_id, success_meta(task_id, [1, 2]), reply_to=oid, correlation_id=task_id)
+    worker.store("nowhere", success_meta("nowhere", 1))  # no reply_to: nothing is sent
     worker.flush(10.0)
     meta = client.wait(task_id, 10.0)
     assert (meta["status"], meta["result"], meta["task_id"]) == ("SUCCESS", [1, 2], task_id)
@@ -285,7 +275,7 @@ def test_a_celery_client_reads_our_rpc_result(queue: str) -> None:
     worker = _core.Backend("rpc://", broker_url=BROKER)
     worker.store(
         delivery.id,
-        success(delivery.id, 5),
+        success_meta(delivery.id, 5),
         reply_to=delivery.reply_to,
         correlation_id=delivery.correlation_id,
     )

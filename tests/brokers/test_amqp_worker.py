@@ -10,29 +10,15 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from conftest import REDIS_URL, TASKS_PY, worker_env
+from conftest import AMQP_URL, REDIS_URL, TASKS_PY
 from kombu import Connection
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-@pytest.fixture
-def on_rabbitmq(tasks_dir: TasksDir) -> Iterator[str]:
-    """Point this test's tasks module (worker and client) at RabbitMQ."""
-    tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
-    yield tasks_dir.queue
-    with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(tasks_dir.queue)
-        channel.exchange_delete(tasks_dir.queue)
 
 
 def publish_raw(queue: str, body: bytes, **properties: object) -> None:

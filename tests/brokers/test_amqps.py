@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trustme
 from celeriac import Celery, _core
-from conftest import TASKS_PY, worker_env
+from conftest import AMQP_URL, TASKS_PY, delete_amqp, worker_env
 from kombu.connection import Connection
 
 if TYPE_CHECKING:
     from conftest import StartWorker, TasksDir
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 RABBIT = ("127.0.0.1", 5672)
 
 
@@ -160,10 +159,7 @@ def stranger() -> Iterator[TlsProxy]:
 def rabbit_queue() -> Iterator[str]:
     name = f"py-amqps-{uuid.uuid4().hex}"
     yield name
-    with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(name)
-        channel.exchange_delete(name)
+    delete_amqp(AMQP_URL, name)
 
 
 def tls_url(proxy: TlsProxy, scheme: str = "amqps", password: str = "guest") -> str:
@@ -205,9 +201,7 @@ def test_tutorial_over_amqps_with_rpc_results(
         assert proxy.handshakes >= 3
         assert proxy.failures == []
     finally:
-        with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-            conn.default_channel.queue_delete(tasks_dir.queue)
-            conn.default_channel.exchange_delete(tasks_dir.queue)
+        delete_amqp(AMQP_URL, tasks_dir.queue)
 
 
 def test_amqp_url_with_broker_use_ssl_speaks_tls(

@@ -7,38 +7,20 @@ Every wait is bounded; nothing asserts on speed (that is ``benches/``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import REDIS_URL, queue_length, unacked_tags, worker_env
+from conftest import app_module, queue_length, unacked_tags
 
 if TYPE_CHECKING:
-    from conftest import ResultKeys, RunCli, StartWorker, TasksDir
+    from conftest import ResultKeys, RunCli, Scratch, StartWorker, TasksDir
 
 pytestmark = pytest.mark.redis
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-ASYNC_PY = """\
-import asyncio
-import os
-
-import redis
-
-from celeriac import Celery
-from celeriac.exceptions import SoftTimeLimitExceeded
-
-app = Celery(
-    "atasks",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+ASYNC_BODY = """\
 if os.environ.get("ASYNC_CONCURRENCY"):
     app.conf.worker_async_concurrency = int(os.environ["ASYNC_CONCURRENCY"])
 
@@ -48,10 +30,6 @@ ENTER = (
     "if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end "
     "return n"
 )
-
-
-def client():
-    return redis.Redis(host="127.0.0.1", port=6379, db=0)
 
 
 @app.task
@@ -127,6 +105,13 @@ async def late(x):
     return x
 """
 
+ASYNC_PY = app_module(
+    "atasks",
+    ASYNC_BODY,
+    imports=("import asyncio", "from celeriac.exceptions import SoftTimeLimitExceeded"),
+    redis_client=True,
+)
+
 
 @pytest.fixture
 def atasks(tasks_dir: TasksDir) -> TasksDir:
@@ -135,18 +120,14 @@ def atasks(tasks_dir: TasksDir) -> TasksDir:
 
 
 @pytest.fixture
-def scratch(redis_client: redis.Redis, tasks_dir: TasksDir) -> Iterator[Any]:
-    """Unique Redis keys for a test (``scratch("name")``), removed afterwards."""
-    made: list[str] = []
+def scratch(scratch: Scratch) -> Scratch:
+    """``scratch("name")`` (conftest's), and its ``name-max`` twin removed too."""
 
     def key(name: str) -> str:
-        made.append(f"{tasks_dir.queue}-{name}")
-        made.append(f"{tasks_dir.queue}-{name}-max")
-        return made[-2]
+        scratch(f"{name}-max")
+        return scratch(name)
 
-    yield key
-    if made:
-        redis_client.delete(*made)
+    return key
 
 
 def _results(result_keys: ResultKeys, results: list[Any]) -> list[Any]:
@@ -291,18 +272,6 @@ def test_warm_shutdown_lets_running_coroutines_finish(
     assert process.stop() == 0  # SIGTERM now
     assert [r.get(timeout=10) for r in results] == [True] * 10
     assert "Restored" not in process.log  # nothing was left to put back
-
-
-@pytest.fixture
-def on_rabbitmq(atasks: TasksDir) -> Iterator[str]:
-    from kombu import Connection
-
-    atasks.env = worker_env(atasks.queue, AMQP_URL, REDIS_URL)
-    yield atasks.queue
-    with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        channel.queue_delete(atasks.queue)
-        channel.exchange_delete(atasks.queue)
 
 
 def test_async_tasks_on_rabbitmq(

@@ -20,6 +20,7 @@ import celery.result  # type: ignore[import-untyped]
 import pytest
 import redis
 from celeriac import _core
+from conftest import success_meta
 
 if TYPE_CHECKING:
     from conftest import ResultKeys
@@ -31,17 +32,6 @@ URL = "redis://127.0.0.1:6379/0"
 
 def new_id(result_keys: ResultKeys) -> str:
     return result_keys.add(f"celeriac-test-{uuid.uuid4()}")
-
-
-def success(task_id: str, result: Any) -> dict[str, Any]:
-    return {
-        "status": "SUCCESS",
-        "result": result,
-        "traceback": None,
-        "children": [],
-        "date_done": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "task_id": task_id,
-    }
 
 
 def later(delay: float, action: Any, *args: Any) -> threading.Thread:
@@ -81,7 +71,7 @@ def test_store_get_wait_forget(
 ) -> None:
     task_id = new_id(result_keys)
     assert backend.get_meta(task_id) is None
-    meta = success(task_id, [1, "two", {"three": 3.5}])
+    meta = success_meta(task_id, [1, "two", {"three": 3.5}])
     backend.store(task_id, meta)
     backend.flush()
     assert backend.get_meta(task_id) == meta
@@ -106,7 +96,7 @@ def test_wait_returns_a_later_ready_state_and_skips_progress(
             writer.store(task_id, {"status": "RETRY", "result": None, "task_id": task_id})
             writer.flush()
             time.sleep(0.2)
-            writer.store(task_id, success(task_id, 42))
+            writer.store(task_id, success_meta(task_id, 42))
             writer.flush()
 
         thread = later(0.2, progress)
@@ -146,7 +136,7 @@ def test_wait_releases_the_gil_for_many_threads(
         thread.start()
     time.sleep(0.2)
     for n, task_id in enumerate(ids):
-        backend.store(task_id, success(task_id, n))
+        backend.store(task_id, success_meta(task_id, n))
     for thread in threads:
         thread.join(20)
     assert results == {task_id: n for n, task_id in enumerate(ids)}
@@ -194,7 +184,7 @@ def test_types_round_trip(backend: _core.Backend, result_keys: ResultKeys) -> No
         "price": decimal.Decimal("1.50"),
         "raw": b"\xff\x00",
     }
-    meta = success(task_id, value)
+    meta = success_meta(task_id, value)
     backend.store(task_id, meta)
     assert backend.wait(task_id, timeout=5) == meta
     assert backend.get_meta(task_id) == meta
@@ -205,7 +195,7 @@ def test_unencodable_meta_raises_type_error_and_writes_nothing(
 ) -> None:
     task_id = new_id(result_keys)
     with pytest.raises(TypeError, match="object"):
-        backend.store(task_id, success(task_id, object()))
+        backend.store(task_id, success_meta(task_id, object()))
     with pytest.raises(TypeError, match="mapping"):
         backend.store(task_id, ["not", "a", "mapping"])  # type: ignore[arg-type]
     backend.flush()
@@ -223,7 +213,7 @@ def test_expiry_and_key_prefixes(redis_client: redis.Redis) -> None:
         store = _core.Backend(
             URL, expires=None, transport_options={"global_keyprefix": "celeriac-test"}
         )
-        store.store(task_id, success(task_id, 1))
+        store.store(task_id, success_meta(task_id, 1))
         store.close()
         assert redis_client.ttl(keys[0]) == -1
         store = _core.Backend(
@@ -232,7 +222,7 @@ def test_expiry_and_key_prefixes(redis_client: redis.Redis) -> None:
             key_prefix="my-prefix-",
             transport_options={"global_keyprefix": "celeriac-test:"},
         )
-        store.store(task_id, success(task_id, 2))
+        store.store(task_id, success_meta(task_id, 2))
         store.flush()
         assert 0 < redis_client.ttl(keys[1]) <= 60
         assert store.wait(task_id, timeout=5)["result"] == 2
@@ -271,12 +261,12 @@ def test_unreachable_redis_raises_operational_error_promptly() -> None:
 def test_a_closed_backend_raises_operational_error(result_keys: ResultKeys) -> None:
     store = _core.Backend(URL)
     task_id = new_id(result_keys)
-    meta = success(task_id, 1)
+    meta = success_meta(task_id, 1)
     store.store(task_id, meta)
     store.close()
     store.close()
     with pytest.raises(_core.OperationalError, match="closed"):
-        store.store(task_id, success(task_id, 2))
+        store.store(task_id, success_meta(task_id, 2))
     with pytest.raises(_core.OperationalError, match="closed"):
         store.wait(task_id, timeout=1)
     assert "127.0.0.1:6379" in repr(store)
@@ -290,7 +280,7 @@ def test_a_closed_backend_raises_operational_error(result_keys: ResultKeys) -> N
 def test_a_forked_child_builds_its_own_backend(result_keys: ResultKeys) -> None:
     inherited = _core.Backend(URL)
     task_id = new_id(result_keys)
-    inherited.store(task_id, success(task_id, "parent"))
+    inherited.store(task_id, success_meta(task_id, "parent"))
     inherited.flush()
     pid = os.fork()
     if pid == 0:  # the child: report through the exit status only
@@ -305,7 +295,7 @@ def test_a_forked_child_builds_its_own_backend(result_keys: ResultKeys) -> None:
             gc.collect()
             own = _core.Backend(URL)
             if own.get_meta(task_id)["result"] == "parent":  # type: ignore[index]
-                own.store(task_id, success(task_id, "child"))
+                own.store(task_id, success_meta(task_id, "child"))
                 own.flush()
                 if own.wait(task_id, timeout=5)["result"] == "child" and status == 2:
                     status = 0
@@ -373,7 +363,7 @@ def test_celeriac_writes_and_celery_reads(
 ) -> None:
     task_id = new_id(result_keys)
     when = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
-    backend.store(task_id, success(task_id, {"sum": 8, "when": when}))
+    backend.store(task_id, success_meta(task_id, {"sum": 8, "when": when}))
     backend.flush()
     result = celery.result.AsyncResult(task_id, app=celery_app)
     assert result.get(timeout=5) == {"sum": 8, "when": when}

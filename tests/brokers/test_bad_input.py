@@ -7,12 +7,12 @@ import base64
 import json
 import re
 import signal
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from conftest import queue_length, wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir, WorkerProcess
@@ -21,28 +21,12 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.redis
 
-SEP = "\x06\x16"
-
-
-def queue_length(client: redis.Redis, queue: str) -> int:
-    keys = [queue] + [f"{queue}{SEP}{step}" for step in (3, 6, 9)]
-    return sum(int(client.llen(key)) for key in keys)
-
 
 def unacked_for(client: redis.Redis, tags: list[str]) -> list[str]:
     if not tags:
         return []
     values = client.hmget("unacked", tags)
     return [tag for tag, value in zip(tags, values, strict=True) if value is not None]
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def envelope(queue: str, *, body: str, headers: dict[str, Any] | None, **props: Any) -> bytes:

@@ -17,53 +17,29 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from celeriac import _core
 from celeriac.events import EventReceiver
-from conftest import worker_env
+from conftest import EVENT_WAIT, EventLog, worker_env
 
 if TYPE_CHECKING:
     from conftest import StartWorker, TasksDir
-
-#: Longest wait for an expected event (a bound, never a speed check).
-EVENT_WAIT = 15.0
 
 #: Celery's fields of every event, and of the worker events.
 COMMON = {"type", "hostname", "timestamp", "utcoffset", "pid", "clock", "local_received"}
 WORKER = COMMON | {"freq", "active", "processed", "loadavg", "sw_ident", "sw_ver", "sw_sys"}
 
 
-class Capture:
+class Capture(EventLog):
     """An ``EventReceiver`` draining in a thread."""
 
     def __init__(self, app: Any) -> None:
+        super().__init__()
         self.receiver = EventReceiver(app, handlers={"*": self._on_event})
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
     def _run(self) -> None:
         while not self._stop.is_set():
             self.receiver.capture(limit=None, timeout=0.2)
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], what: str, count: int = 1
-    ) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + EVENT_WAIT
-        with self._cond:
-            while True:
-                found = [e for e in self.events if predicate(e)]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    seen = [(e["type"], e.get("uuid")) for e in self.events]
-                    pytest.fail(f"no {count} {what} within {EVENT_WAIT}s; saw {seen}")
-                self._cond.wait(min(left, 0.2))
 
     def stop(self) -> None:
         self._stop.set()

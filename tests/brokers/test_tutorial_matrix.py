@@ -9,19 +9,15 @@ supports: a real ``celeriac worker`` process and the test process as the client.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import REDIS_URL, worker_env
-from kombu import Connection
+from conftest import AMQP_URL, REDIS_URL, delete_amqp, worker_env
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 PAIRS = {
     "redis+redis": (REDIS_URL, REDIS_URL),
@@ -42,10 +38,7 @@ def pairing(
     yield broker, backend
     if broker.startswith("amqp"):
         # Our queue is durable (as Celery declares it): remove it.
-        with contextlib.suppress(Exception), Connection(broker, connect_timeout=5) as conn:
-            channel = conn.default_channel
-            channel.queue_delete(tasks_dir.queue)
-            channel.exchange_delete(tasks_dir.queue)
+        delete_amqp(broker, tasks_dir.queue)
 
 
 def test_delay_get_ready_and_state(

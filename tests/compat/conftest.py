@@ -12,6 +12,7 @@ are removed afterwards, as are the result keys of the task ids the test recorded
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,15 +22,16 @@ from typing import Any
 
 import pytest
 from conftest import (
+    AMQP_URL,
     READY_TIMEOUT,
     REDIS_URL,
     ResultKeys,
     TasksDir,
     WorkerProcess,
+    app_module,
+    delete_amqp,
     worker_env,
 )
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 #: broker + result backend pairs every interop test runs on.
 PAIRS = {
@@ -37,21 +39,8 @@ PAIRS = {
     "amqp-rpc": (AMQP_URL, "rpc://"),
 }
 
-#: One module text for both implementations; ``{impl}`` is ``celeriac`` or ``celery``.
-TASKS_TEMPLATE = '''\
-import os
-import time
-
-from {impl} import Celery
-
-import compat_errors
-
-app = Celery(
-    "{module}",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+#: One module body for both implementations (see :func:`compat_module`).
+TASKS_BODY = '''\
 app.conf.broker_connection_retry_on_startup = True
 if os.environ.get("CELERIAC_TEST_PROTOCOL"):
     app.conf.task_protocol = int(os.environ["CELERIAC_TEST_PROTOCOL"])
@@ -65,12 +54,12 @@ def add(x, y):
 @app.task(name="compat.echo")
 def echo(*args, **kwargs):
     """The arguments as received, and their type names (proof of decoding)."""
-    return {{
+    return {
         "args": list(args),
         "kwargs": kwargs,
         "arg_types": [type(a).__name__ for a in args],
-        "kwarg_types": {{k: type(v).__name__ for k, v in kwargs.items()}},
-    }}
+        "kwarg_types": {k: type(v).__name__ for k, v in kwargs.items()},
+    }
 
 
 @app.task(name="compat.fail")
@@ -101,9 +90,9 @@ def give_up(self):
 def info(self):
     """What the worker read from the message."""
     req = self.request
-    delivery_info = req.delivery_info or {{}}
+    delivery_info = req.delivery_info or {}
     timelimit = req.timelimit
-    return {{
+    return {
         "id": req.id,
         "retries": req.retries,
         "eta": req.eta if req.eta is None else str(req.eta),
@@ -113,7 +102,7 @@ def info(self):
         "root_id": req.root_id,
         "parent_id": req.parent_id,
         "now": time.time(),
-    }}
+    }
 
 
 @app.task(name="compat.sleep")
@@ -130,14 +119,21 @@ class CustomError(Exception):
 '''
 
 
+def compat_module(impl: str, module: str) -> str:
+    """The tasks module ``module`` on ``impl`` (``celeriac`` or ``celery``)."""
+    return app_module(
+        module, TASKS_BODY, imports=("import time", "import compat_errors"), impl=impl
+    )
+
+
 class CompatDir(TasksDir):
     """The test directory with ``compat_tasks`` (celeriac) and ``celery_tasks``."""
 
     def __init__(self, path: Path, queue: str) -> None:
         super().__init__(path, queue)
         self.write("compat_errors.py", ERRORS_PY)
-        self.write("compat_tasks.py", TASKS_TEMPLATE.format(impl="celeriac", module="compat_tasks"))
-        self.write("celery_tasks.py", TASKS_TEMPLATE.format(impl="celery", module="celery_tasks"))
+        self.write("compat_tasks.py", compat_module("celeriac", "compat_tasks"))
+        self.write("celery_tasks.py", compat_module("celery", "celery_tasks"))
 
     def celeriac_app(self) -> ModuleType:
         return self.import_module("compat_tasks")
@@ -166,17 +162,30 @@ def compat(
         delete_amqp(broker, queue_name)
 
 
-def delete_amqp(broker: str, *queues: str) -> None:
-    """Remove our durable queues and their exchanges from RabbitMQ."""
-    from kombu import Connection
+def node_name() -> str:
+    """A celeriac node name of its own: no other worker on the broker answers to it."""
+    return f"celeriac-{uuid.uuid4().hex[:8]}@test"
 
-    with contextlib.suppress(Exception), Connection(broker, connect_timeout=5) as conn:
-        channel = conn.default_channel
-        for queue in queues:
-            with contextlib.suppress(Exception):
-                channel.queue_delete(queue)
-            with contextlib.suppress(Exception):
-                channel.exchange_delete(queue)
+
+def _cli(compat: CompatDir, program: str, app: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", program, "-A", app, *args],
+        cwd=compat.path,
+        env=compat.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def celeriac_cli(compat: CompatDir, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celeriac -A compat_tasks *args`` run to completion in the test's directory."""
+    return _cli(compat, "celeriac", "compat_tasks", *args)
+
+
+def celery_cli(compat: CompatDir, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A celery_tasks *args`` run to completion in the test's directory."""
+    return _cli(compat, "celery", "celery_tasks", *args)
 
 
 def celery_argv(app: str, queue: str, *extra: str) -> list[str]:

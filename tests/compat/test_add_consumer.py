@@ -9,16 +9,14 @@ stays in the queue (its length on the broker says so) while ``a`` is still serve
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery import Celery
+from conftest import delete_amqp, queue_keys, queue_length
 
-from compat.conftest import delete_amqp
+from compat.conftest import celeriac_cli, node_name
 
 if TYPE_CHECKING:
     from compat.conftest import CompatDir
@@ -28,10 +26,6 @@ TIMEOUT = 3.0
 UNCONSUMED_WAIT = 2.0
 
 
-def _node() -> str:
-    return f"celeriac-{uuid.uuid4().hex[:8]}@test"
-
-
 def _queue_length(broker: str, queue: str) -> int:
     """Messages waiting in ``queue`` on the broker (kombu's lists on Redis)."""
     if broker.startswith("redis"):
@@ -39,8 +33,7 @@ def _queue_length(broker: str, queue: str) -> int:
 
         client = redis.Redis.from_url(broker)
         try:
-            keys = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
-            return sum(int(client.llen(key)) for key in keys)
+            return queue_length(client, queue)
         finally:
             client.close()
     from kombu import Connection
@@ -60,17 +53,6 @@ def _stays_queued(broker: str, queue: str, count: int) -> bool:
     return _queue_length(broker, queue) == count
 
 
-def _celeriac_cli(compat: CompatDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "celeriac", "-A", "compat_tasks", *args],
-        cwd=compat.path,
-        env=compat.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def _queues(client: Celery, node: str) -> list[str]:
     inspect = client.control.inspect(destination=[node], timeout=TIMEOUT)
     got = inspect.active_queues()
@@ -84,7 +66,7 @@ def _purge(broker: str, queue: str) -> None:
 
         client = redis.Redis.from_url(broker)
         try:
-            client.delete(queue, *(f"{queue}\x06\x16{step}" for step in (3, 6, 9)))
+            client.delete(*queue_keys(queue))
         finally:
             client.close()
 
@@ -96,7 +78,7 @@ def test_celery_client_adds_and_cancels_a_consumer(
     broker = compat.env["CELERIAC_TEST_BROKER"]
     if pool == "prefork" and not broker.startswith("redis"):
         pytest.skip("the prefork case runs on Redis")
-    node = _node()
+    node = node_name()
     extra = ("-c", "2") if pool == "prefork" else ()
     worker = start_worker("celeriac", "-n", node, *extra, pool=pool)
     other = f"{compat.queue}.b"
@@ -135,18 +117,16 @@ def test_celery_client_adds_and_cancels_a_consumer(
 
 def test_celeriac_cli_adds_a_consumer(compat: CompatDir, start_worker: Any) -> None:
     broker = compat.env["CELERIAC_TEST_BROKER"]
-    node = _node()
+    node = node_name()
     start_worker("celeriac", "-n", node)
     other = f"{compat.queue}.b"
     try:
-        added = _celeriac_cli(compat, "control", "add_consumer", other, "-d", node, "-t", "3")
+        added = celeriac_cli(compat, "control", "add_consumer", other, "-d", node, "-t", "3")
         assert added.returncode == 0, added.stderr
         assert f"add consumer {other}" in added.stdout
         sender = compat.celery_app().app
         assert sender.send_task("compat.add", (3, 3), queue=other).get(timeout=10) == 6
-        cancelled = _celeriac_cli(
-            compat, "control", "cancel_consumer", other, "-d", node, "-t", "3"
-        )
+        cancelled = celeriac_cli(compat, "control", "cancel_consumer", other, "-d", node, "-t", "3")
         assert cancelled.returncode == 0, cancelled.stderr
         assert f"no longer consuming from {other}" in cancelled.stdout
     finally:
@@ -156,7 +136,7 @@ def test_celeriac_cli_adds_a_consumer(compat: CompatDir, start_worker: Any) -> N
 
 def test_bad_queue_names_get_an_error_reply(compat: CompatDir, start_worker: Any) -> None:
     broker = compat.env["CELERIAC_TEST_BROKER"]
-    node = _node()
+    node = node_name()
     start_worker("celeriac", "-n", node)
     client = Celery("add-consumer-client", broker=broker, set_as_current=False)
     try:

@@ -19,6 +19,8 @@ import pytest
 from celeriac import _core, control
 from celery import Celery
 
+from compat.conftest import celeriac_cli, celery_cli, node_name
+
 if TYPE_CHECKING:
     from compat.conftest import CompatDir
 
@@ -29,34 +31,8 @@ def _client(broker: str) -> Any:
     return Celery("control-client", broker=broker, set_as_current=False)
 
 
-def _node() -> str:
-    return f"celeriac-{uuid.uuid4().hex[:8]}@test"
-
-
-def _celery_cli(compat: CompatDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "celery_tasks", *args],
-        cwd=compat.path,
-        env=compat.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _celeriac_cli(compat: CompatDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "celeriac", "-A", "compat_tasks", *args],
-        cwd=compat.path,
-        env=compat.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_celery_client_controls_celeriac_worker(compat: CompatDir, start_worker: Any) -> None:
-    node = _node()
+    node = node_name()
     worker = start_worker("celeriac", "-n", node)
     client = _client(compat.env["CELERIAC_TEST_BROKER"])
     try:
@@ -163,19 +139,19 @@ def test_celery_client_controls_celeriac_worker(compat: CompatDir, start_worker:
 
 
 def test_celery_cli_reaches_celeriac_worker(compat: CompatDir, start_worker: Any) -> None:
-    node = _node()
+    node = node_name()
     start_worker("celeriac", "-n", node)
-    ping = _celery_cli(compat, "inspect", "ping", "-d", node, "-t", "3")
+    ping = celery_cli(compat, "inspect", "ping", "-d", node, "-t", "3")
     assert ping.returncode == 0, ping.stderr
     assert f"->  {node}: OK\n        pong" in ping.stdout
     assert "1 node online." in ping.stdout
-    done = _celery_cli(compat, "control", "rate_limit", "compat.add", "10/m", "-d", node, "-t", "3")
+    done = celery_cli(compat, "control", "rate_limit", "compat.add", "10/m", "-d", node, "-t", "3")
     assert done.returncode == 0, done.stderr
     assert f"->  {node}: OK\n        new rate limit set successfully" in done.stdout
-    registered = _celery_cli(compat, "inspect", "registered", "-d", node, "-t", "3")
+    registered = celery_cli(compat, "inspect", "registered", "-d", node, "-t", "3")
     assert "* compat.add [rate_limit=10/m]" in registered.stdout
     # celeriac's command line prints the same text for the same replies.
-    ours = _celeriac_cli(compat, "inspect", "registered", "-d", node, "-t", "3")
+    ours = celeriac_cli(compat, "inspect", "registered", "-d", node, "-t", "3")
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == registered.stdout
 
@@ -183,7 +159,7 @@ def test_celery_cli_reaches_celeriac_worker(compat: CompatDir, start_worker: Any
 def test_prefork_worker_answers_once_and_children_apply(
     compat: CompatDir, start_worker: Any
 ) -> None:
-    node = _node()
+    node = node_name()
     worker = start_worker("celeriac", "-n", node, "-c", "2", pool="prefork")
     client = _client(compat.env["CELERIAC_TEST_BROKER"])
     try:
@@ -253,7 +229,7 @@ def test_prefork_worker_answers_once_and_children_apply(
 
 
 def test_malformed_pidbox_messages_are_logged(compat: CompatDir, start_worker: Any) -> None:
-    node = _node()
+    node = node_name()
     worker = start_worker("celeriac", "-n", node)
     broker = compat.env["CELERIAC_TEST_BROKER"]
     if broker.startswith("redis"):
@@ -296,12 +272,12 @@ def test_celeriac_client_reaches_celery_worker(compat: CompatDir, start_worker: 
     ours = [r for r in replies if next(iter(r)).startswith("celery-")]
     assert ours and all(next(iter(r.values())) == {"ok": "pong"} for r in ours)
     node = next(iter(ours[0]))
-    cli = _celeriac_cli(compat, "control", "rate_limit", "compat.add", "5/s", "-d", node, "-t", "3")
+    cli = celeriac_cli(compat, "control", "rate_limit", "compat.add", "5/s", "-d", node, "-t", "3")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == f"->  {node}: OK\n        new rate limit set successfully\n"
-    stats = _celeriac_cli(compat, "inspect", "stats", "-d", node, "-t", "3")
+    stats = celeriac_cli(compat, "inspect", "stats", "-d", node, "-t", "3")
     assert "celery.concurrency.solo:TaskPool" in stats.stdout
-    status = _celeriac_cli(compat, "status", "-d", node, "-t", "3")
+    status = celeriac_cli(compat, "status", "-d", node, "-t", "3")
     assert status.stdout == f"->  {node}: OK\n\n1 node online.\n"
 
 
@@ -324,7 +300,7 @@ def test_events_dump_shows_celery_and_celeriac_workers(
     )
     try:
         dump.wait_for("-> evdump: starting capture...", timeout=15)
-        node = _node()
+        node = node_name()
         start_worker("celeriac", "-n", node, "-E")
         start_worker("celery", "-E")
         sender = compat.celery_app().app
@@ -354,12 +330,12 @@ def test_purge_on_both_brokers(compat: CompatDir) -> None:
     sender = compat.celery_app().app
     for x in range(2):
         sender.send_task("compat.add", (x, 1), queue=compat.queue)
-    purged = _celeriac_cli(compat, "purge", "-f", "-Q", compat.queue)
+    purged = celeriac_cli(compat, "purge", "-f", "-Q", compat.queue)
     assert purged.returncode == 0, purged.stderr
     assert purged.stdout == "Purged 2 messages from 1 known task queue.\n"
-    empty = _celeriac_cli(compat, "purge", "-f", "-Q", compat.queue)
+    empty = celeriac_cli(compat, "purge", "-f", "-Q", compat.queue)
     assert empty.stdout == "No messages purged from 1 queue.\n"
-    missing = _celeriac_cli(compat, "purge", "-f", "-Q", f"{compat.queue}-missing")
+    missing = celeriac_cli(compat, "purge", "-f", "-Q", f"{compat.queue}-missing")
     assert missing.returncode == 0, missing.stderr
     assert missing.stdout == "No messages purged from 1 queue.\n"
 
@@ -372,7 +348,7 @@ def test_amqp_pidbox_queues_match_celery(compat: CompatDir, start_worker: Any) -
     if not compat.env["CELERIAC_TEST_BROKER"].startswith("amqp"):
         pytest.skip("AMQP declarations")
     rabbitmqctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    node = _node()
+    node = node_name()
     start_worker("celeriac", "-n", node)
     start_worker("celery")
     listed = subprocess.run(
@@ -420,7 +396,7 @@ def test_celery_worker_mingles_with_celeriac_worker(compat: CompatDir, start_wor
 
     from compat.conftest import celery_argv
 
-    node = _node()
+    node = node_name()
     start_worker("celeriac", "-n", node)
     app = compat.celeriac_app().app
     revoked_id = str(uuid.uuid4())

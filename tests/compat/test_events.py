@@ -17,24 +17,21 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from celery import Celery
 from celery.events.state import State
+from conftest import EVENT_WAIT, EventLog
 
 if TYPE_CHECKING:
     from conftest import ResultKeys
 
     from compat.conftest import CompatDir
 
-#: Longest wait for an expected event (a bound, never a speed check).
-EVENT_WAIT = 15.0
 
-
-class Capture:
+class Capture(EventLog):
     """Celery's EventReceiver in a thread, feeding Flower's ``State``."""
 
     def __init__(self, broker: str) -> None:
+        super().__init__()
         self.app = Celery("monitor", broker=broker, set_as_current=False)
         self.state = State()
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
         self._ready = threading.Event()
         self._receiver: Any = None
         self._error: BaseException | None = None
@@ -70,8 +67,7 @@ class Capture:
     def _on_event(self, event: dict[str, Any]) -> None:
         with self._cond:
             self.state.event(event)
-            self.events.append(event)
-            self._cond.notify_all()
+            super()._on_event(event)
 
     def _run(self) -> None:
         capture = self
@@ -90,21 +86,6 @@ class Capture:
         except BaseException as exc:
             self._error = exc
             self._ready.set()
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], what: str, count: int = 1
-    ) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + EVENT_WAIT
-        with self._cond:
-            while True:
-                found = [e for e in self.events if predicate(e)]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    types = [(e["type"], e.get("uuid")) for e in self.events]
-                    raise AssertionError(f"no {what} within {EVENT_WAIT}s; got {types}")
-                self._cond.wait(min(left, 0.2))
 
     def task_events(self, task_id: str) -> list[str]:
         with self._cond:
