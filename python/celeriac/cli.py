@@ -36,6 +36,27 @@ POOL_CHOICES = ("prefork", "solo", "threads")
 POOL_ALIASES = {"processes": "prefork"}
 PLANNED_POOLS = ("eventlet", "gevent")
 LOGLEVELS = ("debug", "info", "warning", "error", "critical")
+#: Celery couldn't create the pidfile (sysexits' EX_CANTCREAT), as ``celery worker`` exits.
+EX_CANTCREAT = 73
+
+#: Celery ``worker`` options celeriac does not have: ``(flags, takes a value)``. Each is
+#: parsed (so the error names it) and refused before anything starts.
+UNSUPPORTED_WORKER_OPTIONS: tuple[tuple[tuple[str, ...], bool], ...] = (
+    (("-B", "--beat"), False),
+    (("-s", "--schedule", "--schedule-filename"), True),
+    (("--scheduler",), True),
+    (("-D", "--detach"), False),
+    (("-S", "--statedb"), True),
+)
+UNSUPPORTED_HELP = {
+    "--beat": "celeriac has no periodic task scheduler (beat)",
+    "--schedule-filename": "it names the schedule file of the embedded beat (-B), which "
+    "celeriac does not have",
+    "--scheduler": "it names the scheduler of the embedded beat (-B), which celeriac does not have",
+    "--detach": "run the worker in the foreground under a service manager (systemd, "
+    "supervisord) instead",
+    "--statedb": "celeriac keeps revoked task ids in memory only",
+}
 
 
 class UsageError(Exception):
@@ -107,6 +128,21 @@ def _multiplier(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (unbounded) or more, not {number}")
     return number
+
+
+def _autoscale(value: str) -> tuple[int, int]:
+    """Celery's ``--autoscale``: ``MAX,MIN`` or ``MAX`` (the larger is the maximum)."""
+    parts = value.split(",")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: give MAX,MIN or MAX (two numbers at most)")
+    try:
+        numbers = sorted((int(part) for part in parts), reverse=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not MAX,MIN (whole numbers)") from None
+    most, least = numbers[0], numbers[1] if len(numbers) == 2 else 0
+    if least < 0 or most < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: MAX must be at least 1 and MIN at least 0")
+    return most, least
 
 
 def _pool(value: str) -> str:
@@ -230,8 +266,11 @@ def build_parser() -> _Parser:
     worker.add_argument(
         "-E",
         "--task-events",
+        "--events",
         action="store_true",
-        help="send task events (accepted; celeriac does not send events yet)",
+        help="send task events (task-received, -started, -succeeded, -failed, ...) for "
+        "monitors such as Flower and 'celeriac events' (worker_send_task_events); worker "
+        "events (online, heartbeat, offline) are sent without it",
     )
     worker.add_argument(
         "--prefetch-multiplier",
@@ -243,12 +282,82 @@ def build_parser() -> _Parser:
     )
     worker.add_argument(
         "-O",
+        "--optimization",
         dest="optimization",
         choices=("default", "fair"),
         default=None,
-        help="scheduling optimization (accepted for Celery compatibility; "
-        "celeriac always schedules fairly)",
+        help="scheduling profile (in Celery 5 both hand a task only to an idle child). "
+        "Accepted, no effect: the threads pool starts a task on whichever thread is free, "
+        "but each prefork child prefetches its own share of messages (the prefetch "
+        "multiplier) and runs them in turn (use --prefetch-multiplier 1 for long tasks)",
     )
+    worker.add_argument(
+        "-f",
+        "--logfile",
+        default=None,
+        metavar="FILE",
+        help="log to FILE instead of stderr (reopened when moved, for logrotate). Expands "
+        "%%n (node name), %%h (node host), %%d (domain), %%p (full node name), "
+        "%%i (prefork child index, 0 in the main process), %%I (-index, or nothing)",
+    )
+    worker.add_argument(
+        "--pidfile",
+        default=None,
+        metavar="FILE",
+        help="write the worker's pid to FILE, removed on exit; refuse to start when FILE "
+        "names a running process (a stale one is replaced). Expands %%n, %%h, %%d, %%p",
+    )
+    worker.add_argument(
+        "--purge",
+        "--discard",
+        dest="purge",
+        action="store_true",
+        help="erase every message of the consumed queues before starting (no undo)",
+    )
+    worker.add_argument(
+        "--without-heartbeat",
+        action="store_true",
+        help="send no worker events (online, heartbeat, offline): monitors then show the "
+        "worker offline",
+    )
+    worker.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between worker-heartbeat events (default: 2)",
+    )
+    worker.add_argument(
+        "--without-mingle",
+        action="store_true",
+        help="send no start-up hello to other workers (accepted: celeriac never sends one; "
+        "it answers theirs)",
+    )
+    worker.add_argument(
+        "--without-gossip",
+        action="store_true",
+        help="do not follow other workers' events (accepted: celeriac never does)",
+    )
+    worker.add_argument(
+        "--autoscale",
+        type=_autoscale,
+        default=None,
+        metavar="MAX,MIN",
+        help="celeriac does not resize the pool by load yet: runs a fixed pool of MAX "
+        "(overriding -c) and logs a warning",
+    )
+    unsupported = worker.add_argument_group(
+        "Celery options celeriac does not support yet (giving one is an error)"
+    )
+    for flags, takes_value in UNSUPPORTED_WORKER_OPTIONS:
+        dest = flags[-1].lstrip("-").replace("-", "_")
+        help_text = UNSUPPORTED_HELP[flags[-1]]
+        if takes_value:
+            unsupported.add_argument(*flags, dest=dest, metavar="VALUE", help=help_text)
+        else:
+            unsupported.add_argument(
+                *flags, dest=dest, action="store_true", default=None, help=help_text
+            )
 
     _add_remote_parsers(commands)
     _add_tool_parsers(commands)
@@ -432,22 +541,54 @@ def _prepare_app(ns: argparse.Namespace) -> Celeriac:
 
 def _cmd_worker(ns: argparse.Namespace) -> int:
     from celeriac.worker import Worker, WorkerError, WorkerOptions
+    from celeriac.worker.log import logger as worker_logger
     from celeriac.worker.log import parse_loglevel, setup_logging
-    from celeriac.worker.options import expand_nodename, split_names
+    from celeriac.worker.options import (
+        Pidfile,
+        PidfileLocked,
+        expand_nodename,
+        node_format,
+        split_names,
+    )
 
+    for flags, _ in UNSUPPORTED_WORKER_OPTIONS:
+        if getattr(ns, flags[-1].lstrip("-").replace("-", "_"), None) is not None:
+            raise UsageError(
+                f"{'/'.join(flags[:2])} is not supported by celeriac yet: "
+                f"{UNSUPPORTED_HELP[flags[-1]]}"
+            )
     try:
-        expand_nodename(ns.hostname)
+        nodename = expand_nodename(ns.hostname)
     except ValueError as exc:
         raise UsageError(f"argument -n/--hostname: {exc}") from None
+    pidfile_path = None
+    for flag, template in (("-f/--logfile", ns.logfile), ("--pidfile", ns.pidfile)):
+        if template is None:
+            continue
+        try:
+            path = node_format(template, nodename)
+        except ValueError as exc:
+            raise UsageError(f"argument {flag}: {exc}") from None
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path.strip() or os.path.isdir(path):
+            raise UsageError(f"argument {flag}: {path!r} is not a file name")
+        if not os.path.isdir(folder):
+            problem = "is not a directory" if os.path.exists(folder) else "does not exist"
+            raise UsageError(f"argument {flag}: the directory {folder} {problem}")
+        if flag == "--pidfile":
+            pidfile_path = path
     queues = split_names(ns.queues)
     excluded = split_names(ns.exclude_queues)
     if ns.queues is not None and not queues:
         raise UsageError("argument -Q/--queues: no queue names given")
     level = parse_loglevel(ns.loglevel)
+    concurrency = ns.concurrency
+    if ns.autoscale is not None:
+        concurrency = ns.autoscale[0]  # Celery too ignores -c with --autoscale
     app = _prepare_app(ns)
     options = WorkerOptions(
         hostname=ns.hostname,
-        concurrency=ns.concurrency,
+        concurrency=concurrency,
         pool=ns.pool,
         queues=queues,
         exclude_queues=excluded,
@@ -458,13 +599,92 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         max_memory_per_child=ns.max_memory_per_child,
         time_limit=ns.time_limit,
         soft_time_limit=ns.soft_time_limit,
+        logfile=ns.logfile,
+        pidfile=pidfile_path,
+        purge=ns.purge,
+        heartbeat=not ns.without_heartbeat,
+        heartbeat_interval=ns.heartbeat_interval,
+        mingle=not ns.without_mingle,
+        gossip=not ns.without_gossip,
     )
     try:
         worker = Worker(app, options)
     except WorkerError as exc:
         raise UsageError(str(exc)) from None
-    setup_logging(level)
-    return worker.run()
+    try:
+        setup_logging(level, ns.logfile, worker.nodename)
+    except OSError as exc:
+        raise UsageError(
+            f"argument -f/--logfile: cannot write {exc.filename}: {exc.strerror}"
+        ) from None
+    if ns.autoscale is not None:
+        most, least = ns.autoscale
+        worker_logger.warning(
+            "--autoscale=%d,%d: celeriac does not resize the pool by load yet; "
+            "running a fixed pool of %d (the maximum).",
+            most,
+            least,
+            worker.concurrency,
+        )
+    pidfile = None
+    if pidfile_path is not None:
+        pidfile = Pidfile(pidfile_path)
+        try:
+            pidfile.acquire()
+        except PidfileLocked as exc:
+            print(
+                f"{PROG} worker: error: the pidfile {exc.path} exists and names process "
+                f"{exc.pid}, which is running: is this worker already running? "
+                "(remove the file if not)",
+                file=sys.stderr,
+            )
+            return EX_CANTCREAT
+        except OSError as exc:
+            raise UsageError(
+                f"argument --pidfile: cannot write {pidfile.path}: {exc.strerror or exc}"
+            ) from None
+        if pidfile.replaced:
+            worker_logger.warning(
+                "Replaced the stale pidfile %s (%s).", pidfile.path, pidfile.replaced
+            )
+        worker.pidfile = pidfile
+    try:
+        if options.purge:
+            _purge_queues(app, worker.queues)
+        return worker.run()
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+
+
+def _purge_queues(app: Celeriac, queues: list[str]) -> None:
+    """``worker --purge``: erase the messages of the queues about to be consumed."""
+    from celeriac.control import _mailbox
+    from celeriac.worker.worker import _scrub
+
+    def clean(exc: Exception) -> str:
+        return _scrub(str(exc), app.broker_url, app.broker_url_masked)
+
+    try:
+        mailbox = _mailbox(app)
+    except ValueError as exc:
+        raise UsageError(f"--purge: {clean(exc)}") from None
+    except Exception as exc:
+        raise AppError(f"--purge: cannot reach the broker: {clean(exc)}") from None
+    try:
+        count = sum(mailbox.purge(name) for name in queues)
+    except Exception as exc:
+        raise AppError(
+            f"--purge: cannot erase the queues {', '.join(queues)}: {clean(exc)}"
+        ) from None
+    finally:
+        mailbox.close()
+    if count:  # as Celery: a line on stdout, only when something was erased
+        print(
+            f"purge: discarded {count} {_plural(count, 'message')} "
+            f"from {_plural(len(queues), 'queue')} {', '.join(queues)}.",
+            flush=True,
+        )
 
 
 # -- remote control, as Celery's ``inspect``/``control``/``status`` -----------------

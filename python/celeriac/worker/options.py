@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
@@ -36,6 +38,22 @@ class WorkerOptions:
     max_memory_per_child: int | None = None
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    #: ``-f``: the log file template (``%n``, ``%i``, ... expanded per process); None: stderr.
+    logfile: str | None = None
+    #: ``--pidfile``, already expanded: the supervisor's pid is written there.
+    pidfile: str | None = None
+    #: ``--purge``: empty the consumed queues before consuming.
+    purge: bool = False
+    #: False with ``--without-heartbeat``: no worker-online/heartbeat/offline events.
+    heartbeat: bool = True
+    #: ``--heartbeat-interval``: seconds between worker-heartbeat events (None: 2).
+    heartbeat_interval: float | None = None
+    #: False with ``--without-mingle``. celeriac sends no start-up ``hello`` either way
+    #: (it answers other workers' ones); kept for when it does.
+    mingle: bool = True
+    #: False with ``--without-gossip``. celeriac does not gossip (it never reads other
+    #: workers' events); accepted so Celery command lines run unchanged.
+    gossip: bool = True
 
 
 def split_names(values: list[str] | None) -> list[str]:
@@ -72,6 +90,126 @@ def expand_nodename(template: str, host: str | None = None) -> str:
         return keys[key]
 
     return _FORMAT_KEY.sub(resolve, full)
+
+
+def node_format(template: str, nodename: str, index: int | None = None) -> str:
+    """Celery's expansion of file names (``-f``, ``--pidfile``) for node ``nodename``:
+    ``%p`` (the full node name), ``%n`` (its name part), ``%h`` (its host), ``%d`` (the
+    host's domain), ``%i`` (the prefork child's index from 1, or 0 in the main process),
+    ``%I`` (``-<index>`` in a child, empty in the main process), ``%%``.
+    Unknown ``%x`` keys raise ``ValueError``."""
+    name, at, host = nodename.partition("@")
+    if not at:
+        name, host = "", nodename
+    host = host or socket.gethostname()
+    keys = {
+        "p": nodename,
+        "n": name or "celery",
+        "h": host,
+        "d": host.partition(".")[2],
+        "i": str(index) if index else "0",
+        "I": f"-{index}" if index else "",
+        "%": "%",
+    }
+
+    def resolve(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in keys:
+            raise ValueError(f"unknown format key %{key} in {template!r}")
+        return keys[key]
+
+    return _FORMAT_KEY.sub(resolve, template)
+
+
+def per_process(template: str) -> bool:
+    """Whether the file name differs per prefork child (it has ``%i`` or ``%I``)."""
+    return any(m.group(1) in "iI" for m in _FORMAT_KEY.finditer(template))
+
+
+class PidfileLocked(Exception):
+    """The pidfile exists and names a process that runs."""
+
+    def __init__(self, path: str, pid: int) -> None:
+        super().__init__(path, pid)
+        self.path = path
+        self.pid = pid
+
+
+class Pidfile:
+    """The worker's pidfile, kept as Celery keeps it: created exclusively with the pid
+    and a newline; one naming a process that runs refuses the start (``PidfileLocked``);
+    a stale one (the process is gone, or the file cannot be read) is replaced; removed
+    on exit by the process that wrote it (never by a forked child)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.pid: int | None = None
+        #: Why an existing file was replaced (for the log), or None.
+        self.replaced: str | None = None
+
+    def read_pid(self) -> int | None:
+        """The pid in the file; None if it has none (empty, partial, not a number).
+        ``FileNotFoundError`` when there is no file."""
+        with open(self.path, encoding="ascii", errors="replace") as fh:
+            line = fh.readline()
+        if not line.endswith("\n"):
+            return None
+        try:
+            pid = int(line.strip())
+        except ValueError:
+            return None
+        return pid if pid > 0 else None
+
+    def acquire(self) -> None:
+        """Write our pid. ``PidfileLocked`` if a running process holds the file,
+        ``OSError`` if it cannot be written."""
+        for _ in range(3):
+            self._remove_if_stale()
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue  # another process wrote it since we looked: look again
+            pid = os.getpid()
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{pid}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.pid = pid
+            return
+        raise OSError(errno.EEXIST, "the file keeps being recreated by another process")
+
+    def _remove_if_stale(self) -> None:
+        try:
+            pid = self.read_pid()
+        except FileNotFoundError:
+            return
+        if pid is None:
+            self.replaced = "it holds no pid"
+        elif pid == os.getpid():
+            self.replaced = "it names this process"  # e.g. pid 1 again in a container
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.replaced = f"no process {pid} runs"
+            except PermissionError:
+                # As Celery: another user's process took the pid; ours is gone.
+                self.replaced = f"process {pid} is not this user's"
+            else:
+                raise PidfileLocked(self.path, pid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def release(self) -> None:
+        """Remove the file if this process wrote it and it still names this process."""
+        if self.pid is None or self.pid != os.getpid():
+            return
+        try:
+            if self.read_pid() == self.pid:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self.pid = None
 
 
 def available_cpus() -> int:

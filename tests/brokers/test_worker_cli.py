@@ -1,0 +1,459 @@
+"""Celery's worker command line, unchanged, on celeriac: ``-f/--logfile``, ``--pidfile``,
+``--purge``, ``--without-heartbeat``/``--heartbeat-interval``, ``--without-mingle``,
+``--without-gossip``, ``--autoscale``, and the Celery options celeriac refuses with a
+clear error. Real worker processes on the real Redis and on the default SQLite file."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import queue_length
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import redis
+    from conftest import ResultKeys, RunCli, StartWorker, TasksDir, WorkerProcess
+
+    StartCli = Callable[..., WorkerProcess]
+
+#: Longest wait for a worker or a log line (a bound, never a speed check).
+WAIT = 20.0
+
+#: The SQLite default: an app that names no broker and no backend.
+DEFAULT_TASKS_PY = """\
+import os
+import time
+
+from celeriac import Celery
+
+app = Celery("tasks")
+app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def slow(seconds):
+    time.sleep(seconds)
+    return seconds
+"""
+
+#: Sends ``tasks.add(x, y)``, prints the task id and then its result (bounded).
+CALL = """\
+import sys
+import tasks
+
+result = tasks.add.delay(int(sys.argv[1]), int(sys.argv[2]))
+print(result.id, flush=True)
+print(result.get(timeout=30))
+"""
+
+#: Sends ``count`` additions nobody runs yet; prints their ids.
+SEND = """\
+import sys
+import tasks
+
+for n in range(int(sys.argv[1])):
+    print(tasks.add.delay(n, n).id)
+tasks.app.close()
+"""
+
+#: Sends ``tasks.slow(seconds)`` and prints its id.
+SEND_SLOW = """\
+import sys
+import tasks
+
+print(tasks.slow.delay(float(sys.argv[1])).id)
+tasks.app.close()
+"""
+
+
+def python(tasks_dir: TasksDir, script: str, *args: str) -> list[str]:
+    """Run ``script`` in the tasks directory; its stdout lines (fails on an error)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tasks_dir.path,
+        env=tasks_dir.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def call_add(tasks_dir: TasksDir, result_keys: ResultKeys, x: int, y: int) -> int:
+    task_id, value = python(tasks_dir, CALL, str(x), str(y))
+    result_keys.add(task_id)
+    return int(value)
+
+
+def wait_in_file(path: Path, pattern: str, process: WorkerProcess) -> str:
+    """The file's text once a line matches ``pattern``; fails if the worker exits first
+    or after ``WAIT`` seconds."""
+    regex = re.compile(pattern, re.MULTILINE)
+    deadline = time.monotonic() + WAIT
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if regex.search(text):
+            return text
+        if process.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(
+                f"{pattern!r} not in {path} (worker exit status {process.proc.poll()}):\n"
+                f"{text}\nworker output:\n{process.log}",
+                pytrace=False,
+            )
+        time.sleep(0.05)
+
+
+def log_lines(text: str) -> list[str]:
+    """Lines in Celery's log format (``[time: LEVEL/process] message``)."""
+    return [line for line in text.splitlines() if re.match(r"\[\d{4}-\d\d-\d\d .*?: \w+/", line)]
+
+
+@pytest.fixture(params=["redis", "sqlite-default"])
+def broker(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> str:
+    """The test's app on the real Redis (conftest's tasks), or an app that names no
+    broker: celeriac's default, ``celeriac.sqlite3`` in the worker's directory."""
+    if request.param == "sqlite-default":
+        tasks_dir.write("tasks.py", DEFAULT_TASKS_PY)
+        for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_APP"):
+            tasks_dir.env.pop(name, None)
+    return str(request.param)
+
+
+# -- the whole Celery command line ---------------------------------------------------
+
+
+def test_celery_command_line_runs_a_task(
+    broker: str, tasks_dir: TasksDir, start_cli: StartCli, result_keys: ResultKeys
+) -> None:
+    """A Celery user's systemd line, unchanged: logs go to the file (not stderr), the
+    pidfile holds the worker's pid while it runs and is gone after a warm shutdown."""
+    process = start_cli(
+        *("-A", "tasks", "worker", "-l", "INFO", "--without-gossip", "--without-mingle"),
+        *("--without-heartbeat", "-f", "worker.log", "--pidfile", "w.pid"),
+    )
+    logfile, pidfile = tasks_dir.path / "worker.log", tasks_dir.path / "w.pid"
+    wait_in_file(logfile, r" ready\.$", process)
+    assert pidfile.read_text() == f"{process.proc.pid}\n"
+    assert call_add(tasks_dir, result_keys, 2, 3) == 5
+    text = wait_in_file(logfile, r"Task tasks\.add\[[-\w]+\] succeeded in .*: 5$", process)
+    assert process.stop() == 0, process.log
+    assert not pidfile.exists()
+    assert "(celeriac)" in process.stdout  # the banner stays on stdout, as Celery's
+    assert log_lines(process.log) == [], process.log  # every log line went to the file
+    assert "/MainProcess] Connected to " in text
+    if broker == "sqlite-default":
+        assert (tasks_dir.path / "celeriac.sqlite3").exists()
+        assert "sqlite://" in process.stdout
+
+
+# -- -f/--logfile ---------------------------------------------------------------------
+
+
+def test_logfile_per_child_with_node_name(
+    tasks_dir: TasksDir, start_cli: StartCli, result_keys: ResultKeys
+) -> None:
+    """``-f %n%I.log``: the main process logs to ``<name>.log``, each prefork child to
+    ``<name>-<index>.log`` (Celery numbers children from 1)."""
+    node = f"files-{tasks_dir.queue}@test"
+    process = start_cli(
+        *("-A", "tasks", "worker", "-l", "info", "-P", "prefork", "-c", "2", "-n", node),
+        *("-f", "%n%I.log"),
+    )
+    main_log = tasks_dir.path / f"files-{tasks_dir.queue}.log"
+    wait_in_file(main_log, rf"/MainProcess\] {re.escape(node)} ready\.$", process)
+    assert call_add(tasks_dir, result_keys, 20, 22) == 42
+    assert process.stop() == 0, process.log
+    children = sorted(p.name for p in tasks_dir.path.glob(f"files-{tasks_dir.queue}-*.log"))
+    assert children == [f"files-{tasks_dir.queue}-1.log", f"files-{tasks_dir.queue}-2.log"]
+    child_text = "".join((tasks_dir.path / name).read_text() for name in children)
+    assert re.search(r"/ForkPoolWorker-\d\] Task tasks\.add\[[-\w]+\] succeeded", child_text)
+    assert "ForkPoolWorker" not in main_log.read_text()
+    assert "MainProcess" not in child_text
+    assert log_lines(process.log) == [], process.log
+
+
+def test_logfile_is_reopened_after_logrotate_moves_it(
+    tasks_dir: TasksDir, start_cli: StartCli, result_keys: ResultKeys
+) -> None:
+    process = start_cli("-A", "tasks", "worker", "-l", "info", "-P", "solo", "-f", "w.log")
+    logfile = tasks_dir.path / "w.log"
+    wait_in_file(logfile, r" ready\.$", process)
+    logfile.rename(tasks_dir.path / "w.log.1")
+    assert call_add(tasks_dir, result_keys, 1, 1) == 2
+    text = wait_in_file(logfile, r"Task tasks\.add\[[-\w]+\] succeeded", process)
+    assert "ready." not in text  # a new file, not the moved one
+    assert process.stop() == 0, process.log
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(
+            "no/such/dir/w.log", "the directory {dir}/no/such/dir does not exist", id="dir"
+        ),
+        pytest.param("w%q.log", "unknown format key %q", id="format-key"),
+        pytest.param(".", "'.' is not a file name", id="directory"),
+    ],
+)
+def test_bad_logfile_starts_nothing(
+    tasks_dir: TasksDir, run_cli: RunCli, value: str, message: str
+) -> None:
+    result = run_cli("-A", "tasks", "worker", "-f", value, "--pidfile", "w.pid")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("celeriac worker: error: argument -f/--logfile: ")
+    assert message.format(dir=tasks_dir.path) in result.stderr
+    assert result.stdout == ""  # no banner
+    assert not (tasks_dir.path / "w.pid").exists()
+    assert not (tasks_dir.path / "no").exists()
+
+
+# -- --pidfile ------------------------------------------------------------------------
+
+
+def test_pidfile_of_a_running_process_refuses_the_start(
+    tasks_dir: TasksDir, run_cli: RunCli, redis_client: redis.Redis
+) -> None:
+    """Celery's rule and exit status (73, can't create): the pid is alive, so another
+    worker may be running with this file."""
+    pidfile = tasks_dir.path / "w.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # this test process: alive
+    python(tasks_dir, SEND, "1")
+    result = run_cli("-A", "tasks", "worker", "--pidfile", "w.pid", "-P", "solo")
+    assert result.returncode == 73, result.stderr
+    assert result.stderr == (
+        f"celeriac worker: error: the pidfile {pidfile} exists and names process "
+        f"{os.getpid()}, which is running: is this worker already running? "
+        "(remove the file if not)\n"
+    )
+    assert result.stdout == ""
+    assert pidfile.read_text() == f"{os.getpid()}\n"  # left alone
+    assert queue_length(redis_client, tasks_dir.queue) == 1  # nothing was consumed
+
+
+def _dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait(30)
+    return done.pid
+
+
+@pytest.mark.parametrize("content", ["dead", "garbage", "empty"])
+def test_stale_pidfile_is_replaced(tasks_dir: TasksDir, worker: StartWorker, content: str) -> None:
+    pidfile = tasks_dir.path / "w.pid"
+    text = {"dead": f"{_dead_pid()}\n", "garbage": "not a pid\n", "empty": ""}[content]
+    pidfile.write_text(text)
+    process = worker("--pidfile", "w.pid")
+    assert pidfile.read_text() == f"{process.proc.pid}\n"
+    assert f"Replaced the stale pidfile {pidfile}" in process.stderr
+    assert process.stop() == 0, process.log
+    assert not pidfile.exists()
+
+
+def test_pidfile_expands_the_node_name_and_goes_after_a_cold_shutdown(
+    tasks_dir: TasksDir, start_cli: StartCli
+) -> None:
+    """``--pidfile %n.pid`` as Celery expands it; a cold shutdown (SIGQUIT) while a
+    task runs still removes the file (the solo pool leaves through ``os._exit``)."""
+    node = f"pid-{tasks_dir.queue}@test"
+    process = start_cli(
+        *("-A", "tasks", "worker", "-l", "info", "-P", "solo", "-n", node),
+        *("--pidfile", "%n.pid"),
+    )
+    process.wait_for(r" ready\.$", timeout=WAIT)
+    pidfile = tasks_dir.path / f"pid-{tasks_dir.queue}.pid"
+    assert pidfile.read_text() == f"{process.proc.pid}\n"
+    python(tasks_dir, SEND_SLOW, "30")
+    process.wait_for(r"Task tasks\.slow\[[-\w]+\] received", timeout=WAIT)
+    process.signal(signal.SIGQUIT)
+    assert process.wait(WAIT) == 1
+    assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("missing/w.pid", "the directory {dir}/missing does not exist", id="dir"),
+        pytest.param(".", "'.' is not a file name", id="directory"),
+        pytest.param("w%z.pid", "unknown format key %z", id="format-key"),
+    ],
+)
+def test_bad_pidfile_starts_nothing(
+    tasks_dir: TasksDir, run_cli: RunCli, value: str, message: str
+) -> None:
+    result = run_cli("-A", "tasks", "worker", "--pidfile", value)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("celeriac worker: error: argument --pidfile: ")
+    assert message.format(dir=tasks_dir.path) in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        # /proc refuses new files whoever asks (the tests may run as root).
+        ("--pidfile", "/proc/celeriac-w.pid", "cannot write /proc/celeriac-w.pid: "),
+        ("-f/--logfile", "/proc/celeriac-w.log", "cannot write /proc/celeriac-w.log: "),
+        ("--pidfile", "afile/w.pid", "the directory {dir}/afile is not a directory"),
+    ],
+)
+def test_unwritable_file_starts_nothing(
+    tasks_dir: TasksDir, run_cli: RunCli, flag: str, value: str, message: str
+) -> None:
+    (tasks_dir.path / "afile").write_text("")
+    result = run_cli("-A", "tasks", "worker", flag.split("/")[-1], value)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"celeriac worker: error: argument {flag}: ")
+    assert message.format(dir=tasks_dir.path) in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+# -- --purge ----------------------------------------------------------------------------
+
+
+def test_purge_erases_the_consumed_queue_before_starting(
+    broker: str, tasks_dir: TasksDir, worker: StartWorker, result_keys: ResultKeys
+) -> None:
+    purged = python(tasks_dir, SEND, "3")
+    process = worker("--purge")
+    assert f"purge: discarded 3 messages from queue {tasks_dir.queue}.\n" in process.stdout
+    stdout = process.stdout
+    assert stdout.index("purge: discarded") < stdout.index("(celeriac)")  # before the banner
+    assert call_add(tasks_dir, result_keys, 4, 5) == 9
+    assert not set(purged) & process.task_ids()  # none of them ran
+
+
+def test_discard_is_purge_and_quiet_when_empty(tasks_dir: TasksDir, worker: StartWorker) -> None:
+    process = worker("--discard")
+    assert "purge:" not in process.stdout  # as Celery: a line only when it erased some
+
+
+# -- worker events: --without-heartbeat, --heartbeat-interval -------------------------
+
+
+def test_heartbeat_interval(tasks_dir: TasksDir, worker: StartWorker, start_cli: StartCli) -> None:
+    node = f"hb-{tasks_dir.queue}@test"
+    dump = start_cli("-A", "tasks", "events", "--dump")
+    dump.wait_for("-> evdump: starting capture...", timeout=WAIT)
+    worker("-n", node, "--heartbeat-interval", "0.25")
+    beats = dump.wait_for(rf"^{re.escape(node)} \[.*\] heartbeat: ", timeout=WAIT, count=4)
+    assert all("freq=0.25," in line for line in beats), beats
+
+
+def test_without_heartbeat_sends_no_worker_events_but_task_events(
+    tasks_dir: TasksDir,
+    worker: StartWorker,
+    start_cli: StartCli,
+    result_keys: ResultKeys,
+) -> None:
+    """As Celery: no worker-online/heartbeat/offline; ``-E`` task events still flow."""
+    node = f"nohb-{tasks_dir.queue}@test"
+    dump = start_cli("-A", "tasks", "events", "--dump")
+    dump.wait_for("-> evdump: starting capture...", timeout=WAIT)
+    process = worker("-n", node, "-E", "--without-heartbeat", "--heartbeat-interval", "0.2")
+    assert call_add(tasks_dir, result_keys, 3, 4) == 7
+    dump.wait_for(rf"^{re.escape(node)} \[.*\] task succeeded: ", timeout=WAIT)
+    assert process.stop() == 0, process.log
+    # A worker with heartbeats sends one every 0.2 s: a second is plenty to see one.
+    time.sleep(1.0)
+    ours = [line for line in dump.stdout_lines if line.startswith(f"{node} ")]
+    kinds = {line.split("] ", 1)[1].split(":", 1)[0] for line in ours}
+    assert kinds == {"task received", "task started", "task succeeded"}, ours
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_bad_heartbeat_interval(run_cli: RunCli, value: str) -> None:
+    result = run_cli("-A", "tasks", "worker", f"--heartbeat-interval={value}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("celeriac worker: error: argument --heartbeat-interval: ")
+    assert result.stdout == ""
+
+
+# -- --autoscale ------------------------------------------------------------------------
+
+
+def test_autoscale_runs_a_fixed_pool_of_the_maximum(
+    tasks_dir: TasksDir, worker: StartWorker, result_keys: ResultKeys
+) -> None:
+    process = worker("--autoscale", "1,3", "-c", "7", pool="threads")
+    assert ".> concurrency: 3 (threads)" in process.stdout
+    assert (
+        "--autoscale=3,1: celeriac does not resize the pool by load yet; "
+        "running a fixed pool of 3 (the maximum)." in process.stderr
+    )
+    assert call_add(tasks_dir, result_keys, 1, 2) == 3
+
+
+@pytest.mark.parametrize("value", ["1,2,3", "ten", "0", "4,-1", ""])
+def test_bad_autoscale(run_cli: RunCli, value: str) -> None:
+    result = run_cli("-A", "tasks", "worker", f"--autoscale={value}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("celeriac worker: error: argument --autoscale: ")
+    assert result.stdout == ""
+
+
+# -- options celeriac does not have -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["-B"], "-B/--beat"),
+        (["--beat"], "-B/--beat"),
+        (["-s", "celerybeat-schedule"], "-s/--schedule"),
+        (["--schedule-filename=x"], "-s/--schedule"),
+        (["--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"], "--scheduler"),
+        (["-D"], "-D/--detach"),
+        (["--detach"], "-D/--detach"),
+        (["-S", "worker.state"], "-S/--statedb"),
+        (["--statedb=worker.state"], "-S/--statedb"),
+    ],
+)
+def test_unsupported_option_is_an_error(
+    tasks_dir: TasksDir, run_cli: RunCli, args: list[str], named: str
+) -> None:
+    result = run_cli("-A", "tasks", "worker", "-l", "info", *args, "--pidfile", "w.pid")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"celeriac worker: error: {named} is not supported by celeriac yet: "
+    )
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+    assert not (tasks_dir.path / "w.pid").exists()
+
+
+def test_worker_help_lists_the_options(run_cli: RunCli) -> None:
+    result = run_cli("worker", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for option in (
+        "-f FILE, --logfile FILE",
+        "--pidfile FILE",
+        "--purge, --discard",
+        "--without-heartbeat",
+        "--heartbeat-interval SECONDS",
+        "--without-mingle",
+        "--without-gossip",
+        "--autoscale MAX,MIN",
+        "-E, --task-events, --events",
+        "-B, --beat",
+        "-D, --detach",
+        "-S VALUE, --statedb VALUE",
+    ):
+        assert option in text, option
+    assert "does not send events" not in text
+    assert "always schedules fairly" not in text
