@@ -1,12 +1,13 @@
 //! `RateLimiter`: the worker's per-task token buckets, and `EtaSchedule`: the messages
 //! held for their ETA (`crate::scheduler`).
 
+use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::PyTraverseError;
+use pyo3::{ffi, PyTraverseError};
 
 use crate::scheduler::{self, RateLimits};
 
@@ -104,6 +105,34 @@ impl EtaSchedule {
     fn clear(&self) -> PyResult<Vec<Py<PyAny>>> {
         let items = self.lock()?.drain();
         Ok(items)
+    }
+
+    /// Remove and return the items `predicate` is true for, earliest first (revoke).
+    ///
+    /// `predicate` runs on a snapshot with the lock released (it may use this
+    /// schedule); an item another thread took meanwhile (`pop_due`) is not removed.
+    /// An exception from `predicate` is raised and nothing is removed.
+    fn remove(&self, py: Python<'_>, predicate: &Bound<'_, PyAny>) -> PyResult<Vec<Py<PyAny>>> {
+        let snapshot: Vec<Py<PyAny>> = {
+            let inner = self.lock()?;
+            inner.iter().map(|item| item.clone_ref(py)).collect()
+        };
+        let mut chosen: HashSet<*mut ffi::PyObject> = HashSet::new();
+        for item in &snapshot {
+            if predicate.call1((item.bind(py),))?.is_truthy()? {
+                chosen.insert(item.as_ptr());
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        // By identity: the snapshot keeps every chosen object alive, so no address
+        // can have been reused by an item pushed meanwhile.
+        let removed = self
+            .lock()?
+            .remove_where(|item| chosen.contains(&item.as_ptr()));
+        drop(snapshot); // with the lock released: a finalizer may use this schedule
+        Ok(removed)
     }
 
     /// Everything held, earliest first (remote control's inspect).

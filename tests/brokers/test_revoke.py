@@ -8,41 +8,23 @@ Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from conftest import app_module, wait_until
+from conftest import task_meta as stored
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
 
 pytestmark = pytest.mark.redis
 
-RTASKS_PY = """\
-import asyncio
-import os
-import time
-
-import redis
-
-from celeriac import Celery
-
-app = Celery(
-    "rtasks",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+RTASKS_BODY = """\
 if os.environ.get("RTASKS_ACKS_LATE"):
     app.conf.task_acks_late = True
-
-
-def client():
-    return redis.Redis(host="127.0.0.1", port=6379, db=0)
 
 
 @app.task
@@ -70,33 +52,15 @@ async def long_coroutine(key, seconds=60):
     return "finished"
 """
 
+RTASKS_PY = app_module(
+    "rtasks", RTASKS_BODY, imports=("import asyncio", "import time"), redis_client=True
+)
+
 
 @pytest.fixture
 def rtasks(tasks_dir: TasksDir) -> TasksDir:
     tasks_dir.write("rtasks.py", RTASKS_PY)
     return tasks_dir
-
-
-@pytest.fixture
-def scratch(redis_client: redis.Redis, tasks_dir: TasksDir) -> Iterator[Any]:
-    made: list[str] = []
-
-    def key(name: str) -> str:
-        made.append(f"{tasks_dir.queue}-{name}")
-        return made[-1]
-
-    yield key
-    if made:
-        redis_client.delete(*made)
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def _children(parent: int) -> list[int]:
@@ -115,11 +79,6 @@ def _node() -> str:
 def answers(replies: list[dict[str, Any]] | None) -> list[Any]:
     """The nodes' answers in ``[{nodename: answer}, ...]``."""
     return [answer for reply in replies or [] for answer in reply.values()]
-
-
-def stored(client: redis.Redis, task_id: str) -> dict[str, Any]:
-    raw = client.get(f"celery-task-meta-{task_id}")
-    return json.loads(raw) if raw else {}
 
 
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
@@ -271,3 +230,178 @@ def test_broken_and_unknown_revokes_do_not_hurt_the_worker(
     result_keys.add(after.id)
     assert after.get(timeout=10) == 8
     redis_client.delete("celery-task-meta-" + "x" * 5000)
+
+
+# -- a revoked message the worker holds is taken out at once ------------------------------
+
+
+def _listed(control: Any, node: str, method: str) -> list[str]:
+    """The task ids ``inspect <method>`` (``scheduled``/``reserved``) lists on ``node``."""
+    replies = control.broadcast(method, destination=[node], reply=True, timeout=2)
+    assert replies, f"no reply to inspect {method}"
+    ids: list[str] = []
+    for answer in answers(replies):
+        for entry in answer:
+            ids.append(entry["request"]["id"] if method == "scheduled" else entry["id"])
+    return ids
+
+
+def _unacked(client: redis.Redis, queue: str) -> list[str]:
+    from conftest import unacked_tags
+
+    tags: list[str] = unacked_tags(client, queue)
+    return tags
+
+
+def _revoked_reason(result: Any) -> tuple[str, tuple[Any, ...]]:
+    with pytest.raises(Exception) as revoked:
+        result.get(timeout=10)
+    return type(revoked.value).__name__, revoked.value.args
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_revoked_eta_message_is_taken_out_at_once(
+    worker: StartWorker,
+    rtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+    start_cli: Any,
+    pool: str,
+) -> None:
+    """Held for a countdown of 30 s, a revoked message is discarded within seconds:
+    REVOKED stored, ``task-revoked`` sent, acked, no longer scheduled."""
+    node = _node()
+    dump = start_cli("-A", "rtasks", "events", "--dump")
+    dump.wait_for("-> evdump: starting capture...", timeout=20)
+    process = worker("-c", "1", "-n", node, "-E", pool=pool, app="rtasks")
+    tasks = rtasks.import_module("rtasks")
+    control = tasks.app.control
+    key = scratch("ran")
+    result = tasks.mark.apply_async((key,), countdown=30)
+    result_keys.add(result.id)
+    process.wait_for(rf"Task rtasks\.mark\[{result.id}\] received")
+    assert _listed(control, node, "scheduled") == [result.id]
+    assert len(_unacked(redis_client, rtasks.queue)) == 1  # held, unacked
+    replies = control.revoke(result.id, [node], reply=True, timeout=2)
+    assert answers(replies) == [{"ok": f"tasks {{'{result.id}'}} flagged as revoked"}]
+    process.wait_for(rf"Discarding revoked task: rtasks\.mark\[{result.id}\]", timeout=10)
+    assert wait_until(lambda: not _unacked(redis_client, rtasks.queue)), _unacked(
+        redis_client, rtasks.queue
+    )
+    assert _listed(control, node, "scheduled") == []
+    assert _revoked_reason(result) == ("TaskRevokedError", ("revoked",))
+    assert stored(redis_client, result.id)["status"] == "REVOKED"
+    dump.wait_for(
+        rf"^{node} \[.*\] task revoked: .*{result.id}.* expired=False, .*terminated=False",
+        timeout=10,
+    )
+    listed = control.broadcast("revoked", destination=[node], reply=True, timeout=2)
+    assert [result.id in ids for ids in answers(listed)] == [True], listed
+    # The window slot it held is back: the worker goes on serving.
+    after = tasks.add.delay(2, 3)
+    result_keys.add(after.id)
+    assert after.get(timeout=10) == 5
+    assert redis_client.get(key) is None
+    assert process.log.count("Discarding revoked task") == 1
+
+
+def test_a_revoked_rate_limited_message_is_taken_out_at_once(
+    worker: StartWorker,
+    rtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+) -> None:
+    node = _node()
+    process = worker("-n", node, pool="solo", app="rtasks")
+    tasks = rtasks.import_module("rtasks")
+    control = tasks.app.control
+    limit = {"task_name": "rtasks.mark", "rate_limit": "1/m"}
+    replies = control.broadcast("rate_limit", limit, [node], reply=True, timeout=2)
+    assert all("ok" in answer for answer in answers(replies)), replies
+    first, second = scratch("first"), scratch("second")
+    ran = tasks.mark.delay(first)
+    held = tasks.mark.delay(second)
+    result_keys.add(ran.id)
+    result_keys.add(held.id)
+    assert ran.get(timeout=10) is True
+    process.wait_for(rf"Task rtasks\.mark\[{held.id}\] received")
+    # Held for the rate limit (a minute): inspect reserved lists it, unacked.
+    assert wait_until(lambda: _listed(control, node, "reserved") == [held.id])
+    assert len(_unacked(redis_client, rtasks.queue)) == 1
+    control.revoke(held.id, [node], reply=True, timeout=2)
+    process.wait_for(rf"Discarding revoked task: rtasks\.mark\[{held.id}\]", timeout=10)
+    assert wait_until(lambda: not _unacked(redis_client, rtasks.queue))
+    assert _listed(control, node, "reserved") == []
+    assert _revoked_reason(held) == ("TaskRevokedError", ("revoked",))
+    after = tasks.add.delay(1, 2)
+    result_keys.add(after.id)
+    assert after.get(timeout=10) == 3
+    assert redis_client.get(second) is None
+
+
+def test_a_revoked_reserved_message_is_dropped_while_another_runs(
+    worker: StartWorker,
+    rtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+) -> None:
+    """``-P threads -c 1``: a message waiting for the busy slot (``reserved``) is
+    discarded when revoked, not when the slot frees."""
+    node = _node()
+    process = worker("-c", "1", "-n", node, pool="threads", app="rtasks")
+    tasks = rtasks.import_module("rtasks")
+    control = tasks.app.control
+    busy, key = scratch("busy"), scratch("ran")
+    running = tasks.long_running.delay(busy, 6)
+    result_keys.add(running.id)
+    assert wait_until(lambda: redis_client.get(busy) is not None)
+    waiting = tasks.mark.delay(key)
+    result_keys.add(waiting.id)
+    assert wait_until(lambda: _listed(control, node, "reserved") == [waiting.id])
+    control.revoke(waiting.id, [node], reply=True, timeout=2)
+    process.wait_for(rf"Discarding revoked task: rtasks\.mark\[{waiting.id}\]", timeout=10)
+    assert _listed(control, node, "reserved") == []
+    assert wait_until(lambda: not _unacked(redis_client, rtasks.queue))
+    assert _revoked_reason(waiting) == ("TaskRevokedError", ("revoked",))
+    assert running.get(timeout=15) == "finished"
+    done = process.wait_for(rf"Task rtasks\.long_running\[{running.id}\] succeeded")[0]
+    log = process.log
+    assert log.index(f"Discarding revoked task: rtasks.mark[{waiting.id}]") < log.index(done)
+    assert redis_client.get(key) is None
+
+
+def test_broken_revokes_leave_held_messages_alone(
+    worker: StartWorker,
+    rtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+) -> None:
+    node = _node()
+    process = worker("-n", node, pool="solo", app="rtasks")
+    tasks = rtasks.import_module("rtasks")
+    control = tasks.app.control
+    result = tasks.mark.apply_async((scratch("ran"),), countdown=30)
+    result_keys.add(result.id)
+    process.wait_for(rf"Task rtasks\.mark\[{result.id}\] received")
+    replies = control.revoke([], [node], reply=True, timeout=2)
+    assert answers(replies) == [{"ok": "tasks set() flagged as revoked"}]  # Celery's words
+    for value in (5, [5], [result.id, 5], {"id": result.id}):
+        replies = control.broadcast("revoke", {"task_id": value}, [node], reply=True, timeout=2)
+        got = answers(replies)
+        assert got and all("error" in answer for answer in got), (value, replies)
+    other = "not-held-" + rtasks.queue
+    result_keys.add(other)
+    control.revoke(other, [node], reply=True, timeout=2)
+    # Still held and unacked: only a revoke of its own id takes it out.
+    time.sleep(1.5)  # a loop turn or more (IDLE_WAIT is 1 s)
+    assert _listed(control, node, "scheduled") == [result.id]
+    assert len(_unacked(redis_client, rtasks.queue)) == 1
+    assert "Discarding revoked task" not in process.log
+    assert stored(redis_client, result.id) == {}
+    after = tasks.add.delay(3, 3)
+    result_keys.add(after.id)
+    assert after.get(timeout=10) == 6

@@ -2,7 +2,11 @@
 
 ``app.control.revoke(id)`` is a broadcast; each worker keeps the ids it heard in
 memory (as Celery does: nothing is stored in the broker) and discards a message whose
-id is revoked when it arrives, or when it is about to run. ``RevokedSet`` is that
+id is revoked when it arrives, or when it is about to run. A message it already holds
+(for its ETA or a rate limit, or reserved for a free slot) is discarded at once: taken
+out of the timer by the remote-control thread, then stored REVOKED, announced
+(``task-revoked``) and acked by the worker loop, which owns the consumer (in prefork,
+by the child holding it: each child hears every revoke). ``RevokedSet`` is that
 memory: insertion-ordered, at most ``worker_revoked_ids_max`` ids, each forgotten after
 ``REVOKE_EXPIRES`` seconds (Celery's ``LimitedSet`` limits: 50,000 and 3 hours).
 
