@@ -1,6 +1,6 @@
 """Type stubs for celeriac's Rust extension (src/py/)."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 _T = TypeVar("_T")
@@ -168,6 +168,11 @@ class Consumer:
     def reject(self, delivery_tag: str, requeue: bool) -> None:
         """``requeue=False`` drops the message; ``True`` puts it back in its queue."""
 
+    def give_back(self, delivery_tags: Sequence[str]) -> None:
+        """Put these fetched, unacked messages back in their queue, near the front
+        (Redis: the front of the list, oldest first; RabbitMQ and SQLite: their place
+        in line), and free their window slots, so another worker process can take them."""
+
     def extend_window(self, delta: int) -> None:
         """Grow (``delta > 0``) or shrink the prefetch window, one slot per message held
         for its ETA or rate limit (Celery's ``qos.increment_eventually``). Transports
@@ -267,6 +272,12 @@ class EtaSchedule(Generic[_T]):
 
     def clear(self) -> list[_T]:
         """Remove and return everything still held, earliest first."""
+
+    def remove(self, predicate: Callable[[_T], object]) -> list[_T]:
+        """Remove and return the items ``predicate`` is true for, earliest first
+        (revoke). It runs with the schedule unlocked, on a snapshot: an item
+        ``pop_due`` hands out meanwhile is not removed. Its exception is raised and
+        then nothing is removed."""
 
     def items(self) -> list[_T]:
         """Everything held, earliest first (for remote control's inspect)."""

@@ -186,6 +186,21 @@ impl Consumer {
         }
     }
 
+    /// Put these fetched, unacked messages back in their queue, as close to the front
+    /// as the broker allows, freeing their window slots: another consumer can take
+    /// them (Redis: the front of the list; RabbitMQ and SQLite: their place in line).
+    pub fn give_back(&self, tags: Vec<String>) -> Result<()> {
+        match self {
+            Self::Redis(consumer) => consumer.give_back(tags),
+            Self::Sqlite(consumer) => tags
+                .into_iter()
+                .try_for_each(|tag| consumer.reject(tag, true)),
+            Self::Amqp(consumer) => tags
+                .into_iter()
+                .try_for_each(|tag| consumer.reject(tag, true)),
+        }
+    }
+
     /// Give the fetcher every window slot freed by acks and held back so far (Redis
     /// groups them); called before waiting for messages.
     pub fn release_window(&self) {

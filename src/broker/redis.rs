@@ -408,6 +408,8 @@ struct InFlight {
 enum AckCommand {
     Ack(Vec<String>),
     Requeue(String),
+    /// Back at the front of their lists, oldest served first (`give_back`).
+    GiveBack(Vec<String>),
     RestoreAll(oneshot::Sender<Result<usize>>),
 }
 
@@ -716,6 +718,16 @@ impl RedisConsumer {
         };
         self.ack_tx
             .send(command)
+            .map_err(|_| Error::Closed("the consumer"))
+    }
+
+    /// Put these fetched, unacked messages back at the front of their lists, in the
+    /// order they were fetched, and free their window slots, so another consumer can
+    /// take them next (a prefork child about to run a long task). Unknown tags are
+    /// skipped.
+    pub fn give_back(&self, tags: Vec<String>) -> Result<()> {
+        self.ack_tx
+            .send(AckCommand::GiveBack(tags))
             .map_err(|_| Error::Closed("the consumer"))
     }
 
@@ -1132,6 +1144,31 @@ async fn ack_loop(
                         // Another consumer's message (e.g. a worker process that died
                         // running it): put it back from kombu's `unacked` record.
                         let _ = requeue_recorded(&mut conn, &shared.options, &tag, false).await;
+                    }
+                }
+                AckCommand::GiveBack(given) => {
+                    let entries: Vec<(String, InFlight)> = match shared.in_flight.lock() {
+                        Ok(mut in_flight) => given
+                            .into_iter()
+                            .filter_map(|tag| in_flight.remove(&tag).map(|entry| (tag, entry)))
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    if !entries.is_empty() {
+                        let mut pipe = redis::pipe();
+                        pipe.atomic();
+                        // RPUSH puts a message where BRPOP takes the next one: the
+                        // newest goes first so the oldest ends up served first.
+                        for (_, entry) in entries.iter().rev() {
+                            pipe.cmd("RPUSH")
+                                .arg(&entry.list_key)
+                                .arg(entry.raw.as_slice())
+                                .ignore();
+                        }
+                        let tags: Vec<String> = entries.into_iter().map(|(tag, _)| tag).collect();
+                        unacked_removal(&mut pipe, &shared, &tags);
+                        run_with_retry(&mut conn, &url, &shared, &pipe).await;
+                        shared.release(tags.len());
                     }
                 }
                 AckCommand::RestoreAll(reply) => {

@@ -122,6 +122,12 @@ impl Consumer {
         Ok(self.inner.reject(delivery_tag, requeue)?)
     }
 
+    /// Put these fetched, unacked messages back in their queue, near the front, and
+    /// free their window slots, so another worker process can take them.
+    fn give_back(&self, delivery_tags: Vec<String>) -> PyResult<()> {
+        Ok(self.inner.give_back(delivery_tags)?)
+    }
+
     /// Grow (`delta > 0`) or shrink the prefetch window (one slot per message held
     /// for its ETA or its rate limit). Transports without a local window ignore it.
     fn extend_window(&self, delta: i64) -> PyResult<()> {

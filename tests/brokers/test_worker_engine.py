@@ -15,30 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from conftest import app_module, queue_length, task_meta, wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
 
 pytestmark = pytest.mark.redis
 
-SEP = "\x06\x16"
-
-ENGINE_PY = """\
-import json
-import os
-import time
-
-import redis
-
-from celeriac import Celery
-from celeriac.exceptions import SoftTimeLimitExceeded
-
-app = Celery(
-    "engine",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+ENGINE_BODY = """\
 app.conf.broker_transport_options = {
     "celeriac_heartbeat_interval": 0.5,
     "celeriac_heartbeat_ttl": 2.0,
@@ -48,10 +32,6 @@ if os.environ.get("ENGINE_DISABLE_RATE_LIMITS"):
 if os.environ.get("ENGINE_TRACK_STARTED"):
     app.conf.task_track_started = True
 KEEP = []
-
-
-def client():
-    return redis.Redis(host="127.0.0.1", port=6379, db=0)
 
 
 @app.task
@@ -194,44 +174,18 @@ def hooked(key):
     return 7
 """
 
+ENGINE_PY = app_module(
+    "engine",
+    ENGINE_BODY,
+    imports=("import json", "import time", "from celeriac.exceptions import SoftTimeLimitExceeded"),
+    redis_client=True,
+)
+
 
 @pytest.fixture
 def engine(tasks_dir: TasksDir) -> Any:
     tasks_dir.write("engine.py", ENGINE_PY)
     return tasks_dir
-
-
-@pytest.fixture
-def scratch(redis_client: redis.Redis, tasks_dir: TasksDir) -> Any:
-    """Unique Redis keys for a test (``scratch("name")``), removed afterwards."""
-    made: list[str] = []
-
-    def key(name: str) -> str:
-        made.append(f"{tasks_dir.queue}-{name}")
-        return made[-1]
-
-    yield key
-    if made:
-        redis_client.delete(*made)
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
-def meta(client: redis.Redis, task_id: str) -> dict[str, Any]:
-    raw = client.get(f"celery-task-meta-{task_id}")
-    return json.loads(raw) if raw else {}
-
-
-def queue_length(client: redis.Redis, queue: str) -> int:
-    keys = [queue] + [f"{queue}{SEP}{step}" for step in (3, 6, 9)]
-    return sum(int(client.llen(key)) for key in keys)
 
 
 # -- the request seen by a task ---------------------------------------------------------
@@ -563,7 +517,7 @@ def test_autoretry_with_backoff_then_failure(
     key = scratch("backoff")
     result = tasks.backoff.delay(key)
     result_keys.add(result.id)
-    assert wait_until(lambda: meta(redis_client, result.id).get("status") == "RETRY", 10)
+    assert wait_until(lambda: task_meta(redis_client, result.id).get("status") == "RETRY", 10)
     with pytest.raises(KeyError):
         result.get(timeout=30)
     attempts = [json.loads(x) for x in redis_client.lrange(key, 0, -1)]
@@ -586,8 +540,8 @@ def test_track_started_stores_started_with_pid_and_hostname(
     key = scratch("go")
     result = tasks.wait_for_key.delay(key)
     result_keys.add(result.id)
-    assert wait_until(lambda: meta(redis_client, result.id).get("status") == "STARTED", 10)
-    started = meta(redis_client, result.id)["result"]
+    assert wait_until(lambda: task_meta(redis_client, result.id).get("status") == "STARTED", 10)
+    started = task_meta(redis_client, result.id)["result"]
     assert started["hostname"].startswith("engine1@")
     redis_client.set(key, 1, ex=60)
     assert result.get(timeout=10) == started["pid"]
@@ -712,3 +666,31 @@ def test_bad_worker_options(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "ready." not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_prefork_child_gives_back_what_waits_behind_a_long_task(
+    broker: str,
+    request: pytest.FixtureRequest,
+    worker: StartWorker,
+    engine: TasksDir,
+    result_keys: ResultKeys,
+) -> None:
+    """-O fair: a child prefetches four messages (its window), starts a long task and
+    gives the other three back, so the idle sibling runs them while the long one runs."""
+    if broker == "amqp":
+        request.getfixturevalue("on_rabbitmq")
+    process = worker("-c", "2", "--prefetch-multiplier", "4", pool="prefork", app="engine")
+    tasks = engine.import_module("engine")
+    long = tasks.sleeper.delay(8)
+    quick = [tasks.pid.delay() for _ in range(3)]
+    for r in [long, *quick]:
+        result_keys.add(r.id)
+    try:
+        pids = {r.get(timeout=6) for r in quick}
+    except Exception as exc:
+        pytest.fail(f"the quick tasks did not run: {exc!r}\n{process.log}")
+    assert not long.ready(), "the quick tasks waited for the long one"
+    assert long.get(timeout=20) == 8
+    children = {int(p) for p in _child_pids(process.proc.pid)}
+    assert pids <= children

@@ -9,7 +9,9 @@ starts its own loop after the fork). The main thread hands a request over with
 ``(request, disposition)`` on a queue the main thread drains, as the thread pool does.
 
 At most ``worker_async_concurrency`` coroutines run at once per process (Celery has
-no bound, its issue #6552); more submitted ones wait in the loop's own queue.
+no bound, its issue #6552). The worker submits one only while ``free_slots`` (counted
+until its outcome is collected) has room, so it starts at once and an early ack lands
+just before it runs; more wait in the worker's reserved list, unacked.
 
 Time limits: the soft limit raises ``SoftTimeLimitExceeded`` inside the coroutine at
 the ``await`` it is suspended on (the asyncio task is cancelled and the cancellation
@@ -42,7 +44,7 @@ from celeriac.exceptions import (
     TimeLimitExceeded,
 )
 from celeriac.result import exception_to_meta
-from celeriac.worker.pool import Pool
+from celeriac.worker.pool import ASYNC, Pool
 from celeriac.worker.request import (
     Disposition,
     LazyContext,
@@ -167,6 +169,9 @@ class AsyncPool(Pool[Request, Disposition]):
 
     def free_slots(self) -> int:
         return max(0, self.limit - self._active)
+
+    def kind(self, request: Request) -> str:
+        return ASYNC
 
     def active(self) -> int:
         return self._active

@@ -17,6 +17,10 @@ logger = logging.getLogger("celeriac.worker.pool")
 R = TypeVar("R")
 D = TypeVar("D")
 
+#: The kinds of request a pool runs (``Pool.kind``): sync tasks, ``async def`` tasks.
+SYNC = "sync"
+ASYNC = "async"
+
 
 class Pool(Generic[R, D]):
     """Runs ``job(request) -> disposition`` for each submitted request."""
@@ -29,6 +33,15 @@ class Pool(Generic[R, D]):
 
     def free_slots(self) -> int:
         raise NotImplementedError
+
+    def kind(self, request: R) -> str:
+        """Which part of the pool runs ``request``: ``SYNC`` or ``ASYNC``."""
+        return SYNC
+
+    def free_slots_for(self, kind: str) -> int:
+        """Free slots for requests of ``kind``: one submitted while there is a free
+        slot for its kind starts at once."""
+        return self.free_slots()
 
     def active(self) -> int:
         raise NotImplementedError
@@ -130,9 +143,10 @@ class HybridPool(Pool[R, D]):
     """A sync pool and the ``async def`` pool side by side (a worker whose app has
     coroutine tasks): each request goes to the pool of its kind.
 
-    ``free_slots`` is the sum of both, so the worker never waits on one kind while the
-    other has room; a request of a kind whose pool is full waits inside that pool
-    (the thread pool's queue, the event loop's queue) and starts when a slot frees.
+    ``free_slots`` is the sum of both (the worker fetches while either has room);
+    ``free_slots_for`` counts one kind, and the worker submits a request only while its
+    kind has a free slot, so nothing waits (acked) inside a full pool: a request of a
+    full kind stays reserved, unacked, while the other kind keeps running.
     """
 
     def __init__(
@@ -151,6 +165,12 @@ class HybridPool(Pool[R, D]):
 
     def free_slots(self) -> int:
         return self.sync.free_slots() + self.coroutines.free_slots()
+
+    def kind(self, request: R) -> str:
+        return ASYNC if self.is_async(request) else SYNC
+
+    def free_slots_for(self, kind: str) -> int:
+        return (self.coroutines if kind == ASYNC else self.sync).free_slots()
 
     def active(self) -> int:
         return self.sync.active() + self.coroutines.active()

@@ -27,13 +27,12 @@ import signal
 import sys
 import time
 import urllib.parse
-from datetime import datetime, timezone
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core, states
 from celeriac.conf import parse_rate_limit
-from celeriac.events import EventDispatcher, Heart
+from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
 from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.task import is_async_task as _is_async_task
@@ -41,6 +40,7 @@ from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
 from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
 from celeriac.worker.eta import EtaSchedule
+from celeriac.worker.log import setup_child_logging
 from celeriac.worker.options import (
     POOL_ALIASES,
     POOLS,
@@ -76,6 +76,9 @@ EX_FAILURE = 1
 IDLE_WAIT = 1.0
 #: ``fetch`` wait while thread-pool tasks run, so finished ones are acked promptly.
 BUSY_WAIT = 0.1
+#: A prefork child gives back the messages it prefetched before it runs a task whose
+#: last run took this long or more (seconds), or that it never ran (``-O fair``).
+QUICK_RUN = 0.01
 #: Most messages taken in one ``fetch`` when the window is unbounded.
 UNBOUNDED_BATCH = 100
 #: Connection retry backoff: 1, 2, 4, 8, 8, ... seconds.
@@ -367,8 +370,14 @@ class Worker:
         )
         #: This process's event dispatcher (task events only with ``-E``).
         self.events: EventDispatcher | None = None
-        #: Sends worker-online/heartbeat/offline (the supervisor does it in prefork).
+        #: Sends worker-online/heartbeat/offline (the supervisor does it in prefork);
+        #: none with ``--without-heartbeat``, as Celery sends none then.
         self.heart: Heart | None = None
+        self.heartbeat_interval = (
+            _positive_number("--heartbeat-interval", options.heartbeat_interval) or HEARTBEAT_FREQ
+        )
+        #: The pidfile this process wrote (``--pidfile``; set by the command line).
+        self.pidfile: Any = None
         #: Tasks handed to the pool so far (``processed`` in heartbeats).
         self.processed = 0
         #: Requests running now and tasks run per name (``inspect active``/``stats``).
@@ -379,6 +388,10 @@ class Worker:
 
         self.consumer: Consumer | None = None
         self.backend: Backend | None = None
+        #: Per task name: whether its last run in this process was quick (``QUICK_RUN``).
+        self._quick: dict[str, bool] = {}
+        #: Queues ``_make_way`` stopped consuming while a long task runs.
+        self._paused: list[str] = []
         # Each prefork child runs its tasks one at a time, in its own main thread.
         self.pool: pool_mod.Pool[Request, Disposition] = self._make_pool(pool)
         self.reserved: collections.deque[Request] = collections.deque()
@@ -386,6 +399,10 @@ class Worker:
         #: Held requests (ETA or rate limit) that took an extra window slot each.
         self._eta_extra = 0
         self._rate_extra = 0
+        #: Revoked requests ``revoke`` took out of ``eta`` (from the remote-control
+        #: thread); the loop settles them (``_settle_revoked``) when this is set.
+        self._revoked_held: collections.deque[Request] = collections.deque()
+        self._revoke_pending = False
         self.child: ChildContext | None = None
         self._in_task = False
         self._stop_requested = False
@@ -445,11 +462,13 @@ class Worker:
             except ValueError as exc:
                 return {"error": str(exc)}
         self.revoked.add(ids, signum)
+        self._take_out_revoked(ids)
         if self.child is None:  # the process that speaks for the node
             self._store_revoked(ids)
         if not terminate:
             logger.info("Tasks flagged as revoked: %s", ", ".join(ids))
-            return {"ok": "tasks {" + ", ".join(repr(i) for i in ids) + "} flagged as revoked"}
+            shown = "{" + ", ".join(repr(i) for i in ids) + "}" if ids else "set()"
+            return {"ok": f"tasks {shown} flagged as revoked"}  # Celery prints the set
         terminated: list[str] = []
         if self.supervisor is not None:
             terminated = list(self.supervisor.terminate(ids, signum))
@@ -468,6 +487,46 @@ class Worker:
         if not terminated:
             return {"ok": "terminate: tasks unknown"}
         return {"ok": "terminate: " + ", ".join(terminated)}
+
+    def _take_out_revoked(self, ids: list[str]) -> None:
+        """Take the revoked messages held here for their ETA or rate limit out of the
+        timer at once (``inspect scheduled`` stops listing them), and have the worker
+        loop settle them and drop revoked ones from ``reserved``: it owns the consumer
+        and ``reserved``, while this runs on the remote-control thread."""
+        if not ids:
+            return
+        wanted = set(ids)
+        if len(self.eta):
+            self._revoked_held.extend(self.eta.remove(lambda request: request.id in wanted))
+        self._revoke_pending = True  # after the extend: the loop sees what was taken
+
+    def _settle_revoked(self, consumer: Consumer) -> None:
+        """In the worker loop, after a revoke: discard the revoked messages held or
+        reserved here as Celery discards a revoked message (``task-revoked``, REVOKED
+        stored, acked), and give back the extra window slot a held one took."""
+        self._revoke_pending = False
+        gone: list[Request] = []
+        while self._revoked_held:
+            gone.append(self._revoked_held.popleft())
+        revoked = self.revoked
+        if revoked.ids:
+            if len(self.eta):  # held after revoke looked (it raced the arrival check)
+                gone += self.eta.remove(lambda request: request.id in revoked)
+            if self.reserved:
+                kept: list[Request] = []
+                dropped: list[Request] = []
+                for request in self.reserved:  # one look each: the set may change meanwhile
+                    (dropped if request.id in revoked else kept).append(request)
+                if dropped:
+                    self.reserved.clear()
+                    self.reserved.extend(kept)
+                    gone += dropped
+        if not gone:
+            return
+        self._unhold(consumer, gone)
+        for request in gone:
+            store_revoked(self.backend, request)
+        consumer.ack([request.delivery_tag for request in gone])
 
     def _store_revoked(self, ids: list[str]) -> None:
         """REVOKED for each id that has no result yet and does not run here (Celery
@@ -700,8 +759,8 @@ class Worker:
             self.events = self.heart = None  # inherited through fork: not ours
         if self.events is None:
             self.events = EventDispatcher(self.app, self.nodename, enabled=self.task_events)
-        if counts is not None and self.heart is None:
-            self.heart = Heart(self.events, counts)
+        if counts is not None and self.heart is None and self.options.heartbeat:
+            self.heart = Heart(self.events, counts, self.heartbeat_interval)
             self.heart.start()
 
     def stop_events(self) -> None:
@@ -725,6 +784,8 @@ class Worker:
         import multiprocessing
 
         multiprocessing.current_process().name = f"ForkPoolWorker-{ctx.number}"
+        # -f with %i/%I: this child's own file (Celery numbers children from 1).
+        setup_child_logging(self.loglevel, self.options.logfile, self.nodename, ctx.index + 1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
         signal.signal(signal.SIGALRM, self._on_soft_limit)
         for sig in (signal.SIGTERM, signal.SIGQUIT):
@@ -792,6 +853,8 @@ class Worker:
                 if child.retiring:
                     break
             self._finish(consumer, self.pool.completed())
+            if self._revoke_pending:
+                self._settle_revoked(consumer)
             self._release_due_eta(consumer)
             self._dispatch(consumer)
             if self.events is not None:
@@ -959,6 +1022,56 @@ class Worker:
         if shrink:
             consumer.extend_window(-shrink)
 
+    def _run_in_child(self, consumer: Consumer, request: Request) -> None:
+        """Run a sync task inline in a prefork child. Unless the task is known to be
+        quick, the child first gives back what it prefetched (``_make_way``), and takes
+        its window up again once the task is done."""
+        name = request.task.name or ""
+        narrowed = 0 if self._quick.get(name) else self._make_way(consumer)
+        started = time.monotonic()
+        try:
+            self.pool.submit(request)
+        finally:
+            self._quick[name] = time.monotonic() - started < QUICK_RUN
+            if narrowed:
+                self._take_up(consumer, narrowed)
+
+    def _make_way(self, consumer: Consumer) -> int:
+        """Celery's ``-O fair``: its parent hands a message only to an idle child. Here
+        each child prefetches its own, so before a task that may be long the child puts
+        back the messages it holds and has not started (at the front of the queue) and
+        closes its window while the task runs: an idle sibling takes them instead of
+        them waiting behind this task. Returns how far the window was narrowed."""
+        if self.concurrency < 2 or not self.window:
+            return 0
+        tags = [request.delivery_tag for request in self.reserved]
+        self.reserved.clear()
+        try:
+            # Stop the deliveries themselves while the task runs: a window narrowed to
+            # nothing would still let a fetch in flight (a blocked BRPOP, RabbitMQ's
+            # basic.qos, which cannot be 0) bring one more message to wait behind it.
+            self._paused = [q for q in self.queues if consumer.cancel_queue(q)]
+            consumer.extend_window(-self.window)
+            # Messages the consumer fetched that Python has not seen yet go back too.
+            tags += [delivery.delivery_tag for delivery in consumer.fetch(MAX_PREFETCH, 0.0)]
+            if tags:
+                consumer.give_back(tags)
+        except Exception as exc:  # the broker requeues them when the connection ends
+            logger.warning("Could not give back %d prefetched message(s): %s", len(tags), exc)
+        return self.window
+
+    def _take_up(self, consumer: Consumer, narrowed: int) -> None:
+        """Undo ``_make_way`` once the long task is done."""
+        paused, self._paused = self._paused, []
+        try:
+            consumer.extend_window(narrowed)
+            for queue in paused:
+                if queue in self.queues:  # not cancelled by remote control meanwhile
+                    consumer.add_queue(queue)
+        except Exception as exc:
+            logger.error("Could not resume consuming after a long task: %s", exc)
+            raise _core.OperationalError(f"could not resume consuming: {exc}") from exc
+
     def _on_unregistered(self, consumer: Consumer, delivery: Delivery, name: str) -> None:
         logger.error(
             "Received unregistered task of type %r.\n"
@@ -998,36 +1111,107 @@ class Worker:
                 self.reserved.extend(due)
 
     def _dispatch(self, consumer: Consumer) -> None:
-        """Start reserved requests while the pool has room."""
+        """Start reserved requests whose kind (sync, ``async def``) has a free slot in
+        the pool, so each one starts as it is submitted and an early ack lands just
+        before it runs. A request of a full kind stays reserved (unacked, in its place)
+        and does not hold up the other kind.
+
+        In a prefork child each task counts toward ``--max-tasks-per-child`` here, as
+        it is handed over (coroutines too); the last one retires the child: it takes
+        nothing more, lets what runs finish and gives the rest back."""
+        pool = self.pool
+        if isinstance(pool, pool_mod.SoloPool):
+            return self._dispatch_inline(consumer)
+        child = self.child
         while self.reserved and not self._stop_requested:
-            slots = self.pool.free_slots()
-            if slots <= 0:
+            room = pool.free_slots()
+            if room <= 0:
                 return
+            free: dict[str, int] = {}  # slots left per kind in this batch
             batch: list[Request] = []
-            now: datetime | None = None
-            while self.reserved and len(batch) < slots:
+            sync: list[Request] = []  # submitted last: solo runs it inline
+            kept: list[Request] = []  # of a full kind: they stay reserved
+            while self.reserved and room > 0:
                 request = self.reserved.popleft()
-                if request.expires is not None:
-                    if now is None:
-                        now = datetime.now(timezone.utc)
-                    if request.expired(now):
-                        store_revoked_expired(self.backend, request)
-                        consumer.ack([request.delivery_tag])
-                        continue
-                if self.rate_limits_enabled:
-                    wait = self._rate_wait(request)
-                    if wait > 0:
-                        self._hold(consumer, request, time.time() + wait, rate=True)
-                        continue
-                batch.append(request)
+                kind = pool.kind(request)
+                left = free.get(kind)
+                if left is None:
+                    left = free[kind] = pool.free_slots_for(kind)
+                if left <= 0:
+                    kept.append(request)
+                    continue
+                if not self._may_start(consumer, request):
+                    continue
+                free[kind] = left - 1
+                room -= 1
+                (sync if kind == pool_mod.SYNC else batch).append(request)
+                if self._count_for_child(request):
+                    break
+            if kept:
+                self.reserved.extendleft(reversed(kept))
+            batch += sync
+            if not batch:
+                return  # every kind with room was looked at: nothing can start now
             self.processed += len(batch)
             early = [r.delivery_tag for r in batch if not r.acks_late]
             if early:
                 consumer.ack(early)
             for request in batch:
+                if child is not None and pool.kind(request) == pool_mod.SYNC:
+                    self._run_in_child(consumer, request)
+                else:
+                    pool.submit(request)
+            if pool.name == "solo":  # also each prefork child: ack at once
+                self._finish(consumer, pool.completed())
+
+    def _count_for_child(self, request: Request) -> bool:
+        """Count a task handed over in a prefork child toward ``--max-tasks-per-child``
+        (sync or coroutine; not a revoked one). True when it is the child's last: the
+        child then takes nothing more, lets what runs finish and gives the rest back."""
+        child, most = self.child, self.max_tasks_per_child
+        if child is None or most is None or self.is_revoked(request.id):
+            return False
+        child.tasks_done += 1
+        if child.tasks_done < most:
+            return False
+        child.retiring = True  # the supervisor starts the replacement now
+        self._stop_requested = True
+        child.publish(State.RETIRING)
+        return True
+
+    def _may_start(self, consumer: Consumer, request: Request) -> bool:
+        """False for a request that expired (REVOKED stored, acked) or must wait for
+        its rate limit (held, unacked); True when it may start now."""
+        if request.expires is not None and request.expired():
+            store_revoked_expired(self.backend, request)
+            consumer.ack([request.delivery_tag])
+            return False
+        if self.rate_limits_enabled:
+            wait = self._rate_wait(request)
+            if wait > 0:
+                self._hold(consumer, request, time.time() + wait, rate=True)
+                return False
+        return True
+
+    def _dispatch_inline(self, consumer: Consumer) -> None:
+        """``_dispatch`` for a process that runs every task in this thread (``solo``,
+        a prefork child without coroutines): one task at a time, each early ack just
+        before its task; late acks go in one call once the reserved ones are done."""
+        child = self.child
+        reserved = self.reserved
+        while reserved and not self._stop_requested:
+            request = reserved.popleft()
+            if not self._may_start(consumer, request):
+                continue
+            self._count_for_child(request)
+            self.processed += 1
+            if not request.acks_late:
+                consumer.ack([request.delivery_tag])
+            if child is not None:
+                self._run_in_child(consumer, request)
+            else:
                 self.pool.submit(request)
-            if self.pool.name == "solo":  # also each prefork child: ack at once
-                self._finish(consumer, self.pool.completed())
+        self._finish(consumer, self.pool.completed())
 
     def _rate_wait(self, request: Request) -> float:
         """0 when ``request`` may start now under its task's rate limit (a token is
@@ -1079,12 +1263,8 @@ class Worker:
         if child is None:
             return self._execute(request)
         hard, soft = self._time_limits(request)
-        child.tasks_done += 1
-        last = self.max_tasks_per_child is not None and child.tasks_done >= self.max_tasks_per_child
-        if last:
-            child.retiring = True  # the supervisor starts the replacement now
-            self._stop_requested = True  # take nothing more; give back the rest
-        child.publish(State.RETIRING if last else State.RUNNING, request, hard or 0.0)
+        # Counted toward --max-tasks-per-child (and the child retired) by _dispatch.
+        child.publish(State.RETIRING if child.retiring else State.RUNNING, request, hard or 0.0)
         guard = None
         if soft:
             limit = soft
@@ -1190,6 +1370,8 @@ class Worker:
                 self.backend.flush(2.0)
             except BaseException as exc:
                 logger.error("Cold shutdown: results may not have been stored: %s", exc)
+        if self.pidfile is not None:
+            self.pidfile.release()  # only the process that wrote it removes it
         logging.shutdown()
         sys.stdout.flush()
         os._exit(EX_FAILURE)

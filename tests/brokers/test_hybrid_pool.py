@@ -1,0 +1,220 @@
+"""Sync and ``async def`` tasks in one worker, against the real Redis: a sync message
+is acked only when a thread (or the prefork child) is free to start it, while the
+event loop keeps running coroutines; ``--max-tasks-per-child`` counts coroutines.
+
+Every wait is bounded; nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from conftest import queue_length, unacked_tags
+
+if TYPE_CHECKING:
+    from conftest import ResultKeys, StartWorker, TasksDir, WorkerProcess
+
+pytestmark = pytest.mark.redis
+
+MIXED_PY = """\
+import asyncio
+import os
+import time
+
+import redis
+
+from celeriac import Celery
+
+app = Celery(
+    "mixed",
+    broker=os.environ["CELERIAC_TEST_BROKER"],
+    backend=os.environ["CELERIAC_TEST_BACKEND"],
+)
+app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+
+
+@app.task
+def hold(key, timeout=30.0):
+    # Says it runs, then waits (bounded) until the test lets it go.
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    client.set(key + "-started", os.getpid(), ex=120)
+    deadline = time.monotonic() + timeout
+    while not client.exists(key + "-go") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+@app.task
+def pid():
+    return os.getpid()
+
+
+@app.task
+async def apid():
+    await asyncio.sleep(0.05)
+    return os.getpid()
+
+
+@app.task
+async def double(x):
+    await asyncio.sleep(0.01)
+    return x * 2
+"""
+
+
+@pytest.fixture
+def mixed(tasks_dir: TasksDir) -> TasksDir:
+    tasks_dir.write("mixed.py", MIXED_PY)
+    return tasks_dir
+
+
+@pytest.fixture
+def hold_key(redis_client: redis.Redis, tasks_dir: TasksDir) -> Iterator[str]:
+    """A key prefix for ``hold`` (``-started``, ``-go``); at the end a ``hold`` still
+    running is let go (so the worker can stop) and the keys expire."""
+    key = f"{tasks_dir.queue}-hold"
+    yield key
+    redis_client.set(f"{key}-go", 1, ex=30)
+    redis_client.delete(f"{key}-started")
+
+
+def unacked_ids(client: redis.Redis, queue: str) -> set[str]:
+    """Task ids of ``queue``'s messages in kombu's ``unacked`` hash (fetched, not acked)."""
+    tags = set(unacked_tags(client, queue))
+    ids: set[str] = set()
+    for tag, record in client.hscan_iter("unacked"):
+        if (tag.decode() if isinstance(tag, bytes) else str(tag)) not in tags:
+            continue
+        envelope = json.loads(record)[0]
+        ids.add(envelope["headers"]["id"])
+    return ids
+
+
+def _wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}", pytrace=False)
+        time.sleep(0.02)
+
+
+def _hold_one_start_more(
+    worker: StartWorker,
+    mixed: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    hold_key: str,
+    pool: str,
+) -> tuple[Any, Any, list[Any], WorkerProcess]:
+    """One ``hold`` and two ``pid`` messages, queued before a ``-c 1`` worker starts
+    (so its first fetch takes all three); returns once ``hold`` runs and the two others
+    were received."""
+    tasks = mixed.import_module("mixed")
+    first = tasks.hold.delay(hold_key)
+    waiting = [tasks.pid.delay() for _ in range(2)]
+    for r in (first, *waiting):
+        result_keys.add(r.id)
+    process = worker("-c", "1", pool=pool, app="mixed", check_exit=False)
+    _wait_until(lambda: redis_client.exists(f"{hold_key}-started"), 15, "hold started")
+    for r in waiting:
+        process.wait_for(rf"Task mixed\.pid\[{r.id}\] received")
+    return tasks, first, waiting, process
+
+
+def test_threads_sync_message_stays_unacked_until_a_thread_is_free(
+    worker: StartWorker,
+    mixed: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    hold_key: str,
+) -> None:
+    tasks, first, waiting, process = _hold_one_start_more(
+        worker, mixed, result_keys, redis_client, hold_key, "threads"
+    )
+    ids = {r.id for r in waiting}
+    # The one thread is busy: the two sync messages were fetched and are not acked
+    # (they wait in the worker's reserved list, not in the thread pool's queue).
+    assert queue_length(redis_client, mixed.queue) == 0
+    assert ids <= unacked_ids(redis_client, mixed.queue)
+
+    # The event loop is not held up behind them.
+    values = [tasks.double.delay(i) for i in range(5)]
+    for r in values:
+        result_keys.add(r.id)
+    assert [r.get(timeout=15) for r in values] == [i * 2 for i in range(5)]
+    assert not first.ready()
+    assert not any(r.ready() for r in waiting)
+    assert ids <= unacked_ids(redis_client, mixed.queue)
+
+    # Warm shutdown while the first runs: it finishes; the two go back to the queue.
+    process.signal(signal.SIGTERM)
+    process.wait_for(r"Warm shutdown")
+    redis_client.set(f"{hold_key}-go", 1, ex=60)
+    assert process.wait(20) == 0, process.log
+    assert isinstance(first.get(timeout=5), int)
+    process.wait_for(r"Restored 2 unacknowledged message")
+    assert not any(r.ready() for r in waiting)  # never ran
+    assert queue_length(redis_client, mixed.queue) == 2
+    assert not unacked_ids(redis_client, mixed.queue)
+
+    # A new worker runs them.
+    worker("-c", "1", pool="threads", app="mixed")
+    assert all(isinstance(r.get(timeout=20), int) for r in waiting)
+
+
+def test_prefork_child_acks_each_sync_message_just_before_it_runs(
+    worker: StartWorker,
+    mixed: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    hold_key: str,
+) -> None:
+    # A child runs sync tasks inline: the two fetched with ``hold`` are not acked
+    # (as a batch) while it runs.
+    _tasks, first, waiting, _process = _hold_one_start_more(
+        worker, mixed, result_keys, redis_client, hold_key, "prefork"
+    )
+    ids = {r.id for r in waiting}
+    assert queue_length(redis_client, mixed.queue) == 0
+    assert ids <= unacked_ids(redis_client, mixed.queue)
+    time.sleep(0.3)  # still so a moment later
+    assert ids <= unacked_ids(redis_client, mixed.queue)
+    assert not any(r.ready() for r in waiting)
+
+    redis_client.set(f"{hold_key}-go", 1, ex=60)
+    child = first.get(timeout=20)
+    assert [r.get(timeout=20) for r in waiting] == [child, child]
+    _wait_until(lambda: not unacked_ids(redis_client, mixed.queue), 10, "all acked")
+
+
+@pytest.mark.parametrize("kinds", ["async", "mixed"])
+def test_max_tasks_per_child_counts_coroutines(
+    worker: StartWorker,
+    mixed: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    kinds: str,
+) -> None:
+    process = worker("-c", "1", "--max-tasks-per-child", "3", pool="prefork", app="mixed")
+    tasks = mixed.import_module("mixed")
+    if kinds == "async":
+        results = [tasks.apid.delay() for _ in range(9)]
+    else:
+        results = [t.delay() for t in (tasks.apid, tasks.pid, tasks.apid) * 3]
+    for r in results:
+        result_keys.add(r.id)
+    pids = [r.get(timeout=60) for r in results]  # nothing lost
+    per_child = collections.Counter(pids)
+    assert len(per_child) >= 3, per_child  # the child was replaced (twice at least)
+    assert max(per_child.values()) <= 3, per_child
+    assert queue_length(redis_client, mixed.queue) == 0
+    _wait_until(lambda: not unacked_ids(redis_client, mixed.queue), 10, "all acked")
+    process.wait_for(r"ForkPoolWorker-3")
+    assert "exited with" not in process.log  # retired children exit cleanly
