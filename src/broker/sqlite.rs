@@ -448,12 +448,19 @@ const CHECKPOINT_PAGES: i32 = 2000;
 pub(crate) struct Checkpointer {
     wanted: Arc<Signal>,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.wanted.notify();
+        // Wait for the thread to close its connection: a prefork supervisor forks right
+        // after its probe is dropped, and SQLite's in-process lock state copied by fork()
+        // mid-checkpoint (or mid-close) would leave the children's connections locked.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -482,7 +489,7 @@ pub(crate) fn checkpointer(path: &Path, busy_timeout: Duration) -> Option<Arc<Ch
     let wanted = Arc::new(Signal::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (thread_wanted, thread_stop) = (wanted.clone(), stop.clone());
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("celeriac-sqlite-ckpt".into())
         .spawn(move || {
             let mut seen = thread_wanted.generation();
@@ -507,7 +514,11 @@ pub(crate) fn checkpointer(path: &Path, busy_timeout: Duration) -> Option<Arc<Ch
             }
         })
         .ok()?;
-    let made = Arc::new(Checkpointer { wanted, stop });
+    let made = Arc::new(Checkpointer {
+        wanted,
+        stop,
+        thread: Some(thread),
+    });
     all.push((pid, key, Arc::downgrade(&made)));
     Some(made)
 }
@@ -797,6 +808,18 @@ pub struct SqliteProducer {
     state: Arc<Outbox>,
     masked: String,
     _checkpointer: Option<Arc<Checkpointer>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SqliteProducer {
+    /// Ends the writer thread and waits for it: it writes what is queued and closes its
+    /// connection now, not while a prefork supervisor forks (see `Checkpointer`).
+    fn drop(&mut self) {
+        self.tx = std_mpsc::channel().0; // the writer's `recv` fails once this is gone
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 const MAX_PUBLISH_BATCH: usize = 4096;
@@ -809,7 +832,7 @@ impl SqliteProducer {
         let (tx, rx) = std_mpsc::channel();
         let state = Arc::new(Outbox::default());
         let thread_state = state.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("celeriac-sqlite-pub".into())
             .spawn(move || publish_loop(conn, path, rx, thread_state))
             .map_err(|err| Error::Connection(format!("cannot start a thread: {err}")))?;
@@ -818,6 +841,7 @@ impl SqliteProducer {
             state,
             masked: url.masked().to_owned(),
             _checkpointer: checkpointer,
+            writer: Some(writer),
         })
     }
 

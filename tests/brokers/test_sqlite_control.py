@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import worker_env
+from conftest import REDIS_URL, worker_env
 
 if TYPE_CHECKING:
     from conftest import RunCli, StartWorker, TasksDir
@@ -85,11 +85,19 @@ SEND_AND_SUM = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("results", ["sqlite", "redis"])
 def test_prefork_worker_on_sqlite(
-    sqlite_tasks: TasksDir, worker: StartWorker, run_cli: RunCli
+    results: str, sqlite_tasks: TasksDir, tmp_path: Path, worker: StartWorker, run_cli: RunCli
 ) -> None:
-    """A new user's first worker: the default pool (prefork) on the SQLite file. Two
-    children share the file with the supervisor; the node answers remote control once."""
+    """A new user's first worker: the default pool (prefork) on the SQLite file, which
+    does not exist yet. Two children share the file with the supervisor; the node answers
+    remote control once. With results elsewhere the supervisor's only use of the file
+    before it forks is its probe: the children were once forked while the probe's
+    threads were still closing their connections, and found the file locked for good."""
+    db = tmp_path / "celeriac.sqlite3"
+    assert not db.exists()
+    if results == "redis":
+        sqlite_tasks.env = worker_env(sqlite_tasks.queue, f"sqlite://{db}", REDIS_URL)
     node = f"sqp-{sqlite_tasks.queue}@test"
     process = worker("-n", node, "-c", "2", pool="prefork")
     sent = subprocess.run(
