@@ -65,7 +65,32 @@ REPLY = "reply.celery.pidbox"
 #: How long the supervisor waits for its children's answers.
 CHILD_TIMEOUT = 0.5
 
-_clock = itertools.count(1)
+
+class LamportClock:
+    """The node's logical clock (Celery's ``app.clock``): ``next(clock)`` ticks it;
+    ``adjust(other)`` moves it past a value another node sent (mingle's replies).
+    No lock, so a prefork child forked at any moment never inherits one held: each
+    step is one GIL-atomic call and only the mingle thread adjusts."""
+
+    def __init__(self) -> None:
+        self._count = itertools.count(1)
+
+    def __iter__(self) -> LamportClock:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._count)
+
+    def adjust(self, other: int) -> int:
+        """``max(ours, other) + 1``, the clock's new value."""
+        value = next(self._count)
+        if other >= value:
+            value = other + 1
+            self._count = itertools.count(value + 1)
+        return value
+
+
+_clock = LamportClock()
 
 
 def _conf(app: Any, name: str, default: Any) -> Any:
@@ -118,13 +143,15 @@ def broadcast(
     reply: bool = True,
     timeout: float = 1.0,
     limit: int | None = None,
+    keep: bool = True,
 ) -> list[dict[str, Any]]:
     """Send ``command`` to the workers; with ``reply``, the replies that came within
     ``timeout`` seconds (``[{nodename: result}, ...]``).
 
     On AMQP the connection is kept for the next call (per process and broker, as
     kombu's producer pool does); elsewhere connecting is cheap and each call has its
-    own."""
+    own. ``keep=False``: a connection of its own on AMQP too, closed after (a worker's
+    mingle, so nothing stays open for the children it forks later)."""
     oid = str(uuid.uuid4())
     queue = f"{oid}.{REPLY}"
     ticket = str(uuid.uuid4())
@@ -140,7 +167,7 @@ def broadcast(
         body["reply_to"] = {"exchange": REPLY, "routing_key": oid}
     if limit is None and destination:
         limit = len(destination)
-    mailbox, shared = _client_mailbox(app)
+    mailbox, shared = _client_mailbox(app) if keep else (_mailbox(app), False)
     if reply:
         try:
             mailbox.bind(REPLY, oid, queue)
@@ -314,6 +341,15 @@ class Pidbox:
             return
         self._thread = threading.Thread(target=self._run, name="pidbox", daemon=True)
         self._thread.start()
+        options = getattr(self.worker, "options", None)
+        scheme = self.worker.app.broker_url.partition("://")[0]
+        # Celery mingles on RabbitMQ and Redis only. On the SQLite file it would also
+        # hold a connection in a thread while prefork children are forked, and SQLite's
+        # in-process lock state does not survive fork() (the children found it locked).
+        if getattr(options, "mingle", False) and scheme != "sqlite":
+            from celeriac.worker import mingle
+
+            mingle.start(self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -405,6 +441,9 @@ class ChildLinks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: One ``ask`` at a time (the pidbox and mingle threads both ask): each reads
+        #: its answers off the shared sockets and would drop the other's.
+        self._asking = threading.Lock()
         self._parent: dict[int, socket.socket] = {}
         self._seq = itertools.count(1)
 
@@ -445,6 +484,10 @@ class ChildLinks:
 
     def ask(self, method: str, arguments: dict[str, Any]) -> list[Any]:
         """Every live child's answer to ``method`` (those that answer in time)."""
+        with self._asking:
+            return self._ask(method, arguments)
+
+    def _ask(self, method: str, arguments: dict[str, Any]) -> list[Any]:
         with self._lock:
             socks = list(self._parent.values())
             seq = next(self._seq)
@@ -1078,19 +1121,39 @@ class Control:
 # -- Celery's other commands, for mixed fleets ------------------------------------------
 
 
+def revoked_ids(value: Any) -> tuple[list[str], int] | None:
+    """The task ids in a ``hello``'s or its reply's ``revoked``, and how many entries
+    were not ids (not a non-empty string). A list (Celery 5.7, celeriac) or a mapping
+    keyed by id (older Celery sent its ``LimitedSet``'s data); None for anything else."""
+    if isinstance(value, Mapping):
+        value = list(value)
+    elif not isinstance(value, list):
+        return None
+    ids = [task_id for task_id in value if isinstance(task_id, str) and task_id]
+    return ids, len(value) - len(ids)
+
+
 @command(kind="inspect", scope="all")
 def hello(box: Pidbox, args: dict[str, Any]) -> Any:
-    """Mingle: a Celery worker starting up sends its revoked ids and asks for ours."""
-    if args.get("from_node") == box.nodename:
-        return None
+    """Mingle: a worker starting up (Celery's, or celeriac's: ``celeriac.worker.mingle``)
+    sends its revoked ids and asks for ours and our clock. In prefork every child takes
+    the ids too; only the supervisor's reply is sent, so a child builds none."""
+    from_node = args.get("from_node")
+    if from_node == box.nodename:
+        return None  # our own start-up hello
     store = getattr(box.worker, "revoked", None)
-    theirs = args.get("revoked")
-    if store is not None and isinstance(theirs, list):
-        ids = [task_id for task_id in theirs if isinstance(task_id, str) and task_id]
-        if ids:
-            logger.info("sync with %s", args.get("from_node"))
-            store.add(ids)
-    return {"revoked": list(store) if store is not None else [], "clock": next(_clock)}
+    in_child = getattr(box.worker, "child", None) is not None
+    if not in_child:
+        logger.info("sync with %s", from_node)
+    theirs = revoked_ids(args.get("revoked"))
+    if store is not None and theirs is not None and theirs[0]:
+        store.merge(theirs[0])
+    if in_child:
+        return None
+    if store is None:
+        return {"revoked": [], "clock": next(_clock)}
+    store.purge()  # nothing expired goes out
+    return {"revoked": list(store), "clock": next(_clock)}
 
 
 @command(kind="control")

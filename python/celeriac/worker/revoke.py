@@ -15,6 +15,9 @@ child (remote control's ``scope="all"``); a child forked later inherits the
 supervisor's ``RevokedSet`` through the fork. A running task is stopped by the
 supervisor (sync tasks: it signals the child, see ``prefork.py``) or by the child's
 event loop (``async def`` tasks: the coroutine is cancelled).
+
+A worker starting up asks the others for theirs (mingle, ``celeriac.worker.mingle``)
+and ``merge``s them, so an id revoked before it started is known to it too.
 """
 
 from __future__ import annotations
@@ -83,13 +86,38 @@ class RevokedSet:
             for task_id in task_ids:
                 self.ids.pop(task_id, None)
                 self.ids[task_id] = (now, signum)
-            while len(self.ids) > self.maxlen:
-                self.ids.popitem(last=False)
-            while self.ids:
-                oldest = next(iter(self.ids.values()))
-                if now - oldest[0] <= self.expires:
-                    break
-                self.ids.popitem(last=False)
+            self._trim(now)
+
+    def merge(self, task_ids: Iterable[str], now: float | None = None) -> int:
+        """Add ids revoked elsewhere (another worker's, from mingle or its ``hello``),
+        as Celery's ``merge_revoked``: stamped now (another host's times do not compare
+        with ours), in their order, so the first go first when the set is full. An id
+        known here keeps its entry (its time and terminate signal). Returns how many
+        ids were new."""
+        now = time.time() if now is None else now
+        added = 0
+        with self._lock:
+            self._trim(now)  # an expired id is new again
+            for task_id in task_ids:
+                if task_id not in self.ids:
+                    self.ids[task_id] = (now, 0)
+                    added += 1
+            self._trim(now)
+        return added
+
+    def purge(self, now: float | None = None) -> None:
+        """Forget the ids kept longer than ``expires`` (before they are sent away)."""
+        with self._lock:
+            self._trim(time.time() if now is None else now)
+
+    def _trim(self, now: float) -> None:
+        while len(self.ids) > self.maxlen:
+            self.ids.popitem(last=False)
+        while self.ids:
+            oldest = next(iter(self.ids.values()))
+            if now - oldest[0] <= self.expires:
+                break
+            self.ids.popitem(last=False)
 
     def terminate_signal(self, task_id: str) -> int:
         """The signal a terminate revoke of ``task_id`` asked for, else 0."""

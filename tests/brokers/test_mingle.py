@@ -1,0 +1,148 @@
+"""Mingle on a real worker (Redis broker and backend): a worker starting up asks the
+running ones for their revoked ids (remote control's ``hello``), so a task revoked
+before it started is not run by it either; ``--without-mingle`` skips that.
+
+Worker A is up and hears the revoke of an id no message has yet; worker B starts on
+the same queue and syncs with A; A is stopped, so only B can take the task; then a
+message with that id is sent. Every wait is bounded; nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from conftest import app_module, wait_until
+from conftest import task_meta as stored
+
+if TYPE_CHECKING:
+    from conftest import ResultKeys, StartWorker, TasksDir, WorkerProcess
+
+pytestmark = pytest.mark.redis
+
+MTASKS_PY = app_module(
+    "mtasks",
+    """
+
+@app.task
+def mark(key):
+    client().incr(key)
+    client().expire(key, 60)
+    return True
+""",
+    redis_client=True,
+)
+
+
+@pytest.fixture
+def mtasks(tasks_dir: TasksDir) -> TasksDir:
+    tasks_dir.write("mtasks.py", MTASKS_PY)
+    return tasks_dir
+
+
+def _node(role: str) -> str:
+    """A node name of its own: other workers on this Redis must not answer our tests."""
+    return f"mingle-{role}-{uuid.uuid4().hex[:8]}@test"
+
+
+def _revoke_on(tasks: Any, node: str, task_id: str) -> None:
+    replies = tasks.app.control.revoke(task_id, [node], reply=True, timeout=3)
+    assert replies == [{node: {"ok": f"tasks {{'{task_id}'}} flagged as revoked"}}], replies
+
+
+def _revoked_on(tasks: Any, node: str) -> list[str]:
+    replies = tasks.app.control.broadcast("revoked", destination=[node], reply=True, timeout=3)
+    assert replies and node in replies[0], replies
+    ids: list[str] = replies[0][node]
+    return ids
+
+
+def _line_index(process: WorkerProcess, text: str) -> int:
+    lines = process.log.splitlines()
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_task_revoked_before_the_worker_started_is_not_run(
+    worker: StartWorker,
+    mtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+    pool: str,
+) -> None:
+    tasks = mtasks.import_module("mtasks")
+    node_a, node_b = _node("a"), _node("b")
+    a = worker("-n", node_a, pool="solo", app="mtasks")
+    revoked_id = result_keys.add(str(uuid.uuid4()))
+    _revoke_on(tasks, node_a, revoked_id)
+
+    concurrency = ("-c", "2") if pool == "prefork" else ()
+    b = worker(*concurrency, "-n", node_b, pool=pool, app="mtasks")
+    b.wait_for(r"mingle: sync with \d+ nodes", timeout=10)
+    b.wait_for(r"mingle: sync complete", timeout=5)
+    # Start-up was not held up for the replies: "ready." came first.
+    searching = _line_index(b, "mingle: searching for neighbors")
+    ready = _line_index(b, f"{node_b} ready.")
+    assert searching < ready < _line_index(b, "mingle: sync with"), b.log
+    assert "failed" not in b.log
+    assert revoked_id in _revoked_on(tasks, node_b)
+    assert a.stop() == 0
+
+    key = scratch("ran")
+    # Several messages with the id: in prefork they reach both children.
+    sends = 4 if pool == "prefork" else 1
+    for _ in range(sends):
+        tasks.mark.apply_async((key,), task_id=revoked_id)
+    b.wait_for(rf"Discarding revoked task: mtasks\.mark\[{revoked_id}\]", count=sends)
+    meta = stored(redis_client, revoked_id)
+    assert meta["status"] == "REVOKED", meta
+    assert meta["result"]["exc_type"] == "TaskRevokedError"
+    # B keeps serving, and the revoked one never ran.
+    after = tasks.mark.delay(key)
+    result_keys.add(after.id)
+    assert after.get(timeout=10) is True
+    assert int(redis_client.get(key) or 0) == 1
+    assert f"mtasks.mark[{revoked_id}] succeeded" not in b.log
+
+
+def test_without_mingle_the_worker_does_not_know_earlier_revokes(
+    worker: StartWorker,
+    mtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Any,
+) -> None:
+    tasks = mtasks.import_module("mtasks")
+    node_a, node_b = _node("a"), _node("b")
+    a = worker("-n", node_a, pool="solo", app="mtasks")
+    revoked_id = result_keys.add(str(uuid.uuid4()))
+    _revoke_on(tasks, node_a, revoked_id)
+    b = worker("-n", node_b, "--without-mingle", pool="solo", app="mtasks")
+    time.sleep(1.5)  # longer than mingle would have waited for replies
+    assert "mingle:" not in b.log
+    assert _revoked_on(tasks, node_b) == []
+    assert a.stop() == 0
+    key = scratch("ran")
+    tasks.mark.apply_async((key,), task_id=revoked_id)
+    # A stored REVOKED when the revoke came (as Celery 5.7); B runs the task over it.
+    b.wait_for(rf"Task mtasks\.mark\[{revoked_id}\] succeeded", timeout=10)
+    assert int(redis_client.get(key) or 0) == 1
+    assert wait_until(lambda: stored(redis_client, revoked_id).get("status") == "SUCCESS")
+
+
+def test_a_worker_alone_starts_as_usual(
+    worker: StartWorker, mtasks: TasksDir, result_keys: ResultKeys, scratch: Any
+) -> None:
+    """No other worker answers to its name: it logs that it is alone or synced with
+    whatever else runs on this Redis, and serves."""
+    node = _node("alone")
+    process = worker("-n", node, pool="threads", app="mtasks")
+    process.wait_for(r"mingle: (all alone|sync complete)", timeout=10)
+    tasks = mtasks.import_module("mtasks")
+    result = tasks.mark.delay(scratch("alone"))
+    result_keys.add(result.id)
+    assert result.get(timeout=10) is True
