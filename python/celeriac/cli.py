@@ -47,6 +47,7 @@ UNSUPPORTED_WORKER_OPTIONS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("--scheduler",), True),
     (("-D", "--detach"), False),
     (("-S", "--statedb"), True),
+    (("--executable",), True),
 )
 UNSUPPORTED_HELP = {
     "--beat": "celeriac has no periodic task scheduler (beat)",
@@ -56,6 +57,7 @@ UNSUPPORTED_HELP = {
     "--detach": "run the worker in the foreground under a service manager (systemd, "
     "supervisord) instead",
     "--statedb": "celeriac keeps revoked task ids in memory only",
+    "--executable": "it names the Python of a detached worker (-D), which celeriac does not start",
 }
 
 
@@ -90,14 +92,42 @@ def _loglevel(value: str) -> str:
     return name
 
 
-def _concurrency(value: str) -> int:
+def _concurrency(value: str) -> int | str | None:
+    """``-c``: a whole number >= 1, or Celery 5.7's ``auto`` (the CPUs this process may
+    use); nothing: ``worker_concurrency``, else the CPUs (None). Celery 5.7 also reads 0
+    as "the default"; celeriac refuses it, as a typo should not start a surprise pool."""
+    text = value.strip()
+    if text.lower() == "auto":
+        return "auto"
+    if not text:
+        return None
     try:
-        number = int(value)
+        number = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number (nor 'auto')") from None
     if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'auto'), not {number}")
     return number
+
+
+def _umask(value: str) -> int:
+    from celeriac.worker.options import parse_umask
+
+    try:
+        return parse_umask(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _start_method(value: str) -> str:
+    from celeriac.worker.options import START_METHODS
+
+    name = value.strip().lower()
+    if name not in START_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"unknown start method {value!r} (choose from {', '.join(START_METHODS)})"
+        )
+    return name
 
 
 def _seconds(value: str) -> float:
@@ -199,8 +229,9 @@ def build_parser() -> _Parser:
         type=_concurrency,
         default=None,
         metavar="N",
-        help="tasks run at once: child processes (prefork) or threads (default: "
-        "worker_concurrency, else the CPUs this process may use; solo runs one at a time)",
+        help="tasks run at once: child processes (prefork) or threads (default, or 0: "
+        "worker_concurrency, else the CPUs this process may use; 'auto': those CPUs "
+        "whatever worker_concurrency says; solo runs one at a time)",
     )
     worker.add_argument(
         "-P",
@@ -281,6 +312,31 @@ def build_parser() -> _Parser:
         "worker_prefetch_multiplier, 4; 0 = unbounded)",
     )
     worker.add_argument(
+        "--disable-prefetch",
+        action="store_true",
+        default=None,
+        help="Redis: take a message from the broker only when a pool slot is free to "
+        "run it, whatever --prefetch-multiplier says (worker_disable_prefetch). As in "
+        "Celery, other brokers ignore it with a warning",
+    )
+    worker.add_argument(
+        "--pool-start-method",
+        type=_start_method,
+        default=None,
+        metavar="METHOD",
+        help="how prefork children start: fork (the default, the only one celeriac has; "
+        "spawn is refused)",
+    )
+    worker.add_argument(
+        "-I",
+        "--include",
+        action="append",
+        default=None,
+        metavar="MODULES",
+        help="comma-separated modules to import at start, e.g. the modules of more "
+        "tasks (repeatable; one that cannot be imported stops the start)",
+    )
+    worker.add_argument(
         "-O",
         "--optimization",
         dest="optimization",
@@ -308,6 +364,27 @@ def build_parser() -> _Parser:
         "names a running process (a stale one is replaced). Expands %%n, %%h, %%d, %%p",
     )
     worker.add_argument(
+        "--uid",
+        default=None,
+        metavar="USER",
+        help="once the app is loaded, run as this user (name or number), with its "
+        "primary group unless --gid is given. Needs root",
+    )
+    worker.add_argument(
+        "--gid",
+        default=None,
+        metavar="GROUP",
+        help="once the app is loaded, run as this group (name or number). Needs root",
+    )
+    worker.add_argument(
+        "--umask",
+        type=_umask,
+        default=None,
+        metavar="UMASK",
+        help="umask of the files the worker creates (log file, pidfile, ...), in octal "
+        "with a leading 0: 022, 077",
+    )
+    worker.add_argument(
         "--purge",
         "--discard",
         dest="purge",
@@ -330,8 +407,8 @@ def build_parser() -> _Parser:
     worker.add_argument(
         "--without-mingle",
         action="store_true",
-        help="send no start-up hello to other workers (accepted: celeriac never sends one; "
-        "it answers theirs)",
+        help="send no start-up hello to other workers (their revoked task ids are then not "
+        "learnt; theirs are still answered)",
     )
     worker.add_argument(
         "--without-gossip",
@@ -518,7 +595,9 @@ def _not_found(name: str, cwd: str) -> str:
 # -- commands ------------------------------------------------------------------------
 
 
-def _prepare_app(ns: argparse.Namespace) -> Celeriac:
+def _prepare_app(ns: argparse.Namespace, include: Sequence[str] = ()) -> Celeriac:
+    """Load the app (``-A``, ``-b``, ``--result-backend``) and import its modules, and
+    the ``include`` ones (the worker's ``-I``), added to its ``include`` setting."""
     spec = ns.app or os.environ.get("CELERIAC_APP") or os.environ.get("CELERY_APP")
     if not spec:
         raise UsageError("no app given: use -A/--app MODULE (e.g. celeriac -A tasks worker)")
@@ -536,6 +615,19 @@ def _prepare_app(ns: argparse.Namespace) -> Celeriac:
         app.import_modules()
     except Exception as exc:
         raise AppError(f"importing the app's modules failed: {type(exc).__name__}: {exc}") from exc
+    for name in include:
+        try:
+            _import(name)
+        except ModuleNotFoundError:
+            raise UsageError(
+                f"argument -I/--include: module {name!r} not found "
+                f"(looked in {os.getcwd()} and sys.path)"
+            ) from None
+        except AppError as exc:
+            raise AppError(f"argument -I/--include: {exc}") from exc.__cause__
+    if include:  # as Celery: part of the app's modules from now on (inspect conf)
+        known = tuple(app.conf["include"])
+        app.conf.include = known + tuple(name for name in include if name not in known)
     return app
 
 
@@ -546,8 +638,11 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     from celeriac.worker.options import (
         Pidfile,
         PidfileLocked,
+        drop_privileges,
         expand_nodename,
+        is_module_name,
         node_format,
+        resolve_identity,
         split_names,
     )
 
@@ -581,11 +676,37 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     excluded = split_names(ns.exclude_queues)
     if ns.queues is not None and not queues:
         raise UsageError("argument -Q/--queues: no queue names given")
+    include = split_names(ns.include)
+    if ns.include is not None and not include:
+        raise UsageError("argument -I/--include: no module names given")
+    for name in include:
+        if not is_module_name(name):
+            raise UsageError(f"argument -I/--include: {name!r} is not a module name")
+    try:
+        identity = resolve_identity(ns.uid, ns.gid)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     level = parse_loglevel(ns.loglevel)
     concurrency = ns.concurrency
     if ns.autoscale is not None:
         concurrency = ns.autoscale[0]  # Celery too ignores -c with --autoscale
-    app = _prepare_app(ns)
+    if ns.umask is not None:
+        os.umask(ns.umask)  # before any file is made (the app's, the log file, ...)
+    app = _prepare_app(ns, include)
+    if identity.uid is not None or identity.gid is not None:
+        # As Celery: the app is loaded as the starting user, the rest runs as the new one.
+        try:
+            drop_privileges(identity)
+        except OSError as exc:
+            option = "--uid" if identity.uid is not None else "--gid"
+            wanted = ", ".join(
+                f"{what} {value}"
+                for what, value in (("uid", identity.uid), ("gid", identity.gid))
+                if value is not None
+            )
+            raise UsageError(
+                f"argument {option}: cannot switch to {wanted}: {exc.strerror or exc}"
+            ) from None
     options = WorkerOptions(
         hostname=ns.hostname,
         concurrency=concurrency,
@@ -606,6 +727,9 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         heartbeat_interval=ns.heartbeat_interval,
         mingle=not ns.without_mingle,
         gossip=not ns.without_gossip,
+        include=include,
+        pool_start_method=ns.pool_start_method,
+        disable_prefetch=ns.disable_prefetch,
     )
     try:
         worker = Worker(app, options)
@@ -617,6 +741,12 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         raise UsageError(
             f"argument -f/--logfile: cannot write {exc.filename}: {exc.strerror}"
         ) from None
+    if worker.disable_prefetch_ignored:  # as Celery, which warns the same way
+        worker_logger.warning(
+            "--disable-prefetch (worker_disable_prefetch) works on Redis brokers only; "
+            "ignored on %s.",
+            app.broker_url_masked,
+        )
     if ns.autoscale is not None:
         most, least = ns.autoscale
         worker_logger.warning(

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use super::outbox::Outbox;
 use super::url::BrokerUrl;
@@ -421,6 +421,8 @@ struct ConsumerShared {
     /// The generation of the lists the fetch in progress reads (None between
     /// fetches): `cancel_queue` waits until no fetch reads the cancelled queue.
     fetching: watch::Sender<Option<u64>>,
+    /// Wakes a fetcher that waits because every queue was cancelled.
+    queues_changed: Notify,
     /// The fetch connection's `CLIENT ID` (0: not known), to end its `BRPOP` with
     /// `CLIENT UNBLOCK` when the queues change.
     fetch_client: AtomicI64,
@@ -559,6 +561,7 @@ impl ConsumerShared {
         let queues = change(&lists.queues)?;
         let generation = lists.generation + 1;
         *lists = Arc::new(QueueLists::new(&self.options, queues, generation));
+        self.queues_changed.notify_one();
         Some(generation)
     }
 
@@ -632,6 +635,7 @@ impl RedisConsumer {
             unbounded,
             lists: RwLock::new(Arc::new(lists)),
             fetching: watch::channel(None).0,
+            queues_changed: Notify::new(),
             fetch_client: AtomicI64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -1000,7 +1004,8 @@ async fn fetch_once(
         .key(&shared.owned_key);
     if lists.keys.is_empty() {
         // Every queue was cancelled: wait (as a BRPOP would) for one to be added.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), shared.queues_changed.notified()).await;
         return Ok((Vec::new(), None));
     }
     for key in &lists.keys {

@@ -218,3 +218,113 @@ def test_max_tasks_per_child_counts_coroutines(
     _wait_until(lambda: not unacked_ids(redis_client, mixed.queue), 10, "all acked")
     process.wait_for(r"ForkPoolWorker-3")
     assert "exited with" not in process.log  # retired children exit cleanly
+
+
+#: Coroutines that make a prefork child grow, report its memory, or hold it busy.
+MEMORY_PY = """\
+import asyncio
+import os
+import time
+
+import redis
+
+from celeriac import Celery
+
+app = Celery(
+    "memory",
+    broker=os.environ["CELERIAC_TEST_BROKER"],
+    backend=os.environ["CELERIAC_TEST_BACKEND"],
+)
+app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+
+#: What ``grow`` keeps: it stays in the process that ran it.
+KEPT = []
+
+
+def rss_kib():
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+@app.task
+async def rss():
+    await asyncio.sleep(0)
+    return rss_kib()
+
+
+@app.task
+async def grow(mib=60):
+    await asyncio.sleep(0)
+    KEPT.append(b"\\x01" * (mib << 20))  # written, so resident
+    return os.getpid()
+
+
+@app.task
+async def ahold(key, timeout=30.0):
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    client.set(key + "-started", os.getpid(), ex=120)
+    deadline = time.monotonic() + timeout
+    while not client.exists(key + "-go") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return os.getpid()
+
+
+@app.task
+async def apid():
+    await asyncio.sleep(0.01)
+    return os.getpid()
+
+
+@app.task
+def pid():
+    return os.getpid()
+"""
+
+
+def test_max_memory_per_child_is_checked_after_coroutines(
+    worker: StartWorker,
+    tasks_dir: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    hold_key: str,
+) -> None:
+    """A child that grows by running only ``async def`` tasks is replaced: over
+    ``--max-memory-per-child`` after a coroutine, it takes nothing more, the coroutine
+    still running there finishes, and a new child runs the rest. Nothing is lost."""
+    tasks_dir.write("memory.py", MEMORY_PY)
+    tasks = tasks_dir.import_module("memory")
+
+    # A child's resident memory once it has run a coroutine (its event loop started).
+    probe = worker("-c", "1", pool="prefork", app="memory")
+    first = tasks.rss.delay()
+    result_keys.add(first.id)
+    idle = first.get(timeout=20)
+    assert probe.stop() == 0, probe.log
+    limit = idle + 20_000  # KiB: grow's 60 MiB passes it, a few tasks more do not
+
+    process = worker("-c", "1", "--max-memory-per-child", str(limit), pool="prefork", app="memory")
+    held = tasks.ahold.delay(hold_key)
+    result_keys.add(held.id)
+    _wait_until(lambda: redis_client.exists(f"{hold_key}-started"), 15, "ahold started")
+    child = int(redis_client.get(f"{hold_key}-started") or 0)
+    grown = tasks.grow.delay()
+    result_keys.add(grown.id)
+    assert grown.get(timeout=20) == child
+    process.wait_for(
+        rf"Memory usage \d+ KiB is over --max-memory-per-child \({limit} KiB\): "
+        "replacing this process",
+        timeout=15,
+    )
+    later = [t.delay() for t in (tasks.apid, tasks.pid, tasks.apid) * 2]
+    for r in later:
+        result_keys.add(r.id)
+    assert not held.ready()  # the retiring child still runs it
+    redis_client.set(f"{hold_key}-go", 1, ex=60)
+    assert held.get(timeout=20) == child  # finished where it ran
+    pids = [r.get(timeout=30) for r in later]  # nothing lost
+    assert child not in pids, pids  # the retired child took nothing more
+    assert len(set(pids)) == 1, pids  # its replacement ran them all (no 60 MiB yet)
+    assert queue_length(redis_client, tasks_dir.queue) == 0
+    _wait_until(lambda: not unacked_ids(redis_client, tasks_dir.queue), 10, "all acked")
+    process.wait_for(r"ForkPoolWorker-2")
+    assert "exited with" not in process.log  # the retired child exited cleanly

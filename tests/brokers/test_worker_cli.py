@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import queue_length
+from conftest import TASKS_PY, app_module, queue_length, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -421,6 +421,7 @@ def test_bad_autoscale(run_cli: RunCli, value: str) -> None:
         (["--detach"], "-D/--detach"),
         (["-S", "worker.state"], "-S/--statedb"),
         (["--statedb=worker.state"], "-S/--statedb"),
+        (["--executable", "/usr/bin/python3"], "--executable"),
     ],
 )
 def test_unsupported_option_is_an_error(
@@ -457,3 +458,441 @@ def test_worker_help_lists_the_options(run_cli: RunCli) -> None:
         assert option in text, option
     assert "does not send events" not in text
     assert "always schedules fairly" not in text
+
+
+# -- --disable-prefetch -----------------------------------------------------------------
+
+#: ``hold(key)``: counts itself started, then waits (bounded) until the test lets it go.
+HOLDING_PY = app_module(
+    "holding",
+    """
+
+@app.task
+def hold(key, timeout=30.0):
+    client().incr(key + "-started")
+    client().expire(key + "-started", 120)
+    deadline = time.monotonic() + timeout
+    while not client().exists(key + "-go") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+""",
+    imports=("import time",),
+    redis_client=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("pool", "args", "taken"),
+    [
+        pytest.param(
+            "threads", ("--disable-prefetch", "--prefetch-multiplier", "10"), 2, id="threads"
+        ),
+        pytest.param("prefork", ("--disable-prefetch",), 2, id="prefork"),
+        pytest.param("threads", ("--prefetch-multiplier", "10"), 5, id="prefetching"),
+    ],
+)
+def test_disable_prefetch_takes_a_message_only_for_a_free_slot(
+    tasks_dir: TasksDir,
+    worker: StartWorker,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Callable[[str], str],
+    pool: str,
+    args: tuple[str, ...],
+    taken: int,
+) -> None:
+    """Celery's ``--disable-prefetch`` on Redis (it wins over the multiplier): with two
+    threads (or children) busy, the other three messages stay in the broker's queue,
+    where another worker could take them; once they are free the rest run. Without it
+    the worker takes all five at once."""
+    tasks_dir.write("holding.py", HOLDING_PY)
+    holding = tasks_dir.import_module("holding")
+    key = scratch("hold")
+    scratch("hold-started")
+    scratch("hold-go")
+    results = [holding.hold.delay(key) for _ in range(5)]
+    for r in results:
+        result_keys.add(r.id)
+    try:
+        worker("-c", "2", *args, pool=pool, app="holding")
+        assert wait_until(lambda: int(redis_client.get(f"{key}-started") or 0) == 2, WAIT)
+        time.sleep(0.5)  # time enough for more to be fetched, if they were going to be
+        assert queue_length(redis_client, tasks_dir.queue) == 5 - taken
+        assert int(redis_client.get(f"{key}-started") or 0) == 2
+    finally:
+        redis_client.set(f"{key}-go", 1, ex=60)
+    assert all(isinstance(r.get(timeout=WAIT), int) for r in results)  # nothing lost
+    assert queue_length(redis_client, tasks_dir.queue) == 0
+
+
+def test_disable_prefetch_is_ignored_with_a_warning_off_redis(
+    tasks_dir: TasksDir, worker: StartWorker, result_keys: ResultKeys
+) -> None:
+    """As Celery, which supports it on Redis only: the default SQLite broker runs."""
+    tasks_dir.write("tasks.py", DEFAULT_TASKS_PY)
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_APP"):
+        tasks_dir.env.pop(name, None)
+    process = worker("--disable-prefetch")
+    assert (
+        "--disable-prefetch (worker_disable_prefetch) works on Redis brokers only; "
+        "ignored on sqlite://" in process.stderr
+    )
+    assert call_add(tasks_dir, result_keys, 6, 7) == 13
+
+
+# -- -I/--include -----------------------------------------------------------------------
+
+#: A module of more tasks on the app of ``tasks``, for ``-I``.
+INCLUDED_PY = """\
+from tasks import app
+
+
+@app.task
+def hello(who):
+    return f"hello {{who}} from {name}"
+"""
+
+
+def test_include_imports_task_modules_at_start(
+    tasks_dir: TasksDir, worker: StartWorker, result_keys: ResultKeys
+) -> None:
+    """``-I`` comma-separated and repeated, as Celery: the tasks of those modules are
+    registered (listed in the banner) and run. ``--pool-start-method fork`` is the
+    default, accepted."""
+    names = ("extra_one", "extra_two", "extra_three")
+    for name in names:
+        tasks_dir.write(f"{name}.py", INCLUDED_PY.format(name=name))
+    process = worker(
+        *("-I", "extra_one", "--include", "extra_two, extra_three", "-c", "1"),
+        *("--pool-start-method", "fork"),
+        pool="prefork",
+    )
+    for name in names:
+        assert f"  . {name}.hello" in process.stdout
+    tasks = tasks_dir.import_module("tasks")
+    results = [tasks.app.send_task(f"{name}.hello", args=[name]) for name in names]
+    for r in results:
+        result_keys.add(r.id)
+    assert [r.get(timeout=WAIT) for r in results] == [f"hello {name} from {name}" for name in names]
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "message"),
+    [
+        pytest.param(
+            "extra_one,no_such_module",
+            2,
+            "argument -I/--include: module 'no_such_module' not found (looked in {dir} and "
+            "sys.path)\n",
+            id="missing",
+        ),
+        pytest.param("extra-one", 2, "argument -I/--include: 'extra-one' is not a module name\n"),
+        pytest.param("tasks.", 2, "argument -I/--include: 'tasks.' is not a module name\n"),
+        pytest.param(" , ", 2, "argument -I/--include: no module names given\n", id="empty"),
+        pytest.param(
+            "broken",
+            1,
+            "argument -I/--include: importing 'broken' failed: RuntimeError: no database\n",
+            id="raises",
+        ),
+        pytest.param(
+            "needs_dep",
+            1,
+            "argument -I/--include: importing 'needs_dep' failed: No module named "
+            "'no_such_dependency'\n",
+            id="missing-dependency",
+        ),
+    ],
+)
+def test_bad_include_starts_nothing(
+    tasks_dir: TasksDir,
+    run_cli: RunCli,
+    redis_client: redis.Redis,
+    value: str,
+    status: int,
+    message: str,
+) -> None:
+    tasks_dir.write("extra_one.py", INCLUDED_PY.format(name="extra_one"))
+    tasks_dir.write("broken.py", 'raise RuntimeError("no database")\n')
+    tasks_dir.write("needs_dep.py", "import no_such_dependency\n")
+    python(tasks_dir, SEND, "1")
+    result = run_cli("-A", "tasks", "worker", "-I", value, "--pidfile", "w.pid")
+    assert result.returncode == status, result.stderr
+    assert result.stderr.endswith(f"celeriac worker: error: {message.format(dir=tasks_dir.path)}")
+    if status == 2:
+        assert result.stderr.count("\n") == 1
+    else:  # the module's own error, with its traceback
+        assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stdout == ""
+    assert not (tasks_dir.path / "w.pid").exists()
+    assert queue_length(redis_client, tasks_dir.queue) == 1  # nothing was consumed
+
+
+# -- -c ---------------------------------------------------------------------------------
+
+
+def test_concurrency_auto(tasks_dir: TasksDir, worker: StartWorker) -> None:
+    """Celery 5.7's ``-c auto``: the CPUs this process may use, whatever
+    ``worker_concurrency`` says. With ``-P threads`` ``--pool-start-method spawn`` is
+    accepted (it is about prefork)."""
+    from celeriac.worker.options import available_cpus
+
+    cpus = available_cpus()
+    configured = cpus + 2
+    tasks_dir.write("tasks.py", TASKS_PY + f"\napp.conf.worker_concurrency = {configured}\n")
+    auto = worker("-c", "auto", "--pool-start-method", "spawn", pool="threads")
+    assert f".> concurrency: {cpus} (threads)" in auto.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "autox"])
+def test_bad_concurrency(run_cli: RunCli, value: str) -> None:
+    result = run_cli("-A", "tasks", "worker", f"--concurrency={value}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("celeriac worker: error: argument -c/--concurrency: ")
+    assert result.stdout == ""
+
+
+# -- --pool-start-method, and settings of the same options --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "setting", "message"),
+    [
+        pytest.param(
+            ("--pool-start-method", "spawn"),
+            "",
+            "--pool-start-method spawn is not supported by celeriac yet: its prefork "
+            "children are forked (leave it out, or give fork)",
+            id="spawn",
+        ),
+        pytest.param(
+            ("--pool-start-method", "forkserver"),
+            "",
+            "argument --pool-start-method: unknown start method 'forkserver' (choose from "
+            "fork, spawn)",
+            id="unknown",
+        ),
+        pytest.param(
+            (),
+            "app.conf.worker_pool_start_method = 'spawn'",
+            "worker_pool_start_method spawn is not supported by celeriac yet",
+            id="setting-spawn",
+        ),
+        pytest.param(
+            (),
+            "app.conf.worker_pool_start_method = 'forkserver'",
+            "worker_pool_start_method must be 'fork' or 'spawn', not 'forkserver'",
+            id="setting-unknown",
+        ),
+        pytest.param(
+            (),
+            "app.conf.worker_disable_prefetch = 'maybe'",
+            "worker_disable_prefetch must be True or False, not 'maybe'",
+            id="setting-disable-prefetch",
+        ),
+    ],
+)
+def test_bad_pool_options_start_nothing(
+    tasks_dir: TasksDir, run_cli: RunCli, args: tuple[str, ...], setting: str, message: str
+) -> None:
+    tasks_dir.write("tasks.py", TASKS_PY + "\n" + setting + "\n")
+    result = run_cli("-A", "tasks", "worker", "-P", "prefork", *args, "--pidfile", "w.pid")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"celeriac worker: error: {message}")
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+    assert not (tasks_dir.path / "w.pid").exists()
+
+
+# -- --umask, --uid, --gid ----------------------------------------------------------------
+
+
+def test_umask_applies_to_the_files_the_worker_makes(
+    tasks_dir: TasksDir, start_cli: StartCli
+) -> None:
+    process = start_cli(
+        *("-A", "tasks", "worker", "-l", "info", "-P", "solo", "--umask", "077"),
+        *("-f", "w.log", "--pidfile", "w.pid"),
+    )
+    logfile, pidfile = tasks_dir.path / "w.log", tasks_dir.path / "w.pid"
+    wait_in_file(logfile, r" ready\.$", process)
+    assert oct(logfile.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(pidfile.stat().st_mode & 0o777) == oct(0o600)
+    assert process.stop() == 0, process.log
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("22", "'22' has no leading 0: write the umask in octal, e.g. 022 (Celery reads 22 "),
+        ("0999", "'0999' is not an octal umask (e.g. 022)"),
+        ("01000", "'01000' is more than 0777"),
+        ("u=rwx", "'u=rwx' is not an octal umask"),
+        ("-022", "'-022' is not an octal umask"),
+        ("", "'' is not an octal umask"),
+    ],
+)
+def test_bad_umask(run_cli: RunCli, value: str, message: str) -> None:
+    result = run_cli("-A", "tasks", "worker", f"--umask={value}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"celeriac worker: error: argument --umask: {message}")
+    assert result.stdout == ""
+
+
+#: Who the task runs as.
+WHOAMI_PY = app_module(
+    "whoami",
+    """
+
+@app.task
+def whoami():
+    return [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups())]
+""",
+)
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+
+def _reachable_by_anyone(path: str) -> bool:
+    """Whether every directory on the way to ``path`` lets any user through (o+x)."""
+    target = Path(path).resolve()
+    return all(d.stat().st_mode & 0o001 for d in (target, *target.parents) if d.is_dir())
+
+
+#: Once the worker is ``nobody``, it imports more of Python and of celeriac as it runs.
+python_for_nobody = pytest.mark.skipif(
+    not all(
+        _reachable_by_anyone(os.path.dirname(path))
+        for path in (os.__file__, sys.executable, __import__("celeriac").__file__)
+    ),
+    reason="this Python or celeriac is not readable by other users (e.g. under /root)",
+)
+
+
+@root_only
+@python_for_nobody
+@pytest.mark.parametrize(
+    ("args", "ids"),
+    [
+        pytest.param(("--uid", "nobody"), [65534, 65534, 65534, 65534, [65534]], id="uid"),
+        pytest.param(
+            ("--uid", "65534", "--gid", "daemon"), [65534, 65534, 1, 1, [1]], id="uid-gid"
+        ),
+        pytest.param(("--gid", "nogroup"), [0, 0, 65534, 65534, None], id="gid"),
+    ],
+)
+def test_uid_gid_switch_the_worker_once_the_app_is_loaded(
+    tasks_dir: TasksDir,
+    worker: StartWorker,
+    result_keys: ResultKeys,
+    args: tuple[str, ...],
+    ids: list[object],
+) -> None:
+    """As Celery's ``maybe_drop_privileges``: ``--uid`` alone takes the user's primary
+    group and its groups; the prefork children run as the new user too."""
+    tasks_dir.write("whoami.py", WHOAMI_PY)
+    worker(*args, "-c", "1", pool="prefork", app="whoami")
+    result = tasks_dir.import_module("whoami").whoami.delay()
+    result_keys.add(result.id)
+    got = result.get(timeout=WAIT)
+    if ids[-1] is None:  # --gid alone leaves root's other groups alone
+        got[-1] = None
+    assert got == ids
+
+
+@root_only
+def test_uid_drops_root_before_the_pidfile_is_written(
+    tasks_dir: TasksDir, run_cli: RunCli, redis_client: redis.Redis
+) -> None:
+    """The test's directory is root's only (0700): the new user cannot write there."""
+    assert tasks_dir.path.stat().st_mode & 0o077 == 0
+    python(tasks_dir, SEND, "1")
+    result = run_cli("-A", "tasks", "worker", "--uid", "nobody", "--pidfile", "w.pid")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"celeriac worker: error: argument --pidfile: cannot write "
+        f"{tasks_dir.path / 'w.pid'}: Permission denied\n"
+    )
+    assert result.stdout == ""
+    assert queue_length(redis_client, tasks_dir.queue) == 1
+
+
+#: ``celeriac`` as a user without privileges: ``nobody`` when the tests run as root
+#: (imported first: this Python may not be readable by ``nobody``), else the tests' user.
+AS_NOBODY = """\
+import grp, os, pwd, sys
+import celeriac.cli, celeriac.worker, celeriac.worker.log, celeriac.worker.options
+celeriac.cli.build_parser().format_help()  # what argparse imports as it goes
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+sys.exit(celeriac.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--uid", "root"), "argument --uid: only root can switch the worker to another user"),
+        (("--uid", "0", "--gid", "0"), "argument --uid: only root can switch"),
+        (("--gid", "0"), "argument --gid: only root can switch the worker to another group"),
+    ],
+)
+def test_uid_gid_of_another_user_without_root_is_an_error(
+    tasks_dir: TasksDir, args: tuple[str, ...], message: str
+) -> None:
+    """The error comes before the app is loaded and before anything runs."""
+    as_nobody = os.geteuid() == 0
+    done = subprocess.run(
+        [sys.executable, "-c", AS_NOBODY, "-A", "tasks", "worker", *args],
+        cwd=tasks_dir.path,
+        env=tasks_dir.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"celeriac worker: error: {message}")
+    who = "65534 (nobody)" if as_nobody else str(os.geteuid())
+    assert f"this worker runs as uid {who}" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--uid", "no-such-user-x"), "argument --uid: no user named 'no-such-user-x'"),
+        (("--uid", ""), "argument --uid: no user named ''"),
+        (("--gid", "no-such-group-x"), "argument --gid: no group named 'no-such-group-x'"),
+        (("--uid", "-1"), "argument --uid: no user named '-1'"),
+        (
+            ("--uid", "4242424"),
+            "argument --uid: no user has uid 4242424, so it has no primary group: give --gid too",
+        ),
+    ],
+)
+def test_unknown_uid_gid(run_cli: RunCli, args: tuple[str, ...], message: str) -> None:
+    result = run_cli("-A", "tasks", "worker", *args)
+    assert result.returncode == 2
+    assert result.stderr == f"celeriac worker: error: {message}\n"
+    assert result.stdout == ""
+
+
+def test_worker_help_lists_the_newer_options(run_cli: RunCli) -> None:
+    result = run_cli("worker", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for option in (
+        "-I MODULES, --include MODULES",
+        "--uid USER",
+        "--gid GROUP",
+        "--umask UMASK",
+        "--pool-start-method METHOD",
+        "--disable-prefetch",
+        "--executable VALUE",
+        "'auto'",
+    ):
+        assert option in text, option

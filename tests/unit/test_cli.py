@@ -124,6 +124,7 @@ BAD_INPUT = [
     pytest.param(
         ["-A", "tasks", "worker", "--max-tasks-per-child", "0"], 2, "at least 1", id="mtpc0"
     ),
+    pytest.param(["-A", "tasks", "worker", "-c", "auto2"], 2, "(nor 'auto')", id="c-auto2"),
     pytest.param(["-A", "tasks", "worker", "-c", "0"], 2, "at least 1", id="c0"),
     pytest.param(["-A", "tasks", "worker", "-c", "-3"], 2, "at least 1", id="c-neg"),
     pytest.param(["-A", "tasks", "worker", "-c", "abc"], 2, "'abc' is not a whole", id="c-abc"),

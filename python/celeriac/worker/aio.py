@@ -13,6 +13,10 @@ no bound, its issue #6552). The worker submits one only while ``free_slots`` (co
 until its outcome is collected) has room, so it starts at once and an early ack lands
 just before it runs; more wait in the worker's reserved list, unacked.
 
+In a prefork child ``--max-memory-per-child`` is checked when the main thread collects
+finished coroutines (``completed``): over the limit, the child retires as after a sync
+task (the coroutines still running finish, what waits is given back).
+
 Time limits: the soft limit raises ``SoftTimeLimitExceeded`` inside the coroutine at
 the ``await`` it is suspended on (the asyncio task is cancelled and the cancellation
 swapped for the exception, so ``try/except SoftTimeLimitExceeded`` works as in a sync
@@ -199,6 +203,9 @@ class AsyncPool(Pool[Request, Disposition]):
             except queue.Empty:
                 break
         self._active -= len(out)
+        # --max-memory-per-child after coroutines too, here on the main thread: a
+        # prefork child that grows by running only ``async def`` tasks is replaced.
+        self.worker._check_memory()
         return out
 
     def join(self) -> None:

@@ -11,6 +11,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 #: Pools that run today; ``prefork`` is the default, as in Celery.
 POOLS = ("prefork", "solo", "threads")
@@ -19,6 +20,11 @@ POOL_ALIASES = {"processes": "prefork"}
 PLANNED_POOLS = ("eventlet", "gevent")
 
 DEFAULT_NODENAME = "celery@%h"
+#: ``-c auto`` (Celery 5.7): as many as the CPUs this process may use (affinity mask,
+#: cgroup quota), whatever ``worker_concurrency`` says.
+AUTO_CONCURRENCY = "auto"
+#: ``--pool-start-method`` values Celery knows; celeriac forks its prefork children.
+START_METHODS = ("fork", "spawn")
 
 
 @dataclass
@@ -26,7 +32,8 @@ class WorkerOptions:
     """The worker's settings after the command line and ``app.conf`` were merged."""
 
     hostname: str = DEFAULT_NODENAME
-    concurrency: int | None = None
+    #: None: ``worker_concurrency``, else the CPUs; ``"auto"``: the CPUs.
+    concurrency: int | Literal["auto"] | None = None
     pool: str | None = None
     queues: list[str] = field(default_factory=list)
     exclude_queues: list[str] = field(default_factory=list)
@@ -48,12 +55,20 @@ class WorkerOptions:
     heartbeat: bool = True
     #: ``--heartbeat-interval``: seconds between worker-heartbeat events (None: 2).
     heartbeat_interval: float | None = None
-    #: False with ``--without-mingle``. celeriac sends no start-up ``hello`` either way
-    #: (it answers other workers' ones); kept for when it does.
+    #: False with ``--without-mingle``: no start-up ``hello`` to learn the other
+    #: workers' revoked ids (``celeriac.worker.mingle``); theirs are answered either way.
     mingle: bool = True
     #: False with ``--without-gossip``. celeriac does not gossip (it never reads other
     #: workers' events); accepted so Celery command lines run unchanged.
     gossip: bool = True
+    #: ``-I/--include``: modules imported at start (the command line imports them and
+    #: adds them to the ``include`` setting, as Celery does).
+    include: list[str] = field(default_factory=list)
+    #: ``--pool-start-method`` (None: ``worker_pool_start_method``, else ``fork``).
+    pool_start_method: str | None = None
+    #: ``--disable-prefetch`` (None: ``worker_disable_prefetch``): take a message only
+    #: when a pool slot is free, i.e. a prefetch multiplier of 1.
+    disable_prefetch: bool | None = None
 
 
 def split_names(values: list[str] | None) -> list[str]:
@@ -65,6 +80,134 @@ def split_names(values: list[str] | None) -> list[str]:
             if name and name not in names:
                 names.append(name)
     return names
+
+
+def is_module_name(name: str) -> bool:
+    """Whether ``name`` can be imported by name (``pkg.module``, each part an identifier)."""
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def parse_umask(value: str) -> int:
+    """``--umask``: an octal number with a leading 0 (``022``, ``0o22``, ``0``), read
+    as Celery reads one. Celery takes a number without the leading 0 as decimal (``22``
+    is ``0o026``), a trap: refused here. ``ValueError`` with the reason."""
+    text = value.strip()
+    if text.isdigit() and not text.startswith("0"):
+        example = f"0{text}" if set(text) <= set("01234567") else "022"
+        raise ValueError(
+            f"{value!r} has no leading 0: write the umask in octal, e.g. {example} "
+            f"(Celery reads {text} as a decimal number)"
+        )
+    try:
+        if not text.startswith("0"):
+            raise ValueError
+        mask = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an octal umask (e.g. 022)") from None
+    if mask > 0o777:
+        raise ValueError(f"{value!r} is more than 0777")
+    return mask
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The user and group ``--uid``/``--gid`` ask the worker to run as (resolved,
+    not applied); None where nothing changes."""
+
+    uid: int | None = None
+    gid: int | None = None
+    #: The user's name, for its supplementary groups (None: no passwd entry).
+    user: str | None = None
+
+
+def resolve_identity(uid: str | None, gid: str | None) -> Identity:
+    """Celery's ``--uid``/``--gid``: a number or a user (group) name; with ``--uid``
+    alone the group is the user's primary group. Only root may change them: another
+    user may ask for itself only (a no-op). ``ValueError`` naming the option."""
+    import grp
+    import pwd
+
+    user_id: int | None = None
+    user_name: str | None = None
+    primary: int | None = None
+    if uid is not None:
+        text = uid.strip()
+        try:
+            entry = pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+        except KeyError:
+            entry = None
+            if not text.isdigit():
+                raise ValueError(f"argument --uid: no user named {text!r}") from None
+        user_id = int(text) if entry is None else entry.pw_uid
+        if entry is not None:
+            user_name, primary = entry.pw_name, entry.pw_gid
+    group_id: int | None = None
+    if gid is not None:
+        text = gid.strip()
+        if text.isdigit():
+            group_id = int(text)
+        else:
+            try:
+                group_id = grp.getgrnam(text).gr_gid
+            except KeyError:
+                raise ValueError(f"argument --gid: no group named {text!r}") from None
+    euid, egid = os.geteuid(), os.getegid()
+    if user_id == euid:
+        user_id = None  # already this user: nothing to change (nor its groups)
+    elif user_id is not None and group_id is None:
+        if primary is None:
+            raise ValueError(
+                f"argument --uid: no user has uid {user_id}, so it has no primary "
+                "group: give --gid too"
+            )
+        group_id = primary
+    if group_id == egid and user_id is None:
+        group_id = None
+    if euid != 0:
+        me = _user_name(euid)
+        if user_id is not None:
+            raise ValueError(
+                f"argument --uid: only root can switch the worker to another user; this "
+                f"worker runs as uid {euid}{me} (start it as root, or drop --uid)"
+            )
+        if group_id is not None:
+            raise ValueError(
+                f"argument --gid: only root can switch the worker to another group; this "
+                f"worker runs as uid {euid}{me}, gid {egid} (start it as root, or drop --gid)"
+            )
+    return Identity(user_id, group_id, user_name)
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f" ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return ""
+
+
+def drop_privileges(identity: Identity) -> None:
+    """Become ``identity`` as Celery's ``maybe_drop_privileges`` does: the group
+    first, then the user's groups, then the user; then check root cannot be taken
+    back. ``OSError`` when the system refuses."""
+    uid, gid = identity.uid, identity.gid
+    if gid is not None:
+        os.setgid(gid)
+    if uid is None:
+        return
+    if gid is not None:
+        if identity.user is not None:
+            os.initgroups(identity.user, gid)
+        else:
+            os.setgroups([gid])
+    os.setuid(uid)
+    if uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return  # as it should be
+        raise PermissionError(errno.EPERM, f"uid {uid} could take root back after setuid")
 
 
 _FORMAT_KEY = re.compile(r"%(.)")

@@ -42,8 +42,10 @@ from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.log import setup_child_logging
 from celeriac.worker.options import (
+    AUTO_CONCURRENCY,
     POOL_ALIASES,
     POOLS,
+    START_METHODS,
     WorkerOptions,
     available_cpus,
     expand_nodename,
@@ -78,7 +80,7 @@ IDLE_WAIT = 1.0
 BUSY_WAIT = 0.1
 #: A prefork child gives back the messages it prefetched before it runs a task whose
 #: last run took this long or more (seconds), or that it never ran (``-O fair``).
-QUICK_RUN = 0.01
+QUICK_RUN = 0.1
 #: Most messages taken in one ``fetch`` when the window is unbounded.
 UNBOUNDED_BATCH = 100
 #: Connection retry backoff: 1, 2, 4, 8, 8, ... seconds.
@@ -88,8 +90,6 @@ MAX_PREFETCH = 65535
 #: Most messages held for their rate limit that widen the prefetch window (each held
 #: one takes an extra slot, so other tasks keep flowing); past it they use the window.
 RATE_LIMIT_HOLD = 64
-#: How long a retiring prefork child waits for its replacement to be ready.
-REPLACEMENT_WAIT = 10.0
 
 
 class ColdShutdown(BaseException):
@@ -255,8 +255,23 @@ class Worker:
         if pool not in POOLS:
             raise WorkerError(f"pool {pool!r} is not available (choose from {', '.join(POOLS)})")
         self.pool_name: str = pool
+        start_method, source = options.pool_start_method, "--pool-start-method"
+        if start_method is None:
+            start_method = _setting(app, "worker_pool_start_method", "fork")
+            source = "worker_pool_start_method"
+        if start_method not in START_METHODS:
+            raise WorkerError(f"{source} must be 'fork' or 'spawn', not {start_method!r}")
+        if start_method == "spawn" and pool == "prefork":
+            raise WorkerError(
+                f"{source} spawn is not supported by celeriac yet: its prefork children "
+                "are forked (leave it out, or give fork)"
+            )
 
         concurrency = options.concurrency
+        if isinstance(concurrency, str):  # -c auto (Celery 5.7): the CPUs we may use
+            if concurrency.strip().lower() != AUTO_CONCURRENCY:
+                raise WorkerError(f"concurrency must be a number or 'auto', not {concurrency!r}")
+            concurrency = 1 if pool == "solo" else available_cpus()
         if concurrency is None:
             configured = _setting(app, "worker_concurrency", None)
             if configured not in (None, "", "auto", 0):
@@ -283,6 +298,27 @@ class Worker:
             ) from None
         if multiplier < 0:
             raise WorkerError(f"the prefetch multiplier must be 0 or more, not {multiplier}")
+        disable_prefetch = options.disable_prefetch
+        if disable_prefetch is None:
+            disable_prefetch = _setting(app, "worker_disable_prefetch", False)
+        if not isinstance(disable_prefetch, bool):
+            raise WorkerError(
+                f"worker_disable_prefetch must be True or False, not {disable_prefetch!r}"
+            )
+        #: ``--disable-prefetch`` was asked for on a broker other than Redis: ignored
+        #: (the command line warns), as Celery ignores it there.
+        self.disable_prefetch_ignored = False
+        scheme = app.broker_url.partition("://")[0].lower()
+        if disable_prefetch and scheme not in ("redis", "redis+socket"):
+            disable_prefetch, self.disable_prefetch_ignored = False, True
+        #: Celery's ``--disable-prefetch`` (Redis): a message is taken only when a pool
+        #: slot is free to run it: a multiplier of 1, and a running task keeps its slot
+        #: of the consumer's window after its early ack (``_slots_held``).
+        self.disable_prefetch: bool = disable_prefetch
+        if disable_prefetch:
+            multiplier = 1
+        #: Window slots held back for running early-acked tasks (``--disable-prefetch``).
+        self._slots_held = 0
         #: ``async def`` tasks run on an event loop per process, this many at once.
         self.async_concurrency = _whole_at_least_one(
             "worker_async_concurrency",
@@ -898,8 +934,12 @@ class Worker:
             self._in_fetch = False
 
     def _room(self) -> int:
-        # Held messages that widened the window do not take a slot of it.
-        held_in_window = len(self.eta) - self._eta_extra - self._rate_extra
+        # Held messages that widened the window do not take a slot of it. Those revoke
+        # took out of ``eta`` are still fetched (and counted in the extras) until
+        # ``_settle_revoked`` acks them.
+        held_in_window = (
+            len(self.eta) + len(self._revoked_held) - self._eta_extra - self._rate_extra
+        )
         held = len(self.reserved) + self.pool.active() + held_in_window
         if self.window == 0:
             return max(0, UNBOUNDED_BATCH - len(self.reserved))
@@ -1155,6 +1195,9 @@ class Worker:
             self.processed += len(batch)
             early = [r.delivery_tag for r in batch if not r.acks_late]
             if early:
+                if self.disable_prefetch:  # the slots stay taken while they run
+                    self._slots_held += len(early)
+                    consumer.extend_window(-len(early))
                 consumer.ack(early)
             for request in batch:
                 if child is not None and pool.kind(request) == pool_mod.SYNC:
@@ -1206,6 +1249,9 @@ class Worker:
             self._count_for_child(request)
             self.processed += 1
             if not request.acks_late:
+                if self.disable_prefetch:  # the slot stays taken while it runs
+                    self._slots_held += 1
+                    consumer.extend_window(-1)
                 consumer.ack([request.delivery_tag])
             if child is not None:
                 self._run_in_child(consumer, request)
@@ -1277,20 +1323,29 @@ class Worker:
             return self._execute(request, guard)
         finally:
             self._in_task = False
-            if (
-                not child.retiring
-                and self.max_memory_per_child is not None
-                and _rss_kib() > self.max_memory_per_child
-            ):
-                logger.warning(
-                    "Memory usage %d KiB is over --max-memory-per-child (%d KiB): "
-                    "replacing this process.",
-                    _rss_kib(),
-                    self.max_memory_per_child,
-                )
-                child.retiring = True
-                self._stop_requested = True
+            self._check_memory()
             child.publish(State.RETIRING if child.retiring else State.IDLE)
+
+    def _check_memory(self) -> None:
+        """``--max-memory-per-child`` in a prefork child, after a task ended (a sync
+        one in ``_job``, coroutines when the main thread collects them): over the
+        limit, the child retires as ``_count_for_child`` retires it: it takes nothing
+        more, lets what runs finish and gives the rest back; the supervisor starts its
+        replacement. Main thread only (it writes the child's slot)."""
+        child, most = self.child, self.max_memory_per_child
+        if child is None or most is None or child.retiring or self._stop_requested:
+            return
+        used = _rss_kib()
+        if used <= most:
+            return
+        logger.warning(
+            "Memory usage %d KiB is over --max-memory-per-child (%d KiB): replacing this process.",
+            used,
+            most,
+        )
+        child.retiring = True
+        self._stop_requested = True
+        child.publish(State.RETIRING)
 
     def _execute(
         self, request: Request, guard: Callable[[bool], None] | None = None
@@ -1321,6 +1376,11 @@ class Worker:
                 consumer.reject(request.delivery_tag, True)
         if acks:
             consumer.ack(acks)
+        if self._slots_held:  # --disable-prefetch: the early-acked ones' slots are free
+            freed = min(self._slots_held, sum(1 for request, _ in done if not request.acks_late))
+            if freed:
+                self._slots_held -= freed
+                consumer.extend_window(freed)
 
     # -- shutdown ------------------------------------------------------------------
 
