@@ -228,6 +228,17 @@ def _scheme(url: str) -> str:
     return url.partition("://")[0].lower() if "://" in url else url.lower()
 
 
+def transport_of(url: str) -> str:
+    """``"redis"``, ``"amqp"`` or ``"sqlite"`` for a broker URL of any of their schemes
+    (``rediss``, ``unix``, ``amqps``, ``pyamqp`` ...); another scheme as it is."""
+    scheme = _scheme(url)
+    if scheme in _REDIS_SCHEMES:
+        return "redis"
+    if scheme in _AMQP_SCHEMES:
+        return "amqp"
+    return scheme
+
+
 def _iso(value: datetime.datetime | str) -> str:
     if isinstance(value, str):
         return value

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from celeriac import _core
+from celeriac.app import transport_of
 from celeriac.conf import DEFAULTS, parse_rate_limit
 
 if TYPE_CHECKING:
@@ -342,11 +343,11 @@ class Pidbox:
         self._thread = threading.Thread(target=self._run, name="pidbox", daemon=True)
         self._thread.start()
         options = getattr(self.worker, "options", None)
-        scheme = self.worker.app.broker_url.partition("://")[0]
         # Celery mingles on RabbitMQ and Redis only. On the SQLite file it would also
         # hold a connection in a thread while prefork children are forked, and SQLite's
         # in-process lock state does not survive fork() (the children found it locked).
-        if getattr(options, "mingle", False) and scheme != "sqlite":
+        on_sqlite = transport_of(self.worker.app.broker_url) == "sqlite"
+        if getattr(options, "mingle", False) and not on_sqlite:
             from celeriac.worker import mingle
 
             mingle.start(self)

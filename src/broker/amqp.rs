@@ -490,6 +490,30 @@ fn lapin_other(err: &Error) -> lapin::Error {
     lapin::Error::from(std::io::Error::other(err.to_string()))
 }
 
+/// `basic.consume` of `spec`'s queue under a new consumer tag: the tag (to cancel it)
+/// and its deliveries, each paired with the queue's name.
+async fn consume(
+    channel: &Channel,
+    spec: &QueueSpec,
+) -> Result<(ShortString, DeliveryStream), lapin::Error> {
+    let tag = ShortString::from(format!(
+        "celeriac-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let consumer = channel
+        .basic_consume(
+            short("queue name", &spec.name).map_err(|e| lapin_other(&e))?,
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let queue: Arc<str> = Arc::from(spec.name.as_str());
+    let tagged: DeliveryStream = Box::pin(consumer.map(move |delivery| (queue.clone(), delivery)));
+    Ok((tag, tagged))
+}
+
 async fn queue_exists(channel: &Channel, name: &str) -> Result<bool, lapin::Error> {
     let Ok(name) = ShortString::try_new(name) else {
         return Ok(false);
@@ -1961,23 +1985,8 @@ impl ConsumerIo {
         let mut stream = SelectAll::new();
         let mut consumer_tags = Vec::new();
         for spec in &self.specs {
-            let tag = ShortString::from(format!(
-                "celeriac-{}-{}",
-                std::process::id(),
-                uuid::Uuid::new_v4().simple()
-            ));
-            let consumer = channel
-                .basic_consume(
-                    short("queue name", &spec.name).map_err(|e| lapin_other(&e))?,
-                    tag.clone(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let (tag, tagged) = consume(&channel, spec).await?;
             consumer_tags.push(tag);
-            let queue: Arc<str> = Arc::from(spec.name.as_str());
-            let tagged: DeliveryStream =
-                Box::pin(consumer.map(move |delivery| (queue.clone(), delivery)));
             stream.push(tagged);
         }
         self.link = Some(ConsumerLink {
@@ -2296,24 +2305,8 @@ impl ConsumerIo {
                 warning.unwrap_or_default()
             ))));
         }
-        let tag = ShortString::from(format!(
-            "celeriac-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let consumer = link
-            .channel
-            .basic_consume(
-                short("queue name", &spec.name).map_err(|e| lapin_other(&e))?,
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (tag, tagged) = consume(&link.channel, &spec).await?;
         link.consumer_tags.push(tag);
-        let name: Arc<str> = Arc::from(spec.name.as_str());
-        let tagged: DeliveryStream =
-            Box::pin(consumer.map(move |delivery| (name.clone(), delivery)));
         link.stream.push(tagged);
         Ok(Ok(true))
     }

@@ -381,23 +381,35 @@ async fn publish_amqp(
             declare_exchange(channel, message, lost).await?;
             declared.insert(message.exchange.clone());
         }
-        let properties = BasicProperties::default()
-            .with_content_type(short("content type", "application/json")?)
-            .with_content_encoding(short("content encoding", "utf-8")?)
-            .with_delivery_mode(1)
-            .with_priority(0)
-            .with_headers(amqp::json_to_field_table(&message.headers)?);
-        channel
-            .basic_publish(
-                short("exchange name", &message.exchange)?,
-                short("routing key", &message.routing_key)?,
-                BasicPublishOptions::default(),
-                &message.body,
-                properties,
-            )
-            .await
-            .map_err(lost)?;
+        publish_broadcast(channel, message, 1, lost).await?;
     }
+    Ok(())
+}
+
+/// `basic.publish` of one JSON broadcast (an event, a pidbox request or reply) with
+/// kombu's properties; no publisher confirm.
+pub(crate) async fn publish_broadcast(
+    channel: &Channel,
+    message: &Broadcast,
+    delivery_mode: u8,
+    lost: impl Fn(lapin::Error) -> Error,
+) -> Result<()> {
+    let properties = BasicProperties::default()
+        .with_content_type(short("content type", "application/json")?)
+        .with_content_encoding(short("content encoding", "utf-8")?)
+        .with_delivery_mode(delivery_mode)
+        .with_priority(0)
+        .with_headers(amqp::json_to_field_table(&message.headers)?);
+    channel
+        .basic_publish(
+            short("exchange name", &message.exchange)?,
+            short("routing key", &message.routing_key)?,
+            BasicPublishOptions::default(),
+            &message.body,
+            properties,
+        )
+        .await
+        .map_err(lost)?;
     Ok(())
 }
 

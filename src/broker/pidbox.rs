@@ -29,17 +29,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueDeleteOptions, QueuePurgeOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use super::amqp::{self, AmqpOptions, QueueSpec};
-use super::events::{declare_exchange, redis_channel, redis_envelope, short, Broadcast};
+use super::events::{
+    declare_exchange, publish_broadcast, redis_channel, redis_envelope, short, Broadcast,
+};
 use super::redis::{self as redis_transport, RedisOptions, PRIORITY_SEP};
 use super::sqlite::SqliteMailbox;
 use super::url::{BrokerUrl, Scheme};
@@ -529,22 +529,7 @@ impl AmqpLink {
         } else {
             1
         };
-        let properties = BasicProperties::default()
-            .with_content_type(short("content type", "application/json")?)
-            .with_content_encoding(short("content encoding", "utf-8")?)
-            .with_delivery_mode(delivery_mode)
-            .with_priority(0)
-            .with_headers(amqp::json_to_field_table(&message.headers)?);
-        self.channel
-            .basic_publish(
-                short("exchange name", &message.exchange)?,
-                short("routing key", &message.routing_key)?,
-                BasicPublishOptions::default(),
-                &message.body,
-                properties,
-            )
-            .await
-            .map_err(lost)?;
+        publish_broadcast(&self.channel, message, delivery_mode, lost).await?;
         Ok(1)
     }
 

@@ -16,37 +16,25 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import queue_length, unacked_tags
+from conftest import app_module, queue_length, unacked_tags
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir, WorkerProcess
 
 pytestmark = pytest.mark.redis
 
-MIXED_PY = """\
-import asyncio
-import os
-import time
-
-import redis
-
-from celeriac import Celery
-
-app = Celery(
+MIXED_PY = app_module(
     "mixed",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+    """
 
 
 @app.task
 def hold(key, timeout=30.0):
     # Says it runs, then waits (bounded) until the test lets it go.
-    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
-    client.set(key + "-started", os.getpid(), ex=120)
+    r = client()
+    r.set(key + "-started", os.getpid(), ex=120)
     deadline = time.monotonic() + timeout
-    while not client.exists(key + "-go") and time.monotonic() < deadline:
+    while not r.exists(key + "-go") and time.monotonic() < deadline:
         time.sleep(0.02)
     return os.getpid()
 
@@ -66,7 +54,10 @@ async def apid():
 async def double(x):
     await asyncio.sleep(0.01)
     return x * 2
-"""
+""",
+    imports=("import asyncio", "import time"),
+    redis_client=True,
+)
 
 
 @pytest.fixture
@@ -221,21 +212,9 @@ def test_max_tasks_per_child_counts_coroutines(
 
 
 #: Coroutines that make a prefork child grow, report its memory, or hold it busy.
-MEMORY_PY = """\
-import asyncio
-import os
-import time
-
-import redis
-
-from celeriac import Celery
-
-app = Celery(
+MEMORY_PY = app_module(
     "memory",
-    broker=os.environ["CELERIAC_TEST_BROKER"],
-    backend=os.environ["CELERIAC_TEST_BACKEND"],
-)
-app.conf.task_default_queue = os.environ["CELERIAC_TEST_QUEUE"]
+    """
 
 #: What ``grow`` keeps: it stays in the process that ran it.
 KEPT = []
@@ -261,10 +240,10 @@ async def grow(mib=60):
 
 @app.task
 async def ahold(key, timeout=30.0):
-    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
-    client.set(key + "-started", os.getpid(), ex=120)
+    r = client()
+    r.set(key + "-started", os.getpid(), ex=120)
     deadline = time.monotonic() + timeout
-    while not client.exists(key + "-go") and time.monotonic() < deadline:
+    while not r.exists(key + "-go") and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     return os.getpid()
 
@@ -278,7 +257,10 @@ async def apid():
 @app.task
 def pid():
     return os.getpid()
-"""
+""",
+    imports=("import asyncio", "import time"),
+    redis_client=True,
+)
 
 
 def test_max_memory_per_child_is_checked_after_coroutines(
