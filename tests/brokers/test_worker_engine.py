@@ -683,18 +683,13 @@ def test_bad_worker_options(
     assert "ready." not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
 def test_prefork_child_gives_back_what_waits_behind_a_long_task(
-    broker: str,
-    request: pytest.FixtureRequest,
     worker: StartWorker,
     engine: TasksDir,
     result_keys: ResultKeys,
 ) -> None:
     """-O fair: a child prefetches four messages (its window), starts a long task and
     gives the other three back, so the idle sibling runs them while the long one runs."""
-    if broker == "amqp":
-        request.getfixturevalue("on_rabbitmq")
     process = worker("-c", "2", "--prefetch-multiplier", "4", pool="prefork", app="engine")
     tasks = engine.import_module("engine")
     long = tasks.sleeper.delay(8)
