@@ -378,7 +378,10 @@ class Worker:
         except (ValueError, TypeError) as exc:
             raise WorkerError(f"task_annotations: {exc}") from None
         self.rate_limits_enabled = not _setting(app, "worker_disable_rate_limits", False)
-        self.rate_limiter = _core.RateLimiter()
+        # A prefork node's children share one set of buckets: a limit holds per node.
+        self.rate_limiter: _core.RateLimiter | _core.SharedRateLimiter = (
+            _core.SharedRateLimiter(len(tasks)) if pool == "prefork" else _core.RateLimiter()
+        )
         self._rate_of: dict[str, Any] = {}
         self._policies: dict[str, TaskPolicy] = {}
         if self.rate_limits_enabled:
