@@ -42,6 +42,7 @@ from celeriac.worker import pool as pool_mod
 from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.log import setup_child_logging
+from celeriac.worker.node_stats import SlotStats
 from celeriac.worker.options import (
     AUTO_CONCURRENCY,
     POOL_ALIASES,
@@ -447,6 +448,8 @@ class Worker:
         self._revoked_held: collections.deque[Request] = collections.deque()
         self._revoke_pending = False
         self.child: ChildContext | None = None
+        #: A prefork child's counts of tasks started and running, for the node's heartbeat.
+        self.slot_stats: SlotStats | None = None
         self._in_task = False
         self._stop_requested = False
         self._signals_seen = 0
@@ -822,6 +825,7 @@ class Worker:
     def run_child(self, ctx: ChildContext) -> int:
         """The body of a prefork child, right after the fork; its exit status."""
         self.child = ctx
+        self.slot_stats = ctx.table.stats.for_slot(ctx.index)
         self.supervisor = None  # the fork copied the supervisor's: not ours to drive
         _die_with_parent(ctx.parent_pid)
         import multiprocessing
@@ -1359,6 +1363,9 @@ class Worker:
     ) -> Disposition:
         self.running.append(request)
         self.totals[request.name] += 1
+        stats = self.slot_stats
+        if stats is not None:
+            stats.began()
         try:
             return execute(request, self.backend, guard)
         except ColdShutdown:
@@ -1371,6 +1378,8 @@ class Worker:
         finally:
             with contextlib.suppress(ValueError):
                 self.running.remove(request)
+            if stats is not None:
+                stats.ended()
 
     def _finish(self, consumer: Consumer, done: list[tuple[Request, Disposition]]) -> None:
         acks: list[str] = []
