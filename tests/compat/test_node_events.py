@@ -13,19 +13,36 @@ pool (no ``-P``) with four children.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 from conftest import (
     EVENT_WAIT,
     READY_TIMEOUT,
     REDIS_URL,
     ResultKeys,
+    Scratch,
     TasksDir,
     WorkerProcess,
     app_module,
     celeriac_argv,
+    wait_until,
 )
 
 from compat.test_events import Capture
@@ -143,3 +160,175 @@ def test_heartbeats_count_every_task_of_the_node(
             assert (seen.active, seen.processed) == (0, 26)
     finally:
         assert worker.stop() == 0, worker.log
+
+
+# -- Flower -------------------------------------------------------------------------
+
+
+class Flower:
+    """The real Flower on a port of this suite's range, reading the test Redis."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.port = _free_port()
+        env = dict(os.environ, FLOWER_UNAUTHENTICATED_API="true")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "--broker", REDIS_URL, "flower",
+             f"--port={self.port}", "--address=127.0.0.1"],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def get(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
+    def _wait_listening(self) -> None:
+        """Until Flower answers, then until it has the events of a probe sent now
+        (Redis pub/sub keeps nothing for a subscriber that comes late)."""
+        probe = str(uuid.uuid4())
+        sender = Celery("probe", broker=REDIS_URL, set_as_current=False)
+        deadline = time.monotonic() + 30
+        try:
+            with sender.connection_for_write() as conn:
+                dispatcher = sender.events.Dispatcher(conn, hostname=f"probe-{probe}")
+                try:
+                    while time.monotonic() < deadline:
+                        if self.proc.poll() is not None:
+                            raise AssertionError(f"flower exited: {self.proc.stderr!r}")
+                        dispatcher.send("task-received", uuid=probe, name="probe")
+                        with contextlib.suppress(OSError, ValueError):
+                            if self.get(f"/api/task/info/{probe}").get("uuid") == probe:
+                                return
+                        time.sleep(0.2)
+                finally:
+                    dispatcher.close()
+        finally:
+            sender.close()
+        raise AssertionError("flower did not show the probe task within 30 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _free_port() -> int:
+    for port in FLOWER_PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {FLOWER_PORTS}")
+
+
+@pytest.fixture
+def flower(tmp_path: Path) -> Iterator[Flower]:
+    started = Flower(tmp_path)
+    yield started
+    started.stop()
+
+
+def _received_counts(log: str) -> collections.Counter[str]:
+    """How many times the worker's processes logged each task id as received."""
+    return collections.Counter(re.findall(r"Task [\w.]+\[([^\]]+)\] received", log))
+
+
+def test_flower_counts_each_delivery_once_with_its_retries(
+    node_dir: TasksDir,
+    capture: Capture,
+    flower: Flower,
+    redis_client: redis.Redis,
+    scratch: Scratch,
+    result_keys: ResultKeys,
+) -> None:
+    node = f"fair-{node_dir.queue[-8:]}@test"
+    tasks = node_dir.import_module("node_tasks")
+    # Queued before the node starts: each child fetches a few at once and, before the
+    # first (never run, so maybe long), gives the others back to its siblings.
+    pauses = [tasks.pause.delay(0.2) for _ in range(20)]
+    retried = tasks.flaky.delay(1)
+    sender = Celery("sender", broker=REDIS_URL, set_as_current=False)
+    due = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    keys = [scratch(f"report-{n}") for n in range(2)]
+    try:
+        reports = [
+            sender.send_task(
+                "node_tasks.report",
+                args=[key],
+                queue=node_dir.queue,
+                retries=2,
+                eta=due,
+                headers={"x-carried": "yes"},
+            )
+            for key in keys
+        ]
+    finally:
+        sender.close()
+    ids = [r.id for r in (*pauses, retried, *reports)]
+    for task_id in ids:
+        result_keys.add(task_id)
+
+    worker = _start_node(node_dir, node)
+    try:
+        assert [r.get(timeout=EVENT_WAIT) for r in pauses] == [0.2] * 20
+        assert retried.get(timeout=EVENT_WAIT) == 1
+        assert wait_until(lambda: all(redis_client.exists(k) for k in keys), EVENT_WAIT)
+        seen = flower.get(f"/api/workers?workername={node}&refresh=1")
+        assert node in seen, seen
+    finally:
+        assert worker.stop() == 0, worker.log
+    offline = capture.wait_for(
+        lambda e: e["type"] == "worker-offline" and e["hostname"] == node, "worker-offline"
+    )[0]
+    # The children's events were all written before the node's worker-offline.
+    assert offline["processed"] == 24  # 23 messages, one run twice
+
+    given_back = [i for i, n in _received_counts(worker.log).items() if n > 1]
+    assert given_back, "no child gave a message back: the test did not test the give-back"
+
+    for key in keys:  # what a given-back message carried, it still carried
+        carried = json.loads(redis_client.get(key) or b"{}")
+        assert carried["retries"] == 2
+        assert datetime.datetime.fromisoformat(carried["eta"]) == due
+        assert carried["headers"].get("x-carried") == "yes"
+
+    with capture._cond:
+        received = collections.Counter(
+            e["uuid"]
+            for e in capture.events
+            if e["type"] == "task-received" and e["hostname"] == node
+        )
+        state = capture.state
+        assert state.tasks[retried.id].retries == 1
+        assert state.tasks[retried.id].state == "SUCCESS"
+        assert [state.tasks[r.id].retries for r in reports] == [2, 2]
+        assert state.workers[node].processed == 24
+    assert received == {i: 2 if i == retried.id else 1 for i in ids}
+
+    # Flower: once it has the node's worker-offline, it has everything before it.
+    def flower_row() -> dict[str, Any]:
+        rows = flower.get("/workers?json=1")["data"]
+        return next((r for r in rows if r.get("hostname") == node), {})
+
+    assert wait_until(lambda: flower_row().get("worker-offline") == 1, EVENT_WAIT), flower_row()
+    row = flower_row()
+    assert row["task-received"] == 24, row  # Flower's "Processed" column
+    assert row["task-succeeded"] == 23, row
+    assert row["processed"] == 24, row
+    listed = flower.get(f"/api/tasks?workername={node}")
+    assert sorted(listed) == sorted(ids)
+    assert listed[retried.id]["retries"] == 1
+    assert listed[retried.id]["state"] == "SUCCESS"
+    assert [listed[r.id]["retries"] for r in reports] == [2, 2]

@@ -40,6 +40,7 @@ from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
 from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
+from celeriac.worker.announce import announce_received, prepare_received
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.log import setup_child_logging
 from celeriac.worker.node_stats import SlotStats
@@ -58,7 +59,6 @@ from celeriac.worker.request import (
     Request,
     TaskPolicy,
     execute,
-    short_repr,
     store_revoked_expired,
     task_policy,
 )
@@ -998,24 +998,16 @@ class Worker:
             return
         logger.info("Task %s[%s] received", request.name, request.id)
         if self.events is not None and self.events.enabled:
-            request.events = self.events
-            headers = delivery.headers
-            request.send_event(
-                "task-received",
-                name=request.name,
-                args=headers.get("argsrepr") or short_repr(delivery.args),
-                kwargs=headers.get("kwargsrepr") or short_repr(delivery.kwargs),
-                root_id=headers.get("root_id") or request.id,
-                parent_id=headers.get("parent_id"),
-                retries=headers.get("retries") or 0,
-                eta=headers.get("eta"),
-                expires=headers.get("expires"),
-            )
+            prepare_received(request, self.events)
+            if not self._gives_back():  # else announced once kept (announce.py)
+                announce_received(request)
         if request.expired():
+            announce_received(request)
             store_revoked_expired(self.backend, request)
             consumer.ack([tag])
             return
         if self.revoked.ids and request.id in self.revoked:
+            announce_received(request)
             store_revoked(self.backend, request)
             consumer.ack([tag])
             return
@@ -1047,6 +1039,7 @@ class Worker:
         so it does not starve other messages (Celery raises QoS the same way), up to
         ``worker_eta_task_limit`` for ETA messages and ``RATE_LIMIT_HOLD`` for
         rate-limited ones."""
+        announce_received(request)  # kept here: never given back
         if self.window:
             if rate:
                 if self._rate_extra < RATE_LIMIT_HOLD:
@@ -1079,6 +1072,10 @@ class Worker:
         its window up again once the task is done."""
         name = request.task.name or ""
         narrowed = 0 if self._quick.get(name) else self._make_way(consumer)
+        if self.events is not None:
+            # Out before the task can send its retry: a sibling announces that one, and
+            # a monitor must not get this delivery's task-received after it.
+            self.events.flush()
         started = time.monotonic()
         try:
             self.pool.submit(request)
@@ -1086,6 +1083,15 @@ class Worker:
             self._quick[name] = time.monotonic() - started < QUICK_RUN
             if narrowed:
                 self._take_up(consumer, narrowed)
+
+    def _gives_back(self) -> bool:
+        """Whether this process may give back messages it fetched (``_make_way``)."""
+        return (
+            self.child is not None
+            and self.concurrency >= 2
+            and bool(self.window)
+            and self._may_give_back
+        )
 
     def _make_way(self, consumer: Consumer) -> int:
         """Celery's ``-O fair``: its parent hands a message only to an idle child. Here
@@ -1191,6 +1197,7 @@ class Worker:
                 if left <= 0:
                     kept.append(request)
                     continue
+                announce_received(request)
                 if not self._may_start(consumer, request):
                     continue
                 free[kind] = left - 1
@@ -1255,6 +1262,7 @@ class Worker:
         reserved = self.reserved
         while reserved and not self._stop_requested:
             request = reserved.popleft()
+            announce_received(request)
             if not self._may_start(consumer, request):
                 continue
             self._count_for_child(request)
