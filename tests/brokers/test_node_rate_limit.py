@@ -1,7 +1,7 @@
 """Rate limits hold per worker node, as in Celery, on the default pool (prefork).
 
 Each prefork child takes messages of its own; with a token bucket per child, ``-c 4``
-ran a ``60/m`` task four times at once and at 4/s after. The tasks record when they
+ran a ``30/m`` task four times at once and at 2/s after. The tasks record when they
 start; the assertions count those start times within a window that has closed.
 """
 
@@ -26,8 +26,9 @@ from conftest import (
 if TYPE_CHECKING:
     from conftest import ResultKeys
 
-#: The limit the tests set: one start per second for the whole node.
-INTERVAL = 1.0
+#: The limit the tests set, ``30/m``: one start every two seconds for the whole node.
+RATE = "30/m"
+INTERVAL = 2.0
 #: Starts allowed within 1.5 intervals of the first: the first and the next one. Per
 #: child buckets start four at once.
 WINDOW = 1.5 * INTERVAL
@@ -89,7 +90,7 @@ def test_a_rate_limit_holds_for_the_node_not_per_child(
     tasks_dir: TasksDir, redis_client: redis.Redis, scratch: Scratch, result_keys: ResultKeys
 ) -> None:
     node = f"rate-{tasks_dir.queue[-8:]}@test"
-    process = _start_default_pool(tasks_dir, node, "60/m")
+    process = _start_default_pool(tasks_dir, node, RATE)
     try:
         key = scratch("starts")
         _check_one_start_per_interval(tasks_dir.import_module(), redis_client, key, result_keys)
@@ -112,7 +113,7 @@ def test_control_rate_limit_changes_the_node_bucket(
         tasks = tasks_dir.import_module()
         result_keys.add(tasks.stamp.delay(key).id)
         assert wait_until(lambda: redis_client.llen(key) == 1, timeout=15.0)
-        changed = run_cli("-A", "tasks", "control", "rate_limit", "tasks.stamp", "60/m", "-d", node)
+        changed = run_cli("-A", "tasks", "control", "rate_limit", "tasks.stamp", RATE, "-d", node)
         assert changed.stdout == f"->  {node}: OK\n        new rate limit set successfully\n"
         redis_client.delete(key)
         _check_one_start_per_interval(tasks, redis_client, key, result_keys)

@@ -286,7 +286,12 @@ def test_flower_counts_each_delivery_once_with_its_retries(
         assert retried.get(timeout=EVENT_WAIT) == 1
         assert wait_until(lambda: all(redis_client.exists(k) for k in keys), EVENT_WAIT)
         seen = flower.get(f"/api/workers?workername={node}&refresh=1")
-        assert node in seen, seen
+        assert seen[node]["stats"]["total"] == {
+            "node_tasks.pause": 20,
+            "node_tasks.flaky": 2,
+            "node_tasks.report": 2,
+        }
+        assert seen[node]["stats"]["pool"]["max-concurrency"] == 4
     finally:
         assert worker.stop() == 0, worker.log
     offline = capture.wait_for(
