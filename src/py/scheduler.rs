@@ -90,7 +90,8 @@ impl SharedRateLimiter {
     /// process that shares this table.
     fn set(&self, name: &str, rate: f64) -> PyResult<()> {
         check_rate(rate)?;
-        if self.shared.set(name, rate).is_err() {
+        // A removal reaches the overflow buckets too: the name may have one there.
+        if self.shared.set(name, rate).is_err() || rate <= 0.0 {
             lock_limits(&self.overflow)?.set(name, rate);
         }
         Ok(())

@@ -33,6 +33,7 @@ import pytest
 import redis
 from celery import Celery
 from conftest import (
+    AMQP_URL,
     EVENT_WAIT,
     READY_TIMEOUT,
     REDIS_URL,
@@ -42,7 +43,9 @@ from conftest import (
     WorkerProcess,
     app_module,
     celeriac_argv,
+    delete_amqp,
     wait_until,
+    worker_env,
 )
 
 from compat.test_events import Capture
@@ -96,17 +99,29 @@ def report(self, key):
 )
 
 
-@pytest.fixture
-def capture() -> Iterator[Capture]:
-    watcher = Capture(REDIS_URL)
-    yield watcher
-    watcher.stop()
+@pytest.fixture(params=["redis", "amqp"])
+def node_dir(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> Iterator[TasksDir]:
+    """The test's directory with ``node_tasks``, on Redis or RabbitMQ (results in Redis)."""
+    if request.param == "amqp":
+        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    tasks_dir.write("node_tasks.py", NODE_TASKS_PY)
+    yield tasks_dir
+    if request.param == "amqp":
+        delete_amqp(AMQP_URL, tasks_dir.queue)
 
 
 @pytest.fixture
-def node_dir(tasks_dir: TasksDir) -> TasksDir:
+def redis_node_dir(tasks_dir: TasksDir) -> TasksDir:
+    """``node_dir`` on Redis only (the give-back is off on RabbitMQ for now)."""
     tasks_dir.write("node_tasks.py", NODE_TASKS_PY)
     return tasks_dir
+
+
+@pytest.fixture
+def capture(tasks_dir: TasksDir) -> Iterator[Capture]:
+    watcher = Capture(tasks_dir.env["CELERIAC_TEST_BROKER"])
+    yield watcher
+    watcher.stop()
 
 
 def _start_node(tasks_dir: TasksDir, node: str, *extra: str) -> WorkerProcess:
@@ -246,15 +261,15 @@ def _received_counts(log: str) -> collections.Counter[str]:
 
 
 def test_flower_counts_each_delivery_once_with_its_retries(
-    node_dir: TasksDir,
+    redis_node_dir: TasksDir,
     capture: Capture,
     flower: Flower,
     redis_client: redis.Redis,
     scratch: Scratch,
     result_keys: ResultKeys,
 ) -> None:
-    node = f"fair-{node_dir.queue[-8:]}@test"
-    tasks = node_dir.import_module("node_tasks")
+    node = f"fair-{redis_node_dir.queue[-8:]}@test"
+    tasks = redis_node_dir.import_module("node_tasks")
     # Queued before the node starts: each child fetches a few at once and, before the
     # first (never run, so maybe long), gives the others back to its siblings.
     pauses = [tasks.pause.delay(0.2) for _ in range(20)]
@@ -267,7 +282,7 @@ def test_flower_counts_each_delivery_once_with_its_retries(
             sender.send_task(
                 "node_tasks.report",
                 args=[key],
-                queue=node_dir.queue,
+                queue=redis_node_dir.queue,
                 retries=2,
                 eta=due,
                 headers={"x-carried": "yes"},
@@ -280,7 +295,7 @@ def test_flower_counts_each_delivery_once_with_its_retries(
     for task_id in ids:
         result_keys.add(task_id)
 
-    worker = _start_node(node_dir, node)
+    worker = _start_node(redis_node_dir, node)
     try:
         assert [r.get(timeout=EVENT_WAIT) for r in pauses] == [0.2] * 20
         assert retried.get(timeout=EVENT_WAIT) == 1
