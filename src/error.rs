@@ -29,6 +29,9 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// The operating system refused memory shared between a node's processes.
+    #[error("shared memory: {0}")]
+    SharedMemory(std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -241,7 +241,8 @@ class Backend:
 
 class RateLimiter:
     """Per-task token buckets (capacity 1) for the worker's rate limits; one per
-    worker process, as in Celery (limits are not cluster-wide)."""
+    worker process (a prefork node shares ``SharedRateLimiter``), as in Celery
+    (limits are not cluster-wide)."""
 
     def __init__(self) -> None: ...
     def set(self, name: str, rate: float) -> None:
@@ -252,6 +253,38 @@ class RateLimiter:
     def acquire(self, name: str) -> float:
         """``0.0`` when a message of ``name`` may start now (a token is taken), else the
         seconds to wait before asking again."""
+
+class SharedRateLimiter:
+    """``RateLimiter`` over buckets in shared memory: made before a prefork supervisor
+    forks, its children all take tokens from the same buckets (a limit holds per node,
+    as in Celery). Sized for ``names`` task names; names past that get buckets of
+    their own process."""
+
+    def __init__(self, names: int) -> None: ...
+    def set(self, name: str, rate: float) -> None:
+        """Limit ``name`` to ``rate`` messages per second for every process sharing the
+        table (an unchanged rate keeps the bucket); ``0`` removes the limit.
+        ``ValueError`` for a negative or NaN rate."""
+
+    def is_limited(self, name: str) -> bool: ...
+    def acquire(self, name: str) -> float:
+        """``0.0`` when a message of ``name`` may start now (a token is taken), else the
+        seconds to wait before asking again."""
+
+    @property
+    def capacity(self) -> int: ...
+
+class SharedCounters:
+    """``count`` integers in shared memory (made before a fork, shared with the
+    children), changed atomically. ``IndexError`` for an index past the end."""
+
+    def __init__(self, count: int) -> None: ...
+    def __len__(self) -> int: ...
+    def add(self, index: int, delta: int = 1) -> int:
+        """Add ``delta`` to counter ``index``; its new value."""
+
+    def get(self, index: int) -> int: ...
+    def set(self, index: int, value: int) -> None: ...
 
 class EtaSchedule(Generic[_T]):
     """Items held until a due time (UNIX seconds): the worker's ETA/countdown timer.

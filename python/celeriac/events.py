@@ -121,13 +121,16 @@ class EventDispatcher:
 
     # -- sending --------------------------------------------------------------------
 
-    def event(self, type_: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """The event dict, with the standard fields and the next clock value."""
+    def event(
+        self, type_: str, fields: Mapping[str, Any], timestamp: float | None = None
+    ) -> dict[str, Any]:
+        """The event dict, with the standard fields and the next clock value;
+        ``timestamp`` (default now) is when it happened."""
         event = dict(fields)
         event.update(
             type=type_,
             hostname=self.hostname,
-            timestamp=time.time(),
+            timestamp=time.time() if timestamp is None else timestamp,
             utcoffset=utcoffset(),
             pid=self.pid,
             clock=next(self._clock),
@@ -140,11 +143,12 @@ class EventDispatcher:
             return
         self._publish(type_.replace("-", "."), self.event(type_, fields))
 
-    def send_task(self, type_: str, **fields: Any) -> None:
-        """Buffer a task event (sent by ``flush``, or at once when ``BATCH`` wait)."""
+    def send_task(self, type_: str, timestamp: float | None = None, **fields: Any) -> None:
+        """Buffer a task event (sent by ``flush``, or at once when ``BATCH`` wait) that
+        happened at ``timestamp`` (default now)."""
         if not self.enabled:
             return
-        event = self.event(type_, fields)
+        event = self.event(type_, fields, timestamp)
         with self._lock:
             self._buffer.append(event)
             full = len(self._buffer) >= BATCH

@@ -1,5 +1,6 @@
-//! `RateLimiter`: the worker's per-task token buckets, and `EtaSchedule`: the messages
-//! held for their ETA (`crate::scheduler`).
+//! `RateLimiter`: the worker's per-task token buckets; `SharedRateLimiter`: the same,
+//! shared by the processes of a prefork node; `SharedCounters`: counts those processes
+//! share; `EtaSchedule`: the messages held for their ETA (`crate::scheduler`).
 
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard, TryLockError};
@@ -9,7 +10,7 @@ use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::{ffi, PyTraverseError};
 
-use crate::scheduler::{self, RateLimits};
+use crate::scheduler::{self, RateLimits, SharedRateLimits};
 
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct RateLimiter {
@@ -27,11 +28,7 @@ impl RateLimiter {
 
     /// Limit `name` to `rate` messages per second (`0` removes the limit).
     fn set(&self, name: &str, rate: f64) -> PyResult<()> {
-        if rate.is_nan() || rate < 0.0 {
-            return Err(PyValueError::new_err(format!(
-                "a rate limit must be a number of tasks per second >= 0, not {rate}"
-            )));
-        }
+        check_rate(rate)?;
         self.lock()?.set(name, rate);
         Ok(())
     }
@@ -49,10 +46,117 @@ impl RateLimiter {
 
 impl RateLimiter {
     fn lock(&self) -> PyResult<MutexGuard<'_, RateLimits>> {
-        self.inner
-            .lock()
-            .map_err(|_| PyValueError::new_err("the rate limiter is broken"))
+        lock_limits(&self.inner)
     }
+}
+
+fn lock_limits(limits: &Mutex<RateLimits>) -> PyResult<MutexGuard<'_, RateLimits>> {
+    limits
+        .lock()
+        .map_err(|_| PyValueError::new_err("the rate limiter is broken"))
+}
+
+fn check_rate(rate: f64) -> PyResult<()> {
+    if rate.is_nan() || rate < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "a rate limit must be a number of tasks per second >= 0, not {rate}"
+        )));
+    }
+    Ok(())
+}
+
+/// `RateLimiter`'s interface over buckets in shared memory: made before a prefork
+/// supervisor forks, every child that inherits it takes tokens from the same buckets.
+///
+/// Sized for `names` task names (and more); should the table ever fill, the names
+/// that found no room get buckets of this process's own (`overflow`), as before.
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct SharedRateLimiter {
+    shared: SharedRateLimits,
+    overflow: Mutex<RateLimits>,
+}
+
+#[pymethods]
+impl SharedRateLimiter {
+    #[new]
+    fn new(names: usize) -> PyResult<Self> {
+        Ok(Self {
+            shared: SharedRateLimits::new(names)?,
+            overflow: Mutex::new(RateLimits::new()),
+        })
+    }
+
+    /// Limit `name` to `rate` messages per second (`0` removes the limit) for every
+    /// process that shares this table.
+    fn set(&self, name: &str, rate: f64) -> PyResult<()> {
+        check_rate(rate)?;
+        // A removal reaches the overflow buckets too: the name may have one there.
+        if self.shared.set(name, rate).is_err() || rate <= 0.0 {
+            lock_limits(&self.overflow)?.set(name, rate);
+        }
+        Ok(())
+    }
+
+    fn is_limited(&self, name: &str) -> PyResult<bool> {
+        Ok(self.shared.is_limited(name) || lock_limits(&self.overflow)?.is_limited(name))
+    }
+
+    /// `0.0` when a message of `name` may start now (a token is taken), else how many
+    /// seconds to wait before asking again.
+    fn acquire(&self, name: &str) -> PyResult<f64> {
+        if self.shared.rate(name).is_some() {
+            return Ok(self.shared.acquire(name));
+        }
+        Ok(lock_limits(&self.overflow)?.acquire(name))
+    }
+
+    /// How many task names fit in the shared table.
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.shared.capacity()
+    }
+}
+
+/// `count` integers in shared memory that a prefork node's processes add to.
+#[pyclass(module = "celeriac._core", frozen)]
+pub struct SharedCounters {
+    inner: scheduler::SharedCounters,
+}
+
+#[pymethods]
+impl SharedCounters {
+    #[new]
+    fn new(count: usize) -> PyResult<Self> {
+        Ok(Self {
+            inner: scheduler::SharedCounters::new(count)?,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.count()
+    }
+
+    /// Add `delta` to counter `index` (atomically); its new value.
+    #[pyo3(signature = (index, delta = 1))]
+    fn add(&self, index: usize, delta: i64) -> PyResult<i64> {
+        self.inner
+            .add(index, delta)
+            .ok_or_else(|| out_of_range(index))
+    }
+
+    fn get(&self, index: usize) -> PyResult<i64> {
+        self.inner.get(index).ok_or_else(|| out_of_range(index))
+    }
+
+    fn set(&self, index: usize, value: i64) -> PyResult<()> {
+        self.inner
+            .set(index, value)
+            .ok_or_else(|| out_of_range(index))
+    }
+}
+
+fn out_of_range(index: usize) -> PyErr {
+    pyo3::exceptions::PyIndexError::new_err(format!("no shared counter {index}"))
 }
 
 /// Python objects keyed by a due time (UNIX seconds), handed back once due: earliest
@@ -178,6 +282,8 @@ impl EtaSchedule {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RateLimiter>()?;
+    m.add_class::<SharedRateLimiter>()?;
+    m.add_class::<SharedCounters>()?;
     m.add_class::<EtaSchedule>()?;
     Ok(())
 }

@@ -1,10 +1,15 @@
 //! Worker-side scheduling that needs no Python: per-task token buckets for rate limits
-//! (celery-wire §7: per worker process, capacity 1, refilled continuously), and the
-//! timer that holds ETA/countdown messages until due (`eta`).
+//! (celery-wire §7: capacity 1, refilled continuously; per process here, per prefork
+//! node in `rate_shared`), the timer that holds ETA/countdown messages until due
+//! (`eta`), and the memory a prefork node's processes share (`shared_mem`).
 
 pub mod eta;
+pub mod rate_shared;
+pub mod shared_mem;
 
 pub use eta::EtaSchedule;
+pub use rate_shared::{SharedRateLimits, TableFull};
+pub use shared_mem::{SharedCounters, SharedMemory};
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -335,6 +335,9 @@ class AsyncPool(Pool[Request, Disposition]):
         worker = self.worker
         worker.running.append(request)
         worker.totals[request.name] += 1
+        stats = worker.slot_stats  # a prefork child counts for the node's heartbeat
+        if stats is not None:
+            stats.began()
         try:
             disposition = await self._body(run)
         except BaseException as exc:  # the worker's failure, not the task's
@@ -345,6 +348,8 @@ class AsyncPool(Pool[Request, Disposition]):
         finally:
             if request in worker.running:
                 worker.running.remove(request)
+            if stats is not None:
+                stats.ended()
         self._settle(run, disposition)
         self._release(run)
 

@@ -103,9 +103,6 @@ class Supervisor:
         self._startup_failures = 0
         self._previous: dict[int, Any] = {}
         self._status = EX_OK
-        #: Slot index -> (task id, start time) last seen running, for heartbeats.
-        self._running: dict[int, tuple[str, float]] = {}
-        self._processed = 0
         #: Remote control: the node's mailbox (once ready) and the links to children.
         self.links = ChildLinks()
         self.pidbox: Pidbox | None = None
@@ -170,10 +167,10 @@ class Supervisor:
             self._enforce_time_limits()
             self._apply_resizes()
             self._fill()
-            self._count_tasks()
             if not self._ready_logged and self._all_ready():
                 self._ready_logged = True
-                worker.start_events(lambda: (len(self._running), self._processed))
+                # Counted by the children as their tasks start and end (node_stats).
+                worker.start_events(self.table.stats.counts)
                 self.pidbox = Pidbox(worker, supervisor=self)
                 self.pidbox.links = self.links
                 self.pidbox.start()
@@ -187,19 +184,6 @@ class Supervisor:
                 break
             time.sleep(TICK)
         return self._shutdown()
-
-    def _count_tasks(self) -> None:
-        """Running tasks and a count of tasks started, read from the slot table
-        (what the heartbeats report as ``active`` and ``processed``)."""
-        running: dict[int, tuple[str, float]] = {}
-        for child in self.children.values():
-            slot = self.table.read(child.index)
-            if slot.task_id and slot.state in (State.RUNNING, State.RETIRING):
-                key = (slot.task_id, slot.started)
-                running[child.index] = key
-                if self._running.get(child.index) != key:
-                    self._processed += 1
-        self._running = running
 
     def _all_ready(self) -> bool:
         if len(self.children) < self.concurrency:

@@ -196,6 +196,8 @@ class Request:
     rate_held: bool = False
     #: The process's ``EventDispatcher`` when task events are on (``-E``).
     events: Any = None
+    #: Its ``task-received`` fields until sent (``announce.announce_received``).
+    received_event: dict[str, Any] | None = None
     #: The task hooks to call (see ``HOOKS``).
     hooks: frozenset[str] = HOOKS
     #: When the body started (UNIX time), for ``inspect active``; None until then.

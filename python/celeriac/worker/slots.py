@@ -18,6 +18,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from celeriac.worker.node_stats import NodeStats
+
 #: pid, state, seq, flags, started, hard, task_id, delivery_tag, name, reply_to,
 #: correlation_id
 _FORMAT = struct.Struct("<iiIId d 64s 96s 160s 64s 64s")
@@ -83,6 +85,8 @@ class SlotTable:
         # Per slot, written by the supervisor: a terminate request (revoke with
         # terminate=True) as the signal number and the id of the task to stop.
         self._terminate = mmap.mmap(-1, _TERMINATE.size * count)
+        #: Tasks started and running, counted by the children (heartbeats).
+        self.stats = NodeStats(count)
 
     def read(self, index: int) -> Slot:
         offset = index * SLOT_SIZE
@@ -156,3 +160,4 @@ class SlotTable:
         self.write(index, Slot())
         self.set_replaced(index, False)
         self.request_terminate(index, "", 0)
+        self.stats.clear(index)

@@ -40,8 +40,10 @@ from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
 from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
+from celeriac.worker.announce import announce_received, prepare_received
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.log import setup_child_logging
+from celeriac.worker.node_stats import SlotStats
 from celeriac.worker.options import (
     AUTO_CONCURRENCY,
     POOL_ALIASES,
@@ -57,7 +59,6 @@ from celeriac.worker.request import (
     Request,
     TaskPolicy,
     execute,
-    short_repr,
     store_revoked_expired,
     task_policy,
 )
@@ -378,7 +379,10 @@ class Worker:
         except (ValueError, TypeError) as exc:
             raise WorkerError(f"task_annotations: {exc}") from None
         self.rate_limits_enabled = not _setting(app, "worker_disable_rate_limits", False)
-        self.rate_limiter = _core.RateLimiter()
+        # A prefork node's children share one set of buckets: a limit holds per node.
+        self.rate_limiter: _core.RateLimiter | _core.SharedRateLimiter = (
+            _core.SharedRateLimiter(len(tasks)) if pool == "prefork" else _core.RateLimiter()
+        )
         self._rate_of: dict[str, Any] = {}
         self._policies: dict[str, TaskPolicy] = {}
         if self.rate_limits_enabled:
@@ -444,6 +448,8 @@ class Worker:
         self._revoked_held: collections.deque[Request] = collections.deque()
         self._revoke_pending = False
         self.child: ChildContext | None = None
+        #: A prefork child's counts of tasks started and running, for the node's heartbeat.
+        self.slot_stats: SlotStats | None = None
         self._in_task = False
         self._stop_requested = False
         self._signals_seen = 0
@@ -819,6 +825,7 @@ class Worker:
     def run_child(self, ctx: ChildContext) -> int:
         """The body of a prefork child, right after the fork; its exit status."""
         self.child = ctx
+        self.slot_stats = ctx.table.stats.for_slot(ctx.index)
         self.supervisor = None  # the fork copied the supervisor's: not ours to drive
         _die_with_parent(ctx.parent_pid)
         import multiprocessing
@@ -991,24 +998,16 @@ class Worker:
             return
         logger.info("Task %s[%s] received", request.name, request.id)
         if self.events is not None and self.events.enabled:
-            request.events = self.events
-            headers = delivery.headers
-            request.send_event(
-                "task-received",
-                name=request.name,
-                args=headers.get("argsrepr") or short_repr(delivery.args),
-                kwargs=headers.get("kwargsrepr") or short_repr(delivery.kwargs),
-                root_id=headers.get("root_id") or request.id,
-                parent_id=headers.get("parent_id"),
-                retries=headers.get("retries") or 0,
-                eta=headers.get("eta"),
-                expires=headers.get("expires"),
-            )
+            prepare_received(request, self.events)
+            if not self._gives_back():  # else announced once kept (announce.py)
+                announce_received(request)
         if request.expired():
+            announce_received(request)
             store_revoked_expired(self.backend, request)
             consumer.ack([tag])
             return
         if self.revoked.ids and request.id in self.revoked:
+            announce_received(request)
             store_revoked(self.backend, request)
             consumer.ack([tag])
             return
@@ -1040,6 +1039,7 @@ class Worker:
         so it does not starve other messages (Celery raises QoS the same way), up to
         ``worker_eta_task_limit`` for ETA messages and ``RATE_LIMIT_HOLD`` for
         rate-limited ones."""
+        announce_received(request)  # kept here: never given back
         if self.window:
             if rate:
                 if self._rate_extra < RATE_LIMIT_HOLD:
@@ -1072,6 +1072,10 @@ class Worker:
         its window up again once the task is done."""
         name = request.task.name or ""
         narrowed = 0 if self._quick.get(name) else self._make_way(consumer)
+        if self.events is not None:
+            # Out before the task can send its retry: a sibling announces that one, and
+            # a monitor must not get this delivery's task-received after it.
+            self.events.flush()
         started = time.monotonic()
         try:
             self.pool.submit(request)
@@ -1079,6 +1083,15 @@ class Worker:
             self._quick[name] = time.monotonic() - started < QUICK_RUN
             if narrowed:
                 self._take_up(consumer, narrowed)
+
+    def _gives_back(self) -> bool:
+        """Whether this process may give back messages it fetched (``_make_way``)."""
+        return (
+            self.child is not None
+            and self.concurrency >= 2
+            and bool(self.window)
+            and self._may_give_back
+        )
 
     def _make_way(self, consumer: Consumer) -> int:
         """Celery's ``-O fair``: its parent hands a message only to an idle child. Here
@@ -1184,6 +1197,7 @@ class Worker:
                 if left <= 0:
                     kept.append(request)
                     continue
+                announce_received(request)
                 if not self._may_start(consumer, request):
                     continue
                 free[kind] = left - 1
@@ -1248,6 +1262,7 @@ class Worker:
         reserved = self.reserved
         while reserved and not self._stop_requested:
             request = reserved.popleft()
+            announce_received(request)
             if not self._may_start(consumer, request):
                 continue
             self._count_for_child(request)
@@ -1356,6 +1371,9 @@ class Worker:
     ) -> Disposition:
         self.running.append(request)
         self.totals[request.name] += 1
+        stats = self.slot_stats
+        if stats is not None:
+            stats.began()
         try:
             return execute(request, self.backend, guard)
         except ColdShutdown:
@@ -1368,6 +1386,8 @@ class Worker:
         finally:
             with contextlib.suppress(ValueError):
                 self.running.remove(request)
+            if stats is not None:
+                stats.ended()
 
     def _finish(self, consumer: Consumer, done: list[tuple[Request, Disposition]]) -> None:
         acks: list[str] = []
