@@ -188,15 +188,18 @@ class Beat:
         ``BeatError`` for a bad schedule; ``OperationalError`` when the store is down."""
         self.app.send_after_configure()
         entries = read_schedule(self.app, self.app.conf["beat_schedule"])
+        unknown: dict[str, list[str]] = {}
         for entry in entries:
             if entry.task not in self.app.tasks:
-                logger.warning(
-                    "beat: the entry %r names the task %r, which this app does not "
-                    "register; it is sent by name (a worker that does not know it "
-                    "rejects it).",
-                    entry.name,
-                    entry.task,
-                )
+                unknown.setdefault(entry.task, []).append(entry.name)
+        for task, names in unknown.items():
+            logger.warning(
+                "beat: the task %r (of %s) is not registered in this app; it is sent by "
+                "name (a worker that does not know it rejects it).",
+                task,
+                ", ".join(map(repr, names[:3]))
+                + (f" and {len(names) - 3} more" if len(names) > 3 else ""),
+            )
         url, self.shared = store_url(self.app, self.schedule_name)
         self.store_url = _core.mask_url(url)
         if not self.shared:

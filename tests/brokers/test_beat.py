@@ -350,7 +350,7 @@ app.conf.beat_schedule = {"ghost": {"task": "nowhere.ghost", "schedule": 1.0}}
 """
     tasks_dir.write("beattasks.py", beat_module(body))
     process = beat()
-    process.wait_for(r"names the task 'nowhere.ghost', which this app does not register")
+    process.wait_for(r"the task 'nowhere.ghost' \(of 'ghost'\) is not registered in this app")
     assert wait_until(lambda: redis_client.llen(tasks_dir.queue) >= 1, MUST_SEE)
     assert process.stop() == 0
     message = json.loads(redis_client.lindex(tasks_dir.queue, 0))
