@@ -70,6 +70,23 @@ fn lifecycle(open: impl Fn() -> BeatStore) {
     );
     assert_eq!(first.entries().unwrap(), vec![("entry".to_owned(), 1000)]);
     assert_eq!(first.claim("other", 100, 101).unwrap(), Claim::Lost(None));
+    // Several claims at once answer in order, each seeing the ones before it.
+    let batch = [
+        ("entry".to_owned(), 1000, 1001),
+        ("entry".to_owned(), 1000, 1002),
+        ("gone".to_owned(), 1, 2),
+    ];
+    assert_eq!(
+        first.claim_many(&batch).unwrap(),
+        vec![Claim::Won, Claim::Lost(Some(1001)), Claim::Lost(None)]
+    );
+    // More claims than one script call takes.
+    let many: Vec<String> = (0..1234).map(|n| format!("many-{n}")).collect();
+    first.register(&many, 7).unwrap();
+    let claims: Vec<(String, i64, i64)> = many.iter().map(|name| (name.clone(), 7, 8)).collect();
+    let answers = first.claim_many(&claims).unwrap();
+    assert_eq!(answers.len(), 1234);
+    assert!(answers.iter().all(|claim| *claim == Claim::Won));
     first.prune(&[]).unwrap();
 }
 

@@ -261,6 +261,9 @@ class BeatStore:
         """``(True, None)`` when this call moved the last run from ``seen`` to ``run``;
         else ``(False, stored)``: another beat moved it first (None: not stored)."""
 
+    def claim_many(self, claims: list[tuple[str, int, int]]) -> list[tuple[bool, int | None]]:
+        """``claim`` for ``[(name, seen, run), ...]`` in a few round trips; in order."""
+
     def entries(self) -> list[tuple[str, int]]: ...
     def prune(self, keep: list[str]) -> list[str]:
         """Drop the stored entries not in ``keep``; return their names."""

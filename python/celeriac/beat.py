@@ -238,56 +238,89 @@ class Beat:
     def tick(self) -> float:
         """Send what is due; return the seconds to sleep before the next tick."""
         now = time.time()
-        sent = False
-        while self._heap and self._heap[0][0] <= now and not self._stopping.is_set():
+        due: list[ScheduleEntry] = []
+        while self._heap and self._heap[0][0] <= now:
             _, _, entry = heapq.heappop(self._heap)
-            try:
-                delay, ran = self._visit(entry)
-            except _core.OperationalError as exc:
-                delay, ran = self._store_failed(exc), False
-            else:
-                self._retry = RETRY_FIRST
-            sent = sent or ran
-            self._push(entry, now + min(delay, self.max_interval))
-        if sent:
-            self._flush()
+            if entry.pending is None:
+                delay = self._due_in(entry)
+                if delay is not None:
+                    self._push(entry, now + min(delay, self.max_interval))
+                    continue
+            due.append(entry)
+        if due:
+            self._claim_and_send(due, now)
         if not self._heap:
             return self.max_interval
         return max(0.0, min(self._heap[0][0] - time.time(), self.max_interval))
 
-    def _visit(self, entry: ScheduleEntry) -> tuple[float, bool]:
-        """Check one entry: claim and send its run if due. ``(delay, sent)``."""
-        if entry.pending is None:
+    def _due_in(self, entry: ScheduleEntry) -> float | None:
+        """None when the entry is due (its claim is then prepared), else the seconds
+        until it should be checked again."""
+        try:
+            due, delay = entry.is_due()
+        except Exception:
+            logger.exception(
+                "beat: cannot compute the next run of %r; trying again in %.0f s.",
+                entry.name,
+                self.max_interval,
+            )
+            return self.max_interval
+        if not due:
+            return delay
+        seen = entry.last_run
+        entry.pending = (seen, max(_micros(self.app.now()), seen + 1))
+        return None
+
+    def _claim_and_send(self, due: list[ScheduleEntry], now: float) -> None:
+        """Claim the due runs in one go, send those this beat won, then flush."""
+        claims = [(entry.name, *entry.pending) for entry in due if entry.pending is not None]
+        try:
+            answers = self._store.claim_many(claims)
+        except _core.OperationalError as exc:
+            # The answers may be lost, not the claims: each is tried again as it is.
+            delay = self._store_failed(exc)
+            for entry in due:
+                self._push(entry, now + delay)
+            return
+        self._retry = RETRY_FIRST
+        sent = False
+        for entry, (won, stored) in zip(due, answers, strict=True):
+            seen, run = entry.pending or (entry.last_run, entry.last_run)
+            entry.pending = None
+            if won or stored == run:  # stored == run: our claim whose answer was lost
+                entry.last_run = run
+                entry.total_run_count += 1
+                if self._send(entry, seen, run):
+                    sent = True
+                    delay = self._next_check(entry)
+                else:
+                    delay = self._give_back(entry, seen, run)
+            else:
+                delay = self._adopt(entry, stored, run)
+            self._push(entry, now + min(delay, self.max_interval))
+        if sent:
+            self._flush()
+
+    def _adopt(self, entry: ScheduleEntry, stored: int | None, run: int) -> float:
+        """Another beat sent this run: take its last run and wait for the next."""
+        if stored is None:  # dropped by a beat with another schedule: start afresh
             try:
-                due, delay = entry.is_due()
-            except Exception:
-                logger.exception(
-                    "beat: cannot compute the next run of %r; trying again in %.0f s.",
-                    entry.name,
-                    self.max_interval,
-                )
-                return self.max_interval, False
-            if not due:
-                return delay, False
-            seen = entry.last_run
-            entry.pending = (seen, max(_micros(self.app.now()), seen + 1))
-        seen, run = entry.pending
-        won, stored = self._store.claim(entry.name, seen, run)
-        entry.pending = None
-        if not won and stored != run:  # stored == run: our claim whose answer was lost
-            if stored is None:  # dropped by a beat with another schedule: start afresh
                 stored = self._store.register([entry.name], run)[0]
-            entry.last_run = stored
-            logger.debug("beat: %r was sent by another beat.", entry.name)
-            return self._next_check(entry), False
-        entry.last_run = run
-        entry.total_run_count += 1
-        if not self._send(entry, seen, run):
-            # Not sent: give the run back so that this or another beat sends it.
+            except _core.OperationalError as exc:
+                return self._store_failed(exc)
+        entry.last_run = stored
+        logger.debug("beat: %r was sent by another beat.", entry.name)
+        return self._next_check(entry)
+
+    def _give_back(self, entry: ScheduleEntry, seen: int, run: int) -> float:
+        """Not sent: give the run back so that this or another beat sends it."""
+        try:
             self._store.claim(entry.name, run, seen)
-            entry.last_run = seen
-            return self._store_failed(None), False
-        return self._next_check(entry), True
+        except _core.OperationalError as exc:
+            logger.error("beat: cannot give back the run of %r: %s", entry.name, exc)
+            return self._store_failed(None)
+        entry.last_run = seen
+        return self._store_failed(None)
 
     def _next_check(self, entry: ScheduleEntry) -> float:
         try:

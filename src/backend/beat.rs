@@ -95,9 +95,17 @@ impl BeatStore {
 
     /// Move `name`'s last run from `seen` to `run` unless another beat moved it first.
     pub fn claim(&self, name: &str, seen: i64, run: i64) -> Result<Claim> {
+        let mut answers = self.claim_many(&[(name.to_owned(), seen, run)])?;
+        answers
+            .pop()
+            .ok_or_else(|| Error::Decode("beat's store answered no claim".into()))
+    }
+
+    /// `claim` for several runs at once (one round trip per few hundred), in order.
+    pub fn claim_many(&self, claims: &[(String, i64, i64)]) -> Result<Vec<Claim>> {
         match self {
-            Self::Redis(store) => store.claim(name, seen, run),
-            Self::Sqlite(store) => store.claim(name, seen, run),
+            Self::Redis(store) => store.claim_many(claims),
+            Self::Sqlite(store) => store.claim_many(claims),
         }
     }
 
@@ -131,16 +139,24 @@ impl BeatStore {
 // ---------------------------------------------------------------------------------
 // Redis
 
-/// Compare-and-set of one hash field: KEYS[1] the hash, ARGV the field, the value
-/// seen and the new value. Returns {1, false} when set, else {0, stored value or false}.
+/// Compare-and-set of hash fields: KEYS[1] the hash, ARGV triples of a field, the value
+/// seen and the new value. Answers one item per triple: 1 when set, else the stored
+/// value (false when there is none).
 const CLAIM_SCRIPT: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if stored == ARGV[2] then
-    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-    return {1, false}
+local answers = {}
+for i = 1, #ARGV, 3 do
+    local stored = redis.call('HGET', KEYS[1], ARGV[i])
+    if stored == ARGV[i + 1] then
+        redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+        answers[#answers + 1] = 1
+    else
+        answers[#answers + 1] = stored
+    end
 end
-return {0, stored}
+return answers
 ";
+/// Claims per script call: Redis runs a script alone, so a long one would delay others.
+const CLAIMS_PER_CALL: usize = 500;
 
 pub struct RedisBeatStore {
     masked: String,
@@ -280,18 +296,42 @@ impl RedisBeatStore {
         })
     }
 
-    fn claim(&self, name: &str, seen: i64, run: i64) -> Result<Claim> {
-        let mut conn = self.connection()?;
-        let mut invocation = self.claim.key(&self.key);
-        invocation.arg(name).arg(seen).arg(run);
-        let answer: (i64, Option<String>) = runtime::handle()
-            .block_on(invocation.invoke_async(&mut conn))
-            .map_err(|err| self.lost(&err))?;
-        match answer {
-            (1, _) => Ok(Claim::Won),
-            (_, None) => Ok(Claim::Lost(None)),
-            (_, Some(text)) => Ok(Claim::Lost(Some(self.parse(name, &text)?))),
+    fn claim_many(&self, claims: &[(String, i64, i64)]) -> Result<Vec<Claim>> {
+        let mut answers = Vec::with_capacity(claims.len());
+        for chunk in claims.chunks(CLAIMS_PER_CALL) {
+            let mut conn = self.connection()?;
+            let mut invocation = self.claim.key(&self.key);
+            for (name, seen, run) in chunk {
+                invocation.arg(name).arg(*seen).arg(*run);
+            }
+            let replies: Vec<redis::Value> = runtime::handle()
+                .block_on(invocation.invoke_async(&mut conn))
+                .map_err(|err| self.lost(&err))?;
+            if replies.len() != chunk.len() {
+                return Err(Error::Decode(format!(
+                    "beat's store {}: {} answers to {} claims",
+                    self.masked,
+                    replies.len(),
+                    chunk.len()
+                )));
+            }
+            for ((name, _, _), reply) in chunk.iter().zip(replies) {
+                answers.push(match reply {
+                    redis::Value::Int(1) => Claim::Won,
+                    redis::Value::Nil => Claim::Lost(None),
+                    redis::Value::BulkString(bytes) => {
+                        Claim::Lost(Some(self.parse(name, &String::from_utf8_lossy(&bytes))?))
+                    }
+                    other => {
+                        return Err(Error::Decode(format!(
+                            "beat's store {}: unexpected answer {other:?} to a claim",
+                            self.masked
+                        )))
+                    }
+                });
+            }
         }
+        Ok(answers)
     }
 
     fn entries(&self) -> Result<Vec<(String, i64)>> {
@@ -390,24 +430,31 @@ impl SqliteBeatStore {
         })
     }
 
-    fn claim(&self, name: &str, seen: i64, run: i64) -> Result<Claim> {
+    fn claim_many(&self, claims: &[(String, i64, i64)]) -> Result<Vec<Claim>> {
         self.with(|conn| {
-            let changed = conn
-                .prepare_cached(
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut answers = Vec::with_capacity(claims.len());
+            {
+                let mut update = tx.prepare_cached(
                     "UPDATE beat_runs SET last_run = ?4 \
                      WHERE namespace = ?1 AND name = ?2 AND last_run = ?3",
-                )?
-                .execute(params![self.namespace, name, seen, run])?;
-            if changed == 1 {
-                return Ok(Claim::Won);
-            }
-            let stored = conn
-                .prepare_cached(
+                )?;
+                let mut select = tx.prepare_cached(
                     "SELECT last_run FROM beat_runs WHERE namespace = ?1 AND name = ?2",
-                )?
-                .query_row(params![self.namespace, name], |row| row.get(0))
-                .optional()?;
-            Ok(Claim::Lost(stored))
+                )?;
+                for (name, seen, run) in claims {
+                    if update.execute(params![self.namespace, name, seen, run])? == 1 {
+                        answers.push(Claim::Won);
+                    } else {
+                        let stored = select
+                            .query_row(params![self.namespace, name], |row| row.get(0))
+                            .optional()?;
+                        answers.push(Claim::Lost(stored));
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(answers)
         })
     }
 

@@ -59,6 +59,22 @@ impl BeatStore {
         })
     }
 
+    /// ``claim`` for ``[(name, seen, run), ...]`` at once; the answers in order.
+    fn claim_many(
+        &self,
+        py: Python<'_>,
+        claims: Vec<(String, i64, i64)>,
+    ) -> PyResult<Vec<(bool, Option<i64>)>> {
+        let answers = py.detach(|| self.inner.claim_many(&claims))?;
+        Ok(answers
+            .into_iter()
+            .map(|claim| match claim {
+                Claim::Won => (true, None),
+                Claim::Lost(stored) => (false, stored),
+            })
+            .collect())
+    }
+
     /// Every stored entry's name and last run.
     fn entries(&self, py: Python<'_>) -> PyResult<Vec<(String, i64)>> {
         Ok(py.detach(|| self.inner.entries())?)

@@ -229,15 +229,16 @@ def test_worker_dash_b_runs_beat_and_stops_it(tasks_dir: TasksDir, worker: Any, 
     process = worker("-B", "-s", tasks_dir.queue, app="beattasks")
     runs.wait_for(3)
     process.wait_for(SENDING)
+    embedded = f"--exit-with-parent {process.proc.pid}"
+    assert embedded in _command_lines()
     assert process.stop() == 0
-    assert wait_until(lambda: "beattasks" not in _processes(), EVENT_WAIT), _processes()
+    assert wait_until(lambda: embedded not in _command_lines(), EVENT_WAIT)
     runs.chain()
 
 
-def _processes() -> str:
-    """The command lines of this user's celeriac beat processes."""
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return "\n".join(line for line in out.stdout.splitlines() if " beat " in line)
+def _command_lines() -> str:
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True)
+    return out.stdout
 
 
 def test_periodic_tasks_added_on_after_configure_run(
@@ -486,3 +487,29 @@ def test_cli_refuses_bad_options(
     result = run_cli("-A", "beattasks", "beat", *args)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
+
+
+def test_an_idle_beat_sleeps_until_the_next_due_run(tmp_path: Path) -> None:
+    """No polling: after the first tick, beat sleeps until the nearest run (or the
+    longest interval allowed), whatever the number of entries."""
+    from celeriac import Celeriac
+    from celeriac.beat import Beat
+    from celeriac.schedules import crontab
+
+    url = f"sqlite://{tmp_path / 'beat.db'}"
+    app = Celeriac("idle", broker=url, backend=url, set_as_current=False)
+    far_minute = (app.now().minute + 30) % 60  # 29 to 31 minutes away
+    app.conf.beat_schedule = {
+        "fifty": {"task": "idle.x", "schedule": 50.0},
+        "far": {"task": "idle.x", "schedule": crontab(minute=far_minute)},
+        **{f"hourly-{n}": {"task": "idle.x", "schedule": 3600.0} for n in range(1000)},
+    }
+    try:
+        for most, expected in ((3600.0, 50.0), (20.0, 20.0)):
+            beat = Beat(app, schedule_filename=f"idle-{most}", max_interval=most)
+            beat.setup()
+            delay = beat.tick()
+            assert expected - 10 < delay <= expected
+            assert beat.tick() == pytest.approx(delay, abs=1.0)  # still nothing due
+    finally:
+        app.close()
