@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 #: Celery's ``beat`` options celeriac refuses, with the reason.
 REFUSED = {
-    "detach": "run beat in the foreground under a service manager (systemd, supervisord) instead",
+    "detach": "not supported: run beat in the foreground under a service manager (systemd, "
+    "supervisord) instead",
 }
 #: Schedulers that mean "the default": celeriac's shared-store scheduler.
 DEFAULT_SCHEDULERS = frozenset(
@@ -102,7 +103,7 @@ def cmd_beat(ns: argparse.Namespace) -> int:
     from celeriac.worker.options import Pidfile, PidfileLocked
 
     if ns.detach:
-        raise UsageError(f"--detach is not supported by celeriac: {REFUSED['detach']}")
+        raise UsageError(f"--detach is {REFUSED['detach']}")
     if ns.scheduler is not None and ns.scheduler not in DEFAULT_SCHEDULERS:
         raise UsageError(
             f"argument -S/--scheduler: {ns.scheduler!r} is not supported: celeriac's "

@@ -101,21 +101,24 @@ def runs(redis_client: redis.Redis, tasks_dir: TasksDir) -> Runs:
     return Runs(redis_client, tasks_dir.queue)
 
 
-TRANSPORTS = ("redis", "sqlite", "amqp-redis")
+TRANSPORTS = ("redis", "sqlite", "amqp-redis", "amqp-sqlite")
 
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> Iterator[str]:
     """The test's broker and backend: Redis; the embedded SQLite file for both;
-    RabbitMQ with Redis results (beat's state then lives in Redis)."""
+    RabbitMQ with Redis or SQLite results (beat's state then lives there)."""
     kind = request.param
     if kind == "sqlite":
         url = f"sqlite://{tasks_dir.path / 'broker.sqlite3'}"
         tasks_dir.env = worker_env(tasks_dir.queue, url, url)
     elif kind == "amqp-redis":
         tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    elif kind == "amqp-sqlite":
+        results = f"sqlite://{tasks_dir.path / 'results.sqlite3'}"
+        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, results)
     yield kind
-    if kind == "amqp-redis":
+    if kind.startswith("amqp"):
         delete_amqp(AMQP_URL, tasks_dir.queue)
 
 
@@ -475,7 +478,7 @@ def test_cli_options_logfile_pidfile_and_max_interval(
     ("args", "expected"),
     [
         (("-S", "django_celery_beat.schedulers:DatabaseScheduler"), "-S/--scheduler"),
-        (("--detach",), "--detach is not supported"),
+        (("--detach",), "--detach is not supported: run beat in the foreground"),
         (("--max-interval", "0"), "--max-interval: must be positive"),
         (("-f", "/nonexistent/dir/beat.log"), "the directory /nonexistent/dir does not exist"),
     ],
