@@ -130,8 +130,8 @@ class schedule(BaseSchedule):
     """Every ``run_every`` (a ``timedelta`` or seconds; it must be positive).
 
     With ``relative=True`` the run time is rounded down to the resolution of the
-    interval (whole days, hours, minutes or seconds in the app's time zone), as in
-    Celery.
+    interval (whole days, hours, minutes or seconds, in the zone of ``last_run_at``;
+    beat gives it in the app's), as in Celery.
     """
 
     def __init__(
@@ -155,7 +155,8 @@ class schedule(BaseSchedule):
 
     def remaining_estimate(self, last_run_at: datetime.datetime) -> datetime.timedelta:
         start = self.maybe_make_aware(last_run_at)
-        end = (start.astimezone(_UTC) + self.run_every).astimezone(self.tz)
+        # Rounded (relative=True) in the zone of the time given, as Celery does.
+        end = (start.astimezone(_UTC) + self.run_every).astimezone(start.tzinfo)
         if self.relative:
             end = _round_down(end, self.run_every, after=start)
         return _elapsed(end, self.maybe_make_aware(self.now()))
@@ -166,7 +167,12 @@ class schedule(BaseSchedule):
             return schedstate(False, remaining)
         following = self.seconds
         if self.relative:
-            following = self.remaining_estimate(self.now()).total_seconds() or following
+            # The next rounded time after now, in the zone of the time given.
+            zone = self.maybe_make_aware(last_run_at).tzinfo
+            now = self.maybe_make_aware(self.now()).astimezone(zone)
+            following = self.remaining_estimate(now).total_seconds()
+            if following <= 0:
+                following = self.seconds
         return schedstate(True, following)
 
     def __repr__(self) -> str:

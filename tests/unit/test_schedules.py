@@ -80,12 +80,15 @@ def test_crontab_answers_as_celery_does(zone: str, fields: dict[str, Any]) -> No
         same_answers(theirs, ours, last)
 
 
-@pytest.mark.parametrize("every", [1, 30.5, datetime.timedelta(minutes=5), 86400])
-def test_interval_answers_as_celery_does(every: Any) -> None:
-    their_app, our_app = apps("Europe/Paris")
-    for last, now in samples(7, 200):
-        theirs = celery_schedules.schedule(every, nowfun=lambda now=now: now, app=their_app)
-        ours = schedule(every, nowfun=lambda now=now: now, app=our_app)
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("zone", ["Europe/Paris", "Asia/Kolkata"])
+@pytest.mark.parametrize("every", [1, 30.5, 90, datetime.timedelta(minutes=5), 7200, 86400])
+def test_interval_answers_as_celery_does(every: Any, zone: str, relative: bool) -> None:
+    their_app, our_app = apps(zone)
+    for last, now in samples(7, 150):
+        last = last.astimezone(our_app.timezone)  # as beat gives it: in the app's zone
+        theirs = celery_schedules.schedule(every, relative, lambda now=now: now, their_app)
+        ours = schedule(every, relative, lambda now=now: now, our_app)
         same_answers(theirs, ours, last)
 
 
