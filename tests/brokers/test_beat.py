@@ -182,7 +182,8 @@ def test_a_restarted_beat_continues_the_chain_with_one_catch_up_run(
     process = beat()
     runs.wait_for(2)
     assert process.stop() == 0
-    stopped = runs.count()
+    stopped = sent_by(process)
+    assert wait_until(lambda: runs.count() == stopped, MUST_SEE)
     time.sleep(3.5)  # beat is down for three periods: one catch-up run, not three
     again = beat()
     runs.wait_for(stopped + 3)
@@ -227,16 +228,24 @@ app.conf.beat_schedule = {"a": {"task": "beat.record", "schedule": 2.0, "args": 
         assert run - previous >= 2_000_000  # the new period
 
 
-def test_worker_dash_b_runs_beat_and_stops_it(tasks_dir: TasksDir, worker: Any, runs: Runs) -> None:
+def test_worker_dash_b_runs_beat_beside_another_beat_and_stops_it(
+    tasks_dir: TasksDir, worker: Any, beat: StartBeat, runs: Runs
+) -> None:
     tasks_dir.write("beattasks.py", beat_module(EVERY_SECOND))
     process = worker("-B", "-s", tasks_dir.queue, app="beattasks")
-    runs.wait_for(3)
+    other = beat()
+    runs.wait_for(4)
     process.wait_for(SENDING)
     embedded = f"--exit-with-parent {process.proc.pid}"
     assert embedded in _command_lines()
+    assert other.stop() == 0
+    sent = sent_by(other) + sent_by(process)
+    assert wait_until(lambda: runs.count() >= sent, MUST_SEE)
+    assert len(runs.chain()) >= sent
+    # The worker's own beat may send one more run while the worker stops: that one
+    # waits in the queue, as any message sent to a stopping worker does.
     assert process.stop() == 0
     assert wait_until(lambda: embedded not in _command_lines(), EVENT_WAIT)
-    runs.chain()
 
 
 def _command_lines() -> str:
