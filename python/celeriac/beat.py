@@ -51,6 +51,8 @@ DEFAULT_MAX_INTERVAL = 300.0
 #: The first pause after the store or the broker failed; it doubles up to this cap.
 RETRY_FIRST = 1.0
 RETRY_MOST = 30.0
+#: The soonest an entry is checked again after a check (seconds).
+MIN_DELAY = 0.01
 #: ``worker -B``: how often the embedded beat checks that its worker still runs.
 PARENT_CHECK = 1.0
 #: Keys a ``beat_schedule`` entry may have (Celery's ``ScheduleEntry`` fields).
@@ -233,6 +235,11 @@ class Beat:
         self._sequence += 1
         heapq.heappush(self._heap, (when, self._sequence, entry))
 
+    def _later(self, entry: ScheduleEntry, now: float, delay: float) -> None:
+        """Check ``entry`` again ``delay`` seconds after ``now``: never later than the
+        longest sleep, never within this tick (a schedule answering 0 cannot spin)."""
+        self._push(entry, now + max(min(delay, self.max_interval), MIN_DELAY))
+
     # -- the loop ---------------------------------------------------------------------
 
     def tick(self) -> float:
@@ -244,7 +251,7 @@ class Beat:
             if entry.pending is None:
                 delay = self._due_in(entry)
                 if delay is not None:
-                    self._push(entry, now + min(delay, self.max_interval))
+                    self._later(entry, now, delay)
                     continue
             due.append(entry)
         if due:
@@ -280,7 +287,7 @@ class Beat:
             # The answers may be lost, not the claims: each is tried again as it is.
             delay = self._store_failed(exc)
             for entry in due:
-                self._push(entry, now + delay)
+                self._later(entry, now, delay)
             return
         self._retry = RETRY_FIRST
         sent = False
@@ -297,7 +304,7 @@ class Beat:
                     delay = self._give_back(entry, seen, run)
             else:
                 delay = self._adopt(entry, stored, run)
-            self._push(entry, now + min(delay, self.max_interval))
+            self._later(entry, now, delay)
         if sent:
             self._flush()
 
