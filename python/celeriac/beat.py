@@ -19,8 +19,9 @@ appeared (as in Celery), a changed one keeps its last run and follows its new
 schedule, and a removed one is dropped from the store. A beat that was down for
 several periods sends one catch-up run per entry, then resumes the period.
 
-A run is claimed before it is sent: a beat killed between the two (a window of the
-time a publish takes) loses that one run; no run is ever sent twice.
+A run is claimed before it is sent: a beat killed between the two (the time a publish
+takes, or a batch of up to ``CLAIM_BATCH`` runs due at once) loses those runs; no run is
+ever sent twice.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ DEFAULT_MAX_INTERVAL = 300.0
 #: The first pause after the store or the broker failed; it doubles up to this cap.
 RETRY_FIRST = 1.0
 RETRY_MOST = 30.0
+#: Due runs claimed together, then sent and flushed before the next batch: a beat
+#: killed in between loses at most these (one round trip per batch to the store).
+CLAIM_BATCH = 100
 #: The soonest an entry is checked again after a check (seconds).
 MIN_DELAY = 0.01
 #: ``worker -B``: how often the embedded beat checks that its worker still runs.
@@ -254,8 +258,8 @@ class Beat:
                     self._later(entry, now, delay)
                     continue
             due.append(entry)
-        if due:
-            self._claim_and_send(due, now)
+        for start in range(0, len(due), CLAIM_BATCH):
+            self._claim_and_send(due[start : start + CLAIM_BATCH], now)
         if not self._heap:
             return self.max_interval
         return max(0.0, min(self._heap[0][0] - time.time(), self.max_interval))
