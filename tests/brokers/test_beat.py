@@ -525,3 +525,32 @@ def test_an_idle_beat_sleeps_until_the_next_due_run(tmp_path: Path) -> None:
             assert beat.tick() == pytest.approx(delay, abs=1.0)  # still nothing due
     finally:
         app.close()
+
+
+def test_runs_due_at_once_are_sent_once_by_one_of_two_beats(
+    tasks_dir: TasksDir, redis_client: redis.Redis
+) -> None:
+    """250 entries all overdue (more than one claim batch): the first beat's tick sends
+    each once, the second beat's finds them all claimed."""
+    from celeriac import Celeriac, _core
+    from celeriac.beat import Beat
+
+    app = Celeriac("due", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    app.conf.task_default_queue = tasks_dir.queue
+    names = [f"entry-{n}" for n in range(250)]
+    app.conf.beat_schedule = {name: {"task": "due.x", "schedule": 3600.0} for name in names}
+    long_ago = int((time.time() - 7200) * 1_000_000)
+    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(names, long_ago)
+    try:
+        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
+        first.setup()
+        second.setup()
+        first.tick()
+        second.tick()
+        assert redis_client.llen(tasks_dir.queue) == 250
+        stored = dict(_core.BeatStore(REDIS_URL, tasks_dir.queue).entries())
+        assert set(stored) == set(names)
+        assert all(run > long_ago for run in stored.values())
+        assert all(entry.last_run == stored[name] for name, entry in second.entries.items())
+    finally:
+        app.close()
