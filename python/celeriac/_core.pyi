@@ -239,6 +239,35 @@ class Backend:
     def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
 
+class BeatStore:
+    """Beat's shared state: the last run of every entry of one schedule (microseconds
+    since the epoch), in Redis (a hash ``celeriac-beat:<namespace>``) or the SQLite file
+    (table ``beat_runs``). ``ValueError`` for another scheme, ``OperationalError`` when
+    the store cannot be reached within ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        *,
+        global_keyprefix: str | None = None,
+        timeout: float = 4.0,
+    ) -> None: ...
+    def register(self, names: list[str], now: int) -> list[int]:
+        """Store ``now`` as the last run of the entries not stored yet; return every
+        entry's stored last run, in order."""
+
+    def claim(self, name: str, seen: int, run: int) -> tuple[bool, int | None]:
+        """``(True, None)`` when this call moved the last run from ``seen`` to ``run``;
+        else ``(False, stored)``: another beat moved it first (None: not stored)."""
+
+    def claim_many(self, claims: list[tuple[str, int, int]]) -> list[tuple[bool, int | None]]:
+        """``claim`` for ``[(name, seen, run), ...]`` in a few round trips; in order."""
+
+    def entries(self) -> list[tuple[str, int]]: ...
+    def prune(self, keep: list[str]) -> list[str]:
+        """Drop the stored entries not in ``keep``; return their names."""
+
 class RateLimiter:
     """Per-task token buckets (capacity 1) for the worker's rate limits; one per
     worker process (a prefork node shares ``SharedRateLimiter``), as in Celery

@@ -31,6 +31,8 @@ from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotReg
 from celeriac.local import get_current_app, get_current_worker_task, set_current_app
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.routes import Route, Router
+from celeriac.schedules import periodic_entry
+from celeriac.signals import Signal
 from celeriac.task import (
     _UNBUILT,
     DispatchDefaults,
@@ -333,6 +335,9 @@ class Celeriac:
         self._annotations: list[Any] = []
         self._timezone: datetime.tzinfo = _UTC
         self._timezone_version = -1
+        #: Sent once, with this app as sender, before beat reads ``beat_schedule``.
+        self.on_after_configure = Signal("on_after_configure")
+        self._after_configure_sent = False
         _apps.add(self)
         if set_as_current:
             self.set_current()
@@ -413,6 +418,29 @@ class Celeriac:
         for packages, related_name in self._autodiscover:
             modules.extend(self._import_related(packages, related_name))
         return modules
+
+    def send_after_configure(self) -> None:
+        """Send ``on_after_configure`` unless it was sent (beat calls this at start)."""
+        with self._lock:
+            if self._after_configure_sent:
+                return
+            self._after_configure_sent = True
+        self.on_after_configure.send(sender=self, source=self.conf)
+
+    def add_periodic_task(
+        self,
+        schedule: Any,
+        sig: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> str:
+        """Add an entry to ``beat_schedule``: run ``sig`` (a signature, a task or a
+        task name) on ``schedule``; returns the entry's name."""
+        key, entry = periodic_entry(schedule, sig, args, kwargs, name, opts)
+        self.conf["beat_schedule"][key] = entry
+        return key
 
     # -- tasks ------------------------------------------------------------------------
 

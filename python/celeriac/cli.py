@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
+from celeriac import cli_beat
+
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
@@ -42,18 +44,11 @@ EX_CANTCREAT = 73
 #: Celery ``worker`` options celeriac does not have: ``(flags, takes a value)``. Each is
 #: parsed (so the error names it) and refused before anything starts.
 UNSUPPORTED_WORKER_OPTIONS: tuple[tuple[tuple[str, ...], bool], ...] = (
-    (("-B", "--beat"), False),
-    (("-s", "--schedule", "--schedule-filename"), True),
-    (("--scheduler",), True),
     (("-D", "--detach"), False),
     (("-S", "--statedb"), True),
     (("--executable",), True),
 )
 UNSUPPORTED_HELP = {
-    "--beat": "celeriac has no periodic task scheduler (beat)",
-    "--schedule-filename": "it names the schedule file of the embedded beat (-B), which "
-    "celeriac does not have",
-    "--scheduler": "it names the scheduler of the embedded beat (-B), which celeriac does not have",
     "--detach": "run the worker in the foreground under a service manager (systemd, "
     "supervisord) instead",
     "--statedb": "celeriac keeps revoked task ids in memory only",
@@ -436,8 +431,10 @@ def build_parser() -> _Parser:
                 *flags, dest=dest, action="store_true", default=None, help=help_text
             )
 
+    cli_beat.add_worker_options(worker)
     _add_remote_parsers(commands)
     _add_tool_parsers(commands)
+    cli_beat.add_parser(commands, _add_global_options, _loglevel)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
@@ -778,11 +775,14 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
                 "Replaced the stale pidfile %s (%s).", pidfile.path, pidfile.replaced
             )
         worker.pidfile = pidfile
+    embedded_beat = cli_beat.start_embedded(ns, app) if ns.beat else None
     try:
         if options.purge:
             _purge_queues(app, worker.queues)
         return worker.run()
     finally:
+        if embedded_beat is not None:
+            cli_beat.stop_embedded(embedded_beat)
         if pidfile is not None:
             pidfile.release()
 
@@ -1439,6 +1439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workdir {ns.workdir!r}: {exc.strerror}") from None
         if ns.command == "worker":
             return _cmd_worker(ns)
+        if ns.command == "beat":
+            return cli_beat.cmd_beat(ns)
         if ns.command in ("inspect", "control", "status"):
             return _cmd_remote(ns)
         if ns.command in _TOOLS:

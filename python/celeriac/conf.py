@@ -147,11 +147,23 @@ DEFAULTS: dict[str, Any] = {
     "event_queue_expires": 60.0,
     "control_queue_ttl": 300.0,
     "control_queue_expires": 10.0,
+    # beat (periodic tasks)
+    "beat_schedule": {},
+    "beat_scheduler": "celery.beat:PersistentScheduler",
+    "beat_schedule_filename": "celerybeat-schedule",
+    "beat_sync_every": 0,
+    "beat_max_loop_interval": 0,
+    "beat_cron_starting_deadline": None,
 }
 
 #: Celery's pre-4.0 names of the settings above.
 OLD_NAMES: dict[str, str] = {
     "BROKER_URL": "broker_url",
+    "CELERYBEAT_SCHEDULE": "beat_schedule",
+    "CELERYBEAT_SCHEDULER": "beat_scheduler",
+    "CELERYBEAT_SCHEDULE_FILENAME": "beat_schedule_filename",
+    "CELERYBEAT_SYNC_EVERY": "beat_sync_every",
+    "CELERYBEAT_MAX_LOOP_INTERVAL": "beat_max_loop_interval",
     "BROKER_READ_URL": "broker_read_url",
     "BROKER_WRITE_URL": "broker_write_url",
     "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
@@ -432,6 +444,10 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "worker_disable_rate_limits": _check_bool,
     "worker_send_task_events": _check_bool,
     "worker_enable_remote_control": _check_bool,
+    "beat_schedule": _check_mapping,
+    "beat_schedule_filename": _check_str,
+    "beat_max_loop_interval": _check_optional_non_negative_number,
+    "beat_cron_starting_deadline": _check_optional_non_negative_number,
 }
 
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}

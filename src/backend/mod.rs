@@ -4,6 +4,7 @@
 //! opaque JSON bytes: encoding and decoding belong to the caller. The only field the
 //! stores read is `"status"`, to tell a ready state from a progress update.
 
+pub mod beat;
 pub mod redis;
 pub mod rpc;
 pub mod sqlite;

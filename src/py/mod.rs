@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 pub mod backend;
+pub mod beat;
 pub mod codec;
 pub mod consumer;
 pub mod events;
@@ -22,6 +23,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     events::register(m)?;
     pidbox::register(m)?;
     backend::register(m)?;
+    beat::register(m)?;
     scheduler::register(m)?;
     Ok(())
 }

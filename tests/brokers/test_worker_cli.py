@@ -412,11 +412,6 @@ def test_bad_autoscale(run_cli: RunCli, value: str) -> None:
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["-B"], "-B/--beat"),
-        (["--beat"], "-B/--beat"),
-        (["-s", "celerybeat-schedule"], "-s/--schedule"),
-        (["--schedule-filename=x"], "-s/--schedule"),
-        (["--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"], "--scheduler"),
         (["-D"], "-D/--detach"),
         (["--detach"], "-D/--detach"),
         (["-S", "worker.state"], "-S/--statedb"),
