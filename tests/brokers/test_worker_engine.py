@@ -45,6 +45,11 @@ def pid():
 
 
 @app.task
+def pid_and_parent():
+    return [os.getpid(), os.getppid()]
+
+
+@app.task
 def rendezvous(key, parties, timeout=10.0):
     r = client()
     r.incr(key)
@@ -232,28 +237,46 @@ def test_prefork_children_run_tasks_at_once(
     tasks = engine.import_module("engine")
     key = scratch("meet")
     meeting = [tasks.rendezvous.delay(key, 2) for _ in range(2)]
-    pids = [tasks.pid.delay() for _ in range(20)]
-    for r in meeting + pids:
+    for r in meeting:
         result_keys.add(r.id)
     # each returns True only if both ran at the same time, in two processes
     assert [r.get(timeout=20) for r in meeting] == [True, True]
-    seen = {r.get(timeout=10) for r in pids}
-    assert process.proc.pid not in seen
-    assert seen <= {int(p) for p in _child_pids(process.proc.pid)} | seen
-    process.wait_for(r"INFO/ForkPoolWorker-\d+\] Task engine\.pid\[.+\] succeeded")
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=2)
+    process.wait_for(r"INFO/ForkPoolWorker-\d+\] Task engine\.pid_and_parent\[.+\] succeeded")
 
 
-def _child_pids(parent: int) -> list[str]:
+def _assert_run_by_children(
+    worker_pid: int, tasks: Any, result_keys: ResultKeys, most: int
+) -> None:
+    """20 tasks ran in child processes of the worker (never in the worker itself), at
+    most ``most`` of them, all still alive (no child was replaced)."""
+    results = [tasks.pid_and_parent.delay() for _ in range(20)]
+    for r in results:
+        result_keys.add(r.id)
+    ran = {tuple(r.get(timeout=20)) for r in results}
+    pids = {pid for pid, _parent in ran}
+    assert {parent for _pid, parent in ran} == {worker_pid}, ran
+    assert worker_pid not in pids
+    assert 1 <= len(pids) <= most, ran
+    assert pids <= set(_child_pids(worker_pid)), (pids, _child_pids(worker_pid))
+
+
+def _child_pids(parent: int) -> list[int]:
     try:
         with open(f"/proc/{parent}/task/{parent}/children") as f:
-            return f.read().split()
+            return [int(p) for p in f.read().split()]
     except OSError:
         return []
 
 
-def test_prefork_is_the_default_pool(run_cli: RunCli, engine: TasksDir) -> None:
-    result = run_cli("-A", "engine", "worker", "--help")
-    assert "prefork (default" in result.stdout
+def test_prefork_is_the_default_pool(
+    worker: StartWorker, engine: TasksDir, result_keys: ResultKeys
+) -> None:
+    # No -P and no worker_pool setting: the tasks run in the worker's children.
+    process = worker("-c", "2", pool=None, app="engine")
+    assert ".> concurrency: 2 (prefork)" in process.stdout
+    tasks = engine.import_module("engine")
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=2)
 
 
 def test_abort_replaces_the_child_and_marks_worker_lost(
