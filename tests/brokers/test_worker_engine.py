@@ -671,6 +671,41 @@ def test_bad_limits_stop_the_worker_before_it_starts(
     assert "ForkPoolWorker" not in output
 
 
+def test_worker_concurrency_setting_auto(
+    worker: StartWorker, engine: TasksDir, result_keys: ResultKeys
+) -> None:
+    """Celery 5.7's ``worker_concurrency = "auto"`` (any case) in the app's settings:
+    the prefork pool gets a child per CPU this process may use."""
+    from celeriac.worker.options import available_cpus
+
+    engine.write(
+        "autoconc.py",
+        'from engine import *  # noqa: F403\napp.conf.worker_concurrency = " Auto "\n',
+    )
+    cpus = available_cpus()
+    process = worker(pool=None, app="autoconc")
+    assert f".> concurrency: {cpus} (prefork)" in process.stdout
+    tasks = engine.import_module("autoconc")
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=cpus)
+
+
+@pytest.mark.parametrize("value", ['"lots"', '"auto2"', '"-2"', "-2", "2.5", "True"])
+def test_bad_worker_concurrency_setting_stops_the_worker(
+    tasks_dir: TasksDir, run_cli: RunCli, redis_client: redis.Redis, value: str
+) -> None:
+    tasks_dir.write(
+        "badconc.py",
+        f"from tasks import app, add  # noqa: F401\napp.conf.worker_concurrency = {value}\n",
+    )
+    tasks_dir.import_module("tasks").add.delay(1, 2)
+    result = run_cli("-A", "badconc", "worker", "-l", "info", timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "setting 'worker_concurrency' must be an int >= 0 or 'auto'" in output
+    assert "ready." not in output
+    assert queue_length(redis_client, tasks_dir.queue) == 1  # nothing was taken
+
+
 def test_unknown_queue_without_create_missing_queues(tasks_dir: TasksDir, run_cli: RunCli) -> None:
     tasks_dir.write(
         "strictq.py",
