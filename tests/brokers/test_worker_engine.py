@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import app_module, queue_length, task_meta, wait_until
+from conftest import app_module, queue_length, task_meta, unacked_tags, wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
@@ -329,10 +329,11 @@ def test_abort_under_acks_late_is_acked_and_failed(
     follow = tasks.add.delay(1, 1)
     result_keys.add(follow.id)
     assert follow.get(timeout=20) == 2
-    # not run again: the replacement child acked the message (no poison loop)
-    time.sleep(3)  # longer than the heartbeat TTL: a lost message would be back by now
-    assert int(redis_client.get(key) or 0) == 1
+    # Not run again: the replacement child acked the message (no poison loop). Once
+    # it has no unacked record and is not queued, nothing can bring it back.
+    assert wait_until(lambda: not unacked_tags(redis_client, engine.queue), 10)
     assert queue_length(redis_client, engine.queue) == 0
+    assert int(redis_client.get(key) or 0) == 1
 
 
 def test_max_tasks_per_child_recycles_children(
