@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import socket
+import subprocess
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -235,3 +236,47 @@ def test_a_worker_mingles_again_after_its_broker_connection_dropped(
         assert revoked_id in _revoked_on(tasks, node_b)
     finally:
         pubsub.close()
+
+
+def _close_rabbitmq_connection(named: str) -> None:
+    """Close, on the RabbitMQ server, the one connection whose client calls itself
+    ``named`` (celeriac names each of its connections with its role and pid)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = [
+        line.split("\t", 1)[0]
+        for line in listed.stdout.splitlines()
+        if f'{{"connection_name","{named}"}}' in line
+    ]
+    assert len(found) == 1, (named, listed.stdout)
+    subprocess.run(
+        ["rabbitmqctl", "close_connection", found[0], "test: the broker drops the worker"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_a_worker_mingles_again_after_rabbitmq_closed_its_connection(
+    on_rabbitmq: str, worker: StartWorker, mtasks: TasksDir, result_keys: ResultKeys
+) -> None:
+    """The same on RabbitMQ: the server closes the worker's remote-control connection."""
+    tasks = mtasks.import_module("mtasks")
+    node_a, node_b = _node("a"), _node("b")
+    worker("-n", node_a, pool="solo", app="mtasks")
+    b = worker("-n", node_b, pool="solo", app="mtasks")
+    b.wait_for(r"mingle: sync complete", timeout=10)
+    revoked_id = result_keys.add(str(uuid.uuid4()))
+    _revoke_on(tasks, node_a, revoked_id)  # A alone
+    assert revoked_id not in _revoked_on(tasks, node_b)
+
+    _close_rabbitmq_connection(f"celeriac pidbox subscription (pid {b.proc.pid})")
+    b.wait_for(r"pidbox: reconnected to amqp://", timeout=15)
+    b.wait_for(r"mingle: searching for neighbors", timeout=10, count=2)
+    b.wait_for(r"mingle: sync complete", timeout=10, count=2)
+    assert revoked_id in _revoked_on(tasks, node_b)
