@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-wait", action="store_true", help="fill: a worker is running")
     parser.add_argument("--clock", action="store_true", help="fill: push the start time")
     parser.add_argument("--progress", default="", help="feed: the key of the count sent")
-    parser.add_argument("--chunk", type=int, default=20_000, help="feed: tasks per batch")
-    parser.add_argument("--high-water", type=int, default=100_000, help="feed: queue bound")
+    parser.add_argument("--chunk", type=int, default=10_000, help="feed: tasks per batch")
+    parser.add_argument("--high-water", type=int, default=20_000, help="feed: queue bound")
     args = parser.parse_args(argv)
     mod = load(args.peer)
     if args.step == "enqueue":

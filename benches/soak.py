@@ -36,8 +36,8 @@ WARMUP_SHARE = 0.1
 #: After the warm-up, the worker's own PSS stays within this share of its first reading.
 FLAT_WITHIN = 0.05
 SAMPLE_EVERY = 1.0
-FEED_CHUNK = 20_000
-FEED_HIGH_WATER = 100_000
+FEED_CHUNK = 10_000
+FEED_HIGH_WATER = 20_000
 
 
 def soak(bench: Bench, job: Job, queue: str) -> dict[str, Any]:
