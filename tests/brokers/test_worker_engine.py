@@ -686,7 +686,7 @@ def test_worker_concurrency_setting_auto(
     cpus = available_cpus()
     process = worker(pool=None, app="autoconc")
     assert f".> concurrency: {cpus} (prefork)" in process.stdout
-    tasks = engine.import_module("autoconc")
+    tasks = engine.import_module("engine")  # fresh: the queue is this test's
     _assert_run_by_children(process.proc.pid, tasks, result_keys, most=cpus)
 
 
