@@ -100,11 +100,11 @@ def test_wait_returns_a_later_ready_state_and_skips_progress(
             writer.flush()
 
         thread = later(0.2, progress)
-        started = time.monotonic()
         meta = backend.wait(task_id, timeout=10)
+        # Not STARTED (there before the wait) nor RETRY (written during it): those
+        # would be returned, not skipped, by a wait that stopped at any state.
         assert meta["status"] == "SUCCESS"
         assert meta["result"] == 42
-        assert time.monotonic() - started >= 0.35
         thread.join(5)
     finally:
         writer.close()
