@@ -41,7 +41,7 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint fmt bench bench-beat bench-rust demo wheel clean ci
+.PHONY: help venv dev test test-rust lint fmt bench bench-beat soak bench-rust demo wheel clean ci
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
@@ -94,6 +94,9 @@ bench: $(BUILT) ## Benchmark celeriac against Celery and pure-Python queues (BEN
 
 bench-beat: $(BUILT) ## Beat at 10,000 entries: start, tick cost, idle CPU (Redis and SQLite; ~1 min)
 	$(BIN)/python -m benches.beat
+
+soak: $(BUILT) ## 1,000,000 no-ops through one worker on Redis: its memory must stay flat (minutes)
+	$(BIN)/python -m benches --scenarios soak --peers celeriac --brokers redis $(BENCH_ARGS)
 
 bench-rust: ## Rust micro-benchmarks (divan: message/envelope codec, rate buckets), profile ci
 	cargo bench --profile $(PROFILE) --bench micro $(if $(BENCH_FILTER),-- $(BENCH_FILTER),)

@@ -107,6 +107,34 @@ def fill(
     return {"n": n, "queued": queued}
 
 
+def feed(
+    mod: ModuleType, n: int, marks: str, progress: str, chunk: int, high_water: int
+) -> dict[str, Any]:
+    """The soak's input: n no-ops in batches of ``chunk``, each sent once the queue holds
+    fewer than ``high_water`` (the broker never holds all n), then a sentinel. The count
+    sent so far is kept in the side channel's key ``progress``."""
+    from benches.peers.common import side_redis
+
+    mod.start()
+    send = getattr(mod, "send_noops_batch", None)
+    if send is None or os.environ.get("BENCH_IMPL") != "celeriac":
+        send = mod.send_noops
+    sent = 0
+    while sent < n:
+        while mod.pending() >= high_water:
+            time.sleep(0.05)
+        batch = min(chunk, n - sent)
+        send(batch)
+        sent += batch
+        side_redis().set(progress, sent, ex=3600)
+    mod.send_mark(marks)
+    # Up until the soak has its last sample: this process maps the same files as the
+    # worker, and its exit would change the worker's PSS (their shared pages' share).
+    side_redis().blpop([f"{progress}:stop"], timeout=600)
+    mod.finish()
+    return {"n": n}
+
+
 def mark(mod: ModuleType, marks: str) -> dict[str, Any]:
     """One sentinel (the memory scenario's 'the worker is ready')."""
     mod.start()
@@ -137,7 +165,7 @@ def roundtrip(mod: ModuleType, calls: int, warmup: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benches.client")
     parser.add_argument("peer", choices=sorted(MODULES))
-    parser.add_argument("step", choices=["enqueue", "fill", "mark", "roundtrip"])
+    parser.add_argument("step", choices=["enqueue", "fill", "feed", "mark", "roundtrip"])
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("--marks", default="")
     parser.add_argument("--kind", choices=["noop", "io", "cpu"], default="noop")
@@ -145,12 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--no-wait", action="store_true", help="fill: a worker is running")
     parser.add_argument("--clock", action="store_true", help="fill: push the start time")
+    parser.add_argument("--progress", default="", help="feed: the key of the count sent")
+    parser.add_argument("--chunk", type=int, default=10_000, help="feed: tasks per batch")
+    parser.add_argument("--high-water", type=int, default=20_000, help="feed: queue bound")
     args = parser.parse_args(argv)
     mod = load(args.peer)
     if args.step == "enqueue":
         out = enqueue(mod, args.n, args.batch)
     elif args.step == "fill":
         out = fill(mod, args.n, args.marks, args.kind, not args.no_wait, args.clock)
+    elif args.step == "feed":
+        out = feed(mod, args.n, args.marks, args.progress, args.chunk, args.high_water)
     elif args.step == "mark":
         out = mark(mod, args.marks)
     else:

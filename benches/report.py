@@ -42,6 +42,14 @@ METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
         ("after_pss_mb", "PSS MB after n", False, False),
         ("max_process_pss_mb", "max PSS MB/process", False, False),
     ],
+    "soak": [
+        ("baseline_own_pss_mb", "own PSS MB after warm-up", False, False),
+        ("final_own_pss_mb", "own PSS MB after n", False, False),
+        ("drift_pct", "own PSS drift % after warm-up", False, False),
+        ("baseline_pss_mb", "PSS MB after warm-up", False, False),
+        ("final_pss_mb", "PSS MB after n", False, False),
+        ("rate", "tasks/s", True, False),
+    ],
 }
 BROKER_NAMES = {"redis": "Redis", "amqp": "RabbitMQ", "sqlite": "SQLite"}
 

@@ -28,6 +28,8 @@ unique to it; its keys, queues and files are deleted before and after. Scenarios
   is idle and ready, and after it ran 100,000 tasks;
 - ``mixed``: the migration on Redis: a Celery client sends, a celeriac worker runs (drain
   and round trip through Celery's ``AsyncResult``), against a Celery worker, same client;
+- ``soak`` (not in the default run): 1,000,000 no-ops through one celeriac worker on Redis,
+  its PSS sampled all along; it must stay flat within 5 % after the warm-up (``soak.py``);
 - ``ceiling``: the pure-Rust ceiling (``benches/ceiling.rs``, built once with cargo's
   ``ci`` profile): the crate's own producer and consumer doing the broker work of n
   no-ops with no Python; and ``redis-benchmark -t lpush,rpop`` where it is installed.
@@ -66,11 +68,14 @@ if __package__ in (None, ""):  # `python benches/run.py`
 
 import redis  # noqa: E402
 
+from benches import soak  # noqa: E402
 from benches.peers import BEST_PREFETCH, BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
 from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate  # noqa: E402
 from benches.report import ceiling_summary, print_table, summarize, write_chart  # noqa: E402
 
-SCENARIOS = ("enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed")
+SCENARIOS = ("enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed", "soak")
+#: scenarios run only when named: the soak takes minutes
+NOT_BY_DEFAULT = ("soak",)
 ALL_BROKERS = ("redis", "amqp", "sqlite")
 RESULTS_DIR = ROOT / "benches" / "results"
 #: the drain row of celeriac and Celery at their default prefetch window (4 per slot)
@@ -98,7 +103,12 @@ MEM_PEERS = ("celeriac", "celery", "huey")
 
 
 class BenchError(Exception):
-    """A measurement that could not be taken; the run goes on with the others."""
+    """A measurement that could not be taken, or failed its check (``figures``: what it
+    measured, kept in the JSON); the run goes on with the others."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.figures = figures or {}
 
 
 @dataclass(frozen=True)
@@ -337,6 +347,9 @@ class Bench:
             "max_process_pss_mb": max(p["pss_kb"] for p in after["processes"]) / 1024,
         }  # fmt: skip
 
+    def soak(self, job: Job, queue: str) -> dict[str, Any]:
+        return soak.soak(self, job, queue)
+
     def measure(self, job: Job) -> dict[str, Any]:
         queue = f"bench_{job.peer}_{job.scenario}_{uuid.uuid4().hex[:10]}"
         record: dict[str, Any] = {
@@ -348,7 +361,7 @@ class Bench:
         try:
             record.update(getattr(self, job.scenario)(job, queue), ok=True)
         except (BenchError, redis.RedisError, OSError) as exc:
-            record.update(ok=False, error=str(exc))
+            record.update(getattr(exc, "figures", {}), ok=False, error=str(exc))
         finally:
             with contextlib.suppress(Exception):
                 self.purge(job, queue)
@@ -498,7 +511,7 @@ def _group_memory(pgid: int) -> dict[str, Any]:
         mem = {"pid": int(entry.name), "cmd": cmd.strip()}
         for line in rollup.splitlines():
             key, _, value = line.partition(":")
-            if key in ("Pss", "Rss", "Pss_Anon", "Private_Dirty"):
+            if key in ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Private_Dirty"):
                 mem[key.lower() + "_kb"] = int(value.split()[0])
         procs.append(mem)
     return {
@@ -544,6 +557,8 @@ def _brief(rec: dict[str, Any]) -> str:
                 f"drain {rec['drain_rate']:>9,.0f} tasks/s"
             )
         return ", ".join(f"{k[:-5]} {v:,.0f}/s" for k, v in rec.items() if k.endswith("_rate"))
+    if scen == "soak":
+        return soak.brief(rec)
     if scen == "memory":
         return (
             f"PSS idle {rec['idle_pss_mb']:.1f} MB, after {rec['n']:,} tasks "
@@ -739,6 +754,14 @@ def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list
                         for p in on
                         if p in ("celeriac", "celery") and (broker, p) != ("sqlite", "celery")
                     ]
+                elif scenario == "soak":
+                    if broker != "redis" or rep >= args.extra_repeats or "celeriac" not in on:
+                        continue
+                    jobs += [
+                        Job(broker, "soak", soak.SOAK_SHAPES[mode], "celeriac", rep, mode, 1,
+                            prefetch=best)
+                        for mode in args.soak_shapes
+                    ]  # fmt: skip
                 elif scenario == "memory":
                     if broker != "redis" or rep >= args.extra_repeats:
                         continue
@@ -813,8 +836,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated ({','.join(PEERS)})")  # fmt: skip
     p.add_argument("--brokers", type=_csv(ALL_BROKERS), default=list(ALL_BROKERS),
                    help="comma-separated (redis,amqp,sqlite)")  # fmt: skip
-    p.add_argument("--scenarios", type=_csv(SCENARIOS), default=list(SCENARIOS),
-                   help=f"comma-separated ({','.join(SCENARIOS)})")  # fmt: skip
+    p.add_argument("--scenarios", type=_csv(SCENARIOS),
+                   default=[s for s in SCENARIOS if s not in NOT_BY_DEFAULT],
+                   help=f"comma-separated ({','.join(SCENARIOS)}; all but "
+                   f"{','.join(NOT_BY_DEFAULT)} by default)")  # fmt: skip
+    p.add_argument("--soak-n", type=int, default=soak.SOAK_N,
+                   help=f"soak: no-op tasks through the worker ({soak.SOAK_N})")  # fmt: skip
+    p.add_argument("--soak-shapes", type=_csv(tuple(soak.SOAK_SHAPES)),
+                   default=list(soak.SOAK_SHAPES),
+                   help=f"soak: worker shapes ({','.join(soak.SOAK_SHAPES)})")  # fmt: skip
     p.add_argument("--only", action="append", choices=SCENARIOS, help=argparse.SUPPRESS)
     p.add_argument("--impl", action="append", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--no-prefork", action="store_true", help="skip the prefork cells")
@@ -829,8 +859,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scenarios = args.only
     if args.impl:
         args.peers = args.impl
-    if min(args.n, args.io_n, args.cpu_n, args.mem_n, args.io_c, args.repeats) < 1:
-        p.error("need -n, --io-n, --cpu-n, --mem-n, --io-c, --repeats >= 1")
+    if min(args.n, args.io_n, args.cpu_n, args.mem_n, args.io_c, args.repeats, args.soak_n) < 1:
+        p.error("need -n, --io-n, --cpu-n, --mem-n, --io-c, --repeats, --soak-n >= 1")
     if args.prefetch < 0:
         p.error("need --prefetch >= 0")
     if args.calls < 10:

@@ -491,19 +491,21 @@ def worker(
     tasks_dir: TasksDir, redis_client: redis.Redis, result_keys: ResultKeys
 ) -> Iterator[StartWorker]:
     """``worker(*extra_args, pool="solo", app="tasks", ready=True)`` starts a worker
-    on the test's queue; teardown stops it and requires exit status 0."""
+    on the test's queue (``pool=None``: no ``-P``, the default pool); teardown stops it
+    and requires exit status 0."""
     started: list[tuple[WorkerProcess, bool]] = []
 
     def start(
         *extra: str,
-        pool: str = "solo",
+        pool: str | None = "solo",
         app: str = "tasks",
         loglevel: str = "info",
         ready: bool = True,
         check_exit: bool = True,
     ) -> WorkerProcess:
+        pool_args = () if pool is None else ("-P", pool)
         argv = celeriac_argv(
-            "-A", app, "worker", "-l", loglevel, "-Q", tasks_dir.queue, "-P", pool, *extra
+            "-A", app, "worker", "-l", loglevel, "-Q", tasks_dir.queue, *pool_args, *extra
         )
         process = WorkerProcess(argv, tasks_dir.path, tasks_dir.env)
         started.append((process, check_exit))

@@ -440,6 +440,11 @@ class Mailbox:
         """The next broadcast as ``(headers, body bytes)``; ``(None, reason)`` for one
         that is not a kombu envelope; None after ``timeout``."""
 
+    @property
+    def resubscriptions(self) -> int:
+        """How many times the subscription was made again after its connection was
+        lost (Redis, AMQP): broadcasts sent in between were missed."""
+
     def publish(
         self,
         exchange: str,

@@ -292,6 +292,23 @@ def _check_optional_non_negative_int(name: str, value: Any) -> Any:
     return None if value is None else _check_non_negative_int(name, value)
 
 
+def _check_concurrency(name: str, value: Any) -> Any:
+    """``worker_concurrency``: None or 0 (the default), a whole number, or Celery 5.7's
+    ``"auto"`` (any case); a string of digits (from the environment) becomes an int."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            return int(text)
+        raise _bad(name, "an int >= 0 or 'auto'", value)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise _bad(name, "an int >= 0 or 'auto'", value)
+    return value
+
+
 def _check_positive_number(name: str, value: Any) -> Any:
     if not _is_number(value) or value <= 0:
         raise _bad(name, "a number > 0", value)
@@ -434,7 +451,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "include": _check_modules,
     "enable_utc": _check_bool,
     "timezone": _check_timezone,
-    "worker_concurrency": _check_optional_non_negative_int,
+    "worker_concurrency": _check_concurrency,
     "worker_prefetch_multiplier": _check_non_negative_int,
     "worker_async_concurrency": _check_positive_int,
     "worker_revoked_ids_max": _check_positive_int,

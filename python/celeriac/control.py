@@ -342,15 +342,20 @@ class Pidbox:
             return
         self._thread = threading.Thread(target=self._run, name="pidbox", daemon=True)
         self._thread.start()
+        if self._mingles():
+            from celeriac.worker import mingle
+
+            mingle.start(self)
+
+    def _mingles(self) -> bool:
+        """Whether this node says hello to the others (at start, and again after its
+        mailbox lost the broker: revokes sent in between were missed)."""
         options = getattr(self.worker, "options", None)
         # Celery mingles on RabbitMQ and Redis only. On the SQLite file it would also
         # hold a connection in a thread while prefork children are forked, and SQLite's
         # in-process lock state does not survive fork() (the children found it locked).
         on_sqlite = transport_of(self.worker.app.broker_url) == "sqlite"
-        if getattr(options, "mingle", False) and not on_sqlite:
-            from celeriac.worker import mingle
-
-            mingle.start(self)
+        return bool(getattr(options, "mingle", False)) and not on_sqlite
 
     def stop(self) -> None:
         self._stop.set()
@@ -360,17 +365,30 @@ class Pidbox:
             self._mailbox.close()
 
     def _run(self) -> None:
+        resubscribed = self._mailbox.resubscriptions
         while not self._stop.is_set():
             try:
                 got = self._mailbox.receive(0.2)
             except Exception as exc:
                 logger.warning("pidbox: %s", exc)
                 return
+            if self._mailbox.resubscriptions != resubscribed:
+                resubscribed = self._mailbox.resubscriptions
+                self._reconnected()
             if got is not None:
                 try:
                     self.handle(*got)
                 except Exception:  # never let one request end remote control
                     logger.exception("pidbox: could not handle a request")
+
+    def _reconnected(self) -> None:
+        """The mailbox is back after a lost connection: mingle again, as Celery's
+        consumer does when it restarts after a connection loss."""
+        logger.info("pidbox: reconnected to %s", self.worker.app.broker_url_masked)
+        if self._mingles():
+            from celeriac.worker import mingle
+
+            mingle.start(self)
 
     def handle(self, headers: Any, data: Any) -> None:
         """Answer one request; a malformed one is logged and dropped."""

@@ -25,6 +25,7 @@
 //! `sqlite::SqliteMailbox`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ pub struct Mailbox {
     link: Link,
     received: Mutex<Option<mpsc::UnboundedReceiver<Received>>>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// Times the subscription was made again after a lost connection.
+    resubscribed: Arc<AtomicU64>,
 }
 
 // One per mailbox, never moved after it is built: the size difference is harmless.
@@ -187,6 +190,7 @@ impl Mailbox {
             link,
             received: Mutex::new(None),
             stop,
+            resubscribed: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -237,6 +241,7 @@ impl Mailbox {
                     first,
                     tx,
                     self.stop.subscribe(),
+                    Arc::clone(&self.resubscribed),
                 ));
             }
             Link::Amqp(link) => {
@@ -255,6 +260,7 @@ impl Mailbox {
                     first,
                     tx,
                     self.stop.subscribe(),
+                    Arc::clone(&self.resubscribed),
                 ));
             }
             Link::Sqlite(link) => {
@@ -264,6 +270,12 @@ impl Mailbox {
         }
         *received = Some(rx);
         Ok(())
+    }
+
+    /// How many times the subscription was made again after its connection was lost
+    /// (Redis, AMQP): broadcasts sent in between were missed (a worker mingles again).
+    pub fn resubscriptions(&self) -> u64 {
+        self.resubscribed.load(Ordering::Relaxed)
     }
 
     /// The next broadcast, or None after `timeout`.
@@ -627,13 +639,17 @@ async fn amqp_subscription_loop(
     first: (Connection, lapin::Consumer),
     tx: mpsc::UnboundedSender<Received>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    resubscribed: Arc<AtomicU64>,
 ) {
     let mut current = Some(first);
     loop {
         let (conn, mut consumer) = match current.take() {
             Some(pair) => pair,
             None => match open_amqp_subscription(&url, &options, &spec).await {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    resubscribed.fetch_add(1, Ordering::Relaxed);
+                    pair
+                }
                 Err(_) => {
                     tokio::select! {
                         _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue,
@@ -723,13 +739,17 @@ async fn subscription_loop(
     first: redis::aio::PubSub,
     tx: mpsc::UnboundedSender<Received>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    resubscribed: Arc<AtomicU64>,
 ) {
     let mut current = Some(first);
     loop {
         let pubsub = match current.take() {
             Some(pubsub) => pubsub,
             None => match open_subscription(&client, &channel, timeout).await {
-                Ok(pubsub) => pubsub,
+                Ok(pubsub) => {
+                    resubscribed.fetch_add(1, Ordering::Relaxed);
+                    pubsub
+                }
                 Err(_) => {
                     tokio::select! {
                         _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue,

@@ -156,6 +156,12 @@ impl Mailbox {
         Ok(py.detach(|| runtime::handle().block_on(self.inner.purge(queue)))?)
     }
 
+    /// Times the subscription was made again after a lost connection.
+    #[getter]
+    fn resubscriptions(&self) -> u64 {
+        self.inner.resubscriptions()
+    }
+
     fn close(&self, py: Python<'_>) {
         py.detach(|| runtime::handle().block_on(self.inner.close()));
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import kombu.pools
 import pytest
 from celeriac import _core
 from celery.app.task import Context  # type: ignore[import-untyped]
-from conftest import success_meta
+from conftest import success_meta, wait_until
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.message import Message
@@ -98,6 +99,22 @@ def depth(connection: Connection, name: str) -> int:
         return int(count)
     finally:
         channel.close()
+
+
+def messages_in(name: str) -> int | None:
+    """The queue's messages, ready and unacked, as RabbitMQ counts them (None: no queue)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for line in listed.stdout.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[0] == name:
+            return int(fields[1])
+    return None
 
 
 def test_producer_and_consumer_round_trip(connection: Connection, queue: str) -> None:
@@ -229,9 +246,9 @@ def test_a_body_that_is_not_json_is_handed_over_to_be_rejected(
     delivery = fetch_all(consumer, 1)[0]
     assert delivery.error is not None and "not valid JSON" in delivery.error
     consumer.reject(delivery.delivery_tag, False)
-    assert consumer.fetch(1, 0.5) == []
+    # Gone from the queue: neither ready nor unacked (then nothing brings it back).
+    assert wait_until(lambda: messages_in(queue) == 0, 15)
     consumer.close()
-    time.sleep(0.2)
     assert depth(connection, queue) == 0
 
 

@@ -50,6 +50,21 @@ async def nap(seconds=0.1):
 
 
 @app.task
+async def nap_together(key, parties, seconds=0.1, timeout=30.0):
+    # [True, pid] when `parties` of these were asleep at once in this process
+    # (a rendezvous: each waits for the others, bounded by `timeout`).
+    r = client()
+    r.incr(key)
+    r.expire(key, 120)
+    deadline = time.monotonic() + timeout
+    while int(r.get(key) or 0) < parties and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    met = int(r.get(key) or 0) >= parties
+    await asyncio.sleep(seconds)
+    return [met, os.getpid()]
+
+
+@app.task
 async def counted(key, seconds):
     r = client()
     r.eval(ENTER, 2, key, key + "-max")
@@ -108,7 +123,11 @@ async def late(x):
 ASYNC_PY = app_module(
     "atasks",
     ASYNC_BODY,
-    imports=("import asyncio", "from celeriac.exceptions import SoftTimeLimitExceeded"),
+    imports=(
+        "import asyncio",
+        "import time",
+        "from celeriac.exceptions import SoftTimeLimitExceeded",
+    ),
     redis_client=True,
 )
 
@@ -162,15 +181,26 @@ def test_async_tasks_on_every_pool(
 
 
 def test_a_thousand_sleeps_share_one_process(
-    worker: StartWorker, atasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
+    worker: StartWorker,
+    atasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    scratch: Scratch,
 ) -> None:
-    # One worker process (prefork with one child): the coroutines overlap, bounded by
-    # the default worker_async_concurrency, and the widened prefetch window feeds them.
+    # One worker process (prefork with one child): the coroutines overlap, up to the
+    # default worker_async_concurrency (100), and the widened prefetch window feeds
+    # them. The first 100 only return once all 100 were asleep at the same time, so
+    # sleeps that ran one after another would fail here, however fast.
     process = worker("-c", "1", pool="prefork", app="atasks")
     tasks = atasks.import_module("atasks")
-    results = _results(result_keys, [tasks.nap.delay(0.1) for _ in range(1000)])
-    assert all(r.get(timeout=120) is True for r in results)
-    assert {r.state for r in results} == {"SUCCESS"}
+    key = scratch("asleep")
+    results = _results(result_keys, [tasks.nap_together.delay(key, 100) for _ in range(1000)])
+    pids: set[int] = set()
+    for r in results:
+        met, pid = r.get(timeout=120)
+        assert met, "the first 100 sleeps were not all asleep at once"
+        pids.add(pid)
+    assert len(pids) == 1 and process.proc.pid not in pids, pids
     assert queue_length(redis_client, atasks.queue) == 0
     assert "ForkPoolWorker-2" not in process.log  # the one child did all of them
 

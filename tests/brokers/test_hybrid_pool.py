@@ -45,6 +45,18 @@ def pid():
 
 
 @app.task
+def unacked_now(queue):
+    # [pid, how many of the queue's messages are fetched and not acked as this runs]
+    count = 0
+    for _tag, record in client().hscan_iter("unacked"):
+        try:
+            count += json.loads(record)[2].startswith(queue)
+        except (ValueError, TypeError, IndexError, AttributeError):
+            pass
+    return [os.getpid(), count]
+
+
+@app.task
 async def apid():
     await asyncio.sleep(0.05)
     return os.getpid()
@@ -55,7 +67,7 @@ async def double(x):
     await asyncio.sleep(0.01)
     return x * 2
 """,
-    imports=("import asyncio", "import time"),
+    imports=("import asyncio", "import json", "import time"),
     redis_client=True,
 )
 
@@ -103,19 +115,21 @@ def _hold_one_start_more(
     redis_client: redis.Redis,
     hold_key: str,
     pool: str,
+    then: str = "pid",
 ) -> tuple[Any, Any, list[Any], WorkerProcess]:
-    """One ``hold`` and two ``pid`` messages, queued before a ``-c 1`` worker starts
-    (so its first fetch takes all three); returns once ``hold`` runs and the two others
-    were received."""
+    """One ``hold`` and two ``pid`` (or ``unacked_now``) messages, queued before a ``-c 1``
+    worker starts (so its first fetch takes all three); returns once ``hold`` runs and
+    the two others were received."""
     tasks = mixed.import_module("mixed")
     first = tasks.hold.delay(hold_key)
-    waiting = [tasks.pid.delay() for _ in range(2)]
+    args = (mixed.queue,) if then == "unacked_now" else ()
+    waiting = [getattr(tasks, then).delay(*args) for _ in range(2)]
     for r in (first, *waiting):
         result_keys.add(r.id)
     process = worker("-c", "1", pool=pool, app="mixed", check_exit=False)
     _wait_until(lambda: redis_client.exists(f"{hold_key}-started"), 15, "hold started")
     for r in waiting:
-        process.wait_for(rf"Task mixed\.pid\[{r.id}\] received")
+        process.wait_for(rf"Task mixed\.{then}\[{r.id}\] received")
     return tasks, first, waiting, process
 
 
@@ -168,20 +182,19 @@ def test_prefork_child_acks_each_sync_message_just_before_it_runs(
     hold_key: str,
 ) -> None:
     # A child runs sync tasks inline: the two fetched with ``hold`` are not acked
-    # (as a batch) while it runs.
+    # (as a batch) while it runs, nor after it: each one says, as it runs, how many
+    # of them are still unacked (1, then 0; a batch ack would make it 0, 0).
     _tasks, first, waiting, _process = _hold_one_start_more(
-        worker, mixed, result_keys, redis_client, hold_key, "prefork"
+        worker, mixed, result_keys, redis_client, hold_key, "prefork", then="unacked_now"
     )
     ids = {r.id for r in waiting}
     assert queue_length(redis_client, mixed.queue) == 0
-    assert ids <= unacked_ids(redis_client, mixed.queue)
-    time.sleep(0.3)  # still so a moment later
     assert ids <= unacked_ids(redis_client, mixed.queue)
     assert not any(r.ready() for r in waiting)
 
     redis_client.set(f"{hold_key}-go", 1, ex=60)
     child = first.get(timeout=20)
-    assert [r.get(timeout=20) for r in waiting] == [child, child]
+    assert [r.get(timeout=20) for r in waiting] == [[child, 1], [child, 0]]
     _wait_until(lambda: not unacked_ids(redis_client, mixed.queue), 10, "all acked")
 
 

@@ -9,6 +9,11 @@ message with that id is sent. Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import subprocess
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -122,7 +127,7 @@ def test_without_mingle_the_worker_does_not_know_earlier_revokes(
     revoked_id = result_keys.add(str(uuid.uuid4()))
     _revoke_on(tasks, node_a, revoked_id)
     b = worker("-n", node_b, "--without-mingle", pool="solo", app="mtasks")
-    time.sleep(1.5)  # longer than mingle would have waited for replies
+    # Mingle starts (and says so) before "ready.": past that line, it never will.
     assert "mingle:" not in b.log
     assert _revoked_on(tasks, node_b) == []
     assert a.stop() == 0
@@ -146,3 +151,132 @@ def test_a_worker_alone_starts_as_usual(
     result = tasks.mark.delay(scratch("alone"))
     result_keys.add(result.id)
     assert result.get(timeout=10) is True
+
+
+# -- again after a lost connection --------------------------------------------------------
+
+
+def _tcp_peers_of(pid: int) -> set[str]:
+    """``ip:port`` of the local end of every TCP socket process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ends = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[9] in inodes:
+                ip_hex, port_hex = fields[1].split(":")
+                ip = socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1])
+                ends.add(f"{ip}:{int(port_hex, 16)}")
+    return ends
+
+
+def _kill_subscriptions_of(redis_client: redis.Redis, pid: int) -> int:
+    """Close, on the Redis server, the worker's subscribed connections only (its
+    mailbox); the number closed."""
+    ours = _tcp_peers_of(pid)
+    killed = 0
+    for client in redis_client.client_list():
+        if client["addr"] in ours and int(client.get("psub", 0)) > 0:
+            killed += int(redis_client.client_kill_filter(_id=client["id"]))
+    return killed
+
+
+def _hello_from(pubsub: Any, node: str, timeout: float = 10.0) -> bool:
+    """Whether ``node`` broadcast a hello (read off the pidbox channel, bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.2)
+        if message is None or message["type"] != "pmessage":
+            continue
+        envelope = json.loads(message["data"])
+        body = json.loads(base64.b64decode(envelope["body"]))
+        if body.get("method") == "hello" and (body.get("arguments") or {}).get("from_node") == node:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_worker_mingles_again_after_its_broker_connection_dropped(
+    worker: StartWorker,
+    mtasks: TasksDir,
+    result_keys: ResultKeys,
+    redis_client: redis.Redis,
+    pool: str,
+) -> None:
+    """As Celery's consumer restarting after a connection loss: the worker's mailbox
+    missed what was broadcast while it was away, so it says hello again. Worker B
+    learns a revoke that only A ever heard (sent to A alone after B started): the
+    second hello's reply from A is the only way it can."""
+    tasks = mtasks.import_module("mtasks")
+    node_a, node_b = _node("a"), _node("b")
+    pubsub = redis.Redis(host="127.0.0.1", port=6379, db=0).pubsub()
+    pubsub.psubscribe("/0.celery.pidbox*")
+    try:
+        worker("-n", node_a, pool="solo", app="mtasks")
+        concurrency = ("-c", "2") if pool == "prefork" else ()
+        b = worker(*concurrency, "-n", node_b, pool=pool, app="mtasks")
+        assert _hello_from(pubsub, node_b)
+        b.wait_for(r"mingle: sync complete", timeout=10)
+        revoked_id = result_keys.add(str(uuid.uuid4()))
+        _revoke_on(tasks, node_a, revoked_id)  # A alone
+        assert revoked_id not in _revoked_on(tasks, node_b)
+
+        assert _kill_subscriptions_of(redis_client, b.proc.pid) == 1
+        b.wait_for(r"pidbox: reconnected to redis://", timeout=15)
+        assert _hello_from(pubsub, node_b), "no second hello"
+        b.wait_for(r"mingle: sync complete", timeout=10, count=2)
+        assert revoked_id in _revoked_on(tasks, node_b)
+    finally:
+        pubsub.close()
+
+
+def _close_rabbitmq_connection(named: str) -> None:
+    """Close, on the RabbitMQ server, the one connection whose client calls itself
+    ``named`` (celeriac names each of its connections with its role and pid)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = [
+        line.split("\t", 1)[0]
+        for line in listed.stdout.splitlines()
+        if f'{{"connection_name","{named}"}}' in line
+    ]
+    assert len(found) == 1, (named, listed.stdout)
+    subprocess.run(
+        ["rabbitmqctl", "close_connection", found[0], "test: the broker drops the worker"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_a_worker_mingles_again_after_rabbitmq_closed_its_connection(
+    on_rabbitmq: str, worker: StartWorker, mtasks: TasksDir, result_keys: ResultKeys
+) -> None:
+    """The same on RabbitMQ: the server closes the worker's remote-control connection."""
+    tasks = mtasks.import_module("mtasks")
+    node_a, node_b = _node("a"), _node("b")
+    worker("-n", node_a, pool="solo", app="mtasks")
+    b = worker("-n", node_b, pool="solo", app="mtasks")
+    b.wait_for(r"mingle: sync complete", timeout=10)
+    revoked_id = result_keys.add(str(uuid.uuid4()))
+    _revoke_on(tasks, node_a, revoked_id)  # A alone
+    assert revoked_id not in _revoked_on(tasks, node_b)
+
+    _close_rabbitmq_connection(f"celeriac pidbox subscription (pid {b.proc.pid})")
+    b.wait_for(r"pidbox: reconnected to amqp://", timeout=15)
+    b.wait_for(r"mingle: searching for neighbors", timeout=10, count=2)
+    b.wait_for(r"mingle: sync complete", timeout=10, count=2)
+    assert revoked_id in _revoked_on(tasks, node_b)

@@ -8,13 +8,12 @@ Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import app_module, wait_until
+from conftest import app_module, queue_length, wait_until
 from conftest import task_meta as stored
 
 if TYPE_CHECKING:
@@ -172,7 +171,9 @@ def test_terminate_a_running_task_in_prefork(
     # The killed child was replaced: two children again, without it.
     assert wait_until(lambda: len(_children(process.proc.pid)) == 2)
     assert pid not in _children(process.proc.pid)
-    time.sleep(0.5)
+    # Not redelivered: its message was settled (no unacked record), none is queued.
+    assert wait_until(lambda: not _unacked(redis_client, rtasks.queue), 10)
+    assert queue_length(redis_client, rtasks.queue) == 0
     assert process.log.count(f"Task rtasks.long_running[{result.id}] received") == 1
 
 
@@ -388,8 +389,10 @@ def test_broken_revokes_leave_held_messages_alone(
     tasks = rtasks.import_module("rtasks")
     control = tasks.app.control
     result = tasks.mark.apply_async((scratch("ran"),), countdown=30)
-    result_keys.add(result.id)
-    process.wait_for(rf"Task rtasks\.mark\[{result.id}\] received")
+    witness = tasks.mark.apply_async((scratch("witness"),), countdown=30)
+    for held in (result, witness):
+        result_keys.add(held.id)
+        process.wait_for(rf"Task rtasks\.mark\[{held.id}\] received")
     replies = control.revoke([], [node], reply=True, timeout=2)
     assert answers(replies) == [{"ok": "tasks set() flagged as revoked"}]  # Celery's words
     for value in (5, [5], [result.id, 5], {"id": result.id}):
@@ -399,11 +402,13 @@ def test_broken_revokes_leave_held_messages_alone(
     other = "not-held-" + rtasks.queue
     result_keys.add(other)
     control.revoke(other, [node], reply=True, timeout=2)
-    # Still held and unacked: only a revoke of its own id takes it out.
-    time.sleep(1.5)  # a loop turn or more (IDLE_WAIT is 1 s)
+    # The witness, revoked last, is taken out: by then the revokes before it were
+    # applied to the held messages too. The other one is still held and unacked.
+    control.revoke(witness.id, [node], reply=True, timeout=2)
+    process.wait_for(rf"Discarding revoked task: rtasks\.mark\[{witness.id}\]", timeout=10)
     assert _listed(control, node, "scheduled") == [result.id]
-    assert len(_unacked(redis_client, rtasks.queue)) == 1
-    assert "Discarding revoked task" not in process.log
+    assert wait_until(lambda: len(_unacked(redis_client, rtasks.queue)) == 1, 10)
+    assert process.log.count("Discarding revoked task") == 1
     assert stored(redis_client, result.id) == {}
     after = tasks.add.delay(3, 3)
     result_keys.add(after.id)

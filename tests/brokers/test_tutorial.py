@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from conftest import wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
@@ -299,7 +300,8 @@ def test_warm_shutdown_finishes_running_and_restores_the_rest(
     waiting = [tasks.add.delay(i, 1) for i in range(3)]
     for r in waiting:
         result_keys.add(r.id)
-    time.sleep(0.3)  # let the worker prefetch some of them
+    # The worker prefetches them (the warm shutdown then has some to give back).
+    assert wait_until(lambda: _queue_length(tasks_dir.queue) == 0), _queue_length(tasks_dir.queue)
     process.signal(signal.SIGTERM)
     assert process.wait(20) == 0, process.log
     assert "Warm shutdown" in process.stdout

@@ -368,8 +368,15 @@ def test_without_heartbeat_sends_no_worker_events_but_task_events(
     assert call_add(tasks_dir, result_keys, 3, 4) == 7
     dump.wait_for(rf"^{re.escape(node)} \[.*\] task succeeded: ", timeout=WAIT)
     assert process.stop() == 0, process.log
-    # A worker with heartbeats sends one every 0.2 s: a second is plenty to see one.
-    time.sleep(1.0)
+    # A marker event sent after the worker exited: once the dump shows it, it has shown
+    # everything the worker sent (one Redis channel, in order), worker-offline included.
+    from celeriac.events import EventDispatcher
+
+    marker = f"marker-{tasks_dir.queue}@test"
+    dispatcher = EventDispatcher(tasks_dir.import_module().app, marker)
+    dispatcher.send("worker-heartbeat", freq=0.2, active=0, processed=0)
+    dispatcher.close()
+    dump.wait_for(rf"^{re.escape(marker)} \[.*\] heartbeat: ", timeout=WAIT)
     ours = [line for line in dump.stdout_lines if line.startswith(f"{node} ")]
     kinds = {line.split("] ", 1)[1].split(":", 1)[0] for line in ours}
     assert kinds == {"task received", "task started", "task succeeded"}, ours
@@ -508,15 +515,24 @@ def test_disable_prefetch_takes_a_message_only_for_a_free_slot(
     results = [holding.hold.delay(key) for _ in range(5)]
     for r in results:
         result_keys.add(r.id)
+
+    def started() -> int:
+        return int(redis_client.get(f"{key}-started") or 0)
+
+    other = None
     try:
         worker("-c", "2", *args, pool=pool, app="holding")
-        assert wait_until(lambda: int(redis_client.get(f"{key}-started") or 0) == 2, WAIT)
-        time.sleep(0.5)  # time enough for more to be fetched, if they were going to be
-        assert queue_length(redis_client, tasks_dir.queue) == 5 - taken
-        assert int(redis_client.get(f"{key}-started") or 0) == 2
+        assert wait_until(lambda: started() == 2, WAIT)
+        if taken == 5:  # the worker took them all: none is left in the queue
+            assert wait_until(lambda: queue_length(redis_client, tasks_dir.queue) == 0, WAIT)
+        else:  # the other three are still there: a second worker takes and starts them
+            other = worker("-c", "3", pool="threads", app="holding")
+            assert wait_until(lambda: started() == 5, WAIT), started()
     finally:
         redis_client.set(f"{key}-go", 1, ex=60)
-    assert all(isinstance(r.get(timeout=WAIT), int) for r in results)  # nothing lost
+    pids = [r.get(timeout=WAIT) for r in results]  # nothing lost
+    if other is not None:
+        assert pids.count(other.proc.pid) == 3, pids
     assert queue_length(redis_client, tasks_dir.queue) == 0
 
 
@@ -754,18 +770,56 @@ def _reachable_by_anyone(path: str) -> bool:
     return all(d.stat().st_mode & 0o001 for d in (target, *target.parents) if d.is_dir())
 
 
-#: Once the worker is ``nobody``, it imports more of Python and of celeriac as it runs.
-python_for_nobody = pytest.mark.skipif(
-    not all(
-        _reachable_by_anyone(os.path.dirname(path))
-        for path in (os.__file__, sys.executable, __import__("celeriac").__file__)
-    ),
-    reason="this Python or celeriac is not readable by other users (e.g. under /root)",
+#: Started with ``-S``: the site directories of this test run only (not the system
+#: Python's own packages), then ``python -m celeriac`` with the arguments that follow.
+CELERIAC_ON_SITE = (
+    "import runpy, site, sys; [site.addsitedir(d) for d in sys.argv[1].split(':')]; "
+    "sys.argv = ['celeriac', *sys.argv[2:]]; "
+    "runpy.run_module('celeriac', run_name='__main__', alter_sys=True)"
 )
 
 
+def python_for_nobody() -> list[str]:
+    """A command that runs ``python -m celeriac`` as a user without privileges can.
+
+    Once the worker is ``nobody`` it imports more of Python and of celeriac as it runs,
+    so all of it must be readable by others. When this Python is not (pyenv's, under
+    /root), the system's build of the same version runs this run's site-packages:
+    the extension module is built for the version, not for one build of it."""
+    import site
+    import sysconfig
+
+    packages = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    ours = [
+        sys.executable,
+        os.path.dirname(os.__file__),
+        os.path.dirname(__import__("celeriac").__file__),
+        *packages,
+    ]
+    if all(_reachable_by_anyone(os.path.dirname(p)) for p in ours):
+        return [sys.executable, "-m", "celeriac"]
+    version = sysconfig.get_python_version()
+    for system_python in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+        if os.path.exists(system_python) and all(
+            _reachable_by_anyone(os.path.dirname(p)) for p in (system_python, *ours[2:])
+        ):
+            return [system_python, "-S", "-c", CELERIAC_ON_SITE, ":".join(packages)]
+    pytest.fail(
+        f"no Python {version} that user nobody can run celeriac with: {sys.executable} or "
+        f"this checkout is not readable by other users, and /usr/bin/python{version} "
+        "is not there either; the --uid/--gid success path must run",
+        pytrace=False,
+    )
+
+
+def _ids_of(pid: int) -> tuple[list[int], list[int]]:
+    """Real, effective, saved and filesystem uids and gids of ``pid``, from the kernel."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return [int(n) for n in fields["Uid"].split()], [int(n) for n in fields["Gid"].split()]
+
+
 @root_only
-@python_for_nobody
 @pytest.mark.parametrize(
     ("args", "ids"),
     [
@@ -778,21 +832,37 @@ python_for_nobody = pytest.mark.skipif(
 )
 def test_uid_gid_switch_the_worker_once_the_app_is_loaded(
     tasks_dir: TasksDir,
-    worker: StartWorker,
     result_keys: ResultKeys,
     args: tuple[str, ...],
     ids: list[object],
 ) -> None:
     """As Celery's ``maybe_drop_privileges``: ``--uid`` alone takes the user's primary
-    group and its groups; the prefork children run as the new user too."""
+    group and its groups; the prefork children run as the new user too, and the kernel
+    says so for the worker process and each child (all four ids: none kept root)."""
+    from conftest import READY_TIMEOUT, WorkerProcess
+
     tasks_dir.write("whoami.py", WHOAMI_PY)
-    worker(*args, "-c", "1", pool="prefork", app="whoami")
-    result = tasks_dir.import_module("whoami").whoami.delay()
-    result_keys.add(result.id)
-    got = result.get(timeout=WAIT)
-    if ids[-1] is None:  # --gid alone leaves root's other groups alone
-        got[-1] = None
-    assert got == ids
+    argv = [*python_for_nobody(), "-A", "whoami", "worker", "-l", "info"]
+    argv += ["-Q", tasks_dir.queue, "-P", "prefork", "-c", "2", *args]
+    process = WorkerProcess(argv, tasks_dir.path, tasks_dir.env)
+    try:
+        process.wait_for(r" ready\.$", timeout=READY_TIMEOUT)
+        results = [tasks_dir.import_module("whoami").whoami.delay() for _ in range(4)]
+        for result in results:
+            result_keys.add(result.id)
+            got = result.get(timeout=WAIT)
+            if ids[-1] is None:  # --gid alone leaves root's other groups alone
+                got[-1] = None
+            assert got == ids
+        uid, gid = ids[0], ids[2]
+        children = Path(f"/proc/{process.proc.pid}/task/{process.proc.pid}/children")
+        pids = [process.proc.pid, *map(int, children.read_text().split())]
+        assert len(pids) == 3, pids
+        for pid in pids:
+            assert _ids_of(pid) == ([uid] * 4, [gid] * 4), pid
+    finally:
+        status = process.stop()
+    assert status == 0, process.log
 
 
 @root_only

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import app_module, queue_length, task_meta, wait_until
+from conftest import app_module, queue_length, task_meta, unacked_tags, wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
@@ -42,6 +42,11 @@ def add(x, y):
 @app.task
 def pid():
     return os.getpid()
+
+
+@app.task
+def pid_and_parent():
+    return [os.getpid(), os.getppid()]
 
 
 @app.task
@@ -232,28 +237,46 @@ def test_prefork_children_run_tasks_at_once(
     tasks = engine.import_module("engine")
     key = scratch("meet")
     meeting = [tasks.rendezvous.delay(key, 2) for _ in range(2)]
-    pids = [tasks.pid.delay() for _ in range(20)]
-    for r in meeting + pids:
+    for r in meeting:
         result_keys.add(r.id)
     # each returns True only if both ran at the same time, in two processes
     assert [r.get(timeout=20) for r in meeting] == [True, True]
-    seen = {r.get(timeout=10) for r in pids}
-    assert process.proc.pid not in seen
-    assert seen <= {int(p) for p in _child_pids(process.proc.pid)} | seen
-    process.wait_for(r"INFO/ForkPoolWorker-\d+\] Task engine\.pid\[.+\] succeeded")
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=2)
+    process.wait_for(r"INFO/ForkPoolWorker-\d+\] Task engine\.pid_and_parent\[.+\] succeeded")
 
 
-def _child_pids(parent: int) -> list[str]:
+def _assert_run_by_children(
+    worker_pid: int, tasks: Any, result_keys: ResultKeys, most: int
+) -> None:
+    """20 tasks ran in child processes of the worker (never in the worker itself), at
+    most ``most`` of them, all still alive (no child was replaced)."""
+    results = [tasks.pid_and_parent.delay() for _ in range(20)]
+    for r in results:
+        result_keys.add(r.id)
+    ran = {tuple(r.get(timeout=20)) for r in results}
+    pids = {pid for pid, _parent in ran}
+    assert {parent for _pid, parent in ran} == {worker_pid}, ran
+    assert worker_pid not in pids
+    assert 1 <= len(pids) <= most, ran
+    assert pids <= set(_child_pids(worker_pid)), (pids, _child_pids(worker_pid))
+
+
+def _child_pids(parent: int) -> list[int]:
     try:
         with open(f"/proc/{parent}/task/{parent}/children") as f:
-            return f.read().split()
+            return [int(p) for p in f.read().split()]
     except OSError:
         return []
 
 
-def test_prefork_is_the_default_pool(run_cli: RunCli, engine: TasksDir) -> None:
-    result = run_cli("-A", "engine", "worker", "--help")
-    assert "prefork (default" in result.stdout
+def test_prefork_is_the_default_pool(
+    worker: StartWorker, engine: TasksDir, result_keys: ResultKeys
+) -> None:
+    # No -P and no worker_pool setting: the tasks run in the worker's children.
+    process = worker("-c", "2", pool=None, app="engine")
+    assert ".> concurrency: 2 (prefork)" in process.stdout
+    tasks = engine.import_module("engine")
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=2)
 
 
 def test_abort_replaces_the_child_and_marks_worker_lost(
@@ -306,10 +329,11 @@ def test_abort_under_acks_late_is_acked_and_failed(
     follow = tasks.add.delay(1, 1)
     result_keys.add(follow.id)
     assert follow.get(timeout=20) == 2
-    # not run again: the replacement child acked the message (no poison loop)
-    time.sleep(3)  # longer than the heartbeat TTL: a lost message would be back by now
-    assert int(redis_client.get(key) or 0) == 1
+    # Not run again: the replacement child acked the message (no poison loop). Once
+    # it has no unacked record and is not queued, nothing can bring it back.
+    assert wait_until(lambda: not unacked_tags(redis_client, engine.queue), 10)
     assert queue_length(redis_client, engine.queue) == 0
+    assert int(redis_client.get(key) or 0) == 1
 
 
 def test_max_tasks_per_child_recycles_children(
@@ -646,6 +670,41 @@ def test_bad_limits_stop_the_worker_before_it_starts(
     assert message in output
     assert "ready." not in output
     assert "ForkPoolWorker" not in output
+
+
+def test_worker_concurrency_setting_auto(
+    worker: StartWorker, engine: TasksDir, result_keys: ResultKeys
+) -> None:
+    """Celery 5.7's ``worker_concurrency = "auto"`` (any case) in the app's settings:
+    the prefork pool gets a child per CPU this process may use."""
+    from celeriac.worker.options import available_cpus
+
+    engine.write(
+        "autoconc.py",
+        'from engine import *  # noqa: F403\napp.conf.worker_concurrency = " Auto "\n',
+    )
+    cpus = available_cpus()
+    process = worker(pool=None, app="autoconc")
+    assert f".> concurrency: {cpus} (prefork)" in process.stdout
+    tasks = engine.import_module("engine")  # fresh: the queue is this test's
+    _assert_run_by_children(process.proc.pid, tasks, result_keys, most=cpus)
+
+
+@pytest.mark.parametrize("value", ['"lots"', '"auto2"', '"-2"', "-2", "2.5", "True"])
+def test_bad_worker_concurrency_setting_stops_the_worker(
+    tasks_dir: TasksDir, run_cli: RunCli, redis_client: redis.Redis, value: str
+) -> None:
+    tasks_dir.write(
+        "badconc.py",
+        f"from tasks import app, add  # noqa: F401\napp.conf.worker_concurrency = {value}\n",
+    )
+    tasks_dir.import_module("tasks").add.delay(1, 2)
+    result = run_cli("-A", "badconc", "worker", "-l", "info", timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "setting 'worker_concurrency' must be an int >= 0 or 'auto'" in output
+    assert "ready." not in output
+    assert queue_length(redis_client, tasks_dir.queue) == 1  # nothing was taken
 
 
 def test_unknown_queue_without_create_missing_queues(tasks_dir: TasksDir, run_cli: RunCli) -> None:

@@ -4,13 +4,13 @@ results are what Celery's ``AsyncResult`` expects (REVOKED, ``TaskRevokedError``
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from conftest import wait_until
 
 if TYPE_CHECKING:
     from compat.conftest import CompatDir
@@ -37,7 +37,8 @@ def test_celery_client_revokes_on_a_celeriac_worker(
             result_keys.add(r.id)
         worker.wait_for(rf"compat\.sleep\[{running.id}\] received")
         worker.wait_for(rf"compat\.add\[{waiting.id}\] received")
-        time.sleep(0.5)  # the sleep task has started in its child
+        # The sleep task runs in its child (remote control's ``active`` says so).
+        assert wait_until(lambda: running.id in _active_ids(client, node), 15)
         replies = client.control.revoke(waiting.id, destination=[node], reply=True, timeout=TIMEOUT)
         assert replies == [{node: {"ok": f"tasks {{'{waiting.id}'}} flagged as revoked"}}]
         replies = client.control.revoke(
@@ -65,6 +66,11 @@ def test_celery_client_revokes_on_a_celeriac_worker(
     finally:
         client.close()
         capture.stop()
+
+
+def _active_ids(client: Celery, node: str) -> list[str]:
+    replies = client.control.inspect(destination=[node], timeout=TIMEOUT).active() or {}
+    return [task["id"] for task in replies.get(node, [])]
 
 
 ASYNC_TASKS = """

@@ -14,6 +14,8 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from celeriac.cli import UsageError, build_parser, load_app
@@ -395,69 +397,150 @@ def test_remote_arguments_follow_celery_signatures() -> None:
             remote_arguments("rate_limit", bad)
 
 
-def test_replies_are_printed_like_celery(capsys: pytest.CaptureFixture[str]) -> None:
+#: Remote-control replies as workers send them, one node each.
+REPLIES = [
+    {"w1@vm": {"ok": "pong"}},
+    {"w1@vm": {"error": "unknown task"}},
+    {"w1@vm": ["tasks.add", "tasks.mul [rate_limit=1/s]"]},
+    {"w1@vm": []},
+    {"w1@vm": {"pid": 1, "clock": "2"}},
+    {"w1@vm": "a plain string"},
+]
+
+
+@pytest.mark.parametrize("show_body", [True, False])
+@pytest.mark.parametrize("reply", REPLIES, ids=["ok", "error", "list", "empty", "dict", "str"])
+def test_replies_are_printed_as_celery_prints_them(
+    capsys: pytest.CaptureFixture[str], reply: dict[str, Any], show_body: bool
+) -> None:
+    """The reference is Celery's own ``celery inspect/control`` printer (no colours)."""
+    from celeriac.cli import _say_reply
+    from celery.bin.base import CLIContext
+    from celery.bin.control import _say_remote_command_reply
+
+    celery_cli = CLIContext(app=None, no_color=True, workdir=None)
+    _say_remote_command_reply(SimpleNamespace(obj=celery_cli), reply, show_reply=show_body)
+    celery_prints = capsys.readouterr().out
+    _say_reply(reply, show_body=show_body)
+    assert capsys.readouterr().out == celery_prints
+
+
+def test_a_reply_of_none_is_printed_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker's ``None`` (Celery's printer raises on it): shown, not a crash."""
     from celeriac.cli import _say_reply
 
-    _say_reply({"w1@vm": {"ok": "pong"}}, show_body=True)
-    _say_reply({"w1@vm": {"error": "unknown task"}}, show_body=True)
-    _say_reply({"w1@vm": ["tasks.add", "tasks.mul [rate_limit=1/s]"]}, show_body=True)
-    _say_reply({"w1@vm": []}, show_body=True)
-    _say_reply({"w1@vm": {"pid": 1, "clock": "2"}}, show_body=True)
     _say_reply({"w1@vm": None}, show_body=True)
-    _say_reply({"w1@vm": {"ok": "pong"}}, show_body=False)
-    assert capsys.readouterr().out == (
-        "->  w1@vm: OK\n        pong\n"
-        "->  w1@vm: ERROR\n        unknown task\n"
-        "->  w1@vm: OK\n    * tasks.add\n    * tasks.mul [rate_limit=1/s]\n"
-        "->  w1@vm: OK\n    - empty -\n"
-        '->  w1@vm: OK\n    {\n        "clock": "2",\n        "pid": 1\n    }\n'
-        "->  w1@vm: OK\n    None\n"
-        "->  w1@vm: OK\n"
-    )
+    assert capsys.readouterr().out == "->  w1@vm: OK\n    None\n"
 
 
-def test_event_dump_lines_match_celery(capsys: pytest.CaptureFixture[str]) -> None:
+#: Events as they come off the wire (Celery's receiver adds ``local_received``; a dump
+#: line shows what the worker sent).
+EVENTS = [
+    {"type": "worker-online", "hostname": "w1@vm", "timestamp": 1700000000.5, "freq": 2.0},
+    {
+        "type": "task-received",
+        "hostname": "w1@vm",
+        "timestamp": 1700000000.5,
+        "uuid": "id-1",
+        "name": "tasks.add",
+        "args": "(1, 2)",
+        "kwargs": "{}",
+        "retries": 0,
+    },
+    {"type": "task-started", "hostname": "w1@vm", "timestamp": 1700000000.6, "uuid": "id-1"},
+    {
+        "type": "task-succeeded",
+        "hostname": "w1@vm",
+        "timestamp": 1700000000.7,
+        "uuid": "id-1",
+        "runtime": 0.01,  # fields out of order: a dump sorts them
+        "result": "3",
+    },
+    {"type": "task-failed", "hostname": "w1@vm", "timestamp": 1700000001.0, "uuid": "nope"},
+    {
+        "type": "worker-heartbeat",
+        "hostname": "w1@vm",
+        "timestamp": 1700000002.0,
+        "processed": 7,
+        "active": 0,
+    },
+    {"type": "worker-offline", "hostname": "w1@vm", "timestamp": 1700000003.0},
+]
+
+
+def test_event_dump_lines_are_celerys(capsys: pytest.CaptureFixture[str]) -> None:
+    """The reference is Celery's ``celery events --dump`` printer, fed the same events."""
+    import copy
+    import io
+
+    from celeriac.cli import EventDumper
+    from celery.events.dumper import Dumper
+
+    celery_out = io.StringIO()
+    celery_dumper = Dumper(out=celery_out)
+    for event in copy.deepcopy(EVENTS):
+        celery_dumper.on_event(event)
+    dumper = EventDumper()
+    for event in copy.deepcopy(EVENTS):
+        dumper.on_event({**event, "local_received": 1700000009.0})
+    assert capsys.readouterr().out.splitlines() == celery_out.getvalue().splitlines()
+
+
+def test_event_dump_of_a_peer_that_sends_fewer_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No timestamp, no hostname (Celery's printer raises on it): still one line."""
     from celeriac.cli import EventDumper
 
-    dumper = EventDumper()
-    stamp = 1700000000.5
-    dumper.on_event({"type": "worker-online", "hostname": "w1@vm", "timestamp": stamp, "freq": 2.0})
-    dumper.on_event(
-        {
-            "type": "task-received",
-            "hostname": "w1@vm",
-            "timestamp": stamp,
-            "uuid": "id-1",
-            "name": "tasks.add",
-            "args": "(1, 2)",
-            "kwargs": "{}",
-            "retries": 0,
-        }
+    EventDumper().on_event({"type": "worker-heartbeat"})
+    line = capsys.readouterr().out.rstrip("\n")
+    assert line.startswith("? [") and line.endswith("] heartbeat ")
+
+
+#: The same app for ``celery`` and for ``celeriac``, on a broker nobody listens on.
+CELERY_APP_PY = APP_PY.replace("from celeriac import Celeriac", "from celery import Celery")
+CELERY_APP_PY = CELERY_APP_PY.replace("Celeriac(", "Celery(")
+
+
+def _error_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stderr
+    return lines[0][len(prefix) :]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "frobnicate"],
+        ["control", "ping"],
+        ["control", "rate_limit", "a", "1/s", "extra"],
+        ["control", "time_limit", "a", "1", "2", "3"],
+    ],
+    ids=["inspect-unknown", "control-unknown", "rate-limit-extra", "time-limit-extra"],
+)
+def test_remote_command_usage_errors_are_celerys(project: Path, args: list[str]) -> None:
+    """The reference is the ``celery`` command itself, run on the same input: the same
+    message; where it lists the commands, celeriac's are among Celery's."""
+    (project / "celeryapp.py").write_text(CELERY_APP_PY)
+    celery = subprocess.run(
+        [str(Path(sys.executable).with_name("celery")), "-A", "celeryapp", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    dumper.on_event(
-        {
-            "type": "task-succeeded",
-            "hostname": "w1@vm",
-            "timestamp": stamp,
-            "uuid": "id-1",
-            "result": "3",
-            "runtime": 0.01,
-            "local_received": 1.0,
-        }
-    )
-    # a peer that sends fewer fields (no timestamp, no hostname): still one line
-    dumper.on_event({"type": "worker-heartbeat"})
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "w1@vm [2023-11-14 22:13:20.500000+00:00] started: freq=2.0"
-    assert lines[1] == (
-        "w1@vm [2023-11-14 22:13:20.500000+00:00] task received: "
-        "tasks.add(id-1) args=(1, 2) kwargs={} retries=0"
-    )
-    assert lines[2] == (
-        "w1@vm [2023-11-14 22:13:20.500000+00:00] task succeeded: "
-        "tasks.add(id-1) args=(1, 2) kwargs={} result=3, runtime=0.01"
-    )
-    assert lines[3].startswith("? [") and lines[3].endswith("] heartbeat ")
+    celery_message = _error_line(celery, "Error: ")
+    ours = run_cli("-A", "tasks", *args, cwd=project)
+    assert ours.returncode == 2, ours.stderr
+    message = _error_line(ours, f"celeriac {args[0]}: error: ")
+    head, _, listed = message.partition(" Available ")
+    celery_head, _, celery_listed = celery_message.partition(" Available ")
+    assert head == celery_head
+    if listed:
+        kind, _, names = listed.partition(": ")
+        celery_kind, _, celery_names = celery_listed.partition(": ")
+        assert kind == celery_kind
+        assert set(names.split(", ")) <= set(celery_names.split(", "))
 
 
 def test_remote_commands_cover_the_worker_table() -> None:

@@ -133,7 +133,14 @@ def test_default_broker() -> None:
         ("result_expires", -5),
         ("task_default_priority", 256),
         ("task_time_limit", -1),
-        ("worker_concurrency", "8"),
+        ("worker_concurrency", "lots"),
+        ("worker_concurrency", "auto2"),
+        ("worker_concurrency", "-1"),
+        ("worker_concurrency", "2.5"),
+        ("worker_concurrency", ""),
+        ("worker_concurrency", -1),
+        ("worker_concurrency", 2.5),
+        ("worker_concurrency", True),
         ("timezone", "Nowhere/Atlantis"),
         ("task_default_rate_limit", "10/x"),
         ("imports", 5),
@@ -157,6 +164,14 @@ def test_wrong_value_in_constructor_and_update() -> None:
     app = Celeriac(set_as_current=False)
     with pytest.raises(ImproperlyConfigured, match="task_default_priority"):
         app.conf.update(task_default_priority="high")
+
+
+def test_worker_concurrency_takes_auto_as_celery_5_7() -> None:
+    for given, kept in (("auto", "auto"), (" AUTO ", "auto"), ("8", 8), (8, 8), (0, 0)):
+        assert Settings(worker_concurrency=given).worker_concurrency == kept, given
+    app = Celeriac(set_as_current=False)
+    app.conf.worker_concurrency = "Auto"
+    assert app.conf.worker_concurrency == "auto"
 
 
 def test_values_are_normalised() -> None:

@@ -2,12 +2,15 @@
 
 The node that speaks for the worker (a solo/threads worker; the supervisor in prefork,
 once for the node) broadcasts remote control's ``hello`` with its name and revoked ids
-(``from_node``, ``revoked``) once its mailbox is up, unless ``--without-mingle``. Every
-other worker, celeriac's or Celery's, answers with its own revoked ids and logical
-clock; the ids are merged into this worker's ``RevokedSet`` (in prefork the supervisor
-passes them on to every child as a Celery worker's ``hello`` is passed on, and children
-forked later inherit them) and the clock is moved past theirs. So a task revoked before
-this worker started is not run by it either.
+(``from_node``, ``revoked``) once its mailbox is up, and again each time the mailbox's
+connection comes back after the broker dropped it (as Celery's consumer mingles again when
+it restarts after a connection loss: what was broadcast meanwhile was missed), unless
+``--without-mingle``. Every other worker, celeriac's or Celery's, answers with its own
+revoked ids and logical clock; the ids are merged into this worker's ``RevokedSet`` (in
+prefork the supervisor passes them on to every child as a Celery worker's ``hello`` is
+passed on, and children forked later inherit them) and the clock is moved past theirs.
+So a task revoked before this worker started (or while it was cut off) is not run by it
+either.
 
 Celery waits for the replies (1 s) before it reports ``ready.``; celeriac does not
 delay its start: a short-lived thread gathers them for that second while the worker
