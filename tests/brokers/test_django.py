@@ -265,3 +265,46 @@ def test_tasks_module_failing_to_import_is_named_at_worker_start(project: Projec
     assert "importing broken.tasks failed" in worker.stderr
     assert "a_dependency_that_is_not_installed" in worker.stderr
     assert "ready." not in worker.log
+
+
+PARENT_CONNECTION = """
+from django.db import connection
+
+# Opened in the worker's main process while it imports the task modules.
+with connection.cursor() as cursor:
+    cursor.execute("CREATE TEMP TABLE parent_mark (x)")
+"""
+
+
+def test_prefork_children_do_not_use_the_parents_connection(project: Project) -> None:
+    """A connection the worker's main process opened (here while importing tasks) is
+    never used by a prefork child: the child's task runs on its own connection, even
+    with CELERY_DB_REUSE_MAX keeping connections across tasks."""
+    with (project.path / "proj" / "settings.py").open("a") as settings:
+        settings.write("\nCELERY_DB_REUSE_MAX = 100\n")
+    (project.path / "probe" / "tasks.py").write_text(
+        PROBE_TASKS.replace("import os\n", "import os\n" + PARENT_CONNECTION, 1)
+        + """
+
+@shared_task
+def sees_parent_mark():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM sqlite_temp_master WHERE name = 'parent_mark'")
+        return cursor.fetchone()[0] == 1
+"""
+    )
+    project.worker()
+    seen = project.shell(
+        f"""
+        import json
+        from probe.tasks import connection_probe, sees_parent_mark
+
+        print("{RESULT_PREFIX}" + json.dumps({{
+            "parent": sees_parent_mark.delay().get(timeout={WAIT}),
+            "probes": [connection_probe.delay().get(timeout={WAIT})["reused"] for _ in range(2)],
+        }}))
+        """
+    )
+    assert seen["parent"] is False
+    # CELERY_DB_REUSE_MAX is honoured: the second task reuses the first one's connection.
+    assert seen["probes"] == [False, True]
