@@ -93,6 +93,10 @@ class DjangoFixup(Fixup):
         import django
 
         django.setup()
+        if not os.environ.get("CELERY_SKIP_CHECKS"):  # as Celery: Django's system checks
+            from django.core.checks import run_checks
+
+            run_checks()
 
     def on_worker_init(self, worker: Any) -> None:
         # Connections opened while the worker started (imports) are closed before the
