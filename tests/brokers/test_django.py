@@ -10,9 +10,11 @@ tests need (a task that does not touch the database, a connection probe).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -243,6 +245,28 @@ def test_each_task_gets_a_fresh_database_connection(
     assert len({probe["pid"] for probe in probes}) == 1  # one process ran all three
     assert [probe["reused"] for probe in probes] == [False, False, False]
     assert [probe["orders"] for probe in probes] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_task_after_the_database_file_was_replaced_sees_the_new_file(
+    project: Project, pool: tuple[str, ...]
+) -> None:
+    """A connection kept open across tasks goes stale when the database file is replaced
+    (it still reads the old, unlinked file); the fix-up's per-task close means the next
+    task opens the file that is there now."""
+    project.worker(*pool)
+    count = f"""
+        from shop.tasks import count_orders
+        print("{RESULT_PREFIX}" + str(count_orders.delay("new").get(timeout={WAIT})))
+        """
+    assert project.shell(count) == 0
+    database = project.path / "db.sqlite3"
+    replacement = project.path / "db-replacement.sqlite3"
+    shutil.copyfile(database, replacement)
+    with contextlib.closing(sqlite3.connect(replacement)) as db, db:
+        db.execute("INSERT INTO shop_order (product, quantity, status) VALUES ('jam', 1, 'new')")
+    os.replace(replacement, database)
+    assert project.shell(count) == 1
 
 
 # -- bad input ----------------------------------------------------------------------
