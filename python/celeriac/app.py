@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 from celeriac import _core
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotRegistered
-from celeriac.local import get_current_app, get_current_worker_task, set_current_app
+from celeriac.fixups import install_fixups
+from celeriac.local import (
+    get_current_app,
+    get_current_worker_task,
+    set_current_app,
+    set_default_app,
+)
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.routes import Route, Router
 from celeriac.schedules import periodic_entry
@@ -164,7 +170,10 @@ def shared_task(fun: Any = None, /, **options: Any) -> Any:
         opts["name"] = opts.get("name") or gen_task_name(
             _current_or_none(), getattr(fun, "__name__", "task"), getattr(fun, "__module__", "")
         )
-        task = _create_task(None, fun, base, bind, dict(opts))
+        current = _current_or_none()
+        # The current app's task class (Django's has delay_on_commit), not bound to it.
+        unbound_base = base or (current._task_cls if current is not None else None)
+        task = _create_task(None, fun, unbound_base, bind, dict(opts))
         _SHARED.append((fun, dict(opts, name=task.name, base=base, bind=bind)))
         return task
 
@@ -315,6 +324,7 @@ class Celeriac:
         self._task_cls: type[_Task[Any, Any]] = (
             _import_object(task_cls) if isinstance(task_cls, str) else task_cls or _Task
         )
+        self._custom_task_cls = task_cls is not None
         self._app_task_cls: type[_Task[Any, Any]] | None = None
         self._tasks = TaskRegistry()
         self._shared_bound = 0
@@ -341,6 +351,8 @@ class Celeriac:
         _apps.add(self)
         if set_as_current:
             self.set_current()
+        #: Framework fix-ups (Django's when ``DJANGO_SETTINGS_MODULE`` is set).
+        self._fixups = install_fixups(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.main or '__main__'} at {id(self):#x}>"
@@ -348,6 +360,10 @@ class Celeriac:
     def set_current(self) -> None:
         """Make this the app ``current_app`` and ``shared_task`` objects use."""
         set_current_app(self)
+
+    def set_default(self) -> None:
+        """Make this the app used when no app is current (Celery's ``set_default``)."""
+        set_default_app(self)
 
     # -- configuration ----------------------------------------------------------------
 
@@ -389,12 +405,15 @@ class Celeriac:
     ) -> None:
         """Import ``<package>.<related_name>`` for each package when the worker starts
         (:meth:`import_modules`), or now with ``force``. A package without that module
-        is skipped."""
-        entry = (packages if packages is not None else (), related_name)
+        is skipped. Without ``packages``: the fix-ups' (Django's ``INSTALLED_APPS``)."""
+        entry = (packages if packages is not None else self._fixup_packages, related_name)
         if force:
             self._import_related(*entry)
         else:
             self._autodiscover.append(entry)
+
+    def _fixup_packages(self) -> list[str]:
+        return [name for fixup in self._fixups for name in fixup.autodiscover_packages() or ()]
 
     def _import_related(self, packages: Any, related_name: str | None) -> list[types.ModuleType]:
         names = packages() if callable(packages) else packages
@@ -405,14 +424,23 @@ class Celeriac:
             module_name = f"{package}.{related_name}" if related_name else package
             try:
                 modules.append(importlib.import_module(module_name))
-            except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
+            except ImportError as exc:
+                if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+                    continue  # the package has no such module
+                # The same error (as Celery propagates it), saying which module failed.
+                message = f"importing {module_name} failed: {exc}"
+                try:
+                    named = type(exc)(message, name=exc.name)
+                except TypeError:  # a subclass with its own constructor
+                    named = ImportError(message, name=exc.name)
+                raise named from exc
         return modules
 
     def import_modules(self) -> list[types.ModuleType]:
         """Import ``include`` and ``imports`` modules and the autodiscovered task
         modules (the worker calls this at start)."""
+        for fixup in self._fixups:
+            fixup.on_import_modules()
         names = [*self.conf["imports"], *self.conf["include"]]
         modules = [importlib.import_module(name) for name in dict.fromkeys(names)]
         for packages, related_name in self._autodiscover:

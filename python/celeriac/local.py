@@ -27,6 +27,7 @@ __all__ = [
     "push_task",
     "set_async_task",
     "set_current_app",
+    "set_default_app",
 ]
 
 T = TypeVar("T")
@@ -102,6 +103,13 @@ _app_lock = threading.Lock()
 def set_current_app(app: Celeriac) -> None:
     global _current_app
     _current_app = app
+
+
+def set_default_app(app: Celeriac) -> None:
+    """The app used when none is current (Celery's ``app.set_default()``)."""
+    global _default_app
+    with _app_lock:
+        _default_app = app
 
 
 def get_current_app() -> Celeriac:

@@ -35,6 +35,7 @@ from celeriac.app import transport_of
 from celeriac.conf import parse_rate_limit
 from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
 from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
+from celeriac.fixups import run_with_fixups
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
@@ -777,6 +778,9 @@ class Worker:
 
     def run(self) -> int:
         """Serve until told to stop; the process exit status."""
+        if self.child is None:
+            for fixup in self.app._fixups:
+                fixup.on_worker_init(self)
         if self.pool_name == "prefork" and self.child is None:
             from celeriac.worker.prefork import Supervisor
 
@@ -1375,6 +1379,8 @@ class Worker:
         if stats is not None:
             stats.began()
         try:
+            if self.app._fixups:  # Django's: database connections closed around the task
+                return run_with_fixups(self.app._fixups, execute, request, self.backend, guard)
             return execute(request, self.backend, guard)
         except ColdShutdown:
             raise

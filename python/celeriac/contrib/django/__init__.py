@@ -1,0 +1,1 @@
+"""Django integration: see :mod:`celeriac.fixups.django` and :mod:`.task`."""
