@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from celeriac import _core
+from celeriac import signals as _signals
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotRegistered
 from celeriac.local import get_current_app, get_current_worker_task, set_current_app
@@ -333,9 +334,17 @@ class Celeriac:
         self._annotations: list[Any] = []
         self._timezone: datetime.tzinfo = _UTC
         self._timezone_version = -1
+        #: Celery's app signals (sender: the app), sent once by ``finalize``.
+        self.on_configure, self.on_after_configure, self.on_after_finalize = _signals.app_signals()
         _apps.add(self)
         if set_as_current:
             self.set_current()
+
+    def finalize(self, auto: bool = False) -> None:
+        """Send ``on_configure``, ``on_after_configure`` and ``on_after_finalize``
+        (once): the worker and beat call it after importing the app's modules, the
+        client before its first message."""
+        _signals.finalize_app(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.main or '__main__'} at {id(self):#x}>"
@@ -408,6 +417,7 @@ class Celeriac:
     def import_modules(self) -> list[types.ModuleType]:
         """Import ``include`` and ``imports`` modules and the autodiscovered task
         modules (the worker calls this at start)."""
+        _signals.import_modules.send(sender=self)
         names = [*self.conf["imports"], *self.conf["include"]]
         modules = [importlib.import_module(name) for name in dict.fromkeys(names)]
         for packages, related_name in self._autodiscover:
@@ -793,6 +803,8 @@ class Celeriac:
                     if inherited is not None:
                         opts["priority"] = inherited
 
+        if _signals.before_task_publish.receivers:
+            _signals.send_before_publish(self, name, task_id, args, kwargs, route.queue, opts)
         if batch is not None:
             parent = parent if add_to_parent else None
             static = route is defaults.route
@@ -806,6 +818,8 @@ class Celeriac:
             # broker_transport_options={"confirm_publish": True}: return only once the
             # broker has the message (OperationalError after broker_connection_timeout).
             producer.flush(float(conf["broker_connection_timeout"]))
+        if _signals.after_task_publish.receivers:
+            _signals.send_after_publish(name, task_id, args, kwargs, route.queue, opts)
         if conf["task_send_sent_event"]:
             self._send_sent_event(name, task_id, args, kwargs, route.queue, opts)
 
@@ -1011,6 +1025,7 @@ class Celeriac:
                 _check_serializer("task_serializer", self.conf["task_serializer"])
             except ValueError as exc:
                 raise ImproperlyConfigured(str(exc)) from None
+            self.finalize()
             result_url = self.result_backend_url
             if result_url is not None and _scheme(result_url) == "rpc":
                 # Declare our reply queue before the first task can answer into it.
