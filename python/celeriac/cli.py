@@ -633,6 +633,7 @@ def _prepare_app(ns: argparse.Namespace, include: Sequence[str] = ()) -> Celeria
 
 
 def _cmd_worker(ns: argparse.Namespace) -> int:
+    from celeriac import signals
     from celeriac.signals import setup_worker_logging
     from celeriac.worker import Worker, WorkerError, WorkerOptions
     from celeriac.worker.log import LOG_FORMAT, parse_loglevel, setup_logging
@@ -782,6 +783,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
                 "Replaced the stale pidfile %s (%s).", pidfile.path, pidfile.replaced
             )
         worker.pidfile = pidfile
+    # As Celery: once logging is set up, before --purge and the banner.
+    signals.celeryd_after_setup.send(sender=worker.nodename, instance=worker, conf=app.conf)
     try:
         if options.purge:
             _purge_queues(app, worker.queues)

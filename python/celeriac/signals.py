@@ -435,6 +435,23 @@ def slot_revoked(app: Any, slot: Any, signum: int) -> None:
     task_revoked.send(sender=task, request=context, terminated=True, signum=signum, expired=False)
 
 
+def eager_failure(
+    task: Any, task_id: str, args: Any, kwargs: Any, exc: BaseException, tb: str
+) -> None:
+    """``task_failure`` for a task run by ``apply()`` (or ``task_always_eager``)."""
+    from celeriac.worker.request import ExceptionInfo
+
+    task_failure.send(
+        sender=task,
+        task_id=task_id,
+        exception=exc,
+        args=args,
+        kwargs=kwargs,
+        traceback=exc.__traceback__,
+        einfo=ExceptionInfo(exc, tb),
+    )
+
+
 def setup_worker_logging(
     configure: Callable[[], Any], loglevel: int, logfile: str | None, format: str
 ) -> None:

@@ -9,6 +9,7 @@ Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import sys
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.redis
 
 SIGNAL_BODY = """
+import datetime
 import json
 
 MAIN_PID = os.getpid()  # the process that imports the app: the worker's first
@@ -51,9 +53,20 @@ def record(name):
             "pid": os.getpid(),
             "main": os.getpid() == MAIN_PID,
             "keys": sorted(kwargs),
+            "values": {k: kwargs[k] for k in ("state", "terminated", "signum", "expired")
+                       if k in kwargs},
         }
-        client().rpush(KEY, json.dumps(entry))
+        shared().rpush(KEY, json.dumps(entry))
     return receiver
+
+
+_SHARED = []
+
+
+def shared():  # one client per module (redis-py starts a new pool in a forked child)
+    if not _SHARED:
+        _SHARED.append(client())
+    return _SHARED[0]
 
 
 RECORDED = (
@@ -87,6 +100,22 @@ def retry_once(self):
 
 
 @app.task
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+if os.environ.get("SIG_ASYNC"):
+    @app.task
+    async def aadd(x, y):
+        return x + y
+
+
+signals.heartbeat_sent.connect(record("heartbeat_sent"), weak=False)
+
+
+@app.task
 def guarded(x):
     return x
 
@@ -98,17 +127,17 @@ def raising_receiver(sender=None, **kwargs):
 
 @signals.task_postrun.connect(sender=add)
 def only_add(sender=None, task_id=None, **kwargs):
-    client().rpush(KEY + "-only-add", sender.name)
+    shared().rpush(KEY + "-only-add", sender.name)
 
 
 @signals.task_success.connect(dispatch_uid="one")
 def first(sender=None, **kwargs):
-    client().rpush(KEY + "-uid", "first")
+    shared().rpush(KEY + "-uid", "first")
 
 
 @signals.task_success.connect(dispatch_uid="one")
 def second(sender=None, **kwargs):
-    client().rpush(KEY + "-uid", "second")
+    shared().rpush(KEY + "-uid", "second")
 
 
 @signals.before_task_publish.connect
@@ -159,18 +188,19 @@ def run_scenario(tasks: Any, result_keys: ResultKeys) -> None:
     unknown.get(timeout=20, propagate=False)
 
 
-def roles(recorded: list[dict[str, Any]], worker_pid: int) -> dict[str, set[tuple[str, str]]]:
-    """Per signal: ``(role, keyword names)`` where role is ``client``, ``node`` (the
-    worker's first process) or ``child`` (a process it forked)."""
-    out: dict[str, set[tuple[str, str]]] = {}
+def role_of(entry: dict[str, Any], worker_pid: int) -> str:
+    """``client``, ``node`` (the worker's first process) or ``child`` (one it forked)."""
+    if entry["pid"] == worker_pid:
+        return "node"
+    return "client" if entry["main"] else "child"
+
+
+def roles(recorded: list[dict[str, Any]], worker_pid: int) -> dict[str, set[tuple[str, str, str]]]:
+    """Per signal: ``(role, kind of sender, keyword names)``."""
+    out: dict[str, set[tuple[str, str, str]]] = {}
     for entry in recorded:
-        if entry["pid"] == worker_pid:
-            role = "node"
-        elif entry["main"]:
-            role = "client"
-        else:
-            role = "child"
-        out.setdefault(entry["signal"], set()).add((role, ",".join(entry["keys"])))
+        seen = (role_of(entry, worker_pid), entry["sender"], ",".join(entry["keys"]))
+        out.setdefault(entry["signal"], set()).add(seen)
     return out
 
 
@@ -349,7 +379,8 @@ def test_same_signals_as_celery(
     under celeriac's: the same signals, with the same keyword names, in the same role
     (client, node, child)."""
     key = f"{sigtasks.queue}-signals"
-    found: dict[str, dict[str, set[tuple[str, str]]]] = {}
+    found: dict[str, dict[str, set[tuple[str, str, str]]]] = {}
+    sequences: dict[str, list[tuple[str, str]]] = {}
     for impl in ("celery", "celeriac"):
         redis_client.delete(key)
         sigtasks.write("sigtasks.py", signals_module(impl))
@@ -365,13 +396,96 @@ def test_same_signals_as_celery(
         run_scenario(tasks, result_keys)
         process.proc.send_signal(signal.SIGTERM)
         process.wait(30)
-        found[impl] = roles(entries(redis_client, key), process.proc.pid)
+        recorded = entries(redis_client, key)
+        found[impl] = roles(recorded, process.proc.pid)
+        sequences[impl] = [(role_of(e, process.proc.pid), e["signal"]) for e in recorded]
     celery, ours = found["celery"], found["celeriac"]
-    # Known differences (README): celeriac's prefork children fetch their own
-    # messages, so task_received and the unknown/rejected ones fire in the child.
+    # Known difference (README): celeriac's prefork children fetch their own
+    # messages, so task_received and task_unknown fire in the child, not the node.
     moved = {"task_received", "task_unknown"}
     for name in sorted(set(celery) | set(ours)):
         if name in moved:
-            assert {k for _, k in celery[name]} == {k for _, k in ours[name]}, name
+            assert {k[1:] for k in celery[name]} == {k[1:] for k in ours[name]}, name
             continue
         assert celery.get(name) == ours.get(name), (name, celery.get(name), ours.get(name))
+    # And in the same order in the node and in the child (heartbeats come by the clock).
+    for role in ("node", "child"):
+        orders = [
+            [
+                name
+                for who, name in sequences[impl]
+                if who == role and name not in moved | {"heartbeat_sent"}
+            ]
+            for impl in ("celery", "celeriac")
+        ]
+        assert orders[0] == orders[1], (role, orders)
+
+
+def test_async_tasks_send_the_task_signals(
+    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    sigtasks.env["SIG_ASYNC"] = "1"
+    process = worker("-c", "1", pool="prefork", app="sigtasks")
+    tasks = sigtasks.import_module("sigtasks")
+    result = tasks.app.send_task("sigtasks.aadd", (2, 3))
+    result_keys.add(result.id)
+    assert result.get(timeout=20) == 5
+    seen = by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))
+    names = [e["signal"] for e in entries(redis_client, f"{sigtasks.queue}-signals")]
+    assert [n for n in names if n in ("task_prerun", "task_success", "task_postrun")] == [
+        "task_prerun",
+        "task_success",
+        "task_postrun",
+    ]
+    run = [seen[n][0] for n in ("task_prerun", "task_success", "task_postrun")]
+    assert {e["sender"] for e in run} == {"task:sigtasks.aadd"}
+    assert len({e["pid"] for e in run}) == 1 and run[0]["pid"] != process.proc.pid
+    assert run[2]["values"] == {"state": "SUCCESS"}
+
+
+def test_task_revoked_for_held_expired_and_terminated_tasks(
+    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    process = worker("-c", "1", pool="prefork", app="sigtasks")
+    key = f"{sigtasks.queue}-signals"
+    tasks = sigtasks.import_module("sigtasks")
+    held = tasks.add.apply_async((1, 1), countdown=60)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=5)
+    expired = tasks.add.apply_async((1, 1), expires=past)
+    for result in (held, expired):
+        result_keys.add(result.id)
+
+    def revoked() -> list[dict[str, Any]]:
+        return by_signal(entries(redis_client, key)).get("task_revoked", [])
+
+    assert wait_until(lambda: any(e["values"].get("expired") for e in revoked()))
+    tasks.app.control.revoke(held.id)
+    assert wait_until(lambda: len(revoked()) == 2)
+    running = tasks.nap.delay(60)
+    result_keys.add(running.id)
+    assert wait_until(lambda: "task_prerun" in by_signal(entries(redis_client, key)))
+    tasks.app.control.revoke(running.id, terminate=True)
+    assert wait_until(lambda: len(revoked()) == 3)
+    found = revoked()
+    assert [e["values"] for e in found] == [
+        {"terminated": False, "signum": None, "expired": True},
+        {"terminated": False, "signum": None, "expired": False},
+        {"terminated": True, "signum": signal.SIGTERM, "expired": False},
+    ]
+    assert {e["sender"] for e in found} == {"task:sigtasks.add", "task:sigtasks.nap"}
+    assert found[0]["pid"] != process.proc.pid  # the child that fetched them
+    assert found[2]["pid"] == process.proc.pid  # the supervisor stopped the child
+    assert all(e["keys"] == ["expired", "request", "signum", "terminated"] for e in found)
+
+
+def test_heartbeat_sent_in_the_node_process(
+    worker: StartWorker, sigtasks: TasksDir, redis_client: redis.Redis
+) -> None:
+    process = worker("-c", "1", pool="prefork", app="sigtasks")
+    key = f"{sigtasks.queue}-signals"
+
+    def beats() -> list[dict[str, Any]]:
+        return by_signal(entries(redis_client, key)).get("heartbeat_sent", [])
+
+    assert wait_until(lambda: len(beats()) >= 2)  # worker-online, then a heartbeat
+    assert {(e["pid"], e["sender"]) for e in beats()} == {(process.proc.pid, "object")}

@@ -461,7 +461,6 @@ class Worker:
         self._signals_seen = 0
         self._in_fetch = False
         self._previous_handlers: dict[int, Any] = {}
-        signals.celeryd_after_setup.send(sender=self.nodename, instance=self, conf=app.conf)
         signals.worker_init.send(sender=self)
 
     @property

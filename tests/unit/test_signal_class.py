@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import warnings
 from typing import Any
 
 import pytest
@@ -60,6 +61,13 @@ def test_sender_is_matched_by_identity_strings_by_value() -> None:
     assert got == [one, "tasks.add"]
 
 
+def collect() -> None:
+    """``gc.collect()``, quiet about files other tests left to the collector."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
 def test_weak_receivers_go_when_collected_strong_ones_stay() -> None:
     sig = Signal()
     got: list[str] = []
@@ -79,11 +87,11 @@ def test_weak_receivers_go_when_collected_strong_ones_stay() -> None:
 
     owner = Owner()
     sig.connect(owner.method)  # a bound method: held while its instance lives
-    gc.collect()
+    collect()
     sig.send(sender=None)
     assert got == ["strong", "method"]
     del owner
-    gc.collect()
+    collect()
     got.clear()
     sig.send(sender=None)
     assert got == ["strong"]
@@ -247,3 +255,41 @@ def test_every_celery_signal_is_defined() -> None:
     for name in wanted:
         ours = getattr(signals, name)
         assert isinstance(ours, Signal) and ours.name == getattr(celery_signals, name).name
+
+
+def test_apply_sends_the_task_signals_as_celerys_eager_run() -> None:
+    app = Celeriac("sigapp", broker="sqlite:///:memory:", set_as_current=False)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def fail() -> None:
+        raise ValueError("no")
+
+    got: list[tuple[str, Any, Any]] = []
+
+    def make(name: str) -> Any:
+        def receiver(sender: Any = None, **kwargs: Any) -> None:
+            got.append((name, sender, kwargs.get("state")))
+
+        return receiver
+
+    receivers = {name: make(name) for name in ("prerun", "success", "failure", "postrun")}
+    for name, receiver in receivers.items():
+        getattr(signals, f"task_{name}").connect(receiver)
+    try:
+        assert add.apply((1, 2)).get() == 3
+        assert fail.apply().state == "FAILURE"
+    finally:
+        for name, receiver in receivers.items():
+            getattr(signals, f"task_{name}").disconnect(receiver)
+    assert got == [
+        ("prerun", add, None),
+        ("success", add, None),
+        ("postrun", add, "SUCCESS"),
+        ("prerun", fail, None),
+        ("failure", fail, None),
+        ("postrun", fail, "FAILURE"),
+    ]
