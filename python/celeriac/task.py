@@ -18,6 +18,7 @@ import keyword
 import random
 import socket
 import threading
+import time
 import traceback
 import types
 import uuid
@@ -620,6 +621,7 @@ class Task(Generic[P, R]):
                 signals.task_prerun.send(
                     sender=self, task_id=task_id, task=self, args=args, kwargs=kwargs
                 )
+            started = time.monotonic()
             try:
                 self.before_start(task_id, args, kwargs)
                 retval = self(*args, **kwargs)
@@ -642,7 +644,9 @@ class Task(Generic[P, R]):
             else:
                 self.on_success(retval, task_id, args, kwargs)
                 if signals.task_success.receivers:
-                    signals.task_success.send(sender=self, result=retval, runtime=None)
+                    signals.task_success.send(
+                        sender=self, result=retval, runtime=time.monotonic() - started
+                    )
             self.after_return(state, retval, task_id, args, kwargs, None)
         finally:
             if signals.task_postrun.receivers:
@@ -789,6 +793,9 @@ class Task(Generic[P, R]):
                     check(*args, **kwargs)
                 except TypeError as exc:
                     raise TypeError(f"item {index}: {exc}") from exc
+        if signals.before_task_publish.receivers or signals.after_task_publish.receivers:
+            # Each message with its own publish signals (and the headers they add).
+            return [self.apply_async(args, kwargs, **options) for args, kwargs in items]
         name = cast(str, task.name)
         named = {key: options.pop(key, None) for key in _APPLY_ASYNC_NAMED}
 

@@ -300,13 +300,23 @@ def test_a_raising_receiver_is_logged_and_the_worker_keeps_serving(
 
 
 def test_headers_added_before_publish_reach_the_task(
-    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys
+    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
 ) -> None:
     worker(app="sigtasks")
     tasks = sigtasks.import_module("sigtasks")
     result = tasks.trace_of.delay()
     result_keys.add(result.id)
     assert result.get(timeout=20) == "t-1"
+    # The batch API too: each message gets the receivers' headers, under its own id.
+    many = tasks.trace_of.delay_many([(), ()])
+    for one in many:
+        result_keys.add(one.id)
+    assert [one.get(timeout=20) for one in many] == ["t-1", "t-1"]
+    published = [
+        e for e in entries(redis_client, f"{sigtasks.queue}-signals")
+        if e["signal"] == "after_task_publish"
+    ]  # fmt: skip
+    assert len(published) == 3
 
 
 def test_bad_message_sends_task_rejected_and_the_worker_goes_on(

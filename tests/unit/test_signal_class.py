@@ -269,9 +269,12 @@ def test_apply_sends_the_task_signals_as_celerys_eager_run() -> None:
         raise ValueError("no")
 
     got: list[tuple[str, Any, Any]] = []
+    runtimes: list[float] = []
 
     def make(name: str) -> Any:
         def receiver(sender: Any = None, **kwargs: Any) -> None:
+            if name == "success":
+                runtimes.append(kwargs["runtime"])
             got.append((name, sender, kwargs.get("state")))
 
         return receiver
@@ -293,3 +296,4 @@ def test_apply_sends_the_task_signals_as_celerys_eager_run() -> None:
         ("failure", fail, None),
         ("postrun", fail, "FAILURE"),
     ]
+    assert len(runtimes) == 1 and runtimes[0] >= 0
