@@ -53,6 +53,7 @@ def record(name):
             "pid": os.getpid(),
             "main": os.getpid() == MAIN_PID,
             "keys": sorted(kwargs),
+            "id": getattr(kwargs.get("request"), "id", None),
             "values": {k: kwargs[k] for k in ("state", "terminated", "signum", "expired")
                        if k in kwargs},
         }
@@ -499,3 +500,21 @@ def test_heartbeat_sent_in_the_node_process(
 
     assert wait_until(lambda: len(beats()) >= 2)  # worker-online, then a heartbeat
     assert {(e["pid"], e["sender"]) for e in beats()} == {(process.proc.pid, "object")}
+
+
+def test_task_received_once_per_task_when_children_give_messages_back(
+    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    # A prefork child puts back what it prefetched before a task it does not know to be
+    # quick (-O fair); a sibling takes those again: still one task_received for each.
+    worker("-c", "2", pool="prefork", app="sigtasks")
+    tasks = sigtasks.import_module("sigtasks")
+    results = [tasks.nap.delay(0.2) if i % 5 == 0 else tasks.add.delay(i, i) for i in range(40)]
+    for result in results:
+        result_keys.add(result.id)
+    assert [r.get(timeout=30) for r in results] == [
+        None if i % 5 == 0 else i + i for i in range(40)
+    ]
+    seen = by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))
+    received = sorted(e["id"] for e in seen["task_received"])
+    assert received == sorted(r.id for r in results)

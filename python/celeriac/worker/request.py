@@ -211,6 +211,9 @@ class Request:
     hooks: frozenset[str] = HOOKS
     #: When the body started (UNIX time), for ``inspect active``; None until then.
     time_start: float | None = None
+    #: The worker, while this request's ``task_received`` waits until it is kept
+    #: (``announce.announce_received``).
+    received_by: Any = None
     #: ``(state, return value or exception)`` once the body ended (``task_postrun``).
     outcome: tuple[str, Any] | None = None
 

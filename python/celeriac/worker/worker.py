@@ -1040,7 +1040,10 @@ class Worker:
             consumer.ack([tag])
             return
         if task_received.receivers:
-            task_received.send(sender=self, request=request)
+            if self._gives_back():
+                request.received_by = self  # sent once kept, as task-received is
+            else:
+                task_received.send(sender=self, request=request)
         if not self._async_window_open and name in self.async_tasks:
             self._open_async_window(consumer)
         if request.eta is not None and request.eta.timestamp() > time.time():
