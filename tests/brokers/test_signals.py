@@ -75,7 +75,8 @@ RECORDED = (
     "task_postrun", "task_success", "task_failure", "task_retry", "task_revoked",
     "task_rejected", "task_unknown", "celeryd_init", "celeryd_after_setup", "worker_init",
     "worker_process_init", "worker_process_shutdown", "worker_ready",
-    "worker_shutting_down", "worker_shutdown", "import_modules",
+    "worker_shutting_down", "worker_shutdown", "import_modules", "after_setup_logger",
+    "after_setup_task_logger",
 )
 # Held here: receivers are weakly referenced by default.
 RECEIVERS = [record(name) for name in RECORDED]
@@ -226,7 +227,8 @@ def test_signals_fire_in_the_right_process_with_celerys_arguments(
 
     # The node's life, in the first process.
     for name in ("celeryd_init", "celeryd_after_setup", "worker_init", "worker_ready",
-                 "worker_shutting_down", "worker_shutdown", "import_modules"):  # fmt: skip
+                 "worker_shutting_down", "worker_shutdown", "import_modules",
+                 "after_setup_logger", "after_setup_task_logger"):  # fmt: skip
         assert [e["pid"] for e in seen[name]] == [pid], (name, seen.get(name))
     order = [e["signal"] for e in node]
     assert (
