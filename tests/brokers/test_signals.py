@@ -76,7 +76,7 @@ RECORDED = (
     "task_rejected", "task_unknown", "celeryd_init", "celeryd_after_setup", "worker_init",
     "worker_process_init", "worker_process_shutdown", "worker_ready",
     "worker_shutting_down", "worker_shutdown", "import_modules", "after_setup_logger",
-    "after_setup_task_logger",
+    "after_setup_task_logger", "task_internal_error",
 )
 # Held here: receivers are weakly referenced by default.
 RECEIVERS = [record(name) for name in RECORDED]
@@ -115,6 +115,17 @@ if os.environ.get("SIG_ASYNC"):
 
 
 signals.heartbeat_sent.connect(record("heartbeat_sent"), weak=False)
+
+
+class Broken(app.Task):  # fails in the worker after the body: a worker-side error
+    def pop_request(self):
+        super().pop_request()
+        raise RuntimeError("worker-side failure")
+
+
+@app.task(base=Broken)
+def broken():
+    return 1
 
 
 @app.task
@@ -520,3 +531,21 @@ def test_task_received_once_per_task_when_children_give_messages_back(
     seen = by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))
     received = sorted(e["id"] for e in seen["task_received"])
     assert received == sorted(r.id for r in results)
+
+
+def test_task_internal_error_when_the_worker_fails_around_the_body(
+    worker: StartWorker, sigtasks: TasksDir, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    process = worker(app="sigtasks")
+    tasks = sigtasks.import_module("sigtasks")
+    result = tasks.broken.delay()
+    result_keys.add(result.id)
+    process.wait_for(r"INTERNAL ERROR: RuntimeError\('worker-side failure'\)")
+    after = tasks.add.delay(1, 1)  # the worker goes on
+    result_keys.add(after.id)
+    assert after.get(timeout=20) == 2
+    found = by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))["task_internal_error"]
+    assert [(e["sender"], e["pid"]) for e in found] == [("task:sigtasks.broken", process.proc.pid)]
+    assert found[0]["keys"] == [
+        "args", "einfo", "exception", "kwargs", "request", "task_id", "traceback"
+    ]  # fmt: skip
