@@ -117,6 +117,12 @@ if os.environ.get("SIG_ASYNC"):
 signals.heartbeat_sent.connect(record("heartbeat_sent"), weak=False)
 
 
+@signals.celeryd_init.connect
+def configure_node(sender=None, conf=None, **kwargs):
+    if os.environ.get("SIG_NODE") == sender:  # settings for one node, by its name
+        conf.worker_send_task_events = True
+
+
 class Broken(app.Task):  # fails in the worker after the body: a worker-side error
     def pop_request(self):
         super().pop_request()
@@ -549,3 +555,13 @@ def test_task_internal_error_when_the_worker_fails_around_the_body(
     assert found[0]["keys"] == [
         "args", "einfo", "exception", "kwargs", "request", "task_id", "traceback"
     ]  # fmt: skip
+
+
+def test_celeryd_init_receivers_configure_a_node_by_name(
+    worker: StartWorker, sigtasks: TasksDir
+) -> None:
+    sigtasks.env["SIG_NODE"] = f"{sigtasks.queue}@here"
+    process = worker("-n", f"{sigtasks.queue}@here", app="sigtasks")
+    assert "task events: ON" in process.stdout
+    other = worker("-n", f"{sigtasks.queue}@there", app="sigtasks")
+    assert "task events: OFF" in other.stdout
