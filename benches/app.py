@@ -96,3 +96,17 @@ def cpu(key: str, n: int) -> None:
 def echo(x: int) -> int:
     """The round-trip task: its result goes through the result backend."""
     return x
+
+
+def _ignore_signal(**kwargs: object) -> None:
+    """A receiver that does nothing: what a connected signal costs (``benches.signals``)."""
+
+
+if os.environ.get("BENCH_SIGNAL_RECEIVERS"):
+    if IMPL == "celeriac":
+        from celeriac import signals
+    else:
+        from celery import signals  # type: ignore[no-redef]
+    for _signal in (signals.task_received, signals.task_prerun, signals.task_postrun,
+                    signals.task_success):  # fmt: skip
+        _signal.connect(_ignore_signal)

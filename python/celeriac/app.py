@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from celeriac import _core
+from celeriac import signals as _signals
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotRegistered
 from celeriac.fixups import install_fixups
@@ -38,7 +39,6 @@ from celeriac.local import (
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.routes import Route, Router
 from celeriac.schedules import periodic_entry
-from celeriac.signals import Signal
 from celeriac.task import (
     _UNBUILT,
     DispatchDefaults,
@@ -345,14 +345,19 @@ class Celeriac:
         self._annotations: list[Any] = []
         self._timezone: datetime.tzinfo = _UTC
         self._timezone_version = -1
-        #: Sent once, with this app as sender, before beat reads ``beat_schedule``.
-        self.on_after_configure = Signal("on_after_configure")
-        self._after_configure_sent = False
+        #: Celery's app signals (sender: the app), sent once by ``finalize``.
+        self.on_configure, self.on_after_configure, self.on_after_finalize = _signals.app_signals()
         _apps.add(self)
         if set_as_current:
             self.set_current()
         #: Framework fix-ups (Django's when ``DJANGO_SETTINGS_MODULE`` is set).
         self._fixups = install_fixups(self)
+
+    def finalize(self, auto: bool = False) -> None:
+        """Send ``on_configure``, ``on_after_configure`` and ``on_after_finalize``
+        (once): the worker and beat call it after importing the app's modules, the
+        client before its first message."""
+        _signals.finalize_app(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.main or '__main__'} at {id(self):#x}>"
@@ -439,6 +444,7 @@ class Celeriac:
     def import_modules(self) -> list[types.ModuleType]:
         """Import ``include`` and ``imports`` modules and the autodiscovered task
         modules (the worker calls this at start)."""
+        _signals.import_modules.send(sender=self)
         for fixup in self._fixups:
             fixup.on_import_modules()
         names = [*self.conf["imports"], *self.conf["include"]]
@@ -446,14 +452,6 @@ class Celeriac:
         for packages, related_name in self._autodiscover:
             modules.extend(self._import_related(packages, related_name))
         return modules
-
-    def send_after_configure(self) -> None:
-        """Send ``on_after_configure`` unless it was sent (beat calls this at start)."""
-        with self._lock:
-            if self._after_configure_sent:
-                return
-            self._after_configure_sent = True
-        self.on_after_configure.send(sender=self, source=self.conf)
 
     def add_periodic_task(
         self,
@@ -849,6 +847,8 @@ class Celeriac:
                     if inherited is not None:
                         opts["priority"] = inherited
 
+        if _signals.before_task_publish.receivers:
+            _signals.send_before_publish(self, name, task_id, args, kwargs, route.queue, opts)
         if batch is not None:
             parent = parent if add_to_parent else None
             static = route is defaults.route
@@ -862,6 +862,8 @@ class Celeriac:
             # broker_transport_options={"confirm_publish": True}: return only once the
             # broker has the message (OperationalError after broker_connection_timeout).
             producer.flush(float(conf["broker_connection_timeout"]))
+        if _signals.after_task_publish.receivers:
+            _signals.send_after_publish(name, task_id, args, kwargs, route.queue, opts)
         if conf["task_send_sent_event"]:
             self._send_sent_event(name, task_id, args, kwargs, route.queue, opts)
 
@@ -1067,6 +1069,7 @@ class Celeriac:
                 _check_serializer("task_serializer", self.conf["task_serializer"])
             except ValueError as exc:
                 raise ImproperlyConfigured(str(exc)) from None
+            self.finalize()
             result_url = self.result_backend_url
             if result_url is not None and _scheme(result_url) == "rpc":
                 # Declare our reply queue before the first task can answer into it.

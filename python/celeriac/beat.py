@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celeriac import _core
+from celeriac import _core, signals
 from celeriac.app import transport_of
 from celeriac.schedules import BaseSchedule, maybe_schedule
 
@@ -192,7 +192,7 @@ class Beat:
     def setup(self) -> None:
         """Read and check the schedule, connect the store and load the last runs.
         ``BeatError`` for a bad schedule; ``OperationalError`` when the store is down."""
-        self.app.send_after_configure()
+        self.app.finalize()
         entries = read_schedule(self.app, self.app.conf["beat_schedule"])
         unknown: dict[str, list[str]] = {}
         for entry in entries:
@@ -387,6 +387,9 @@ class Beat:
 
     def serve(self) -> None:
         """Tick until ``stop()``, sleeping until the next due run in between."""
+        # As Celery: ``beat_embedded_init`` for beat inside a worker (-B), else ``beat_init``.
+        started = signals.beat_embedded_init if self.parent_pid is not None else signals.beat_init
+        started.send(sender=self)
         logger.info("beat: Starting...")
         while not self._stopping.is_set():
             delay = self.tick()

@@ -625,13 +625,16 @@ def _prepare_app(ns: argparse.Namespace, include: Sequence[str] = ()) -> Celeria
     if include:  # as Celery: part of the app's modules from now on (inspect conf)
         known = tuple(app.conf["include"])
         app.conf.include = known + tuple(name for name in include if name not in known)
+    app.finalize()
     return app
 
 
 def _cmd_worker(ns: argparse.Namespace) -> int:
+    from celeriac import signals
+    from celeriac.signals import setup_worker_logging
     from celeriac.worker import Worker, WorkerError, WorkerOptions
+    from celeriac.worker.log import LOG_FORMAT, parse_loglevel, setup_logging
     from celeriac.worker.log import logger as worker_logger
-    from celeriac.worker.log import parse_loglevel, setup_logging
     from celeriac.worker.options import (
         Pidfile,
         PidfileLocked,
@@ -733,7 +736,9 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     except WorkerError as exc:
         raise UsageError(str(exc)) from None
     try:
-        setup_logging(level, ns.logfile, worker.nodename)
+        setup_worker_logging(
+            lambda: setup_logging(level, ns.logfile, worker.nodename), level, ns.logfile, LOG_FORMAT
+        )
     except OSError as exc:
         raise UsageError(
             f"argument -f/--logfile: cannot write {exc.filename}: {exc.strerror}"
@@ -775,6 +780,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
                 "Replaced the stale pidfile %s (%s).", pidfile.path, pidfile.replaced
             )
         worker.pidfile = pidfile
+    # As Celery: once logging is set up, before --purge and the banner.
+    signals.celeryd_after_setup.send(sender=worker.nodename, instance=worker, conf=app.conf)
     embedded_beat = cli_beat.start_embedded(ns, app) if ns.beat else None
     try:
         if options.purge:

@@ -183,7 +183,7 @@ def start_embedded(ns: argparse.Namespace, app: Any) -> subprocess.Popen[bytes]:
             f"argument --scheduler: {ns.scheduler!r} is not supported: celeriac's "
             "scheduler keeps the schedule's state in Redis or SQLite (give no --scheduler)"
         )
-    app.send_after_configure()
+    app.finalize()
     try:
         read_schedule(app, app.conf["beat_schedule"])
     except BeatError as exc:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core
+from celeriac.signals import heartbeat_sent
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -216,6 +217,8 @@ class Heart:
             active, processed = self.counts()
         except Exception:
             active, processed = 0, 0
+        if heartbeat_sent.receivers:
+            heartbeat_sent.send(sender=self)
         self.dispatcher.send(type_, **worker_fields(self.freq, active, processed))
 
     def start(self) -> None:

@@ -18,13 +18,14 @@ import keyword
 import random
 import socket
 import threading
+import time
 import traceback
 import types
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
-from celeriac import states
+from celeriac import signals, states
 from celeriac.conf import parse_rate_limit
 from celeriac.exceptions import Ignore, Reject, Retry
 from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError
@@ -613,10 +614,17 @@ class Task(Generic[P, R]):
         )
         tb: str | None = None
         retry: Retry | None = None
+        retval: Any = None
+        state = states.FAILURE
         try:
+            if signals.task_prerun.receivers:  # as Celery's eager runs send them too
+                signals.task_prerun.send(
+                    sender=self, task_id=task_id, task=self, args=args, kwargs=kwargs
+                )
+            started = time.monotonic()
             try:
                 self.before_start(task_id, args, kwargs)
-                retval: Any = self(*args, **kwargs)
+                retval = self(*args, **kwargs)
                 if inspect.iscoroutine(retval):
                     retval = run_coroutine(retval)
                 state = states.SUCCESS
@@ -629,12 +637,21 @@ class Task(Generic[P, R]):
             except Exception as exc:
                 retval, state, tb = exc, states.FAILURE, traceback.format_exc()
                 self.on_failure(exc, task_id, args, kwargs, None)
+                if signals.task_failure.receivers:
+                    signals.eager_failure(self, task_id, args, kwargs, exc, tb)
                 if throw:
                     raise
             else:
                 self.on_success(retval, task_id, args, kwargs)
+                if signals.task_success.receivers:
+                    signals.task_success.send(
+                        sender=self, result=retval, runtime=time.monotonic() - started
+                    )
             self.after_return(state, retval, task_id, args, kwargs, None)
         finally:
+            if signals.task_postrun.receivers:
+                signals.task_postrun.send(sender=self, task_id=task_id, task=self, args=args,
+                                          kwargs=kwargs, retval=retval, state=state)  # fmt: skip
             self.pop_request()
         if retry is not None:
             sig = cast("Mapping[str, Any]", retry.sig)
@@ -776,6 +793,9 @@ class Task(Generic[P, R]):
                     check(*args, **kwargs)
                 except TypeError as exc:
                     raise TypeError(f"item {index}: {exc}") from exc
+        if signals.before_task_publish.receivers or signals.after_task_publish.receivers:
+            # Each message with its own publish signals (and the headers they add).
+            return [self.apply_async(args, kwargs, **options) for args, kwargs in items]
         name = cast(str, task.name)
         named = {key: options.pop(key, None) for key in _APPLY_ASYNC_NAMED}
 

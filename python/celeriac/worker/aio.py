@@ -48,6 +48,7 @@ from celeriac.exceptions import (
     TimeLimitExceeded,
 )
 from celeriac.result import exception_to_meta
+from celeriac.signals import task_internal_error, task_postrun, task_prerun
 from celeriac.worker.pool import ASYNC, Pool
 from celeriac.worker.request import (
     Disposition,
@@ -60,6 +61,8 @@ from celeriac.worker.request import (
     _on_reject,
     _on_retry,
     _on_success,
+    send_internal_error,
+    send_postrun,
     store,
 )
 from celeriac.worker.revoke import store_revoked
@@ -344,8 +347,12 @@ class AsyncPool(Pool[Request, Disposition]):
             logger.critical(
                 "Task %s[%s] INTERNAL ERROR: %r", request.name, request.id, exc, exc_info=True
             )
+            if task_internal_error.receivers:
+                send_internal_error(request, exc)
             disposition = Disposition.ACK if request.acks_late else Disposition.NONE
         finally:
+            if task_postrun.receivers:
+                send_postrun(request)
             if request in worker.running:
                 worker.running.remove(request)
             if stats is not None:
@@ -364,6 +371,8 @@ class AsyncPool(Pool[Request, Disposition]):
         started = time.monotonic()
         request.time_start = time.time()
         request.send_event("task-started")
+        if task_prerun.receivers:
+            task_prerun.send(sender=task, task_id=request.id, task=task, args=args, kwargs=kwargs)
         _handler(request, "before_start", request.id, args, kwargs)
         if request.track_started and backend is not None and not request.ignore_result:
             started_meta = {"pid": os.getpid(), "hostname": request.hostname}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from celeriac.signals import task_received
 from celeriac.worker.request import short_repr
 
 if TYPE_CHECKING:
@@ -43,7 +44,11 @@ def prepare_received(request: Request, events: EventDispatcher) -> None:
 
 def announce_received(request: Request) -> None:
     """Send the ``task-received`` noted for ``request``, once (no-op after, or without
-    ``-E``)."""
+    ``-E``); and a ``task_received`` signal held back until now."""
+    worker = request.received_by
+    if worker is not None:  # the task_received signal, also sent once kept
+        request.received_by = None
+        task_received.send(sender=worker, request=request)
     fields: dict[str, Any] | None = request.received_event
     if fields is None:
         return

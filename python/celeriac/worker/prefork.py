@@ -31,7 +31,7 @@ import traceback
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from celeriac import states
+from celeriac import signals, states
 from celeriac.control import ChildLinks, Pidbox
 from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.result import meta_for
@@ -116,10 +116,12 @@ class Supervisor:
         if signum == signal.SIGQUIT or self._signals >= 2:
             if not self._cold:
                 self._say("worker: Cold shutdown (MainProcess)")
+                signals.shutting_down(self.worker.nodename, signum, cold=True)
             self._cold = True
             self.worker._stop_requested = True
         else:
             self._say("worker: Warm shutdown (MainProcess)")
+            signals.shutting_down(self.worker.nodename, signum, cold=False)
             self.worker._stop_requested = True
 
     @staticmethod
@@ -174,6 +176,7 @@ class Supervisor:
                 self.pidbox = Pidbox(worker, supervisor=self)
                 self.pidbox.links = self.links
                 self.pidbox.start()
+                signals.worker_ready.send(sender=worker)
                 logger.info("%s ready.", worker.nodename)
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 logger.critical(
@@ -385,6 +388,7 @@ class Supervisor:
                 signum=signal_name(signum),
                 expired=False,
             )
+        signals.slot_revoked(self.worker.app, slot, signum)
         if self.backend is not None and not slot.flags & Flag.IGNORE_RESULT:
             reason = TaskRevokedError("terminated")
             meta = meta_for(slot.task_id, states.REVOKED, reason, None, None)
@@ -481,6 +485,7 @@ class Supervisor:
             logger.error("Could not write every result: %s", exc)
             self._status = EX_FAILURE
         logger.info("%s stopped.", self.worker.nodename)
+        signals.worker_shutdown.send(sender=self.worker)
         return self._status
 
     def _reap_status(self) -> list[int]:

@@ -22,6 +22,15 @@ from celeriac import states
 from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.local import push_task
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.signals import (
+    task_failure,
+    task_internal_error,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+)
 from celeriac.task import Request as TaskRequest
 
 if TYPE_CHECKING:
@@ -202,6 +211,19 @@ class Request:
     hooks: frozenset[str] = HOOKS
     #: When the body started (UNIX time), for ``inspect active``; None until then.
     time_start: float | None = None
+    #: The worker, while this request's ``task_received`` waits until it is kept
+    #: (``announce.announce_received``).
+    received_by: Any = None
+    #: ``(state, return value or exception)`` once the body ended (``task_postrun``).
+    outcome: tuple[str, Any] | None = None
+
+    @property
+    def args(self) -> Any:
+        return self.delivery.args
+
+    @property
+    def kwargs(self) -> Any:
+        return self.delivery.kwargs
 
     def send_event(self, type_: str, **fields: Any) -> None:
         """Buffer a task event for this request (no-op without ``-E``)."""
@@ -423,9 +445,36 @@ def store_revoked_expired(backend: Backend | None, request: Request) -> None:
         request.expires.isoformat() if request.expires else "?",
     )
     request.send_event("task-revoked", terminated=False, signum=None, expired=True)
+    if task_revoked.receivers:
+        send_revoked(request, terminated=False, signum=None, expired=True)
     if backend is not None and not request.ignore_result:
         reason = exception_to_meta(TaskRevokedError("expired"))
         store(backend, request, request.meta(states.REVOKED, reason))
+
+
+def send_revoked(request: Request, *, terminated: bool, signum: int | None, expired: bool) -> None:
+    """``task_revoked`` for a message discarded or stopped here (sender: its task)."""
+    task_revoked.send(
+        sender=request.task,
+        request=LazyContext(request),
+        terminated=terminated,
+        signum=signum,
+        expired=expired,
+    )
+
+
+def send_internal_error(request: Request, exc: BaseException) -> None:
+    """``task_internal_error``: the worker failed around the body, not the task."""
+    task_internal_error.send(
+        sender=request.task,
+        task_id=request.id,
+        args=request.delivery.args,
+        kwargs=request.delivery.kwargs,
+        request=LazyContext(request),
+        exception=exc,
+        traceback=exc.__traceback__,
+        einfo=ExceptionInfo(exc, "".join(traceback.format_exception(exc))),
+    )
 
 
 class ExceptionInfo:
@@ -474,6 +523,8 @@ def execute(
     request.time_start = time.time()
     if request.events is not None:
         request.send_event("task-started")
+    if task_prerun.receivers:
+        task_prerun.send(sender=task, task_id=request.id, task=task, args=args, kwargs=kwargs)
     try:
         if "before_start" in request.hooks:
             _handler(request, "before_start", request.id, args, kwargs)
@@ -498,7 +549,25 @@ def execute(
             return _on_failure(request, backend, exc, traceback.format_exc())
         return _on_success(request, backend, retval, time.monotonic() - started)
     finally:
+        if task_postrun.receivers:
+            send_postrun(request)
         task.pop_request()
+
+
+def send_postrun(request: Request) -> None:
+    """``task_postrun`` after the body and its outcome's handlers, still inside the
+    task's context (``task.request`` is the message's)."""
+    task = request.task
+    state, retval = request.outcome or (states.FAILURE, None)
+    task_postrun.send(
+        sender=task,
+        task_id=request.id,
+        task=task,
+        args=request.delivery.args,
+        kwargs=request.delivery.kwargs,
+        retval=retval,
+        state=state,
+    )
 
 
 def _on_success(
@@ -517,6 +586,9 @@ def _on_success(
         args, kwargs = request.delivery.args, request.delivery.kwargs
         _handler(request, "on_success", retval, request.id, args, kwargs)
         _handler(request, "after_return", states.SUCCESS, retval, request.id, args, kwargs, None)
+    request.outcome = (states.SUCCESS, retval)
+    if task_success.receivers:
+        task_success.send(sender=request.task, result=retval, runtime=runtime)
     if logger.isEnabledFor(logging.INFO):
         logger.info(
             "Task %s[%s] succeeded in %ss: %s",
@@ -554,6 +626,17 @@ def _on_failure(
     einfo = ExceptionInfo(exc, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs
     _handler(request, "on_failure", exc, request.id, args, kwargs, einfo)
+    request.outcome = (states.FAILURE, exc)
+    if task_failure.receivers:
+        task_failure.send(
+            sender=request.task,
+            task_id=request.id,
+            exception=exc,
+            args=args,
+            kwargs=kwargs,
+            traceback=exc.__traceback__,
+            einfo=einfo,
+        )
     _handler(request, "after_return", states.FAILURE, exc, request.id, args, kwargs, einfo)
     return _failure_disposition(request)
 
@@ -561,12 +644,14 @@ def _on_failure(
 def _on_ignore(request: Request, late: bool) -> Disposition:
     """The task raised ``Ignore``: no state stored; a late-acked message is acked."""
     logger.info("Task %s[%s] ignored", request.name, request.id)
+    request.outcome = (states.IGNORED, None)
     return Disposition.ACK if late else Disposition.NONE
 
 
 def _on_reject(request: Request, exc: Reject, late: bool) -> Disposition:
     """The task raised ``Reject``: a late-acked message is rejected or requeued."""
     requeue = bool(getattr(exc, "requeue", False))
+    request.outcome = (states.REJECTED, exc)
     logger.warning("Task %s[%s] %r", request.name, request.id, exc)
     request.send_event("task-rejected", requeue=requeue)
     if not late:
@@ -585,5 +670,8 @@ def _on_retry(request: Request, backend: Backend | None, exc: Retry) -> Disposit
     einfo = ExceptionInfo(reason, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs
     _handler(request, "on_retry", reason, request.id, args, kwargs, einfo)
+    request.outcome = (states.RETRY, exc)
+    if task_retry.receivers:
+        task_retry.send(sender=request.task, request=request.task.request, reason=exc, einfo=einfo)
     _handler(request, "after_return", states.RETRY, reason, request.id, args, kwargs, einfo)
     return Disposition.ACK if request.acks_late else Disposition.NONE

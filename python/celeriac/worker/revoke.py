@@ -145,6 +145,12 @@ def store_revoked(
         signum=signal_name(signum) if signum else None,
         expired=False,
     )
+    from celeriac.signals import task_revoked
+
+    if task_revoked.receivers:
+        from celeriac.worker.request import send_revoked
+
+        send_revoked(request, terminated=terminated, signum=signum or None, expired=False)
     if backend is None or request.ignore_result:
         return
     reason = exception_to_meta(TaskRevokedError("terminated" if terminated else "revoked"))

@@ -30,13 +30,14 @@ import urllib.parse
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from celeriac import _core, states
+from celeriac import _core, signals, states
 from celeriac.app import transport_of
 from celeriac.conf import parse_rate_limit
 from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
 from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
 from celeriac.fixups import run_with_fixups
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.signals import task_internal_error, task_received
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
@@ -60,6 +61,7 @@ from celeriac.worker.request import (
     Request,
     TaskPolicy,
     execute,
+    send_internal_error,
     store_revoked_expired,
     task_policy,
 )
@@ -248,6 +250,10 @@ class Worker:
             self.nodename = expand_nodename(options.hostname)
         except ValueError as exc:
             raise WorkerError(str(exc)) from None
+        # Before the settings are read: a receiver may change them for this node.
+        signals.celeryd_init.send(
+            sender=self.nodename, instance=self, conf=app.conf, options=vars(options)
+        )
 
         pool = options.pool
         if pool is None:
@@ -456,6 +462,12 @@ class Worker:
         self._signals_seen = 0
         self._in_fetch = False
         self._previous_handlers: dict[int, Any] = {}
+        signals.worker_init.send(sender=self)
+
+    @property
+    def hostname(self) -> str:
+        """The node name (Celery's ``WorkController.hostname``)."""
+        return self.nodename
 
     # -- setup ---------------------------------------------------------------------
 
@@ -760,9 +772,11 @@ class Worker:
                 os._exit(EX_FAILURE)
             if self.child is None:
                 _say("worker: Cold shutdown (MainProcess)")
+                signals.shutting_down(self.nodename, signum, cold=True)
             raise ColdShutdown()
         if self.child is None:
             _say("worker: Warm shutdown (MainProcess)")
+            signals.shutting_down(self.nodename, signum, cold=False)
         self._stop_requested = True
         if self._in_fetch:
             raise _StopFetch()
@@ -797,6 +811,8 @@ class Worker:
     def _run(self) -> int:
         print(self.banner(), file=sys.stdout, flush=True)
         self.warn_task_events()
+        if self.pool_name == "solo":  # as Celery's solo pool: this process runs tasks
+            signals.worker_process_init.send(sender=self.nodename)
         return self._serve()
 
     def warn_task_events(self) -> None:
@@ -841,12 +857,19 @@ class Worker:
         signal.signal(signal.SIGALRM, self._on_soft_limit)
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, self._on_signal)
+        signals.worker_process_init.send(sender=self.nodename)
         ctx.publish(State.STARTING)
+        status = EX_FAILURE
         try:
-            return self._serve()
+            status = self._serve()
+            return status
         except ColdShutdown:
             self._cold_shutdown()
             return EX_FAILURE  # not reached
+        finally:
+            signals.worker_process_shutdown.send(
+                sender=self.nodename, pid=os.getpid(), exitcode=status
+            )
 
     def _serve(self) -> int:
         self.consumer = self._connect()
@@ -870,6 +893,7 @@ class Worker:
 
             self.pidbox = Pidbox(self)
             self.pidbox.start()
+            signals.worker_ready.send(sender=self)
             logger.info("%s ready.", self.nodename)
         try:
             self._loop(self.consumer)
@@ -979,6 +1003,9 @@ class Worker:
                 f" content_type={delivery.content_type}" if delivery.content_type else "",
             )
             consumer.ack([tag])
+            signals.task_rejected.send(
+                sender=self, message=delivery, exc=InvalidMessage(delivery.error)
+            )
             return
         name = delivery.task or ""
         try:
@@ -999,6 +1026,7 @@ class Worker:
                 tag,
             )
             consumer.reject(tag, False)
+            signals.task_rejected.send(sender=self, message=delivery, exc=exc)
             return
         logger.info("Task %s[%s] received", request.name, request.id)
         if self.events is not None and self.events.enabled:
@@ -1015,6 +1043,11 @@ class Worker:
             store_revoked(self.backend, request)
             consumer.ack([tag])
             return
+        if task_received.receivers:
+            if self._gives_back():
+                request.received_by = self  # sent once kept, as task-received is
+            else:
+                task_received.send(sender=self, request=request)
         if not self._async_window_open and name in self.async_tasks:
             self._open_async_window(consumer)
         if request.eta is not None and request.eta.timestamp() > time.time():
@@ -1163,6 +1196,9 @@ class Worker:
             except Exception as exc:
                 logger.error("Could not store the failure of task %s: %s", task_id, exc)
         consumer.reject(delivery.delivery_tag, False)
+        signals.task_unknown.send(
+            sender=self, message=delivery, exc=NotRegistered(name), name=name, id=task_id
+        )
 
     def _release_due_eta(self, consumer: Consumer) -> None:
         if len(self.eta):
@@ -1388,6 +1424,8 @@ class Worker:
             logger.critical(
                 "Task %s[%s] INTERNAL ERROR: %r", request.name, request.id, exc, exc_info=True
             )
+            if task_internal_error.receivers:
+                send_internal_error(request, exc)
             return Disposition.ACK if request.acks_late else Disposition.NONE
         finally:
             with contextlib.suppress(ValueError):
@@ -1445,6 +1483,8 @@ class Worker:
         except Exception as exc:
             logger.warning("Error closing the broker connection: %s", exc)
         logger.info("%s stopped.", self.nodename)
+        if self.child is None:
+            signals.worker_shutdown.send(sender=self)
         return status
 
     def _cold_shutdown(self) -> None:
