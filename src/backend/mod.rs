@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::Result;
+use crate::protocol::content::Serializer;
 
 /// Celery's `READY_STATES`: a task in one of these will not change again.
 pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
@@ -62,6 +63,8 @@ pub struct BackendOptions {
     pub persistent: bool,
     /// rpc: the broker's transport options (`broker_transport_options`, TLS, heartbeat).
     pub broker_transport: serde_json::Map<String, serde_json::Value>,
+    /// rpc: `result_serializer` (the other stores keep opaque bytes).
+    pub serializer: Serializer,
 }
 
 impl Default for BackendOptions {
@@ -78,6 +81,7 @@ impl Default for BackendOptions {
             reply_to: String::new(),
             persistent: false,
             broker_transport: serde_json::Map::new(),
+            serializer: Serializer::Json,
         }
     }
 }
@@ -125,6 +129,7 @@ impl Backend {
                 reply_to: options.reply_to,
                 expires: options.expires,
                 persistent: options.persistent,
+                serializer: options.serializer,
                 transport: crate::broker::amqp::AmqpOptions::from_transport(
                     &crate::broker::TransportOptions {
                         connect_timeout: options.connect_timeout,

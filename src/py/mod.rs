@@ -12,6 +12,7 @@ pub mod options;
 pub mod pidbox;
 pub mod producer;
 pub mod scheduler;
+pub mod serializers;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -23,5 +24,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pidbox::register(m)?;
     backend::register(m)?;
     scheduler::register(m)?;
+    serializers::register(m)?;
     Ok(())
 }

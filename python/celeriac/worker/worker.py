@@ -644,12 +644,14 @@ class Worker:
         app = self.app
         timeout = float(_setting(app, "broker_connection_timeout", 4.0))
         options = app.transport_options()
+        accept = app.accept_content
         return lambda: _core.Consumer(
             app.broker_url,
             self.queues,
             prefetch_count=self.window,
             transport_options=options,
             connect_timeout=timeout,
+            accept_content=accept,
         )
 
     def _probe_factory(self) -> Callable[[], Any]:
@@ -967,7 +969,8 @@ class Worker:
                 tag,
                 f" content_type={delivery.content_type}" if delivery.content_type else "",
             )
-            consumer.ack([tag])
+            # Rejected, not acked: a RabbitMQ queue with a dead-letter exchange keeps it.
+            consumer.reject(tag, False)
             return
         name = delivery.task or ""
         try:
