@@ -68,7 +68,7 @@ impl ResultFormat {
                 DecodeError::new_err(format!(
                     "the stored result of task {task_id:?} is not valid {}: {}",
                     other.name(),
-                    err.value(py)
+                    serializers::describe(py, &err)
                 ))
             })?,
         };

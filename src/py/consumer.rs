@@ -354,8 +354,13 @@ fn decode_task<'py>(
         Serializer::Json => {
             loads(py, body).map_err(|err| format!("the body is not valid JSON: {err}"))?
         }
-        other => serializers::loads(py, other, body)
-            .map_err(|err| format!("the body is not valid {}: {err}", other.name()))?,
+        other => serializers::loads(py, other, body).map_err(|err| {
+            format!(
+                "the body is not valid {}: {}",
+                other.name(),
+                serializers::describe(py, &err)
+            )
+        })?,
     };
     let has_task = headers.contains("task").unwrap_or(false);
     if has_task {

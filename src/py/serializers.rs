@@ -88,6 +88,22 @@ pub fn dumps(serializer: Serializer, value: &Bound<'_, PyAny>) -> PyResult<Vec<u
     bytes_of(&encoded, "serialization.dumps")
 }
 
+/// A decoding error for a log line or message: `Type: text` (`Type` alone when the
+/// package says nothing more, as msgpack often does).
+pub fn describe(py: Python<'_>, err: &PyErr) -> String {
+    let name = err
+        .get_type(py)
+        .name()
+        .map(|name| name.to_string())
+        .unwrap_or_else(|_| "Exception".to_owned());
+    let text = err.value(py).to_string();
+    if text.is_empty() {
+        name
+    } else {
+        format!("{name}: {text}")
+    }
+}
+
 /// Bytes in a serializer other than JSON, as Python objects.
 pub fn loads<'py>(
     py: Python<'py>,
