@@ -60,8 +60,21 @@ def _missing(name: str) -> SerializerNotInstalled:
     )
 
 
-def _codec(name: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+_Codec = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
+
+#: The codecs made so far (a missing package is looked for again on each use).
+_CODECS: dict[str, _Codec] = {}
+
+
+def _codec(name: str) -> _Codec:
     """The (dumps, loads) pair of a serializer; raises for an unknown or missing one."""
+    codec = _CODECS.get(name)
+    if codec is None:
+        codec = _CODECS[name] = _make_codec(name)
+    return codec
+
+
+def _make_codec(name: str) -> _Codec:
     if name == "pickle":
         return (lambda value: pickle.dumps(value, protocol=PICKLE_PROTOCOL)), pickle.loads
     if name == "msgpack":
