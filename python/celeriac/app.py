@@ -1100,15 +1100,6 @@ class Celeriac:
             self._backend_pid = os.getpid()
             return backend
 
-    @property
-    def accept_content(self) -> list[str]:
-        """The serializers a worker decodes task messages in (``accept_content``);
-        ``ImproperlyConfigured`` for a name that is not one."""
-        try:
-            return prepare_accept_content("accept_content", self.conf["accept_content"])
-        except ValueError as exc:
-            raise ImproperlyConfigured(str(exc)) from None
-
     def _result_format(self) -> dict[str, Any]:
         """``result_serializer``, ``result_compression`` and the formats results may be
         read in (``result_accept_content``, else ``accept_content``), for the store."""

@@ -34,6 +34,7 @@ __all__ = [
     "dumps_body",
     "loads",
     "prepare_accept_content",
+    "worker_accept_content",
 ]
 
 ContentDisallowed = _core.ContentDisallowed
@@ -144,6 +145,23 @@ def prepare_accept_content(setting: str, names: Iterable[str]) -> list[str]:
         if name not in found:
             found.append(name)
     return found
+
+
+def worker_accept_content(names: Iterable[str]) -> list[str]:
+    """``accept_content`` for a worker: ``prepare_accept_content``, and, as Celery does,
+    no pickle for a worker running as root unless ``C_FORCE_ROOT`` is set (unpickling a
+    message can run any code, here with every privilege). ``ImproperlyConfigured``."""
+    try:
+        accepted = prepare_accept_content("accept_content", names)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+    if "pickle" in accepted and os.geteuid() == 0 and not os.environ.get("C_FORCE_ROOT"):
+        raise ImproperlyConfigured(
+            "refusing to run as root with pickle in accept_content: unpickling a message "
+            "runs whatever code it names. Run the worker as another user (--uid), take "
+            "pickle out of accept_content, or set C_FORCE_ROOT=1 to take the risk"
+        )
+    return accepted
 
 
 def _plain(value: Any) -> Any:

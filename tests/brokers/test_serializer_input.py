@@ -8,6 +8,7 @@ messages around them. A sender's bad setting fails at its call site.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -230,3 +231,26 @@ def test_accepted_serializer_whose_package_is_missing(
     result_keys.add(follow.id)
     assert follow.get(timeout=20) == 7
     assert remaining(url, fmt_dir.queue, redis_client) == 0
+
+
+@pytest.mark.parametrize(
+    ("accept", "environ", "message"),
+    [
+        ('["json", "xml"]', {}, r"accept_content: 'xml' is not a serializer"),
+        (
+            '["pickle"]',
+            {"C_FORCE_ROOT": ""},
+            r"refusing to run as root with pickle in accept_content: .*C_FORCE_ROOT=1",
+        ),
+    ],
+)
+def test_worker_refuses_to_start_with_a_bad_accept_content(
+    worker: StartWorker, tasks_dir: TasksDir, accept: str, environ: dict[str, str], message: str
+) -> None:
+    if accept == '["pickle"]' and os.geteuid() != 0:
+        pytest.skip("the pickle refusal is for a worker running as root")
+    tasks_dir.write("fmt_tasks.py", FMT_TASKS.replace('["json", "msgpack"]', accept, 1))
+    tasks_dir.env.update(environ)
+    process = worker(app="fmt_tasks", ready=False, check_exit=False)
+    process.wait_for(message)
+    assert process.wait(20) != 0

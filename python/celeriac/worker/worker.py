@@ -34,8 +34,14 @@ from celeriac import _core, states
 from celeriac.app import transport_of
 from celeriac.conf import parse_rate_limit
 from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
-from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
+from celeriac.exceptions import (
+    ImproperlyConfigured,
+    NotRegistered,
+    SoftTimeLimitExceeded,
+    TaskRevokedError,
+)
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.serialization import worker_accept_content
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
@@ -345,6 +351,11 @@ class Worker:
                         "(and task_create_missing_queues is False)"
                     )
         self.queues: list[str] = queues
+        try:
+            #: ``accept_content``, checked at start (serializer names, pickle as root).
+            self.accept_content = worker_accept_content(_setting(app, "accept_content", ["json"]))
+        except ImproperlyConfigured as exc:
+            raise WorkerError(str(exc)) from None
 
         self.max_tasks_per_child = _optional_count(
             "--max-tasks-per-child",
@@ -644,7 +655,7 @@ class Worker:
         app = self.app
         timeout = float(_setting(app, "broker_connection_timeout", 4.0))
         options = app.transport_options()
-        accept = app.accept_content
+        accept = self.accept_content
         return lambda: _core.Consumer(
             app.broker_url,
             self.queues,
