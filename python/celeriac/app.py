@@ -1094,19 +1094,25 @@ class Celeriac:
                     transport_options=options,
                     connect_timeout=float(self.conf["broker_connection_timeout"]),
                     **rpc,
-                    **self._result_format(),
+                    **self._result_format(scheme),
                 )
             self._backend = backend
             self._backend_pid = os.getpid()
             return backend
 
-    def _result_format(self) -> dict[str, Any]:
+    def _result_format(self, scheme: str) -> dict[str, Any]:
         """``result_serializer``, ``result_compression`` and the formats results may be
         read in (``result_accept_content``, else ``accept_content``), for the store."""
         conf = self.conf
         try:
             serializer = check_serializer("result_serializer", conf["result_serializer"])
             compression = check_compression("result_compression", conf["result_compression"])
+            if compression and scheme == "rpc":
+                logger.warning(
+                    "result_compression is ignored by the rpc:// result backend: its "
+                    "results are messages, stored uncompressed (as Celery does)"
+                )
+                compression = None
             accept = conf["result_accept_content"]
             setting = "result_accept_content"
             if accept is None:

@@ -254,3 +254,47 @@ def test_worker_refuses_to_start_with_a_bad_accept_content(
     process = worker(app="fmt_tasks", ready=False, check_exit=False)
     process.wait_for(message)
     assert process.wait(20) != 0
+
+
+BOTH_SIDES = app_module(
+    "both_tasks",
+    """
+app.conf.task_serializer = "msgpack"
+app.conf.task_compression = "zstd"
+app.conf.result_serializer = "yaml"
+app.conf.result_compression = "lzma"
+app.conf.accept_content = ["msgpack"]
+app.conf.result_accept_content = ["yaml"]
+
+
+@app.task(name="both.echo")
+def echo(*args, **kwargs):
+    return [list(args), kwargs]
+""",
+)
+
+
+@pytest.mark.parametrize("broker", ["sqlite", "amqp"])
+def test_celeriac_on_both_sides_with_prefork(
+    worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys, broker: str
+) -> None:
+    """msgpack + zstd messages and yaml + lzma results, client and prefork worker
+    celeriac's, on the SQLite broker and store and on RabbitMQ with rpc:// results."""
+    tasks_dir.write("both_tasks.py", BOTH_SIDES)
+    if broker == "sqlite":
+        url = f"sqlite://{tasks_dir.path / 'broker.sqlite3'}"
+        tasks_dir.env.update(CELERIAC_TEST_BROKER=url, CELERIAC_TEST_BACKEND=url)
+    else:
+        tasks_dir.env.update(CELERIAC_TEST_BROKER=AMQP_URL, CELERIAC_TEST_BACKEND="rpc://")
+    try:
+        worker("-c", "2", app="both_tasks", pool="prefork")
+        tasks = tasks_dir.import_module("both_tasks")
+        results = [tasks.echo.delay(i, b"\x00\xff", k={"n": [i]}) for i in range(20)]
+        for i, result in enumerate(results):
+            assert result.get(timeout=20) == [[i, b"\x00\xff"], {"k": {"n": [i]}}]
+    finally:
+        module = sys.modules.pop("both_tasks", None)
+        if module is not None:
+            module.app.close()
+        if broker == "amqp":
+            delete_amqp(AMQP_URL, tasks_dir.queue)
