@@ -175,8 +175,12 @@ def _plain(value: Any) -> Any:
 
 
 def dumps(name: str, value: Any) -> bytes:
-    """``value`` in serializer ``name``."""
-    return _codec(name)[0](value)
+    """``value`` in serializer ``name``; ``TypeError`` (as for JSON) when it cannot be."""
+    encode = _codec(name)[0]
+    try:
+        return encode(value)
+    except Exception as exc:
+        raise TypeError(f"cannot encode as {name}: {type(exc).__name__}: {exc}") from exc
 
 
 def loads(name: str, data: bytes) -> Any:

@@ -270,6 +270,11 @@ app.conf.result_accept_content = ["yaml"]
 @app.task(name="both.echo")
 def echo(*args, **kwargs):
     return [list(args), kwargs]
+
+
+@app.task(name="both.an_object")
+def an_object():
+    return object()
 """,
 )
 
@@ -292,6 +297,12 @@ def test_celeriac_on_both_sides_with_prefork(
         results = [tasks.echo.delay(i, b"\x00\xff", k={"n": [i]}) for i in range(20)]
         for i, result in enumerate(results):
             assert result.get(timeout=20) == [[i, b"\x00\xff"], {"k": {"n": [i]}}]
+        # A return value yaml cannot carry is the task's failure, stored in yaml.
+        with pytest.raises(TypeError, match="cannot encode as yaml: RepresenterError"):
+            tasks.an_object.delay().get(timeout=20)
+        # An argument msgpack cannot carry fails at the call site.
+        with pytest.raises(TypeError, match="cannot encode as msgpack: TypeError"):
+            tasks.echo.delay({1, 2})
     finally:
         module = sys.modules.pop("both_tasks", None)
         if module is not None:
