@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from celeriac import Celeriac
+from celeriac import Celeriac, serialization
 from celeriac.exceptions import DecodeError, ImproperlyConfigured
 from celeriac.serialization import ContentDisallowed, SerializerNotInstalled
 from conftest import REDIS_URL, queue_length
@@ -53,6 +53,8 @@ def without(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     def hide(module: str) -> None:
         monkeypatch.setitem(sys.modules, module, None)
+        # Forget the codecs made by earlier tests of this process.
+        monkeypatch.setattr(serialization, "_CODECS", {})
 
     return hide
 
