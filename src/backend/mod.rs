@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::Result;
+use crate::protocol::compression;
 use crate::protocol::content::Serializer;
 
 /// Celery's `READY_STATES`: a task in one of these will not change again.
@@ -26,6 +27,12 @@ pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
 /// that a waiter hands it to the decoder (which says what is wrong) instead of waiting
 /// for its timeout.
 pub fn is_ready(meta: &[u8]) -> bool {
+    if meta.starts_with(compression::RESULT_MAGIC) {
+        return match compression::decompress_result(meta) {
+            Ok(plain) => is_ready(&plain),
+            Err(_) => true,
+        };
+    }
     #[derive(Deserialize)]
     struct Probe<'a> {
         #[serde(borrow, default)]
@@ -262,6 +269,18 @@ mod tests {
             assert!(!is_ready(meta.as_bytes()), "{state}");
         }
         assert!(!is_ready(br#"{"result": 1}"#));
+    }
+
+    #[test]
+    fn compressed_json_is_read_through() {
+        let method = compression::Compression::Zlib;
+        let ready = compression::compress_result(method, br#"{"status": "SUCCESS"}"#).unwrap();
+        let retry = compression::compress_result(method, br#"{"status": "RETRY"}"#).unwrap();
+        assert!(is_ready(&ready));
+        assert!(!is_ready(&retry));
+        assert!(is_ready(
+            b"\x00celery-compressed\x00application/x-gzip\x00junk"
+        ));
     }
 
     #[test]

@@ -217,12 +217,10 @@ impl Backend {
             let until = deadline.map_or(slice_end, |deadline| deadline.min(slice_end));
             if let Some(stored) = py.detach(|| waiter.wait_until(until))? {
                 let meta = self.format.decode(py, task_id, &stored)?;
-                // The stores read the state of plain JSON only and hand anything else
-                // over: an unready one means waiting on, after a pause (some stores
-                // would hand the same one back at once).
-                let plain_json = self.format.serializer == Serializer::Json
-                    && !stored.starts_with(compression::RESULT_MAGIC);
-                if plain_json || is_ready_meta(&meta) {
+                // The stores read the state of JSON only and hand anything else over:
+                // an unready one means waiting on, after a pause (some stores would
+                // hand the same one back at once).
+                if self.format.serializer == Serializer::Json || is_ready_meta(&meta) {
                     return Ok(meta);
                 }
                 py.detach(|| std::thread::sleep(WAIT_SLICE));
