@@ -10,7 +10,7 @@ core calls back here to decode one. Compression is the core's (``celeriac._core`
 
 The formats match kombu's registry: pickle protocol 4 (or ``PICKLE_PROTOCOL``),
 ``msgpack.packb(use_bin_type=True)`` / ``unpackb(raw=False)``, ``yaml.safe_dump`` /
-``yaml.safe_load``.
+``yaml.safe_load`` (through libyaml when PyYAML has it).
 """
 
 from __future__ import annotations
@@ -92,7 +92,14 @@ def _make_codec(name: str) -> _Codec:
             yaml = importlib.import_module("yaml")
         except ImportError:
             raise _missing(name) from None
-        return (lambda value: yaml.safe_dump(value).encode()), yaml.safe_load
+        # libyaml's safe dumper and loader where PyYAML has them: the same documents
+        # as safe_dump/safe_load (what kombu uses), many times faster.
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        return (
+            lambda value: yaml.dump(value, Dumper=dumper).encode(),
+            lambda data: yaml.load(data, Loader=loader),
+        )
     if name == "json":
         return _core.dumps, _core.loads
     raise ValueError(f"unknown serializer {name!r}: use one of {', '.join(CONTENT_TYPES)}")
