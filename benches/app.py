@@ -52,6 +52,9 @@ else:
 
 app = Celery("benches", broker=broker, backend=backend)
 app.conf.update(task_default_queue=QUEUE)
+if os.environ.get("BENCH_SERIALIZER"):  # the serializer scenario: this one, not JSON
+    serializer = os.environ["BENCH_SERIALIZER"]
+    app.conf.update(task_serializer=serializer, accept_content=["json", serializer])
 if os.environ.get("BENCH_ASYNC_CONCURRENCY"):  # celeriac's async def tasks, this many at once
     app.conf.update(worker_async_concurrency=int(os.environ["BENCH_ASYNC_CONCURRENCY"]))
 

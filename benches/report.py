@@ -37,6 +37,7 @@ METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
         ("p90_ms", "p90 ms", False, False),
         ("p99_ms", "p99 ms", False, False),
     ],
+    "serializer": [("rate", "tasks/s", True, False)],
     "memory": [
         ("idle_pss_mb", "PSS MB idle", False, True),
         ("after_pss_mb", "PSS MB after n", False, False),
@@ -88,6 +89,27 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["best_peer"], row["vs_best"] = None, None
             rows.append(row)
     return rows
+
+
+def serializer_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """celeriac's msgpack rate over its JSON rate, per broker and step, from the
+    ``serializer`` scenario's rows (> 1: msgpack is faster)."""
+    rates = {
+        (r["broker"], r["shape"]): r["values"].get("celeriac")
+        for r in rows
+        if r["scenario"] == "serializer" and r["metric"] == "rate"
+    }
+    lines = []
+    for broker in BROKER_NAMES:
+        for step in ("enqueue", "drain"):
+            json_rate = rates.get((broker, f"{step}, json"))
+            msgpack_rate = rates.get((broker, f"{step}, msgpack"))
+            if json_rate and msgpack_rate:
+                lines.append(
+                    f"{BROKER_NAMES[broker]} {step}: msgpack {msgpack_rate:,.0f} tasks/s, "
+                    f"JSON {json_rate:,.0f} tasks/s, msgpack/JSON {msgpack_rate / json_rate:.2f}x"
+                )
+    return lines
 
 
 def _ratio(me: float | None, other: float | None, higher: bool) -> float | None:

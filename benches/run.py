@@ -26,6 +26,8 @@ unique to it; its keys, queues and files are deleted before and after. Scenarios
   every call, as HdrHistogram reports them; celeriac and Celery);
 - ``memory``: PSS and RSS of the worker's processes (``/proc/PID/smaps_rollup``) once it
   is idle and ready, and after it ran 100,000 tasks;
+- ``serializer``: celeriac's ``enqueue`` and ``drain`` (1 process) with
+  ``task_serializer = "msgpack"`` beside JSON, the same no-ops, in the same run;
 - ``mixed``: the migration on Redis: a Celery client sends, a celeriac worker runs (drain
   and round trip through Celery's ``AsyncResult``), against a Celery worker, same client;
 - ``soak`` (not in the default run): 1,000,000 no-ops through one celeriac worker on Redis,
@@ -71,11 +73,24 @@ import redis  # noqa: E402
 from benches import soak  # noqa: E402
 from benches.peers import BEST_PREFETCH, BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
 from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate  # noqa: E402
-from benches.report import ceiling_summary, print_table, summarize, write_chart  # noqa: E402
+from benches.report import (  # noqa: E402
+    ceiling_summary,
+    print_table,
+    serializer_ratios,
+    summarize,
+    write_chart,
+)
 
-SCENARIOS = ("enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed", "soak")
+SCENARIOS = (
+    "enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed", "serializer",
+    "soak",
+)  # fmt: skip
 #: scenarios run only when named: the soak takes minutes
 NOT_BY_DEFAULT = ("soak",)
+#: the serializer scenario's shapes: celeriac's enqueue and drain (1 process) with each
+SERIALIZER_SHAPES = tuple(
+    f"{step}, {name}" for step in ("enqueue", "drain") for name in ("json", "msgpack")
+)
 ALL_BROKERS = ("redis", "amqp", "sqlite")
 RESULTS_DIR = ROOT / "benches" / "results"
 #: the drain row of celeriac and Celery at their default prefetch window (4 per slot)
@@ -149,6 +164,8 @@ class Bench:
         )
         if job.peer in ("celeriac", "celery"):
             env["BENCH_IMPL"] = job.peer
+        if job.scenario == "serializer":
+            env["BENCH_SERIALIZER"] = job.shape.split(", ")[1]
         if job.mode == "async" and job.scenario == "io":
             env["BENCH_IO_ASYNC"] = "1"  # celeriac: the async def task
         return env
@@ -251,6 +268,12 @@ class Bench:
         if kind == "cpu":
             out["cpu_rounds"] = self.cpu_rounds
         return out
+
+    def serializer(self, job: Job, queue: str) -> dict[str, Any]:
+        """``enqueue`` or ``drain`` with the shape's serializer (see ``env``)."""
+        if job.shape.startswith("enqueue"):
+            return self.enqueue(job, queue)
+        return self.drain(job, queue)
 
     def io(self, job: Job, queue: str) -> dict[str, Any]:
         """The I/O-bound tasks, sent to a worker that is up and idle: it runs one sentinel,
@@ -541,8 +564,10 @@ def _brief(rec: dict[str, Any]) -> str:
     if not rec["ok"]:
         return "FAILED: " + str(rec["error"]).splitlines()[0]
     scen = rec["scenario"]
-    if scen == "enqueue":
+    if scen == "enqueue" or (scen == "serializer" and "startup_seconds" not in rec):
         return f"{rec['rate']:>10,.0f} tasks/s"
+    if scen == "serializer":
+        scen = "drain"
     if scen in ("drain", "io") or (scen == "mixed" and "rate" in rec):
         extra = f", {rec['efficiency']:.0%} of ideal" if scen == "io" else ""
         return (
@@ -710,6 +735,12 @@ def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list
                             # Right after the drain it bounds: on a busy machine, cells
                             # measured minutes apart differ more than side by side.
                             jobs += ceiling_jobs(args, broker, on, rep)
+                elif scenario == "serializer" and "celeriac" in on:
+                    jobs += [
+                        Job(broker, "serializer", shape, "celeriac", rep,
+                            prefetch=best if shape.startswith("drain") else 0)
+                        for shape in SERIALIZER_SHAPES
+                    ]  # fmt: skip
                 elif scenario == "io":
                     if broker != "redis" or rep >= args.extra_repeats:
                         continue
@@ -928,6 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(bench.results)
     ceilings = ceiling_summary(rows, bench.results)
     print_table(rows, bench.results)
+    for line in serializer_ratios(rows):
+        print(line)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = args.json or RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -19,6 +19,23 @@ class TimeoutError(CeleriacError):
 class DecodeError(CeleriacError):
     """Bytes that are not valid JSON or not a message celeriac understands."""
 
+class ContentDisallowed(DecodeError):
+    """A result in a serializer not in ``result_accept_content`` (kombu's name)."""
+
+def serializer_content_type(name: str) -> tuple[str, str]:
+    """``(content type, content encoding)`` of a serializer name or content type
+    (json, pickle, msgpack, yaml); ``ValueError`` for anything else."""
+
+def compression_content_type(name: str) -> str:
+    """kombu's ``compression`` header value for a method (``gzip``/``zlib``,
+    ``bzip2``, ``lzma``/``xz``, ``zstd``, or the content type); ``ValueError`` else."""
+
+def compress(data: bytes, method: str) -> bytes:
+    """``data`` compressed as kombu's ``method`` does, by the Rust core."""
+
+def decompress(data: bytes, method: str) -> bytes:
+    """``compress`` undone; ``DecodeError`` when ``data`` is not ``method``'s output."""
+
 def dumps(obj: Any) -> bytes:
     """JSON bytes as kombu writes them (type markers for datetime, date, time, Decimal,
     UUID and bytes; ``", "`` / ``": "`` separators; ASCII only). Raises ``TypeError``
@@ -153,9 +170,12 @@ class Consumer:
         prefetch_count: int,
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
+        accept_content: Sequence[str] | None = None,
     ) -> None:
         """Connect now; same errors as ``Producer``. ``prefetch_count`` bounds the
-        messages fetched and not yet acked (0 = unbounded)."""
+        messages fetched and not yet acked (0 = unbounded). ``accept_content``:
+        serializer names or content types decoded (default ``["json"]``); a message in
+        any other is a delivery with ``error`` set, its body left undecoded."""
 
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         """Up to ``max_count`` deliveries (bounded by the prefetch window). Waits up to
@@ -210,9 +230,16 @@ class Backend:
         broker_url: str | None = None,
         reply_to: str = "",
         persistent: bool = False,
+        serializer: str = "json",
+        compression: str | None = None,
+        accept_content: Sequence[str] | None = None,
     ) -> None:
         """``broker_url``, ``reply_to`` and ``persistent`` (``result_persistent``) are
-        read by ``rpc://`` only; a backend with an empty ``reply_to`` only stores."""
+        read by ``rpc://`` only; a backend with an empty ``reply_to`` only stores.
+        ``serializer`` (``result_serializer``) writes and reads the metas;
+        ``compression`` (``result_compression``, not for ``rpc://``) compresses what is
+        written, as Celery 5.7 does; reading raises ``ContentDisallowed`` when
+        ``serializer`` is not in ``accept_content`` (None: anything)."""
 
     def store(
         self,

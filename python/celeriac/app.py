@@ -39,11 +39,17 @@ from celeriac.local import (
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.routes import Route, Router
 from celeriac.schedules import periodic_entry
+from celeriac.serialization import (
+    check_compression,
+    check_serializer,
+    prepare_accept_content,
+)
+from celeriac.serialization import dumps as _serialize
+from celeriac.serialization import loads as _deserialize
 from celeriac.task import (
     _UNBUILT,
     DispatchDefaults,
     _add_autoretry,
-    _check_serializer,
     bind_run,
 )
 from celeriac.task import Task as _Task
@@ -690,6 +696,8 @@ class Celeriac:
                 None,
                 False,
                 confirm,
+                check_serializer("task_serializer", conf["task_serializer"]),
+                check_compression("task_compression", conf["task_compression"]),
             )
             self._name_defaults[name] = defaults
             return defaults
@@ -703,7 +711,7 @@ class Celeriac:
                 route = router.for_name(name, task)
         hard = task.time_limit
         soft = task.soft_time_limit
-        _check_serializer(
+        serializer = check_serializer(
             "serializer" if "serializer" in task.__dict__ else "task_serializer", task.serializer
         )
         defaults = DispatchDefaults(
@@ -717,6 +725,8 @@ class Celeriac:
             task.expires,
             bool(conf["task_always_eager"]),
             confirm,
+            serializer,
+            check_compression("task_compression", conf["task_compression"]),
         )
         object.__setattr__(task, "_dispatch", defaults)
         return defaults
@@ -762,6 +772,10 @@ class Celeriac:
         if task_id is None:
             task_id = uuid4()
         opts: dict[str, Any] = {}
+        if defaults.serializer != "json":
+            opts["serializer"] = defaults.serializer
+        if defaults.compression:
+            opts["compression"] = defaults.compression
 
         route = defaults.route
         if route is None or queue is not None or exchange is not None or routing_key is not None:
@@ -941,9 +955,13 @@ class Celeriac:
                             f"not {value!r}"
                         ) from None
             elif key == "serializer":
-                _check_serializer(key, value)
+                if value is not None:
+                    # JSON is the producer's default: the option is left out for it.
+                    opts["serializer"] = check_serializer(key, value)
+                    if opts["serializer"] == "json":
+                        del opts["serializer"]
             elif key == "compression" and value:
-                raise ValueError(f"compression {value!r} is not supported yet")
+                opts["compression"] = check_compression(key, value)
             # Anything else (retry, retry_policy, producer, connection, mandatory...)
             # is a kombu publishing knob with no meaning here, ignored as Celery would.
         return add_to_parent
@@ -963,8 +981,11 @@ class Celeriac:
         link_error: Any,
         options: dict[str, Any],
     ) -> _AsyncResult[Any]:
-        # Round-trip the arguments through JSON, as a worker would receive them.
-        args, kwargs = _core.loads(_core.dumps([list(args), dict(kwargs)]))
+        # Round-trip the arguments through the serializer, as a worker would get them.
+        serializer = check_serializer(
+            "serializer", options.get("serializer") or task.serializer or "json"
+        )
+        args, kwargs = _deserialize(serializer, _serialize(serializer, [list(args), dict(kwargs)]))
         extra = {
             key: value
             for key, value in options.items()
@@ -1066,7 +1087,8 @@ class Celeriac:
                     "supported; celeriac speaks amqp://, redis:// and sqlite://"
                 )
             try:
-                _check_serializer("task_serializer", self.conf["task_serializer"])
+                check_serializer("task_serializer", self.conf["task_serializer"])
+                check_compression("task_compression", self.conf["task_compression"])
             except ValueError as exc:
                 raise ImproperlyConfigured(str(exc)) from None
             self.finalize()
@@ -1131,10 +1153,33 @@ class Celeriac:
                     transport_options=options,
                     connect_timeout=float(self.conf["broker_connection_timeout"]),
                     **rpc,
+                    **self._result_format(scheme),
                 )
             self._backend = backend
             self._backend_pid = os.getpid()
             return backend
+
+    def _result_format(self, scheme: str) -> dict[str, Any]:
+        """``result_serializer``, ``result_compression`` and the formats results may be
+        read in (``result_accept_content``, else ``accept_content``), for the store."""
+        conf = self.conf
+        try:
+            serializer = check_serializer("result_serializer", conf["result_serializer"])
+            compression = check_compression("result_compression", conf["result_compression"])
+            if compression and scheme == "rpc":
+                logger.warning(
+                    "result_compression is ignored by the rpc:// result backend: its "
+                    "results are messages, stored uncompressed (as Celery does)"
+                )
+                compression = None
+            accept = conf["result_accept_content"]
+            setting = "result_accept_content"
+            if accept is None:
+                accept, setting = conf["accept_content"], "accept_content"
+            accepted = prepare_accept_content(setting, accept)
+        except ValueError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+        return {"serializer": serializer, "compression": compression, "accept_content": accepted}
 
     def _drop_connections_after_fork(self) -> None:
         for connection in (self._producer, self._backend):

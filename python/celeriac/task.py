@@ -38,6 +38,7 @@ from celeriac.local import (
 )
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.result import EagerResult, meta_for
+from celeriac.serialization import check_serializer
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -234,11 +235,9 @@ def _check_priority(name: str, value: Any) -> Any:
 
 
 def _check_serializer(name: str, value: Any) -> Any:
-    if value not in (None, "json"):
-        raise ValueError(
-            f"{name} {value!r} is not supported yet: celeriac sends JSON "
-            "(kombu's JSON, with datetime, Decimal, UUID and bytes)"
-        )
+    """A serializer name celeriac can write (its package installed), else raise."""
+    if value is not None:
+        check_serializer(name, value)
     return value
 
 
@@ -294,6 +293,9 @@ class DispatchDefaults(NamedTuple):
     eager: bool
     #: ``broker_transport_options["confirm_publish"]``: wait for the broker's confirm.
     confirm_publish: bool = False
+    #: The task's ``serializer`` (else ``task_serializer``) and ``task_compression``.
+    serializer: str = "json"
+    compression: str | None = None
 
 
 def _build_argcheck(fun: Callable[..., Any]) -> Callable[..., None] | None:

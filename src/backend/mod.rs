@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::Result;
+use crate::protocol::compression;
+use crate::protocol::content::Serializer;
 
 /// Celery's `READY_STATES`: a task in one of these will not change again.
 pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
@@ -26,6 +28,12 @@ pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
 /// that a waiter hands it to the decoder (which says what is wrong) instead of waiting
 /// for its timeout.
 pub fn is_ready(meta: &[u8]) -> bool {
+    if meta.starts_with(compression::RESULT_MAGIC) {
+        return match compression::decompress_result(meta) {
+            Ok(plain) => is_ready(&plain),
+            Err(_) => true,
+        };
+    }
     #[derive(Deserialize)]
     struct Probe<'a> {
         #[serde(borrow, default)]
@@ -63,6 +71,8 @@ pub struct BackendOptions {
     pub persistent: bool,
     /// rpc: the broker's transport options (`broker_transport_options`, TLS, heartbeat).
     pub broker_transport: serde_json::Map<String, serde_json::Value>,
+    /// rpc: `result_serializer` (the other stores keep opaque bytes).
+    pub serializer: Serializer,
 }
 
 impl Default for BackendOptions {
@@ -79,6 +89,7 @@ impl Default for BackendOptions {
             reply_to: String::new(),
             persistent: false,
             broker_transport: serde_json::Map::new(),
+            serializer: Serializer::Json,
         }
     }
 }
@@ -126,6 +137,7 @@ impl Backend {
                 reply_to: options.reply_to,
                 expires: options.expires,
                 persistent: options.persistent,
+                serializer: options.serializer,
                 transport: crate::broker::amqp::AmqpOptions::from_transport(
                     &crate::broker::TransportOptions {
                         connect_timeout: options.connect_timeout,
@@ -258,6 +270,18 @@ mod tests {
             assert!(!is_ready(meta.as_bytes()), "{state}");
         }
         assert!(!is_ready(br#"{"result": 1}"#));
+    }
+
+    #[test]
+    fn compressed_json_is_read_through() {
+        let method = compression::Compression::Zlib;
+        let ready = compression::compress_result(method, br#"{"status": "SUCCESS"}"#).unwrap();
+        let retry = compression::compress_result(method, br#"{"status": "RETRY"}"#).unwrap();
+        assert!(is_ready(&ready));
+        assert!(!is_ready(&retry));
+        assert!(is_ready(
+            b"\x00celery-compressed\x00application/x-gzip\x00junk"
+        ));
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::backend::is_ready;
 use crate::broker::amqp::{self, AmqpOptions, AmqpProducer, QueueSpec, RawPublish};
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
+use crate::protocol::content::Serializer;
 use crate::runtime;
 
 /// Metas kept for tasks nobody waited for yet, at most (oldest dropped first).
@@ -52,6 +53,8 @@ pub struct RpcBackendOptions {
     pub persistent: bool,
     /// The broker connection's settings.
     pub transport: AmqpOptions,
+    /// `result_serializer`: the content type results are published with.
+    pub serializer: Serializer,
 }
 
 impl Default for RpcBackendOptions {
@@ -61,6 +64,7 @@ impl Default for RpcBackendOptions {
             expires: Some(Duration::from_secs(86_400)),
             persistent: false,
             transport: AmqpOptions::default(),
+            serializer: Serializer::Json,
         }
     }
 }
@@ -196,8 +200,8 @@ impl RpcBackend {
             exchange: String::new(),
             routing_key: reply_to.to_owned(),
             correlation_id: Some(correlation_id.unwrap_or(task_id).to_owned()),
-            content_type: "application/json".into(),
-            content_encoding: "utf-8".into(),
+            content_type: self.options.serializer.content_type().into(),
+            content_encoding: self.options.serializer.content_encoding().into(),
             delivery_mode: if self.options.persistent { 2 } else { 1 },
             body: meta_json,
         })

@@ -37,6 +37,9 @@ pub struct TaskHeaders {
     pub stamps: Option<Box<RawValue>>,
     /// Extra headers given by the caller (`apply_async(headers=...)`), already JSON.
     pub extra: Vec<(String, Box<RawValue>)>,
+    /// kombu's `compression` header (the method's content type), written last as
+    /// kombu adds it; absent when the body is not compressed.
+    pub compression: Option<&'static str>,
 }
 
 impl TaskHeaders {
@@ -62,13 +65,15 @@ impl TaskHeaders {
             stamped_headers: None,
             stamps: None,
             extra: Vec::new(),
+            compression: None,
         }
     }
 }
 
 impl Serialize for TaskHeaders {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(19 + self.extra.len()))?;
+        let count = 19 + self.extra.len() + usize::from(self.compression.is_some());
+        let mut map = serializer.serialize_map(Some(count))?;
         map.serialize_entry("lang", "py")?;
         map.serialize_entry("task", &self.task)?;
         map.serialize_entry("id", &self.id)?;
@@ -93,6 +98,9 @@ impl Serialize for TaskHeaders {
         }
         for (key, value) in &self.extra {
             map.serialize_entry(key, value)?;
+        }
+        if let Some(compression) = self.compression {
+            map.serialize_entry("compression", compression)?;
         }
         map.end()
     }

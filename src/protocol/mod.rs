@@ -1,5 +1,7 @@
 //! Celery's message protocol v2 and kombu's framing, in plain Rust.
 
+pub mod compression;
+pub mod content;
 pub mod envelope;
 pub mod json;
 pub mod message;

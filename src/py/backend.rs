@@ -13,8 +13,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMapping, PyString};
 
 use super::codec;
-use super::exceptions::{DecodeError, TimeoutError};
-use crate::backend::{Backend as AnyBackend, BackendOptions};
+use super::exceptions::{ContentDisallowed, DecodeError, TimeoutError};
+use super::serializers;
+use crate::backend::{Backend as AnyBackend, BackendOptions, READY_STATES};
+use crate::protocol::compression::{self, Compression};
+use crate::protocol::content::Serializer;
 
 /// How long `wait` stays detached from the interpreter before checking for signals.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
@@ -25,6 +28,65 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 #[pyclass(module = "celeriac._core", name = "Backend", frozen)]
 pub struct Backend {
     inner: AnyBackend,
+    format: ResultFormat,
+}
+
+/// How results are written and read: `result_serializer`, `result_compression`,
+/// and whether `result_accept_content` lets this store decode what it reads.
+struct ResultFormat {
+    serializer: Serializer,
+    compression: Option<Compression>,
+    /// Why results cannot be decoded (the serializer is not accepted), if so.
+    refused: Option<String>,
+}
+
+impl ResultFormat {
+    fn encode(&self, meta: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+        let payload = match self.serializer {
+            Serializer::Json => codec::dumps(meta)?,
+            other => serializers::dumps(other, meta)?,
+        };
+        match self.compression {
+            Some(method) => Ok(compression::compress_result(method, &payload)?),
+            None => Ok(payload),
+        }
+    }
+
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: &str,
+        stored: &[u8],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(reason) = &self.refused {
+            return Err(ContentDisallowed::new_err(reason.clone()));
+        }
+        let payload = compression::decompress_result(stored)?;
+        let meta = match self.serializer {
+            Serializer::Json => codec::loads(py, &payload)?,
+            other => serializers::loads(py, other, &payload).map_err(|err| {
+                DecodeError::new_err(format!(
+                    "the stored result of task {task_id:?} is not valid {}: {}",
+                    other.name(),
+                    serializers::describe(py, &err)
+                ))
+            })?,
+        };
+        if meta.cast::<PyDict>().is_err() {
+            return Err(DecodeError::new_err(format!(
+                "the stored result of task {task_id:?} is not a {} object",
+                self.serializer.name()
+            )));
+        }
+        Ok(meta)
+    }
+}
+
+/// Whether a decoded meta has a ready state.
+fn is_ready_meta(meta: &Bound<'_, PyAny>) -> bool {
+    let status = meta.get_item("status").ok();
+    let status = status.as_ref().and_then(|s| s.extract::<String>().ok());
+    status.is_some_and(|status| READY_STATES.contains(&status.as_str()))
 }
 
 #[pymethods]
@@ -40,6 +102,9 @@ impl Backend {
         broker_url = None,
         reply_to = String::new(),
         persistent = false,
+        serializer = "json",
+        compression = None,
+        accept_content = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -52,7 +117,23 @@ impl Backend {
         broker_url: Option<String>,
         reply_to: String,
         persistent: bool,
+        serializer: &str,
+        compression: Option<&str>,
+        accept_content: Option<Vec<String>>,
     ) -> PyResult<Self> {
+        let serializer = Serializer::parse(serializer)?;
+        let is_rpc = url
+            .get(..6)
+            .is_some_and(|head| head.eq_ignore_ascii_case("rpc://"));
+        let format = ResultFormat {
+            serializer,
+            // As in Celery, rpc:// results are never compressed (each is a message).
+            compression: match compression.filter(|name| !name.is_empty()) {
+                Some(name) if !is_rpc => Some(Compression::parse(name)?),
+                _ => None,
+            },
+            refused: refused(serializer, accept_content)?,
+        };
         let expires = match expires {
             None => None,
             Some(secs) => Some(duration("expires", secs)?),
@@ -79,9 +160,10 @@ impl Backend {
             broker_url,
             reply_to,
             persistent,
+            serializer,
         };
         let inner = py.detach(|| AnyBackend::connect(url, options))?;
-        Ok(Self { inner })
+        Ok(Self { inner, format })
     }
 
     /// Write ``meta`` (encoded by ``dumps``) with SETEX + PUBLISH; asynchronous and
@@ -102,16 +184,16 @@ impl Backend {
                 meta.get_type().name()?
             )));
         }
-        let json = codec::dumps(meta)?;
+        let payload = self.format.encode(meta)?;
         Ok(self
             .inner
-            .store_for(task_id, json, reply_to, correlation_id)?)
+            .store_for(task_id, payload, reply_to, correlation_id)?)
     }
 
     /// The stored meta, or None when there is none (PENDING).
     fn get_meta<'py>(&self, py: Python<'py>, task_id: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
         match py.detach(|| self.inner.get(task_id))? {
-            Some(json) => decode_meta(py, task_id, &json).map(Some),
+            Some(stored) => self.format.decode(py, task_id, &stored).map(Some),
             None => Ok(None),
         }
     }
@@ -133,8 +215,15 @@ impl Backend {
         loop {
             let slice_end = Instant::now() + WAIT_SLICE;
             let until = deadline.map_or(slice_end, |deadline| deadline.min(slice_end));
-            if let Some(json) = py.detach(|| waiter.wait_until(until))? {
-                return decode_meta(py, task_id, &json);
+            if let Some(stored) = py.detach(|| waiter.wait_until(until))? {
+                let meta = self.format.decode(py, task_id, &stored)?;
+                // The stores read the state of JSON only and hand anything else over:
+                // an unready one means waiting on, after a pause (some stores would
+                // hand the same one back at once).
+                if self.format.serializer == Serializer::Json || is_ready_meta(&meta) {
+                    return Ok(meta);
+                }
+                py.detach(|| std::thread::sleep(WAIT_SLICE));
             }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(TimeoutError::new_err("The operation timed out."));
@@ -214,14 +303,34 @@ fn seconds_option(
     duration(&format!("transport_options[{name:?}]"), secs).map(Some)
 }
 
-fn decode_meta<'py>(py: Python<'py>, task_id: &str, json: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let meta = codec::loads(py, json)?;
-    if meta.cast::<PyDict>().is_err() {
-        return Err(DecodeError::new_err(format!(
-            "the stored result of task {task_id:?} is not a JSON object"
-        )));
+/// Why `serializer`'s results may not be decoded under `accept_content`
+/// (`result_accept_content`, else `accept_content`), or None when they may.
+fn refused(
+    serializer: Serializer,
+    accept_content: Option<Vec<String>>,
+) -> PyResult<Option<String>> {
+    let Some(accepted) = accept_content else {
+        return Ok(None);
+    };
+    let mut names = Vec::with_capacity(accepted.len());
+    for name in &accepted {
+        let known = Serializer::from_name(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "result_accept_content: unknown serializer {name:?}: use json, pickle, \
+                 msgpack, yaml or their content types"
+            ))
+        })?;
+        if known == serializer {
+            return Ok(None);
+        }
+        names.push(format!("{:?}", known.name()));
     }
-    Ok(meta)
+    Ok(Some(format!(
+        "refusing to decode results in {:?} ({}): it is not in result_accept_content [{}]",
+        serializer.name(),
+        serializer.content_type(),
+        names.join(", ")
+    )))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

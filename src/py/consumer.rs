@@ -4,16 +4,20 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use tokio::sync::mpsc;
 
 use super::codec::loads;
 use super::exceptions::OperationalError;
 use super::options;
 use super::producer::duration;
+use super::serializers;
 use crate::broker::url::BrokerUrl;
 use crate::broker::{Consumer as AnyConsumer, Fetched, IncomingMessage};
+use crate::protocol::compression::{self, Compression};
+use crate::protocol::content::Serializer;
 use crate::runtime;
 
 /// How long the GIL stays released before we look for Ctrl-C.
@@ -23,12 +27,47 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 pub struct Consumer {
     inner: AnyConsumer,
     deliveries: Mutex<mpsc::UnboundedReceiver<Fetched>>,
+    /// `accept_content`: a message in any other format is refused undecoded.
+    accept: Accept,
+}
+
+/// The formats a consumer decodes, and how to name them in a refusal.
+struct Accept {
+    serializers: Vec<Serializer>,
+    described: String,
+}
+
+impl Accept {
+    fn new(names: Option<Vec<String>>) -> PyResult<Self> {
+        let names = names.unwrap_or_else(|| vec!["json".to_owned()]);
+        let mut serializers = Vec::with_capacity(names.len());
+        for name in &names {
+            let serializer = Serializer::from_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "accept_content: unknown serializer {name:?}: use json, pickle, msgpack, \
+                     yaml or their content types"
+                ))
+            })?;
+            if !serializers.contains(&serializer) {
+                serializers.push(serializer);
+            }
+        }
+        let described = serializers
+            .iter()
+            .map(|s| format!("{:?}", s.name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self {
+            serializers,
+            described: format!("[{described}]"),
+        })
+    }
 }
 
 #[pymethods]
 impl Consumer {
     #[new]
-    #[pyo3(signature = (url, queues, *, prefetch_count, transport_options = None, connect_timeout = 4.0))]
+    #[pyo3(signature = (url, queues, *, prefetch_count, transport_options = None, connect_timeout = 4.0, accept_content = None))]
     fn new(
         py: Python<'_>,
         url: &str,
@@ -36,7 +75,9 @@ impl Consumer {
         prefetch_count: usize,
         transport_options: Option<&Bound<'_, PyDict>>,
         connect_timeout: f64,
+        accept_content: Option<Vec<String>>,
     ) -> PyResult<Self> {
+        let accept = Accept::new(accept_content)?;
         let parsed = BrokerUrl::parse(url)?;
         let options = options::transport_options(transport_options, connect_timeout)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -52,6 +93,7 @@ impl Consumer {
         Ok(Self {
             inner,
             deliveries: Mutex::new(rx),
+            accept,
         })
     }
 
@@ -93,7 +135,9 @@ impl Consumer {
         let mut deliveries = Vec::with_capacity(batch.len());
         for item in batch {
             match item {
-                Fetched::Message(Ok(message)) => deliveries.push(Delivery::decode(py, message)?),
+                Fetched::Message(Ok(message)) => {
+                    deliveries.push(Delivery::decode(py, message, &self.accept)?)
+                }
                 Fetched::Message(Err(bad)) => {
                     let mut delivery = Delivery::empty(py, bad.delivery_tag, bad.queue);
                     delivery.error = Some(bad.reason);
@@ -215,8 +259,8 @@ impl Delivery {
         }
     }
 
-    fn decode(py: Python<'_>, message: IncomingMessage) -> PyResult<Self> {
-        let decoded = decode_task(py, &message);
+    fn decode(py: Python<'_>, message: IncomingMessage, accept: &Accept) -> PyResult<Self> {
+        let decoded = decode_task(py, &message, accept);
         // Move the message's strings into the delivery (no copies, and no empty
         // containers made only to be replaced).
         let IncomingMessage {
@@ -280,16 +324,23 @@ fn string_item(dict: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<String>> 
 }
 
 /// Decode headers and body into Python objects, or say why they cannot be.
-fn decode_task<'py>(py: Python<'py>, message: &IncomingMessage) -> Result<Decoded<'py>, String> {
+fn decode_task<'py>(
+    py: Python<'py>,
+    message: &IncomingMessage,
+    accept: &Accept,
+) -> Result<Decoded<'py>, String> {
     let content_type = message
         .content_type
         .as_deref()
         .unwrap_or("application/json");
-    if content_type != "application/json" {
-        return Err(format!(
-            "content type {content_type:?} is not accepted (accept_content is ['json'])"
-        ));
-    }
+    let serializer = Serializer::from_content_type(content_type)
+        .filter(|serializer| accept.serializers.contains(serializer))
+        .ok_or_else(|| {
+            format!(
+                "refusing content type {content_type:?}: it is not in accept_content {}",
+                accept.described
+            )
+        })?;
     let headers = match &message.headers {
         Some(raw) => loads(py, raw.get().as_bytes())
             .map_err(|err| format!("the headers are not valid JSON: {err}"))?
@@ -297,17 +348,48 @@ fn decode_task<'py>(py: Python<'py>, message: &IncomingMessage) -> Result<Decode
             .map_err(|_| "the headers are not a JSON object".to_owned())?,
         None => PyDict::new(py),
     };
-    if headers.contains("compression").unwrap_or(false) {
-        return Err("compressed messages are not supported yet".into());
-    }
-    let body =
-        loads(py, &message.body).map_err(|err| format!("the body is not valid JSON: {err}"))?;
+    let decompressed = decompress_body(&headers, &message.body)?;
+    let body = decompressed.as_deref().unwrap_or(&message.body);
+    let body = match serializer {
+        Serializer::Json => {
+            loads(py, body).map_err(|err| format!("the body is not valid JSON: {err}"))?
+        }
+        other => serializers::loads(py, other, body).map_err(|err| {
+            format!(
+                "the body is not valid {}: {}",
+                other.name(),
+                serializers::describe(py, &err)
+            )
+        })?,
+    };
     let has_task = headers.contains("task").unwrap_or(false);
     if has_task {
         decode_v2(py, headers, &body)
     } else {
         decode_v1(py, &body)
     }
+}
+
+/// The body, decompressed when the `compression` header names a method (`None`: it
+/// is not compressed).
+fn decompress_body(headers: &Bound<'_, PyDict>, body: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let named = match headers.get_item("compression") {
+        Ok(Some(value)) if !value.is_none() => value,
+        _ => return Ok(None),
+    };
+    let name: String = named
+        .extract()
+        .map_err(|_| "the compression header is not a string".to_owned())?;
+    let method = Compression::from_name(&name).ok_or_else(|| {
+        format!(
+            "unknown compression {name:?} (celeriac decompresses {})",
+            compression::known_names()
+        )
+    })?;
+    method
+        .decompress(body)
+        .map(Some)
+        .map_err(|err| err.to_string())
 }
 
 /// Protocol v2 body: `[args, kwargs, embed]` (`embed` may be missing or `{}`).
@@ -317,14 +399,21 @@ fn decode_v2<'py>(
     body: &Bound<'py, PyAny>,
 ) -> Result<Decoded<'py>, String> {
     let shape = || "the body is not [args, kwargs, embed]".to_owned();
-    let parts = body.cast::<PyList>().map_err(|_| shape())?;
+    // pickle keeps Celery's tuples: `(args, kwargs, embed)`, `args` a tuple too.
+    let parts = match body.cast::<PyTuple>() {
+        Ok(tuple) => tuple.to_list(),
+        Err(_) => body.cast::<PyList>().map_err(|_| shape())?.clone(),
+    };
     if !(2..=3).contains(&parts.len()) {
         return Err(shape());
     }
     let args = parts.get_item(0).map_err(|_| shape())?;
-    let args = args
-        .cast_into::<PyList>()
-        .map_err(|_| "the task args are not a list".to_owned())?;
+    let args = match args.cast::<PyTuple>() {
+        Ok(tuple) => tuple.to_list(),
+        Err(_) => args
+            .cast_into::<PyList>()
+            .map_err(|_| "the task args are not a list".to_owned())?,
+    };
     let kwargs = parts.get_item(1).map_err(|_| shape())?;
     let kwargs = kwargs
         .cast_into::<PyDict>()

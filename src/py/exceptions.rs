@@ -32,6 +32,13 @@ create_exception!(
     "Bytes that are not a message celeriac understands."
 );
 
+create_exception!(
+    _core,
+    ContentDisallowed,
+    DecodeError,
+    "A message or result in a format not in accept_content (kombu's ContentDisallowed)."
+);
+
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         let text = err.to_string();
@@ -54,6 +61,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OperationalError", py.get_type::<OperationalError>())?;
     m.add("TimeoutError", py.get_type::<TimeoutError>())?;
     m.add("DecodeError", py.get_type::<DecodeError>())?;
+    m.add("ContentDisallowed", py.get_type::<ContentDisallowed>())?;
     m.add_function(wrap_pyfunction!(mask_url, m)?)?;
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod options;
 pub mod pidbox;
 pub mod producer;
 pub mod scheduler;
+pub mod serializers;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -25,5 +26,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     backend::register(m)?;
     beat::register(m)?;
     scheduler::register(m)?;
+    serializers::register(m)?;
     Ok(())
 }

@@ -12,8 +12,11 @@ use serde_json::Number;
 
 use super::codec::{dumps, dumps_into};
 use super::options;
+use super::serializers;
 use crate::broker::url::BrokerUrl;
 use crate::broker::Producer as AnyProducer;
+use crate::protocol::compression::Compression;
+use crate::protocol::content::Serializer;
 use crate::protocol::message::{OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED};
 use crate::runtime;
 
@@ -51,8 +54,10 @@ impl Producer {
     }
 
     #[pyo3(signature = (name, task_id, args, kwargs, queue, options = None))]
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
+        py: Python<'_>,
         name: String,
         task_id: String,
         args: &Bound<'_, PyAny>,
@@ -60,7 +65,7 @@ impl Producer {
         queue: String,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
-        let template = self.template(name, options)?;
+        let template = self.template(py, name, options)?;
         let message = template.into_message(task_id, args, kwargs, queue)?;
         self.inner.publish(message)?;
         Ok(())
@@ -89,7 +94,7 @@ impl Producer {
                     .unwrap_or_default()
             ))
         })?;
-        let shared = self.template(name.clone(), options)?;
+        let shared = self.template(py, name.clone(), options)?;
         let mut messages = Vec::with_capacity(items.len());
         let mut ids = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -122,7 +127,7 @@ impl Producer {
                         PyTypeError::new_err("a send_many() item's options must be a dict")
                     })?)
                 };
-                self.template(name.clone(), own_options.as_ref())?
+                self.template(py, name.clone(), own_options.as_ref())?
                     .build(task_id, &args, &kwargs, own_queue)
             })();
             match built {
@@ -153,6 +158,13 @@ impl Producer {
     }
 }
 
+/// How the body is written: JSON by Rust with the embed part already encoded, or
+/// another serializer by its Python package with the embed part as a dict.
+enum BodyFormat {
+    Json(Vec<u8>),
+    Foreign(Serializer, Py<PyDict>),
+}
+
 /// What every message of one `send`/`send_many` call shares: the options applied to
 /// headers and properties (the id-dependent fields are set per message by `build`).
 struct Template {
@@ -160,37 +172,58 @@ struct Template {
     properties: TaskProperties,
     exchange: String,
     routing_key: Option<String>,
-    embed: Vec<u8>,
+    body_format: BodyFormat,
+    compression: Option<Compression>,
     /// Whether the caller set these, else they follow the task id.
     root_id_given: bool,
     correlation_id_given: bool,
 }
 
 impl Producer {
-    fn template(&self, name: String, options: Option<&Bound<'_, PyDict>>) -> PyResult<Template> {
+    fn template<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        options: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Template> {
         let mut headers = TaskHeaders::new(name, String::new(), self.origin.clone());
         let mut properties = TaskProperties::json(String::new(), self.reply_to.clone());
         let mut exchange = String::new();
         let mut routing_key = None;
         let mut embed = Embed::default();
+        let mut serializer = Serializer::Json;
+        let mut compression = None;
         if let Some(options) = options {
             for (key, value) in options.iter() {
                 let key = key
                     .cast_into::<PyString>()
                     .map_err(|_| PyTypeError::new_err("send() option names must be strings"))?;
-                apply_option(
-                    key.to_str()?,
-                    &value,
-                    &mut headers,
-                    &mut properties,
-                    &mut exchange,
-                    &mut routing_key,
-                    &mut embed,
-                )?;
+                match key.to_str()? {
+                    "serializer" => serializer = serializers::serializer_option(&value)?,
+                    "compression" => compression = serializers::compression_option(&value)?,
+                    key => apply_option(
+                        key,
+                        &value,
+                        &mut headers,
+                        &mut properties,
+                        &mut exchange,
+                        &mut routing_key,
+                        &mut embed,
+                    )?,
+                }
             }
         }
-        let mut embedded = Vec::new();
-        embed.write(&mut embedded);
+        properties.content_type = serializer.content_type();
+        properties.content_encoding = serializer.content_encoding();
+        headers.compression = compression.map(Compression::content_type);
+        let body_format = match serializer {
+            Serializer::Json => {
+                let mut embedded = Vec::new();
+                embed.write_json(&mut embedded)?;
+                BodyFormat::Json(embedded)
+            }
+            other => BodyFormat::Foreign(other, embed.into_dict(py)?),
+        };
         Ok(Template {
             root_id_given: !headers.root_id.is_empty(),
             correlation_id_given: !properties.correlation_id.is_empty(),
@@ -198,7 +231,8 @@ impl Producer {
             properties,
             exchange,
             routing_key,
-            embed: embedded,
+            body_format,
+            compression,
         })
     }
 }
@@ -275,14 +309,25 @@ impl Template {
         if headers.kwargsrepr.is_empty() {
             headers.kwargsrepr = truncated_repr(kwargs)?;
         }
-        let mut body = Vec::with_capacity(128);
-        body.push(b'[');
-        dumps_into(&mut body, args)?;
-        body.extend_from_slice(b", ");
-        dumps_into(&mut body, kwargs)?;
-        body.extend_from_slice(b", ");
-        body.extend_from_slice(&self.embed);
-        body.push(b']');
+        let mut body = match &self.body_format {
+            BodyFormat::Json(embed) => {
+                let mut body = Vec::with_capacity(128);
+                body.push(b'[');
+                dumps_into(&mut body, args)?;
+                body.extend_from_slice(b", ");
+                dumps_into(&mut body, kwargs)?;
+                body.extend_from_slice(b", ");
+                body.extend_from_slice(embed);
+                body.push(b']');
+                body
+            }
+            BodyFormat::Foreign(serializer, embed) => {
+                serializers::dumps_body(*serializer, args, kwargs, embed.bind(args.py()))?
+            }
+        };
+        if let Some(method) = self.compression {
+            body = method.compress(&body)?;
+        }
         Ok(OutgoingMessage {
             routing_key: self.routing_key.clone().unwrap_or(queue),
             exchange: self.exchange.clone(),
@@ -308,33 +353,45 @@ fn truncated_repr(value: &Bound<'_, PyAny>) -> PyResult<String> {
     })
 }
 
-/// The body's third element; each part already encoded, `None` = `null`.
+/// The body's third element, as given; `None` = `null`.
 #[derive(Default)]
-struct Embed {
-    callbacks: Option<Vec<u8>>,
-    errbacks: Option<Vec<u8>>,
-    chain: Option<Vec<u8>>,
-    chord: Option<Vec<u8>>,
+struct Embed<'py> {
+    callbacks: Option<Bound<'py, PyAny>>,
+    errbacks: Option<Bound<'py, PyAny>>,
+    chain: Option<Bound<'py, PyAny>>,
+    chord: Option<Bound<'py, PyAny>>,
 }
 
-impl Embed {
-    fn write(&self, out: &mut Vec<u8>) {
+impl<'py> Embed<'py> {
+    fn parts(&self) -> [(&'static str, &Option<Bound<'py, PyAny>>); 4] {
+        [
+            ("callbacks", &self.callbacks),
+            ("errbacks", &self.errbacks),
+            ("chain", &self.chain),
+            ("chord", &self.chord),
+        ]
+    }
+
+    /// For a body another serializer writes.
+    fn into_dict(self, py: Python<'py>) -> PyResult<Py<PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, value) in self.parts() {
+            dict.set_item(name, value)?;
+        }
+        Ok(dict.unbind())
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> PyResult<()> {
         if self.callbacks.is_none()
             && self.errbacks.is_none()
             && self.chain.is_none()
             && self.chord.is_none()
         {
             out.extend_from_slice(EMPTY_EMBED.as_bytes());
-            return;
+            return Ok(());
         }
-        let parts = [
-            ("callbacks", &self.callbacks),
-            ("errbacks", &self.errbacks),
-            ("chain", &self.chain),
-            ("chord", &self.chord),
-        ];
         out.push(b'{');
-        for (i, (name, value)) in parts.iter().enumerate() {
+        for (i, (name, value)) in self.parts().iter().enumerate() {
             if i > 0 {
                 out.extend_from_slice(b", ");
             }
@@ -342,20 +399,17 @@ impl Embed {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"\": ");
             match value {
-                Some(bytes) => out.extend_from_slice(bytes),
+                Some(value) => dumps_into(out, value)?,
                 None => out.extend_from_slice(b"null"),
             }
         }
         out.push(b'}');
+        Ok(())
     }
 }
 
-fn encoded_or_null(value: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
-    if value.is_none() {
-        Ok(None)
-    } else {
-        Ok(Some(dumps(value)?))
-    }
+fn given<'py>(value: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    (!value.is_none()).then(|| value.clone())
 }
 
 fn raw_json(value: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
@@ -398,14 +452,14 @@ fn number(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Option<Number>> {
     )))
 }
 
-fn apply_option(
+fn apply_option<'py>(
     key: &str,
-    value: &Bound<'_, PyAny>,
+    value: &Bound<'py, PyAny>,
     headers: &mut TaskHeaders,
     properties: &mut TaskProperties,
     exchange: &mut String,
     routing_key: &mut Option<String>,
-    embed: &mut Embed,
+    embed: &mut Embed<'py>,
 ) -> PyResult<()> {
     let int = |value: &Bound<'_, PyAny>| -> PyResult<i64> {
         value
@@ -482,10 +536,10 @@ fn apply_option(
                 }
             }
         }
-        "callbacks" => embed.callbacks = encoded_or_null(value)?,
-        "errbacks" => embed.errbacks = encoded_or_null(value)?,
-        "chain" => embed.chain = encoded_or_null(value)?,
-        "chord" => embed.chord = encoded_or_null(value)?,
+        "callbacks" => embed.callbacks = given(value),
+        "errbacks" => embed.errbacks = given(value),
+        "chain" => embed.chain = given(value),
+        "chord" => embed.chord = given(value),
         "argsrepr" => headers.argsrepr = string(key, value)?,
         "kwargsrepr" => headers.kwargsrepr = string(key, value)?,
         "delivery_mode" => {

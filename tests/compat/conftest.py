@@ -151,6 +151,11 @@ def compat(
     directory = CompatDir(tmp_path, queue_name)
     directory.env = worker_env(queue_name, broker, backend)
     yield directory
+    close_compat(broker, queue_name)
+
+
+def close_compat(broker: str, queue_name: str) -> None:
+    """Close both apps of a compat directory, forget its modules, remove its queues."""
     for name in ("celery_tasks", "compat_tasks"):
         module = sys.modules.pop(name, None)
         app = getattr(module, "app", None)

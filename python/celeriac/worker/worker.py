@@ -34,9 +34,15 @@ from celeriac import _core, signals, states
 from celeriac.app import transport_of
 from celeriac.conf import parse_rate_limit
 from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
-from celeriac.exceptions import NotRegistered, SoftTimeLimitExceeded, TaskRevokedError
+from celeriac.exceptions import (
+    ImproperlyConfigured,
+    NotRegistered,
+    SoftTimeLimitExceeded,
+    TaskRevokedError,
+)
 from celeriac.fixups import run_with_fixups
 from celeriac.result import exception_to_meta, meta_for
+from celeriac.serialization import worker_accept_content
 from celeriac.signals import task_internal_error, task_received
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
@@ -353,6 +359,11 @@ class Worker:
                         "(and task_create_missing_queues is False)"
                     )
         self.queues: list[str] = queues
+        try:
+            #: ``accept_content``, checked at start (serializer names, pickle as root).
+            self.accept_content = worker_accept_content(_setting(app, "accept_content", ["json"]))
+        except ImproperlyConfigured as exc:
+            raise WorkerError(str(exc)) from None
 
         self.max_tasks_per_child = _optional_count(
             "--max-tasks-per-child",
@@ -663,12 +674,14 @@ class Worker:
         app = self.app
         timeout = float(_setting(app, "broker_connection_timeout", 4.0))
         options = app.transport_options()
+        accept = self.accept_content
         return lambda: _core.Consumer(
             app.broker_url,
             self.queues,
             prefetch_count=self.window,
             transport_options=options,
             connect_timeout=timeout,
+            accept_content=accept,
         )
 
     def _probe_factory(self) -> Callable[[], Any]:
@@ -1002,7 +1015,8 @@ class Worker:
                 tag,
                 f" content_type={delivery.content_type}" if delivery.content_type else "",
             )
-            consumer.ack([tag])
+            # Rejected, not acked: a RabbitMQ queue with a dead-letter exchange keeps it.
+            consumer.reject(tag, False)
             signals.task_rejected.send(
                 sender=self, message=delivery, exc=InvalidMessage(delivery.error)
             )
