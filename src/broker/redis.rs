@@ -6,14 +6,18 @@
 //! - Consuming pops with `RPOP key count` inside a Lua script that also records each
 //!   message in kombu's ack emulation (`unacked` hash + `unacked_index` zset), so a
 //!   batch costs one round trip and no message is ever popped without being recorded.
-//!   When every list is empty the fetcher blocks in `BRPOP` on its own connection;
-//!   that message is handed over at once and recorded while it runs (its ack waits
-//!   for the record). Acks are written at once, or batched for a moment while more
+//!   When every list is empty the fetcher waits for a push without taking anything
+//!   (`wake`: one `BLMOVE list list LEFT LEFT` per list, which leaves the list as it
+//!   was), then runs the script again: a message is always in its list or in
+//!   `unacked`, never only in a reply on the wire, so a worker killed at any instant
+//!   loses nothing. Acks are written at once, or batched for a moment while more
 //!   messages are queued.
+//! - The consumer needs Redis 6.2 or later (`RPOP key count`, `BLMOVE`); it checks the
+//!   server's version when it connects.
 //! - Messages whose worker died are put back after `visibility_timeout`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +26,9 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
+mod wake;
+
+use self::wake::Wakers;
 use super::outbox::Outbox;
 use super::url::BrokerUrl;
 use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
@@ -167,6 +174,53 @@ pub(crate) async fn connect(
 pub(crate) fn nodelay(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
     let settings = info.tcp_settings().clone().set_nodelay(true);
     info.set_tcp_settings(settings)
+}
+
+/// The oldest Redis the consumer works with: `RPOP key count` and `BLMOVE` came in 6.2.
+pub const MIN_SERVER_VERSION: (u32, u32) = (6, 2);
+
+/// `redis_version` from the text of `INFO server`, as (major, minor, patch).
+pub fn server_version(info: &str) -> Option<(u32, u32, u32)> {
+    let version = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))?;
+    let mut parts = version.trim().split('.').map(|part| part.parse::<u32>());
+    let major = parts.next()?.ok()?;
+    let minor = parts.next().unwrap_or(Ok(0)).ok()?;
+    let patch = parts.next().unwrap_or(Ok(0)).ok()?;
+    Some((major, minor, patch))
+}
+
+/// Refuse a server older than [`MIN_SERVER_VERSION`], naming it and its version. A
+/// server that does not tell its version (`INFO` renamed or denied) is given the
+/// benefit of the doubt: a missing command then fails the first fetch, with the
+/// server's own error.
+pub fn check_server_version(info: &str, masked: &str) -> Result<()> {
+    let Some((major, minor, patch)) = server_version(info) else {
+        return Ok(());
+    };
+    if (major, minor) >= MIN_SERVER_VERSION {
+        return Ok(());
+    }
+    let (need_major, need_minor) = MIN_SERVER_VERSION;
+    Err(Error::Config(format!(
+        "the Redis server at {masked} is version {major}.{minor}.{patch}; consuming from \
+         Redis needs {need_major}.{need_minor} or later (RPOP with a count, BLMOVE)"
+    )))
+}
+
+/// Ask the server its version and refuse one that is too old ([`check_server_version`]).
+pub async fn ensure_server_version(conn: &mut MultiplexedConnection, masked: &str) -> Result<()> {
+    let info: redis::RedisResult<String> = redis::cmd("INFO").arg("server").query_async(conn).await;
+    match info {
+        Ok(info) => check_server_version(&info, masked),
+        // Denied or renamed: see check_server_version. A lost connection shows at once
+        // in the next command.
+        Err(err) if err.code().is_some() => Ok(()),
+        Err(err) => Err(Error::Connection(format!(
+            "cannot connect to {masked}: {err}"
+        ))),
+    }
 }
 
 fn unix_now() -> f64 {
@@ -421,11 +475,8 @@ struct ConsumerShared {
     /// The generation of the lists the fetch in progress reads (None between
     /// fetches): `cancel_queue` waits until no fetch reads the cancelled queue.
     fetching: watch::Sender<Option<u64>>,
-    /// Wakes a fetcher that waits because every queue was cancelled.
+    /// Wakes a fetcher that waits for a message: the queues changed, or it must stop.
     queues_changed: Notify,
-    /// The fetch connection's `CLIENT ID` (0: not known), to end its `BRPOP` with
-    /// `CLIENT UNBLOCK` when the queues change.
-    fetch_client: AtomicI64,
     window: Semaphore,
     unbounded: bool,
     in_flight: Mutex<HashMap<String, InFlight>>,
@@ -443,10 +494,6 @@ struct ConsumerShared {
     /// once per few acks and takes several messages per round trip.
     deferred: AtomicUsize,
     release_batch: usize,
-    /// How many messages taken by `BRPOP` are handed over with their `unacked`
-    /// record still being written: acks wait until none is, so an ack never runs
-    /// before the record it removes.
-    recording: watch::Sender<usize>,
     /// True when the last fetch found messages waiting (no blocking pop was needed):
     /// more work is queued, so the ack writer may linger to batch acks.
     backlog: AtomicBool,
@@ -594,6 +641,9 @@ impl Drop for StoppedGuard {
 
 const MAX_FETCH_BATCH: usize = 512;
 
+/// How long the fetcher waits for a waker before it runs its script again anyway.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
 /// How long the ack writer waits for more acks before writing a small batch.
 const ACK_LINGER: Duration = Duration::from_millis(1);
 /// Batches at least this big are written at once.
@@ -611,9 +661,10 @@ impl RedisConsumer {
         if queues.is_empty() {
             return Err(Error::Connection("no queue to consume from".into()));
         }
-        let fetch_conn = connect(url, options.connect_timeout, None).await?;
         let mut ack_conn =
             connect(url, options.connect_timeout, Some(Duration::from_secs(30))).await?;
+        ensure_server_version(&mut ack_conn, url.masked()).await?;
+        let fetch_conn = connect(url, options.connect_timeout, None).await?;
         // Declare the bindings as a Celery worker does, so kombu peers see the queues.
         let mut pipe = redis::pipe();
         for queue in queues {
@@ -636,7 +687,6 @@ impl RedisConsumer {
             lists: RwLock::new(Arc::new(lists)),
             fetching: watch::channel(None).0,
             queues_changed: Notify::new(),
-            fetch_client: AtomicI64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             masked: url.masked().to_owned(),
@@ -645,7 +695,6 @@ impl RedisConsumer {
             debt: Mutex::new(0),
             deferred: AtomicUsize::new(0),
             release_batch: (prefetch_count / 2).max(1),
-            recording: watch::channel(0).0,
             backlog: AtomicBool::new(false),
             options,
         });
@@ -739,8 +788,8 @@ impl RedisConsumer {
     /// list (so it is consumed next), marked redelivered.
     pub async fn restore_unacked(&self) -> Result<usize> {
         self.close();
-        // A fetch in flight (a BRPOP waits up to 1 s) may still take a message; wait for
-        // the fetcher to end so that message is restored too.
+        // A fetch in flight may still take messages; wait for the fetcher to end so
+        // they are restored too.
         let mut stopped = self.fetcher_stopped.clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|done| *done)).await;
         let (tx, rx) = oneshot::channel();
@@ -753,6 +802,7 @@ impl RedisConsumer {
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.window.close();
+        self.shared.queues_changed.notify_one();
     }
 
     /// Grow (`delta > 0`) or shrink the prefetch window, e.g. by one for each message
@@ -764,8 +814,7 @@ impl RedisConsumer {
 
     /// This consumer's id in the heartbeat registry.
     /// Consume from `queue` too (its kombu binding declared first); false when it
-    /// was consumed already. The fetcher reads it from its next round (a blocked
-    /// `BRPOP` ends within a second).
+    /// was consumed already. The fetcher reads it from its next round.
     pub async fn add_queue(&self, queue: &str) -> Result<bool> {
         if self.shared.lists().queues.iter().any(|q| q == queue) {
             return Ok(false);
@@ -790,8 +839,8 @@ impl RedisConsumer {
         Ok(changed.is_some())
     }
 
-    /// Wait (at most 3 s) until no fetch reads lists older than `generation`,
-    /// ending a blocked `BRPOP` at once with `CLIENT UNBLOCK`.
+    /// Wait (at most 3 s) until no fetch reads lists older than `generation` (a
+    /// fetcher waiting for a push reads none: `change_queues` wakes it).
     async fn wait_for_fetcher(&self, generation: u64) {
         let mut fetching = self.shared.fetching.subscribe();
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -802,21 +851,12 @@ impl RedisConsumer {
             {
                 return;
             }
-            let id = self.shared.fetch_client.load(Ordering::Acquire);
-            if id > 0 {
-                let mut conn = self.control_conn.clone();
-                let _ = redis::cmd("CLIENT")
-                    .arg("UNBLOCK")
-                    .arg(id)
-                    .query_async::<i64>(&mut conn)
-                    .await;
-            }
             let _ = tokio::time::timeout(Duration::from_millis(50), fetching.changed()).await;
         }
     }
 
     /// Stop fetching from `queue`; false when it was not consumed. Returns once no
-    /// fetch reads it any more (a blocked `BRPOP` ends within a second); messages
+    /// fetch reads it any more; messages
     /// already fetched from it are still handed over and acked as usual.
     pub async fn cancel_queue(&self, queue: &str) -> bool {
         let changed = self.shared.change_queues(|queues| {
@@ -855,8 +895,8 @@ async fn fetch_loop(
     _stopped: StoppedGuard,
 ) {
     let script = Script::new(FETCH_SCRIPT);
+    let mut wakers = Wakers::new(url.clone(), shared.options.connect_timeout);
     let mut failures = 0u32;
-    learn_client_id(&mut conn, &shared).await;
     while !shared.closed.load(Ordering::Acquire) {
         // Take as much of the prefetch window as is free (at least one slot).
         let mut credits = MAX_FETCH_BATCH;
@@ -880,55 +920,13 @@ async fn fetch_loop(
         shared.fetching.send_replace(Some(lists.generation));
         let result = fetch_once(&mut conn, &script, &shared, &lists, credits).await;
         shared.fetching.send_replace(None);
-        if shared.closed.load(Ordering::Acquire) {
-            // Whatever was popped is recorded in `unacked`; restore_unacked puts it back.
-            if let Ok((batch, record)) = result {
-                if let Some(record) = record {
-                    let _ = record.query_async::<()>(&mut conn).await;
-                }
-                shared.release(credits.saturating_sub(tracked(&batch)));
-                remember(&shared, &batch);
-            }
-            return;
-        }
-        let result = match result {
-            Ok((batch, record)) => {
-                failures = 0;
-                // Malformed messages are not tracked (nothing to restore), so they do
-                // not hold a slot of the window.
-                shared.release(credits.saturating_sub(tracked(&batch)));
-                remember(&shared, &batch);
-                // A message taken by BRPOP is handed over first and recorded in
-                // `unacked` while it runs (and while the next fetch starts): the
-                // record is off the latency path, and acks wait for it (`recording`).
-                // A failed record leaves the message to this consumer alone (as a
-                // pop lost before its record would); the next fetch sees the error.
-                if let Some(record) = record {
-                    shared.recording.send_modify(|pending| *pending += 1);
-                    let mut record_conn = conn.clone();
-                    let record_shared = shared.clone();
-                    tokio::spawn(async move {
-                        let _ = record.query_async::<()>(&mut record_conn).await;
-                        record_shared
-                            .recording
-                            .send_modify(|pending| *pending = pending.saturating_sub(1));
-                    });
-                }
-                for delivery in batch {
-                    if deliveries.send(delivery.into_fetched()).is_err() {
-                        return;
-                    }
-                }
-                Ok(())
-            }
+        let batch = match result {
+            Ok(batch) => batch,
             Err(err) => {
                 shared.release(credits);
-                Err(err)
-            }
-        };
-        match result {
-            Ok(()) => {}
-            Err(err) => {
+                if shared.closed.load(Ordering::Acquire) {
+                    return;
+                }
                 if failures == 0 {
                     let text = format!("lost the connection to {}: {err}", shared.masked);
                     if deliveries.send(Fetched::Error(text)).is_err() {
@@ -939,21 +937,32 @@ async fn fetch_loop(
                 failures += 1;
                 if let Ok(fresh) = connect(&url, shared.options.connect_timeout, None).await {
                     conn = fresh;
-                    learn_client_id(&mut conn, &shared).await;
                 }
+                continue;
+            }
+        };
+        failures = 0;
+        // Malformed messages are not tracked (nothing to restore), so they do not hold
+        // a slot of the window.
+        shared.release(credits.saturating_sub(tracked(&batch)));
+        remember(&shared, &batch);
+        if shared.closed.load(Ordering::Acquire) {
+            // What was taken is recorded in `unacked`; restore_unacked puts it back.
+            return;
+        }
+        if batch.is_empty() {
+            // Every list was empty: wait for a push (or a change of queues, or close),
+            // then look again.
+            wakers.follow(&lists.keys);
+            wakers.wait(IDLE_RECHECK, &shared.queues_changed).await;
+            continue;
+        }
+        for delivery in batch {
+            if deliveries.send(delivery.into_fetched()).is_err() {
+                return;
             }
         }
     }
-}
-
-/// Note the fetch connection's `CLIENT ID` (0 when the server will not tell).
-async fn learn_client_id(conn: &mut MultiplexedConnection, shared: &ConsumerShared) {
-    let id: i64 = redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(conn)
-        .await
-        .unwrap_or(0);
-    shared.fetch_client.store(id, Ordering::Release);
 }
 
 fn remember(shared: &ConsumerShared, batch: &[RawDelivery]) {
@@ -986,100 +995,36 @@ fn delivery_list_key(shared: &ConsumerShared, delivery: &RawDelivery) -> String 
     shared.options.key(&priority_key(&delivery.queue, priority))
 }
 
-/// One batch: a non-blocking scripted pop; if every list is empty, a blocking BRPOP
-/// of one message (1 s), to be recorded in `unacked` by the returned pipeline.
-/// The second value is the pipeline recording a `BRPOP`ed message in `unacked`, to
-/// run once the message is handed over.
+/// One batch: the scripted pop, which records what it takes in `unacked` in the same
+/// atomic step. Empty when every list is (or no queue is consumed).
 async fn fetch_once(
     conn: &mut MultiplexedConnection,
     script: &Script,
     shared: &ConsumerShared,
     lists: &QueueLists,
     credits: usize,
-) -> Result<(Vec<RawDelivery>, Option<redis::Pipeline>)> {
+) -> Result<Vec<RawDelivery>> {
+    if lists.keys.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut invocation = script.prepare_invoke();
     invocation
         .key(shared.options.key(&shared.options.unacked_key))
         .key(shared.options.key(&shared.options.unacked_index_key))
         .key(&shared.owned_key);
-    if lists.keys.is_empty() {
-        // Every queue was cancelled: wait (as a BRPOP would) for one to be added.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), shared.queues_changed.notified()).await;
-        return Ok((Vec::new(), None));
-    }
     for key in &lists.keys {
         invocation.key(key);
     }
     invocation.arg(credits).arg(unix_now());
     let popped: Vec<(usize, Vec<u8>)> = invocation.invoke_async(conn).await?;
-    if !popped.is_empty() {
-        shared.backlog.store(true, Ordering::Release);
-        let batch = popped
-            .into_iter()
-            .map(|(index, raw)| {
-                let queue = lists.queue_of.get(index).cloned().unwrap_or_default();
-                parse_delivery(raw, queue)
-            })
-            .collect();
-        return Ok((batch, None));
-    }
-    shared.backlog.store(false, Ordering::Release);
-    let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-        .arg(&lists.keys)
-        .arg(1)
-        .query_async(conn)
-        .await?;
-    let Some((key, raw)) = popped else {
-        return Ok((Vec::new(), None));
-    };
-    let queue = lists
-        .keys
-        .iter()
-        .position(|k| *k == key)
-        .and_then(|i| lists.queue_of.get(i).cloned())
-        .unwrap_or(key);
-    let delivery = parse_delivery(raw, queue);
-    let mut record = None;
-    if let Ok(env) = &delivery.envelope {
-        let (exchange, routing_key) = env
-            .properties
-            .delivery_info
-            .as_ref()
-            .map(|info| (info.exchange.as_str(), info.routing_key.as_str()))
-            .unwrap_or(("", ""));
-        let value = unacked_record(&delivery.raw, exchange, routing_key)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(shared.options.key(&shared.options.unacked_index_key))
-            .arg(unix_now())
-            .arg(&delivery.delivery_tag)
-            .ignore()
-            .cmd("HSET")
-            .arg(shared.options.key(&shared.options.unacked_key))
-            .arg(&delivery.delivery_tag)
-            .arg(value)
-            .ignore()
-            .cmd("SADD")
-            .arg(&shared.owned_key)
-            .arg(&delivery.delivery_tag)
-            .ignore();
-        record = Some(pipe);
-    }
-    Ok((vec![delivery], record))
-}
-
-/// kombu's `unacked` value: `[envelope, exchange, routing_key]`.
-fn unacked_record(raw: &[u8], exchange: &str, routing_key: &str) -> Result<Vec<u8>> {
-    let mut record = Vec::with_capacity(raw.len() + 64);
-    record.push(b'[');
-    record.extend_from_slice(raw);
-    record.extend_from_slice(b", ");
-    serde_json::to_writer(&mut record, exchange)?;
-    record.extend_from_slice(b", ");
-    serde_json::to_writer(&mut record, routing_key)?;
-    record.push(b']');
-    Ok(record)
+    shared.backlog.store(!popped.is_empty(), Ordering::Release);
+    Ok(popped
+        .into_iter()
+        .map(|(index, raw)| {
+            let queue = lists.queue_of.get(index).cloned().unwrap_or_default();
+            parse_delivery(raw, queue)
+        })
+        .collect())
 }
 
 fn parse_delivery(raw: Vec<u8>, queue: String) -> RawDelivery {
@@ -1104,7 +1049,6 @@ async fn ack_loop(
     mut rx: mpsc::UnboundedReceiver<AckCommand>,
 ) {
     let mut commands = Vec::with_capacity(256);
-    let mut recording = shared.recording.subscribe();
     while rx.recv_many(&mut commands, 1024).await > 0 {
         // When more messages are queued, linger a moment so the acks of the next tasks
         // join this write: one pipeline (and one wake-up of this task) per batch
@@ -1123,8 +1067,6 @@ async fn ack_loop(
                 }
             }
         }
-        // A message taken by BRPOP may still be having its `unacked` record written.
-        let _ = recording.wait_for(|pending| *pending == 0).await;
         let mut tags: Vec<String> = Vec::new();
         for command in commands.drain(..) {
             match command {
@@ -1630,15 +1572,45 @@ mod tests {
     }
 
     #[test]
-    fn unacked_record_is_kombu_shaped() {
-        let record = unacked_record(br#"{"a": 1}"#, "", "celery").unwrap();
-        assert_eq!(record, br#"[{"a": 1}, "", "celery"]"#);
-        let (raw, ex, rk): (Box<RawValue>, String, String) =
-            serde_json::from_slice(&record).unwrap();
-        assert_eq!(
-            (raw.get(), ex.as_str(), rk.as_str()),
-            (r#"{"a": 1}"#, "", "celery")
-        );
+    fn server_version_is_read_from_info() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(server_version(info), Some((7, 0, 15)));
+        assert_eq!(server_version("redis_version:6.2\n"), Some((6, 2, 0)));
+        assert_eq!(server_version("redis_version:8\n"), Some((8, 0, 0)));
+        // Not told, or not a version: unknown.
+        assert_eq!(server_version("# Server\r\nuptime_in_seconds:3\r\n"), None);
+        assert_eq!(server_version("redis_version:\r\n"), None);
+        assert_eq!(server_version("redis_version:seven\r\n"), None);
+        assert_eq!(server_version("redis_version:7.x.1\r\n"), None);
+        assert_eq!(server_version(""), None);
+    }
+
+    #[test]
+    fn a_server_older_than_6_2_is_refused_by_url_and_version() {
+        let masked = "redis://:**@10.0.0.7:6379/0";
+        for old in [
+            "redis_version:6.0.16",
+            "redis_version:5.0.14",
+            "redis_version:2.8.24",
+        ] {
+            let err = check_server_version(old, masked).expect_err(old);
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            let text = err.to_string();
+            let found = old.trim_start_matches("redis_version:");
+            assert!(text.contains(masked), "{text}");
+            assert!(text.contains(&format!("version {found}")), "{text}");
+            assert!(text.contains("6.2 or later"), "{text}");
+        }
+        for ok in [
+            "redis_version:6.2.0",
+            "redis_version:7.0.15",
+            "redis_version:10.1.0",
+        ] {
+            check_server_version(ok, masked).expect(ok);
+        }
+        // A server that does not tell is let through (its first fetch reports a
+        // missing command with the server's own error).
+        check_server_version("# Server\r\n", masked).expect("unknown version");
     }
 
     #[test]
