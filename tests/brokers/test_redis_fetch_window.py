@@ -1,5 +1,6 @@
 """kill -9 of a Redis worker whose queue is almost always empty: every fetch is the
-blocking one, and no instant of it may lose an ``acks_late`` message.
+blocking one, and no instant of it may lose an ``acks_late`` message. And a Redis too old
+for the consumer (< 6.2) is refused by name and version.
 
 A real SIGKILL lands at a random instant, and the instant that matters (Redis has
 answered the worker about a new message, the worker's next command has not reached
@@ -50,6 +51,20 @@ def mark(key, n, seconds=0.0):
 KILLS = {25: "fetch", 75: "task", 125: "fetch", 175: "task", 225: "fetch", 275: "task"}
 
 
+def _listen_in_range() -> socket.socket:
+    """A listening socket on 127.0.0.1, on a free port of 7200-7299."""
+    listener = socket.socket()
+    for port in range(7200, 7300):
+        try:
+            listener.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        listener.listen(64)
+        return listener
+    listener.close()
+    pytest.fail("no free port in 7200-7299")
+
+
 class HoldingProxy:
     """A TCP proxy to the test Redis on 127.0.0.1 (a free port of 7200-7299) that,
     once armed with a marker, holds back what clients send from the moment Redis sends
@@ -57,16 +72,7 @@ class HoldingProxy:
     without forwarding what was held."""
 
     def __init__(self) -> None:
-        self._listener = socket.socket()
-        for port in range(7200, 7300):
-            try:
-                self._listener.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                continue
-        else:
-            pytest.fail("no free port in 7200-7299 for the proxy")
-        self._listener.listen(64)
+        self._listener = _listen_in_range()
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
         self._cond = threading.Condition()
         self._marker: bytes | None = None
@@ -196,3 +202,52 @@ def test_kill_9_at_a_blocking_fetch_or_mid_task_loses_none_of_300_acks_late_task
     assert redis_client.scard(done) == 300
     assert kills == {"fetch": 3, "task": 3}
     assert queue_length(redis_client, tasks_dir.queue) == 0
+
+
+class OldRedis:
+    """A stand-in for a Redis 6.0 server on 127.0.0.1 (a free port of 7200-7299): it
+    answers ``INFO`` with ``redis_version:6.0.16`` and every other command with ``+OK``."""
+
+    def __init__(self) -> None:
+        self._listener = _listen_in_range()
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _serve(client: socket.socket) -> None:
+        info = b"# Server\r\nredis_version:6.0.16\r\n"
+        with contextlib.suppress(OSError), client:
+            while data := client.recv(65536):
+                replies = b""
+                for command in data.split(b"\r\n*"):
+                    if b"INFO" in command.upper():
+                        replies += b"$%d\r\n%s\r\n" % (len(info), info)
+                    else:
+                        replies += b"+OK\r\n"
+                client.sendall(replies)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_worker_refuses_a_redis_older_than_6_2(worker: StartWorker, tasks_dir: TasksDir) -> None:
+    old = OldRedis()
+    try:
+        url = f"redis://:hunter2@127.0.0.1:{old.port}/0"
+        tasks_dir.env = worker_env(tasks_dir.queue, url, REDIS_URL)
+        process = worker(ready=False, check_exit=False)
+        status = process.wait(30)
+    finally:
+        old.close()
+    assert status != 0, process.log
+    assert f"redis://:**@127.0.0.1:{old.port}/0 is version 6.0.16" in process.log, process.log
+    assert "6.2 or later" in process.log
+    assert "hunter2" not in process.log
