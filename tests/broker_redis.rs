@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use _core::broker::redis::{priority_key, restore_visible, RedisOptions, RedisProducer};
+use _core::broker::redis::{
+    ensure_server_version, priority_key, restore_visible, server_version, RedisOptions,
+    RedisProducer,
+};
 use _core::broker::url::BrokerUrl;
 use common::{cleanup, message, redis, redis_consumer, redis_publish, redis_url, tags, take};
 
@@ -247,4 +250,376 @@ async fn an_immediate_ack_of_a_blocking_pop_leaves_no_unacked_record() {
     assert_eq!(left, (0, 0), "unacked records left behind");
     consumer.close();
     cleanup(&prefix).await;
+}
+
+/// A TCP proxy to the real Redis that can hold back what clients send (in order),
+/// and logs what passes, so a test can stop a consumer at an exact point of its
+/// exchange with Redis: after Redis answered, before the consumer's next command
+/// lands (the instant a `kill -9` would lose a message taken but not yet recorded).
+struct HoldingProxy {
+    url: BrokerUrl,
+    hold: tokio::sync::watch::Sender<bool>,
+    /// Hold back clients from the moment Redis sends bytes containing this.
+    hold_after: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    /// The proxy's own addresses towards Redis (`addr=` in `CLIENT LIST`).
+    upstream: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: std::sync::Arc<(std::sync::Mutex<Vec<Passed>>, tokio::sync::Notify)>,
+}
+
+#[derive(Clone)]
+enum Passed {
+    /// Bytes Redis sent to a client (logged before they are forwarded).
+    ToClient(Vec<u8>),
+    /// A client sent bytes while they were held back.
+    HeldFromClient,
+}
+
+impl HoldingProxy {
+    /// Listens on 127.0.0.1, on a free port of 7200-7299.
+    async fn start() -> Self {
+        let listener = listen_on_loopback().await;
+        let port = listener.local_addr().expect("address").port();
+        let (hold, _) = tokio::sync::watch::channel(false);
+        let log = std::sync::Arc::new((
+            std::sync::Mutex::new(Vec::new()),
+            tokio::sync::Notify::new(),
+        ));
+        let hold_after = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let upstream = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accept_hold, accept_log) = (hold.clone(), log.clone());
+        let (accept_after, accept_upstream) = (hold_after.clone(), upstream.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                    continue;
+                };
+                if let Ok(addr) = server.local_addr() {
+                    accept_upstream.lock().unwrap().push(addr.to_string());
+                }
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (client_rd, client_wr) = client.into_split();
+                let (server_rd, server_wr) = server.into_split();
+                let (mut hold, log) = (accept_hold.subscribe(), accept_log.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = read_some(&client_rd, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if *hold.borrow_and_update() {
+                            log.0.lock().unwrap().push(Passed::HeldFromClient);
+                            log.1.notify_waiters();
+                            if hold.wait_for(|held| !*held).await.is_err() {
+                                break;
+                            }
+                        }
+                        if write_all(&server_wr, &buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (log, after, hold) = (
+                    accept_log.clone(),
+                    accept_after.clone(),
+                    accept_hold.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = read_some(&server_rd, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = &buf[..n];
+                        let armed = after.lock().unwrap().as_ref().is_some_and(|marker| {
+                            chunk.windows(marker.len()).any(|w| w == marker.as_slice())
+                        });
+                        if armed {
+                            hold.send_replace(true);
+                        }
+                        log.0.lock().unwrap().push(Passed::ToClient(chunk.to_vec()));
+                        log.1.notify_waiters();
+                        if write_all(&client_wr, &buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url: BrokerUrl::parse(&format!("redis://127.0.0.1:{port}/0")).expect("url"),
+            hold,
+            hold_after,
+            upstream,
+            log,
+        }
+    }
+
+    /// From the moment Redis sends a client bytes containing `marker`, hold back
+    /// everything clients send (as if the process stopped right there).
+    fn hold_after(&self, marker: &[u8]) {
+        *self.hold_after.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// Wait (at most 10 s) until one of the proxied clients is blocked in Redis.
+    async fn wait_until_a_client_blocks(&self, conn: &mut redis::aio::MultiplexedConnection) {
+        for _ in 0..1000 {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(conn)
+                .await
+                .unwrap();
+            let ours = self.upstream.lock().unwrap().clone();
+            let blocked = clients.lines().any(|line| {
+                let field = |name: &str| {
+                    line.split(' ')
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                ours.contains(&field("addr=")) && field("flags=").contains('b')
+            });
+            if blocked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no consumer connection blocked within 10 s");
+    }
+
+    fn hold(&self, held: bool) {
+        self.hold.send_replace(held);
+    }
+
+    /// Wait (at most 10 s) until Redis has sent a client bytes containing `marker` and
+    /// that client has then sent something (held back).
+    async fn wait_for_reply_then_command(&self, marker: &[u8]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.log.1.notified();
+            {
+                let log = self.log.0.lock().unwrap();
+                let replied = log.iter().position(|passed| {
+                    matches!(passed, Passed::ToClient(bytes)
+                        if bytes.windows(marker.len()).any(|w| w == marker))
+                });
+                if let Some(at) = replied {
+                    if log[at..]
+                        .iter()
+                        .any(|p| matches!(p, Passed::HeldFromClient))
+                    {
+                        return;
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let log = self.log.0.lock().unwrap();
+                let seen: Vec<String> = log
+                    .iter()
+                    .map(|p| match p {
+                        Passed::ToClient(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                        Passed::HeldFromClient => "<held>".into(),
+                    })
+                    .collect();
+                panic!("Redis never handed the message to the consumer, or it never answered: {seen:?}");
+            }
+        }
+    }
+}
+
+/// A listener on 127.0.0.1, on a free port of 7200-7299 (this test suite's range).
+async fn listen_on_loopback() -> tokio::net::TcpListener {
+    for port in 7200..7300 {
+        if let Ok(bound) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return bound;
+        }
+    }
+    panic!("no free port in 7200-7299");
+}
+
+async fn read_some(
+    half: &tokio::net::tcp::OwnedReadHalf,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    loop {
+        half.as_ref().readable().await?;
+        match half.try_read(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+async fn write_all(
+    half: &tokio::net::tcp::OwnedWriteHalf,
+    mut bytes: &[u8],
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        half.as_ref().writable().await?;
+        match half.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// The blocking path (the queue was empty when the consumer asked): from the moment
+/// Redis hands the consumer anything about a new message until the consumer's next
+/// command lands, the message must still be in its list or in `unacked`, or a worker
+/// killed in that instant loses it. The consumer's commands are held back right there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_in_its_list_or_unacked_at_every_instant_of_a_blocking_fetch() {
+    let prefix = unique("blocking-window");
+    let opts = RedisOptions {
+        // Nothing but fetches on the consumer's connections.
+        heartbeat_interval: Duration::ZERO,
+        ..options(&prefix)
+    };
+    let proxy = HoldingProxy::start().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = _core::broker::redis::RedisConsumer::connect(
+        &proxy.url,
+        &["q".to_owned()],
+        4,
+        opts.clone(),
+        tx,
+    )
+    .await
+    .expect("consumer");
+    // One message through first: the consumer then waits on the empty list.
+    let producer = RedisProducer::connect(&redis_url(), opts.clone())
+        .await
+        .unwrap();
+    producer.publish(message("q", 1, None)).unwrap();
+    let first = take(&mut rx, 1).await;
+    consumer.ack(tags(&first)).unwrap();
+
+    let mut conn = redis().await;
+    proxy.wait_until_a_client_blocks(&mut conn).await;
+    proxy.hold_after(b"task-424242");
+    producer.publish(message("q", 424_242, None)).unwrap();
+    producer.flush(Duration::from_secs(10)).await.unwrap();
+    proxy.wait_for_reply_then_command(b"task-424242").await;
+    let (in_list, recorded): (Vec<String>, Vec<String>) = redis::pipe()
+        .atomic()
+        .cmd("LRANGE")
+        .arg(format!("{prefix}:q"))
+        .arg(0)
+        .arg(-1)
+        .cmd("HVALS")
+        .arg(format!("{prefix}:unacked"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let copies = in_list
+        .iter()
+        .chain(&recorded)
+        .filter(|raw| raw.contains("task-424242"))
+        .count();
+    assert_eq!(
+        copies, 1,
+        "the message left its list and is not in unacked: a worker killed now loses it"
+    );
+
+    proxy.hold(false);
+    let second = take(&mut rx, 1).await;
+    assert_eq!(second.len(), 1);
+    let recorded: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:unacked"))
+        .arg(&tags(&second)[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(recorded.is_some_and(|raw| raw.contains("task-424242")));
+    consumer.ack(tags(&second)).unwrap();
+    consumer.close();
+    cleanup(&prefix).await;
+}
+
+/// The consumer needs Redis 6.2 (`RPOP key count`, `BLMOVE`); the real one passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_server_passes_the_version_check() {
+    let mut conn = redis().await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let version = server_version(&info).expect("INFO server tells redis_version");
+    assert!(version >= (6, 2, 0), "the test Redis is {version:?}");
+    ensure_server_version(&mut conn, "redis://127.0.0.1:6379/0")
+        .await
+        .expect("Redis >= 6.2 passes");
+    let prefix = unique("version");
+    let (consumer, _rx) = redis_consumer(&["q"], 1, &options(&prefix)).await;
+    consumer.close();
+    cleanup(&prefix).await;
+}
+
+/// A server that says it is Redis 6.0 (a stand-in on loopback: no old Redis here)
+/// is refused when the consumer connects, with its masked URL and its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_refuses_a_redis_older_than_6_2() {
+    let listener = listen_on_loopback().await;
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (reader, writer) = stream.into_split();
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = read_some(&reader, &mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    // One reply per command (RESP arrays: `*<count>` at a line start).
+                    let chunk = &buf[..n];
+                    let mut replies = Vec::new();
+                    for (at, _) in chunk.iter().enumerate().filter(|(_, b)| **b == b'*') {
+                        if at == 0 || chunk[..at].ends_with(b"\r\n") {
+                            let rest = &chunk[at..];
+                            let command = rest
+                                .split(|b| *b == b'*')
+                                .nth(1)
+                                .unwrap_or_default()
+                                .to_ascii_uppercase();
+                            if command.windows(4).any(|w| w == b"INFO") {
+                                let info = "# Server\r\nredis_version:6.0.16\r\n";
+                                replies.extend_from_slice(
+                                    format!("${}\r\n{info}\r\n", info.len()).as_bytes(),
+                                );
+                            } else {
+                                replies.extend_from_slice(b"+OK\r\n");
+                            }
+                        }
+                    }
+                    if write_all(&writer, &replies).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let url = BrokerUrl::parse(&format!("redis://:hunter2@127.0.0.1:{port}/0")).unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let opts = RedisOptions {
+        heartbeat_interval: Duration::ZERO,
+        ..options(&unique("old-server"))
+    };
+    let refused =
+        _core::broker::redis::RedisConsumer::connect(&url, &["q".to_owned()], 1, opts, tx).await;
+    let err = match refused {
+        Ok(_) => panic!("a consumer connected to a Redis 6.0"),
+        Err(err) => err,
+    };
+    assert!(matches!(err, _core::error::Error::Config(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("redis://:**@127.0.0.1:{port}/0")),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("version 6.0.16"), "{text}");
+    assert!(text.contains("6.2 or later"), "{text}");
 }
