@@ -151,3 +151,27 @@ async fn acks_lose_nothing_when_one_of_several_queues_is_cancelled() {
     assert_none_lost(consumer, &acked, &queues, TOTAL).await;
     cleanup(&names).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_hands_over_everything_the_queue_delivered_before_it_answers() {
+    // -O fair gives back what the consumer holds right after the cancel: it must hold
+    // every delivery the broker sent before its cancel-ok, none left inside lapin.
+    let queue = unique("handover");
+    let queues = vec![queue.clone()];
+    const TOTAL: usize = 3000;
+    let _producer = publish_round_robin(&queues, TOTAL).await;
+    let (consumer, mut rx) = amqp_consumer(&queues, 0, AmqpOptions::default()).await;
+    assert!(consumer.cancel_queue(&queue).await.expect("cancel"));
+    let mut handed_over = 0;
+    while let Ok(Fetched::Message(Ok(_))) = rx.try_recv() {
+        handed_over += 1;
+    }
+    let delivered = TOTAL - amqp_depth(&queue).await as usize;
+    assert_eq!(
+        handed_over, delivered,
+        "still inside lapin when the cancel answered"
+    );
+    consumer.restore_unacked().await.expect("restore");
+    assert_eq!(amqp_depth(&queue).await as usize, TOTAL);
+    cleanup(&[&queue]).await;
+}

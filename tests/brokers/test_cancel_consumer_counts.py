@@ -29,6 +29,8 @@ from conftest import (
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
 
+pytestmark = pytest.mark.redis  # results (and the run records) are in Redis
+
 COUNTED_PY = app_module(
     "counted",
     """

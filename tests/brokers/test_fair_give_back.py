@@ -19,6 +19,8 @@ from conftest import AMQP_URL, REDIS_URL, app_module, delete_amqp, worker_env
 if TYPE_CHECKING:
     from conftest import ResultKeys, StartWorker, TasksDir
 
+pytestmark = pytest.mark.redis  # results (and the run records) are in Redis
+
 FAIR_PY = app_module(
     "fair",
     """
