@@ -6,6 +6,11 @@
 
 mod common;
 
+use common::{
+    amqp_admin as admin, amqp_cleanup as cleanup, amqp_consumer as new_consumer,
+    amqp_depth as depth, body_index,
+};
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,7 +19,7 @@ use _core::broker::amqp::{self, AmqpConsumer, AmqpOptions, AmqpProducer, QueueSp
 use _core::broker::url::BrokerUrl;
 use _core::broker::{Fetched, IncomingMessage};
 use _core::protocol::message::OutgoingMessage;
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -34,48 +39,6 @@ fn message(queue: &str, n: usize, priority: Option<u8>) -> OutgoingMessage {
     let mut message = common::message(queue, n, priority);
     message.properties.reply_to = "reply-oid".into();
     message
-}
-
-fn body_index(message: &IncomingMessage) -> usize {
-    let body: serde_json::Value = serde_json::from_slice(&message.body).expect("json body");
-    body[0][0].as_u64().expect("index") as usize
-}
-
-async fn admin() -> lapin::Channel {
-    let conn = amqp::connect(&url(), &AmqpOptions::default(), "test-admin")
-        .await
-        .expect("RabbitMQ must run on 127.0.0.1:5672");
-    conn.create_channel().await.expect("channel")
-}
-
-/// Delete the queues and their same-named exchanges.
-async fn cleanup(queues: &[&str]) {
-    let channel = admin().await;
-    for queue in queues {
-        let _ = channel
-            .queue_delete((*queue).into(), Default::default())
-            .await;
-        let _ = channel
-            .exchange_delete((*queue).into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-}
-
-/// Messages ready in a queue (passive declare).
-async fn depth(queue: &str) -> u32 {
-    let channel = admin().await;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-        .unwrap_or(u32::MAX)
 }
 
 async fn take(rx: &mut mpsc::UnboundedReceiver<Fetched>, count: usize) -> Vec<IncomingMessage> {
@@ -112,18 +75,6 @@ async fn new_producer(options: AmqpOptions) -> AmqpProducer {
     AmqpProducer::connect(&url(), options, Vec::new())
         .await
         .expect("producer")
-}
-
-async fn new_consumer(
-    queues: &[String],
-    prefetch: usize,
-    options: AmqpOptions,
-) -> (AmqpConsumer, mpsc::UnboundedReceiver<Fetched>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let consumer = AmqpConsumer::connect(&url(), queues, prefetch, options, tx)
-        .await
-        .expect("consumer");
-    (consumer, rx)
 }
 
 /// A producer (default options) that has sent messages `ns` to `queue`, all confirmed.

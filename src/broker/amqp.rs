@@ -17,9 +17,10 @@
 //! - Consuming: one I/O task per consumer owns the connection and the channel:
 //!   `basic.qos(prefetch_count)` bounds the unacked messages (the broker keeps the
 //!   window), deliveries go to the consumer's channel as [`Fetched`] items, acks are
-//!   batched (`multiple=true` over contiguous tags). After a lost connection it
-//!   reconnects with back-off and goes on; the broker has requeued whatever was unacked,
-//!   so tags from the old connection are ignored.
+//!   batched (`multiple=true` only over tag numbers all handed over and settled, see
+//!   [`TagLedger`]). After a lost connection it reconnects with back-off and goes on;
+//!   the broker has requeued whatever was unacked, so tags from the old connection are
+//!   ignored.
 //!
 //! Delivery tags handed out are `"<connection generation>.<AMQP tag>"`.
 
@@ -47,6 +48,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::amqp_tags::TagLedger;
 use super::url::{BrokerUrl, Scheme};
 use super::{Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
@@ -1798,7 +1800,7 @@ impl AmqpConsumer {
             prefetch: prefetch_u16(prefetch_count),
             shared: shared.clone(),
             generation: 0,
-            outstanding: BTreeSet::new(),
+            tags: TagLedger::new(),
             link: None,
         };
         let conn = connect(url, &io.options, "consumer").await?;
@@ -1922,8 +1924,8 @@ struct ConsumerIo {
     qos_global: bool,
     shared: Arc<ConsumerShared>,
     generation: u64,
-    /// Delivered and not yet acked or rejected, on the current channel.
-    outstanding: BTreeSet<u64>,
+    /// The current channel's delivery tags: which may be acked with `multiple=true`.
+    tags: TagLedger,
     link: Option<ConsumerLink>,
 }
 
@@ -1931,37 +1933,6 @@ struct ConsumerIo {
 fn parse_tag(tag: &str) -> Option<(u64, u64)> {
     let (generation, tag) = tag.split_once('.')?;
     Some((generation.parse().ok()?, tag.parse().ok()?))
-}
-
-/// Group acked tags for the wire: the longest run that starts at the oldest
-/// outstanding tag becomes one `multiple=true` ack; the rest are acked one by one.
-/// Returns `(multiple_up_to, singles)` and removes them from `outstanding`.
-pub fn plan_acks(
-    outstanding: &mut BTreeSet<u64>,
-    acked: &BTreeSet<u64>,
-) -> (Option<u64>, Vec<u64>) {
-    let mut upto = None;
-    for tag in outstanding.iter() {
-        if acked.contains(tag) {
-            upto = Some(*tag);
-        } else {
-            break;
-        }
-    }
-    if let Some(upto) = upto {
-        let rest = outstanding.split_off(&(upto + 1));
-        *outstanding = rest;
-    }
-    let mut singles = Vec::new();
-    for tag in acked {
-        if upto.is_some_and(|u| *tag <= u) {
-            continue;
-        }
-        if outstanding.remove(tag) {
-            singles.push(*tag);
-        }
-    }
-    (upto, singles)
 }
 
 impl ConsumerIo {
@@ -1981,7 +1952,7 @@ impl ConsumerIo {
             )
             .await?;
         self.generation += 1;
-        self.outstanding.clear();
+        self.tags.clear();
         let mut stream = SelectAll::new();
         let mut consumer_tags = Vec::new();
         for spec in &self.specs {
@@ -1999,7 +1970,7 @@ impl ConsumerIo {
     }
 
     fn incoming(&mut self, queue: &str, delivery: lapin::message::Delivery) -> IncomingMessage {
-        self.outstanding.insert(delivery.delivery_tag);
+        self.tags.handed_over(delivery.delivery_tag);
         let props = &delivery.properties;
         let text = |value: &Option<ShortString>| value.as_ref().map(|s| s.as_str().to_owned());
         let headers: Option<Box<RawValue>> = props.headers().as_ref().and_then(|table| {
@@ -2116,7 +2087,7 @@ impl ConsumerIo {
                     }
                     let mut stop = false;
                     let batch = std::mem::take(&mut commands);
-                    if let Err(err) = self.handle(batch, &mut stop).await {
+                    if let Err(err) = self.handle(batch, &mut stop, &deliveries).await {
                         self.lose(&err, &deliveries);
                     }
                     if stop {
@@ -2154,7 +2125,7 @@ impl ConsumerIo {
 
     fn lose(&mut self, err: &lapin::Error, deliveries: &mpsc::UnboundedSender<Fetched>) {
         self.link = None;
-        self.outstanding.clear();
+        self.tags.clear();
         if self.shared.closed.load(Ordering::Acquire) {
             return;
         }
@@ -2166,6 +2137,7 @@ impl ConsumerIo {
         &mut self,
         commands: Vec<ConsumerCommand>,
         stop: &mut bool,
+        deliveries: &mpsc::UnboundedSender<Fetched>,
     ) -> Result<(), lapin::Error> {
         let mut acked = BTreeSet::new();
         let before = self.prefetch;
@@ -2181,7 +2153,7 @@ impl ConsumerIo {
                 ConsumerCommand::Reject(tag, requeue) => {
                     self.send_acks(&mut acked).await?;
                     if let Some(tag) = self.current(&tag) {
-                        if self.outstanding.remove(&tag) {
+                        if self.tags.reject(tag) {
                             if let Some(link) = &self.link {
                                 link.channel
                                     .basic_reject(tag, BasicRejectOptions { requeue })
@@ -2231,6 +2203,7 @@ impl ConsumerIo {
                             }
                         }
                     }
+                    self.hand_over_buffered(deliveries)?;
                     let _ = reply.send(Ok(index.is_some()));
                 }
                 ConsumerCommand::Close => {
@@ -2255,6 +2228,28 @@ impl ConsumerIo {
             }
         }
         Ok(())
+    }
+
+    /// Hand over the deliveries lapin holds already. After a `basic.cancel` returns,
+    /// those of the cancelled consumer (sent before its cancel-ok) are all there: the
+    /// caller then sees everything the queue delivered, e.g. to give it back.
+    fn hand_over_buffered(
+        &mut self,
+        deliveries: &mpsc::UnboundedSender<Fetched>,
+    ) -> Result<(), lapin::Error> {
+        loop {
+            let Some(link) = self.link.as_mut() else {
+                return Ok(());
+            };
+            match link.stream.next().now_or_never() {
+                Some(Some((queue, Ok(delivery)))) => {
+                    let message = self.incoming(&queue, delivery);
+                    let _ = deliveries.send(Fetched::Message(Ok(message)));
+                }
+                Some(Some((_, Err(err)))) => return Err(err),
+                Some(None) | None => return Ok(()),
+            }
+        }
     }
 
     /// Add `queue` to the queues consumed (declared and consumed from the next
@@ -2326,17 +2321,17 @@ impl ConsumerIo {
         if acked.is_empty() {
             return Ok(());
         }
-        let (upto, singles) = plan_acks(&mut self.outstanding, acked);
+        let plan = self.tags.plan_acks(acked);
         acked.clear();
         let Some(link) = &self.link else {
             return Ok(());
         };
         let channel = &link.channel;
-        let mut writes = Vec::with_capacity(singles.len() + 1);
-        if let Some(upto) = upto {
+        let mut writes = Vec::with_capacity(plan.singles.len() + 1);
+        if let Some(upto) = plan.multiple_up_to {
             writes.push(channel.basic_ack(upto, BasicAckOptions { multiple: true }));
         }
-        for tag in singles {
+        for tag in plan.singles {
             writes.push(channel.basic_ack(tag, BasicAckOptions { multiple: false }));
         }
         for result in futures_util::future::join_all(writes).await {
@@ -2369,9 +2364,9 @@ impl ConsumerIo {
         // Deliveries that raced the cancel (sent before its cancel-ok, buffered by
         // lapin) are unacked too: count them; the nack below returns them as well.
         while let Some(Some((_, Ok(delivery)))) = link.stream.next().now_or_never() {
-            self.outstanding.insert(delivery.delivery_tag);
+            self.tags.handed_over(delivery.delivery_tag);
         }
-        let count = self.outstanding.len();
+        let count = self.tags.outstanding();
         link.channel
             .basic_nack(
                 0,
@@ -2382,7 +2377,7 @@ impl ConsumerIo {
             )
             .await
             .map_err(&fail)?;
-        self.outstanding.clear();
+        self.tags.clear();
         let _ = link.channel.close(200, ShortString::from("OK")).await;
         let _ = link.conn.close(200, ShortString::from("OK")).await;
         Ok(count)
@@ -2404,23 +2399,6 @@ impl ConsumerIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn acks_are_grouped_from_the_oldest_outstanding_tag() {
-        let mut outstanding: BTreeSet<u64> = (1..=10).collect();
-        let acked: BTreeSet<u64> = [1, 2, 3, 5, 9].into_iter().collect();
-        let (upto, singles) = plan_acks(&mut outstanding, &acked);
-        assert_eq!(upto, Some(3));
-        assert_eq!(singles, vec![5, 9]);
-        assert_eq!(outstanding, [4, 6, 7, 8, 10].into_iter().collect());
-        let acked: BTreeSet<u64> = [6, 7].into_iter().collect();
-        let (upto, singles) = plan_acks(&mut outstanding, &acked);
-        assert_eq!((upto, singles), (None, vec![6, 7]));
-        let acked: BTreeSet<u64> = [4, 8, 10, 99].into_iter().collect();
-        let (upto, singles) = plan_acks(&mut outstanding, &acked);
-        assert_eq!((upto, singles), (Some(10), vec![]));
-        assert!(outstanding.is_empty());
-    }
 
     #[test]
     fn tls_settings_are_read_from_broker_use_ssl() {

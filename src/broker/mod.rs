@@ -7,6 +7,7 @@
 //! transport from the URL's scheme.
 
 pub mod amqp;
+pub mod amqp_tags;
 pub mod events;
 pub mod outbox;
 pub mod pidbox;

@@ -740,26 +740,3 @@ def test_bad_worker_options(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "ready." not in result.stdout + result.stderr
-
-
-def test_prefork_child_gives_back_what_waits_behind_a_long_task(
-    worker: StartWorker,
-    engine: TasksDir,
-    result_keys: ResultKeys,
-) -> None:
-    """-O fair: a child prefetches four messages (its window), starts a long task and
-    gives the other three back, so the idle sibling runs them while the long one runs."""
-    process = worker("-c", "2", "--prefetch-multiplier", "4", pool="prefork", app="engine")
-    tasks = engine.import_module("engine")
-    long = tasks.sleeper.delay(8)
-    quick = [tasks.pid.delay() for _ in range(3)]
-    for r in [long, *quick]:
-        result_keys.add(r.id)
-    try:
-        pids = {r.get(timeout=6) for r in quick}
-    except Exception as exc:
-        pytest.fail(f"the quick tasks did not run: {exc!r}\n{process.log}")
-    assert not long.ready(), "the quick tasks waited for the long one"
-    assert long.get(timeout=20) == 8
-    children = {int(p) for p in _child_pids(process.proc.pid)}
-    assert pids <= children

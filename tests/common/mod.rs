@@ -122,3 +122,74 @@ pub async fn redis_consumer(
         .expect("consumer");
     (consumer, rx)
 }
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672//";
+
+pub fn amqp_url() -> BrokerUrl {
+    BrokerUrl::parse(AMQP_URL).expect("url")
+}
+
+/// The `n` of a message made by [`message`].
+pub fn body_index(message: &IncomingMessage) -> usize {
+    let body: serde_json::Value = serde_json::from_slice(&message.body).expect("json body");
+    body[0][0].as_u64().expect("index") as usize
+}
+
+/// A channel on the real RabbitMQ on 127.0.0.1:5672, to look at and clean up queues.
+pub async fn amqp_admin() -> lapin::Channel {
+    let options = _core::broker::amqp::AmqpOptions::default();
+    let conn = _core::broker::amqp::connect(&amqp_url(), &options, "test-admin")
+        .await
+        .expect("RabbitMQ must run on 127.0.0.1:5672");
+    conn.create_channel().await.expect("channel")
+}
+
+/// Delete the queues and their same-named exchanges from RabbitMQ.
+pub async fn amqp_cleanup(queues: &[&str]) {
+    let channel = amqp_admin().await;
+    for queue in queues {
+        let _ = channel
+            .queue_delete((*queue).into(), Default::default())
+            .await;
+        let _ = channel
+            .exchange_delete(
+                (*queue).into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+}
+
+/// Messages ready in a RabbitMQ queue (passive declare); `u32::MAX` when it is gone.
+pub async fn amqp_depth(queue: &str) -> u32 {
+    let channel = amqp_admin().await;
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(u32::MAX)
+}
+
+/// An AMQP consumer of `queues` and what it hands over.
+pub async fn amqp_consumer(
+    queues: &[String],
+    prefetch: usize,
+    options: _core::broker::amqp::AmqpOptions,
+) -> (
+    _core::broker::amqp::AmqpConsumer,
+    mpsc::UnboundedReceiver<Fetched>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let consumer =
+        _core::broker::amqp::AmqpConsumer::connect(&amqp_url(), queues, prefetch, options, tx)
+            .await
+            .expect("consumer");
+    (consumer, rx)
+}

@@ -67,6 +67,7 @@ from celeriac.worker.request import (
     Request,
     TaskPolicy,
     execute,
+    parse_time,
     send_internal_error,
     store_revoked_expired,
     task_policy,
@@ -448,10 +449,6 @@ class Worker:
         self.backend: Backend | None = None
         #: Per task name: whether its last run in this process was quick (``QUICK_RUN``).
         self._quick: dict[str, bool] = {}
-        #: Not on RabbitMQ: a delivery still inside lapin when its consumer is cancelled
-        #: is not seen by the consumer's ack planner, and a later ``multiple=true`` ack
-        #: covered it: the message was lost (1 run in 2 of tests/compat/test_events.py).
-        self._may_give_back = transport_of(app.broker_url) != "amqp"
         #: Queues ``_make_way`` stopped consuming while a long task runs.
         self._paused: list[str] = []
         # Each prefork child runs its tasks one at a time, in its own main thread.
@@ -1137,12 +1134,7 @@ class Worker:
 
     def _gives_back(self) -> bool:
         """Whether this process may give back messages it fetched (``_make_way``)."""
-        return (
-            self.child is not None
-            and self.concurrency >= 2
-            and bool(self.window)
-            and self._may_give_back
-        )
+        return self.child is not None and self.concurrency >= 2 and bool(self.window)
 
     def _make_way(self, consumer: Consumer) -> int:
         """Celery's ``-O fair``: its parent hands a message only to an idle child. Here
@@ -1150,9 +1142,18 @@ class Worker:
         back the messages it holds and has not started (at the front of the queue) and
         closes its window while the task runs: an idle sibling takes them instead of
         them waiting behind this task. Returns how far the window was narrowed."""
-        if self.concurrency < 2 or not self.window or not self._may_give_back:
+        if self.concurrency < 2 or not self.window:
             return 0
-        tags = [request.delivery_tag for request in self.reserved]
+        # One past its expiry is settled here (REVOKED, acked), not given back: Celery
+        # sends ``expires`` to RabbitMQ as a TTL too, and the broker drops a message it
+        # gets back past its TTL, without the worker's record.
+        tags: list[str] = []
+        for request in self.reserved:
+            if request.expired():
+                store_revoked_expired(self.backend, request)
+                consumer.ack([request.delivery_tag])
+            else:
+                tags.append(request.delivery_tag)
         self.reserved.clear()
         try:
             # Stop the deliveries themselves while the task runs: a window narrowed to
@@ -1161,7 +1162,15 @@ class Worker:
             self._paused = [q for q in self.queues if consumer.cancel_queue(q)]
             consumer.extend_window(-self.window)
             # Messages the consumer fetched that Python has not seen yet go back too.
-            tags += [delivery.delivery_tag for delivery in consumer.fetch(MAX_PREFETCH, 0.0)]
+            for delivery in consumer.fetch(MAX_PREFETCH, 0.0):
+                try:
+                    expires = parse_time(delivery.headers.get("expires"), "expires")
+                except InvalidMessage:
+                    expires = None  # the sibling that takes it reports the bad header
+                if expires is not None and expires.timestamp() <= time.time():
+                    self._on_delivery(consumer, delivery)  # REVOKED and acked
+                else:
+                    tags.append(delivery.delivery_tag)
             if tags:
                 consumer.give_back(tags)
         except Exception as exc:  # the broker requeues them when the connection ends
