@@ -23,6 +23,7 @@ from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.local import push_task
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.task import Request as TaskRequest
+from celeriac.worker import canvas_step
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -502,6 +503,10 @@ def execute(
 def _on_success(
     request: Request, backend: Backend | None, retval: Any, runtime: float
 ) -> Disposition:
+    embed = request.delivery.embed
+    if embed.get("chain") or embed.get("callbacks"):
+        # Sent before the result is stored, so its `children` name them (Celery's order).
+        canvas_step.send_after_success(request, retval)
     if backend is not None and not request.ignore_result:
         try:
             backend.store(request.id, request.meta(states.SUCCESS, retval), **request.reply_options)
@@ -548,6 +553,9 @@ def _on_failure(
         )
     if backend is not None and not request.ignore_result:
         store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
+    embed = request.delivery.embed
+    if embed.get("chain") or embed.get("errbacks"):
+        canvas_step.after_failure(request, None if request.ignore_result else backend, exc, tb)
     request.send_event("task-failed", exception=short_repr(exc), traceback=tb)
     einfo = ExceptionInfo(exc, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs

@@ -1,0 +1,241 @@
+"""Canvas on Celery 5.7's wire, with real Celery as the peer, both ways, on Redis and on
+RabbitMQ (rpc:// results): chains, callbacks (``link``), errbacks (``link_error``) and
+groups started by one library run on the other's workers, and on both at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from conftest import AMQP_URL, READY_TIMEOUT, WorkerProcess, celeriac_argv, delete_amqp, wait_until
+
+if TYPE_CHECKING:
+    from conftest import ResultKeys
+
+    from compat.conftest import CompatDir
+
+
+def _canvas(client: ModuleType) -> Any:
+    """The canvas module of the client's library (``celery`` or ``celeriac``)."""
+    return sys.modules[type(client.app).__module__.split(".")[0]]
+
+
+def _forget_tree(result: Any, result_keys: ResultKeys) -> None:
+    node = result
+    while node is not None:
+        result_keys.add(node.id)
+        node = node.parent
+
+
+def test_chain_runs_on_the_other_library(client: ModuleType, result_keys: ResultKeys) -> None:
+    canvas = _canvas(client)
+    result = canvas.chain(client.add.s(2, 2), client.add.s(4), client.add.s(8)).apply_async()
+    _forget_tree(result, result_keys)
+    assert result.get(timeout=15) == 16
+    # The last step's result, with the earlier steps as parents (client memory).
+    assert result.parent.get(timeout=5) == 8
+    assert result.parent.parent.get(timeout=5) == 4
+    assert result.parent.parent.parent is None
+    # `|` is the same chain, and an immutable step ignores the previous value.
+    piped = (client.add.s(1, 1) | client.add.si(10, 10) | client.add.s(5)).delay()
+    _forget_tree(piped, result_keys)
+    assert piped.get(timeout=15) == 25
+
+
+def test_chain_lineage_and_children(client: ModuleType, result_keys: ResultKeys) -> None:
+    """Every step has the first task as root and the step before as parent; each step's
+    stored ``children`` names the next one (sent before its result was stored)."""
+    canvas = _canvas(client)
+    result = canvas.chain(client.info.si(), client.info.si(), client.info.si()).apply_async()
+    _forget_tree(result, result_keys)
+    last = result.get(timeout=15)
+    middle = result.parent.get(timeout=5)
+    first = result.parent.parent.get(timeout=5)
+    assert first["root_id"] == first["id"] == result.parent.parent.id
+    assert first["parent_id"] is None
+    assert middle["root_id"] == last["root_id"] == first["id"]
+    assert middle["parent_id"] == first["id"]
+    assert last["parent_id"] == middle["id"]
+    children = result.parent.parent.children
+    assert [child.id for child in children] == [result.parent.id]
+
+
+def test_link_callbacks_get_the_return_value(
+    client: ModuleType, result_keys: ResultKeys, compat: CompatDir
+) -> None:
+    if compat.env["CELERIAC_TEST_BACKEND"] == "rpc://":
+        # As in Celery: a callback's result goes to the reply queue of the worker that
+        # sent it (the callback signature was never frozen by the client).
+        pytest.skip("rpc:// results of callbacks reach the sending worker, not the client")
+    one = client.add.apply_async((1, 1), link=client.add.s(10))
+    result_keys.add(one.id)
+    assert one.get(timeout=15) == 2
+    assert wait_until(lambda: bool(one.children), timeout=15)
+    (callback,) = one.children
+    result_keys.add(callback.id)
+    assert callback.get(timeout=15) == 12
+    # Several callbacks are sent together as one group: children holds that group.
+    sig = client.add.s(3, 4)
+    sig.link(client.add.s(100))
+    sig.link(client.add.s(200))
+    many = sig.delay()
+    result_keys.add(many.id)
+    assert many.get(timeout=15) == 7
+    (callbacks,) = many.children
+    members = list(callbacks.results)
+    for member in members:
+        result_keys.add(member.id)
+    assert sorted(member.get(timeout=15) for member in members) == [107, 207]
+
+
+def test_errbacks_are_called_as_celery_calls_them(
+    client: ModuleType, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    """One that takes (request, exc, traceback) runs in the failing worker; one with
+    a single argument left is sent as a message with the failed task's id."""
+    key = f"celeriac-test-errbacks-{uuid.uuid4().hex}"
+    try:
+        failing = client.fail.s("value", "boom").on_error(client.record_failure.s(key))
+        failing.link_error(client.on_error.s(key))
+        result = failing.delay()
+        result_keys.add(result.id)
+        with pytest.raises(ValueError, match="boom"):
+            result.get(timeout=15)
+        assert wait_until(lambda: redis_client.llen(key) >= 2, timeout=15)
+        seen = sorted(json.loads(item) for item in redis_client.lrange(key, 0, -1))
+        assert seen == [
+            ["inline", result.id, "compat.fail", "ValueError", "boom", True],
+            ["message", result.id],
+        ]
+    finally:
+        redis_client.delete(key)
+
+
+def test_a_failing_step_fails_the_rest_of_the_chain(
+    client: ModuleType, result_keys: ResultKeys, compat: CompatDir
+) -> None:
+    canvas = _canvas(client)
+    result = canvas.chain(
+        client.add.s(1, 1), client.fail.si("value", "broken"), client.add.s(1), client.add.s(2)
+    ).apply_async()
+    _forget_tree(result, result_keys)
+    # The later steps never run: the failing worker stores their FAILURE at once.
+    with pytest.raises(ValueError, match="broken"):
+        result.get(timeout=15)
+    if compat.env["CELERIAC_TEST_BACKEND"] != "rpc://":
+        # (Celery's rpc:// client consumes a state message once: no state to read again.)
+        assert result.state == "FAILURE"
+        # The steps are failed last first: the one before may come a moment later.
+        assert wait_until(lambda: result.parent.state == "FAILURE", timeout=15)
+    with pytest.raises(ValueError, match="broken"):
+        result.parent.get(timeout=5)
+    assert result.parent.parent.parent.get(timeout=5) == 2
+
+
+def test_group_results_in_order(client: ModuleType, result_keys: ResultKeys) -> None:
+    canvas = _canvas(client)
+    result = canvas.group(client.add.s(i, i) for i in range(5)).apply_async()
+    for member in result.results:
+        result_keys.add(member.id)
+    assert result.get(timeout=15) == [0, 2, 4, 6, 8]
+    assert result.ready()
+    assert result.successful()
+    assert not result.failed()
+    assert not result.waiting()
+    assert result.completed_count() == 5
+    # Partial args go in front of every member's own.
+    partial = canvas.group(client.add.s(1), client.add.s(2)).apply_async((10,))
+    for member in partial.results:
+        result_keys.add(member.id)
+    assert partial.join(timeout=15) == [11, 12]
+
+
+def test_group_members_carry_group_and_index(client: ModuleType, result_keys: ResultKeys) -> None:
+    canvas = _canvas(client)
+    result = canvas.group(client.info.si(), client.info.si(), client.info.si()).apply_async()
+    for member in result.results:
+        result_keys.add(member.id)
+    infos = result.get(timeout=15)
+    assert [info["id"] for info in infos] == [member.id for member in result.results]
+    # What each worker read from its message: the group id and the member's index.
+    assert [(info["group"], info["group_index"]) for info in infos] == [
+        (result.id, 0),
+        (result.id, 1),
+        (result.id, 2),
+    ]
+    assert all(info["root_id"] == info["id"] for info in infos)
+
+
+def test_group_with_a_failure(client: ModuleType, result_keys: ResultKeys) -> None:
+    canvas = _canvas(client)
+    result = canvas.group(client.add.s(1, 1), client.fail.s("value", "no")).apply_async()
+    for member in result.results:
+        result_keys.add(member.id)
+    with pytest.raises(ValueError, match="no"):
+        result.get(timeout=15)
+    assert wait_until(result.ready, timeout=15)
+    assert result.failed()
+    assert not result.successful()
+    assert result.completed_count() == 1
+    assert result.get(timeout=15, propagate=False)[0] == 2
+
+
+# -- both libraries' workers in one chain ------------------------------------------------
+
+
+@pytest.fixture
+def second_queue(compat: CompatDir) -> Any:
+    name = compat.queue + ".b"
+    yield name
+    if compat.env["CELERIAC_TEST_BROKER"].startswith("amqp"):
+        delete_amqp(AMQP_URL, name)
+
+
+@pytest.mark.parametrize("client_kind", ["celery", "celeriac"])
+def test_one_chain_runs_on_both_libraries_at_once(
+    compat: CompatDir,
+    start_worker: Any,
+    second_queue: str,
+    result_keys: ResultKeys,
+    client_kind: str,
+) -> None:
+    """Steps routed alternately to a Celery worker's queue and a celeriac worker's
+    queue: each hands the chain on to the other."""
+    start_worker("celery")
+    celeriac_worker = WorkerProcess(
+        celeriac_argv(
+            "-A", "compat_tasks", "worker", "-l", "info", "-P", "solo", "-Q", second_queue
+        ),
+        compat.path,
+        compat.env,
+    )
+    try:
+        celeriac_worker.wait_for(r" ready\.", timeout=READY_TIMEOUT)
+        client = compat.celery_app() if client_kind == "celery" else compat.celeriac_app()
+        canvas = _canvas(client)
+        steps = [
+            client.info.si().set(queue=compat.queue if i % 2 else second_queue) for i in range(6)
+        ]
+        steps.append(client.add.si(1, 2).set(queue=compat.queue))
+        result = canvas.chain(*steps).apply_async()
+        _forget_tree(result, result_keys)
+        assert result.get(timeout=20) == 3
+        node = result.parent
+        ran_on: list[str] = []
+        while node is not None:
+            ran_on.append(node.get(timeout=5)["id"])
+            node = node.parent
+        assert len(ran_on) == 6
+        # celeriac ran the even steps, Celery the odd ones: both took part.
+        assert set(ran_on[::-1][::2]) <= celeriac_worker.task_ids()
+        assert not set(ran_on[::-1][1::2]) & celeriac_worker.task_ids()
+    finally:
+        assert celeriac_worker.stop() == 0, celeriac_worker.log
+        for task_id in celeriac_worker.task_ids():
+            result_keys.add(task_id)
