@@ -439,6 +439,11 @@ class Signature(dict[str, Any], Generic[R]):
             return _chain(self, other, app=self._app)
         return NotImplemented
 
+    def __ror__(self, other: Signature[Any]) -> _chain[R]:  # type: ignore[override]
+        if isinstance(other, Signature):
+            return cast("_chain[R]", other.__or__(self))
+        return NotImplemented
+
     def __ior__(self, other: Signature[T]) -> _chain[T]:  # type: ignore[override]
         return self.__or__(other)
 
@@ -773,18 +778,19 @@ def _flatten_chain(tasks: Iterable[Any], app: Celeriac | None) -> list[Signature
     return flat
 
 
-class chain(_chain[R]):
+class chain(_chain[Any]):
     """``chain(add.s(2, 2), add.s(4), add.s(8))`` (the same as ``a | b | c``):
     ``((2 + 2) + 4) + 8``. Called or sent, it returns the last step's result.
     One argument that is an iterable of signatures is the list of steps."""
 
-    def __new__(cls, *tasks: Any, **kwargs: Any) -> Any:
+    def __new__(cls, *tasks: Any, **kwargs: Any) -> chain:
         if not kwargs and tasks and (len(tasks) != 1 or isinstance(tasks[0], (list, tuple))):
             steps = tasks[0] if len(tasks) == 1 else tasks
             if all(type(step) is Signature for step in steps):
                 # What reducing with '|' gives, without copying the chain at each step.
                 return chain(*(step.clone() for step in steps), app=None)
-            return functools.reduce(operator.or_, steps, chain())
+            reduced: chain = functools.reduce(operator.or_, steps, chain())
+            return reduced
         return super().__new__(cls)
 
     def __init__(self, *tasks: Any, **options: Any) -> None:

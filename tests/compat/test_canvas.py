@@ -5,6 +5,7 @@ groups started by one library run on the other's workers, and on both at once.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import uuid
@@ -239,3 +240,77 @@ def test_one_chain_runs_on_both_libraries_at_once(
         assert celeriac_worker.stop() == 0, celeriac_worker.log
         for task_id in celeriac_worker.task_ids():
             result_keys.add(task_id)
+
+
+# -- the messages themselves ----------------------------------------------------------
+
+
+def _message_shape(raw: bytes) -> dict[str, Any]:
+    """A task message with ids replaced by what they must equal."""
+    envelope = json.loads(raw)
+    headers = envelope["headers"]
+    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    reply_to = envelope["properties"]["reply_to"]
+
+    def sig_shape(sig: dict[str, Any]) -> dict[str, Any]:
+        options = dict(sig["options"])
+        assert options.pop("reply_to", reply_to) == reply_to
+        options.pop("task_id", None)
+        return {**sig, "options": options}
+
+    return {
+        "task": headers["task"],
+        "root_id is id": headers["root_id"] == headers["id"],
+        "parent_id": headers["parent_id"],
+        "group": headers["group"] is not None,
+        "group_index": headers["group_index"],
+        "args": args,
+        "kwargs": kwargs,
+        "embed": {
+            key: [sig_shape(sig) for sig in value] if isinstance(value, list) else value
+            for key, value in embed.items()
+        },
+    }
+
+
+def _take(redis_client: redis.Redis, queue: str, count: int) -> list[bytes]:
+    assert wait_until(lambda: redis_client.llen(queue) >= count, timeout=10)
+    return [redis_client.rpop(queue) for _ in range(count)]
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_messages_are_celerys(compat: CompatDir, redis_client: redis.Redis) -> None:
+    """The same chain, link/link_error and group sent by both clients (no worker):
+    the same messages, ids aside; the chain's rest is reversed (next step last)."""
+    shapes: dict[str, list[dict[str, Any]]] = {}
+    for module in (compat.celery_app(), compat.celeriac_app()):
+        canvas = _canvas(module)
+        add = module.add
+        flow = canvas.chain(
+            add.s(1, 2), add.s(3), add.si(4, 4).set(countdown=5), module.echo.s(k=1)
+        )
+        result = flow.apply_async()
+        (first,) = _take(redis_client, compat.queue, 1)
+        steps = json.loads(base64.b64decode(json.loads(first)["body"]))[2]["chain"]
+        # next step last; every step frozen with the id of its result
+        assert [step["options"]["task_id"] for step in steps] == [
+            result.id,
+            result.parent.id,
+            result.parent.parent.id,
+        ]
+        add.apply_async((1, 1), link=add.s(10), link_error=add.si(0, 0))
+        linked = _take(redis_client, compat.queue, 1)
+        grouped = canvas.group(add.s(1, 1), add.s(2, 2)).apply_async()
+        members = sorted(
+            _take(redis_client, compat.queue, 2),
+            key=lambda raw: json.loads(raw)["headers"]["group_index"],
+        )
+        for raw in members:
+            assert json.loads(raw)["headers"]["group"] == grouped.id
+        shapes[type(module.app).__module__] = [
+            _message_shape(raw) for raw in (first, *linked, *members)
+        ]
+    theirs, ours = shapes.values()
+    assert ours == theirs
+    assert theirs[0]["embed"]["chain"][-1]["args"] == [3]
+    assert [shape["group_index"] for shape in theirs[2:]] == [0, 1]

@@ -183,3 +183,25 @@ def test_reexports_match_celery() -> None:
         assert hasattr(celery, name)
         assert hasattr(celeriac, name)
     assert callable(celery_canvas.maybe_signature)
+
+
+def test_eager_errbacks_by_celerys_rule(apps: tuple[Any, Any, Any, Any]) -> None:
+    app, _, _, _ = apps
+    app.conf.task_always_eager = True
+    seen: list[Any] = []
+
+    @app.task(name="t.boom")
+    def boom() -> None:
+        raise KeyError("gone")
+
+    @app.task(name="t.by_id")
+    def by_id(task_id: str) -> None:
+        seen.append(("message", task_id))
+
+    @app.task(name="t.inline")
+    def inline(request: Any, exc: BaseException, traceback: Any) -> None:
+        seen.append(("inline", request.id, type(exc).__name__, "KeyError" in traceback))
+
+    result = boom.apply_async(link_error=[by_id.s(), inline.s()])
+    assert result.failed()
+    assert sorted(seen) == [("inline", result.id, "KeyError", True), ("message", result.id)]
