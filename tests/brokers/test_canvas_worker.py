@@ -144,3 +144,20 @@ def test_group_save_and_restore(
         assert GroupResult.restore(result.id, app=tasks.app) is None
     finally:
         redis_client.delete(f"celery-taskset-meta-{result.id}")
+
+
+def test_group_revoke(worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys) -> None:
+    """``GroupResult.revoke()`` reaches every member: held (countdown) ones are
+    discarded and stored REVOKED."""
+    worker()
+    tasks = tasks_dir.import_module()
+    from celeriac import group
+
+    result = group(tasks.add.s(i, i).set(countdown=60) for i in range(3)).apply_async()
+    for member in result.results:
+        result_keys.add(member.id)
+    assert not result.ready()
+    result.revoke()
+    assert wait_until(result.ready, timeout=15)
+    assert [member.state for member in result.results] == ["REVOKED"] * 3
+    assert result.completed_count() == 0
