@@ -95,6 +95,13 @@ class _Field(Generic[V]):
         obj[self.key] = self.write(value)
 
 
+def seconds_of(value: Any) -> int:
+    """A number of seconds or a timedelta (``result_expires``) as whole seconds."""
+    if hasattr(value, "total_seconds"):
+        value = value.total_seconds()
+    return max(0, int(value or 0))
+
+
 def _copy_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of execution options that shares nothing mutable (link lists...)."""
     return {
@@ -804,8 +811,8 @@ class chain(_chain[Any]):
 
 
 _CHORD_MISSING = (
-    "chords are not supported by celeriac yet (a group followed by a task is a chord): "
-    "see the README's Canvas section"
+    "a chord inside a chain (a group followed by a task in a chain) is not supported by "
+    "celeriac yet: see the README's Canvas section"
 )
 
 
@@ -836,7 +843,7 @@ class group(_Composite[list[Any]]):
     def __or__(self, other: Signature[T]) -> _chain[T]:  # type: ignore[override]
         if isinstance(other, group) and not other.tasks:
             return cast("_chain[T]", self)
-        raise NotImplementedError(_CHORD_MISSING)
+        return cast("_chain[T]", chord(self, body=other, app=self._app))
 
     def link(self, callback: SigT) -> SigT:
         """Celery's rule: the callback goes (immutable) on the FIRST member only -- it
@@ -902,7 +909,14 @@ class group(_Composite[list[Any]]):
             return self.apply(args, kwargs, **options)
         merged, group_id, root_id = self._freeze_gid(options)
         results: list[_AsyncResult[Any]] = []
-        for sig, result in self._prepared(group_id, root_id, app):
+        members = list(self._prepared(group_id, root_id, app))
+        if merged.get("chord") is not None:
+            # A chord's header: its size is written before any part can end (Celery
+            # writes it before the last one), so a backend that cannot join chords
+            # fails here, before anything is sent.
+            expires = app.conf.get("result_chord_expires") or app.conf["result_expires"]
+            app.taskset_backend.chord_set_size(group_id, len(members), seconds_of(expires))
+        for sig, result in members:
             sig.apply_async(args, kwargs, add_to_parent=False, **merged)
             results.append(cast("_AsyncResult[Any]", result))
         outcome = GroupResult(group_id, results, app=app)
@@ -957,24 +971,154 @@ def maybe_unroll_group(sig: Signature[Any]) -> Signature[Any]:
     return sig
 
 
+def _header_list(header: Any, app: Celeriac | None) -> list[Signature[Any]]:
+    """A chord header as Celery stores it: a list of signatures (a group's or a
+    chain's tasks, one signature, or any iterable of them)."""
+    if isinstance(header, Mapping):
+        header = _signature(header, app)
+        if isinstance(header, _Composite):
+            return list(header.tasks)
+        return [header]
+    return [_signature(task, app) for task in header]
+
+
 @Signature.register_type()
-class chord(Signature[Any]):
-    """A group whose results go to a body task once all are done: read from
-    messages (so a worker can tell what it got), not yet runnable here."""
+class chord(Signature[R]):
+    """A group (the header) whose results, in header order, go to one task (the
+    body) once every header task has ended: ``chord(header, body)()``.
+
+    Joined on the ``redis://`` result backend in Celery's keys and steps: the client
+    writes the header's size, each header task's worker records its part in one
+    atomic script, and the worker that records the last part sends the body, once.
+    If a header task fails, the body does not run and its result is ``ChordError``.
+    """
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], app: Celeriac | None = None) -> Signature[Any]:
-        sig = cls(dict(d), app=app)
-        return sig
+        kwargs = d.get("kwargs")
+        if not isinstance(kwargs, Mapping) or "header" not in kwargs:
+            raise TypeError(
+                f"a chord signature needs kwargs.header and kwargs.body, not {kwargs!r}"
+            )
+        options = d.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"chord options must be a mapping, not {options!r}")
+        return cls(
+            kwargs["header"], kwargs.get("body"), args=d.get("args"), kwargs=kwargs.get("kwargs"),
+            app=app, **options,
+        )  # fmt: skip
 
-    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_CHORD_MISSING)
+    def __init__(
+        self,
+        header: Any,
+        body: Any = None,
+        task: str = "celery.chord",
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        app: Celeriac | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            task,
+            args or (),
+            {
+                "kwargs": dict(kwargs or {}),
+                "header": _header_list(header, app),
+                "body": maybe_signature(body, app),
+            },
+            app=app,
+            **options,
+        )
+        self.subtask_type = "chord"
 
-    def apply(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_CHORD_MISSING)
+    @property
+    def tasks(self) -> group:
+        """The header, as a group (kept as Celery keeps it: a list of signatures)."""
+        return group(self.kwargs["header"], app=self._app)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_CHORD_MISSING)
+    @property
+    def body(self) -> Signature[R] | None:
+        return cast("Signature[R] | None", self.kwargs.get("body"))
+
+    @property
+    def app(self) -> Celeriac:
+        if self._app is not None:
+            return self._app
+        body = self.body
+        if body is not None and body._app is not None:
+            return body._app
+        return self.tasks.app
+
+    def __call__(self, body: Any = None, **options: Any) -> Any:
+        return self.apply_async((), {"body": body} if body else {}, **options)
+
+    def clone(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
+    ) -> Signature[R]:
+        body = self.body
+        return cast(
+            "Signature[R]",
+            chord(
+                self.tasks.clone(),
+                body.clone() if body is not None else None,
+                args=tuple(args or ()) + self.args,
+                kwargs={**self.kwargs["kwargs"], **(kwargs or {})},
+                app=self._app,
+                **_copy_options({**self.options, **opts}),
+            ),
+        )
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        route_name: str | None = None,
+        **options: Any,
+    ) -> _AsyncResult[R]:
+        """Send the header (a group carrying the body) and return the body's result,
+        whose ``parent`` is the header's :class:`GroupResult`."""
+        kwargs = dict(kwargs or {})
+        body = _signature(kwargs.pop("body", None) or self.body, self._app)
+        header = cast(group, self.tasks.clone())
+        args = tuple(args or ()) + self.args
+        app = self.app
+        task_id = options.pop("task_id", None)
+        merged = {**self.options, **options}
+        if app.conf["task_always_eager"]:
+            results = header.apply(args, **merged)
+            values = results.get(disable_sync_subtasks=False)
+            return cast("_AsyncResult[R]", body.apply((values,), task_id=task_id))
+        body = body.clone(**{k: v for k, v in merged.items() if k != "task_id"})
+        group_id = header.options.get("task_id") or str(uuid.uuid4())
+        root_id = body.options.get("root_id")
+        body_result = body.freeze(
+            task_id or merged.get("task_id"), group_id=group_id, root_id=root_id
+        )
+        if not header.tasks:  # Celery's rule: the body runs at once with no results
+            body.delay([])
+            return cast("_AsyncResult[R]", body_result)
+        for key in ("chain", "chord", "task_id", "link", "link_error"):
+            merged.pop(key, None)
+        header.options["task_id"] = group_id
+        header_result = header.apply_async(args, None, chord=body, **merged)
+        body_result.parent = cast("_AsyncResult[Any]", header_result)
+        return cast("_AsyncResult[R]", body_result)
+
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> EagerResult[R]:
+        body = _signature(dict(kwargs or {}).pop("body", None) or self.body, self._app)
+        values = self.tasks.apply(args, **options).get(disable_sync_subtasks=False)
+        return cast("EagerResult[R]", body.apply((values,)))
+
+    def __repr__(self) -> str:
+        return f"chord({self.tasks!r}, {self.body!r})"
 
 
 # -- errbacks -----------------------------------------------------------------------

@@ -121,6 +121,11 @@ def on_error(request, exc, traceback, key):
     redis.Redis(host="127.0.0.1", port=6379).rpush(key, json.dumps(seen))
 
 
+@app.task(name="compat.tsum")
+def tsum(numbers):
+    return sum(numbers)
+
+
 @app.task(name="compat.sleep")
 def sleep(seconds):
     deadline = time.monotonic() + seconds

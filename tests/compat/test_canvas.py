@@ -9,6 +9,7 @@ import base64
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -198,16 +199,12 @@ def second_queue(compat: CompatDir) -> Any:
         delete_amqp(AMQP_URL, name)
 
 
-@pytest.mark.parametrize("client_kind", ["celery", "celeriac"])
-def test_one_chain_runs_on_both_libraries_at_once(
-    compat: CompatDir,
-    start_worker: Any,
-    second_queue: str,
-    result_keys: ResultKeys,
-    client_kind: str,
-) -> None:
-    """Steps routed alternately to a Celery worker's queue and a celeriac worker's
-    queue: each hands the chain on to the other."""
+@pytest.fixture
+def mixed_workers(
+    compat: CompatDir, start_worker: Any, second_queue: str, result_keys: ResultKeys
+) -> Iterator[WorkerProcess]:
+    """A Celery worker on the test's queue and a celeriac worker on ``second_queue``
+    (returned), both ready."""
     start_worker("celery")
     celeriac_worker = WorkerProcess(
         celeriac_argv(
@@ -218,28 +215,44 @@ def test_one_chain_runs_on_both_libraries_at_once(
     )
     try:
         celeriac_worker.wait_for(r" ready\.", timeout=READY_TIMEOUT)
-        client = compat.celery_app() if client_kind == "celery" else compat.celeriac_app()
-        canvas = _canvas(client)
-        steps = [
-            client.info.si().set(queue=compat.queue if i % 2 else second_queue) for i in range(6)
-        ]
-        steps.append(client.add.si(1, 2).set(queue=compat.queue))
-        result = canvas.chain(*steps).apply_async()
-        _forget_tree(result, result_keys)
-        assert result.get(timeout=20) == 3
-        node = result.parent
-        ran_on: list[str] = []
-        while node is not None:
-            ran_on.append(node.get(timeout=5)["id"])
-            node = node.parent
-        assert len(ran_on) == 6
-        # celeriac ran the even steps, Celery the odd ones: both took part.
-        assert set(ran_on[::-1][::2]) <= celeriac_worker.task_ids()
-        assert not set(ran_on[::-1][1::2]) & celeriac_worker.task_ids()
+        yield celeriac_worker
     finally:
         assert celeriac_worker.stop() == 0, celeriac_worker.log
         for task_id in celeriac_worker.task_ids():
             result_keys.add(task_id)
+
+
+@pytest.fixture(params=["celery", "celeriac"])
+def mixed_client(request: pytest.FixtureRequest, compat: CompatDir) -> ModuleType:
+    """The client's task module (either library) for ``mixed_workers`` tests."""
+    return compat.celery_app() if request.param == "celery" else compat.celeriac_app()
+
+
+def test_one_chain_runs_on_both_libraries_at_once(
+    compat: CompatDir, mixed_workers: WorkerProcess, second_queue: str, result_keys: ResultKeys,
+    mixed_client: ModuleType,
+) -> None:  # fmt: skip
+    """Steps routed alternately to the Celery worker's queue and the celeriac worker's:
+    each hands the chain on to the other."""
+    client = mixed_client
+    canvas = _canvas(client)
+    queues = [compat.queue if i % 2 else second_queue for i in range(6)]
+    steps = [client.info.si().set(queue=queue) for queue in queues]
+    steps.append(client.add.si(1, 2).set(queue=compat.queue))
+    result = canvas.chain(*steps).apply_async()
+    _forget_tree(result, result_keys)
+    assert result.get(timeout=20) == 3
+    node = result.parent
+    ran_on: list[str] = []
+    while node is not None:
+        ran_on.append(node.get(timeout=5)["id"])
+        node = node.parent
+    ran_on.reverse()
+    assert len(ran_on) == 6
+    # celeriac ran the even steps, Celery the odd ones: both took part.
+    celeriac_ran = mixed_workers.task_ids()
+    assert set(ran_on[::2]) <= celeriac_ran
+    assert not set(ran_on[1::2]) & celeriac_ran
 
 
 # -- the messages themselves ----------------------------------------------------------
@@ -314,3 +327,67 @@ def test_messages_are_celerys(compat: CompatDir, redis_client: redis.Redis) -> N
     assert ours == theirs
     assert theirs[0]["embed"]["chain"][-1]["args"] == [3]
     assert [shape["group_index"] for shape in theirs[2:]] == [0, 1]
+
+
+# -- chords (Redis) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_chord_joins_across_libraries(client: ModuleType, result_keys: ResultKeys) -> None:
+    canvas = _canvas(client)
+    result = canvas.chord([client.add.s(i, i) for i in range(10)], client.tsum.s())()
+    result_keys.add(result.id)
+    for member in result.parent.results:
+        result_keys.add(member.id)
+    assert result.get(timeout=20) == 90
+    # a group piped into a task is a chord too; header results come in header order
+    piped = (canvas.group(client.echo.s(i) for i in range(3)) | client.echo.s())()
+    result_keys.add(piped.id)
+    for member in piped.parent.results:
+        result_keys.add(member.id)
+    got = piped.get(timeout=20)
+    assert [item["args"] for item in got["args"][0]] == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_chord_with_a_failing_header_task(client: ModuleType, result_keys: ResultKeys) -> None:
+    """The body never runs; its result is Celery's ChordError naming the failed task;
+    the other header tasks still succeed."""
+    canvas = _canvas(client)
+    header = [client.add.s(1, 1), client.fail.s("value", "boom"), client.add.s(2, 2)]
+    result = canvas.chord(header, client.tsum.s())()
+    result_keys.add(result.id)
+    members = result.parent.results
+    for member in members:
+        result_keys.add(member.id)
+    body = type(result)(result.id, app=client.app)  # no parent: the body's own state
+    with pytest.raises(Exception) as raised:
+        body.get(timeout=20)
+    assert type(raised.value).__name__ == "ChordError"
+    assert str(raised.value) == f"Dependency {members[1].id} raised ValueError('boom')"
+    assert members[0].get(timeout=10) == 2
+    assert members[2].get(timeout=10) == 4
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_chord_header_run_by_both_libraries(
+    compat: CompatDir, mixed_workers: WorkerProcess, second_queue: str, result_keys: ResultKeys,
+    mixed_client: ModuleType,
+) -> None:  # fmt: skip
+    """Header tasks alternate between the Celery and the celeriac worker; whichever
+    records the last part sends the body, once."""
+    client = mixed_client
+    canvas = _canvas(client)
+    header = [
+        client.add.s(i, 1).set(queue=compat.queue if i % 2 else second_queue) for i in range(20)
+    ]
+    result = canvas.chord(header, client.tsum.s().set(queue=compat.queue))()
+    result_keys.add(result.id)
+    members = result.parent.results
+    for member in members:
+        result_keys.add(member.id)
+    assert result.get(timeout=30) == sum(range(20)) + 20
+    celeriac_ran = mixed_workers.task_ids()
+    assert {m.id for m in members[::2]} <= celeriac_ran
+    assert not {m.id for m in members[1::2]} & celeriac_ran
+    assert result.id not in celeriac_ran  # the body went to the Celery worker's queue

@@ -173,9 +173,28 @@ def test_group_and_chord_limits(apps: tuple[Any, Any, Any, Any]) -> None:
     _, _, add, _ = apps
     with pytest.raises(TypeError, match="use a chord"):
         group(add.s(1, 1)).apply_async(link=add.s(1))
-    with pytest.raises(NotImplementedError, match="chords are not supported"):
-        group(add.s(1, 1), add.s(2, 2)) | add.s(1)
-    assert celeriac.chord is celeriac.canvas.chord
+    with pytest.raises(NotImplementedError, match="a chord inside a chain"):
+        add.s(1, 1) | group(add.s(1), add.s(2)) | add.s(1)
+    assert isinstance(group(add.s(1, 1), add.s(2, 2)) | add.s(1), celeriac.chord)
+
+
+def test_chords_are_celerys_and_run_eagerly(apps: tuple[Any, Any, Any, Any]) -> None:
+    app, _, add, celery_add = apps
+
+    @app.task(name="t.tsum")
+    def tsum(numbers: list[int]) -> int:
+        return sum(numbers)
+
+    ours = celeriac.chord([add.s(1, 1), add.s(2, 2)], tsum.s())
+    theirs = celery.chord([celery_add.s(1, 1), celery_add.s(2, 2)], celery.signature("t.tsum"))
+    assert as_json(ours) == as_json(theirs)
+    read = signature(as_json(theirs), app=app)
+    assert isinstance(read, celeriac.chord)
+    assert [t.args for t in read.tasks.tasks] == [(1, 1), (2, 2)]
+    app.conf.task_always_eager = True
+    assert ours().get() == 6
+    assert (group(add.s(i, i) for i in range(4)) | tsum.s()).delay().get() == 12
+    assert celeriac.chord([], tsum.s()).apply().get() == 0
 
 
 def test_reexports_match_celery() -> None:
@@ -205,3 +224,16 @@ def test_eager_errbacks_by_celerys_rule(apps: tuple[Any, Any, Any, Any]) -> None
     result = boom.apply_async(link_error=[by_id.s(), inline.s()])
     assert result.failed()
     assert sorted(seen) == [("inline", result.id, "KeyError", True), ("message", result.id)]
+
+
+def test_chords_are_refused_where_they_cannot_be_joined() -> None:
+    """On rpc:// (as Celery) and on any store but Redis: an error before any message."""
+    app = Celeriac("no-chords", broker="amqp://guest:guest@127.0.0.1:5672//", backend="rpc://")
+
+    @app.task(name="t.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    with pytest.raises(NotImplementedError, match="rpc://"):
+        celeriac.chord([add.s(1, 1), add.s(2, 2)], add.s(1)).apply_async()
+    assert app._producer is None  # never connected: nothing was sent

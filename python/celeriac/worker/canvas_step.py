@@ -18,12 +18,16 @@ the task's own result is kept and the worker goes on.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
+from traceback import format_exc
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.canvas import Signature, call_errbacks, send_callbacks, signature
-from celeriac.result import GroupResult, meta_for
+from celeriac.canvas import Signature, call_errbacks, seconds_of, send_callbacks, signature
+from celeriac.exceptions import ChordError
+from celeriac.result import GroupResult, exception_from_meta, exception_to_meta, meta_for
+from celeriac.task import Request as TaskRequest
 
 if TYPE_CHECKING:
     from celeriac._core import Backend
@@ -149,8 +153,104 @@ def _call_errbacks(
 ) -> None:
     context = request.task.request
     if getattr(context, "id", None) != request.id:
-        from celeriac.task import Request as TaskRequest
-
         context = TaskRequest(**request.context())
     sigs = _signatures(request, "errbacks", errbacks)
     call_errbacks(sigs, context, exc, traceback, request.task.app)
+
+
+# -- chords ---------------------------------------------------------------------------
+
+
+def chord_part(request: Request, backend: Backend | None, state: str, result: Any) -> None:
+    """A chord header task ended (its result stored): record its part of the join;
+    the worker that records the last part sends the body, or fails it with
+    ``ChordError`` when a part failed. Problems are logged, never raised."""
+    try:
+        _chord_part(request, backend, state, result)
+    except Exception as exc:
+        logger.error(
+            "Task %s[%s] is part of chord %r, which could not be joined: %s",
+            request.name, request.id, request.delivery.headers.get("group"), exc,
+            exc_info=not isinstance(exc, (TypeError, NotImplementedError)),
+        )  # fmt: skip
+
+
+def _chord_part(request: Request, backend: Backend | None, state: str, result: Any) -> None:
+    headers = request.delivery.headers
+    group_id = headers.get("group")
+    if not isinstance(group_id, str) or not group_id:
+        raise TypeError("embed.chord is set but the message has no group id")
+    embed = request.delivery.embed
+    raw_body = embed.get("chord")
+    if not isinstance(raw_body, Mapping):
+        raise TypeError(f"embed.chord is not a signature dict: {raw_body!r}"[:300])
+    app = request.task.app
+    body = signature(raw_body, app=app)
+    conf = app.conf
+    store = app.taskset_backend
+    if isinstance(result, BaseException):
+        result = exception_to_meta(result)
+    index = headers.get("group_index")
+    join_timeout = float(conf.get("result_chord_join_timeout") or 5.0)
+    claim_expires = max(5, int(join_timeout * 2))
+    token = uuid.uuid4().hex
+    expires = seconds_of(conf.get("result_chord_expires") or conf["result_expires"])
+    ready, _total, claimed = store.chord_part_return(
+        group_id, request.id, index if isinstance(index, int) else None,
+        [1, request.id, state, result], expires, claim_expires, token,
+    )  # fmt: skip
+    if ready < 0 or not claimed:
+        return
+    parts = store.chord_results(group_id)
+    values: list[Any] = []
+    for part in parts:
+        _, part_id, part_state, value = part
+        if part_state in states.PROPAGATE_STATES:
+            cause = exception_from_meta(value) if part_state in states.EXCEPTION_STATES else value
+            error = ChordError(f"Dependency {part_id} raised {cause!r}")
+            logger.error("Chord %r raised: %r", group_id, error)
+            try:
+                _fail_chord_body(request, backend, body, error)
+            finally:
+                store.chord_drop_size(group_id)
+            return
+        values.append(value)
+    if not store.chord_claim_extend(group_id, token, claim_expires * 2):
+        logger.warning("Chord callback for %r not sent: another worker claimed it", group_id)
+        return
+    try:
+        body.apply_async((values,), **_lineage(request))
+    except Exception as exc:
+        logger.exception("Chord callback for %r raised: %r", group_id, exc)
+        _fail_chord_body(request, backend, body, ChordError(f"Callback error: {exc!r}"))
+    finally:
+        store.chord_cleanup(group_id, token, max(claim_expires * 2, 300))
+
+
+def _fail_chord_body(
+    request: Request, backend: Backend | None, body: Signature[Any], error: ChordError
+) -> None:
+    """Celery's ``chord_error_from_stack``: the body's FAILURE, its chain failed and
+    its errbacks called (as if the body had raised ``error``)."""
+    body_id = body.id
+    if backend is None or not body_id:
+        return
+    try:
+        raise error
+    except ChordError:
+        traceback = format_exc()
+    context = TaskRequest(
+        id=body_id, task=body.task, args=body.args, kwargs=body.kwargs,
+        root_id=body.root_id or body_id, group=body.options.get("group_id"),
+        parent_id=body.parent_id, called_directly=False, delivery_info={},
+    )  # fmt: skip
+    backend.store(body_id, meta_for(body_id, states.FAILURE, error, traceback, context))
+    chain = body.options.get("chain")
+    if chain:
+        _fail_chain(request, backend, chain, error, traceback)
+    errbacks = body.options.get("link_error")
+    if errbacks:
+        sigs = _signatures(
+            request, "link_error", errbacks if isinstance(errbacks, list) else [errbacks]
+        )
+        call_errbacks(sigs, context, error, None, request.task.app)

@@ -513,6 +513,8 @@ def _on_success(
         except TypeError as exc:
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
+    if embed.get("chord"):
+        canvas_step.chord_part(request, backend, states.SUCCESS, retval)
     if request.events is not None:
         request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
     hooks = request.hooks
@@ -554,6 +556,8 @@ def _on_failure(
     if backend is not None and not request.ignore_result:
         store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
     embed = request.delivery.embed
+    if embed.get("chord"):
+        canvas_step.chord_part(request, backend, states.FAILURE, exc)
     if embed.get("chain") or embed.get("errbacks"):
         canvas_step.after_failure(request, None if request.ignore_result else backend, exc, tb)
     request.send_event("task-failed", exception=short_repr(exc), traceback=tb)
