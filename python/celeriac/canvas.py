@@ -1,26 +1,25 @@
-"""Canvas: signatures, chains and groups, on Celery 5.7's wire.
+"""Canvas: signatures, chains and groups, on Celery 5.7's wire (chords:
+``celeriac.canvas_chord``; callbacks and errbacks: ``celeriac.canvas_links``).
 
 A :class:`Signature` *is* a dict -- ``{"task", "args", "kwargs", "options",
 "subtask_type", "immutable"}`` -- so it travels inside task messages as JSON, and a
 signature written by Celery reads back here (and the other way round). Behaviour lives
-in small classes per primitive (:class:`chain`, :class:`group`); what a worker does
-after a task ends (send the next chain step, the callbacks, the errbacks) is in
-``celeriac.worker.canvas_step``.
+in small classes per primitive (:class:`chain`, :class:`group`, ``chord``); what a
+worker does after a task ends (send the next chain step, the callbacks, the errbacks,
+its chord part) is in ``celeriac.worker.canvas_step``.
 
 A chain is sent as ONE message: its first task, carrying the remaining steps in
 ``embed.chain`` in reverse order (the next step last). Each worker, after its task
 succeeds, sends the next step with the return value prepended to its arguments.
 
-Not yet supported: ``chord`` (and ``group | task``, which Celery turns into a chord),
-``Task.map``/``starmap``/``chunks``. Building one raises ``NotImplementedError``
-naming what is missing, before anything is sent.
+Not yet supported: a chord inside a chain, ``Task.map``/``starmap``/``chunks``: they
+raise ``NotImplementedError`` naming what is missing, before anything is sent.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import logging
 import operator
 import uuid
@@ -843,7 +842,7 @@ class group(_Composite[list[Any]]):
     def __or__(self, other: Signature[T]) -> _chain[T]:  # type: ignore[override]
         if isinstance(other, group) and not other.tasks:
             return cast("_chain[T]", self)
-        return cast("_chain[T]", chord(self, body=other, app=self._app))
+        return cast("_chain[T]", chord(self, body=other, app=self._app))  # defined below
 
     def link(self, callback: SigT) -> SigT:
         """Celery's rule: the callback goes (immutable) on the FIRST member only -- it
@@ -971,239 +970,5 @@ def maybe_unroll_group(sig: Signature[Any]) -> Signature[Any]:
     return sig
 
 
-def _header_list(header: Any, app: Celeriac | None) -> list[Signature[Any]]:
-    """A chord header as Celery stores it: a list of signatures (a group's or a
-    chain's tasks, one signature, or any iterable of them)."""
-    if isinstance(header, Mapping):
-        header = _signature(header, app)
-        if isinstance(header, _Composite):
-            return list(header.tasks)
-        return [header]
-    return [_signature(task, app) for task in header]
-
-
-@Signature.register_type()
-class chord(Signature[R]):
-    """A group (the header) whose results, in header order, go to one task (the
-    body) once every header task has ended: ``chord(header, body)()``.
-
-    Joined on the ``redis://`` result backend in Celery's keys and steps: the client
-    writes the header's size, each header task's worker records its part in one
-    atomic script, and the worker that records the last part sends the body, once.
-    If a header task fails, the body does not run and its result is ``ChordError``.
-    """
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], app: Celeriac | None = None) -> Signature[Any]:
-        kwargs = d.get("kwargs")
-        if not isinstance(kwargs, Mapping) or "header" not in kwargs:
-            raise TypeError(
-                f"a chord signature needs kwargs.header and kwargs.body, not {kwargs!r}"
-            )
-        options = d.get("options") or {}
-        if not isinstance(options, Mapping):
-            raise TypeError(f"chord options must be a mapping, not {options!r}")
-        return cls(
-            kwargs["header"], kwargs.get("body"), args=d.get("args"), kwargs=kwargs.get("kwargs"),
-            app=app, **options,
-        )  # fmt: skip
-
-    def __init__(
-        self,
-        header: Any,
-        body: Any = None,
-        task: str = "celery.chord",
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        app: Celeriac | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            task,
-            args or (),
-            {
-                "kwargs": dict(kwargs or {}),
-                "header": _header_list(header, app),
-                "body": maybe_signature(body, app),
-            },
-            app=app,
-            **options,
-        )
-        self.subtask_type = "chord"
-
-    @property
-    def tasks(self) -> group:
-        """The header, as a group (kept as Celery keeps it: a list of signatures)."""
-        return group(self.kwargs["header"], app=self._app)
-
-    @property
-    def body(self) -> Signature[R] | None:
-        return cast("Signature[R] | None", self.kwargs.get("body"))
-
-    @property
-    def app(self) -> Celeriac:
-        if self._app is not None:
-            return self._app
-        body = self.body
-        if body is not None and body._app is not None:
-            return body._app
-        return self.tasks.app
-
-    def __call__(self, body: Any = None, **options: Any) -> Any:
-        return self.apply_async((), {"body": body} if body else {}, **options)
-
-    def clone(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **opts: Any,
-    ) -> Signature[R]:
-        body = self.body
-        return cast(
-            "Signature[R]",
-            chord(
-                self.tasks.clone(),
-                body.clone() if body is not None else None,
-                args=tuple(args or ()) + self.args,
-                kwargs={**self.kwargs["kwargs"], **(kwargs or {})},
-                app=self._app,
-                **_copy_options({**self.options, **opts}),
-            ),
-        )
-
-    def apply_async(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        route_name: str | None = None,
-        **options: Any,
-    ) -> _AsyncResult[R]:
-        """Send the header (a group carrying the body) and return the body's result,
-        whose ``parent`` is the header's :class:`GroupResult`."""
-        kwargs = dict(kwargs or {})
-        body = _signature(kwargs.pop("body", None) or self.body, self._app)
-        header = cast(group, self.tasks.clone())
-        args = tuple(args or ()) + self.args
-        app = self.app
-        task_id = options.pop("task_id", None)
-        merged = {**self.options, **options}
-        if app.conf["task_always_eager"]:
-            results = header.apply(args, **merged)
-            values = results.get(disable_sync_subtasks=False)
-            return cast("_AsyncResult[R]", body.apply((values,), task_id=task_id))
-        body = body.clone(**{k: v for k, v in merged.items() if k != "task_id"})
-        group_id = header.options.get("task_id") or str(uuid.uuid4())
-        root_id = body.options.get("root_id")
-        body_result = body.freeze(
-            task_id or merged.get("task_id"), group_id=group_id, root_id=root_id
-        )
-        if not header.tasks:  # Celery's rule: the body runs at once with no results
-            body.delay([])
-            return cast("_AsyncResult[R]", body_result)
-        for key in ("chain", "chord", "task_id", "link", "link_error"):
-            merged.pop(key, None)
-        header.options["task_id"] = group_id
-        header_result = header.apply_async(args, None, chord=body, **merged)
-        body_result.parent = cast("_AsyncResult[Any]", header_result)
-        return cast("_AsyncResult[R]", body_result)
-
-    def apply(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **options: Any,
-    ) -> EagerResult[R]:
-        body = _signature(dict(kwargs or {}).pop("body", None) or self.body, self._app)
-        values = self.tasks.apply(args, **options).get(disable_sync_subtasks=False)
-        return cast("EagerResult[R]", body.apply((values,)))
-
-    def __repr__(self) -> str:
-        return f"chord({self.tasks!r}, {self.body!r})"
-
-
-# -- errbacks -----------------------------------------------------------------------
-
-
-def takes_request(errback: Signature[Any]) -> bool:
-    """Celery's split of errbacks: True for one called in the failing task's process
-    as ``errback(request, exc, traceback)`` -- a task made by the decorator, not
-    ``bind=True``, whose function still takes more than one positional argument
-    after the signature's own ones. False: sent as a message with the failed task's id
-    (also when this process does not know the task)."""
-    try:
-        task = errback.type
-    except NotRegistered:
-        return False
-    function = task.__dict__.get("__wrapped__")
-    body = task.__dict__.get("_orig_run") or task.__dict__.get("run")
-    if function is None or isinstance(body, type(task.retry)):
-        return False  # a Task subclass, or bind=True: the old single-argument call
-    target: Callable[..., Any] = function
-    if not errback.immutable and (errback.args or errback.kwargs):
-        target = functools.partial(function, *errback.args, **errback.kwargs)
-    try:
-        params = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):
-        params = inspect.signature(function).parameters.values()
-    kinds = inspect.Parameter
-    if any(p.kind is kinds.VAR_POSITIONAL for p in params):
-        return True
-    positional = [
-        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
-    ]
-    return len(positional) > 1
-
-
-# -- what happens after a task ends (the worker's and eager apply's) ------------------
-
-
-def signature_list(value: Any, app: Celeriac | None = None) -> list[Signature[Any]]:
-    """A ``link``/``link_error`` value (one signature or a list) as signatures."""
-    return [_signature(item, app) for item in _as_list(value)]
-
-
-def send_callbacks(
-    sigs: list[Signature[Any]], retval: Any, app: Celeriac, **lineage: Any
-) -> _AsyncResult[Any] | None:
-    """Apply a succeeded task's callbacks to its return value, as Celery does: one is
-    sent alone (its result is returned); several go out as one group (each callback
-    that is itself a group on its own). ``lineage``: parent_id, root_id, priority."""
-    if len(sigs) == 1:
-        return sigs[0].apply_async((retval,), **lineage)
-    plain = [sig for sig in sigs if not isinstance(sig, group)]
-    for sig in sigs:
-        if isinstance(sig, group):
-            sig.apply_async((retval,), **lineage)
-    if plain:
-        group(plain, app=app).apply_async((retval,), **lineage)
-    return None
-
-
-def call_errbacks(
-    sigs: list[Signature[Any]],
-    request: Any,
-    exc: BaseException,
-    traceback: str | None,
-    app: Celeriac,
-    eager: bool = False,
-) -> None:
-    """Run a failed task's errbacks: ``errback(request, exc, traceback)`` here for
-    those that take it (:func:`takes_request`; what they raise is logged), the others
-    as one group with ``(failed task id,)`` (run here too when ``eager``)."""
-    by_message: list[Signature[Any]] = []
-    for errback in sigs:
-        if not takes_request(errback):
-            by_message.append(errback)
-            continue
-        try:
-            errback(request, exc, traceback)
-        except Exception:
-            logger.exception("Errback %r raised an exception", errback.task)
-    if by_message:
-        task_id = request.id
-        lineage = {"parent_id": task_id, "root_id": request.root_id or task_id}
-        errbacks = group(by_message, app=app)
-        if eager:
-            errbacks.apply((task_id,), **lineage)
-        else:
-            errbacks.apply_async((task_id,), **lineage)
+# chord lives in its own module; imported last, when everything it builds on exists.
+from celeriac.canvas_chord import chord  # noqa: E402

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 from celeriac import states
-from celeriac.canvas import Signature, call_errbacks, send_callbacks, signature_list
+from celeriac.canvas import Signature
+from celeriac.canvas_links import call_errbacks, send_callbacks, signature_list
 from celeriac.conf import parse_rate_limit
 from celeriac.exceptions import Ignore, Reject, Retry
 from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError

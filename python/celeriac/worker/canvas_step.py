@@ -24,7 +24,8 @@ from traceback import format_exc
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.canvas import Signature, call_errbacks, seconds_of, send_callbacks, signature
+from celeriac.canvas import Signature, seconds_of, signature
+from celeriac.canvas_links import call_errbacks, send_callbacks
 from celeriac.exceptions import ChordError
 from celeriac.result import GroupResult, exception_from_meta, exception_to_meta, meta_for
 from celeriac.task import Request as TaskRequest
