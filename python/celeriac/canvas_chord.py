@@ -151,8 +151,10 @@ class chord(Signature[R]):
             results = header.apply(args, **merged)
             values = results.get(disable_sync_subtasks=False)
             return cast("_AsyncResult[R]", body.apply((values,), task_id=task_id))
-        body = body.clone(**{k: v for k, v in merged.items() if k != "task_id"})
-        group_id = header.options.get("task_id") or str(uuid.uuid4())
+        # The body's parent is the header task that completes the join, not ours.
+        body = body.clone(**{k: v for k, v in merged.items() if k not in ("task_id", "parent_id")})
+        # A chord frozen by Celery (e.g. a step of its chain) keeps its id as the group's.
+        group_id = header.options.get("task_id") or self.options.get("task_id") or str(uuid.uuid4())
         root_id = body.options.get("root_id")
         body_result = body.freeze(
             task_id or merged.get("task_id"), group_id=group_id, root_id=root_id

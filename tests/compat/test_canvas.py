@@ -391,3 +391,27 @@ def test_chord_header_run_by_both_libraries(
     assert {m.id for m in members[::2]} <= celeriac_ran
     assert not {m.id for m in members[1::2]} & celeriac_ran
     assert result.id not in celeriac_ran  # the body went to the Celery worker's queue
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_a_chord_inside_a_celery_chain(
+    compat: CompatDir, start_worker: Any, result_keys: ResultKeys
+) -> None:
+    """Celery's client puts a chord in ``embed.chain`` (and the steps after it in the
+    body's chain); the celeriac worker runs it: the header gets the previous result."""
+    start_worker("celeriac")
+    client = compat.celery_app()
+    canvas = _canvas(client)
+    flow = canvas.chain(
+        client.add.s(1, 1), canvas.chord([client.add.s(1), client.add.s(2)], client.tsum.s())
+    )
+    result = flow.apply_async()
+    _forget_tree(result, result_keys)
+    assert result.get(timeout=20) == 7  # (2 + 1) + (2 + 2)
+    longer = canvas.chain(
+        client.add.s(1, 1),
+        canvas.chord([client.add.s(1), client.add.s(2)], client.tsum.s()),
+        client.add.s(100),
+    ).apply_async()
+    _forget_tree(longer, result_keys)
+    assert longer.get(timeout=20) == 107
