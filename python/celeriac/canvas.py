@@ -12,8 +12,7 @@ A chain is sent as ONE message: its first task, carrying the remaining steps in
 ``embed.chain`` in reverse order (the next step last). Each worker, after its task
 succeeds, sends the next step with the return value prepended to its arguments.
 
-Not yet supported: a chord inside a chain, ``Task.map``/``starmap``/``chunks``: they
-raise ``NotImplementedError`` naming what is missing, before anything is sent.
+Not yet supported: ``Task.map``/``starmap``/``chunks``, nested chords.
 """
 
 from __future__ import annotations
@@ -594,8 +593,10 @@ class _chain(_Composite[R]):
         if isinstance(other, _chain):
             return cast("_chain[T]", functools.reduce(operator.or_, other.unchain_tasks(), self))
         if isinstance(other, Signature):
-            if self.tasks and isinstance(self.tasks[-1], group):
-                raise NotImplementedError(_CHORD_MISSING)
+            tasks = self.unchain_tasks()
+            if tasks and isinstance(tasks[-1], group):  # group | task: a chord
+                tasks[-1] = chord(tasks[-1], body=other, app=self._app)
+                return cast("_chain[T]", type(self)(*tasks, app=self._app))
             return cast("_chain[T]", type(self)(*self.unchain_tasks(), other, app=self._app))
         return NotImplemented
 
@@ -697,7 +698,13 @@ class _chain(_Composite[R]):
                 steps.extend(task.tasks)
                 continue
             if isinstance(task, group) and prepared:
-                raise NotImplementedError(_CHORD_MISSING)
+                # group | task is a chord (Celery's upgrade): the next step is its body,
+                # the steps after that follow the body (the worker puts them in the
+                # body's chain when it runs the chord).
+                body = prepared.pop()
+                results.pop()
+                task = chord(task, body=body, app=app)
+                is_last = not prepared
             if is_last:
                 res = task.freeze(
                     last_task_id, root_id=root_id, group_id=group_id, chord=chord_body,
@@ -712,6 +719,8 @@ class _chain(_Composite[R]):
             prepared.append(task)
             results.append(res)
             prev_res = res
+            while prev_res.parent is not None:  # a chord: the step before is its header's parent
+                prev_res = prev_res.parent
         if results:
             self.options["task_id"] = results[0].id
         return prepared, results
@@ -807,12 +816,6 @@ class chain(_chain[Any]):
 
 
 # -- group --------------------------------------------------------------------------
-
-
-_CHORD_MISSING = (
-    "a chord inside a chain (a group followed by a task in a chain) is not supported by "
-    "celeriac yet: see the README's Canvas section"
-)
 
 
 @Signature.register_type()

@@ -179,5 +179,29 @@ class chord(Signature[R]):
         values = self.tasks.apply(args, **options).get(disable_sync_subtasks=False)
         return cast("EagerResult[R]", body.apply((values,)))
 
+    def freeze(
+        self,
+        _id: str | None = None,
+        group_id: str | None = None,
+        chord: Any = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        group_index: int | None = None,
+    ) -> _AsyncResult[R]:
+        """Give the header (its group id: this chord's id) and the body their ids now;
+        returns the body's result, whose parent is the header's :class:`GroupResult`."""
+        header = self.tasks
+        header.options["task_id"] = self.options.get("task_id") or str(uuid.uuid4())
+        header_result = header.freeze(root_id=root_id, parent_id=parent_id)
+        self.kwargs["header"] = header.tasks
+        self.options["task_id"] = header_result.id
+        body = _signature(self.body, self._app)
+        self.kwargs["body"] = body
+        body_result = body.freeze(
+            _id, group_id=header_result.id, chord=chord, root_id=root_id, group_index=group_index
+        )
+        body_result.parent = cast("_AsyncResult[Any]", header_result)
+        return cast("_AsyncResult[R]", body_result)
+
     def __repr__(self) -> str:
         return f"chord({self.tasks!r}, {self.body!r})"

@@ -415,3 +415,22 @@ def test_a_chord_inside_a_celery_chain(
     ).apply_async()
     _forget_tree(longer, result_keys)
     assert longer.get(timeout=20) == 107
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_group_then_task_inside_a_chain(client: ModuleType, result_keys: ResultKeys) -> None:
+    """``a | group(...) | b | c``: the group and the task after it become a chord; the
+    header gets a's result, c follows the body. Run by the other library's worker."""
+    canvas = _canvas(client)
+    add, tsum = client.add, client.tsum
+    result = (add.s(1, 1) | canvas.group(add.s(1), add.s(2)) | tsum.s()).delay()
+    _forget_tree(result, result_keys)
+    assert result.get(timeout=20) == 7
+    longer = canvas.chain(
+        add.s(1, 1), canvas.group(add.s(1), add.s(2)), tsum.s(), add.s(100)
+    ).apply_async()
+    _forget_tree(longer, result_keys)
+    assert longer.get(timeout=20) == 107
+    first = (canvas.group(add.s(1, 1), add.s(2, 2)) | tsum.s() | add.s(10)).delay()
+    _forget_tree(first, result_keys)
+    assert first.get(timeout=20) == 16

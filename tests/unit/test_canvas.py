@@ -173,9 +173,9 @@ def test_group_and_chord_limits(apps: tuple[Any, Any, Any, Any]) -> None:
     _, _, add, _ = apps
     with pytest.raises(TypeError, match="use a chord"):
         group(add.s(1, 1)).apply_async(link=add.s(1))
-    with pytest.raises(NotImplementedError, match="a chord inside a chain"):
-        add.s(1, 1) | group(add.s(1), add.s(2)) | add.s(1)
     assert isinstance(group(add.s(1, 1), add.s(2, 2)) | add.s(1), celeriac.chord)
+    in_chain = add.s(1, 1) | group(add.s(1), add.s(2)) | add.s(1)
+    assert isinstance(in_chain.tasks[-1], celeriac.chord)
 
 
 def test_chords_are_celerys_and_run_eagerly(apps: tuple[Any, Any, Any, Any]) -> None:
@@ -195,6 +195,7 @@ def test_chords_are_celerys_and_run_eagerly(apps: tuple[Any, Any, Any, Any]) -> 
     assert ours().get() == 6
     assert (group(add.s(i, i) for i in range(4)) | tsum.s()).delay().get() == 12
     assert celeriac.chord([], tsum.s()).apply().get() == 0
+    assert (add.s(1, 1) | group(add.s(1), add.s(2)) | tsum.s()).apply().get() == 7
 
 
 def test_reexports_match_celery() -> None:
