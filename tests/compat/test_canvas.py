@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -434,3 +435,43 @@ def test_group_then_task_inside_a_chain(client: ModuleType, result_keys: ResultK
     first = (canvas.group(add.s(1, 1), add.s(2, 2)) | tsum.s() | add.s(10)).delay()
     _forget_tree(first, result_keys)
     assert first.get(timeout=20) == 16
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_a_redelivered_header_task_counts_once(
+    compat: CompatDir, start_worker: Any, result_keys: ResultKeys, redis_client: redis.Redis
+) -> None:
+    """The same header message delivered twice (as after a crash under acks_late), and
+    once more after the body was sent: the join counts it once, the body runs once."""
+    process = start_worker("celeriac")
+    client = compat.celeriac_app()
+    app = client.app
+    key = f"celeriac-test-chord-body-{uuid.uuid4().hex}"
+    group_id = str(uuid.uuid4())
+    body = client.record_failure.s(key)
+    body_result = body.freeze(group_id=group_id)
+    result_keys.add(body_result.id)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    result_keys.add(first)
+    result_keys.add(second)
+    app.taskset_backend.chord_set_size(group_id, 2, 3600)
+
+    def send(task_id: str, index: int, x: int) -> None:
+        options = {"group": group_id, "group_index": index, "chord": dict(body)}
+        app.producer.send("compat.add", task_id, [x, x], {}, compat.queue, options)
+
+    try:
+        send(first, 0, 1)
+        send(first, 0, 1)
+        send(second, 1, 2)
+        process.wait_for(rf"compat.add\[{first}\] succeeded", count=2, timeout=15)
+        process.wait_for(rf"compat.add\[{second}\] succeeded", timeout=15)
+        process.wait_for(rf"compat.record_failure\[{body_result.id}\] succeeded", timeout=15)
+        send(first, 0, 1)  # late, after the body was sent
+        process.wait_for(rf"compat.add\[{first}\] succeeded", count=3, timeout=15)
+        assert [json.loads(item) for item in redis_client.lrange(key, 0, -1)] == [
+            ["message", [2, 4]]
+        ]
+        assert len(re.findall(rf"record_failure\[{body_result.id}\] received", process.log)) == 1
+    finally:
+        redis_client.delete(key, *(f"celery-taskset-meta-{group_id}.{s}" for s in "cjtsd"))
