@@ -475,3 +475,21 @@ def test_a_redelivered_header_task_counts_once(
         assert len(re.findall(rf"record_failure\[{body_result.id}\] received", process.log)) == 1
     finally:
         redis_client.delete(key, *(f"celery-taskset-meta-{group_id}.{s}" for s in "cjtsd"))
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_canvas_on_a_prefork_worker(
+    compat: CompatDir, start_worker: Any, result_keys: ResultKeys
+) -> None:
+    """The default pool: each child sends the next steps and joins chords itself."""
+    start_worker("celeriac", "-c", "2", pool="prefork")
+    client = compat.celery_app()
+    canvas = _canvas(client)
+    flow = canvas.chain(client.add.s(1, 1), client.add.s(2), client.add.s(3)).apply_async()
+    _forget_tree(flow, result_keys)
+    assert flow.get(timeout=20) == 7
+    joined = canvas.chord([client.add.s(i, i) for i in range(8)], client.tsum.s())()
+    result_keys.add(joined.id)
+    for member in joined.parent.results:
+        result_keys.add(member.id)
+    assert joined.get(timeout=20) == 56
