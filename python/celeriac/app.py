@@ -1136,6 +1136,9 @@ class Celeriac:
             producer, backend = self._producer, self._backend
             self._producer = None
             self._backend = _UNBUILT
+            tasksets = self.__dict__.pop("_taskset_backend", None)
+            if tasksets is not None and tasksets[0] == os.getpid():
+                tasksets[1].close()
             if producer is not None and self._producer_pid == os.getpid():
                 try:
                     producer.flush(10.0)
