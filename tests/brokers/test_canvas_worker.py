@@ -142,6 +142,15 @@ def test_group_save_and_restore(
         restored.delete()
         assert wait_until(lambda: not redis_client.exists(key), timeout=5)
         assert GroupResult.restore(result.id, app=tasks.app) is None
+        # and we read what Celery saved
+        saved_by_celery = celery.result.GroupResult(
+            str(uuid.uuid4()), [peer.AsyncResult(r.id) for r in result.results]
+        )
+        saved_by_celery.save()
+        ours = GroupResult.restore(saved_by_celery.id, app=tasks.app)
+        assert ours is not None
+        assert ours.get(timeout=15) == [1, 2, 3]
+        saved_by_celery.delete()
     finally:
         redis_client.delete(f"celery-taskset-meta-{result.id}")
 
