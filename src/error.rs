@@ -22,6 +22,9 @@ pub enum Error {
     /// A value that cannot be put on the wire.
     #[error("{0}")]
     Encode(String),
+    /// Something this store does not do (e.g. a chord join outside Redis).
+    #[error("{0}")]
+    Unsupported(String),
     /// The producer, consumer or store was closed.
     #[error("{0} is closed")]
     Closed(&'static str),

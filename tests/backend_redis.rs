@@ -452,3 +452,57 @@ fn a_closed_backend_refuses_work_and_ends_waits() {
     assert!(matches!(backend.get(&id), Err(Error::Closed(_))));
     backend.close().unwrap();
 }
+
+#[test]
+fn chord_join_counts_each_part_once_and_claims_once() {
+    let store = RedisBackend::connect(
+        URL,
+        RedisBackendOptions {
+            key_prefix: "celery-taskset-meta-".to_owned(),
+            ..RedisBackendOptions::default()
+        },
+    )
+    .expect("Redis on 127.0.0.1:6379");
+    let group = unique("chord");
+    let _cleanup = Cleanup(
+        ["c", "j", "t", "s", "d"]
+            .iter()
+            .map(|suffix| format!("celery-taskset-meta-{group}.{suffix}"))
+            .collect(),
+    );
+    store.chord_set_size(&group, 2, 60).expect("set size");
+    let part = |id: &str, index: i64, value: i64, token: &str| {
+        let member = format!(r#"[1, "{id}", "SUCCESS", {value}]"#);
+        store
+            .chord_part_return(&group, id, Some(index), member.as_bytes(), 60, 10, token)
+            .expect("part")
+    };
+    // header index 1 ends first; the same part twice (a redelivery) counts once
+    let first = part("b", 1, 20, "t1");
+    assert_eq!((first.ready, first.total, first.claimed), (1, 2, false));
+    assert_eq!(part("b", 1, 20, "t2").ready, 1);
+    let last = part("a", 0, 10, "t3");
+    assert_eq!((last.ready, last.total, last.claimed), (2, 2, true));
+    // results in header order, not arrival order
+    let results = store.chord_results(&group).expect("results");
+    let texts: Vec<String> = results
+        .iter()
+        .map(|raw| String::from_utf8_lossy(raw).into_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        [r#"[1, "a", "SUCCESS", 10]"#, r#"[1, "b", "SUCCESS", 20]"#]
+    );
+    assert!(!store
+        .chord_claim_extend(&group, "someone-else", 20)
+        .expect("extend"));
+    assert!(store.chord_claim_extend(&group, "t3", 20).expect("extend"));
+    assert!(store.chord_cleanup(&group, "t3", 300).expect("cleanup"));
+    // a late duplicate after the body was sent changes nothing
+    assert_eq!(part("a", 0, 10, "t4").ready, -1);
+    let done: Option<String> = redis::cmd("GET")
+        .arg(format!("celery-taskset-meta-{group}.c"))
+        .query(&mut redis())
+        .expect("GET");
+    assert_eq!(done.as_deref(), Some("done"));
+}

@@ -20,8 +20,9 @@ from typing import Any, cast
 from celeriac import states
 from celeriac._core import __version__
 from celeriac.app import Celeriac, Celery, shared_task
+from celeriac.canvas import Signature, chain, chord, group, maybe_signature, signature, subtask
 from celeriac.local import Proxy, get_current_app, get_current_task
-from celeriac.result import AsyncResult, EagerResult
+from celeriac.result import AsyncResult, EagerResult, GroupResult
 from celeriac.task import Task
 
 __all__ = [
@@ -29,12 +30,20 @@ __all__ = [
     "Celeriac",
     "Celery",
     "EagerResult",
+    "GroupResult",
+    "Signature",
     "Task",
     "__version__",
+    "chain",
+    "chord",
     "current_app",
     "current_task",
+    "group",
+    "maybe_signature",
     "shared_task",
+    "signature",
     "states",
+    "subtask",
 ]
 
 #: The current app (the last one created), looked up at each use.

@@ -263,6 +263,31 @@ class Backend:
         update is missed. Raises ``TimeoutError`` after ``timeout`` seconds."""
 
     def forget(self, task_id: str) -> None: ...
+    # The chord join, on redis:// only (NotImplementedError elsewhere); keys are this
+    # store's prefix + group id + ".j" / ".t" / ".s" / ".d" / ".c", as Celery names them.
+    def chord_set_size(self, group_id: str, size: int, expires: int) -> None:
+        """The client's step before the last header message: DEL .c, SET .s."""
+
+    def chord_part_return(
+        self,
+        group_id: str,
+        task_id: str,
+        index: int | None,
+        member: Any,
+        expires: int,
+        claim_expires: int,
+        token: str,
+    ) -> tuple[int, int, bool]:
+        """Record one header part (``member``: ``[1, id, state, result]``) in one
+        script: ``(ready, total, claimed)``; ready -1 once the chord is done; claimed
+        True for the one caller that must send the body."""
+
+    def chord_results(self, group_id: str) -> list[Any]:
+        """The recorded parts, decoded, in header order."""
+
+    def chord_claim_extend(self, group_id: str, token: str, expires: int) -> bool: ...
+    def chord_cleanup(self, group_id: str, token: str, done_expires: int) -> bool: ...
+    def chord_drop_size(self, group_id: str) -> None: ...
     def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
 

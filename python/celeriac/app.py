@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 
 from celeriac import _core
 from celeriac import signals as _signals
+from celeriac.canvas import Signature, signature
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotRegistered
 from celeriac.fixups import install_fixups
@@ -654,6 +655,11 @@ class Celeriac:
             False,
         )
 
+    def signature(self, *args: Any, **kwargs: Any) -> Signature[Any]:
+        """``celeriac.signature`` bound to this app."""
+        kwargs.setdefault("app", self)
+        return signature(*args, **kwargs)
+
     def AsyncResult(self, task_id: str, **kwargs: Any) -> _AsyncResult[Any]:
         """The result of the task with id ``task_id``."""
         return _AsyncResult(task_id, app=self, **kwargs)
@@ -1120,44 +1126,63 @@ class Celeriac:
         with self._lock:
             if self._backend is not _UNBUILT and self._backend_pid == os.getpid():
                 return self._backend
-            url = self.result_backend_url
-            backend = None
-            if url is not None:
-                scheme = _scheme(url)
-                if scheme not in _SUPPORTED_BACKENDS:
-                    raise ImproperlyConfigured(
-                        f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
-                        "not supported; celeriac stores results in redis://, rpc:// and sqlite://"
-                    )
-                options = dict(self.conf["result_backend_transport_options"])
-                prefix = options.pop("global_keyprefix", None) or ""
-                if prefix and not prefix.endswith((":", "_", "-", ".")):
-                    prefix += "_"
-                expires = self.conf["result_expires"]
-                if isinstance(expires, datetime.timedelta):
-                    expires = expires.total_seconds()
-                rpc: dict[str, Any] = {}
-                if scheme == "rpc":
-                    # Results come back through the broker, to this process's reply
-                    # queue: the `reply_to` every message of ours carries.
-                    rpc = {
-                        "broker_url": self.broker_url,
-                        "reply_to": self.process_oid,
-                        "persistent": bool(self.conf["result_persistent"]),
-                    }
-                    options = self.transport_options()
-                backend = _core.Backend(
-                    url,
-                    expires=float(expires) if expires else None,
-                    key_prefix=prefix + "celery-task-meta-",
-                    transport_options=options,
-                    connect_timeout=float(self.conf["broker_connection_timeout"]),
-                    **rpc,
-                    **self._result_format(scheme),
-                )
-            self._backend = backend
+            self._backend = self._build_backend("celery-task-meta-")
             self._backend_pid = os.getpid()
-            return backend
+            return self._backend
+
+    @property
+    def taskset_backend(self) -> Any:
+        """The store of saved groups (``celery-taskset-meta-<id>`` keys), a second
+        ``Backend`` on the result backend's URL. ``NotImplementedError`` on ``rpc://``
+        (as in Celery) or without a result backend."""
+        store = self.__dict__.get("_taskset_backend")
+        if store is None or store[0] != os.getpid():
+            url = self.result_backend_url
+            if url is None:
+                raise NotImplementedError("groups can only be saved with a result backend")
+            if _scheme(url) == "rpc":
+                raise NotImplementedError("the rpc:// result backend does not store groups")
+            with self._lock:
+                store = (os.getpid(), self._build_backend("celery-taskset-meta-"))
+                self.__dict__["_taskset_backend"] = store
+        return store[1]
+
+    def _build_backend(self, key_name: str) -> Any:
+        url = self.result_backend_url
+        if url is None:
+            return None
+        scheme = _scheme(url)
+        if scheme not in _SUPPORTED_BACKENDS:
+            raise ImproperlyConfigured(
+                f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
+                "not supported; celeriac stores results in redis://, rpc:// and sqlite://"
+            )
+        options = dict(self.conf["result_backend_transport_options"])
+        prefix = options.pop("global_keyprefix", None) or ""
+        if prefix and not prefix.endswith((":", "_", "-", ".")):
+            prefix += "_"
+        expires = self.conf["result_expires"]
+        if isinstance(expires, datetime.timedelta):
+            expires = expires.total_seconds()
+        rpc: dict[str, Any] = {}
+        if scheme == "rpc":
+            # Results come back through the broker, to this process's reply
+            # queue: the `reply_to` every message of ours carries.
+            rpc = {
+                "broker_url": self.broker_url,
+                "reply_to": self.process_oid,
+                "persistent": bool(self.conf["result_persistent"]),
+            }
+            options = self.transport_options()
+        return _core.Backend(
+            url,
+            expires=float(expires) if expires else None,
+            key_prefix=prefix + key_name,
+            transport_options=options,
+            connect_timeout=float(self.conf["broker_connection_timeout"]),
+            **rpc,
+            **self._result_format(scheme),
+        )
 
     def _result_format(self, scheme: str) -> dict[str, Any]:
         """``result_serializer``, ``result_compression`` and the formats results may be
@@ -1215,6 +1240,9 @@ class Celeriac:
             producer, backend = self._producer, self._backend
             self._producer = None
             self._backend = _UNBUILT
+            tasksets = self.__dict__.pop("_taskset_backend", None)
+            if tasksets is not None and tasksets[0] == os.getpid():
+                tasksets[1].close()
             if producer is not None and self._producer_pid == os.getpid():
                 try:
                     producer.flush(10.0)

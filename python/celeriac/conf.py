@@ -71,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
     "result_compression": None,
     "result_cache_max": -1,
     "result_chord_ordered": True,
+    "result_chord_join_timeout": 3.0,
+    "result_chord_retry_interval": 1.0,
     # tasks
     "task_default_queue": "celery",
     "task_default_exchange": None,

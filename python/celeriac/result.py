@@ -14,6 +14,7 @@ import datetime
 import sys
 import threading
 from collections.abc import Mapping
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from celeriac import _core, exceptions, states
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncResult",
     "EagerResult",
+    "GroupResult",
+    "ResultSet",
     "exception_from_meta",
     "exception_to_meta",
     "meta_for",
@@ -228,20 +231,30 @@ def meta_for(
 
 
 def result_from_tuple(value: Any, app: Celeriac | None = None) -> AsyncResult[Any] | None:
-    """An :class:`AsyncResult` from Celery's tuple form ``[[id, parent], children]``.
-    (Group tuples give the group id's result; groups are not modelled yet.)"""
+    """A result from Celery's tuple form: ``[[id, parent], null]`` is a task's,
+    ``[[group_id, parent], [child, ...]]`` a group's (:class:`GroupResult`). Nested
+    tuples (parents, children) are read without recursion limits of their own."""
     if value is None:
         return None
-    if isinstance(value, AsyncResult):
-        return value
+    if isinstance(value, (AsyncResult, GroupResult)):
+        return value  # type: ignore[return-value]
     if isinstance(value, str):
         return AsyncResult(value, app=app)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"not a result tuple: {value!r}")
     head = value[0]
+    children = value[1] if len(value) > 1 else None
     if isinstance(head, (list, tuple)):
         task_id, parent = head[0], head[1] if len(head) > 1 else None
     else:
         task_id, parent = head, None
-    return AsyncResult(task_id, app=app, parent=result_from_tuple(parent, app))
+    parent_result = result_from_tuple(parent, app)
+    if children is not None:
+        members = [result_from_tuple(child, app) for child in children]
+        return GroupResult(  # type: ignore[return-value]
+            task_id, [m for m in members if m is not None], parent=parent_result, app=app
+        )
+    return AsyncResult(task_id, app=app, parent=parent_result)
 
 
 # -- results ----------------------------------------------------------------------------
@@ -272,6 +285,25 @@ def _parse_date(value: Any) -> datetime.datetime | None:
         except ValueError:
             return None
     return None
+
+
+def _revoke(
+    app: Celeriac | None,
+    ids: str | list[str],
+    terminate: bool,
+    signal: str | int | None,
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    from celeriac.control import Control
+
+    Control(app or get_current_app()).revoke(
+        ids,
+        terminate=terminate,
+        signal=signal or "SIGTERM",
+        reply=wait,
+        timeout=1.0 if timeout is None else float(timeout),
+    )
 
 
 class AsyncResult(Generic[R]):
@@ -492,15 +524,7 @@ class AsyncResult(Generic[R]):
         """Tell every worker to discard this task (remote control's ``revoke``); with
         ``terminate`` a running one is stopped with ``signal`` (default SIGTERM).
         ``wait`` waits up to ``timeout`` seconds (default 1) for the workers' replies."""
-        from celeriac.control import Control
-
-        Control(self.app or get_current_app()).revoke(
-            self.id,
-            terminate=terminate,
-            signal=signal or "SIGTERM",
-            reply=wait,
-            timeout=1.0 if timeout is None else float(timeout),
-        )
+        _revoke(self.app, self.id, terminate, signal, wait, timeout)
 
 
 class EagerResult(AsyncResult[R]):
@@ -551,3 +575,230 @@ class EagerResult(AsyncResult[R]):
     def revoke(self, *args: Any, **kwargs: Any) -> None:
         meta = self._get_task_meta()
         meta["status"] = states.REVOKED
+
+
+class ResultSet:
+    """Several results, waited for together (Celery's ``ResultSet``)."""
+
+    def __init__(
+        self,
+        results: list[AsyncResult[Any]] | None = None,
+        app: Celeriac | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.results: list[AsyncResult[Any]] = list(results or [])
+        self.app = app
+
+    def add(self, result: AsyncResult[Any]) -> None:
+        if result not in self.results:
+            self.results.append(result)
+
+    def remove(self, result: AsyncResult[Any] | str) -> None:
+        if isinstance(result, str):
+            result = AsyncResult(result, app=self.app)
+        self.results.remove(result)
+
+    def discard(self, result: AsyncResult[Any] | str) -> None:
+        if result in self.results:
+            self.remove(result)
+
+    def update(self, results: list[AsyncResult[Any]]) -> None:
+        self.results.extend(r for r in results if r not in self.results)
+
+    def clear(self) -> None:
+        self.results[:] = []
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Any:
+        return iter(self.results)
+
+    def __getitem__(self, index: int) -> AsyncResult[Any]:
+        return self.results[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ResultSet):
+            return other.results == self.results
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(r.id for r in self.results))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: [{', '.join(r.id for r in self.results)}]>"
+
+    # -- state ----------------------------------------------------------------------
+
+    def successful(self) -> bool:
+        """True when every result is SUCCESS."""
+        return all(result.successful() for result in self.results)
+
+    def failed(self) -> bool:
+        """True when any result is FAILURE."""
+        return any(result.failed() for result in self.results)
+
+    def ready(self) -> bool:
+        """True when every result is ready (succeeded, failed or revoked)."""
+        return all(result.ready() for result in self.results)
+
+    def waiting(self) -> bool:
+        """True while any result is not ready yet."""
+        return any(not result.ready() for result in self.results)
+
+    def completed_count(self) -> int:
+        """How many results are SUCCESS (Celery counts successes, not failures)."""
+        return sum(int(result.successful()) for result in self.results)
+
+    def maybe_throw(self, callback: Any = None, propagate: bool = True) -> None:
+        for result in self.results:
+            value = result.maybe_throw(propagate=propagate)
+            if callback is not None:
+                callback(result.id, value)
+
+    maybe_reraise = maybe_throw
+
+    def forget(self) -> None:
+        for result in self.results:
+            result.forget()
+
+    def revoke(
+        self,
+        connection: Any = None,
+        terminate: bool = False,
+        signal: str | int | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Revoke every result's task, in one broadcast."""
+        ids = [result.id for result in self.results]
+        _revoke(self.app, ids, terminate, signal, wait, timeout)
+
+    # -- waiting --------------------------------------------------------------------
+
+    def join(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        callback: Any = None,
+        no_ack: bool = True,
+        on_message: Any = None,
+        disable_sync_subtasks: bool = True,
+        on_interval: Any = None,
+    ) -> list[Any]:
+        """Wait for each result in turn and return their values in order; the first
+        failure is raised (``propagate``). ``timeout`` is for the whole set:
+        :class:`~celeriac.exceptions.TimeoutError` when it passes."""
+        if disable_sync_subtasks:
+            _assert_will_not_block()
+        deadline = None if timeout is None else _monotonic() + timeout
+        values: list[Any] = []
+        for result in self.results:
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    raise exceptions.TimeoutError("The operation timed out.")
+            value = result.get(timeout=remaining, propagate=propagate, disable_sync_subtasks=False)
+            if callback is not None:
+                callback(result.id, value)
+            else:
+                values.append(value)
+        return values
+
+    #: The values, in the order of the results.
+    get = join
+
+    def join_native(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return self.join(*args, **kwargs)
+
+    def supports_native_join(self) -> bool:
+        return False
+
+
+class GroupResult(ResultSet):
+    """The result of a group: its id and its members' results, in order.
+
+    ``save()`` stores it in the result backend under Celery's
+    ``celery-taskset-meta-<id>`` key, so ``GroupResult.restore(id)`` rebuilds it in
+    any process -- Celery's too."""
+
+    def __init__(
+        self,
+        id: str | None = None,
+        results: list[AsyncResult[Any]] | None = None,
+        parent: AsyncResult[Any] | None = None,
+        app: Celeriac | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(results, app=app)
+        self.id = id
+        self.parent = parent
+
+    @property
+    def children(self) -> list[AsyncResult[Any]]:
+        return self.results
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        parent = self.parent
+        return (
+            (self.id, parent.as_tuple() if parent is not None else None),
+            [result.as_tuple() for result in self.results],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GroupResult):
+            return other.id == self.id and other.results == self.results
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.id, self.results, self.parent)
+
+    # -- the backend ----------------------------------------------------------------
+
+    def _store(self, backend: Any) -> Any:
+        app = self.app or get_current_app()
+        if backend is not None:
+            return backend
+        return app.taskset_backend
+
+    def save(self, backend: Any = None) -> GroupResult:
+        """Store the group (its id and its members' ids) for ``restore``."""
+        if not self.id:
+            raise ValueError("a GroupResult needs an id to be saved")
+        store = self._store(backend)
+        store.store(self.id, {"result": self.as_tuple()})
+        store.flush()
+        return self
+
+    def delete(self, backend: Any = None) -> None:
+        """Remove the saved group."""
+        if self.id:
+            self._store(backend).forget(self.id)
+
+    @classmethod
+    def restore(
+        cls, id: str, backend: Any = None, app: Celeriac | None = None
+    ) -> GroupResult | None:
+        """The group saved under ``id`` (by celeriac or Celery), or None."""
+        app = app or get_current_app()
+        store = backend if backend is not None else app.taskset_backend
+        meta = store.get_meta(id)
+        if meta is None:
+            return None
+        restored = result_from_tuple(meta.get("result"), app)
+        if not isinstance(restored, GroupResult):
+            raise ValueError(f"the saved group {id!r} is not a group tuple")
+        return restored

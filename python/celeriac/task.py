@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 from celeriac import signals, states
+from celeriac.canvas import Signature
+from celeriac.canvas_links import call_errbacks, send_callbacks, signature_list
 from celeriac.conf import parse_rate_limit
 from celeriac.exceptions import Ignore, Reject, Retry
 from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError
@@ -638,12 +640,17 @@ class Task(Generic[P, R]):
                 retval, state = exc, states.IGNORED
             except Exception as exc:
                 retval, state, tb = exc, states.FAILURE, traceback.format_exc()
+                if link_error:
+                    call_errbacks(signature_list(link_error, app), self.request, exc, tb, app, True)
                 self.on_failure(exc, task_id, args, kwargs, None)
                 if signals.task_failure.receivers:
                     signals.eager_failure(self, task_id, args, kwargs, exc, tb)
                 if throw:
                     raise
             else:
+                if link:  # sent as messages, unless task_always_eager runs them here
+                    sigs = signature_list(link, app)
+                    send_callbacks(sigs, retval, app, parent_id=task_id, root_id=root_id)
                 self.on_success(retval, task_id, args, kwargs)
                 if signals.task_success.receivers:
                     signals.task_success.send(
@@ -669,6 +676,28 @@ class Task(Generic[P, R]):
                 **options,
             )
         return EagerResult(task_id, retval, state, traceback=tb, name=self.name)
+
+    # -- signatures ---------------------------------------------------------------------
+
+    def signature(
+        self, args: Sequence[Any] | None = None, *starargs: Any, **starkwargs: Any
+    ) -> Signature[R]:
+        """A signature of this task: ``add.signature((2, 2), countdown=10)``
+        (``apply_async``'s parameters: args, kwargs, then options)."""
+        starkwargs.setdefault("app", self._app)
+        return cast("Signature[R]", Signature(self, args, *starargs, **starkwargs))
+
+    subtask = signature
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """``add.s(2, 2)``: a signature with these arguments (a partial: more can be
+        given when it is called, e.g. by a chain)."""
+        return cast("Signature[R]", Signature(self, args, kwargs, app=self._app))
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """An immutable signature: called by a chain or as a callback, it ignores the
+        parent's return value."""
+        return cast("Signature[R]", Signature(self, args, kwargs, immutable=True, app=self._app))
 
     # -- sending ------------------------------------------------------------------------
 

@@ -230,6 +230,17 @@ impl Backend {
         }
     }
 
+    /// The Redis store, for the chord join; `Unsupported` on the others.
+    pub fn chord_store(&self) -> Result<&redis::RedisBackend> {
+        match self {
+            Self::Redis(store) => Ok(store),
+            _ => Err(crate::error::Error::Unsupported(format!(
+                "chords are joined on the redis:// result backend only, not on {}",
+                self.masked_url()
+            ))),
+        }
+    }
+
     pub fn watch(&self, task_id: &str) -> Result<Waiter> {
         match self {
             Self::Redis(store) => store.watch(task_id).map(Waiter::Redis),

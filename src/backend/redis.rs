@@ -42,9 +42,13 @@ use redis::{AsyncConnectionConfig, ErrorKind, Msg, RedisError};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::backend::is_ready;
+
+#[path = "redis_chord.rs"]
+mod chord;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::runtime;
+pub use chord::ChordPart;
 
 /// Celery's `task_keyprefix`.
 pub const DEFAULT_KEY_PREFIX: &str = "celery-task-meta-";

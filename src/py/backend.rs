@@ -233,6 +233,90 @@ impl Backend {
     }
 
     /// Delete the task's meta.
+    /// Chord join (Redis only; ``NotImplementedError`` elsewhere): the header size,
+    /// written by the client before the last header message.
+    fn chord_set_size(
+        &self,
+        py: Python<'_>,
+        group_id: &str,
+        size: u64,
+        expires: u64,
+    ) -> PyResult<()> {
+        let store = self.inner.chord_store()?;
+        Ok(py.detach(|| store.chord_set_size(group_id, size, expires))?)
+    }
+
+    /// Record a header task's part (``member``: the JSON of ``[1, id, state,
+    /// result]``) in one script. Returns ``(ready, total, claimed)``: ``ready`` -1 when
+    /// the chord is already done; ``claimed`` True for the one caller that must send
+    /// the body.
+    #[pyo3(signature = (group_id, task_id, index, member, expires, claim_expires, token))]
+    #[allow(clippy::too_many_arguments)]
+    fn chord_part_return(
+        &self,
+        py: Python<'_>,
+        group_id: &str,
+        task_id: &str,
+        index: Option<i64>,
+        member: &Bound<'_, PyAny>,
+        expires: u64,
+        claim_expires: u64,
+        token: &str,
+    ) -> PyResult<(i64, i64, bool)> {
+        let store = self.inner.chord_store()?;
+        let json = codec::dumps(member)?;
+        let part = py.detach(|| {
+            store.chord_part_return(
+                group_id,
+                task_id,
+                index,
+                &json,
+                expires,
+                claim_expires,
+                token,
+            )
+        })?;
+        Ok((part.ready, part.total, part.claimed))
+    }
+
+    /// The header parts, decoded, in header order.
+    fn chord_results<'py>(
+        &self,
+        py: Python<'py>,
+        group_id: &str,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let store = self.inner.chord_store()?;
+        let raw = py.detach(|| store.chord_results(group_id))?;
+        raw.iter().map(|json| codec::loads(py, json)).collect()
+    }
+
+    fn chord_claim_extend(
+        &self,
+        py: Python<'_>,
+        group_id: &str,
+        token: &str,
+        expires: u64,
+    ) -> PyResult<bool> {
+        let store = self.inner.chord_store()?;
+        Ok(py.detach(|| store.chord_claim_extend(group_id, token, expires))?)
+    }
+
+    fn chord_cleanup(
+        &self,
+        py: Python<'_>,
+        group_id: &str,
+        token: &str,
+        done_expires: u64,
+    ) -> PyResult<bool> {
+        let store = self.inner.chord_store()?;
+        Ok(py.detach(|| store.chord_cleanup(group_id, token, done_expires))?)
+    }
+
+    fn chord_drop_size(&self, py: Python<'_>, group_id: &str) -> PyResult<()> {
+        let store = self.inner.chord_store()?;
+        Ok(py.detach(|| store.chord_drop_size(group_id))?)
+    }
+
     fn forget(&self, py: Python<'_>, task_id: &str) -> PyResult<()> {
         Ok(py.detach(|| self.inner.forget(task_id))?)
     }

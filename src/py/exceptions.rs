@@ -2,7 +2,7 @@
 //! `celeriac.exceptions` re-exports these and adds the task-level ones.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyNotImplementedError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -51,6 +51,7 @@ impl From<Error> for PyErr {
             Error::Decode(_) | Error::Json(_) => DecodeError::new_err(text),
             Error::Encode(_) => PyTypeError::new_err(text),
             Error::SharedMemory(_) => PyOSError::new_err(text),
+            Error::Unsupported(_) => PyNotImplementedError::new_err(text),
         }
     }
 }

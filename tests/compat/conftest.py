@@ -101,8 +101,29 @@ def info(self):
         "priority": delivery_info.get("priority"),
         "root_id": req.root_id,
         "parent_id": req.parent_id,
+        "group": req.group,
+        "group_index": req.group_index,
         "now": time.time(),
     }
+
+
+@app.task(name="compat.record_failure")
+def record_failure(task_id, key):
+    """An errback of Celery's old kind (one argument left): sent as a message."""
+    redis.Redis(host="127.0.0.1", port=6379).rpush(key, json.dumps(["message", task_id]))
+
+
+@app.task(name="compat.on_error")
+def on_error(request, exc, traceback, key):
+    """An errback that takes (request, exc, traceback): called in the failing worker."""
+    seen = ["inline", request.id, request.task, type(exc).__name__, str(exc),
+            isinstance(traceback, str) and "Traceback" in traceback]
+    redis.Redis(host="127.0.0.1", port=6379).rpush(key, json.dumps(seen))
+
+
+@app.task(name="compat.tsum")
+def tsum(numbers):
+    return sum(numbers)
 
 
 @app.task(name="compat.sleep")
@@ -122,7 +143,10 @@ class CustomError(Exception):
 def compat_module(impl: str, module: str) -> str:
     """The tasks module ``module`` on ``impl`` (``celeriac`` or ``celery``)."""
     return app_module(
-        module, TASKS_BODY, imports=("import time", "import compat_errors"), impl=impl
+        module,
+        TASKS_BODY,
+        imports=("import json", "import time", "import redis", "import compat_errors"),
+        impl=impl,
     )
 
 
@@ -165,6 +189,22 @@ def close_compat(broker: str, queue_name: str) -> None:
     sys.modules.pop("compat_errors", None)
     if broker.startswith("amqp"):
         delete_amqp(broker, queue_name)
+
+
+#: (client, worker) pairs.
+DIRECTIONS = [("celery", "celeriac"), ("celeriac", "celery")]
+
+
+def direction_id(direction: tuple[str, str]) -> str:
+    return f"{direction[0]}-client-{direction[1]}-worker"
+
+
+@pytest.fixture(params=DIRECTIONS, ids=direction_id)
+def client(request: pytest.FixtureRequest, compat: CompatDir, start_worker: Any) -> ModuleType:
+    """The client's task module, with a worker of the other kind ready on the queue."""
+    client_kind, worker_kind = request.param
+    start_worker(worker_kind)
+    return compat.celery_app() if client_kind == "celery" else compat.celeriac_app()
 
 
 def node_name() -> str:

@@ -15,25 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from compat.conftest import DIRECTIONS, direction_id
+
 if TYPE_CHECKING:
     from conftest import ResultKeys
 
     from compat.conftest import CompatDir
-
-#: (client, worker) pairs.
-DIRECTIONS = [("celery", "celeriac"), ("celeriac", "celery")]
-
-
-def _ids(direction: tuple[str, str]) -> str:
-    return f"{direction[0]}-client-{direction[1]}-worker"
-
-
-@pytest.fixture(params=DIRECTIONS, ids=_ids)
-def client(request: pytest.FixtureRequest, compat: CompatDir, start_worker: Any) -> ModuleType:
-    """The client's task module, with a worker of the other kind ready on the queue."""
-    client_kind, worker_kind = request.param
-    start_worker(worker_kind)
-    return compat.celery_app() if client_kind == "celery" else compat.celeriac_app()
 
 
 def _typed_values() -> tuple[list[Any], dict[str, Any]]:
@@ -198,7 +185,7 @@ def test_expired_message_is_revoked(
     assert after.get(timeout=10) == 3
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS, ids=_ids)
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=direction_id)
 def test_redis_priority_order(
     compat: CompatDir, start_worker: Any, result_keys: ResultKeys, direction: tuple[str, str]
 ) -> None:
@@ -221,7 +208,7 @@ def test_redis_priority_order(
     assert all(seen[p]["priority"] == p for p in seen)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS, ids=_ids)
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=direction_id)
 def test_time_limits_on_prefork(
     compat: CompatDir, start_worker: Any, result_keys: ResultKeys, direction: tuple[str, str]
 ) -> None:

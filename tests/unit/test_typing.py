@@ -51,9 +51,53 @@ bad_return: str = add(1, 2)  # BAD: wrong return type
 """
 
 
-def test_mypy_checks_task_calls(tmp_path: Path) -> None:
+CANVAS_SNIPPET = """\
+from celeriac import AsyncResult, Celeriac, Signature, chain, group
+from celeriac.canvas import _chain
+
+app = Celeriac("typed")
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def show(x: int) -> str:
+    return str(x)
+
+
+sig: Signature[int] = add.s(1, 2)
+sent: AsyncResult[int] = add.s(1, 2).delay()
+value: int = add.si(1, 2).apply_async(countdown=1).get(timeout=1)
+here: int = add.s(1)(2)
+flow: _chain[str] = add.s(1, 2) | show.s()
+last: AsyncResult[str] = (add.s(1, 2) | show.s()).apply_async()
+copied: Signature[int] = add.s(1).clone((2,)).set(queue="q")
+anything: int = chain(add.s(1, 2), show.s()).apply_async().get()
+members = group(add.s(1, 1), add.s(2, 2))
+
+wrong: Signature[str] = add.s(1, 2)  # BAD: the task returns int
+wrong_result: AsyncResult[str] = add.s(1, 2).delay()  # BAD
+wrong_value: str = add.si(1, 2).apply_async().get()  # BAD
+wrong_last: AsyncResult[int] = (add.s(1, 2) | show.s()).apply_async()  # BAD: show returns str
+"""
+
+
+def test_mypy_keeps_result_types_through_signatures(tmp_path: Path) -> None:
+    """A signature keeps its task's result type: ``add.s(1, 2).delay()`` is an
+    ``AsyncResult[int]``, a chain's result is its last step's."""
+    lines, expected, output = mypy_errors(tmp_path, CANVAS_SNIPPET)
+    assert len(expected) == 4
+    assert lines == expected, output
+
+
+def mypy_errors(tmp_path: Path, snippet: str) -> tuple[list[int], list[int], str]:
+    """Run ``mypy --strict`` on ``snippet``: the lines it flags, the lines marked
+    ``# BAD``, and its output."""
     source = tmp_path / "snippet.py"
-    source.write_text(textwrap.dedent(SNIPPET))
+    source.write_text(textwrap.dedent(snippet))
     run = subprocess.run(
         [
             sys.executable,
@@ -74,8 +118,12 @@ def test_mypy_checks_task_calls(tmp_path: Path) -> None:
     )
     errors = [line for line in run.stdout.splitlines() if ": error:" in line]
     lines = sorted({int(line.split(":")[1]) for line in errors})
-    expected = [n for n, text in enumerate(SNIPPET.splitlines(), 1) if "# BAD" in text]
+    expected = [n for n, text in enumerate(snippet.splitlines(), 1) if "# BAD" in text]
+    return lines, expected, run.stdout + run.stderr
+
+
+def test_mypy_checks_task_calls(tmp_path: Path) -> None:
+    lines, expected, output = mypy_errors(tmp_path, SNIPPET)
     assert len(expected) == 5
-    assert lines == expected, run.stdout + run.stderr
-    assert '"delay" of "Task" has incompatible type "str"; expected "int"' in run.stdout
-    assert 'Missing positional argument "y"' in run.stdout
+    assert lines == expected, output
+    assert '"delay" of "Task" has incompatible type "str"; expected "int"' in output

@@ -32,6 +32,7 @@ from celeriac.signals import (
     task_success,
 )
 from celeriac.task import Request as TaskRequest
+from celeriac.worker import canvas_step
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -573,12 +574,18 @@ def send_postrun(request: Request) -> None:
 def _on_success(
     request: Request, backend: Backend | None, retval: Any, runtime: float
 ) -> Disposition:
+    embed = request.delivery.embed
+    if embed.get("chain") or embed.get("callbacks"):
+        # Sent before the result is stored, so its `children` name them (Celery's order).
+        canvas_step.send_after_success(request, retval)
     if backend is not None and not request.ignore_result:
         try:
             backend.store(request.id, request.meta(states.SUCCESS, retval), **request.reply_options)
         except TypeError as exc:
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
+    if embed.get("chord"):
+        canvas_step.chord_part(request, backend, states.SUCCESS, retval)
     if request.events is not None:
         request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
     hooks = request.hooks
@@ -622,6 +629,11 @@ def _on_failure(
         )
     if backend is not None and not request.ignore_result:
         store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
+    embed = request.delivery.embed
+    if embed.get("chord"):
+        canvas_step.chord_part(request, backend, states.FAILURE, exc)
+    if embed.get("chain") or embed.get("errbacks"):
+        canvas_step.after_failure(request, None if request.ignore_result else backend, exc, tb)
     request.send_event("task-failed", exception=short_repr(exc), traceback=tb)
     einfo = ExceptionInfo(exc, tb)
     args, kwargs = request.delivery.args, request.delivery.kwargs

@@ -1,0 +1,207 @@
+"""Chords: a group (the header) whose results go to one task (the body).
+
+The client writes the header's size and sends the header as a group carrying the
+body in ``embed.chord``; each header task's worker records its part of the join in
+the Redis result backend (``celeriac.worker.canvas_step.chord_part``, one script in the
+Rust core), and the one that records the last part sends the body.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from celeriac.canvas import (
+    Signature,
+    _Composite,
+    _copy_options,
+    _signature,
+    group,
+    maybe_signature,
+)
+from celeriac.result import AsyncResult as _AsyncResult
+from celeriac.result import EagerResult
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+
+__all__ = ["chord"]
+
+R = TypeVar("R")
+
+
+def _header_list(header: Any, app: Celeriac | None) -> list[Signature[Any]]:
+    """A chord header as Celery stores it: a list of signatures (a group's or a
+    chain's tasks, one signature, or any iterable of them)."""
+    if isinstance(header, Mapping):
+        header = _signature(header, app)
+        if isinstance(header, _Composite):
+            return list(header.tasks)
+        return [header]
+    return [_signature(task, app) for task in header]
+
+
+@Signature.register_type()
+class chord(Signature[R]):
+    """A group (the header) whose results, in header order, go to one task (the
+    body) once every header task has ended: ``chord(header, body)()``.
+
+    Joined on the ``redis://`` result backend in Celery's keys and steps: the client
+    writes the header's size, each header task's worker records its part in one
+    atomic script, and the worker that records the last part sends the body, once.
+    If a header task fails, the body does not run and its result is ``ChordError``.
+    """
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], app: Celeriac | None = None) -> Signature[Any]:
+        kwargs = d.get("kwargs")
+        if not isinstance(kwargs, Mapping) or "header" not in kwargs:
+            raise TypeError(
+                f"a chord signature needs kwargs.header and kwargs.body, not {kwargs!r}"
+            )
+        options = d.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"chord options must be a mapping, not {options!r}")
+        return cls(
+            kwargs["header"], kwargs.get("body"), args=d.get("args"), kwargs=kwargs.get("kwargs"),
+            app=app, **options,
+        )  # fmt: skip
+
+    def __init__(
+        self,
+        header: Any,
+        body: Any = None,
+        task: str = "celery.chord",
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        app: Celeriac | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            task,
+            args or (),
+            {
+                "kwargs": dict(kwargs or {}),
+                "header": _header_list(header, app),
+                "body": maybe_signature(body, app),
+            },
+            app=app,
+            **options,
+        )
+        self.subtask_type = "chord"
+
+    @property
+    def tasks(self) -> group:
+        """The header, as a group (kept as Celery keeps it: a list of signatures)."""
+        return group(self.kwargs["header"], app=self._app)
+
+    @property
+    def body(self) -> Signature[R] | None:
+        return cast("Signature[R] | None", self.kwargs.get("body"))
+
+    @property
+    def app(self) -> Celeriac:
+        if self._app is not None:
+            return self._app
+        body = self.body
+        if body is not None and body._app is not None:
+            return body._app
+        return self.tasks.app
+
+    def __call__(self, body: Any = None, **options: Any) -> Any:
+        return self.apply_async((), {"body": body} if body else {}, **options)
+
+    def clone(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **opts: Any,
+    ) -> Signature[R]:
+        body = self.body
+        return cast(
+            "Signature[R]",
+            chord(
+                self.tasks.clone(),
+                body.clone() if body is not None else None,
+                args=tuple(args or ()) + self.args,
+                kwargs={**self.kwargs["kwargs"], **(kwargs or {})},
+                app=self._app,
+                **_copy_options({**self.options, **opts}),
+            ),
+        )
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        route_name: str | None = None,
+        **options: Any,
+    ) -> _AsyncResult[R]:
+        """Send the header (a group carrying the body) and return the body's result,
+        whose ``parent`` is the header's :class:`GroupResult`."""
+        kwargs = dict(kwargs or {})
+        body = _signature(kwargs.pop("body", None) or self.body, self._app)
+        header = cast(group, self.tasks.clone())
+        args = tuple(args or ()) + self.args
+        app = self.app
+        task_id = options.pop("task_id", None)
+        merged = {**self.options, **options}
+        if app.conf["task_always_eager"]:
+            results = header.apply(args, **merged)
+            values = results.get(disable_sync_subtasks=False)
+            return cast("_AsyncResult[R]", body.apply((values,), task_id=task_id))
+        # The body's parent is the header task that completes the join, not ours.
+        body = body.clone(**{k: v for k, v in merged.items() if k not in ("task_id", "parent_id")})
+        # A chord frozen by Celery (e.g. a step of its chain) keeps its id as the group's.
+        group_id = header.options.get("task_id") or self.options.get("task_id") or str(uuid.uuid4())
+        root_id = body.options.get("root_id")
+        body_result = body.freeze(
+            task_id or merged.get("task_id"), group_id=group_id, root_id=root_id
+        )
+        if not header.tasks:  # Celery's rule: the body runs at once with no results
+            body.delay([])
+            return cast("_AsyncResult[R]", body_result)
+        for key in ("chain", "chord", "task_id", "link", "link_error"):
+            merged.pop(key, None)
+        header.options["task_id"] = group_id
+        header_result = header.apply_async(args, None, chord=body, **merged)
+        body_result.parent = cast("_AsyncResult[Any]", header_result)
+        return cast("_AsyncResult[R]", body_result)
+
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> EagerResult[R]:
+        body = _signature(dict(kwargs or {}).pop("body", None) or self.body, self._app)
+        values = self.tasks.apply(args, **options).get(disable_sync_subtasks=False)
+        return cast("EagerResult[R]", body.apply((values,)))
+
+    def freeze(
+        self,
+        _id: str | None = None,
+        group_id: str | None = None,
+        chord: Any = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        group_index: int | None = None,
+    ) -> _AsyncResult[R]:
+        """Give the header (its group id: this chord's id) and the body their ids now;
+        returns the body's result, whose parent is the header's :class:`GroupResult`."""
+        header = self.tasks
+        header.options["task_id"] = self.options.get("task_id") or str(uuid.uuid4())
+        header_result = header.freeze(root_id=root_id, parent_id=parent_id)
+        self.kwargs["header"] = header.tasks
+        self.options["task_id"] = header_result.id
+        body = _signature(self.body, self._app)
+        self.kwargs["body"] = body
+        body_result = body.freeze(
+            _id, group_id=header_result.id, chord=chord, root_id=root_id, group_index=group_index
+        )
+        body_result.parent = cast("_AsyncResult[Any]", header_result)
+        return cast("_AsyncResult[R]", body_result)
+
+    def __repr__(self) -> str:
+        return f"chord({self.tasks!r}, {self.body!r})"
