@@ -12,6 +12,10 @@ pub mod scheduler;
 
 mod py;
 
+/// For the fuzz targets in fuzz/ only: the decoders that build Python objects.
+#[cfg(fuzzing)]
+pub use py::fuzz_hooks;
+
 use pyo3::prelude::*;
 
 #[pymodule]

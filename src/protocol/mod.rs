@@ -3,3 +3,5 @@
 pub mod envelope;
 pub mod json;
 pub mod message;
+#[cfg(test)]
+pub(crate) mod mutate;

@@ -215,7 +215,13 @@ impl Delivery {
         }
     }
 
-    fn decode(py: Python<'_>, message: IncomingMessage) -> PyResult<Self> {
+    /// Why the message cannot run, if it cannot.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    pub(crate) fn decode(py: Python<'_>, message: IncomingMessage) -> PyResult<Self> {
         let decoded = decode_task(py, &message);
         // Move the message's strings into the delivery (no copies, and no empty
         // containers made only to be replaced).
