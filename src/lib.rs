@@ -20,5 +20,6 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    runtime::reserve_thread_stacks();
     py::register(m)
 }
