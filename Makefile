@@ -116,7 +116,7 @@ fuzz: ## Fuzz every decoder, FUZZ_RUNS (1000000) inputs per target: cargo fuzz o
 		done; \
 	else \
 		echo "no nightly toolchain: the property tests with PROPTEST_CASES=$(FUZZ_RUNS)"; \
-		PROPTEST_CASES=$(FUZZ_RUNS) nice -n 10 cargo test --profile ci --lib -- mutate fuzz_hooks; \
+		PROPTEST_CASES=$(FUZZ_RUNS) nice -n 10 cargo test --lib -- mutate fuzz_hooks; \
 	fi
 
 wheel: $(DEPS) ## Build the release wheel (fat LTO; one abi3 manylinux wheel) into dist/
