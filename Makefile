@@ -41,7 +41,7 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint fmt bench bench-beat soak bench-rust demo wheel clean ci
+.PHONY: help venv dev test test-rust lint fmt bench bench-beat soak bench-rust demo wheel clean ci fuzz
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
@@ -103,6 +103,27 @@ bench-rust: ## Rust micro-benchmarks (divan: message/envelope codec, rate bucket
 
 demo: $(BUILT) ## Start a worker in the background, send it tasks, print the results (no server needed)
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
+
+# The decoders of bytes from a broker or a file, fuzzed (targets in fuzz/fuzz_targets/).
+FUZZ_RUNS ?= 1000000
+FUZZ_TARGETS ?= json envelope task amqp_headers
+
+fuzz: ## Fuzz every decoder, FUZZ_RUNS (1000000) inputs per target: cargo fuzz on nightly, else proptest
+	@if cargo +nightly --version >/dev/null 2>&1; then \
+		command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked; \
+		python3 fuzz/seeds.py fuzz/corpus; \
+		cd fuzz && nice -n 10 cargo +nightly fuzz build -a -s none; \
+		for target in $(FUZZ_TARGETS); do \
+			echo "== $$target: $(FUZZ_RUNS) inputs"; \
+			nice -n 10 cargo +nightly fuzz run -a -s none $$target corpus/$$target -- \
+				-runs=$(FUZZ_RUNS) -timeout=5 -rss_limit_mb=2048 -print_final_stats=1 \
+				2>&1 | grep -E '^(Done|stat::number_of_executed_units|==|SUMMARY|Failing input)|panicked|timeout' \
+				|| { echo "fuzz: $$target failed (fuzz/artifacts/$$target)" >&2; exit 1; }; \
+		done; \
+	else \
+		echo "no nightly toolchain: the property tests with PROPTEST_CASES=$(FUZZ_RUNS)"; \
+		PROPTEST_CASES=$(FUZZ_RUNS) nice -n 10 cargo test --lib -- mutate fuzz_hooks; \
+	fi
 
 wheel: $(DEPS) ## Build the release wheel (fat LTO; one abi3 manylinux wheel) into dist/
 	rm -f dist/celeriac-*.whl

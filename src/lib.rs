@@ -12,9 +12,14 @@ pub mod scheduler;
 
 mod py;
 
+/// For the fuzz targets in fuzz/ only: the decoders that build Python objects.
+#[cfg(fuzzing)]
+pub use py::fuzz_hooks;
+
 use pyo3::prelude::*;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    runtime::reserve_thread_stacks();
     py::register(m)
 }

@@ -10,6 +10,23 @@ use std::sync::{Mutex, OnceLock};
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
+/// The stack of every thread the core starts. lapin parses an AMQP header table
+/// recursively on its I/O thread, and a publisher may nest one as deep as a frame holds
+/// (some 25,000 levels in RabbitMQ's 128 KiB): at about 1.5 KiB a level, Rust's default
+/// 2 MiB overflows near 1,300 levels and aborts the worker. Address space, not memory:
+/// only the pages a thread uses are ever touched.
+pub const THREAD_STACK: usize = 64 << 20;
+
+/// Give [`THREAD_STACK`] to the threads started without a size (lapin's I/O loop), by
+/// `RUST_MIN_STACK`, which Rust reads when it starts the first such thread: call this
+/// before any thread starts (the extension does when Python imports it). A value the
+/// user set is kept.
+pub fn reserve_thread_stacks() {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string());
+    }
+}
+
 struct Owned {
     pid: u32,
     runtime: &'static Runtime,
@@ -32,6 +49,7 @@ pub fn handle() -> Handle {
     let runtime = Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("celeriac-io")
+        .thread_stack_size(THREAD_STACK)
         .enable_all()
         .build()
         .unwrap_or_else(|err| panic!("cannot start the I/O runtime: {err}"));

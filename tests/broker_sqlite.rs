@@ -421,6 +421,77 @@ async fn a_garbage_row_is_handed_over_with_a_reason_and_acked_away() {
     consumer.close();
 }
 
+/// Rows written by another program (the table is not STRICT, so any column can hold any
+/// type): each one is handed over as a bad message with its reason and acked away, and
+/// the good message behind them still arrives. None of them stops the claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_the_wrong_types_are_handed_over_as_bad_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("types.db");
+    let good = String::from_utf8(
+        _core::protocol::envelope::encode(&message("q", 1, None), "unused").unwrap(),
+    )
+    .unwrap();
+    // (priority, redelivered, payload) as SQL literals; `?1` is the good envelope.
+    let rows = [
+        ("0", "0", "42"),
+        ("0", "0", "x'00ff'"),
+        ("0", "0", "'{\"body\": 1}'"),
+        ("'high'", "0", "?1"),
+        ("2.5", "0", "?1"),
+        ("x'01'", "0", "?1"),
+        ("0", "'yes'", "?1"),
+        ("0", "x'01'", "?1"),
+        ("0", "0.5", "?1"),
+    ];
+    {
+        let conn = open(&path, Duration::from_secs(5)).unwrap();
+        for (priority, redelivered, payload) in rows {
+            conn.execute(
+                &format!(
+                    "INSERT INTO messages (queue, priority, published_at, redelivered, payload) \
+                     VALUES ('q', {priority}, 0, {redelivered}, {payload})"
+                ),
+                rusqlite::params_from_iter((payload == "?1").then_some(&good)),
+            )
+            .unwrap();
+        }
+        // A queue name that is not text is not one we consume: it stays where it is.
+        conn.execute(
+            "INSERT INTO messages (queue, priority, published_at, payload) \
+             VALUES (x'71', 0, 0, ?1)",
+            [&good],
+        )
+        .unwrap();
+    }
+    publish(&path, [message("q", 2, None)]).await;
+    let (consumer, mut rx) = consumer(&path, &["q"], 20, SqliteOptions::default()).await;
+    let got = take(&mut rx, rows.len() + 1).await;
+    assert_eq!(got.len(), rows.len() + 1, "{got:?}");
+    let mut ids = Vec::new();
+    for taken in &got {
+        let tag = match taken {
+            Ok(message) => {
+                let headers: serde_json::Value =
+                    serde_json::from_str(message.headers.as_ref().expect("headers").get()).unwrap();
+                ids.push(headers["id"].as_str().unwrap().to_owned());
+                message.delivery_tag.clone()
+            }
+            Err(bad) => {
+                assert!(bad.reason.len() > 10, "{}", bad.reason);
+                bad.delivery_tag.clone()
+            }
+        };
+        consumer.ack(vec![tag]).unwrap();
+    }
+    // The rows whose payload is the good envelope decode; their odd priority or
+    // redelivered flag does not lose them.
+    assert_eq!(ids.len(), rows.len() + 1 - 3, "{got:?}");
+    assert!(ids.contains(&"task-2".to_owned()), "{ids:?}");
+    wait_for_counts(&path, "q", QueueCounts::default()).await;
+    consumer.close();
+}
+
 // ---------------------------------------------------------------------------------
 // Bad files and paths: a clear error naming the file, and the file left as it was.
 

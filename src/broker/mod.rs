@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
+use crate::protocol::envelope::IncomingEnvelope;
 use crate::protocol::message::OutgoingMessage;
 use url::{BrokerUrl, Scheme};
 
@@ -42,6 +43,50 @@ pub struct IncomingMessage {
     /// The task headers as a JSON object, if the message has any.
     pub headers: Option<Box<RawValue>>,
     pub body: Vec<u8>,
+}
+
+impl IncomingMessage {
+    /// A kombu envelope (a Redis list item, a SQLite row) as the transport-neutral
+    /// message, or why it cannot be one. `priority` is used when the envelope has none;
+    /// `redelivered` adds to what the envelope says.
+    pub fn from_envelope(
+        envelope: IncomingEnvelope,
+        delivery_tag: String,
+        queue: String,
+        priority: i64,
+        redelivered: bool,
+    ) -> std::result::Result<Self, BadMessage> {
+        let body = match envelope.body_bytes() {
+            Ok(body) => body,
+            Err(err) => {
+                return Err(BadMessage {
+                    delivery_tag,
+                    queue,
+                    reason: err.to_string(),
+                })
+            }
+        };
+        let redelivered = redelivered || envelope.redelivered();
+        let props = envelope.properties;
+        let (exchange, routing_key) = match props.delivery_info {
+            Some(info) => (info.exchange, info.routing_key),
+            None => (String::new(), queue.clone()),
+        };
+        Ok(IncomingMessage {
+            delivery_tag,
+            queue,
+            exchange,
+            routing_key,
+            redelivered,
+            priority: props.priority.unwrap_or(priority),
+            reply_to: props.reply_to,
+            correlation_id: props.correlation_id,
+            content_type: envelope.content_type,
+            content_encoding: envelope.content_encoding,
+            headers: envelope.headers,
+            body,
+        })
+    }
 }
 
 /// A message that could not even be framed; it is logged and dropped.

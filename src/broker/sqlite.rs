@@ -1179,7 +1179,8 @@ struct Claimed {
     queue: String,
     priority: i64,
     redelivered: bool,
-    payload: Vec<u8>,
+    /// The envelope's bytes, or why the column holds none.
+    payload: std::result::Result<Vec<u8>, String>,
 }
 
 struct Fetcher {
@@ -1441,9 +1442,11 @@ impl Fetcher {
                     Ok(Claimed {
                         id: row.get(0)?,
                         queue: row.get(1)?,
-                        priority: row.get(2)?,
-                        redelivered: row.get::<_, i64>(3)? != 0,
-                        payload: column_bytes(row, 4)?,
+                        // Another program may have written any type in any column
+                        // (the table is not STRICT): such a row must not stop the claims.
+                        priority: lenient_int(row, 2)?,
+                        redelivered: lenient_int(row, 3)? != 0,
+                        payload: column_bytes(row, 4).map_err(|err| err.to_string()),
                     })
                 })?;
                 for row in rows {
@@ -1617,41 +1620,29 @@ fn parse_tags(tags: &[String]) -> impl Iterator<Item = i64> + '_ {
 /// The transport-neutral form; the body is base64-decoded here, off the GIL.
 fn into_fetched(row: Claimed) -> Fetched {
     let tag = row.id.to_string();
-    let bad = |reason: String, tag: String, queue: String| {
-        Fetched::Message(Err(BadMessage {
+    let envelope = row
+        .payload
+        .and_then(|payload| IncomingEnvelope::parse(&payload).map_err(|err| err.to_string()));
+    Fetched::Message(match envelope {
+        Ok(envelope) => {
+            IncomingMessage::from_envelope(envelope, tag, row.queue, row.priority, row.redelivered)
+        }
+        Err(reason) => Err(BadMessage {
             delivery_tag: tag,
-            queue,
+            queue: row.queue,
             reason,
-        }))
-    };
-    let envelope = match IncomingEnvelope::parse(&row.payload) {
-        Ok(envelope) => envelope,
-        Err(err) => return bad(err.to_string(), tag, row.queue),
-    };
-    let body = match envelope.body_bytes() {
-        Ok(body) => body,
-        Err(err) => return bad(err.to_string(), tag, row.queue),
-    };
-    let redelivered = row.redelivered || envelope.redelivered();
-    let props = envelope.properties;
-    let (exchange, routing_key) = match props.delivery_info {
-        Some(info) => (info.exchange, info.routing_key),
-        None => (String::new(), row.queue.clone()),
-    };
-    Fetched::Message(Ok(IncomingMessage {
-        delivery_tag: tag,
-        queue: row.queue,
-        exchange,
-        routing_key,
-        redelivered,
-        priority: props.priority.unwrap_or(row.priority),
-        reply_to: props.reply_to,
-        correlation_id: props.correlation_id,
-        content_type: envelope.content_type,
-        content_encoding: envelope.content_encoding,
-        headers: envelope.headers,
-        body,
-    }))
+        }),
+    })
+}
+
+/// An INTEGER column that may hold another type: a float is truncated, anything else
+/// is 0.
+fn lenient_int(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<i64> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Integer(n) => n,
+        ValueRef::Real(f) => f as i64,
+        ValueRef::Null | ValueRef::Text(_) | ValueRef::Blob(_) => 0,
+    })
 }
 
 // ---------------------------------------------------------------------------------

@@ -5,3 +5,5 @@ pub mod content;
 pub mod envelope;
 pub mod json;
 pub mod message;
+#[cfg(test)]
+pub(crate) mod mutate;

@@ -32,13 +32,13 @@ pub struct Consumer {
 }
 
 /// The formats a consumer decodes, and how to name them in a refusal.
-struct Accept {
+pub(crate) struct Accept {
     serializers: Vec<Serializer>,
     described: String,
 }
 
 impl Accept {
-    fn new(names: Option<Vec<String>>) -> PyResult<Self> {
+    pub(crate) fn new(names: Option<Vec<String>>) -> PyResult<Self> {
         let names = names.unwrap_or_else(|| vec!["json".to_owned()]);
         let mut serializers = Vec::with_capacity(names.len());
         for name in &names {
@@ -259,7 +259,17 @@ impl Delivery {
         }
     }
 
-    fn decode(py: Python<'_>, message: IncomingMessage, accept: &Accept) -> PyResult<Self> {
+    /// Why the message cannot run, if it cannot.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    pub(crate) fn decode(
+        py: Python<'_>,
+        message: IncomingMessage,
+        accept: &Accept,
+    ) -> PyResult<Self> {
         let decoded = decode_task(py, &message, accept);
         // Move the message's strings into the delivery (no copies, and no empty
         // containers made only to be replaced).

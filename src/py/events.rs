@@ -5,8 +5,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use serde_json::{Map, Value};
 
-use super::codec::{dumps, loads};
+use super::codec::dumps;
 use super::options;
+use super::pidbox::headers_object;
 use super::producer::duration;
 use crate::broker::events::{Broadcast, EventPublisher as Inner, EventSubscriber};
 use crate::broker::url::BrokerUrl;
@@ -112,14 +113,12 @@ impl EventReceiver {
             return Ok(None);
         };
         let key = got.routing_key.into_pyobject(py)?.into_any();
-        let tuple = match got.message {
+        let message = got
+            .message
+            .and_then(|(headers, body)| Ok((headers_object(py, &headers)?, body)));
+        let tuple = match message {
             Ok((headers, body)) => {
-                let text = serde_json::to_vec(&headers)
-                    .map_err(|err| PyTypeError::new_err(err.to_string()))?;
-                PyTuple::new(
-                    py,
-                    [key, loads(py, &text)?, PyBytes::new(py, &body).into_any()],
-                )?
+                PyTuple::new(py, [key, headers, PyBytes::new(py, &body).into_any()])?
             }
             Err(reason) => PyTuple::new(
                 py,

@@ -9,6 +9,8 @@ pub mod codec;
 pub mod consumer;
 pub mod events;
 pub mod exceptions;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz_hooks;
 pub mod options;
 pub mod pidbox;
 pub mod producer;

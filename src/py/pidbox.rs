@@ -20,14 +20,9 @@ pub struct Mailbox {
 }
 
 /// `(headers, body bytes)`, or `(None, reason)` for a message that cannot be read.
-fn to_python<'py>(py: Python<'py>, message: Received) -> PyResult<Bound<'py, PyTuple>> {
-    match message {
-        Ok((headers, body)) => {
-            let text = serde_json::to_vec(&headers)
-                .map_err(|err| PyTypeError::new_err(err.to_string()))?;
-            let headers = loads(py, &text)?;
-            PyTuple::new(py, [headers, PyBytes::new(py, &body).into_any()])
-        }
+pub(crate) fn to_python<'py>(py: Python<'py>, message: Received) -> PyResult<Bound<'py, PyTuple>> {
+    match message.and_then(|(headers, body)| Ok((headers_object(py, &headers)?, body))) {
+        Ok((headers, body)) => PyTuple::new(py, [headers, PyBytes::new(py, &body).into_any()]),
         Err(reason) => PyTuple::new(
             py,
             [
@@ -36,6 +31,16 @@ fn to_python<'py>(py: Python<'py>, message: Received) -> PyResult<Bound<'py, PyT
             ],
         ),
     }
+}
+
+/// A broadcast's headers as Python objects (kombu's markers decoded), or why they
+/// cannot be: a bad marker makes the message unreadable, not the receiver fail.
+pub(crate) fn headers_object<'py>(
+    py: Python<'py>,
+    headers: &Value,
+) -> Result<Bound<'py, PyAny>, String> {
+    let text = serde_json::to_vec(headers).map_err(|err| err.to_string())?;
+    loads(py, &text).map_err(|err| format!("unreadable headers: {err}"))
 }
 
 #[pymethods]

@@ -154,3 +154,46 @@ def test_publish_during_an_outage_raises_and_loses_nothing(on_rabbitmq: str) -> 
     with Connection(AMQP_URL, connect_timeout=5) as conn:
         _, ready, _ = conn.default_channel.queue_declare(on_rabbitmq, passive=True)
     assert ready == 2
+
+
+def test_headers_nested_as_deep_as_a_frame_holds_do_not_kill_the_worker(
+    on_rabbitmq: str, worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys
+) -> None:
+    """20,000 nested lists (100 KB of header table, under RabbitMQ's 128 KiB frame):
+    lapin parses them recursively, which overflowed its thread's 2 MiB stack and
+    aborted the worker. Now the message is logged and dropped."""
+    import sys
+    import threading
+
+    deep: object = None
+    for _ in range(20_000):
+        deep = [deep]
+    failures: list[BaseException] = []
+
+    def publish() -> None:  # py-amqp writes the table recursively too
+        try:
+            publish_raw(
+                on_rabbitmq,
+                b"[[1, 2], {}, {}]",
+                content_type="application/json",
+                headers={"task": "tasks.add", "id": "deep", "deep": deep},
+            )
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    process = worker()
+    limit, size = sys.getrecursionlimit(), threading.stack_size(512 << 20)
+    sys.setrecursionlimit(200_000)
+    try:
+        thread = threading.Thread(target=publish)
+        thread.start()
+        thread.join(60)
+    finally:
+        sys.setrecursionlimit(limit)
+        threading.stack_size(size)
+    assert not failures, failures
+    process.wait_for("Received invalid task message: .*nesting too deep", timeout=20)
+    tasks = tasks_dir.import_module()
+    good = tasks.add.delay(20, 22)
+    result_keys.add(good.id)
+    assert good.get(timeout=10) == 42

@@ -158,6 +158,32 @@ def test_a_corrupt_broadcast_row_is_logged_and_skipped(
     assert "without a type" in caplog.text
 
 
+def test_an_event_whose_headers_hold_a_bad_kombu_marker_is_logged_and_skipped(
+    sqlite_tasks: TasksDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver raised DecodeError for such a message, which ended ``capture``."""
+    tasks = sqlite_tasks.import_module()
+    receiver = EventReceiver(tasks.app)
+    publisher = _core.EventPublisher(tasks.app.broker_url)
+    bad_marker = {"__type__": "uuid", "__value__": {"hex": "zz"}}
+    publisher.publish(
+        "celeryev",
+        "worker.heartbeat",
+        {"type": "worker-heartbeat", "n": 1},
+        headers={"hostname": bad_marker},
+    )
+    publisher.publish("celeryev", "worker.heartbeat", {"type": "worker-heartbeat", "n": 2})
+    publisher.flush(10)
+    publisher.close()
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + EVENT_WAIT
+    with caplog.at_level("WARNING", logger="celeriac.events"):
+        while not events and time.monotonic() < deadline:
+            events = receiver.next_events(0.5)
+    assert [e["n"] for e in events] == [2]
+    assert "unreadable headers" in caplog.text
+
+
 def test_the_receiver_only_sees_what_was_sent_after_it_subscribed(
     sqlite_tasks: TasksDir,
 ) -> None:
