@@ -799,17 +799,48 @@ def python_for_nobody() -> list[str]:
     if all(_reachable_by_anyone(os.path.dirname(p)) for p in ours):
         return [sys.executable, "-m", "celeriac"]
     version = sysconfig.get_python_version()
-    for system_python in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        if os.path.exists(system_python) and all(
-            _reachable_by_anyone(os.path.dirname(p)) for p in (system_python, *ours[2:])
-        ):
-            return [system_python, "-S", "-c", CELERIAC_ON_SITE, ":".join(packages)]
-    pytest.fail(
-        f"no Python {version} that user nobody can run celeriac with: {sys.executable} or "
-        f"this checkout is not readable by other users, and /usr/bin/python{version} "
-        "is not there either; the --uid/--gid success path must run",
-        pytrace=False,
+    system_python = next(
+        (
+            p
+            for p in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}")
+            if os.path.exists(p) and _reachable_by_anyone(os.path.dirname(p))
+        ),
+        None,
     )
+    if system_python is None:
+        pytest.fail(
+            f"no Python {version} that user nobody can run: {sys.executable} is not readable"
+            f" by other users and /usr/bin/python{version} is not there; the --uid/--gid"
+            " success path must run",
+            pytrace=False,
+        )
+    if all(_reachable_by_anyone(os.path.dirname(p)) for p in ours[2:]):
+        return [system_python, "-S", "-c", CELERIAC_ON_SITE, ":".join(packages)]
+    # This checkout is behind a directory others cannot enter (a clone under /root):
+    # celeriac needs no other package, so a copy of it in a directory anyone can read
+    # (the extension module included) is all the worker needs.
+    return [system_python, "-S", "-c", CELERIAC_ON_SITE, _celeriac_copy_for_anyone()]
+
+
+def _celeriac_copy_for_anyone() -> str:
+    """A directory readable by every user that holds a copy of the celeriac package."""
+    import atexit
+    import shutil
+    import tempfile
+
+    package = os.path.dirname(os.path.realpath(__import__("celeriac").__file__))
+    where = tempfile.mkdtemp(prefix="celeriac-for-nobody-")
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    shutil.copytree(
+        package,
+        os.path.join(where, "celeriac"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for root, _dirs, files in os.walk(where):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return where
 
 
 def _ids_of(pid: int) -> tuple[list[int], list[int]]:
