@@ -1,6 +1,7 @@
 //! `Consumer` and `Delivery`: messages fetched by the broker's I/O task, decoded into
 //! Python objects in batches, one GIL crossing per batch.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,9 +27,19 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct Consumer {
     inner: AnyConsumer,
-    deliveries: Mutex<mpsc::UnboundedReceiver<Fetched>>,
+    deliveries: Mutex<Inbox>,
     /// `accept_content`: a message in any other format is refused undecoded.
     accept: Accept,
+}
+
+/// What the transport handed over and `fetch` has not returned yet.
+struct Inbox {
+    receiver: mpsc::UnboundedReceiver<Fetched>,
+    /// Received after a connection error in the same batch: the error is reported
+    /// first, on its own, and these (messages of the new connection, already counted
+    /// in the window and unacked) come with the next fetch; dropping them would leave
+    /// them unacked and never run until the worker restarts.
+    held: VecDeque<Fetched>,
 }
 
 /// The formats a consumer decodes, and how to name them in a refusal.
@@ -92,7 +103,10 @@ impl Consumer {
         })?;
         Ok(Self {
             inner,
-            deliveries: Mutex::new(rx),
+            deliveries: Mutex::new(Inbox {
+                receiver: rx,
+                held: VecDeque::new(),
+            }),
             accept,
         })
     }
@@ -105,12 +119,15 @@ impl Consumer {
             .deliveries
             .lock()
             .map_err(|_| OperationalError::new_err("the consumer is broken"))?;
-        let receiver: &mut mpsc::UnboundedReceiver<Fetched> = &mut guard;
+        let inbox: &mut Inbox = &mut guard;
         let mut batch = Vec::with_capacity(max_count.min(256));
-        loop {
+        let held = inbox.held.len().min(max_count);
+        batch.extend(inbox.held.drain(..held));
+        while batch.is_empty() {
             let slice = deadline
                 .saturating_duration_since(Instant::now())
                 .min(SIGNAL_SLICE);
+            let receiver = &mut inbox.receiver;
             let received = py.detach(|| {
                 runtime::handle().block_on(async {
                     match tokio::time::timeout(slice, receiver.recv_many(&mut batch, max_count))
@@ -133,7 +150,8 @@ impl Consumer {
             }
         }
         let mut deliveries = Vec::with_capacity(batch.len());
-        for item in batch {
+        let mut items = batch.into_iter();
+        while let Some(item) = items.next() {
             match item {
                 Fetched::Message(Ok(message)) => {
                     deliveries.push(Delivery::decode(py, message, &self.accept)?)
@@ -144,10 +162,16 @@ impl Consumer {
                     deliveries.push(delivery);
                 }
                 Fetched::Error(text) => {
+                    // Whatever came after the error waits for the next fetch, in order.
+                    let rest: Vec<Fetched> = items.collect();
+                    for later in rest.into_iter().rev() {
+                        inbox.held.push_front(later);
+                    }
                     if deliveries.is_empty() {
                         return Err(OperationalError::new_err(text));
                     }
-                    // Report it on the next call; hand over what we have first.
+                    // Hand over what came before it; the error is reported next time.
+                    inbox.held.push_front(Fetched::Error(text));
                     break;
                 }
             }
