@@ -1221,6 +1221,7 @@ impl Fetcher {
         let mut idle = MIN_IDLE;
         let maintenance_every = self.options.restore_interval;
         let mut next_maintenance = Instant::now();
+        let mut next_sweep = Instant::now();
         let mut retry_at: Option<Instant> = None;
         loop {
             let seen = self.signal.generation();
@@ -1309,6 +1310,15 @@ impl Fetcher {
                 let _ = self.maintain();
                 next_maintenance = Instant::now() + maintenance_every;
             }
+            if Instant::now() >= next_sweep {
+                if let Ok(restored) = restore_claims_of_dead_processes(&self.conn) {
+                    if restored > 0 {
+                        self.drained = false;
+                        self.wake_others();
+                    }
+                }
+                next_sweep = Instant::now() + DEAD_PROCESS_SWEEP;
+            }
             if disconnected {
                 self.finish();
                 return;
@@ -1317,7 +1327,9 @@ impl Fetcher {
                 idle = MIN_IDLE;
                 continue;
             }
-            let mut pause = idle.min(next_maintenance.saturating_duration_since(Instant::now()));
+            let mut pause = idle
+                .min(next_maintenance.saturating_duration_since(Instant::now()))
+                .min(next_sweep.saturating_duration_since(Instant::now()));
             if let Some(since) = self.acks_since {
                 pause = pause.min((since + ACK_DELAY).saturating_duration_since(Instant::now()));
             }
@@ -1611,6 +1623,52 @@ pub fn restore_dead_claims(
     conn.prepare_cached("DELETE FROM peers WHERE heartbeat < ?1")?
         .execute(params![forget])?;
     Ok(restored)
+}
+
+/// How often a consumer looks for consumers whose process is gone.
+const DEAD_PROCESS_SWEEP: Duration = Duration::from_secs(2);
+
+/// Put back, marked redelivered, the claims of consumers whose process is gone (killed
+/// with SIGKILL, say), and forget those peers. The file is used on one machine, so a
+/// peer's pid names a process here: its claims come back at once instead of after the
+/// visibility timeout. A pid that was reused only delays this to the visibility timeout.
+pub fn restore_claims_of_dead_processes(conn: &Connection) -> rusqlite::Result<usize> {
+    let peers: Vec<(String, i64)> = conn
+        .prepare_cached("SELECT id, pid FROM peers WHERE kind = ?1")?
+        .query_map(params![KIND_CONSUMER], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut restored = 0;
+    for (id, pid) in peers {
+        if process_alive(pid) {
+            continue;
+        }
+        restored += immediate(conn, |conn| {
+            let count = conn
+                .prepare_cached(
+                    "UPDATE messages SET claimed_at = NULL, owner = NULL, redelivered = 1
+                     WHERE owner = ?1",
+                )?
+                .execute(params![id])?;
+            conn.prepare_cached("DELETE FROM peers WHERE id = ?1")?
+                .execute(params![id])?;
+            Ok(count)
+        })?;
+    }
+    Ok(restored)
+}
+
+/// Whether `pid` names a live process on this machine (a pid that cannot be one is
+/// taken as alive: only a certain death puts claims back early).
+fn process_alive(pid: i64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 fn parse_tags(tags: &[String]) -> impl Iterator<Item = i64> + '_ {

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import app_module, queue_length, task_meta, unacked_tags, wait_until
+from conftest import (
+    REDIS_URL,
+    app_module,
+    queue_length,
+    task_meta,
+    unacked_tags,
+    wait_until,
+    worker_env,
+)
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
@@ -574,7 +582,7 @@ def test_track_started_stores_started_with_pid_and_hostname(
 # -- crash safety --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "sqlite"])
 def test_kill_9_in_the_middle_of_300_acks_late_tasks_loses_nothing(
     broker: str,
     request: pytest.FixtureRequest,
@@ -586,6 +594,9 @@ def test_kill_9_in_the_middle_of_300_acks_late_tasks_loses_nothing(
 ) -> None:
     if broker == "amqp":
         request.getfixturevalue("on_rabbitmq")
+    elif broker == "sqlite":  # the embedded broker, results in Redis (where the test reads)
+        sqlite_url = f"sqlite://{engine.path / 'broker.sqlite3'}"
+        engine.env = worker_env(engine.queue, sqlite_url, REDIS_URL)
     first = worker("-c", "2", pool="prefork", app="engine", check_exit=False)
     tasks = engine.import_module("engine")
     key = scratch("runs")
@@ -601,8 +612,9 @@ def test_kill_9_in_the_middle_of_300_acks_late_tasks_loses_nothing(
     runs_before = redis_client.llen(key)
     worker("-c", "2", pool="prefork", app="engine")
     # Recovery: the restarted worker runs the dead one's messages within 10 s of the kill
-    # (Redis: its heartbeat lapses after 2 s; RabbitMQ requeues when the connection ends),
-    # not after kombu's one-hour visibility timeout.
+    # (Redis: its heartbeat lapses after 2 s; RabbitMQ requeues when the connection ends;
+    # SQLite: the dead processes' claims are put back), not after the one-hour
+    # visibility timeout.
     assert wait_until(
         lambda: redis_client.llen(key) > runs_before, 10 - (time.monotonic() - killed_at)
     )
