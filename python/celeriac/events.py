@@ -37,6 +37,10 @@ logger = logging.getLogger("celeriac.events")
 
 #: Task events buffered before a flush (Celery flushes at 24 or on the next tick).
 BATCH = 24
+#: Longest a buffered task event waits, in seconds, when the worker loop does not flush
+#: (while a prefork child runs a long task, say). Celery's parent process flushes its
+#: buffer on its event loop's next tick; a wake-up at most ten times a second is cheap.
+MAX_BUFFER_AGE = 0.1
 #: Seconds between ``worker-heartbeat`` events (Celery's default ``freq``).
 HEARTBEAT_FREQ = 2.0
 #: What Celery reports as ``sw_ident``/``sw_ver``: monitors key features off them.
@@ -96,7 +100,13 @@ class EventDispatcher:
         self.pid = os.getpid()
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
+        #: Held while a batch is taken and published, so batches leave in order.
+        self._flush_lock = threading.Lock()
         self._buffer: list[dict[str, Any]] = []
+        #: Set when the buffer holds events; the flusher thread of ``_flusher_pid``
+        #: sends them once they are ``MAX_BUFFER_AGE`` old.
+        self._aging = threading.Event()
+        self._flusher_pid: int | None = None
         self._publisher: Any = None
         self._failed = False
 
@@ -155,15 +165,35 @@ class EventDispatcher:
             full = len(self._buffer) >= BATCH
         if full:
             self.flush()
+        else:
+            self._age_buffer()
+
+    def _age_buffer(self) -> None:
+        """Have the buffer sent within ``MAX_BUFFER_AGE`` even if the worker loop does
+        not flush it (a long task's ``task-started`` must reach monitors while it runs)."""
+        if self._flusher_pid != os.getpid():  # none yet, or it stayed behind a fork
+            self._flusher_pid = os.getpid()
+            threading.Thread(
+                target=self._flush_aged, name="celeriac-event-flush", daemon=True
+            ).start()
+        self._aging.set()
+
+    def _flush_aged(self) -> None:
+        while True:
+            self._aging.wait()
+            time.sleep(MAX_BUFFER_AGE)
+            self._aging.clear()
+            self.flush()
 
     def flush(self) -> None:
         """Send the buffered task events as one ``task.multi`` message."""
         if not self._buffer:
             return
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-        if batch:
-            self._publish("task.multi", batch)
+        with self._flush_lock:
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+            if batch:
+                self._publish("task.multi", batch)
 
     def _publish(self, routing_key: str, body: Any) -> None:
         publisher = self._connect()

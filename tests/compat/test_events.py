@@ -178,6 +178,24 @@ def test_flower_sees_worker_and_tasks(
         assert not capture.state.workers[node].alive
 
 
+def test_a_prefork_child_announces_a_long_task_while_it_runs(
+    compat: CompatDir, capture: Capture, start_worker: Any, result_keys: ResultKeys
+) -> None:
+    """task-started reaches a monitor while the task runs (Flower shows it STARTED), not
+    in one batch with its task-succeeded once the child's loop is free again."""
+    node = f"long-{compat.queue[-6:]}@test"
+    start_worker("celeriac", "-E", "-n", node, "-c", "1", pool="prefork")
+    capture.wait_for(_of("worker-online", node), "worker-online")
+    result = compat.celeriac_app().sleep.delay(5)
+    result_keys.add(result.id)
+    capture.wait_for(_of("task-started", node, result.id), "task-started")
+    assert "task-succeeded" not in capture.task_events(result.id)
+    assert not result.ready()
+    with capture._cond:
+        assert capture.state.tasks[result.id].state == "STARTED"
+    assert result.get(timeout=20) == 5
+
+
 def test_task_events_need_dash_e(
     compat: CompatDir, capture: Capture, start_worker: Any, result_keys: ResultKeys
 ) -> None:
