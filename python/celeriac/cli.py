@@ -630,8 +630,8 @@ def _prepare_app(ns: argparse.Namespace, include: Sequence[str] = ()) -> Celeria
 
 def _cmd_worker(ns: argparse.Namespace) -> int:
     from celeriac.worker import Worker, WorkerError, WorkerOptions
+    from celeriac.worker.log import LogSettings, parse_loglevel, redirect_stdouts, setup_logging
     from celeriac.worker.log import logger as worker_logger
-    from celeriac.worker.log import parse_loglevel, setup_logging
     from celeriac.worker.options import (
         Pidfile,
         PidfileLocked,
@@ -733,7 +733,10 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     except WorkerError as exc:
         raise UsageError(str(exc)) from None
     try:
-        setup_logging(level, ns.logfile, worker.nodename)
+        log_settings = LogSettings.from_conf(app.conf)
+        setup_logging(level, ns.logfile, worker.nodename, settings=log_settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(
             f"argument -f/--logfile: cannot write {exc.filename}: {exc.strerror}"
@@ -779,6 +782,7 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     try:
         if options.purge:
             _purge_queues(app, worker.queues)
+        redirect_stdouts(log_settings)
         return worker.run()
     finally:
         if embedded_beat is not None:

@@ -795,7 +795,7 @@ class Worker:
             self._restore_signals()
 
     def _run(self) -> int:
-        print(self.banner(), file=sys.stdout, flush=True)
+        print(self.banner(), file=sys.__stdout__, flush=True)
         self.warn_task_events()
         return self._serve()
 
