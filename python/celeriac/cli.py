@@ -443,6 +443,8 @@ def build_parser() -> _Parser:
     _add_remote_parsers(commands)
     _add_tool_parsers(commands)
     cli_beat.add_parser(commands, _add_global_options, _loglevel)
+    multi = commands.add_parser("multi", help="start and stop detached workers", add_help=False)
+    multi.add_argument("multi_argv", nargs=argparse.REMAINDER)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
@@ -1477,6 +1479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workdir {ns.workdir!r}: {exc.strerror}") from None
         if ns.command == "worker":
             return _cmd_worker(ns)
+        if ns.command == "multi":
+            from celeriac import cli_multi
+
+            return cli_multi.main(ns.multi_argv, _global_args(ns))
         if ns.command == "beat":
             return cli_beat.cmd_beat(ns)
         if ns.command in ("inspect", "control", "status"):
@@ -1495,6 +1501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_FAILURE
     except KeyboardInterrupt:
         return EX_FAILURE
+
+
+def _global_args(ns: argparse.Namespace) -> list[str]:
+    """``-A``/``-b``/... given before ``multi``, passed on to each worker."""
+    pairs = (("--app", ns.app), ("--broker", ns.broker), ("--result-backend", ns.result_backend))
+    return [f"{flag}={value}" for flag, value in pairs if value]
 
 
 def run() -> NoReturn:

@@ -108,3 +108,79 @@ def test_detach_with_an_unwritable_logfile_is_an_error_on_the_terminal(
     done = run_cli("-A", "tasks", "worker", "-D", "-f", "ro/w.log", timeout=WAIT)
     assert done.returncode == 2, done.stderr
     assert "argument -f/--logfile: cannot write" in done.stderr
+
+
+def multi(run_cli: RunCli, *args: str) -> str:
+    done = run_cli("multi", *args, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_multi_start_runs_tasks_and_stopwait_ends_every_node(
+    tasks_dir: TasksDir, run_cli: RunCli, result_keys: ResultKeys, daemons: list[int]
+) -> None:
+    (tasks_dir.path / "run").mkdir()
+    args = (
+        *("w1", "w2", "-A", "tasks", "-P", "threads", "-l", "info"),
+        *("--pidfile=run/%n.pid", "--logfile=run/%n%I.log", "-c:w1", "3"),
+    )
+    out = multi(run_cli, "start", *args)
+    assert "w1@" in out and "w2@" in out
+    pidfiles = [tasks_dir.path / "run" / f"{name}.pid" for name in ("w1", "w2")]
+    pids = [read_pid(path) for path in pidfiles]
+    daemons.extend(pids)
+    assert all(alive(pid) for pid in pids)
+    for path in (tasks_dir.path / "run" / "w1.log", tasks_dir.path / "run" / "w2.log"):
+        assert wait_until(lambda p=path: " ready." in p.read_text(), WAIT), path
+    assert [run_add(tasks_dir, result_keys, n, n) for n in range(4)] == [0, 2, 4, 6]
+    out = multi(run_cli, "stopwait", *args)
+    assert out.count("stopped") == 2, out
+    assert not any(alive(pid) for pid in pids)
+    assert not any(path.exists() for path in pidfiles)
+
+
+def test_multi_restart_replaces_the_process(
+    tasks_dir: TasksDir, run_cli: RunCli, result_keys: ResultKeys, daemons: list[int]
+) -> None:
+    args = ("1", "-A", "tasks", "-P", "solo")
+    multi(run_cli, "start", *args)
+    pidfile = tasks_dir.path / "celery1.pid"
+    old = read_pid(pidfile)
+    daemons.append(old)
+    multi(run_cli, "restart", *args)
+    new = read_pid(pidfile)
+    daemons.append(new)
+    assert new != old and not alive(old) and alive(new)
+    assert run_add(tasks_dir, result_keys, 2, 3) == 5
+    multi(run_cli, "kill", *args)
+    assert wait_until(lambda: not alive(new), WAIT)
+    assert not pidfile.exists()
+
+
+def test_multi_names_and_show(run_cli: RunCli) -> None:
+    names = multi(run_cli, "names", "3").split()
+    assert [name.partition("@")[0] for name in names] == ["celery1", "celery2", "celery3"]
+    shown = multi(run_cli, "show", "a", "b", "-A", "tasks", "-c:b", "4", "--loglevel:1=debug")
+    first, second = shown.splitlines()
+    assert "-n a@" in first and "--loglevel=debug" in first and "-c 4" not in first
+    assert "-n b@" in second and "-c 4" in second and "--loglevel" not in second
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus", "w1"], "unknown command 'bogus'"),
+        (["start"], "no nodes given"),
+        (["start", "w1", "-c:w9", "3"], "'w9' names none of the nodes"),
+        (["stop", "w1", "w1"], "given twice"),
+        (["start", "w1", "--pidfile=%q.pid"], "unknown format key %q"),
+    ],
+)
+def test_multi_bad_input_is_a_clear_error(
+    tasks_dir: TasksDir, run_cli: RunCli, args: list[str], message: str
+) -> None:
+    done = run_cli("multi", *args, timeout=60)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith("celeriac multi: error: ")
+    assert message in done.stderr
+    assert not list(tasks_dir.path.glob("*.pid"))
