@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import wait_until
+from conftest import WorkerProcess, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -184,3 +188,105 @@ def test_multi_bad_input_is_a_clear_error(
     assert done.stderr.startswith("celeriac multi: error: ")
     assert message in done.stderr
     assert not list(tasks_dir.path.glob("*.pid"))
+
+
+# -- docs/systemd.md: its units' commands, run as systemd would run them -------------------
+
+SYSTEMD_DOC = Path(__file__).resolve().parents[2] / "docs" / "systemd.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    text = SYSTEMD_DOC.read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def unit_commands(unit: str) -> dict[str, list[str]]:
+    """``ExecStart`` & co. of a unit: continuation lines joined as systemd joins them,
+    split into words as systemd splits them (quotes kept together)."""
+    joined = re.sub(r"\\\n", " ", unit)
+    commands = {}
+    for line in joined.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key.startswith("Exec"):
+            commands[key] = shlex.split(value)
+    return commands
+
+
+def environment_file() -> dict[str, str]:
+    (block,) = doc_blocks("sh")
+    values = {}
+    for line in block.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key] = shlex.split(value)[0]
+    return values
+
+
+def run_unit_command(argv: list[str], tasks_dir: TasksDir, env: dict[str, str]) -> None:
+    done = subprocess.run(
+        argv,
+        cwd=tasks_dir.path,
+        env={**tasks_dir.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"{argv}:\n{done.stdout}{done.stderr}"
+
+
+def test_systemd_multi_unit_starts_reloads_and_stops_workers(
+    tasks_dir: TasksDir, result_keys: ResultKeys, daemons: list[int]
+) -> None:
+    forking = next(unit for unit in doc_blocks("ini") if "Type=forking" in unit)
+    commands = unit_commands(forking)
+    assert set(commands) == {"ExecStart", "ExecStop", "ExecReload"}
+    env = environment_file()
+    run_dir, log_dir = tasks_dir.path / "run", tasks_dir.path / "log"
+    run_dir.mkdir()
+    log_dir.mkdir()
+    # The documented values, pointed at this test's directory, app and Python.
+    env.update(
+        CELERY_BIN=f"{sys.executable} -m celeriac",
+        CELERY_APP="tasks",
+        CELERYD_OPTS=env["CELERYD_OPTS"] + " --pool=threads",
+        CELERYD_LOG_FILE=str(log_dir / Path(env["CELERYD_LOG_FILE"]).name),
+        CELERYD_PID_FILE=str(run_dir / Path(env["CELERYD_PID_FILE"]).name),
+    )
+    nodes = env["CELERYD_NODES"].split()
+    pidfiles = [run_dir / f"{node}.pid" for node in nodes]
+    run_unit_command(commands["ExecStart"], tasks_dir, env)
+    pids = [read_pid(path) for path in pidfiles]
+    daemons.extend(pids)
+    assert run_add(tasks_dir, result_keys, 1, 2) == 3
+    run_unit_command(commands["ExecReload"], tasks_dir, env)
+    new_pids = [read_pid(path) for path in pidfiles]
+    daemons.extend(new_pids)
+    assert not set(new_pids) & set(pids)
+    assert not any(alive(pid) for pid in pids)
+    assert run_add(tasks_dir, result_keys, 3, 4) == 7
+    run_unit_command(commands["ExecStop"], tasks_dir, env)
+    assert not any(alive(pid) for pid in new_pids)
+    assert not any(path.exists() for path in pidfiles)
+    assert all((log_dir / f"{node}.log").exists() for node in nodes)
+
+
+def test_systemd_simple_unit_runs_a_worker_stopped_by_sigterm(
+    tasks_dir: TasksDir, result_keys: ResultKeys
+) -> None:
+    simple = next(unit for unit in doc_blocks("ini") if "Type=simple" in unit)
+    assert "KillSignal=SIGTERM" in simple
+    env = environment_file()
+    env.update(
+        CELERY_BIN=f"{sys.executable} -m celeriac",
+        CELERY_APP="tasks",
+        CELERYD_OPTS=env["CELERYD_OPTS"] + " --pool=threads",
+    )
+    process = WorkerProcess(
+        unit_commands(simple)["ExecStart"], tasks_dir.path, {**tasks_dir.env, **env}
+    )
+    try:
+        process.wait_for(r" ready\.$", timeout=WAIT)
+        assert run_add(tasks_dir, result_keys, 5, 6) == 11
+        assert process.stop() == 0, process.log  # SIGTERM, as systemd stops it
+    finally:
+        process.kill()
