@@ -106,10 +106,12 @@ def test_detach_refuses_a_pidfile_of_a_running_worker(
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_detach_with_an_unwritable_logfile_is_an_error_on_the_terminal(
-    tasks_dir: TasksDir, run_cli: RunCli
+    tasks_dir: TasksDir, run_cli: RunCli, daemons: list[int]
 ) -> None:
     (tasks_dir.path / "ro").mkdir(mode=0o500)
-    done = run_cli("-A", "tasks", "worker", "-D", "-f", "ro/w.log", timeout=WAIT)
+    done = run_cli(
+        "-A", "tasks", "worker", "-D", "-f", "ro/w.log", "--pidfile", "w.pid", timeout=WAIT
+    )
     assert done.returncode == 2, done.stderr
     assert "argument -f/--logfile: cannot write" in done.stderr
 
