@@ -44,15 +44,10 @@ EX_CANTCREAT = 73
 #: Celery ``worker`` options celeriac does not have: ``(flags, takes a value)``. Each is
 #: parsed (so the error names it) and refused before anything starts.
 UNSUPPORTED_WORKER_OPTIONS: tuple[tuple[tuple[str, ...], bool], ...] = (
-    (("-D", "--detach"), False),
     (("-S", "--statedb"), True),
-    (("--executable",), True),
 )
 UNSUPPORTED_HELP = {
-    "--detach": "run the worker in the foreground under a service manager (systemd, "
-    "supervisord) instead",
     "--statedb": "celeriac keeps revoked task ids in memory only",
-    "--executable": "it names the Python of a detached worker (-D), which celeriac does not start",
 }
 
 
@@ -359,6 +354,19 @@ def build_parser() -> _Parser:
         "names a running process (a stale one is replaced). Expands %%n, %%h, %%d, %%p",
     )
     worker.add_argument(
+        "-D",
+        "--detach",
+        action="store_true",
+        help="start the worker as a daemon (in the background, detached from the terminal) "
+        "and return; give -f and --pidfile to find its log and stop it",
+    )
+    worker.add_argument(
+        "--executable",
+        default=None,
+        metavar="PYTHON",
+        help="with -D: the Python that runs the daemon (default: this one)",
+    )
+    worker.add_argument(
         "--uid",
         default=None,
         metavar="USER",
@@ -435,6 +443,8 @@ def build_parser() -> _Parser:
     _add_remote_parsers(commands)
     _add_tool_parsers(commands)
     cli_beat.add_parser(commands, _add_global_options, _loglevel)
+    multi = commands.add_parser("multi", help="start and stop detached workers", add_help=False)
+    multi.add_argument("multi_argv", nargs=argparse.REMAINDER)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
@@ -633,7 +643,7 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     from celeriac import signals
     from celeriac.signals import setup_worker_logging
     from celeriac.worker import Worker, WorkerError, WorkerOptions
-    from celeriac.worker.log import LOG_FORMAT, parse_loglevel, setup_logging
+    from celeriac.worker.log import LogSettings, parse_loglevel, redirect_stdouts, setup_logging
     from celeriac.worker.log import logger as worker_logger
     from celeriac.worker.options import (
         Pidfile,
@@ -656,7 +666,7 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         nodename = expand_nodename(ns.hostname)
     except ValueError as exc:
         raise UsageError(f"argument -n/--hostname: {exc}") from None
-    pidfile_path = None
+    pidfile_path = logfile_path = None
     for flag, template in (("-f/--logfile", ns.logfile), ("--pidfile", ns.pidfile)):
         if template is None:
             continue
@@ -672,6 +682,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
             raise UsageError(f"argument {flag}: the directory {folder} {problem}")
         if flag == "--pidfile":
             pidfile_path = path
+        else:
+            logfile_path = path
     queues = split_names(ns.queues)
     excluded = split_names(ns.exclude_queues)
     if ns.queues is not None and not queues:
@@ -693,6 +705,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     if ns.umask is not None:
         os.umask(ns.umask)  # before any file is made (the app's, the log file, ...)
     app = _prepare_app(ns, include)
+    if ns.detach:
+        return _detach_worker(ns, logfile_path, pidfile_path)
     if identity.uid is not None or identity.gid is not None:
         # As Celery: the app is loaded as the starting user, the rest runs as the new one.
         try:
@@ -736,9 +750,15 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     except WorkerError as exc:
         raise UsageError(str(exc)) from None
     try:
+        log_settings = LogSettings.from_conf(app.conf)
         setup_worker_logging(
-            lambda: setup_logging(level, ns.logfile, worker.nodename), level, ns.logfile, LOG_FORMAT
+            lambda: setup_logging(level, ns.logfile, worker.nodename, settings=log_settings),
+            level,
+            ns.logfile,
+            log_settings.log_format,
         )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(
             f"argument -f/--logfile: cannot write {exc.filename}: {exc.strerror}"
@@ -786,12 +806,34 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     try:
         if options.purge:
             _purge_queues(app, worker.queues)
+        redirect_stdouts(log_settings)
         return worker.run()
     finally:
         if embedded_beat is not None:
             cli_beat.stop_embedded(embedded_beat)
         if pidfile is not None:
             pidfile.release()
+
+
+def _detach_worker(ns: argparse.Namespace, logfile: str | None, pidfile: str | None) -> int:
+    from celeriac.worker.daemon import check_before_detaching, detach
+    from celeriac.worker.options import PidfileLocked
+
+    try:
+        check_before_detaching(logfile, pidfile)
+    except PidfileLocked as exc:
+        print(
+            f"{PROG} worker: error: the pidfile {exc.path} exists and names process "
+            f"{exc.pid}, which is running: is this worker already running?",
+            file=sys.stderr,
+        )
+        return EX_CANTCREAT
+    except OSError as exc:
+        raise UsageError(f"argument -f/--logfile: cannot write {logfile}: {exc.strerror}") from None
+    if logfile is None:
+        print(f"{PROG} worker: warning: -D without -f: the worker's log is lost", file=sys.stderr)
+    detach(ns.raw_args, executable=ns.executable, logfile=logfile)
+    return EX_OK
 
 
 def _purge_queues(app: Celeriac, queues: list[str]) -> None:
@@ -1429,6 +1471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(args)
+    ns.raw_args = args  # the worker's -D starts the same command line detached
     for name in ("app", "broker", "result_backend", "workdir"):
         if not hasattr(ns, name):
             setattr(ns, name, None)
@@ -1446,6 +1489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--workdir {ns.workdir!r}: {exc.strerror}") from None
         if ns.command == "worker":
             return _cmd_worker(ns)
+        if ns.command == "multi":
+            from celeriac import cli_multi
+
+            return cli_multi.main(ns.multi_argv, _global_args(ns))
         if ns.command == "beat":
             return cli_beat.cmd_beat(ns)
         if ns.command in ("inspect", "control", "status"):
@@ -1464,6 +1511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_FAILURE
     except KeyboardInterrupt:
         return EX_FAILURE
+
+
+def _global_args(ns: argparse.Namespace) -> list[str]:
+    """``-A``/``-b``/... given before ``multi``, passed on to each worker."""
+    pairs = (("--app", ns.app), ("--broker", ns.broker), ("--result-backend", ns.result_backend))
+    return [f"{flag}={value}" for flag, value in pairs if value]
 
 
 def run() -> NoReturn:

@@ -148,7 +148,7 @@ class Supervisor:
 
     def _run(self) -> int:
         worker = self.worker
-        print(worker.banner(), file=sys.stdout, flush=True)
+        print(worker.banner(), file=sys.__stdout__, flush=True)
         worker.warn_task_events()
         probe = worker._connect(worker._probe_factory())
         if probe is None:

@@ -819,7 +819,7 @@ class Worker:
             self._restore_signals()
 
     def _run(self) -> int:
-        print(self.banner(), file=sys.stdout, flush=True)
+        print(self.banner(), file=sys.__stdout__, flush=True)
         self.warn_task_events()
         if self.pool_name == "solo":  # as Celery's solo pool: this process runs tasks
             signals.worker_process_init.send(sender=self.nodename)
