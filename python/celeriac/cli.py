@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
-from celeriac import cli_beat
+from celeriac import cli_beat, cli_flower
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -435,6 +435,7 @@ def build_parser() -> _Parser:
     _add_remote_parsers(commands)
     _add_tool_parsers(commands)
     cli_beat.add_parser(commands, _add_global_options, _loglevel)
+    cli_flower.add_parser(commands, _add_global_options)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
@@ -1421,7 +1422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``celeriac`` and ``python -m celeriac``; returns the exit status."""
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
-    ns = parser.parse_args(args)
+    ns, passed_on = parser.parse_known_args(args)  # only flower takes options unknown here
+    if passed_on and ns.command != "flower":
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     for name in ("app", "broker", "result_backend", "workdir"):
         if not hasattr(ns, name):
             setattr(ns, name, None)
@@ -1441,6 +1444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_worker(ns)
         if ns.command == "beat":
             return cli_beat.cmd_beat(ns)
+        if ns.command == "flower":
+            return cli_flower.cmd_flower(ns, passed_on)
         if ns.command in ("inspect", "control", "status"):
             return _cmd_remote(ns)
         if ns.command in _TOOLS:
