@@ -361,3 +361,17 @@ def _free_port(ports: range) -> int:
                 continue
             return port
     raise AssertionError(f"no free port in {ports}")
+
+
+@contextlib.contextmanager
+def module_on_broker(broker: str, tasks_dir: TasksDir, name: str, text: str) -> Iterator[TasksDir]:
+    """``tasks_dir`` with the module ``name`` (``text``) on ``broker`` (``"redis"`` or
+    ``"amqp"``, results in Redis either way); the RabbitMQ queue is deleted after."""
+    if broker == "amqp":
+        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    tasks_dir.write(f"{name}.py", text)
+    try:
+        yield tasks_dir
+    finally:
+        if broker == "amqp":
+            delete_amqp(AMQP_URL, tasks_dir.queue)

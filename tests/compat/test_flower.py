@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from celery import Celery
 from conftest import (
-    AMQP_URL,
     EVENT_WAIT,
     READY_TIMEOUT,
     REDIS_URL,
@@ -29,12 +28,10 @@ from conftest import (
     WorkerProcess,
     app_module,
     celeriac_argv,
-    delete_amqp,
     wait_until,
-    worker_env,
 )
 
-from compat.conftest import Flower
+from compat.conftest import Flower, module_on_broker
 
 #: Ports this module may give the Flower it starts.
 FLOWER_PORTS = range(7400, 7500)
@@ -58,12 +55,8 @@ def fail(message):
 @pytest.fixture(params=["redis", "amqp"])
 def flower_dir(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> Iterator[TasksDir]:
     """The test's directory with ``flower_tasks``, on Redis or RabbitMQ (results in Redis)."""
-    if request.param == "amqp":
-        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
-    tasks_dir.write("flower_tasks.py", FLOWER_TASKS_PY)
-    yield tasks_dir
-    if request.param == "amqp":
-        delete_amqp(AMQP_URL, tasks_dir.queue)
+    with module_on_broker(request.param, tasks_dir, "flower_tasks", FLOWER_TASKS_PY) as ready:
+        yield ready
 
 
 @pytest.fixture

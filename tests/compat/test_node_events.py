@@ -25,7 +25,6 @@ import pytest
 import redis
 from celery import Celery
 from conftest import (
-    AMQP_URL,
     EVENT_WAIT,
     READY_TIMEOUT,
     REDIS_URL,
@@ -35,12 +34,10 @@ from conftest import (
     WorkerProcess,
     app_module,
     celeriac_argv,
-    delete_amqp,
     wait_until,
-    worker_env,
 )
 
-from compat.conftest import Flower
+from compat.conftest import Flower, module_on_broker
 from compat.test_events import Capture
 
 #: Ports this suite may give the Flower it starts.
@@ -95,12 +92,8 @@ def report(self, key):
 @pytest.fixture(params=["redis", "amqp"])
 def node_dir(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> Iterator[TasksDir]:
     """The test's directory with ``node_tasks``, on Redis or RabbitMQ (results in Redis)."""
-    if request.param == "amqp":
-        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
-    tasks_dir.write("node_tasks.py", NODE_TASKS_PY)
-    yield tasks_dir
-    if request.param == "amqp":
-        delete_amqp(AMQP_URL, tasks_dir.queue)
+    with module_on_broker(request.param, tasks_dir, "node_tasks", NODE_TASKS_PY) as ready:
+        yield ready
 
 
 @pytest.fixture
