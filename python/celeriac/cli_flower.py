@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
-#: Settings that hold celeriac objects Celery cannot read, and that Flower has no use for.
-NOT_FOR_CELERY = frozenset({"beat_schedule", "task_annotations", "task_queues", "task_routes"})
+#: Settings that may hold celeriac objects Celery cannot read, and that Flower has no use
+#: for (``task_routes`` has Celery's forms, and Flower's sends follow it).
+NOT_FOR_CELERY = frozenset({"beat_schedule", "task_annotations", "task_queues"})
+#: A task's own routing, which Flower's sends of it follow too.
+ROUTING_OPTIONS = ("queue", "exchange", "routing_key")
 INSTALL_HINT = "Flower is not installed: pip install flower"
 
 
@@ -47,9 +50,10 @@ def celery_app(app: Celeriac) -> Any:
     changed["broker_url"] = app.broker_url
     changed["result_backend"] = app.result_backend_url
     capp.conf.update(changed)
-    for name in app.tasks:
+    for name, task in app.tasks.items():
         if not name.startswith("celery."):
-            capp.task(name=name, shared=False)(_runs_in_celeriac_workers)
+            routing = {o: getattr(task, o) for o in ROUTING_OPTIONS if getattr(task, o, None)}
+            capp.task(name=name, shared=False, **routing)(_runs_in_celeriac_workers)
     return capp
 
 

@@ -48,6 +48,21 @@ def add(x, y):
 @app.task
 def fail(message):
     raise ValueError(message)
+
+
+# Routed away from the default queue, by the settings and by the task's own option.
+ROUTED = os.environ["CELERIAC_TEST_QUEUE"] + ".b"
+app.conf.task_routes = {"flower_tasks.by_setting": {"queue": ROUTED}}
+
+
+@app.task(bind=True)
+def by_setting(self):
+    return self.request.delivery_info["routing_key"]
+
+
+@app.task(bind=True, queue=ROUTED)
+def by_option(self):
+    return self.request.delivery_info["routing_key"]
 """,
 )
 
@@ -66,8 +81,9 @@ def redis_flower_dir(tasks_dir: TasksDir) -> TasksDir:
 
 
 def _start_worker(tasks_dir: TasksDir, node: str) -> WorkerProcess:
+    queues = f"{tasks_dir.queue},{tasks_dir.queue}.b"
     argv = celeriac_argv(
-        "-A", "flower_tasks", "worker", "-l", "info", "-Q", tasks_dir.queue, "-c", "2", "-E",
+        "-A", "flower_tasks", "worker", "-l", "info", "-Q", queues, "-c", "2", "-E",
         "-n", node,
     )  # fmt: skip
     process = WorkerProcess(argv, tasks_dir.path, tasks_dir.env)
@@ -181,6 +197,12 @@ def test_celeriac_flower_runs_flower_for_the_app(
             assert "state" in reply, reply
             tasks = redis_flower_dir.import_module("flower_tasks")
             assert tasks.app.AsyncResult(reply["task-id"]).get(timeout=EVENT_WAIT) == 42
+            # ...routed as the app routes them (the worker reads the two queues).
+            for name in ("by_setting", "by_option"):
+                reply = flower.post(f"/api/task/async-apply/flower_tasks.{name}", body={})
+                result_keys.add(reply["task-id"])
+                routed = tasks.app.AsyncResult(reply["task-id"]).get(timeout=EVENT_WAIT)
+                assert routed == f"{redis_flower_dir.queue}.b", name
 
             # Rate limit (a task of Flower's app too): set through Flower, seen by the worker.
             reply = flower.post(
