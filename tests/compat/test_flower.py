@@ -139,6 +139,11 @@ def test_flower_api_shows_and_drives_a_celeriac_worker(
             failed = listed[bad.id]
             assert "boom" in failed["exception"] and failed["failed"] >= failed["started"] > 0
 
+            # The dashboard, from the worker's own events (which name celeriac): online.
+            rows = flower.get("/workers?json=1")["data"]
+            row = next(r for r in rows if r.get("hostname") == node)
+            assert row["status"] is True, row
+
             info = flower.get(f"/api/task/info/{ok.id}")
             assert (info["uuid"], info["state"], info["worker"]) == (ok.id, "SUCCESS", node)
 
