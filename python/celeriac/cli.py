@@ -1430,6 +1430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(ns, name, None)
     prog = f"{PROG} {ns.command}"
     if ns.command == "help":
+        if ns.topic == "flower":  # its --help is Flower's own
+            return cli_flower.print_help()
         if ns.topic and ns.topic != "help":
             parser.parse_args([ns.topic, "--help"])
         parser.print_help()

@@ -33,6 +33,17 @@ def add_parser(commands: Any, add_global_options: Any) -> None:
         "after 'flower' are Flower's own (e.g. --port=5555, --address=127.0.0.1).",
     )
     add_global_options(flower, suppress=True)
+    _HELP.append(flower)
+
+
+#: The ``flower`` parser, for ``celeriac help flower`` (``flower --help`` is Flower's).
+_HELP: list[argparse.ArgumentParser] = []
+
+
+def print_help() -> int:
+    for parser in _HELP:
+        parser.print_help()
+    return 0
 
 
 def celery_app(app: Celeriac) -> Any:

@@ -249,3 +249,12 @@ def test_celeriac_flower_shows_flowers_error_for_a_bad_option(
     )  # fmt: skip
     assert done.returncode == 1, done
     assert "notaport" in done.stderr and "Flower stopped" in done.stderr
+
+
+def test_celeriac_help_flower_describes_the_command(tmp_path: Path) -> None:
+    # ``flower --help`` is Flower's own; ``help flower`` is celeriac's description.
+    done = subprocess.run(
+        celeriac_argv("help", "flower"), cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done
+    assert "pip install flower" in done.stdout
