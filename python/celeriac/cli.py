@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
-from celeriac import cli_beat
+from celeriac import cli_beat, cli_flower
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -445,6 +445,7 @@ def build_parser() -> _Parser:
     cli_beat.add_parser(commands, _add_global_options, _loglevel)
     multi = commands.add_parser("multi", help="start and stop detached workers", add_help=False)
     multi.add_argument("multi_argv", nargs=argparse.REMAINDER)
+    cli_flower.add_parser(commands, _add_global_options)
 
     help_cmd = commands.add_parser(
         "help", help="show this help, or a command's help", add_help=False
@@ -1470,13 +1471,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``celeriac`` and ``python -m celeriac``; returns the exit status."""
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
-    ns = parser.parse_args(args)
+    ns, passed_on = parser.parse_known_args(args)  # only flower takes options unknown here
+    if passed_on and ns.command != "flower":
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     ns.raw_args = args  # the worker's -D starts the same command line detached
     for name in ("app", "broker", "result_backend", "workdir"):
         if not hasattr(ns, name):
             setattr(ns, name, None)
     prog = f"{PROG} {ns.command}"
     if ns.command == "help":
+        if ns.topic == "flower":  # its --help is Flower's own
+            return cli_flower.print_help()
         if ns.topic and ns.topic != "help":
             parser.parse_args([ns.topic, "--help"])
         parser.print_help()
@@ -1495,6 +1500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_multi.main(ns.multi_argv, _global_args(ns))
         if ns.command == "beat":
             return cli_beat.cmd_beat(ns)
+        if ns.command == "flower":
+            return cli_flower.cmd_flower(ns, passed_on)
         if ns.command in ("inspect", "control", "status"):
             return _cmd_remote(ns)
         if ns.command in _TOOLS:

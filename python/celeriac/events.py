@@ -43,9 +43,11 @@ BATCH = 24
 MAX_BUFFER_AGE = 0.1
 #: Seconds between ``worker-heartbeat`` events (Celery's default ``freq``).
 HEARTBEAT_FREQ = 2.0
-#: What Celery reports as ``sw_ident``/``sw_ver``: monitors key features off them.
-SW_IDENT = "py-celery"
-SW_VER = "5.7.0"
+#: The software the worker events name (Celery sends "py-celery" and its version):
+#: celeriac's own, so a monitor can tell the two apart. Flower and Celery's
+#: ``events.state`` only display these fields.
+SW_IDENT = "celeriac"
+SW_VER = _core.__version__
 
 
 def utcoffset() -> float:

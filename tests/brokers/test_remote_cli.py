@@ -146,6 +146,6 @@ def test_events_dump_on_sqlite(
     dump.wait_for("-> evdump: starting capture...", timeout=15)
     node = f"ev-{tasks_dir.queue}@test"
     worker("-b", url, "-E", "-n", node)
-    dump.wait_for(rf"^{node} \[.*\] started: .*sw_ident=py-celery", timeout=15)
+    dump.wait_for(rf"^{node} \[.*\] started: .*sw_ident=celeriac", timeout=15)
     dump.signal(signal.SIGINT)
     assert dump.wait(15) == 0

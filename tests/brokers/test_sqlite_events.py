@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import celeriac
 import pytest
 from celeriac import _core
 from celeriac.events import EventReceiver
@@ -76,7 +77,7 @@ def test_worker_dash_e_sends_worker_and_task_events(
     online = capture.wait_for(_of("worker-online"), "worker-online")[0]
     assert set(online) >= WORKER
     assert online["hostname"].startswith("ev1@")
-    assert online["sw_ident"] == "py-celery"
+    assert (online["sw_ident"], online["sw_ver"]) == ("celeriac", celeriac.__version__)
     beat = capture.wait_for(_of("worker-heartbeat"), "worker-heartbeat")[0]
     assert set(beat) >= WORKER
     assert beat["clock"] > online["clock"]

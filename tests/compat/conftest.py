@@ -12,8 +12,14 @@ are removed afterwards, as are the result keys of the task ids the test recorded
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from celery import Celery
 from conftest import (
     AMQP_URL,
     READY_TIMEOUT,
@@ -299,3 +306,117 @@ def start_worker(compat: CompatDir, result_keys: ResultKeys) -> Iterator[Any]:
             failures.append(f"worker {process.argv} exited with {status}:\n{process.log}")
     if failures:
         pytest.fail("\n\n".join(failures), pytrace=False)
+
+
+# -- Flower -------------------------------------------------------------------------
+
+
+class Flower:
+    """The real Flower on a free port of ``ports``, reading ``broker``'s events.
+
+    Started as ``celery --broker=URL flower`` unless ``command`` says how (e.g.
+    ``celeriac -A proj flower``); Flower's own options are added after it.
+    """
+
+    def __init__(
+        self,
+        cwd: Path,
+        ports: range,
+        *,
+        broker: str = REDIS_URL,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = _free_port(ports)
+        self.broker = broker
+        argv = command or [sys.executable, "-m", "celery", "--broker", broker, "flower"]
+        env = dict(env or os.environ, FLOWER_UNAUTHENTICATED_API="true")
+        self.proc = subprocess.Popen(
+            [*argv, f"--port={self.port}", "--address=127.0.0.1"],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def get(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, form: dict[str, str] | None = None, body: Any = None) -> Any:
+        """A form (``form``) or a JSON body (``body``) posted to Flower's API."""
+        if body is not None:
+            data, kind = json.dumps(body).encode(), "application/json"
+        else:
+            data, kind = (
+                urllib.parse.urlencode(form or {}).encode(),
+                "application/x-www-form-urlencoded",
+            )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, headers={"Content-Type": kind}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def _wait_listening(self) -> None:
+        """Until Flower answers, then until it has the events of a probe sent now
+        (Redis pub/sub keeps nothing for a subscriber that comes late)."""
+        probe = str(uuid.uuid4())
+        sender = Celery("probe", broker=self.broker, set_as_current=False)
+        deadline = time.monotonic() + 30
+        try:
+            with sender.connection_for_write() as conn:
+                dispatcher = sender.events.Dispatcher(conn, hostname=f"probe-{probe}")
+                try:
+                    while time.monotonic() < deadline:
+                        if self.proc.poll() is not None:
+                            error = self.proc.stderr.read() if self.proc.stderr else ""
+                            raise AssertionError(f"flower exited: {error}")
+                        dispatcher.send("task-received", uuid=probe, name="probe")
+                        with contextlib.suppress(OSError, ValueError):
+                            if self.get(f"/api/task/info/{probe}").get("uuid") == probe:
+                                return
+                        time.sleep(0.2)
+                finally:
+                    dispatcher.close()
+        finally:
+            sender.close()
+        raise AssertionError("flower did not show the probe task within 30 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _free_port(ports: range) -> int:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {ports}")
+
+
+@contextlib.contextmanager
+def module_on_broker(broker: str, tasks_dir: TasksDir, name: str, text: str) -> Iterator[TasksDir]:
+    """``tasks_dir`` with the module ``name`` (``text``) on ``broker`` (``"redis"`` or
+    ``"amqp"``, results in Redis either way); the RabbitMQ queue is deleted after."""
+    if broker == "amqp":
+        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    tasks_dir.write(f"{name}.py", text)
+    try:
+        yield tasks_dir
+    finally:
+        if broker == "amqp":
+            delete_amqp(AMQP_URL, tasks_dir.queue)

@@ -8,12 +8,14 @@ worker come online, beat, and go offline, and every task move through its states
 from __future__ import annotations
 
 import datetime
+import platform
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import celeriac
 import pytest
 from celery import Celery
 from celery.events.state import State
@@ -130,7 +132,9 @@ def test_flower_sees_worker_and_tasks(
     for field in ("timestamp", "utcoffset", "pid", "clock"):
         assert field in online
     assert online["freq"] == 2.0
-    assert online["sw_ident"] == "py-celery"
+    # celeriac names itself (Celery sends "py-celery" and its version).
+    assert (online["sw_ident"], online["sw_ver"]) == ("celeriac", celeriac.__version__)
+    assert online["sw_sys"] == platform.system()
 
     tasks = compat.celeriac_app()
     ok = tasks.add.delay(2, 3)
@@ -157,7 +161,7 @@ def test_flower_sees_worker_and_tasks(
     with capture._cond:
         state = capture.state
         assert state.workers[node].alive
-        assert state.workers[node].sw_ident == "py-celery"
+        assert state.workers[node].sw_ident == "celeriac"
         seen = state.tasks[ok.id]
         assert seen.state == "SUCCESS"
         assert seen.name == "compat.add"

@@ -14,17 +14,9 @@ pool (no ``-P``) with four children.
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +25,6 @@ import pytest
 import redis
 from celery import Celery
 from conftest import (
-    AMQP_URL,
     EVENT_WAIT,
     READY_TIMEOUT,
     REDIS_URL,
@@ -43,11 +34,10 @@ from conftest import (
     WorkerProcess,
     app_module,
     celeriac_argv,
-    delete_amqp,
     wait_until,
-    worker_env,
 )
 
+from compat.conftest import Flower, module_on_broker
 from compat.test_events import Capture
 
 #: Ports this suite may give the Flower it starts.
@@ -102,12 +92,8 @@ def report(self, key):
 @pytest.fixture(params=["redis", "amqp"])
 def node_dir(request: pytest.FixtureRequest, tasks_dir: TasksDir) -> Iterator[TasksDir]:
     """The test's directory with ``node_tasks``, on Redis or RabbitMQ (results in Redis)."""
-    if request.param == "amqp":
-        tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
-    tasks_dir.write("node_tasks.py", NODE_TASKS_PY)
-    yield tasks_dir
-    if request.param == "amqp":
-        delete_amqp(AMQP_URL, tasks_dir.queue)
+    with module_on_broker(request.param, tasks_dir, "node_tasks", NODE_TASKS_PY) as ready:
+        yield ready
 
 
 @pytest.fixture
@@ -180,77 +166,9 @@ def test_heartbeats_count_every_task_of_the_node(
 # -- Flower -------------------------------------------------------------------------
 
 
-class Flower:
-    """The real Flower on a port of this suite's range, reading the test Redis."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.port = _free_port()
-        env = dict(os.environ, FLOWER_UNAUTHENTICATED_API="true")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "--broker", REDIS_URL, "flower",
-             f"--port={self.port}", "--address=127.0.0.1"],
-            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            self._wait_listening()
-        except BaseException:
-            self.stop()
-            raise
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return json.loads(response.read())
-
-    def _wait_listening(self) -> None:
-        """Until Flower answers, then until it has the events of a probe sent now
-        (Redis pub/sub keeps nothing for a subscriber that comes late)."""
-        probe = str(uuid.uuid4())
-        sender = Celery("probe", broker=REDIS_URL, set_as_current=False)
-        deadline = time.monotonic() + 30
-        try:
-            with sender.connection_for_write() as conn:
-                dispatcher = sender.events.Dispatcher(conn, hostname=f"probe-{probe}")
-                try:
-                    while time.monotonic() < deadline:
-                        if self.proc.poll() is not None:
-                            raise AssertionError(f"flower exited: {self.proc.stderr!r}")
-                        dispatcher.send("task-received", uuid=probe, name="probe")
-                        with contextlib.suppress(OSError, ValueError):
-                            if self.get(f"/api/task/info/{probe}").get("uuid") == probe:
-                                return
-                        time.sleep(0.2)
-                finally:
-                    dispatcher.close()
-        finally:
-            sender.close()
-        raise AssertionError("flower did not show the probe task within 30 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-def _free_port() -> int:
-    for port in FLOWER_PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free port in {FLOWER_PORTS}")
-
-
 @pytest.fixture
 def flower(tmp_path: Path) -> Iterator[Flower]:
-    started = Flower(tmp_path)
+    started = Flower(tmp_path, FLOWER_PORTS)
     yield started
     started.stop()
 
