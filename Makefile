@@ -69,7 +69,7 @@ dev: $(DEPS) ## Build the Rust extension (profile ci) and install celeriac, edit
 	$(MAKE) $(BUILT)
 
 test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); builds first if needed
-	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: that is a failure" >&2; fi; \
 	exit $$rc
 
