@@ -76,7 +76,7 @@ test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); 
 test-rust: ## Run the Rust tests (cargo test, dev profile: debug assertions on)
 	cargo test
 
-lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict)
+lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict)
 	cargo fmt --check
 	cargo clippy --all-targets --profile ci -- -D warnings  # reuses what `make dev` built
 	$(BIN)/ruff check
