@@ -460,6 +460,10 @@ def test_async_tasks_send_the_task_signals(
     result = tasks.app.send_task("sigtasks.aadd", (2, 3))
     result_keys.add(result.id)
     assert result.get(timeout=20) == 5
+    # The result is stored before task_postrun runs (as in Celery): wait for it.
+    assert wait_until(
+        lambda: "task_postrun" in by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))
+    )
     seen = by_signal(entries(redis_client, f"{sigtasks.queue}-signals"))
     names = [e["signal"] for e in entries(redis_client, f"{sigtasks.queue}-signals")]
     assert [n for n in names if n in ("task_prerun", "task_success", "task_postrun")] == [
