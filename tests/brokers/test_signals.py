@@ -14,10 +14,12 @@ import json
 import signal
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from celeriac import signals as celeriac_signals
 from conftest import REDIS_URL, WorkerProcess, app_module, wait_until, worker_env
 from test_bad_input import b64, envelope
 
@@ -189,11 +191,21 @@ def by_signal(recorded: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 
 
 @pytest.fixture
-def sigtasks(tasks_dir: TasksDir, scratch: Scratch) -> TasksDir:
+def sigtasks(tasks_dir: TasksDir, scratch: Scratch) -> Iterator[TasksDir]:
     for suffix in ("signals", "signals-only-add", "signals-uid"):
         scratch(suffix)
     tasks_dir.write("sigtasks.py", signals_module("celeriac"))
-    return tasks_dir
+    # The module's receivers connect to celeriac's signals in this process too when a
+    # test imports it (as a client): they must not reach the tests that follow.
+    connected = {
+        sig: list(sig.receivers)
+        for sig in vars(celeriac_signals).values()
+        if isinstance(sig, celeriac_signals.Signal)
+    }
+    yield tasks_dir
+    for sig, receivers in connected.items():
+        sig.receivers = receivers
+    sys.modules.pop("sigtasks", None)
 
 
 def run_scenario(tasks: Any, result_keys: ResultKeys) -> None:
