@@ -152,9 +152,14 @@ def test_flower_sees_worker_and_tasks(
     capture.wait_for(_of("task-failed", node, bad.id), "task-failed")
     capture.wait_for(_of("task-retried", node, retried.id), "task-retried")
     capture.wait_for(_of("task-succeeded", node, retried.id), "retried task-succeeded")
-    revoked = capture.wait_for(_of("task-revoked", node, expired.id), "task-revoked")[0]
-    assert revoked["expired"] is True
-    assert revoked["terminated"] is False
+    # On RabbitMQ a task sent already expired carries `expiration` 0 (as Celery sends it),
+    # and RabbitMQ drops such a message unless a consumer can take it at once: while -O fair
+    # has paused a prefork node's children, none can, and no worker ever sees it.
+    on_redis = not compat.env["CELERIAC_TEST_BROKER"].startswith("amqp")
+    if on_redis:
+        revoked = capture.wait_for(_of("task-revoked", node, expired.id), "task-revoked")[0]
+        assert revoked["expired"] is True
+        assert revoked["terminated"] is False
     capture.wait_for(_of("worker-heartbeat", node), "worker-heartbeat")
 
     assert capture.task_events(ok.id) == ["task-received", "task-started", "task-succeeded"]
@@ -174,7 +179,8 @@ def test_flower_sees_worker_and_tasks(
         assert failed.exception == "ValueError('boom')"
         assert "ValueError" in failed.traceback
         assert state.tasks[retried.id].state == "SUCCESS"
-        assert state.tasks[expired.id].state == "REVOKED"
+        if on_redis:
+            assert state.tasks[expired.id].state == "REVOKED"
 
     assert worker.stop() == 0
     capture.wait_for(_of("worker-offline", node), "worker-offline")
