@@ -253,8 +253,8 @@ def test_add_periodic_task_fills_beat_schedule() -> None:
             priority=5,
         )
 
-    app.send_after_configure()
-    app.send_after_configure()  # sent once
+    app.finalize()
+    app.finalize()  # sent once
     assert seen == [app]
     entries = app.conf.beat_schedule
     assert entries["add every 10"] == {"schedule": 10.0, "task": "periodic.add",
