@@ -501,7 +501,7 @@ impl RedisLink {
             .arg(self.binding_key(&message.exchange))
             .query_async(&mut conn)
             .await?;
-        let queues = bound(&members, &message.routing_key);
+        let queues = redis_transport::bound_queues(&members, &message.routing_key);
         if queues.is_empty() {
             return Ok(0);
         }
@@ -688,20 +688,6 @@ fn binding_member(routing_key: &str, queue: &str) -> String {
     format!("{routing_key}{PRIORITY_SEP}{PRIORITY_SEP}{queue}")
 }
 
-/// The queues of binding-table `members` whose routing key is `routing_key`.
-fn bound(members: &[String], routing_key: &str) -> Vec<String> {
-    members
-        .iter()
-        .filter_map(|member| {
-            let mut parts = member.split(PRIORITY_SEP);
-            let key = parts.next()?;
-            let _pattern = parts.next()?;
-            let queue = parts.next()?;
-            (key == routing_key).then(|| queue.to_owned())
-        })
-        .collect()
-}
-
 /// Headers and body of a kombu envelope.
 pub fn decode(raw: &[u8]) -> Received {
     let envelope = IncomingEnvelope::parse(raw).map_err(|err| err.to_string())?;
@@ -792,8 +778,11 @@ mod tests {
             "garbage".to_owned(),
         ];
         assert_eq!(members[0], "oid1\x06\x16\x06\x16oid1.reply.celery.pidbox");
-        assert_eq!(bound(&members, "oid2"), vec!["oid2.reply.celery.pidbox"]);
-        assert!(bound(&members, "oid3").is_empty());
+        assert_eq!(
+            redis_transport::bound_queues(&members, "oid2"),
+            vec!["oid2.reply.celery.pidbox"]
+        );
+        assert!(redis_transport::bound_queues(&members, "oid3").is_empty());
     }
 
     #[test]

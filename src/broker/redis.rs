@@ -232,6 +232,20 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((100u64 << attempt.min(5)).min(2000))
 }
 
+/// The queues of binding-table `members` whose routing key is `routing_key`.
+pub(crate) fn bound_queues(members: &[String], routing_key: &str) -> Vec<String> {
+    members
+        .iter()
+        .filter_map(|member| {
+            let mut parts = member.split(PRIORITY_SEP);
+            let key = parts.next()?;
+            let _pattern = parts.next()?;
+            let queue = parts.next()?;
+            (key == routing_key).then(|| queue.to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

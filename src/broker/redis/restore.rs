@@ -6,7 +6,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Script;
 use serde_json::value::RawValue;
 
-use super::{priority_key, unix_now, RedisOptions, PRIORITY_SEP};
+use super::{priority_key, unix_now, RedisOptions};
 use crate::error::Result;
 use crate::protocol::envelope::IncomingEnvelope;
 
@@ -281,16 +281,7 @@ async fn bound_queues(
         .arg(options.key(&format!("_kombu.binding.{exchange}")))
         .query_async(conn)
         .await?;
-    let queues: Vec<String> = members
-        .iter()
-        .filter_map(|member| {
-            let mut parts = member.split(PRIORITY_SEP);
-            let key = parts.next()?;
-            let _pattern = parts.next()?;
-            let queue = parts.next()?;
-            (key == routing_key).then(|| queue.to_owned())
-        })
-        .collect();
+    let queues = super::bound_queues(&members, routing_key);
     Ok(if queues.is_empty() {
         vec![routing_key.to_owned()]
     } else {
