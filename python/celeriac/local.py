@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Proxy",
+    "current_app_or_none",
     "get_current_app",
     "get_current_task",
     "get_current_worker_task",
@@ -110,6 +111,11 @@ def set_default_app(app: Celeriac) -> None:
     global _default_app
     with _app_lock:
         _default_app = app
+
+
+def current_app_or_none() -> Celeriac | None:
+    """The current app, or None when no app was made current (none is made here)."""
+    return _current_app
 
 
 def get_current_app() -> Celeriac:

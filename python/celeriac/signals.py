@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import signal
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
+
+from celeriac.utils.nodenames import client_origin
 
 __all__ = [
     "Signal",
@@ -336,8 +337,6 @@ def send_before_publish(
 ) -> None:
     """``before_task_publish`` with the message as Celery would send it; headers a
     receiver adds become the message's headers (how tracing tools pass context)."""
-    from celeriac.app import _HOSTNAME  # app imports this module
-
     user = dict(opts.get("headers") or {})
     headers: dict[str, Any] = {
         "lang": "py",
@@ -354,7 +353,7 @@ def send_before_publish(
         "parent_id": opts.get("parent_id"),
         "argsrepr": opts.get("argsrepr") or repr(args),
         "kwargsrepr": opts.get("kwargsrepr") or repr(kwargs),
-        "origin": f"gen{os.getpid()}@{_HOSTNAME}",
+        "origin": client_origin(),
         "ignore_result": bool(opts.get("ignore_result", False)),
         **user,
     }
