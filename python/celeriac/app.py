@@ -23,8 +23,9 @@ import zoneinfo
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from celeriac import _core, sending
+from celeriac import sending
 from celeriac import signals as _signals
+from celeriac._core import Backend, Producer, mask_url
 from celeriac.canvas import Signature, signature
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import ImproperlyConfigured
@@ -34,6 +35,7 @@ from celeriac.local import (
     get_current_worker_task,
     set_current_app,
     set_default_app,
+    set_default_app_maker,
 )
 from celeriac.registry import SHARED_TASKS, TaskRegistry, create_task, gen_task_name, shared_task
 from celeriac.result import AsyncResult as _AsyncResult
@@ -456,7 +458,7 @@ class Celeriac:
 
     @property
     def broker_url_masked(self) -> str:
-        return _core.mask_url(self.broker_url)
+        return mask_url(self.broker_url)
 
     @property
     def result_backend_url(self) -> str | None:
@@ -473,7 +475,7 @@ class Celeriac:
     @property
     def backend_url_masked(self) -> str:
         url = self.result_backend_url
-        return "disabled://" if url is None else _core.mask_url(url)
+        return "disabled://" if url is None else mask_url(url)
 
     def transport_options(self) -> dict[str, Any]:
         """``broker_transport_options`` plus what the transport needs from other
@@ -510,7 +512,7 @@ class Celeriac:
 
     @property
     def producer(self) -> Any:
-        """This process's ``celeriac._core.Producer``, connected on first use."""
+        """This process's ``celeriac.Producer``, connected on first use."""
         producer = self._producer
         if producer is None:
             producer = self._connect_producer()
@@ -524,7 +526,7 @@ class Celeriac:
             scheme = scheme_of(url)
             if scheme not in SUPPORTED_BROKERS:
                 raise ImproperlyConfigured(
-                    f"broker_url {_core.mask_url(url)!r}: the {scheme!r} transport is not "
+                    f"broker_url {mask_url(url)!r}: the {scheme!r} transport is not "
                     "supported; celeriac speaks amqp://, redis:// and sqlite://"
                 )
             try:
@@ -537,7 +539,7 @@ class Celeriac:
             if result_url is not None and scheme_of(result_url) == "rpc":
                 # Declare our reply queue before the first task can answer into it.
                 _ = self.backend
-            producer = _core.Producer(
+            producer = Producer(
                 url,
                 origin=client_origin(),
                 reply_to=self.process_oid,
@@ -550,7 +552,7 @@ class Celeriac:
 
     @property
     def backend(self) -> Any:
-        """This process's ``celeriac._core.Backend``, or None when results are
+        """This process's ``celeriac.Backend``, or None when results are
         disabled (the default)."""
         backend = self._backend
         if backend is UNBUILT:
@@ -589,7 +591,7 @@ class Celeriac:
         scheme = scheme_of(url)
         if scheme not in SUPPORTED_BACKENDS:
             raise ImproperlyConfigured(
-                f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
+                f"result_backend {mask_url(url)!r}: the {scheme!r} backend is "
                 "not supported; celeriac stores results in redis://, rpc:// and sqlite://"
             )
         options = dict(self.conf["result_backend_transport_options"])
@@ -609,7 +611,7 @@ class Celeriac:
                 "persistent": bool(self.conf["result_persistent"]),
             }
             options = self.transport_options()
-        return _core.Backend(
+        return Backend(
             url,
             expires=float(expires) if expires else None,
             key_prefix=prefix + key_name,
@@ -777,3 +779,5 @@ def _wrap_method(task: _Task[Any, Any], attr: str, around: Callable[..., Any]) -
 
 #: Celery's name for the app class.
 Celery = Celeriac
+
+set_default_app_maker(lambda: Celeriac("default", set_as_current=False))

@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+from celeriac.task_context import Request as Context
+from celeriac.utils.einfo import ExceptionInfo
 from celeriac.utils.nodenames import client_origin
 
 __all__ = [
@@ -427,8 +429,6 @@ def slot_revoked(app: Any, slot: Any, signum: int) -> None:
     stopped: the supervisor knows the task by the child's slot only."""
     if not task_revoked.receivers:
         return
-    from celeriac.task import Request as Context
-
     task = app.tasks.get(slot.name)
     context = Context(id=slot.task_id, task=slot.name, hostname=None)
     task_revoked.send(sender=task, request=context, terminated=True, signum=signum, expired=False)
@@ -438,8 +438,6 @@ def eager_failure(
     task: Any, task_id: str, args: Any, kwargs: Any, exc: BaseException, tb: str
 ) -> None:
     """``task_failure`` for a task run by ``apply()`` (or ``task_always_eager``)."""
-    from celeriac.worker.request import ExceptionInfo
-
     task_failure.send(
         sender=task,
         task_id=task_id,
