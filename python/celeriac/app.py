@@ -1,8 +1,9 @@
-"""The application: settings, the task registry, and sending.
+"""The application: settings, its tasks, and its connections.
 
 ``Celeriac`` (also ``Celery``) is Celery's app with the same constructor, decorator and
 methods. Sending goes straight to the Rust producer: ``add.delay(2, 2)`` checks the
-arguments, looks up a cached route and calls ``Producer.send`` once.
+arguments, looks up a cached route and calls ``Producer.send`` once (``sending.py``);
+the registry and ``@shared_task`` are in ``registry.py``.
 
 Connections are per process: the producer and the result store are created on first
 use and again in a forked child, and what was sent is flushed at interpreter exit.

@@ -2,8 +2,8 @@
 task's cached defaults and the options given to the one ``Producer.send`` call (or to a
 batch for ``apply_async_many``), and ``task_always_eager``'s run in this process.
 
-:class:`Sending` is mixed into :class:`~celeriac.app.Celeriac`: its methods use the
-app's settings, router and producer.
+Functions of the app (its settings, router and producer): ``Celeriac.send_task`` and
+``Task.apply_async`` call them, the latter directly (one call less per message).
 """
 
 from __future__ import annotations
