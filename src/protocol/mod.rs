@@ -5,5 +5,6 @@ pub mod content;
 pub mod envelope;
 pub mod json;
 pub mod message;
+pub mod send;
 #[cfg(test)]
 pub(crate) mod mutate;
