@@ -5,6 +5,7 @@ pub mod content;
 pub mod envelope;
 pub mod json;
 pub mod message;
-pub mod send;
 #[cfg(test)]
 pub(crate) mod mutate;
+pub mod send;
+pub mod v1;
