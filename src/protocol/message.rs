@@ -1,4 +1,4 @@
-//! Celery's task message, protocol v2 (celery-wire §1): headers, properties, body.
+//! Celery's task message, protocol v2 (docs/wire.md §1): headers, properties, body.
 //!
 //! Values that come from Python (args, kwargs, extra headers) arrive here already
 //! encoded as JSON text, so this module never needs to know about Python objects.
