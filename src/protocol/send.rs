@@ -1,5 +1,6 @@
-//! The send options of a task message (`Producer.send`'s `options`, docs/wire.md §1.1-§1.3) and
-//! the template they fill: header defaults, properties, route, embed and body format.
+//! The send options of a task message (`Producer.send`'s `options`; docs/wire.md
+//! §1.1-§1.3) and the template they fill: header defaults, properties, route, embed and
+//! body format.
 //!
 //! The option names are listed once, here (`SEND_OPTIONS`, exported to Python). The
 //! embed values (callbacks, errbacks, chain, chord) stay opaque (`E`): the caller
