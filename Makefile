@@ -41,7 +41,7 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint lint-imports fmt bench bench-beat soak bench-rust demo wheel clean ci fuzz
+.PHONY: help venv dev test test-rust lint lint-imports stubtest fmt bench bench-beat soak bench-rust demo wheel clean ci fuzz
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
@@ -76,7 +76,7 @@ test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); 
 test-rust: ## Run the Rust tests (cargo test, dev profile: debug assertions on)
 	cargo test
 
-lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict), lint-imports
+lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict), lint-imports, stubtest
 	cargo fmt --check
 	cargo clippy --all-targets --profile ci -- -D warnings  # reuses what `make dev` built
 	$(BIN)/ruff check
@@ -84,9 +84,13 @@ lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format
 	$(BIN)/mypy
 	MYPYPATH=python $(BIN)/mypy benches examples
 	$(MAKE) lint-imports
+	$(MAKE) stubtest
 
 lint-imports: $(DEPS) ## Check the Python package's layers and import contracts (pyproject's [tool.importlinter])
 	PYTHONPATH=python $(BIN)/lint-imports --no-cache
+
+stubtest: $(BUILT) ## Check python/celeriac/_core.pyi against the built extension (mypy's stubtest)
+	$(BIN)/python -m mypy.stubtest celeriac._core --allowlist stubtest-allowlist.txt
 
 fmt: $(DEPS) ## Format the Rust and Python code in place (and sort imports)
 	cargo fmt

@@ -1,11 +1,16 @@
 """Type stubs for celeriac's Rust extension (src/py/)."""
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, final
+
+from typing_extensions import Self
 
 _T = TypeVar("_T")
 
 __version__: str
+
+SEND_OPTIONS: Final[tuple[str, ...]]
+"""Every ``Producer.send`` option name (listed once, in ``src/protocol/send.rs``)."""
 
 class CeleriacError(Exception):
     """Base of every error celeriac raises itself (Celery's ``CeleryError``)."""
@@ -51,6 +56,7 @@ def uuid4() -> str:
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``**`` (``redis://:**@host:6379/0``)."""
 
+@final
 class Producer:
     """Publishes task messages. One per app per process; thread-safe.
 
@@ -58,15 +64,15 @@ class Producer:
     which pipelines everything pending in one round trip.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         *,
         origin: str,
         reply_to: str = "",
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
-    ) -> None:
+    ) -> Self:
         """Connect now. Raises ``ValueError`` for a bad URL and ``OperationalError``
         when the broker cannot be reached within ``connect_timeout`` seconds."""
 
@@ -117,6 +123,7 @@ class Producer:
 
     def close(self) -> None: ...
 
+@final
 class Delivery:
     """One message taken from a queue, decoded."""
 
@@ -158,12 +165,13 @@ class Delivery:
         headers, disallowed content type). When set, args/kwargs/embed are empty and the
         message must be logged and dropped (acked)."""
 
+@final
 class Consumer:
     """Takes messages from queues (kombu's Redis layout: priority sub-lists,
     ``unacked`` hash + ``unacked_index`` zset)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         queues: Sequence[str],
         *,
@@ -171,7 +179,7 @@ class Consumer:
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
         accept_content: Sequence[str] | None = None,
-    ) -> None:
+    ) -> Self:
         """Connect now; same errors as ``Producer``. ``prefetch_count`` bounds the
         messages fetched and not yet acked (0 = unbounded). ``accept_content``:
         serializer names or content types decoded (default ``["json"]``); a message in
@@ -213,14 +221,15 @@ class Consumer:
 
     def close(self) -> None: ...
 
+@final
 class Backend:
     """The result store (``redis://``): ``celery-task-meta-<id>`` keys and pub/sub.
     ``rpc://``: results are messages on the AMQP broker ``broker_url``: each client
     reads its own reply queue ``reply_to`` (its oid, declared here as Celery 5.7 does:
     durable, auto-delete, ``x-expires`` = ``expires``)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         *,
         expires: float | None = 86400.0,
@@ -233,7 +242,7 @@ class Backend:
         serializer: str = "json",
         compression: str | None = None,
         accept_content: Sequence[str] | None = None,
-    ) -> None:
+    ) -> Self:
         """``broker_url``, ``reply_to`` and ``persistent`` (``result_persistent``) are
         read by ``rpc://`` only; a backend with an empty ``reply_to`` only stores.
         ``serializer`` (``result_serializer``) writes and reads the metas;
@@ -291,20 +300,21 @@ class Backend:
     def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
 
+@final
 class BeatStore:
     """Beat's shared state: the last run of every entry of one schedule (microseconds
     since the epoch), in Redis (a hash ``celeriac-beat:<namespace>``) or the SQLite file
     (table ``beat_runs``). ``ValueError`` for another scheme, ``OperationalError`` when
     the store cannot be reached within ``timeout`` seconds."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         namespace: str,
         *,
         global_keyprefix: str | None = None,
         timeout: float = 4.0,
-    ) -> None: ...
+    ) -> Self: ...
     def register(self, names: list[str], now: int) -> list[int]:
         """Store ``now`` as the last run of the entries not stored yet; return every
         entry's stored last run, in order."""
@@ -320,12 +330,13 @@ class BeatStore:
     def prune(self, keep: list[str]) -> list[str]:
         """Drop the stored entries not in ``keep``; return their names."""
 
+@final
 class RateLimiter:
     """Per-task token buckets (capacity 1) for the worker's rate limits; one per
     worker process (a prefork node shares ``SharedRateLimiter``), as in Celery
     (limits are not cluster-wide)."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def set(self, name: str, rate: float) -> None:
         """Limit ``name`` to ``rate`` messages per second; ``0`` removes the limit.
         ``ValueError`` for a negative or NaN rate."""
@@ -335,13 +346,14 @@ class RateLimiter:
         """``0.0`` when a message of ``name`` may start now (a token is taken), else the
         seconds to wait before asking again."""
 
+@final
 class SharedRateLimiter:
     """``RateLimiter`` over buckets in shared memory: made before a prefork supervisor
     forks, its children all take tokens from the same buckets (a limit holds per node,
     as in Celery). Sized for ``names`` task names; names past that get buckets of
     their own process."""
 
-    def __init__(self, names: int) -> None: ...
+    def __new__(cls, names: int) -> Self: ...
     def set(self, name: str, rate: float) -> None:
         """Limit ``name`` to ``rate`` messages per second for every process sharing the
         table (an unchanged rate keeps the bucket); ``0`` removes the limit.
@@ -355,11 +367,12 @@ class SharedRateLimiter:
     @property
     def capacity(self) -> int: ...
 
+@final
 class SharedCounters:
     """``count`` integers in shared memory (made before a fork, shared with the
     children), changed atomically. ``IndexError`` for an index past the end."""
 
-    def __init__(self, count: int) -> None: ...
+    def __new__(cls, count: int) -> Self: ...
     def __len__(self) -> int: ...
     def add(self, index: int, delta: int = 1) -> int:
         """Add ``delta`` to counter ``index``; its new value."""
@@ -367,12 +380,13 @@ class SharedCounters:
     def get(self, index: int) -> int: ...
     def set(self, index: int, value: int) -> None: ...
 
+@final
 class EtaSchedule(Generic[_T]):
     """Items held until a due time (UNIX seconds): the worker's ETA/countdown timer.
     Earliest due first, first pushed first among equal times. Subscriptable at run
     time (``EtaSchedule[Request]``)."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def __len__(self) -> int: ...
     def push(self, due: float, item: _T) -> None:
         """Hold ``item`` until ``due``. ``ValueError`` for a NaN or infinite time."""
@@ -396,6 +410,7 @@ class EtaSchedule(Generic[_T]):
     def items(self) -> list[_T]:
         """Everything held, earliest first (for remote control's inspect)."""
 
+@final
 class EventPublisher:
     """Fire-and-forget broadcasts to a named exchange: Celery events (``celeryev``).
     Redis: one ``PUBLISH`` of the kombu envelope on ``/{db}.<exchange>/<routing_key>``;
@@ -403,13 +418,13 @@ class EventPublisher:
     ``durable``), not mandatory; SQLite: a row of the ``broadcast`` log holding the
     Redis envelope. Written by an I/O task; best effort."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         *,
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
-    ) -> None:
+    ) -> Self:
         """Connect now; same errors as ``Producer`` (``OperationalError``,
         ``ValueError``)."""
 
@@ -436,23 +451,25 @@ class EventPublisher:
 
     def close(self) -> None: ...
 
+@final
 class EventReceiver:
     """Reads the broadcasts of ``exchange`` on the embedded SQLite broker (from the
     moment it is made); ``ValueError`` for other brokers (Celery's own receiver reads
     celeriac's events there)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         *,
         exchange: str = "celeryev",
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
-    ) -> None: ...
+    ) -> Self: ...
     def receive(self, timeout: float = 1.0) -> tuple[str, Any, Any] | None:
         """``(routing_key, headers, body bytes)``; ``(routing_key, None, reason)`` for a
         broadcast that cannot be read; None after ``timeout``."""
 
+@final
 class Mailbox:
     """Remote control's transport (kombu's pidbox) on Redis, AMQP and the embedded
     SQLite broker (requests and replies are rows of its ``broadcast`` log; a bound
@@ -462,15 +479,15 @@ class Mailbox:
     auto-delete queues with Celery 5.7's flags (``queue_expires``/``queue_ttl`` are
     ``control_queue_expires``/``control_queue_ttl``, seconds; None = no argument)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         url: str,
         *,
         transport_options: Mapping[str, Any] | None = None,
         connect_timeout: float = 4.0,
         queue_expires: float | None = 10.0,
         queue_ttl: float | None = 300.0,
-    ) -> None: ...
+    ) -> Self: ...
     def subscribe(
         self,
         exchange: str,

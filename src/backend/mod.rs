@@ -1,6 +1,6 @@
 //! Result stores: where task states and return values are kept.
 //!
-//! A store keeps one meta document per task (Celery's layout, see celery-wire.md §4) as
+//! A store keeps one meta document per task (Celery's layout, see docs/wire.md §4) as
 //! opaque JSON bytes: encoding and decoding belong to the caller. The only field the
 //! stores read is `"status"`, to tell a ready state from a progress update.
 
@@ -8,6 +8,7 @@ pub mod beat;
 pub mod redis;
 pub mod rpc;
 pub mod sqlite;
+pub mod store;
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::Result;
 use crate::protocol::compression;
 use crate::protocol::content::Serializer;
+pub use store::{ChordStore, ResultStore, ResultWaiter};
 
 /// Celery's `READY_STATES`: a task in one of these will not change again.
 pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
@@ -102,21 +104,13 @@ pub enum Backend {
     Rpc(Box<rpc::RpcBackend>),
 }
 
-/// One wait for one task's ready meta.
-pub enum Waiter {
-    Redis(redis::Waiter),
-    Sqlite(sqlite::Waiter),
-    Rpc(rpc::Waiter),
-}
+/// One wait for one task's ready meta, on any store.
+pub struct Waiter(Box<dyn ResultWaiter>);
 
 impl Waiter {
     /// The ready meta, or `None` when `deadline` passed first.
     pub fn wait_until(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>> {
-        match self {
-            Self::Redis(waiter) => waiter.wait_until(deadline),
-            Self::Sqlite(waiter) => waiter.wait_until(deadline),
-            Self::Rpc(waiter) => waiter.wait_until(deadline),
-        }
+        self.0.wait_until(deadline)
     }
 }
 
@@ -175,20 +169,21 @@ impl Backend {
         Ok(Self::Redis(redis::RedisBackend::connect(url, options)?))
     }
 
-    pub fn masked_url(&self) -> &str {
+    /// The store behind this backend, whichever it is.
+    pub fn as_store(&self) -> &dyn ResultStore {
         match self {
-            Self::Redis(store) => store.masked_url(),
-            Self::Sqlite(store) => store.masked_url(),
-            Self::Rpc(store) => store.masked_url(),
+            Self::Redis(store) => store,
+            Self::Sqlite(store) => store,
+            Self::Rpc(store) => store.as_ref(),
         }
     }
 
+    pub fn masked_url(&self) -> &str {
+        self.as_store().masked_url()
+    }
+
     pub fn store(&self, task_id: &str, meta_json: Vec<u8>) -> Result<()> {
-        match self {
-            Self::Redis(store) => store.store(task_id, meta_json),
-            Self::Sqlite(store) => store.store(task_id, meta_json),
-            Self::Rpc(store) => store.store(task_id, meta_json, None, None),
-        }
+        self.as_store().store(task_id, meta_json)
     }
 
     /// `store` for a request: rpc publishes to its `reply_to` with its
@@ -200,34 +195,20 @@ impl Backend {
         reply_to: Option<&str>,
         correlation_id: Option<&str>,
     ) -> Result<()> {
-        match self {
-            Self::Rpc(store) => store.store(task_id, meta_json, reply_to, correlation_id),
-            _ => self.store(task_id, meta_json),
-        }
+        self.as_store()
+            .store_for(task_id, meta_json, reply_to, correlation_id)
     }
 
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        match self {
-            Self::Redis(store) => store.flush(timeout),
-            Self::Sqlite(store) => store.flush(timeout),
-            Self::Rpc(store) => store.flush(timeout),
-        }
+        self.as_store().flush(timeout)
     }
 
     pub fn get(&self, task_id: &str) -> Result<Option<Vec<u8>>> {
-        match self {
-            Self::Redis(store) => store.get(task_id),
-            Self::Sqlite(store) => store.get(task_id),
-            Self::Rpc(store) => store.get(task_id),
-        }
+        self.as_store().get(task_id)
     }
 
     pub fn forget(&self, task_id: &str) -> Result<()> {
-        match self {
-            Self::Redis(store) => store.forget(task_id),
-            Self::Sqlite(store) => store.forget(task_id),
-            Self::Rpc(store) => store.forget(task_id),
-        }
+        self.as_store().forget(task_id)
     }
 
     /// The Redis store, for the chord join; `Unsupported` on the others.
@@ -242,27 +223,15 @@ impl Backend {
     }
 
     pub fn watch(&self, task_id: &str) -> Result<Waiter> {
-        match self {
-            Self::Redis(store) => store.watch(task_id).map(Waiter::Redis),
-            Self::Sqlite(store) => store.watch(task_id).map(Waiter::Sqlite),
-            Self::Rpc(store) => store.watch(task_id).map(Waiter::Rpc),
-        }
+        self.as_store().watch(task_id).map(Waiter)
     }
 
     pub fn wait(&self, task_id: &str, deadline: Option<Instant>) -> Result<Vec<u8>> {
-        match self {
-            Self::Redis(store) => store.wait(task_id, deadline),
-            Self::Sqlite(store) => store.wait(task_id, deadline),
-            Self::Rpc(store) => store.wait(task_id, deadline),
-        }
+        self.as_store().wait(task_id, deadline)
     }
 
     pub fn close(&self) -> Result<()> {
-        match self {
-            Self::Redis(store) => store.close(),
-            Self::Sqlite(store) => store.close(),
-            Self::Rpc(store) => store.close(),
-        }
+        self.as_store().close()
     }
 }
 

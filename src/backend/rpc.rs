@@ -1,4 +1,4 @@
-//! The `rpc://` result backend, as Celery's (celery-wire.md §4.5): results travel as
+//! The `rpc://` result backend, as Celery's (docs/wire.md §4.5): results travel as
 //! AMQP messages on the broker, not in a store.
 //!
 //! - Each client has one reply queue, named by its oid — the `reply_to` its producer

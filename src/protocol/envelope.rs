@@ -1,4 +1,4 @@
-//! kombu's Redis envelope (celery-wire §3.1): one JSON object per message, the body
+//! kombu's Redis envelope (docs/wire.md §3.1): one JSON object per message, the body
 //! base64-encoded inside it, routing facts in `properties.delivery_info`.
 
 use base64::engine::general_purpose::STANDARD as BASE64;

@@ -1,4 +1,4 @@
-//! Celery's task message, protocol v2 (celery-wire §1): headers, properties, body.
+//! Celery's task message, protocol v2 (docs/wire.md §1): headers, properties, body.
 //!
 //! Values that come from Python (args, kwargs, extra headers) arrive here already
 //! encoded as JSON text, so this module never needs to know about Python objects.
@@ -157,13 +157,37 @@ pub struct OutgoingMessage {
 /// Write the body `[args, kwargs, embed]` from its three already-encoded parts.
 pub fn write_body(buf: &mut Vec<u8>, args: &[u8], kwargs: &[u8], embed: &[u8]) {
     buf.reserve(args.len() + kwargs.len() + embed.len() + 6);
+    let written: Result<(), std::convert::Infallible> = write_body_with(
+        buf,
+        |buf| {
+            buf.extend_from_slice(args);
+            Ok(())
+        },
+        |buf| {
+            buf.extend_from_slice(kwargs);
+            Ok(())
+        },
+        embed,
+    );
+    let Ok(()) = written;
+}
+
+/// Write the body `[args, kwargs, embed]`, args and kwargs encoded in place by their
+/// writers (no intermediate buffers), the embed already encoded.
+pub fn write_body_with<E>(
+    buf: &mut Vec<u8>,
+    args: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    kwargs: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    embed: &[u8],
+) -> Result<(), E> {
     buf.push(b'[');
-    buf.extend_from_slice(args);
+    args(buf)?;
     buf.extend_from_slice(b", ");
-    buf.extend_from_slice(kwargs);
+    kwargs(buf)?;
     buf.extend_from_slice(b", ");
     buf.extend_from_slice(embed);
     buf.push(b']');
+    Ok(())
 }
 
 /// The few header fields the consumer needs before handing a message to Python.

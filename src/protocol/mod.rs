@@ -7,3 +7,5 @@ pub mod json;
 pub mod message;
 #[cfg(test)]
 pub(crate) mod mutate;
+pub mod send;
+pub mod v1;

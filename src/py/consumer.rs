@@ -19,6 +19,7 @@ use crate::broker::url::BrokerUrl;
 use crate::broker::{Consumer as AnyConsumer, Fetched, IncomingMessage};
 use crate::protocol::compression::{self, Compression};
 use crate::protocol::content::Serializer;
+use crate::protocol::v1::{self, HeaderValue, V1Value};
 use crate::runtime;
 
 /// How long the GIL stays released before we look for Ctrl-C.
@@ -467,57 +468,65 @@ fn decode_v2<'py>(
     })
 }
 
-/// Protocol v1: everything in the body (celery-wire §1.6); converted to v2 headers.
+/// Protocol v1: everything in the body (docs/wire.md §1.6), converted by
+/// `protocol::v1` to v2 headers.
 fn decode_v1<'py>(py: Python<'py>, body: &Bound<'py, PyAny>) -> Result<Decoded<'py>, String> {
-    let body = body
-        .cast::<PyDict>()
-        .map_err(|_| "the message has no task headers and is not a protocol v1 body".to_owned())?;
-    let get = |key: &str| body.get_item(key).ok().flatten();
-    if get("task").is_none() || get("id").is_none() {
-        return Err("the message has no task name or id in its headers".into());
-    }
-    let headers = PyDict::new(py);
+    let parts = v1::to_v2(&PyValue(body.clone()))?;
     let fail = |err: PyErr| err.to_string();
-    headers.set_item("lang", "py").map_err(fail)?;
-    for key in [
-        "task",
-        "id",
-        "eta",
-        "expires",
-        "group",
-        "group_index",
-        "retries",
-        "timelimit",
-    ] {
-        headers.set_item(key, get(key)).map_err(fail)?;
+    let headers = PyDict::new(py);
+    for (key, value) in parts.headers {
+        match value {
+            HeaderValue::Text(text) => headers.set_item(key, text),
+            HeaderValue::Copied(value) => headers.set_item(key, value.map(|v| v.0)),
+        }
+        .map_err(fail)?;
     }
-    if let Some(id) = get("id") {
-        headers.set_item("root_id", &id).map_err(fail)?;
-    }
-    headers.set_item("parent_id", py.None()).map_err(fail)?;
-    let args = match get("args") {
-        Some(args) if !args.is_none() => args
+    let args = match parts.args {
+        Some(args) => args
+            .0
             .cast_into::<PyList>()
             .map_err(|_| "the task args are not a list".to_owned())?,
-        _ => PyList::empty(py),
+        None => PyList::empty(py),
     };
-    let kwargs = match get("kwargs") {
-        Some(kwargs) if !kwargs.is_none() => kwargs
+    let kwargs = match parts.kwargs {
+        Some(kwargs) => kwargs
+            .0
             .cast_into::<PyDict>()
             .map_err(|_| "the task kwargs are not an object".to_owned())?,
-        _ => PyDict::new(py),
+        None => PyDict::new(py),
     };
     let embed = PyDict::new(py);
-    for key in ["callbacks", "errbacks", "chord"] {
-        embed.set_item(key, get(key)).map_err(fail)?;
+    for (key, value) in parts.embed {
+        embed.set_item(key, value.map(|v| v.0)).map_err(fail)?;
     }
-    embed.set_item("chain", py.None()).map_err(fail)?;
     Ok(Decoded {
         headers,
         args,
         kwargs,
         embed,
     })
+}
+
+/// A decoded Python body, as `protocol::v1` reads it.
+struct PyValue<'py>(Bound<'py, PyAny>);
+
+impl V1Value for PyValue<'_> {
+    fn is_null(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn is_list(&self) -> bool {
+        self.0.is_instance_of::<PyList>()
+    }
+
+    fn is_map(&self) -> bool {
+        self.0.is_instance_of::<PyDict>()
+    }
+
+    fn get(&self, key: &str) -> Option<Self> {
+        let dict = self.0.cast::<PyDict>().ok()?;
+        dict.get_item(key).ok().flatten().map(PyValue)
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -15,13 +15,13 @@ use super::options;
 use super::serializers;
 use crate::broker::url::BrokerUrl;
 use crate::broker::Producer as AnyProducer;
-use crate::protocol::compression::Compression;
 use crate::protocol::content::Serializer;
-use crate::protocol::message::{OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED};
+use crate::protocol::message::OutgoingMessage;
+use crate::protocol::send::{
+    json_body, truncate_repr, MessageBuilder, MessageParts, OptionName, SendOption, TaskTemplate,
+    SEND_OPTIONS,
+};
 use crate::runtime;
-
-/// Celery truncates `argsrepr`/`kwargsrepr` to this many characters.
-const REPR_MAX: usize = 1024;
 
 #[pyclass(module = "celeriac._core", frozen)]
 pub struct Producer {
@@ -165,18 +165,11 @@ enum BodyFormat {
     Foreign(Serializer, Py<PyDict>),
 }
 
-/// What every message of one `send`/`send_many` call shares: the options applied to
-/// headers and properties (the id-dependent fields are set per message by `build`).
+/// What every message of one `send`/`send_many` call shares (`protocol::send`), and
+/// how its bodies are written.
 struct Template {
-    headers: TaskHeaders,
-    properties: TaskProperties,
-    exchange: String,
-    routing_key: Option<String>,
+    builder: MessageBuilder,
     body_format: BodyFormat,
-    compression: Option<Compression>,
-    /// Whether the caller set these, else they follow the task id.
-    root_id_given: bool,
-    correlation_id_given: bool,
 }
 
 impl Producer {
@@ -186,53 +179,33 @@ impl Producer {
         name: String,
         options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Template> {
-        let mut headers = TaskHeaders::new(name, String::new(), self.origin.clone());
-        let mut properties = TaskProperties::json(String::new(), self.reply_to.clone());
-        let mut exchange = String::new();
-        let mut routing_key = None;
-        let mut embed = Embed::default();
-        let mut serializer = Serializer::Json;
-        let mut compression = None;
+        let mut template = TaskTemplate::new(name, self.origin.clone(), self.reply_to.clone());
         if let Some(options) = options {
             for (key, value) in options.iter() {
                 let key = key
                     .cast_into::<PyString>()
                     .map_err(|_| PyTypeError::new_err("send() option names must be strings"))?;
-                match key.to_str()? {
-                    "serializer" => serializer = serializers::serializer_option(&value)?,
-                    "compression" => compression = serializers::compression_option(&value)?,
-                    key => apply_option(
-                        key,
-                        &value,
-                        &mut headers,
-                        &mut properties,
-                        &mut exchange,
-                        &mut routing_key,
-                        &mut embed,
-                    )?,
-                }
+                template.apply(send_option(key.to_str()?, &value)?)?;
             }
         }
-        properties.content_type = serializer.content_type();
-        properties.content_encoding = serializer.content_encoding();
-        headers.compression = compression.map(Compression::content_type);
-        let body_format = match serializer {
+        let (builder, embed) = template.finish();
+        let body_format = match builder.serializer() {
             Serializer::Json => {
                 let mut embedded = Vec::new();
-                embed.write_json(&mut embedded)?;
+                embed.write_json(&mut embedded, |out, value| dumps_into(out, value))?;
                 BodyFormat::Json(embedded)
             }
-            other => BodyFormat::Foreign(other, embed.into_dict(py)?),
+            other => {
+                let dict = PyDict::new(py);
+                for (name, value) in embed.into_parts() {
+                    dict.set_item(name, value)?;
+                }
+                BodyFormat::Foreign(other, dict.unbind())
+            }
         };
         Ok(Template {
-            root_id_given: !headers.root_id.is_empty(),
-            correlation_id_given: !properties.correlation_id.is_empty(),
-            headers,
-            properties,
-            exchange,
-            routing_key,
+            builder,
             body_format,
-            compression,
         })
     }
 }
@@ -246,44 +219,30 @@ impl Template {
         kwargs: &Bound<'_, PyAny>,
         queue: String,
     ) -> PyResult<OutgoingMessage> {
-        self.assemble(
-            self.headers.clone(),
-            self.properties.clone(),
-            task_id,
-            args,
-            kwargs,
-            queue,
-        )
+        let (parts, reprs) = self.parts(task_id, args, kwargs, queue)?;
+        Ok(self.builder.build(parts, reprs)?)
     }
 
     /// `build` for the template's only message: its headers move, not copied.
     fn into_message(
-        mut self,
+        self,
         task_id: String,
         args: &Bound<'_, PyAny>,
         kwargs: &Bound<'_, PyAny>,
         queue: String,
     ) -> PyResult<OutgoingMessage> {
-        let headers = std::mem::replace(
-            &mut self.headers,
-            TaskHeaders::new(String::new(), String::new(), String::new()),
-        );
-        let properties = std::mem::replace(
-            &mut self.properties,
-            TaskProperties::json(String::new(), String::new()),
-        );
-        self.assemble(headers, properties, task_id, args, kwargs, queue)
+        let (parts, reprs) = self.parts(task_id, args, kwargs, queue)?;
+        Ok(self.builder.into_message(parts, reprs)?)
     }
 
-    fn assemble(
+    /// The body and the reprs the options did not give.
+    fn parts(
         &self,
-        mut headers: TaskHeaders,
-        mut properties: TaskProperties,
         task_id: String,
         args: &Bound<'_, PyAny>,
         kwargs: &Bound<'_, PyAny>,
         queue: String,
-    ) -> PyResult<OutgoingMessage> {
+    ) -> PyResult<(MessageParts, (String, String))> {
         if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
             return Err(PyTypeError::new_err(format!(
                 "task args must be a list or tuple, not {}",
@@ -296,45 +255,35 @@ impl Template {
                 kwargs.get_type().name()?
             )));
         }
-        if !self.root_id_given {
-            headers.root_id.clone_from(&task_id);
-        }
-        if !self.correlation_id_given {
-            properties.correlation_id.clone_from(&task_id);
-        }
-        headers.id = task_id;
-        if headers.argsrepr.is_empty() {
-            headers.argsrepr = truncated_repr(args)?;
-        }
-        if headers.kwargsrepr.is_empty() {
-            headers.kwargsrepr = truncated_repr(kwargs)?;
-        }
-        let mut body = match &self.body_format {
-            BodyFormat::Json(embed) => {
-                let mut body = Vec::with_capacity(128);
-                body.push(b'[');
-                dumps_into(&mut body, args)?;
-                body.extend_from_slice(b", ");
-                dumps_into(&mut body, kwargs)?;
-                body.extend_from_slice(b", ");
-                body.extend_from_slice(embed);
-                body.push(b']');
-                body
-            }
+        let (wants_argsrepr, wants_kwargsrepr) = self.builder.wants_reprs();
+        let reprs = (
+            if wants_argsrepr {
+                truncated_repr(args)?
+            } else {
+                String::new()
+            },
+            if wants_kwargsrepr {
+                truncated_repr(kwargs)?
+            } else {
+                String::new()
+            },
+        );
+        let body = match &self.body_format {
+            BodyFormat::Json(embed) => json_body(
+                |out| dumps_into(out, args),
+                |out| dumps_into(out, kwargs),
+                embed,
+            )?,
             BodyFormat::Foreign(serializer, embed) => {
                 serializers::dumps_body(*serializer, args, kwargs, embed.bind(args.py()))?
             }
         };
-        if let Some(method) = self.compression {
-            body = method.compress(&body)?;
-        }
-        Ok(OutgoingMessage {
-            routing_key: self.routing_key.clone().unwrap_or(queue),
-            exchange: self.exchange.clone(),
-            headers,
-            properties,
+        let parts = MessageParts {
+            task_id,
+            queue,
             body,
-        })
+        };
+        Ok((parts, reprs))
     }
 }
 
@@ -345,67 +294,7 @@ pub(crate) fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
 }
 
 fn truncated_repr(value: &Bound<'_, PyAny>) -> PyResult<String> {
-    let text = value.repr()?;
-    let text = text.to_str()?;
-    Ok(match text.char_indices().nth(REPR_MAX) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_owned(),
-    })
-}
-
-/// The body's third element, as given; `None` = `null`.
-#[derive(Default)]
-struct Embed<'py> {
-    callbacks: Option<Bound<'py, PyAny>>,
-    errbacks: Option<Bound<'py, PyAny>>,
-    chain: Option<Bound<'py, PyAny>>,
-    chord: Option<Bound<'py, PyAny>>,
-}
-
-impl<'py> Embed<'py> {
-    fn parts(&self) -> [(&'static str, &Option<Bound<'py, PyAny>>); 4] {
-        [
-            ("callbacks", &self.callbacks),
-            ("errbacks", &self.errbacks),
-            ("chain", &self.chain),
-            ("chord", &self.chord),
-        ]
-    }
-
-    /// For a body another serializer writes.
-    fn into_dict(self, py: Python<'py>) -> PyResult<Py<PyDict>> {
-        let dict = PyDict::new(py);
-        for (name, value) in self.parts() {
-            dict.set_item(name, value)?;
-        }
-        Ok(dict.unbind())
-    }
-
-    fn write_json(&self, out: &mut Vec<u8>) -> PyResult<()> {
-        if self.callbacks.is_none()
-            && self.errbacks.is_none()
-            && self.chain.is_none()
-            && self.chord.is_none()
-        {
-            out.extend_from_slice(EMPTY_EMBED.as_bytes());
-            return Ok(());
-        }
-        out.push(b'{');
-        for (i, (name, value)) in self.parts().iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b", ");
-            }
-            out.push(b'"');
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\": ");
-            match value {
-                Some(value) => dumps_into(out, value)?,
-                None => out.extend_from_slice(b"null"),
-            }
-        }
-        out.push(b'}');
-        Ok(())
-    }
+    Ok(truncate_repr(value.repr()?.to_str()?))
 }
 
 fn given<'py>(value: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
@@ -452,128 +341,108 @@ fn number(key: &str, value: &Bound<'_, PyAny>) -> PyResult<Option<Number>> {
     )))
 }
 
-fn apply_option<'py>(
+/// One `send()` option from Python, typed; the values are checked by the template.
+fn send_option<'py>(
     key: &str,
     value: &Bound<'py, PyAny>,
-    headers: &mut TaskHeaders,
-    properties: &mut TaskProperties,
-    exchange: &mut String,
-    routing_key: &mut Option<String>,
-    embed: &mut Embed<'py>,
-) -> PyResult<()> {
+) -> PyResult<SendOption<Bound<'py, PyAny>>> {
+    let Some(name) = OptionName::parse(key) else {
+        return Err(PyValueError::new_err(format!(
+            "unknown send() option {key:?}"
+        )));
+    };
     let int = |value: &Bound<'_, PyAny>| -> PyResult<i64> {
         value
             .extract::<i64>()
             .map_err(|_| PyTypeError::new_err(format!("send() option {key:?} must be an int")))
     };
-    match key {
-        "eta" => headers.eta = optional_string(key, value)?,
-        "expires" => headers.expires = optional_string(key, value)?,
-        "expiration" => {
-            properties.expiration = if value.is_none() {
-                None
-            } else {
-                let ms: f64 = value.extract().map_err(|_| {
-                    PyTypeError::new_err("send() option 'expiration' must be milliseconds")
-                })?;
-                Some(format!("{}", ms.max(0.0) as u64))
-            }
+    let optional_int = |value: &Bound<'_, PyAny>| -> PyResult<Option<i64>> {
+        if value.is_none() {
+            Ok(None)
+        } else {
+            int(value).map(Some)
         }
-        "priority" => {
-            properties.priority = if value.is_none() {
-                None
-            } else {
-                let priority = int(value)?;
-                Some(u8::try_from(priority).map_err(|_| {
-                    PyValueError::new_err(format!("priority must be 0-255, not {priority}"))
-                })?)
-            }
+    };
+    let optional_json = |value: &Bound<'_, PyAny>| -> PyResult<Option<Box<RawValue>>> {
+        if value.is_none() {
+            Ok(None)
+        } else {
+            raw_json(value).map(Some)
         }
-        "exchange" => *exchange = optional_string(key, value)?.unwrap_or_default(),
-        "routing_key" => *routing_key = optional_string(key, value)?,
-        "reply_to" => properties.reply_to = optional_string(key, value)?.unwrap_or_default(),
-        "correlation_id" => properties.correlation_id = string(key, value)?,
-        "parent_id" => headers.parent_id = optional_string(key, value)?,
-        "root_id" => {
-            if let Some(root) = optional_string(key, value)? {
-                headers.root_id = root;
-            }
-        }
-        "retries" => headers.retries = if value.is_none() { 0 } else { int(value)? },
-        "timelimit" => {
-            if !value.is_none() {
-                let pair: Vec<Bound<'_, PyAny>> = value.extract().map_err(|_| {
-                    PyTypeError::new_err("send() option 'timelimit' must be (hard, soft)")
-                })?;
-                if pair.len() != 2 {
-                    return Err(PyValueError::new_err(
-                        "timelimit must have two items: (hard, soft)",
-                    ));
-                }
-                headers.timelimit = [number(key, &pair[0])?, number(key, &pair[1])?];
-            }
-        }
-        "shadow" => headers.shadow = optional_string(key, value)?,
-        "group" => headers.group = optional_string(key, value)?,
-        "group_index" => {
-            headers.group_index = if value.is_none() {
-                None
-            } else {
-                Some(int(value)?)
-            }
-        }
-        "ignore_result" => headers.ignore_result = value.is_truthy()?,
-        "headers" => {
-            if !value.is_none() {
-                let extra = value
-                    .cast::<PyDict>()
-                    .map_err(|_| PyTypeError::new_err("send() option 'headers' must be a dict"))?;
-                for (name, item) in extra.iter() {
-                    let name: String = name
-                        .extract()
-                        .map_err(|_| PyTypeError::new_err("header names must be strings"))?;
-                    headers.extra.push((name, raw_json(&item)?));
-                }
-            }
-        }
-        "callbacks" => embed.callbacks = given(value),
-        "errbacks" => embed.errbacks = given(value),
-        "chain" => embed.chain = given(value),
-        "chord" => embed.chord = given(value),
-        "argsrepr" => headers.argsrepr = string(key, value)?,
-        "kwargsrepr" => headers.kwargsrepr = string(key, value)?,
-        "delivery_mode" => {
-            let mode = int(value)?;
-            if !(1..=2).contains(&mode) {
-                return Err(PyValueError::new_err(
-                    "delivery_mode must be 1 (transient) or 2 (persistent)",
-                ));
-            }
-            properties.delivery_mode = mode as u8;
-        }
-        "origin" => headers.origin = string(key, value)?,
-        "stamped_headers" => {
-            headers.stamped_headers = if value.is_none() {
-                None
-            } else {
-                Some(raw_json(value)?)
-            }
-        }
-        "stamps" => {
-            headers.stamps = if value.is_none() {
-                None
-            } else {
-                Some(raw_json(value)?)
-            }
-        }
-        "replaced_task_nesting" => headers.replaced_task_nesting = int(value)?,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown send() option {other:?}"
-            )));
-        }
+    };
+    let text = || optional_string(key, value);
+    Ok(match name {
+        OptionName::Eta => SendOption::Eta(text()?),
+        OptionName::Expires => SendOption::Expires(text()?),
+        OptionName::Expiration => SendOption::Expiration(if value.is_none() {
+            None
+        } else {
+            Some(value.extract().map_err(|_| {
+                PyTypeError::new_err("send() option 'expiration' must be milliseconds")
+            })?)
+        }),
+        OptionName::Priority => SendOption::Priority(optional_int(value)?),
+        OptionName::Exchange => SendOption::Exchange(text()?),
+        OptionName::RoutingKey => SendOption::RoutingKey(text()?),
+        OptionName::ReplyTo => SendOption::ReplyTo(text()?),
+        OptionName::CorrelationId => SendOption::CorrelationId(string(key, value)?),
+        OptionName::ParentId => SendOption::ParentId(text()?),
+        OptionName::RootId => SendOption::RootId(text()?),
+        OptionName::Retries => SendOption::Retries(optional_int(value)?),
+        OptionName::Timelimit => SendOption::Timelimit(if value.is_none() {
+            None
+        } else {
+            let pair: Vec<Bound<'_, PyAny>> = value.extract().map_err(|_| {
+                PyTypeError::new_err("send() option 'timelimit' must be (hard, soft)")
+            })?;
+            Some(
+                pair.iter()
+                    .map(|item| number(key, item))
+                    .collect::<PyResult<_>>()?,
+            )
+        }),
+        OptionName::Shadow => SendOption::Shadow(text()?),
+        OptionName::Group => SendOption::Group(text()?),
+        OptionName::GroupIndex => SendOption::GroupIndex(optional_int(value)?),
+        OptionName::IgnoreResult => SendOption::IgnoreResult(value.is_truthy()?),
+        OptionName::Headers => SendOption::Headers(extra_headers(value)?),
+        OptionName::Callbacks => SendOption::Callbacks(given(value)),
+        OptionName::Errbacks => SendOption::Errbacks(given(value)),
+        OptionName::Chain => SendOption::Chain(given(value)),
+        OptionName::Chord => SendOption::Chord(given(value)),
+        OptionName::Argsrepr => SendOption::Argsrepr(string(key, value)?),
+        OptionName::Kwargsrepr => SendOption::Kwargsrepr(string(key, value)?),
+        OptionName::DeliveryMode => SendOption::DeliveryMode(int(value)?),
+        OptionName::Origin => SendOption::Origin(string(key, value)?),
+        OptionName::StampedHeaders => SendOption::StampedHeaders(optional_json(value)?),
+        OptionName::Stamps => SendOption::Stamps(optional_json(value)?),
+        OptionName::ReplacedTaskNesting => SendOption::ReplacedTaskNesting(int(value)?),
+        OptionName::Serializer => SendOption::Serializer(serializers::serializer_option(value)?),
+        OptionName::Compression => SendOption::Compression(serializers::compression_option(value)?),
+    })
+}
+
+/// The `headers` option: a dict of extra headers, each value encoded as JSON.
+fn extra_headers(value: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Box<RawValue>)>> {
+    if value.is_none() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let extra = value
+        .cast::<PyDict>()
+        .map_err(|_| PyTypeError::new_err("send() option 'headers' must be a dict"))?;
+    let mut headers = Vec::with_capacity(extra.len());
+    for (name, item) in extra.iter() {
+        let name: String = name
+            .extract()
+            .map_err(|_| PyTypeError::new_err("header names must be strings"))?;
+        headers.push((name, raw_json(&item)?));
+    }
+    Ok(headers)
+}
+
+/// The send option names (`protocol::send::SEND_OPTIONS`), for `apply_async` to check.
+fn send_options(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+    PyTuple::new(py, SEND_OPTIONS)
 }
 
 /// A random (version 4) UUID as text: the default task id, made for every message.
@@ -584,5 +453,6 @@ fn uuid4() -> String {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(uuid4, m)?)?;
+    m.add("SEND_OPTIONS", send_options(m.py())?)?;
     m.add_class::<Producer>()
 }
