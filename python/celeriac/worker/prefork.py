@@ -16,7 +16,7 @@ the shared slot table (``slots.py``) and reacts:
   ``--max-memory-per-child``) gets its replacement forked at once;
 - the first SIGTERM/SIGINT is a warm shutdown of every child, the second a cold one;
 - remote control: the supervisor holds the node's mailbox and reaches its children
-  through a socket pair each (``celeriac.control.ChildLinks``).
+  through a socket pair each (``celeriac.worker.pidbox.ChildLinks``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import signals, states
-from celeriac.control import ChildLinks, Pidbox
 from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.result import meta_for
+from celeriac.worker.pidbox import ChildLinks, Pidbox
 from celeriac.worker.revoke import signal_name
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
 

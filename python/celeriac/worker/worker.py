@@ -899,7 +899,7 @@ class Worker:
             self.child.publish(State.IDLE)
         else:
             self.start_events(lambda: (self.pool.active(), self.processed))
-            from celeriac.control import Pidbox
+            from celeriac.worker.pidbox import Pidbox
 
             self.pidbox = Pidbox(self)
             self.pidbox.start()
