@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
+from celeriac.conf import setting
 from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.local import push_task
 from celeriac.result import exception_to_meta, meta_for
@@ -120,14 +121,6 @@ def short_repr(value: Any, limit: int = REPR_MAX) -> str:
     return text
 
 
-def _setting(conf: Any, name: str, default: Any) -> Any:
-    try:
-        value = conf[name]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
-
 #: The task hooks ``execute`` calls; a hook still the base class's no-op is skipped.
 HOOKS = frozenset(("before_start", "on_success", "on_failure", "on_retry", "after_return"))
 
@@ -152,16 +145,16 @@ class TaskPolicy:
 def task_policy(task: Task[Any, Any], conf: Any) -> TaskPolicy:
     acks_late = getattr(task, "acks_late", None)
     if acks_late is None:
-        acks_late = _setting(conf, "task_acks_late", False)
+        acks_late = setting(conf, "task_acks_late")
     ignore_result = getattr(task, "ignore_result", None)
     if ignore_result is None:
-        ignore_result = _setting(conf, "task_ignore_result", False)
+        ignore_result = setting(conf, "task_ignore_result")
     return TaskPolicy(
         task=task,
         acks_late=bool(acks_late),
-        acks_on_failure=bool(_setting(conf, "task_acks_on_failure_or_timeout", True)),
+        acks_on_failure=bool(setting(conf, "task_acks_on_failure_or_timeout")),
         ignore_result=bool(ignore_result),
-        extended=bool(_setting(conf, "result_extended", False)),
+        extended=bool(setting(conf, "result_extended")),
         reject_on_worker_lost=bool(getattr(task, "reject_on_worker_lost", None)),
         track_started=bool(getattr(task, "track_started", None)),
         hooks=_overridden_hooks(task),

@@ -31,34 +31,26 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core, signals, states
-from celeriac.app import transport_of
-from celeriac.conf import parse_rate_limit
-from celeriac.events import HEARTBEAT_FREQ, EventDispatcher, Heart
+from celeriac.conf import parse_rate_limit, setting
+from celeriac.events import EventDispatcher, Heart
 from celeriac.exceptions import (
-    ImproperlyConfigured,
     NotRegistered,
     SoftTimeLimitExceeded,
     TaskRevokedError,
 )
 from celeriac.fixups import run_with_fixups
 from celeriac.result import exception_to_meta, meta_for
-from celeriac.serialization import worker_accept_content
 from celeriac.signals import task_internal_error, task_received
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
 from celeriac.worker import pool as pool_mod
-from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
+from celeriac.worker.aio import AsyncPool
 from celeriac.worker.announce import announce_received, prepare_received
 from celeriac.worker.eta import EtaSchedule
 from celeriac.worker.log import setup_child_logging
 from celeriac.worker.node_stats import SlotStats
 from celeriac.worker.options import (
-    AUTO_CONCURRENCY,
-    POOL_ALIASES,
-    POOLS,
-    START_METHODS,
     WorkerOptions,
-    available_cpus,
     expand_nodename,
 )
 from celeriac.worker.request import (
@@ -72,7 +64,9 @@ from celeriac.worker.request import (
     store_revoked_expired,
     task_policy,
 )
-from celeriac.worker.revoke import REVOKES_MAX, RevokedSet, parse_signal, store_revoked
+from celeriac.worker.revoke import RevokedSet, parse_signal, store_revoked
+from celeriac.worker.settings import WorkerError as WorkerError  # its old home
+from celeriac.worker.settings import WorkerSettings, seconds_or_none
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
 
 if TYPE_CHECKING:
@@ -111,10 +105,6 @@ class ColdShutdown(BaseException):
 class _StopFetch(BaseException):
     """Raised by the first shutdown signal when it lands while ``fetch`` waits, so the
     warm shutdown starts at once instead of after the wait."""
-
-
-class WorkerError(Exception):
-    """The worker cannot start with this configuration (message is user-facing)."""
 
 
 class ChildContext:
@@ -175,49 +165,6 @@ def _rss_kib() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def _positive_number(name: str, value: Any) -> float | None:
-    """A time limit setting: None/0 = none; else a number of seconds > 0."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise WorkerError(f"{name} must be a number of seconds, not {value!r}") from None
-    if value != value or value < 0:
-        raise WorkerError(f"{name} must be a number of seconds >= 0, not {value!r}")
-    return float(value) or None
-
-
-def _optional_count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise WorkerError(f"{name} must be a whole number, not {value!r}") from None
-    if isinstance(value, bool) or number < 0 or number != value:
-        raise WorkerError(f"{name} must be a whole number >= 0, not {value!r}")
-    return number or None
-
-
-def _whole_at_least_one(name: str, value: Any) -> int:
-    """A count setting that must be an int >= 1 (digits in a string are accepted)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise WorkerError(f"{name} must be a whole number >= 1, not {value!r}")
-    return value
-
-
-def _setting(app: Celeriac, name: str, default: Any) -> Any:
-    try:
-        value = app.conf[name]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
-
 def _say(text: str) -> None:
     """Write straight to stdout: safe inside a signal handler."""
     with contextlib.suppress(OSError):
@@ -262,142 +209,35 @@ class Worker:
             sender=self.nodename, instance=self, conf=app.conf, options=vars(options)
         )
 
-        pool = options.pool
-        if pool is None:
-            configured = _setting(app, "worker_pool", None)
-            configured = POOL_ALIASES.get(configured, configured)
-            pool = configured if configured in POOLS else "prefork"
-        pool = POOL_ALIASES.get(pool, pool)
-        if pool not in POOLS:
-            raise WorkerError(f"pool {pool!r} is not available (choose from {', '.join(POOLS)})")
+        #: Every setting the worker reads, checked once.
+        self.settings = settings = WorkerSettings.build(app, options)
+        pool = settings.pool
         self.pool_name: str = pool
-        start_method, source = options.pool_start_method, "--pool-start-method"
-        if start_method is None:
-            start_method = _setting(app, "worker_pool_start_method", "fork")
-            source = "worker_pool_start_method"
-        if start_method not in START_METHODS:
-            raise WorkerError(f"{source} must be 'fork' or 'spawn', not {start_method!r}")
-        if start_method == "spawn" and pool == "prefork":
-            raise WorkerError(
-                f"{source} spawn is not supported by celeriac yet: its prefork children "
-                "are forked (leave it out, or give fork)"
-            )
-
-        concurrency = options.concurrency
-        if isinstance(concurrency, str):  # -c auto (Celery 5.7): the CPUs we may use
-            if concurrency.strip().lower() != AUTO_CONCURRENCY:
-                raise WorkerError(f"concurrency must be a number or 'auto', not {concurrency!r}")
-            concurrency = 1 if pool == "solo" else available_cpus()
-        if concurrency is None:
-            configured = _setting(app, "worker_concurrency", None)
-            if configured not in (None, "", "auto", 0):
-                try:
-                    concurrency = int(configured)
-                except (TypeError, ValueError):
-                    raise WorkerError(
-                        f"worker_concurrency must be a positive integer, not {configured!r}"
-                    ) from None
-            else:
-                concurrency = 1 if pool == "solo" else available_cpus()
-        if concurrency < 1:
-            raise WorkerError(f"concurrency must be at least 1, not {concurrency}")
-        self.concurrency: int = concurrency
-
-        multiplier = options.prefetch_multiplier
-        if multiplier is None:
-            multiplier = _setting(app, "worker_prefetch_multiplier", 4)
-        try:
-            multiplier = int(multiplier)
-        except (TypeError, ValueError):
-            raise WorkerError(
-                f"worker_prefetch_multiplier must be an integer, not {multiplier!r}"
-            ) from None
-        if multiplier < 0:
-            raise WorkerError(f"the prefetch multiplier must be 0 or more, not {multiplier}")
-        disable_prefetch = options.disable_prefetch
-        if disable_prefetch is None:
-            disable_prefetch = _setting(app, "worker_disable_prefetch", False)
-        if not isinstance(disable_prefetch, bool):
-            raise WorkerError(
-                f"worker_disable_prefetch must be True or False, not {disable_prefetch!r}"
-            )
-        #: ``--disable-prefetch`` was asked for on a broker other than Redis: ignored
-        #: (the command line warns), as Celery ignores it there.
-        self.disable_prefetch_ignored = False
-        if disable_prefetch and transport_of(app.broker_url) != "redis":
-            disable_prefetch, self.disable_prefetch_ignored = False, True
+        self.concurrency: int = settings.concurrency
+        self.disable_prefetch_ignored = settings.disable_prefetch_ignored
         #: Celery's ``--disable-prefetch`` (Redis): a message is taken only when a pool
         #: slot is free to run it: a multiplier of 1, and a running task keeps its slot
         #: of the consumer's window after its early ack (``_slots_held``).
-        self.disable_prefetch: bool = disable_prefetch
-        if disable_prefetch:
-            multiplier = 1
+        self.disable_prefetch: bool = settings.disable_prefetch
         #: Window slots held back for running early-acked tasks (``--disable-prefetch``).
         self._slots_held = 0
         #: ``async def`` tasks run on an event loop per process, this many at once.
-        self.async_concurrency = _whole_at_least_one(
-            "worker_async_concurrency",
-            _setting(app, "worker_async_concurrency", DEFAULT_ASYNC_CONCURRENCY),
-        )
-        # A prefork child consumes for itself: its window is its own share.
-        window = (1 if pool == "prefork" else concurrency) * multiplier
+        self.async_concurrency = settings.async_concurrency
         #: Most messages fetched and not finished; 0 = unbounded.
-        self.window: int = 0 if window > MAX_PREFETCH else window
-
-        queues = list(options.queues) or [str(_setting(app, "task_default_queue", "celery"))]
-        queues = [q for q in queues if q not in options.exclude_queues]
-        if not queues:
-            raise WorkerError("every queue was excluded (-X): nothing to consume from")
-        if options.queues and not _setting(app, "task_create_missing_queues", True):
-            try:
-                known = set(app.queues)
-            except Exception as exc:
-                raise WorkerError(f"task_queues: {exc}") from None
-            for name in queues:
-                if name not in known:
-                    raise WorkerError(
-                        f"queue {name!r} is not defined in task_queues "
-                        "(and task_create_missing_queues is False)"
-                    )
-        self.queues: list[str] = queues
-        try:
-            #: ``accept_content``, checked at start (serializer names, pickle as root).
-            self.accept_content = worker_accept_content(_setting(app, "accept_content", ["json"]))
-        except ImproperlyConfigured as exc:
-            raise WorkerError(str(exc)) from None
-
-        self.max_tasks_per_child = _optional_count(
-            "--max-tasks-per-child",
-            options.max_tasks_per_child
-            if options.max_tasks_per_child is not None
-            else _setting(app, "worker_max_tasks_per_child", None),
-        )
-        self.max_memory_per_child = _optional_count(
-            "--max-memory-per-child",
-            options.max_memory_per_child
-            if options.max_memory_per_child is not None
-            else _setting(app, "worker_max_memory_per_child", None),
-        )
-        self.eta_task_limit = _optional_count(
-            "worker_eta_task_limit", _setting(app, "worker_eta_task_limit", None)
-        )
-        self.time_limit = _positive_number(
-            "time limit",
-            options.time_limit
-            if options.time_limit is not None
-            else _setting(app, "task_time_limit", None),
-        )
-        self.soft_time_limit = _positive_number(
-            "soft time limit",
-            options.soft_time_limit
-            if options.soft_time_limit is not None
-            else _setting(app, "task_soft_time_limit", None),
-        )
+        self.window: int = settings.window
+        self.queues: list[str] = list(settings.queues)
+        #: ``accept_content``, checked at start (serializer names, pickle as root).
+        self.accept_content = list(settings.accept_content)
+        self.max_tasks_per_child = settings.max_tasks_per_child
+        self.max_memory_per_child = settings.max_memory_per_child
+        self.eta_task_limit = settings.eta_task_limit
+        self.time_limit = settings.time_limit
+        self.soft_time_limit = settings.soft_time_limit
         try:
             tasks = dict(app.tasks.items())  # applies task_annotations
         except (ValueError, TypeError) as exc:
             raise WorkerError(f"task_annotations: {exc}") from None
-        self.rate_limits_enabled = not _setting(app, "worker_disable_rate_limits", False)
+        self.rate_limits_enabled = settings.rate_limits_enabled
         # A prefork node's children share one set of buckets: a limit holds per node.
         self.rate_limiter: _core.RateLimiter | _core.SharedRateLimiter = (
             _core.SharedRateLimiter(len(tasks)) if pool == "prefork" else _core.RateLimiter()
@@ -409,7 +249,7 @@ class Worker:
                 self._rate_for(name, task)
         for name, task in tasks.items():
             for attr in ("time_limit", "soft_time_limit"):
-                _positive_number(f"task {name}: {attr}", getattr(task, attr, None))
+                seconds_or_none(f"task {name}: {attr}", getattr(task, attr, None))
         #: Names of the ``async def`` tasks. The first one this process receives widens
         #: the prefetch window by ``worker_async_concurrency`` so the event loop is kept
         #: full; a process that only ever gets sync tasks keeps Celery's window (a wider
@@ -417,24 +257,16 @@ class Worker:
         self.async_tasks = frozenset(n for n, t in tasks.items() if _is_async_task(t))
         self._async_window_open = False
         #: Ids revoked by remote control (``revoke``), remembered per process.
-        self.revoked = RevokedSet(
-            _whole_at_least_one(
-                "worker_revoked_ids_max", _setting(app, "worker_revoked_ids_max", REVOKES_MAX)
-            )
-        )
+        self.revoked = RevokedSet(settings.revoked_ids_max)
         #: The prefork supervisor, in the supervisor's process.
         self.supervisor: Any = None
-        self.task_events = options.task_events or bool(
-            _setting(app, "worker_send_task_events", False)
-        )
+        self.task_events = settings.task_events
         #: This process's event dispatcher (task events only with ``-E``).
         self.events: EventDispatcher | None = None
         #: Sends worker-online/heartbeat/offline (the supervisor does it in prefork);
         #: none with ``--without-heartbeat``, as Celery sends none then.
         self.heart: Heart | None = None
-        self.heartbeat_interval = (
-            _positive_number("--heartbeat-interval", options.heartbeat_interval) or HEARTBEAT_FREQ
-        )
+        self.heartbeat_interval = settings.heartbeat_interval
         #: The pidfile this process wrote (``--pidfile``; set by the command line).
         self.pidfile: Any = None
         #: Tasks handed to the pool so far (``processed`` in heartbeats).
@@ -669,7 +501,7 @@ class Worker:
 
     def _consumer_factory(self) -> Callable[[], Consumer]:
         app = self.app
-        timeout = float(_setting(app, "broker_connection_timeout", 4.0))
+        timeout = float(setting(app.conf, "broker_connection_timeout"))
         options = app.transport_options()
         accept = self.accept_content
         return lambda: _core.Consumer(
@@ -684,8 +516,8 @@ class Worker:
     def _probe_factory(self) -> Callable[[], Any]:
         """The supervisor checks the broker with a producer: it consumes nothing."""
         app = self.app
-        timeout = float(_setting(app, "broker_connection_timeout", 4.0))
-        options = _setting(app, "broker_transport_options", {}) or {}
+        timeout = float(setting(app.conf, "broker_connection_timeout"))
+        options = setting(app.conf, "broker_transport_options") or {}
         return lambda: _core.Producer(
             app.broker_url,
             origin=self.nodename,
@@ -700,10 +532,10 @@ class Worker:
         app = self.app
         url = app.broker_url
         masked = app.broker_url_masked
-        retry = _setting(app, "broker_connection_retry_on_startup", None)
+        retry = setting(app.conf, "broker_connection_retry_on_startup")
         if retry is None:
-            retry = _setting(app, "broker_connection_retry", True)
-        max_retries = _setting(app, "broker_connection_max_retries", 100) or 0
+            retry = setting(app.conf, "broker_connection_retry")
+        max_retries = setting(app.conf, "broker_connection_max_retries") or 0
         attempt = 0
         while not self._stop_requested:
             try:
@@ -1377,7 +1209,7 @@ class Worker:
                 limits.append(default)
                 continue
             try:
-                limits.append(_positive_number(attr, value) or default)
+                limits.append(seconds_or_none(attr, value) or default)
             except WorkerError:
                 limits.append(default)
         return limits[0], limits[1]
