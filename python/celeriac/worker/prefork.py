@@ -227,7 +227,7 @@ class Supervisor:
         return None
 
     def _spawn(self, index: int) -> None:
-        from celeriac.worker.worker import ChildContext
+        from celeriac.worker.base import ChildContext
 
         self._numbers += 1
         number = self._numbers
