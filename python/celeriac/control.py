@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core
+from celeriac.conf import setting
 
 if TYPE_CHECKING:
-    from celeriac.app import Celeriac
+    from celeriac.conf import BrokerApp
 
 __all__ = [
     "PIDBOX",
@@ -70,20 +71,11 @@ node_clock = LamportClock()
 _clock = node_clock  # old private name, still read by tests
 
 
-def conf_value(app: Any, name: str, default: Any) -> Any:
-    conf = getattr(app, "conf", None)
-    try:
-        value = conf[name] if conf is not None else None
-    except (KeyError, TypeError):
-        value = None
-    return default if value is None else value
-
-
-def open_mailbox(app: Celeriac) -> Any:
+def open_mailbox(app: BrokerApp) -> Any:
     """A new broker connection for pidbox messages (the caller closes it)."""
-    timeout = float(conf_value(app, "broker_connection_timeout", 4.0) or 4.0)
-    expires = conf_value(app, "control_queue_expires", 10.0)
-    ttl = conf_value(app, "control_queue_ttl", 300.0)
+    timeout = float(setting(app.conf, "broker_connection_timeout"))
+    expires = setting(app.conf, "control_queue_expires")
+    ttl = setting(app.conf, "control_queue_ttl")
     return _core.Mailbox(
         app.broker_url,
         transport_options=app.transport_options(),
@@ -113,7 +105,7 @@ def matches(nodename: str, body: Mapping[str, Any]) -> bool:
 
 
 def broadcast(
-    app: Celeriac,
+    app: BrokerApp,
     command: str,
     arguments: Mapping[str, Any] | None = None,
     *,
@@ -200,7 +192,7 @@ _clients: dict[tuple[int, str, str], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def _client_mailbox(app: Celeriac) -> tuple[Any, bool]:
+def _client_mailbox(app: BrokerApp) -> tuple[Any, bool]:
     """A mailbox for a client: ``(mailbox, kept)``; kept ones are not to be closed."""
     url = str(app.broker_url)
     if not url.startswith(("amqp", "pyamqp")):
@@ -227,7 +219,7 @@ class Control:
     ``broadcast`` returns the replies (``[{nodename: reply}, ...]``) when ``reply``,
     else None, as Celery's does."""
 
-    def __init__(self, app: Celeriac) -> None:
+    def __init__(self, app: BrokerApp) -> None:
         self.app = app
 
     def broadcast(

@@ -439,7 +439,7 @@ def eager_failure(
     task: Any, task_id: str, args: Any, kwargs: Any, exc: BaseException, tb: str
 ) -> None:
     """``task_failure`` for a task run by ``apply()`` (or ``task_always_eager``)."""
-    from celeriac.worker.request import ExceptionInfo
+    from celeriac.worker.einfo import ExceptionInfo
 
     task_failure.send(
         sender=task,

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from celeriac import _core
-from celeriac.conf import DEFAULTS, parse_rate_limit
-from celeriac.control import conf_value, node_clock
+from celeriac.conf import DEFAULTS, parse_rate_limit, setting
+from celeriac.control import node_clock
 
 if TYPE_CHECKING:
     from celeriac.worker.pidbox import Pidbox
@@ -269,7 +269,7 @@ def _broker_info(app: Any) -> dict[str, Any]:
     except ValueError:
         port = None
     vhost = unquote(parts.path[1:]) if parts.path.startswith("/") else parts.path
-    options = dict(conf_value(app, "broker_transport_options", {}) or {})
+    options = dict(setting(app.conf, "broker_transport_options") or {})
     return {
         "hostname": parts.hostname,
         "userid": unquote(parts.username) if parts.username else None,
@@ -278,11 +278,11 @@ def _broker_info(app: Any) -> dict[str, Any]:
         "insist": False,
         "ssl": scheme in ("amqps", "rediss"),
         "transport": transport,
-        "connect_timeout": conf_value(app, "broker_connection_timeout", 4.0),
+        "connect_timeout": setting(app.conf, "broker_connection_timeout"),
         "transport_options": options,
         "login_method": "PLAIN" if transport == "amqp" else None,
         "uri_prefix": None,
-        "heartbeat": conf_value(app, "broker_heartbeat", 120.0) if transport == "amqp" else 0,
+        "heartbeat": setting(app.conf, "broker_heartbeat") if transport == "amqp" else 0,
         "failover_strategy": "round-robin",
         "alternates": [],
     }

@@ -34,6 +34,7 @@ from celeriac.signals import (
 )
 from celeriac.task import Request as TaskRequest
 from celeriac.worker import canvas_step
+from celeriac.worker.einfo import ExceptionInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -469,19 +470,6 @@ def send_internal_error(request: Request, exc: BaseException) -> None:
         traceback=exc.__traceback__,
         einfo=ExceptionInfo(exc, "".join(traceback.format_exception(exc))),
     )
-
-
-class ExceptionInfo:
-    """What ``on_failure``/``on_retry`` receive as ``einfo`` (Celery's ``ExceptionInfo``)."""
-
-    def __init__(self, exc: BaseException, tb: str) -> None:
-        self.exception = exc
-        self.type = type(exc)
-        self.tb = exc.__traceback__
-        self.traceback = tb
-
-    def __str__(self) -> str:
-        return self.traceback
 
 
 def _handler(request: Request, name: str, *args: Any) -> None:
