@@ -242,7 +242,7 @@ class WorkerBase:
         #: A prefork child's counts of tasks started and running, for the node's heartbeat.
         self.slot_stats: SlotStats | None = None
         self._in_task = False
-        self._stop_requested = False
+        self.stop_requested = False
         self._signals_seen = 0
         self._in_fetch = False
         self._previous_handlers: dict[int, Any] = {}

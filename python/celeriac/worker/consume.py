@@ -47,7 +47,7 @@ class ConsumeMixin(HeldMixin):
     def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a shutdown is requested."""
         deadline = time.monotonic() + seconds
-        while not self._stop_requested:
+        while not self.stop_requested:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -55,7 +55,7 @@ class ConsumeMixin(HeldMixin):
 
     def _loop(self, consumer: Consumer) -> None:
         child = self.child
-        while not self._stop_requested:
+        while not self.stop_requested:
             if child is not None:
                 if os.getppid() != child.parent_pid:
                     logger.error("The supervisor is gone; stopping.")
@@ -69,7 +69,7 @@ class ConsumeMixin(HeldMixin):
             self._dispatch(consumer)
             if self.events is not None:
                 self.events.flush()
-            if self._stop_requested:
+            if self.stop_requested:
                 break
             wait = self._wait_budget()
             busy = bool(self.reserved) and self.pool.free_slots() == 0
@@ -89,7 +89,7 @@ class ConsumeMixin(HeldMixin):
         reconnects by itself), a closed consumer ends the worker."""
         try:
             self._in_fetch = True
-            if self._stop_requested:
+            if self.stop_requested:
                 return []
             return consumer.fetch(count, wait)
         except StopFetch:
@@ -320,7 +320,7 @@ class ConsumeMixin(HeldMixin):
         if isinstance(pool, pool_mod.SoloPool):
             return self._dispatch_inline(consumer)
         child = self.child
-        while self.reserved and not self._stop_requested:
+        while self.reserved and not self.stop_requested:
             room = pool.free_slots()
             if room <= 0:
                 return
@@ -376,7 +376,7 @@ class ConsumeMixin(HeldMixin):
         if child.tasks_done < most:
             return False
         child.retiring = True  # the supervisor starts the replacement now
-        self._stop_requested = True
+        self.stop_requested = True
         child.publish(State.RETIRING)
         return True
 
@@ -400,7 +400,7 @@ class ConsumeMixin(HeldMixin):
         before its task; late acks go in one call once the reserved ones are done."""
         child = self.child
         reserved = self.reserved
-        while reserved and not self._stop_requested:
+        while reserved and not self.stop_requested:
             request = reserved.popleft()
             announce_received(request)
             if not self._may_start(consumer, request):

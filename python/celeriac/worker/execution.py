@@ -72,7 +72,7 @@ class ExecutionMixin(WorkerBase):
             return 0.0  # no limit: no token to take
         return float(self.rate_limiter.acquire(name))
 
-    def _time_limits(self, request: Request) -> tuple[float | None, float | None]:
+    def time_limits(self, request: Request) -> tuple[float | None, float | None]:
         """``(hard, soft)``: the message's ``timelimit`` header, else the task's
         attributes, else ``task_time_limit``/``task_soft_time_limit``."""
         header = request.delivery.headers.get("timelimit")
@@ -105,7 +105,7 @@ class ExecutionMixin(WorkerBase):
         child = self.child
         if child is None:
             return self._execute(request)
-        hard, soft = self._time_limits(request)
+        hard, soft = self.time_limits(request)
         # Counted toward --max-tasks-per-child (and the child retired) by _dispatch.
         child.publish(State.RETIRING if child.retiring else State.RUNNING, request, hard or 0.0)
         guard = None
@@ -120,17 +120,17 @@ class ExecutionMixin(WorkerBase):
             return self._execute(request, guard)
         finally:
             self._in_task = False
-            self._check_memory()
+            self.check_memory()
             child.publish(State.RETIRING if child.retiring else State.IDLE)
 
-    def _check_memory(self) -> None:
+    def check_memory(self) -> None:
         """``--max-memory-per-child`` in a prefork child, after a task ended (a sync
         one in ``_job``, coroutines when the main thread collects them): over the
         limit, the child retires as ``_count_for_child`` retires it: it takes nothing
         more, lets what runs finish and gives the rest back; the supervisor starts its
         replacement. Main thread only (it writes the child's slot)."""
         child, most = self.child, self.max_memory_per_child
-        if child is None or most is None or child.retiring or self._stop_requested:
+        if child is None or most is None or child.retiring or self.stop_requested:
             return
         used = _rss_kib()
         if used <= most:
@@ -141,7 +141,7 @@ class ExecutionMixin(WorkerBase):
             most,
         )
         child.retiring = True
-        self._stop_requested = True
+        self.stop_requested = True
         child.publish(State.RETIRING)
 
     def _execute(

@@ -92,7 +92,7 @@ class LifecycleMixin(ConsumeMixin):
             accept_content=accept,
         )
 
-    def _probe_factory(self) -> Callable[[], Any]:
+    def probe_factory(self) -> Callable[[], Any]:
         """The supervisor checks the broker with a producer: it consumes nothing."""
         app = self.app
         timeout = float(setting(app.conf, "broker_connection_timeout"))
@@ -104,7 +104,7 @@ class LifecycleMixin(ConsumeMixin):
             connect_timeout=timeout,
         )
 
-    def _connect(self, factory: Callable[[], Any] | None = None) -> Any:
+    def connect(self, factory: Callable[[], Any] | None = None) -> Any:
         """The consumer, retrying per ``broker_connection_*``; None after giving up."""
         if factory is None:
             factory = self._consumer_factory()
@@ -116,7 +116,7 @@ class LifecycleMixin(ConsumeMixin):
             retry = setting(app.conf, "broker_connection_retry")
         max_retries = setting(app.conf, "broker_connection_max_retries") or 0
         attempt = 0
-        while not self._stop_requested:
+        while not self.stop_requested:
             try:
                 return factory()
             except ValueError as exc:
@@ -187,7 +187,7 @@ class LifecycleMixin(ConsumeMixin):
         if self.child is None:
             _say("worker: Warm shutdown (MainProcess)")
             signals.shutting_down(self.nodename, signum, cold=False)
-        self._stop_requested = True
+        self.stop_requested = True
         if self._in_fetch:
             raise StopFetch()
 
@@ -251,9 +251,9 @@ class LifecycleMixin(ConsumeMixin):
             logger.warning("Could not send the last events: %s", exc)
 
     def _serve(self) -> int:
-        self.consumer = self._connect()
+        self.consumer = self.connect()
         if self.consumer is None:
-            return EX_OK if self._stop_requested else EX_FAILURE
+            return EX_OK if self.stop_requested else EX_FAILURE
         if self.child is None:
             logger.info("Connected to %s", self.app.broker_url_masked)
         try:

@@ -118,11 +118,11 @@ class Supervisor:
                 self._say("worker: Cold shutdown (MainProcess)")
                 signals.shutting_down(self.worker.nodename, signum, cold=True)
             self._cold = True
-            self.worker._stop_requested = True
+            self.worker.stop_requested = True
         else:
             self._say("worker: Warm shutdown (MainProcess)")
             signals.shutting_down(self.worker.nodename, signum, cold=False)
-            self.worker._stop_requested = True
+            self.worker.stop_requested = True
 
     @staticmethod
     def _say(text: str) -> None:
@@ -150,9 +150,9 @@ class Supervisor:
         worker = self.worker
         print(worker.banner(), file=sys.__stdout__, flush=True)
         worker.warn_task_events()
-        probe = worker._connect(worker._probe_factory())
+        probe = worker.connect(worker.probe_factory())
         if probe is None:
-            return EX_OK if worker._stop_requested else EX_FAILURE
+            return EX_OK if worker.stop_requested else EX_FAILURE
         with contextlib.suppress(Exception):
             probe.close()
         del probe
@@ -164,7 +164,7 @@ class Supervisor:
             return EX_FAILURE
         sys.stdout.flush()
         sys.stderr.flush()
-        while not worker._stop_requested:
+        while not worker.stop_requested:
             self._reap()
             self._enforce_time_limits()
             self._apply_resizes()
@@ -212,7 +212,7 @@ class Supervisor:
     def _fill(self) -> None:
         missing = self.concurrency - self._active()
         for _ in range(max(0, missing)):
-            if self.worker._stop_requested:
+            if self.worker.stop_requested:
                 return
             index = self._free_index()
             if index is None:
