@@ -8,9 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from celeriac import _core, signals, states
-from celeriac.exceptions import (
-    NotRegistered,
-)
+from celeriac.exceptions import NotRegistered
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.signals import task_received
 from celeriac.worker import pool as pool_mod

@@ -7,18 +7,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.exceptions import (
-    TaskRevokedError,
-)
+from celeriac.exceptions import TaskRevokedError
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.worker.announce import announce_received
-from celeriac.worker.base import (
-    RATE_LIMIT_HOLD,
-)
+from celeriac.worker.base import RATE_LIMIT_HOLD
 from celeriac.worker.execution import ExecutionMixin
-from celeriac.worker.request import (
-    Request,
-)
+from celeriac.worker.request import Request
 from celeriac.worker.revoke import parse_signal, store_revoked
 
 if TYPE_CHECKING:

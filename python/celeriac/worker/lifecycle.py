@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 from celeriac import _core, signals
 from celeriac.conf import setting
 from celeriac.events import EventDispatcher, Heart
-from celeriac.exceptions import (
-    SoftTimeLimitExceeded,
-)
+from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker import banner as banner_mod
 from celeriac.worker.base import (
     EX_FAILURE,
