@@ -29,7 +29,7 @@ import sys
 import types
 import zoneinfo
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from celeriac._core import mask_url
 from celeriac.exceptions import ImproperlyConfigured
@@ -38,9 +38,11 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_BROKER_URL",
     "OLD_NAMES",
+    "BrokerApp",
     "Settings",
     "parse_rate_limit",
     "read_object",
+    "setting",
 ]
 
 #: The broker used when none is configured: the embedded SQLite file, for one machine.
@@ -122,6 +124,8 @@ DEFAULTS: dict[str, Any] = {
     # Revoked task ids each worker process remembers (Celery: 50000, env REVOKES_MAX).
     "worker_revoked_ids_max": 50000,
     "worker_pool": "prefork",
+    "worker_pool_start_method": "fork",
+    "worker_disable_prefetch": False,
     "worker_max_tasks_per_child": None,
     "worker_max_memory_per_child": None,
     "worker_disable_rate_limits": False,
@@ -637,7 +641,7 @@ class Settings(MutableMapping[str, Any]):
 # -- reading settings from a module or object ----------------------------------------
 
 
-def _import_object(path: str) -> Any:
+def import_object(path: str) -> Any:
     """``"pkg.mod"``, ``"pkg.mod:attr"`` or ``"pkg.mod.attr"``, imported with the
     current directory on ``sys.path`` (as ``celery -A`` and Celery's loader do)."""
     cwd = os.getcwd()
@@ -680,6 +684,9 @@ def _items_of(obj: Any) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
+_import_object = import_object  # old private name, still imported by app.py and routes.py
+
+
 def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
     """The settings in a module (or its dotted name), a class, an object or a mapping.
 
@@ -688,7 +695,7 @@ def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
     the prefix removed and the rest lower-cased: ``CELERY_BROKER_URL`` -> ``broker_url``.
     """
     if isinstance(obj, str):
-        obj = _import_object(obj)
+        obj = import_object(obj)
     found: dict[str, Any] = {}
     if namespace:
         prefix = namespace if namespace.endswith("_") else namespace + "_"
@@ -704,3 +711,32 @@ def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
         elif name.islower():
             found[name] = value
     return found
+
+
+# -- what code outside the app reads of it -------------------------------------------
+
+
+def setting(conf: Any, name: str) -> Any:
+    """The setting ``name`` of ``conf`` (an app's ``Settings``, or any mapping); its
+    default in ``DEFAULTS`` when it is missing or None."""
+    try:
+        value = conf[name]
+    except (KeyError, TypeError):
+        value = None
+    return DEFAULTS.get(name) if value is None else value
+
+
+class BrokerApp(Protocol):
+    """What the worker, its remote control and its events need of an app, so they
+    depend on this shape and not on ``celeriac.app``."""
+
+    @property
+    def conf(self) -> Settings: ...
+
+    @property
+    def broker_url(self) -> str: ...
+
+    @property
+    def queues(self) -> Any: ...
+
+    def transport_options(self) -> dict[str, Any]: ...

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac._core import EventPublisher, __version__, loads
 from celeriac._core import EventReceiver as _CoreEventReceiver
+from celeriac.conf import setting
 from celeriac.signals import heartbeat_sent
 
 if TYPE_CHECKING:
-    from celeriac.app import Celeriac
+    from celeriac.conf import BrokerApp
 
 __all__ = ["EventDispatcher", "EventReceiver", "Heart", "utcoffset", "worker_fields"]
 
@@ -87,7 +88,7 @@ class EventDispatcher:
 
     def __init__(
         self,
-        app: Celeriac,
+        app: BrokerApp,
         hostname: str,
         *,
         enabled: bool = True,
@@ -96,7 +97,7 @@ class EventDispatcher:
         self.app = app
         self.hostname = hostname
         self.enabled = enabled
-        self.exchange = exchange or str(_conf(app, "event_exchange", "celeryev"))
+        self.exchange = exchange or str(setting(app.conf, "event_exchange"))
         redis_like = not app.broker_url.lower().startswith(("amqp", "pyamqp"))
         #: Celery makes ``celeryev`` a fanout exchange on Redis; it is PUB/SUB there.
         self.exchange_type = "fanout" if redis_like else "topic"
@@ -122,7 +123,7 @@ class EventDispatcher:
                 self._publisher = EventPublisher(
                     app.broker_url,
                     transport_options=app.transport_options(),
-                    connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
+                    connect_timeout=float(setting(app.conf, "broker_connection_timeout")),
                 )
             except ValueError as exc:
                 # A broker without broadcast (the embedded SQLite): expected, not a fault.
@@ -279,7 +280,7 @@ class EventReceiver:
 
     def __init__(
         self,
-        app: Celeriac,
+        app: BrokerApp,
         *,
         handlers: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None,
         exchange: str | None = None,
@@ -288,9 +289,9 @@ class EventReceiver:
         self.handlers = dict(handlers or {})
         self._receiver: Any = _CoreEventReceiver(
             app.broker_url,
-            exchange=exchange or str(_conf(app, "event_exchange", "celeryev")),
+            exchange=exchange or str(setting(app.conf, "event_exchange")),
             transport_options=app.transport_options(),
-            connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
+            connect_timeout=float(setting(app.conf, "broker_connection_timeout")),
         )
 
     def next_events(self, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -333,11 +334,3 @@ class EventReceiver:
                     handler(event)
                 handled += 1
         return handled
-
-
-def _conf(app: Celeriac, name: str, default: Any) -> Any:
-    try:
-        value = app.conf[name]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value

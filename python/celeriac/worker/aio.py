@@ -185,7 +185,7 @@ class AsyncPool(Pool[Request, Disposition]):
 
     def submit(self, request: Request) -> None:
         loop = self._ensure_loop()
-        hard, soft = self.worker._time_limits(request)
+        hard, soft = self.worker.time_limits(request)
         run = _Run(request, hard, soft)
         self._active += 1
         with self._idle:
@@ -208,7 +208,7 @@ class AsyncPool(Pool[Request, Disposition]):
         self._active -= len(out)
         # --max-memory-per-child after coroutines too, here on the main thread: a
         # prefork child that grows by running only ``async def`` tasks is replaced.
-        self.worker._check_memory()
+        self.worker.check_memory()
         return out
 
     def join(self) -> None:

@@ -21,7 +21,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from traceback import format_exc
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celeriac import states
 from celeriac.canvas import Signature, seconds_of, signature
@@ -31,10 +31,26 @@ from celeriac.result import GroupResult, exception_from_meta, exception_to_meta,
 from celeriac.task import Request as TaskRequest
 
 if TYPE_CHECKING:
-    from celeriac._core import Backend
-    from celeriac.worker.request import Request
+    from celeriac._core import Backend, Delivery
+    from celeriac.task import Task
 
 logger = logging.getLogger("celeriac.worker.canvas")
+
+
+class Request(Protocol):
+    """What a canvas step reads of the worker's request (``worker.request.Request``,
+    which calls this module: a shape here, so the two do not import each other)."""
+
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def task(self) -> Task[Any, Any]: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+
+    def context(self) -> dict[str, Any]: ...
 
 
 def _signatures(request: Request, field: str, value: Any) -> list[Signature[Any]]:

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from celeriac.control import Pidbox
+    from celeriac.worker.pidbox import Pidbox
 
 __all__ = ["REPLY_WAIT", "start", "sync"]
 
@@ -100,7 +100,8 @@ def sync(box: Pidbox, replies: Iterable[Any]) -> int:
 
 def _sync_with(box: Pidbox, nodename: str, answer: Any) -> str | None:
     """Take one node's reply; what is wrong with it (nothing is taken then), or None."""
-    from celeriac.control import _clock, revoked_ids
+    from celeriac.control import node_clock
+    from celeriac.worker.control import revoked_ids
 
     if not isinstance(answer, dict):
         return f"the reply is not a mapping: {_short(answer)}"
@@ -115,9 +116,9 @@ def _sync_with(box: Pidbox, nodename: str, answer: Any) -> str | None:
     if bad:
         return f"revoked holds {bad} entries that are not task ids: {_short(raw)}"
     if clock:
-        _clock.adjust(clock)
+        node_clock.adjust(clock)
     else:
-        next(_clock)
+        next(node_clock)
     if not ids:
         return None
     worker = box.worker

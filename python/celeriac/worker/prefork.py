@@ -16,7 +16,7 @@ the shared slot table (``slots.py``) and reacts:
   ``--max-memory-per-child``) gets its replacement forked at once;
 - the first SIGTERM/SIGINT is a warm shutdown of every child, the second a cold one;
 - remote control: the supervisor holds the node's mailbox and reaches its children
-  through a socket pair each (``celeriac.control.ChildLinks``).
+  through a socket pair each (``celeriac.worker.pidbox.ChildLinks``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import signals, states
-from celeriac.control import ChildLinks, Pidbox
 from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.result import meta_for
+from celeriac.worker.pidbox import ChildLinks, Pidbox
 from celeriac.worker.revoke import signal_name
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
 
@@ -118,11 +118,11 @@ class Supervisor:
                 self._say("worker: Cold shutdown (MainProcess)")
                 signals.shutting_down(self.worker.nodename, signum, cold=True)
             self._cold = True
-            self.worker._stop_requested = True
+            self.worker.stop_requested = True
         else:
             self._say("worker: Warm shutdown (MainProcess)")
             signals.shutting_down(self.worker.nodename, signum, cold=False)
-            self.worker._stop_requested = True
+            self.worker.stop_requested = True
 
     @staticmethod
     def _say(text: str) -> None:
@@ -150,9 +150,9 @@ class Supervisor:
         worker = self.worker
         print(worker.banner(), file=sys.__stdout__, flush=True)
         worker.warn_task_events()
-        probe = worker._connect(worker._probe_factory())
+        probe = worker.connect(worker.probe_factory())
         if probe is None:
-            return EX_OK if worker._stop_requested else EX_FAILURE
+            return EX_OK if worker.stop_requested else EX_FAILURE
         with contextlib.suppress(Exception):
             probe.close()
         del probe
@@ -164,7 +164,7 @@ class Supervisor:
             return EX_FAILURE
         sys.stdout.flush()
         sys.stderr.flush()
-        while not worker._stop_requested:
+        while not worker.stop_requested:
             self._reap()
             self._enforce_time_limits()
             self._apply_resizes()
@@ -212,7 +212,7 @@ class Supervisor:
     def _fill(self) -> None:
         missing = self.concurrency - self._active()
         for _ in range(max(0, missing)):
-            if self.worker._stop_requested:
+            if self.worker.stop_requested:
                 return
             index = self._free_index()
             if index is None:
@@ -227,7 +227,7 @@ class Supervisor:
         return None
 
     def _spawn(self, index: int) -> None:
-        from celeriac.worker.worker import ChildContext
+        from celeriac.worker.base import ChildContext
 
         self._numbers += 1
         number = self._numbers

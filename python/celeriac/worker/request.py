@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
+from celeriac.conf import setting
 from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.local import push_task
 from celeriac.result import exception_to_meta, meta_for
@@ -33,6 +34,7 @@ from celeriac.signals import (
 )
 from celeriac.task import Request as TaskRequest
 from celeriac.worker import canvas_step
+from celeriac.utils.einfo import ExceptionInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,14 +122,6 @@ def short_repr(value: Any, limit: int = REPR_MAX) -> str:
     return text
 
 
-def _setting(conf: Any, name: str, default: Any) -> Any:
-    try:
-        value = conf[name]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
-
 #: The task hooks ``execute`` calls; a hook still the base class's no-op is skipped.
 HOOKS = frozenset(("before_start", "on_success", "on_failure", "on_retry", "after_return"))
 
@@ -152,16 +146,16 @@ class TaskPolicy:
 def task_policy(task: Task[Any, Any], conf: Any) -> TaskPolicy:
     acks_late = getattr(task, "acks_late", None)
     if acks_late is None:
-        acks_late = _setting(conf, "task_acks_late", False)
+        acks_late = setting(conf, "task_acks_late")
     ignore_result = getattr(task, "ignore_result", None)
     if ignore_result is None:
-        ignore_result = _setting(conf, "task_ignore_result", False)
+        ignore_result = setting(conf, "task_ignore_result")
     return TaskPolicy(
         task=task,
         acks_late=bool(acks_late),
-        acks_on_failure=bool(_setting(conf, "task_acks_on_failure_or_timeout", True)),
+        acks_on_failure=bool(setting(conf, "task_acks_on_failure_or_timeout")),
         ignore_result=bool(ignore_result),
-        extended=bool(_setting(conf, "result_extended", False)),
+        extended=bool(setting(conf, "result_extended")),
         reject_on_worker_lost=bool(getattr(task, "reject_on_worker_lost", None)),
         track_started=bool(getattr(task, "track_started", None)),
         hooks=_overridden_hooks(task),
@@ -476,19 +470,6 @@ def send_internal_error(request: Request, exc: BaseException) -> None:
         traceback=exc.__traceback__,
         einfo=ExceptionInfo(exc, "".join(traceback.format_exception(exc))),
     )
-
-
-class ExceptionInfo:
-    """What ``on_failure``/``on_retry`` receive as ``einfo`` (Celery's ``ExceptionInfo``)."""
-
-    def __init__(self, exc: BaseException, tb: str) -> None:
-        self.exception = exc
-        self.type = type(exc)
-        self.tb = exc.__traceback__
-        self.traceback = tb
-
-    def __str__(self) -> str:
-        return self.traceback
 
 
 def _handler(request: Request, name: str, *args: Any) -> None:

@@ -1,0 +1,22 @@
+"""A task's failure as its hooks and the ``task_failure`` signal receive it.
+
+A module of its own, importing nothing of celeriac, so ``celeriac.signals`` can use it
+without importing the worker's request handling (which imports the signals).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ExceptionInfo"]
+
+
+class ExceptionInfo:
+    """What ``on_failure``/``on_retry`` receive as ``einfo`` (Celery's ``ExceptionInfo``)."""
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exception = exc
+        self.type = type(exc)
+        self.tb = exc.__traceback__
+        self.traceback = tb
+
+    def __str__(self) -> str:
+        return self.traceback
