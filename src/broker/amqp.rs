@@ -53,6 +53,7 @@ use super::url::{BrokerUrl, Scheme};
 use super::{Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::message::OutgoingMessage;
+use crate::retry::backoff;
 
 /// RabbitMQ's default `max_message_size` (128 MiB); bigger bodies are refused here
 /// rather than letting the broker close the channel.
@@ -395,9 +396,12 @@ fn short(what: &str, text: &str) -> Result<ShortString> {
     })
 }
 
-fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
+/// An exchange type by kombu's name. kombu hands any other name to the broker as it
+/// is (RabbitMQ plugins add types such as `x-delayed-message`), so it is `Custom`
+/// here too; only an empty name means kombu's default, `direct`.
+pub(crate) fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
     match kind {
-        "direct" => lapin::ExchangeKind::Direct,
+        "direct" | "" => lapin::ExchangeKind::Direct,
         "fanout" => lapin::ExchangeKind::Fanout,
         "topic" => lapin::ExchangeKind::Topic,
         "headers" => lapin::ExchangeKind::Headers,
@@ -904,11 +908,6 @@ pub async fn connect(url: &BrokerUrl, options: &AmqpOptions, name: &str) -> Resu
             options.connect_timeout.as_secs_f64()
         ))),
     }
-}
-
-/// Back off 0.1 s, 0.2 s, ... up to 2 s between reconnection attempts.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
 }
 
 /// Error text for the Python side: the worker treats "closed" as "the consumer was
@@ -2399,6 +2398,20 @@ impl ConsumerIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchange_types_kombu_does_not_name_reach_the_broker_unchanged() {
+        use lapin::ExchangeKind;
+        assert_eq!(exchange_kind("topic"), ExchangeKind::Topic);
+        assert_eq!(exchange_kind("fanout"), ExchangeKind::Fanout);
+        assert_eq!(exchange_kind("headers"), ExchangeKind::Headers);
+        assert_eq!(exchange_kind("direct"), ExchangeKind::Direct);
+        assert_eq!(exchange_kind(""), ExchangeKind::Direct);
+        assert_eq!(
+            exchange_kind("x-delayed-message"),
+            ExchangeKind::Custom("x-delayed-message".to_owned())
+        );
+    }
 
     #[test]
     fn tls_settings_are_read_from_broker_use_ssl() {

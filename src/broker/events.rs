@@ -210,16 +210,6 @@ pub(crate) fn short(what: &str, text: &str) -> Result<ShortString> {
         .map_err(|_| Error::Config(format!("{what} is longer than AMQP's 255 bytes")))
 }
 
-/// kombu's exchange type names; anything else is `direct`, kombu's default.
-fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
-    match kind {
-        "fanout" => lapin::ExchangeKind::Fanout,
-        "topic" => lapin::ExchangeKind::Topic,
-        "headers" => lapin::ExchangeKind::Headers,
-        _ => lapin::ExchangeKind::Direct,
-    }
-}
-
 /// Declares the exchange a broadcast (event or pidbox message) goes to, with the flags
 /// kombu gives it: durable only if asked, never auto-deleted.
 pub(crate) async fn declare_exchange(
@@ -230,7 +220,7 @@ pub(crate) async fn declare_exchange(
     channel
         .exchange_declare(
             short("exchange name", &message.exchange)?,
-            exchange_kind(&message.exchange_type),
+            amqp::exchange_kind(&message.exchange_type),
             ExchangeDeclareOptions {
                 passive: false,
                 durable: message.durable,

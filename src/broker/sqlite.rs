@@ -56,6 +56,7 @@ use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, IncomingEnvelope};
 use crate::protocol::message::OutgoingMessage;
+use crate::retry::backoff;
 
 /// The schema this build writes. A file with a higher `user_version` is refused; a
 /// lower one is upgraded in place (version 2 added `broadcast`).
@@ -196,11 +197,6 @@ pub(crate) fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default()
-}
-
-/// Back off 0.1 s, 0.2 s, ... up to 2 s between attempts after an error.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
 }
 
 // ---------------------------------------------------------------------------------

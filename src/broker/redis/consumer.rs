@@ -17,13 +17,14 @@ use super::restore::{
 };
 use super::wake::Wakers;
 use super::{
-    backoff, connect, ensure_server_version, priority_key, unix_now, RedisOptions, PRIORITY_SEP,
+    connect, ensure_server_version, priority_key, unix_now, RedisOptions, PRIORITY_SEP,
     PRIORITY_STEPS,
 };
 use crate::broker::url::BrokerUrl;
 use crate::broker::{BadMessage, Fetched, IncomingMessage};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, IncomingEnvelope};
+use crate::retry::backoff;
 
 /// Pops up to ARGV[1] messages from the lists KEYS[4..] in order and records each one
 /// in kombu's ack emulation (KEYS[1] = unacked hash, KEYS[2] = unacked_index zset) and

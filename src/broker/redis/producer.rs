@@ -7,12 +7,13 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 
-use super::{backoff, connect, priority_key, RedisOptions, PRIORITY_SEP};
+use super::{connect, priority_key, RedisOptions, PRIORITY_SEP};
 use crate::broker::outbox::Outbox;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::protocol::envelope;
 use crate::protocol::message::OutgoingMessage;
+use crate::retry::backoff;
 
 /// Publishes task messages; cheap to call from any thread.
 pub struct RedisProducer {
