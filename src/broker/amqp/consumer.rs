@@ -671,3 +671,33 @@ impl ConsumerIo {
         }
     }
 }
+
+impl crate::broker::traits::Consumer for AmqpConsumer {
+    fn ack(&self, tags: Vec<String>) -> Result<()> {
+        AmqpConsumer::ack(self, tags)
+    }
+
+    fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        AmqpConsumer::reject(self, tag, requeue)
+    }
+
+    fn extend_window(&self, delta: i64) -> Result<()> {
+        AmqpConsumer::extend_window(self, delta)
+    }
+
+    async fn restore_unacked(&self) -> Result<usize> {
+        AmqpConsumer::restore_unacked(self).await
+    }
+
+    async fn add_queue(&self, queue: &str) -> Result<bool> {
+        AmqpConsumer::add_queue(self, queue).await
+    }
+
+    async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        AmqpConsumer::cancel_queue(self, queue).await
+    }
+
+    fn close(&self) {
+        AmqpConsumer::close(self)
+    }
+}

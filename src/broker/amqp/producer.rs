@@ -798,3 +798,17 @@ impl ProducerIo {
         Ok(())
     }
 }
+
+impl crate::broker::traits::Producer for AmqpProducer {
+    fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        AmqpProducer::publish(self, message)
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        AmqpProducer::flush(self, timeout).await
+    }
+
+    fn close(&self) {
+        AmqpProducer::close(self)
+    }
+}

@@ -945,3 +945,42 @@ async fn heartbeat_loop(
         }
     }
 }
+
+impl crate::broker::traits::Consumer for RedisConsumer {
+    fn ack(&self, tags: Vec<String>) -> Result<()> {
+        RedisConsumer::ack(self, tags)
+    }
+
+    fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        RedisConsumer::reject(self, tag, requeue)
+    }
+
+    fn give_back(&self, tags: Vec<String>) -> Result<()> {
+        RedisConsumer::give_back(self, tags)
+    }
+
+    fn release_window(&self) {
+        self.release_deferred()
+    }
+
+    fn extend_window(&self, delta: i64) -> Result<()> {
+        RedisConsumer::extend_window(self, delta);
+        Ok(())
+    }
+
+    async fn restore_unacked(&self) -> Result<usize> {
+        RedisConsumer::restore_unacked(self).await
+    }
+
+    async fn add_queue(&self, queue: &str) -> Result<bool> {
+        RedisConsumer::add_queue(self, queue).await
+    }
+
+    async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        Ok(RedisConsumer::cancel_queue(self, queue).await)
+    }
+
+    fn close(&self) {
+        RedisConsumer::close(self)
+    }
+}

@@ -134,3 +134,17 @@ fn build_publish_pipeline(
     }
     pipe
 }
+
+impl crate::broker::traits::Producer for RedisProducer {
+    fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        RedisProducer::publish(self, message)
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        RedisProducer::flush(self, timeout).await
+    }
+
+    fn close(&self) {
+        RedisProducer::close(self)
+    }
+}

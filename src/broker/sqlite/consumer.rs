@@ -766,3 +766,33 @@ pub(super) fn lenient_int(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Re
         ValueRef::Null | ValueRef::Text(_) | ValueRef::Blob(_) => 0,
     })
 }
+
+impl crate::broker::traits::Consumer for SqliteConsumer {
+    fn ack(&self, tags: Vec<String>) -> Result<()> {
+        SqliteConsumer::ack(self, tags)
+    }
+
+    fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        SqliteConsumer::reject(self, tag, requeue)
+    }
+
+    fn extend_window(&self, delta: i64) -> Result<()> {
+        SqliteConsumer::extend_window(self, delta)
+    }
+
+    async fn restore_unacked(&self) -> Result<usize> {
+        SqliteConsumer::restore_unacked(self).await
+    }
+
+    async fn add_queue(&self, queue: &str) -> Result<bool> {
+        SqliteConsumer::add_queue(self, queue).await
+    }
+
+    async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        SqliteConsumer::cancel_queue(self, queue).await
+    }
+
+    fn close(&self) {
+        SqliteConsumer::close(self)
+    }
+}

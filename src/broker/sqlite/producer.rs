@@ -134,3 +134,17 @@ pub(super) fn insert_rows(conn: &mut Connection, rows: &[Row]) -> rusqlite::Resu
     }
     tx.commit()
 }
+
+impl crate::broker::traits::Producer for SqliteProducer {
+    fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        SqliteProducer::publish(self, message)
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        SqliteProducer::flush(self, timeout).await
+    }
+
+    fn close(&self) {
+        SqliteProducer::close(self)
+    }
+}
