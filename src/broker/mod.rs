@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod amqp_tags;
+pub mod broadcast;
 pub mod events;
 pub mod outbox;
 pub mod pidbox;

@@ -66,9 +66,8 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::events::{redis_envelope, Broadcast};
+use super::broadcast::{decode, redis_envelope, Broadcast, Received};
 use super::outbox::Outbox;
-use super::pidbox::{decode, Received};
 use super::url::BrokerUrl;
 use super::{BadMessage, Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
