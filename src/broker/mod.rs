@@ -1,10 +1,11 @@
 //! Brokers: where task messages are published and consumed.
 //!
-//! Each transport (`redis.rs`, `sqlite.rs`, `amqp.rs`) has the same shape:
-//! a producer whose `publish` never waits (an I/O task batches the writes) and a
-//! consumer whose fetch task fills a channel of [`Fetched`] items within a prefetch
-//! window, and which acks in batches. [`Producer`] and [`Consumer`] pick the
-//! transport from the URL's scheme.
+//! Each transport (the folders `redis/`, `sqlite/`, `amqp/`) has the same shape, the
+//! [`traits::Producer`] and [`traits::Consumer`] traits: a producer whose `publish`
+//! never waits (an I/O task batches the writes) and a consumer whose fetch task fills
+//! a channel of [`Fetched`] items within a prefetch window, and which acks in batches.
+//! [`Producer`] and [`Consumer`] pick the transport from the URL's scheme and delegate
+//! to it. `broadcast` is the transport-free message that `events` and `pidbox` send.
 
 pub mod amqp;
 pub mod amqp_tags;
