@@ -7,6 +7,7 @@ pub mod backend;
 pub mod broker;
 pub mod error;
 pub mod protocol;
+pub mod retry;
 pub mod runtime;
 pub mod scheduler;
 

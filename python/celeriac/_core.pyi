@@ -18,6 +18,10 @@ class CeleriacError(Exception):
 class OperationalError(CeleriacError):
     """The broker or the result store cannot be reached (kombu's ``OperationalError``)."""
 
+class ClosedError(OperationalError):
+    """The producer, consumer or result store was closed (or used after a fork);
+    retrying cannot help, unlike a lost connection."""
+
 class TimeoutError(CeleriacError):
     """A wait for a result ran out of time."""
 

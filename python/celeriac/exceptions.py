@@ -1,9 +1,10 @@
 """celeriac's errors, with Celery's names and hierarchy.
 
-The broker/transport errors (``CeleriacError``, ``OperationalError``, ``TimeoutError``,
-``DecodeError``) are raised by the Rust core and re-exported here. The rest are the
-task-level errors a Celery program already catches: ``except Retry``,
-``except MaxRetriesExceededError``, ``except SoftTimeLimitExceeded`` ...
+The broker/transport errors (``CeleriacError``, ``OperationalError`` and its
+``ClosedError``, ``TimeoutError``, ``DecodeError``) are raised by the Rust core and
+re-exported here. The rest are the task-level errors a Celery program already
+catches: ``except Retry``, ``except MaxRetriesExceededError``,
+``except SoftTimeLimitExceeded`` ...
 
 Results written by a Celery worker name these classes by their Celery module
 (``celery.exceptions``, ``billiard.exceptions``); :mod:`celeriac.result` maps those
@@ -15,7 +16,13 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from celeriac._core import CeleriacError, DecodeError, OperationalError, TimeoutError
+from celeriac._core import (
+    CeleriacError,
+    ClosedError,
+    DecodeError,
+    OperationalError,
+    TimeoutError,
+)
 
 __all__ = [
     "AlreadyRegistered",
@@ -26,6 +33,7 @@ __all__ = [
     "CeleryError",
     "CeleryWarning",
     "ChordError",
+    "ClosedError",
     "DecodeError",
     "Ignore",
     "ImproperlyConfigured",

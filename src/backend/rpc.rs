@@ -34,6 +34,7 @@ use crate::broker::amqp::{self, AmqpOptions, AmqpProducer, QueueSpec, RawPublish
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
 use crate::protocol::content::Serializer;
+use crate::retry::backoff;
 use crate::runtime;
 
 /// Metas kept for tasks nobody waited for yet, at most (oldest dropped first).
@@ -486,8 +487,4 @@ async fn listen_loop(
             }
         }
     }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
 }

@@ -19,15 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use redis::aio::MultiplexedConnection;
-use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Notify};
 
-use super::pidbox::{decode, Received};
+pub use super::broadcast::Broadcast;
+use super::broadcast::{decode, redis_envelope, Received};
 use super::sqlite::{FanoutRow, FanoutSubscription, SqliteFanout, SqliteOptions};
 use super::url::{BrokerUrl, Scheme};
 use super::{amqp, redis as redis_transport, TransportOptions};
@@ -37,20 +36,6 @@ use crate::error::{Error, Result};
 const ATTEMPTS: u32 = 3;
 /// Most messages waiting for the I/O task; past it new ones are dropped (and counted).
 const MAX_BACKLOG: u64 = 100_000;
-
-/// One message for an exchange.
-#[derive(Debug, Clone)]
-pub struct Broadcast {
-    pub exchange: String,
-    /// `topic`, `fanout` or `direct` (AMQP declaration only).
-    pub exchange_type: String,
-    pub durable: bool,
-    pub routing_key: String,
-    /// Message headers (a JSON object).
-    pub headers: Map<String, Value>,
-    /// The JSON body.
-    pub body: Vec<u8>,
-}
 
 struct State {
     queued: AtomicU64,
@@ -210,16 +195,6 @@ pub(crate) fn short(what: &str, text: &str) -> Result<ShortString> {
         .map_err(|_| Error::Config(format!("{what} is longer than AMQP's 255 bytes")))
 }
 
-/// kombu's exchange type names; anything else is `direct`, kombu's default.
-fn exchange_kind(kind: &str) -> lapin::ExchangeKind {
-    match kind {
-        "fanout" => lapin::ExchangeKind::Fanout,
-        "topic" => lapin::ExchangeKind::Topic,
-        "headers" => lapin::ExchangeKind::Headers,
-        _ => lapin::ExchangeKind::Direct,
-    }
-}
-
 /// Declares the exchange a broadcast (event or pidbox message) goes to, with the flags
 /// kombu gives it: durable only if asked, never auto-deleted.
 pub(crate) async fn declare_exchange(
@@ -230,7 +205,7 @@ pub(crate) async fn declare_exchange(
     channel
         .exchange_declare(
             short("exchange name", &message.exchange)?,
-            exchange_kind(&message.exchange_type),
+            amqp::exchange_kind(&message.exchange_type),
             ExchangeDeclareOptions {
                 passive: false,
                 durable: message.durable,
@@ -251,27 +226,6 @@ pub fn redis_channel(prefix: &str, exchange: &str, routing_key: &str) -> String 
     } else {
         format!("{prefix}{exchange}/{routing_key}")
     }
-}
-
-/// The kombu envelope of a broadcast on Redis (celery-wire §3.1).
-pub fn redis_envelope(message: &Broadcast) -> Result<Vec<u8>> {
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(&message.body),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": Value::Object(message.headers.clone()),
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {
-                "exchange": message.exchange,
-                "routing_key": message.routing_key,
-            },
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    });
-    Ok(serde_json::to_vec(&envelope)?)
 }
 
 async fn io_loop(
@@ -468,19 +422,6 @@ impl EventSubscriber {
 mod tests {
     use super::*;
 
-    fn event() -> Broadcast {
-        let mut headers = Map::new();
-        headers.insert("hostname".into(), Value::from("w1@vm"));
-        Broadcast {
-            exchange: "celeryev".into(),
-            exchange_type: "topic".into(),
-            durable: true,
-            routing_key: "worker.heartbeat".into(),
-            headers,
-            body: br#"{"type": "worker-heartbeat"}"#.to_vec(),
-        }
-    }
-
     #[test]
     fn channels_follow_kombu_fanout_names() {
         assert_eq!(
@@ -495,23 +436,5 @@ mod tests {
             redis_channel("pfx:/0.", "celeryev", "worker.online"),
             "pfx:/0.celeryev/worker.online"
         );
-    }
-
-    #[test]
-    fn envelope_is_kombu_shaped() {
-        let raw = redis_envelope(&event()).expect("encodes");
-        let value: Value = serde_json::from_slice(&raw).expect("json");
-        assert_eq!(value["content-type"], "application/json");
-        assert_eq!(value["headers"]["hostname"], "w1@vm");
-        assert_eq!(value["properties"]["body_encoding"], "base64");
-        assert_eq!(
-            value["properties"]["delivery_info"]["routing_key"],
-            "worker.heartbeat"
-        );
-        assert!(value["properties"]["delivery_tag"].is_string());
-        let body = base64::engine::general_purpose::STANDARD
-            .decode(value["body"].as_str().expect("str"))
-            .expect("base64");
-        assert_eq!(body, br#"{"type": "worker-heartbeat"}"#);
     }
 }

@@ -1,18 +1,21 @@
 //! Brokers: where task messages are published and consumed.
 //!
-//! Each transport (`redis.rs`, `sqlite.rs`, `amqp.rs`) has the same shape:
-//! a producer whose `publish` never waits (an I/O task batches the writes) and a
-//! consumer whose fetch task fills a channel of [`Fetched`] items within a prefetch
-//! window, and which acks in batches. [`Producer`] and [`Consumer`] pick the
-//! transport from the URL's scheme.
+//! Each transport (the folders `redis/`, `sqlite/`, `amqp/`) has the same shape, the
+//! [`traits::Producer`] and [`traits::Consumer`] traits: a producer whose `publish`
+//! never waits (an I/O task batches the writes) and a consumer whose fetch task fills
+//! a channel of [`Fetched`] items within a prefetch window, and which acks in batches.
+//! [`Producer`] and [`Consumer`] pick the transport from the URL's scheme and delegate
+//! to it. `broadcast` is the transport-free message that `events` and `pidbox` send.
 
 pub mod amqp;
 pub mod amqp_tags;
+pub mod broadcast;
 pub mod events;
 pub mod outbox;
 pub mod pidbox;
 pub mod redis;
 pub mod sqlite;
+pub mod traits;
 pub mod url;
 
 use std::time::Duration;
@@ -23,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::protocol::envelope::IncomingEnvelope;
 use crate::protocol::message::OutgoingMessage;
+use traits::{Consumer as ConsumerOps, Producer as ProducerOps};
 use url::{BrokerUrl, Scheme};
 
 /// A message taken from a queue: routing facts, properties, headers (JSON text) and
@@ -126,6 +130,17 @@ impl Default for TransportOptions {
     }
 }
 
+/// `$body` for whichever transport `$self` holds, bound to `$transport`.
+macro_rules! on_transport {
+    ($self:expr, $transport:ident => $body:expr) => {
+        match $self {
+            Self::Redis($transport) => $body,
+            Self::Sqlite($transport) => $body,
+            Self::Amqp($transport) => $body,
+        }
+    };
+}
+
 /// Publishes task messages on whichever transport the URL names.
 pub enum Producer {
     Redis(redis::RedisProducer),
@@ -155,28 +170,16 @@ impl Producer {
 
     /// Hand a message to the I/O task; never waits.
     pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
-        match self {
-            Self::Redis(producer) => producer.publish(message),
-            Self::Sqlite(producer) => producer.publish(message),
-            Self::Amqp(producer) => producer.publish(message),
-        }
+        on_transport!(self, producer => ProducerOps::publish(producer, message))
     }
 
     /// Wait until everything published before this call is written.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        match self {
-            Self::Redis(producer) => producer.flush(timeout).await,
-            Self::Sqlite(producer) => producer.flush(timeout).await,
-            Self::Amqp(producer) => producer.flush(timeout).await,
-        }
+        on_transport!(self, producer => ProducerOps::flush(producer, timeout).await)
     }
 
     pub fn close(&self) {
-        match self {
-            Self::Redis(producer) => producer.close(),
-            Self::Sqlite(producer) => producer.close(),
-            Self::Amqp(producer) => producer.close(),
-        }
+        on_transport!(self, producer => ProducerOps::close(producer))
     }
 }
 
@@ -217,91 +220,45 @@ impl Consumer {
     }
 
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
-        match self {
-            Self::Redis(consumer) => consumer.ack(tags),
-            Self::Sqlite(consumer) => consumer.ack(tags),
-            Self::Amqp(consumer) => consumer.ack(tags),
-        }
+        on_transport!(self, consumer => ConsumerOps::ack(consumer, tags))
     }
 
     pub fn reject(&self, tag: String, requeue: bool) -> Result<()> {
-        match self {
-            Self::Redis(consumer) => consumer.reject(tag, requeue),
-            Self::Sqlite(consumer) => consumer.reject(tag, requeue),
-            Self::Amqp(consumer) => consumer.reject(tag, requeue),
-        }
+        on_transport!(self, consumer => ConsumerOps::reject(consumer, tag, requeue))
     }
 
-    /// Put these fetched, unacked messages back in their queue, as close to the front
-    /// as the broker allows, freeing their window slots: another consumer can take
-    /// them (Redis: the front of the list; RabbitMQ and SQLite: their place in line).
+    /// See [`traits::Consumer::give_back`].
     pub fn give_back(&self, tags: Vec<String>) -> Result<()> {
-        match self {
-            Self::Redis(consumer) => consumer.give_back(tags),
-            Self::Sqlite(consumer) => tags
-                .into_iter()
-                .try_for_each(|tag| consumer.reject(tag, true)),
-            Self::Amqp(consumer) => tags
-                .into_iter()
-                .try_for_each(|tag| consumer.reject(tag, true)),
-        }
+        on_transport!(self, consumer => ConsumerOps::give_back(consumer, tags))
     }
 
-    /// Give the fetcher every window slot freed by acks and held back so far (Redis
-    /// groups them); called before waiting for messages.
+    /// See [`traits::Consumer::release_window`]; called before waiting for messages.
     pub fn release_window(&self) {
-        if let Self::Redis(consumer) = self {
-            consumer.release_deferred();
-        }
+        on_transport!(self, consumer => ConsumerOps::release_window(consumer))
     }
 
-    /// Grow (`delta > 0`) or shrink the prefetch window, one slot per message held for
-    /// its ETA or rate limit. Transports without a window of their own ignore it.
+    /// See [`traits::Consumer::extend_window`].
     pub fn extend_window(&self, delta: i64) -> Result<()> {
-        match self {
-            Self::Redis(consumer) => {
-                consumer.extend_window(delta);
-                Ok(())
-            }
-            Self::Amqp(consumer) => consumer.extend_window(delta),
-            Self::Sqlite(consumer) => consumer.extend_window(delta),
-        }
+        on_transport!(self, consumer => ConsumerOps::extend_window(consumer, delta))
     }
 
     /// Stop fetching and give back every fetched, unacked message. Returns how many.
     pub async fn restore_unacked(&self) -> Result<usize> {
-        match self {
-            Self::Redis(consumer) => consumer.restore_unacked().await,
-            Self::Sqlite(consumer) => consumer.restore_unacked().await,
-            Self::Amqp(consumer) => consumer.restore_unacked().await,
-        }
+        on_transport!(self, consumer => ConsumerOps::restore_unacked(consumer).await)
     }
 
     /// Start consuming from `queue` too (declared as the worker's queues are);
     /// false when it is consumed already (`add_consumer`).
     pub async fn add_queue(&self, queue: &str) -> Result<bool> {
-        match self {
-            Self::Redis(consumer) => consumer.add_queue(queue).await,
-            Self::Sqlite(consumer) => consumer.add_queue(queue).await,
-            Self::Amqp(consumer) => consumer.add_queue(queue).await,
-        }
+        on_transport!(self, consumer => ConsumerOps::add_queue(consumer, queue).await)
     }
 
-    /// Stop consuming from `queue`; false when it was not consumed
-    /// (`cancel_consumer`). Messages already fetched from it are still handed over.
+    /// Stop consuming from `queue`; false when it was not consumed (`cancel_consumer`).
     pub async fn cancel_queue(&self, queue: &str) -> Result<bool> {
-        match self {
-            Self::Redis(consumer) => Ok(consumer.cancel_queue(queue).await),
-            Self::Sqlite(consumer) => consumer.cancel_queue(queue).await,
-            Self::Amqp(consumer) => consumer.cancel_queue(queue).await,
-        }
+        on_transport!(self, consumer => ConsumerOps::cancel_queue(consumer, queue).await)
     }
 
     pub fn close(&self) {
-        match self {
-            Self::Redis(consumer) => consumer.close(),
-            Self::Sqlite(consumer) => consumer.close(),
-            Self::Amqp(consumer) => consumer.close(),
-        }
+        on_transport!(self, consumer => ConsumerOps::close(consumer))
     }
 }

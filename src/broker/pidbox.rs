@@ -38,24 +38,19 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use super::amqp::{self, AmqpOptions, QueueSpec};
-use super::events::{
-    declare_exchange, publish_broadcast, redis_channel, redis_envelope, short, Broadcast,
-};
+pub use super::broadcast::{decode, Received};
+use super::broadcast::{redis_envelope, Broadcast};
+use super::events::{declare_exchange, publish_broadcast, redis_channel, short};
 use super::redis::{self as redis_transport, RedisOptions, PRIORITY_SEP};
 use super::sqlite::SqliteMailbox;
 use super::url::{BrokerUrl, Scheme};
 use super::TransportOptions;
 use crate::error::{Error, Result};
-use crate::protocol::envelope::IncomingEnvelope;
 
 /// How often [`Mailbox::pop_wait`] looks again where nothing can wait for a message.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a lost subscription waits before it connects again.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
-
-/// A message read from a channel or a reply queue: its headers (a JSON object) and
-/// body bytes, or why it could not be read.
-pub type Received = std::result::Result<(Value, Vec<u8>), String>;
 
 /// Celery's `control_queue_expires` / `control_queue_ttl` (AMQP queue arguments).
 #[derive(Debug, Clone, Copy)]
@@ -686,17 +681,6 @@ async fn amqp_subscription_loop(
 
 fn binding_member(routing_key: &str, queue: &str) -> String {
     format!("{routing_key}{PRIORITY_SEP}{PRIORITY_SEP}{queue}")
-}
-
-/// Headers and body of a kombu envelope.
-pub fn decode(raw: &[u8]) -> Received {
-    let envelope = IncomingEnvelope::parse(raw).map_err(|err| err.to_string())?;
-    let body = envelope.body_bytes().map_err(|err| err.to_string())?;
-    let headers = match envelope.headers.as_deref() {
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|err| err.to_string())?,
-        None => Value::Object(Map::new()),
-    };
-    Ok((headers, body))
 }
 
 async fn open_subscription(

@@ -227,11 +227,6 @@ fn unix_now() -> f64 {
         .unwrap_or_default()
 }
 
-/// Back off 0.1 s, 0.2 s, ... up to 2 s between reconnection attempts.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(5)).min(2000))
-}
-
 /// The queues of binding-table `members` whose routing key is `routing_key`.
 pub(crate) fn bound_queues(members: &[String], routing_key: &str) -> Vec<String> {
     members

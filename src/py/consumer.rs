@@ -17,6 +17,7 @@ use super::producer::duration;
 use super::serializers;
 use crate::broker::url::BrokerUrl;
 use crate::broker::{Consumer as AnyConsumer, Fetched, IncomingMessage};
+use crate::error::Error;
 use crate::protocol::compression::{self, Compression};
 use crate::protocol::content::Serializer;
 use crate::protocol::v1::{self, HeaderValue, V1Value};
@@ -140,7 +141,7 @@ impl Consumer {
                 })
             });
             if received.is_err() {
-                return Err(OperationalError::new_err("the consumer is closed"));
+                return Err(Error::Closed("the consumer").into());
             }
             if !batch.is_empty() {
                 break;

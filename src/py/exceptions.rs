@@ -21,6 +21,13 @@ create_exception!(
 );
 create_exception!(
     _core,
+    ClosedError,
+    OperationalError,
+    "The producer, consumer or result store was closed (or used after a fork); unlike a \
+     lost connection, retrying cannot help."
+);
+create_exception!(
+    _core,
     TimeoutError,
     CeleriacError,
     "A wait for a result ran out of time."
@@ -44,9 +51,8 @@ impl From<Error> for PyErr {
         let text = err.to_string();
         match err {
             Error::InvalidUrl(_) | Error::Config(_) => PyValueError::new_err(text),
-            Error::Connection(_) | Error::Closed(_) | Error::Redis(_) => {
-                OperationalError::new_err(text)
-            }
+            Error::Connection(_) | Error::Redis(_) => OperationalError::new_err(text),
+            Error::Closed(_) => ClosedError::new_err(text),
             Error::Timeout(_) => TimeoutError::new_err(text),
             Error::Decode(_) | Error::Json(_) => DecodeError::new_err(text),
             Error::Encode(_) => PyTypeError::new_err(text),
@@ -60,6 +66,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("CeleriacError", py.get_type::<CeleriacError>())?;
     m.add("OperationalError", py.get_type::<OperationalError>())?;
+    m.add("ClosedError", py.get_type::<ClosedError>())?;
     m.add("TimeoutError", py.get_type::<TimeoutError>())?;
     m.add("DecodeError", py.get_type::<DecodeError>())?;
     m.add("ContentDisallowed", py.get_type::<ContentDisallowed>())?;

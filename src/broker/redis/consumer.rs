@@ -17,13 +17,14 @@ use super::restore::{
 };
 use super::wake::Wakers;
 use super::{
-    backoff, connect, ensure_server_version, priority_key, unix_now, RedisOptions, PRIORITY_SEP,
+    connect, ensure_server_version, priority_key, unix_now, RedisOptions, PRIORITY_SEP,
     PRIORITY_STEPS,
 };
 use crate::broker::url::BrokerUrl;
 use crate::broker::{BadMessage, Fetched, IncomingMessage};
 use crate::error::{Error, Result};
 use crate::protocol::envelope::{self, IncomingEnvelope};
+use crate::retry::backoff;
 
 /// Pops up to ARGV[1] messages from the lists KEYS[4..] in order and records each one
 /// in kombu's ack emulation (KEYS[1] = unacked hash, KEYS[2] = unacked_index zset) and
@@ -942,5 +943,44 @@ async fn heartbeat_loop(
                 let _ = cmd.query_async::<()>(&mut conn).await;
             }
         }
+    }
+}
+
+impl crate::broker::traits::Consumer for RedisConsumer {
+    fn ack(&self, tags: Vec<String>) -> Result<()> {
+        RedisConsumer::ack(self, tags)
+    }
+
+    fn reject(&self, tag: String, requeue: bool) -> Result<()> {
+        RedisConsumer::reject(self, tag, requeue)
+    }
+
+    fn give_back(&self, tags: Vec<String>) -> Result<()> {
+        RedisConsumer::give_back(self, tags)
+    }
+
+    fn release_window(&self) {
+        self.release_deferred()
+    }
+
+    fn extend_window(&self, delta: i64) -> Result<()> {
+        RedisConsumer::extend_window(self, delta);
+        Ok(())
+    }
+
+    async fn restore_unacked(&self) -> Result<usize> {
+        RedisConsumer::restore_unacked(self).await
+    }
+
+    async fn add_queue(&self, queue: &str) -> Result<bool> {
+        RedisConsumer::add_queue(self, queue).await
+    }
+
+    async fn cancel_queue(&self, queue: &str) -> Result<bool> {
+        Ok(RedisConsumer::cancel_queue(self, queue).await)
+    }
+
+    fn close(&self) {
+        RedisConsumer::close(self)
     }
 }

@@ -7,12 +7,13 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 
-use super::{backoff, connect, priority_key, RedisOptions, PRIORITY_SEP};
+use super::{connect, priority_key, RedisOptions, PRIORITY_SEP};
 use crate::broker::outbox::Outbox;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::protocol::envelope;
 use crate::protocol::message::OutgoingMessage;
+use crate::retry::backoff;
 
 /// Publishes task messages; cheap to call from any thread.
 pub struct RedisProducer {
@@ -132,4 +133,18 @@ fn build_publish_pipeline(
         pipe.cmd("LPUSH").arg(key).arg(values).ignore();
     }
     pipe
+}
+
+impl crate::broker::traits::Producer for RedisProducer {
+    fn publish(&self, message: OutgoingMessage) -> Result<()> {
+        RedisProducer::publish(self, message)
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        RedisProducer::flush(self, timeout).await
+    }
+
+    fn close(&self) {
+        RedisProducer::close(self)
+    }
 }

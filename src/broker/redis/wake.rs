@@ -16,8 +16,9 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{backoff, connect};
+use super::connect;
 use crate::broker::url::BrokerUrl;
+use crate::retry::backoff;
 
 /// How long one `BLMOVE` of a waker blocks before it asks again.
 const WAKE_BLOCK_SECS: u64 = 5;
