@@ -46,6 +46,7 @@ from celeriac.serialization import worker_accept_content
 from celeriac.signals import task_internal_error, task_received
 from celeriac.task import is_async_task as _is_async_task
 from celeriac.worker import banner as banner_mod
+from celeriac.worker import canvas_lost
 from celeriac.worker import pool as pool_mod
 from celeriac.worker.aio import DEFAULT_ASYNC_CONCURRENCY, AsyncPool
 from celeriac.worker.announce import announce_received, prepare_received
@@ -1393,6 +1394,7 @@ class Worker:
         hard, soft = self._time_limits(request)
         # Counted toward --max-tasks-per-child (and the child retired) by _dispatch.
         child.publish(State.RETIRING if child.retiring else State.RUNNING, request, hard or 0.0)
+        canvas_lost.record(child, request)  # errbacks/chord part if this child is lost
         guard = None
         if soft:
             limit = soft
