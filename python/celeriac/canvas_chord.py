@@ -2,8 +2,10 @@
 
 The client writes the header's size and sends the header as a group carrying the
 body in ``embed.chord``; each header task's worker records its part of the join in
-the Redis result backend (``celeriac.worker.canvas_step.chord_part``, one script in the
-Rust core), and the one that records the last part sends the body.
+the result backend (``celeriac.worker.canvas_step.chord_part``: one script on Redis, one
+transaction on SQLite, in the Rust core), and the one that records the last part sends
+the body. A chord inside a chord's header is one part of the outer join: its body
+carries the outer chord. ``rpc://`` refuses chords, as Celery does.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class chord(Signature[R]):
     """A group (the header) whose results, in header order, go to one task (the
     body) once every header task has ended: ``chord(header, body)()``.
 
-    Joined on the ``redis://`` result backend in Celery's keys and steps: the client
+    Joined on ``redis://`` in Celery's keys and steps (``sqlite://``: the same steps): the client
     writes the header's size, each header task's worker records its part in one
     atomic script, and the worker that records the last part sends the body, once.
     If a header task fails, the body does not run and its result is ``ChordError``.
