@@ -41,11 +41,11 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint fmt bench bench-canvas bench-beat soak bench-rust demo wheel clean ci fuzz
+.PHONY: help venv dev test test-rust lint lint-imports fmt bench bench-canvas bench-beat soak bench-rust demo wheel clean ci fuzz
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,13 +76,17 @@ test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); 
 test-rust: ## Run the Rust tests (cargo test, dev profile: debug assertions on)
 	cargo test
 
-lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict)
+lint: $(BUILT) ## cargo fmt --check, clippy -D warnings, ruff check, ruff format --check, mypy (strict), lint-imports
 	cargo fmt --check
 	cargo clippy --all-targets --profile ci -- -D warnings  # reuses what `make dev` built
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
 	$(BIN)/mypy
 	MYPYPATH=python $(BIN)/mypy benches examples
+	$(MAKE) lint-imports
+
+lint-imports: $(DEPS) ## Check the Python package's layers and import contracts (pyproject's [tool.importlinter])
+	PYTHONPATH=python $(BIN)/lint-imports --no-cache
 
 fmt: $(DEPS) ## Format the Rust and Python code in place (and sort imports)
 	cargo fmt

@@ -1,8 +1,9 @@
-"""The application: settings, the task registry, and sending.
+"""The application: settings, its tasks, and its connections.
 
 ``Celeriac`` (also ``Celery``) is Celery's app with the same constructor, decorator and
 methods. Sending goes straight to the Rust producer: ``add.delay(2, 2)`` checks the
-arguments, looks up a cached route and calls ``Producer.send`` once.
+arguments, looks up a cached route and calls ``Producer.send`` once (``sending.py``);
+the registry and ``@shared_task`` are in ``registry.py``.
 
 Connections are per process: the producer and the result store are created on first
 use and again in a forked child, and what was sent is flushed at interpreter exit.
@@ -15,185 +16,63 @@ import datetime
 import importlib
 import logging
 import os
-import socket
 import threading
 import types
 import uuid
-import warnings
 import weakref
 import zoneinfo
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from celeriac import _core
+from celeriac import sending
 from celeriac import signals as _signals
+from celeriac._core import Backend, Producer, mask_url
 from celeriac.canvas import Signature, signature
 from celeriac.canvas_map import register_builtins
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
-from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured, NotRegistered
+from celeriac.exceptions import ImproperlyConfigured
 from celeriac.fixups import install_fixups
 from celeriac.local import (
     get_current_app,
     get_current_worker_task,
     set_current_app,
     set_default_app,
+    set_default_app_maker,
 )
+from celeriac.registry import SHARED_TASKS, TaskRegistry, create_task, gen_task_name, shared_task
 from celeriac.result import AsyncResult as _AsyncResult
-from celeriac.routes import Route, Router
+from celeriac.routes import Router
 from celeriac.schedules import periodic_entry
 from celeriac.serialization import (
     check_compression,
     check_serializer,
     prepare_accept_content,
 )
-from celeriac.serialization import dumps as _serialize
-from celeriac.serialization import loads as _deserialize
-from celeriac.task import (
-    _UNBUILT,
-    DispatchDefaults,
-    _add_autoretry,
-    bind_run,
-)
 from celeriac.task import Task as _Task
+from celeriac.task_options import UNBUILT, DispatchDefaults, add_autoretry
+from celeriac.transports import (
+    AMQP_SCHEMES,
+    DISABLED_BACKENDS,
+    SUPPORTED_BACKENDS,
+    SUPPORTED_BROKERS,
+    scheme_of,
+    ssl_option,
+    transport_of,
+)
+from celeriac.utils.nodenames import client_origin
 
 if TYPE_CHECKING:
     from celeriac.routes import QueueSpec
 
-__all__ = ["Celeriac", "Celery", "TaskRegistry", "shared_task"]
+# TaskRegistry, shared_task and transport_of live in their own modules; importable here too.
+__all__ = ["Celeriac", "Celery", "TaskRegistry", "shared_task", "transport_of"]
 
 logger = logging.getLogger("celeriac")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Transports the core speaks now. Anything else fails at first use with a clear error.
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "unix", "socket"})
-_AMQP_SCHEMES = frozenset({"amqp", "pyamqp", "amqps"})
-_SUPPORTED_BROKERS = _REDIS_SCHEMES | _AMQP_SCHEMES | {"sqlite"}
-_SUPPORTED_BACKENDS = _REDIS_SCHEMES | {"sqlite", "rpc"}
-_DISABLED_BACKENDS = frozenset({"", "disabled", "disabled://"})
-
-# apply_async option -> Producer.send option.
-_PASSED_OPTIONS = {
-    "group_id": "group",
-    "group": "group",
-    "group_index": "group_index",
-    "chord": "chord",
-    "chain": "chain",
-    "root_id": "root_id",
-    "parent_id": "parent_id",
-    "reply_to": "reply_to",
-    "retries": "retries",
-    "correlation_id": "correlation_id",
-    "argsrepr": "argsrepr",
-    "kwargsrepr": "kwargsrepr",
-    "origin": "origin",
-    "stamped_headers": "stamped_headers",
-    "stamps": "stamps",
-    "replaced_task_nesting": "replaced_task_nesting",
-}
-_DELIVERY_MODES = {"persistent": 2, "transient": 1, 1: 1, 2: 2}
-
-_HOSTNAME = socket.gethostname()
 _UTC = datetime.timezone.utc
-
-
-class TaskRegistry(dict[str, _Task[Any, Any]]):
-    """Task name -> task. A missing name raises
-    :class:`~celeriac.exceptions.NotRegistered` (a ``KeyError``)."""
-
-    def __missing__(self, name: str) -> _Task[Any, Any]:
-        raise NotRegistered(name)
-
-    def register(self, task: _Task[Any, Any]) -> None:
-        self[str(task.name)] = task
-
-    def unregister(self, name: str | _Task[Any, Any]) -> None:
-        key = name if isinstance(name, str) else str(name.name)
-        try:
-            del self[key]
-        except KeyError:
-            raise NotRegistered(key) from None
-
-
-# -- shared tasks -----------------------------------------------------------------------
-
-# (function, options) of every @shared_task; each app makes its own task from them.
-_SHARED: list[tuple[Callable[..., Any], dict[str, Any]]] = []
-
-
-def gen_task_name(app: Celeriac | None, name: str, module: str) -> str:
-    """``module.name``; ``__main__`` is replaced by the app's ``main`` when set."""
-    if module == "__main__" and app is not None and app.main:
-        module = app.main
-    return f"{module}.{name}"
-
-
-def _create_task(
-    app: Celeriac | None,
-    fun: Callable[..., Any],
-    base: type[_Task[Any, Any]] | None,
-    bind: bool,
-    options: dict[str, Any],
-) -> _Task[Any, Any]:
-    if not callable(fun):
-        raise TypeError(f"@task needs a function, got {fun!r}")
-    name = options.pop("name", None) or gen_task_name(
-        app, getattr(fun, "__name__", "task"), getattr(fun, "__module__", "__main__")
-    )
-    for ignored in ("shared", "lazy", "filter"):
-        options.pop(ignored, None)
-    if base is None:
-        base = app.Task if app is not None else _Task
-    task = base()
-    if app is not None:
-        object.__setattr__(task, "_app", app)
-    task.name = name
-    bind_run(task, fun, bind)
-    for key, value in options.items():
-        setattr(task, key, value)
-    task._check_attributes()
-    _add_autoretry(task)
-    return task
-
-
-@overload
-def shared_task(fun: Callable[P, R], /, **options: Any) -> _Task[P, R]: ...
-@overload
-def shared_task(
-    *, bind: Literal[True], **options: Any
-) -> Callable[[Callable[Concatenate[Any, P], R]], _Task[P, R]]: ...
-@overload
-def shared_task(
-    *, bind: Literal[False] = False, **options: Any
-) -> Callable[[Callable[P, R]], _Task[P, R]]: ...
-def shared_task(fun: Any = None, /, **options: Any) -> Any:
-    """Like ``@app.task``, for reusable modules: every app gets the task, and the
-    returned object sends through the current app."""
-
-    def decorate(fun: Callable[..., Any]) -> _Task[Any, Any]:
-        opts = dict(options)
-        base = opts.pop("base", None)
-        bind = bool(opts.pop("bind", False))
-        opts["name"] = opts.get("name") or gen_task_name(
-            _current_or_none(), getattr(fun, "__name__", "task"), getattr(fun, "__module__", "")
-        )
-        current = _current_or_none()
-        # The current app's task class (Django's has delay_on_commit), not bound to it.
-        unbound_base = base or (current._task_cls if current is not None else None)
-        task = _create_task(None, fun, unbound_base, bind, dict(opts))
-        _SHARED.append((fun, dict(opts, name=task.name, base=base, bind=bind)))
-        return task
-
-    if fun is not None:
-        return decorate(fun)
-    return decorate
-
-
-def _current_or_none() -> Celeriac | None:
-    from celeriac import local
-
-    return local._current_app
 
 
 # -- process state: fork and exit -------------------------------------------------------
@@ -216,81 +95,6 @@ def _flush_at_exit() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_flush_at_exit)
-
-
-# The default task id: made in Rust, several times faster than str(uuid.uuid4()).
-uuid4 = _core.uuid4
-
-
-_CERT_REQS = {0: "none", 1: "optional", 2: "required"}
-
-
-def _ssl_option(value: Any) -> Any:
-    """``broker_use_ssl`` for the transport: True, or its dict with paths as text and
-    ``cert_reqs`` (``ssl.CERT_*``, or kombu's ``"required"``-style text) as a word.
-    Anything else goes through as it is, for the transport to refuse by name."""
-    if not isinstance(value, Mapping):
-        return value
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if key in ("ca_certs", "certfile", "keyfile") and isinstance(item, os.PathLike):
-            item = os.fspath(item)
-        elif key == "cert_reqs" and isinstance(item, int) and not isinstance(item, bool):
-            item = _CERT_REQS.get(int(item), item)
-        elif key == "cert_reqs" and isinstance(item, str):
-            item = item.lower().removeprefix("cert_")
-        out[str(key)] = item
-    return out
-
-
-def _scheme(url: str) -> str:
-    return url.partition("://")[0].lower() if "://" in url else url.lower()
-
-
-def transport_of(url: str) -> str:
-    """``"redis"``, ``"amqp"`` or ``"sqlite"`` for a broker URL of any of their schemes
-    (``rediss``, ``unix``, ``amqps``, ``pyamqp`` ...); another scheme as it is."""
-    scheme = _scheme(url)
-    if scheme in _REDIS_SCHEMES:
-        return "redis"
-    if scheme in _AMQP_SCHEMES:
-        return "amqp"
-    return scheme
-
-
-def _iso(value: datetime.datetime | str) -> str:
-    if isinstance(value, str):
-        return value
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=_UTC)
-    return value.isoformat()
-
-
-def _parse_iso(value: str) -> datetime.datetime:
-    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
-    parsed = datetime.datetime.fromisoformat(text)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=_UTC)
-
-
-def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    return float(value)
-
-
-def _signature_list(name: str, value: Any) -> list[Any] | None:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    found: list[Any] = []
-    for item in items:
-        if item is None:
-            continue
-        if isinstance(item, Mapping):
-            found.append(dict(item))
-        elif callable(getattr(item, "as_dict", None)):
-            found.append(item.as_dict())
-        else:
-            raise TypeError(f"{name} must be a signature (a dict), not {item!r}")
-    return found or None
 
 
 class Celeriac:
@@ -342,7 +146,7 @@ class Celeriac:
         self._producer: Any = None
         self._producer_pid = 0
         self._process_oid: tuple[int, str] | None = None
-        self._backend: Any = _UNBUILT
+        self._backend: Any = UNBUILT
         self._backend_pid = 0
         #: ``task_send_sent_event``: this process's event dispatcher (made on first use).
         self._events: Any = None
@@ -492,7 +296,7 @@ class Celeriac:
     @property
     def tasks(self) -> TaskRegistry:
         """Every task of this app, including ``shared_task`` ones."""
-        if self._shared_bound < len(_SHARED):
+        if self._shared_bound < len(SHARED_TASKS):
             self._bind_shared()
         if self.conf["task_annotations"] is not self._annotations_source:
             self._load_annotations()
@@ -500,14 +304,12 @@ class Celeriac:
 
     def _bind_shared(self) -> None:
         with self._lock:
-            while self._shared_bound < len(_SHARED):
-                fun, options = _SHARED[self._shared_bound]
+            while self._shared_bound < len(SHARED_TASKS):
+                fun, options = SHARED_TASKS[self._shared_bound]
                 self._shared_bound += 1
                 opts = dict(options)
                 if opts["name"] not in self._tasks:
-                    self._register(
-                        _create_task(self, fun, opts.pop("base"), opts.pop("bind"), opts)
-                    )
+                    self._register(create_task(self, fun, opts.pop("base"), opts.pop("bind"), opts))
 
     @overload
     def task(self, fun: Callable[P, R], /, **options: Any) -> _Task[P, R]: ...
@@ -536,7 +338,7 @@ class Celeriac:
             if existing is not None:
                 return existing
             opts["name"] = name
-            return self._register(_create_task(self, fun, base, bind, opts))
+            return self._register(create_task(self, fun, base, bind, opts))
 
         if fun is not None:
             if not callable(fun):
@@ -554,7 +356,7 @@ class Celeriac:
             cls = type(task)
             task.name = gen_task_name(self, cls.__name__, cls.__module__)
         task._check_attributes()
-        _add_autoretry(task)
+        add_autoretry(task)
         return self._register(task)
 
     def _register(self, task: _Task[Any, Any]) -> _Task[Any, Any]:
@@ -618,44 +420,7 @@ class Celeriac:
     ) -> _AsyncResult[Any]:
         """Send a task by name (it need not be registered here); takes the same
         options as ``apply_async``. ``task_always_eager`` does not apply."""
-        if args is None:
-            args = ()
-        elif not isinstance(args, (list, tuple)):
-            raise TypeError(f"task args must be a list or tuple, not {type(args).__name__}")
-        if kwargs is None:
-            kwargs = {}
-        elif not isinstance(kwargs, Mapping):
-            raise TypeError(
-                f"task keyword arguments must be a mapping, not {type(kwargs).__name__}"
-            )
-        if self.conf["task_always_eager"]:
-            warnings.warn(
-                AlwaysEagerIgnored("task_always_eager has no effect on send_task"), stacklevel=2
-            )
-        pop = options.pop
-        return self._send_task_message(
-            self.tasks.get(name),
-            name,
-            args,
-            kwargs,
-            pop("task_id", None),
-            pop("countdown", None),
-            pop("eta", None),
-            pop("expires", None),
-            pop("queue", None),
-            pop("priority", None),
-            pop("headers", None),
-            pop("ignore_result", None),
-            pop("routing_key", None),
-            pop("exchange", None),
-            pop("shadow", None),
-            pop("time_limit", None),
-            pop("soft_time_limit", None),
-            pop("link", None),
-            pop("link_error", None),
-            options,
-            False,
-        )
+        return sending.send_task(self, name, args, kwargs, **options)
 
     def signature(self, *args: Any, **kwargs: Any) -> Signature[Any]:
         """``celeriac.signature`` bound to this app."""
@@ -686,333 +451,6 @@ class Celeriac:
         """The configured queues by name (the default queue when none are)."""
         return self._get_router().queues
 
-    def _dispatch_defaults(self, task: _Task[Any, Any] | None, name: str) -> DispatchDefaults:
-        conf = self.conf
-        self._load_annotations()
-        router = self._get_router()
-        version = conf._version
-        confirm = bool((conf["broker_transport_options"] or {}).get("confirm_publish"))
-        if task is None:
-            defaults = DispatchDefaults(
-                conf,
-                version,
-                router.for_name(name) if router.static else None,
-                None,
-                None,
-                None,
-                False,
-                None,
-                False,
-                confirm,
-                check_serializer("task_serializer", conf["task_serializer"]),
-                check_compression("task_compression", conf["task_compression"]),
-            )
-            self._name_defaults[name] = defaults
-            return defaults
-        route: Route | None = None
-        if router.static:
-            options = {"queue": task.queue, "exchange": task.exchange}
-            options["routing_key"] = task.routing_key
-            if any(value is not None for value in options.values()):
-                route = router.route(name, options=options, task=task)
-            else:
-                route = router.for_name(name, task)
-        hard = task.time_limit
-        soft = task.soft_time_limit
-        serializer = check_serializer(
-            "serializer" if "serializer" in task.__dict__ else "task_serializer", task.serializer
-        )
-        defaults = DispatchDefaults(
-            conf,
-            version,
-            route,
-            task.priority,
-            conf["task_time_limit"] if hard is None else hard,
-            conf["task_soft_time_limit"] if soft is None else soft,
-            bool(task.ignore_result),
-            task.expires,
-            bool(conf["task_always_eager"]),
-            confirm,
-            serializer,
-            check_compression("task_compression", conf["task_compression"]),
-        )
-        object.__setattr__(task, "_dispatch", defaults)
-        return defaults
-
-    def _send_task_message(
-        self,
-        task: _Task[Any, Any] | None,
-        name: str,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
-        task_id: str | None,
-        countdown: float | None,
-        eta: datetime.datetime | str | None,
-        expires: Any,
-        queue: Any,
-        priority: int | None,
-        headers: Mapping[str, Any] | None,
-        ignore_result: bool | None,
-        routing_key: str | None,
-        exchange: Any,
-        shadow: str | None,
-        time_limit: float | None,
-        soft_time_limit: float | None,
-        link: Any,
-        link_error: Any,
-        options: dict[str, Any],
-        eager_ok: bool = True,
-        batch: list[Any] | None = None,
-    ) -> _AsyncResult[Any]:
-        """The one path every message takes: route, build the few options that were
-        given, and hand everything to ``Producer.send``. With ``batch`` (from
-        ``Task.apply_async_many``), nothing is sent: ``(queue, options, static route,
-        parent, confirm_publish, ignore_result)`` is appended for the caller to send."""
-        conf = self.conf
-        defaults = task._dispatch if task is not None else self._name_defaults.get(name)
-        if defaults is None or defaults.version != conf._version or defaults.conf is not conf:
-            defaults = self._dispatch_defaults(task, name)
-        if defaults.eager and eager_ok and task is not None:
-            return self._apply_eager(
-                task, args, kwargs, task_id, priority, headers, ignore_result,
-                time_limit, soft_time_limit, link, link_error, options,
-            )  # fmt: skip
-        if task_id is None:
-            task_id = uuid4()
-        opts: dict[str, Any] = {}
-        if defaults.serializer != "json":
-            opts["serializer"] = defaults.serializer
-        if defaults.compression:
-            opts["compression"] = defaults.compression
-
-        route = defaults.route
-        if route is None or queue is not None or exchange is not None or routing_key is not None:
-            route_options: dict[str, Any] = {
-                "queue": queue,
-                "exchange": exchange,
-                "routing_key": routing_key,
-                "priority": priority,
-            }
-            if task is not None:
-                for key in ("queue", "exchange", "routing_key"):
-                    if route_options[key] is None:
-                        route_options[key] = getattr(task, key)
-            if options:
-                route_options.update({k: v for k, v in options.items() if k not in route_options})
-            route = self._get_router().route(name, args, kwargs, route_options, task)
-        if route.exchange is not None:
-            opts["exchange"] = route.exchange
-            opts["routing_key"] = route.routing_key
-
-        if priority is None:
-            priority = defaults.priority
-            if priority is None:
-                priority = route.priority
-        if priority is not None:
-            opts["priority"] = priority
-
-        if countdown:
-            eta = self.now() + datetime.timedelta(seconds=_seconds("countdown", countdown))
-        if eta is not None:
-            opts["eta"] = _iso(eta)
-        if expires is None:
-            expires = defaults.expires
-        if expires is not None:
-            self._set_expires(opts, expires)
-
-        if time_limit is None:
-            time_limit = defaults.time_limit
-        elif isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)):
-            raise ValueError(f"time_limit must be a number of seconds, not {time_limit!r}")
-        if soft_time_limit is None:
-            soft_time_limit = defaults.soft_time_limit
-        elif isinstance(soft_time_limit, bool) or not isinstance(soft_time_limit, (int, float)):
-            raise ValueError(
-                f"soft_time_limit must be a number of seconds, not {soft_time_limit!r}"
-            )
-        if time_limit is not None or soft_time_limit is not None:
-            if (time_limit is not None and time_limit < 0) or (
-                soft_time_limit is not None and soft_time_limit < 0
-            ):
-                raise ValueError("time limits must not be negative")
-            if time_limit and soft_time_limit and soft_time_limit > time_limit:
-                raise ValueError("soft_time_limit must be less than or equal to time_limit")
-            opts["timelimit"] = (time_limit, soft_time_limit)
-
-        if ignore_result is None:
-            ignore_result = defaults.ignore_result
-        if ignore_result:
-            opts["ignore_result"] = True
-        if headers:
-            opts["headers"] = dict(headers)
-        if shadow:
-            opts["shadow"] = shadow
-        if link is not None:
-            callbacks = _signature_list("link", link)
-            if callbacks:
-                opts["callbacks"] = callbacks
-        if link_error is not None:
-            errbacks = _signature_list("link_error", link_error)
-            if errbacks:
-                opts["errbacks"] = errbacks
-        add_to_parent = self._extra_options(options, opts) if options else True
-
-        parent = None
-        if "parent_id" not in opts or "root_id" not in opts:
-            parent = get_current_worker_task()
-            if parent is not None:
-                request = parent.request
-                opts.setdefault("root_id", request.root_id or request.id)
-                opts.setdefault("parent_id", request.id)
-                if "priority" not in opts and conf["task_inherit_parent_priority"]:
-                    inherited = (request.delivery_info or {}).get("priority")
-                    if inherited is not None:
-                        opts["priority"] = inherited
-
-        if _signals.before_task_publish.receivers:
-            _signals.send_before_publish(self, name, task_id, args, kwargs, route.queue, opts)
-        if batch is not None:
-            parent = parent if add_to_parent else None
-            static = route is defaults.route
-            batch.append(
-                (route.queue, opts, static, parent, defaults.confirm_publish, ignore_result)
-            )
-            return _AsyncResult(task_id, app=self, task_name=name)
-        producer = self.producer
-        producer.send(name, task_id, args, kwargs, route.queue, opts or None)
-        if defaults.confirm_publish:
-            # broker_transport_options={"confirm_publish": True}: return only once the
-            # broker has the message (OperationalError after broker_connection_timeout).
-            producer.flush(float(conf["broker_connection_timeout"]))
-        if _signals.after_task_publish.receivers:
-            _signals.send_after_publish(name, task_id, args, kwargs, route.queue, opts)
-        if conf["task_send_sent_event"]:
-            self._send_sent_event(name, task_id, args, kwargs, route.queue, opts)
-
-        result: _AsyncResult[Any] = _AsyncResult(task_id, app=self, task_name=name)
-        if ignore_result:
-            result.ignored = True
-        if parent is not None and add_to_parent:
-            parent.add_trail(result)
-        return result
-
-    def _send_sent_event(
-        self,
-        name: str,
-        task_id: str,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
-        queue: str,
-        opts: Mapping[str, Any],
-    ) -> None:
-        """Celery's ``task-sent`` event (celery-wire §5.3), from ``gen<pid>@host``."""
-        from celeriac.events import EventDispatcher
-
-        events = self._events
-        if events is None or events.pid != os.getpid():
-            events = self._events = EventDispatcher(self, f"gen{os.getpid()}@{_HOSTNAME}")
-        events.send(
-            "task-sent",
-            uuid=task_id,
-            root_id=opts.get("root_id", task_id),
-            parent_id=opts.get("parent_id"),
-            name=name,
-            args=opts.get("argsrepr") or repr(args)[:1024],
-            kwargs=opts.get("kwargsrepr") or repr(kwargs)[:1024],
-            retries=opts.get("retries", 0),
-            eta=opts.get("eta"),
-            expires=opts.get("expires"),
-            queue=queue,
-            exchange=opts.get("exchange", ""),
-            routing_key=opts.get("routing_key", queue),
-        )
-
-    def _set_expires(self, opts: dict[str, Any], expires: Any) -> None:
-        now = self.now()
-        if isinstance(expires, datetime.datetime):
-            at = expires if expires.tzinfo is not None else expires.replace(tzinfo=_UTC)
-        elif isinstance(expires, str):
-            try:
-                at = _parse_iso(expires)
-            except ValueError:
-                raise ValueError(f"expires {expires!r} is not an ISO-8601 date") from None
-        else:
-            at = now + datetime.timedelta(seconds=_seconds("expires", expires))
-        opts["expires"] = at.isoformat()
-        opts["expiration"] = max(0, int((at - now).total_seconds() * 1000))
-
-    @staticmethod
-    def _extra_options(options: Mapping[str, Any], opts: dict[str, Any]) -> bool:
-        """Copy the less common ``apply_async`` options into ``opts``; returns
-        ``add_to_parent``."""
-        add_to_parent = True
-        for key, value in options.items():
-            target = _PASSED_OPTIONS.get(key)
-            if target is not None:
-                if value is not None:
-                    opts[target] = value
-            elif key == "add_to_parent":
-                add_to_parent = bool(value)
-            elif key == "delivery_mode":
-                if value is not None:
-                    try:
-                        opts["delivery_mode"] = _DELIVERY_MODES[value]
-                    except (KeyError, TypeError):
-                        raise ValueError(
-                            f"delivery_mode must be 1, 2, 'transient' or 'persistent', "
-                            f"not {value!r}"
-                        ) from None
-            elif key == "serializer":
-                if value is not None:
-                    # JSON is the producer's default: the option is left out for it.
-                    opts["serializer"] = check_serializer(key, value)
-                    if opts["serializer"] == "json":
-                        del opts["serializer"]
-            elif key == "compression" and value:
-                opts["compression"] = check_compression(key, value)
-            # Anything else (retry, retry_policy, producer, connection, mandatory...)
-            # is a kombu publishing knob with no meaning here, ignored as Celery would.
-        return add_to_parent
-
-    def _apply_eager(
-        self,
-        task: _Task[Any, Any],
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
-        task_id: str | None,
-        priority: int | None,
-        headers: Mapping[str, Any] | None,
-        ignore_result: bool | None,
-        time_limit: float | None,
-        soft_time_limit: float | None,
-        link: Any,
-        link_error: Any,
-        options: dict[str, Any],
-    ) -> _AsyncResult[Any]:
-        # Round-trip the arguments through the serializer, as a worker would get them.
-        serializer = check_serializer(
-            "serializer", options.get("serializer") or task.serializer or "json"
-        )
-        args, kwargs = _deserialize(serializer, _serialize(serializer, [list(args), dict(kwargs)]))
-        extra = {
-            key: value
-            for key, value in options.items()
-            if key in ("group_id", "group_index", "root_id", "parent_id")
-        }
-        return task.apply(
-            args,
-            kwargs,
-            link=link,
-            link_error=link_error,
-            task_id=task_id,
-            headers=dict(headers) if headers else None,
-            priority=priority,
-            ignore_result=ignore_result,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            **extra,
-        )
-
     # -- connections ------------------------------------------------------------------
 
     @property
@@ -1023,7 +461,7 @@ class Celeriac:
 
     @property
     def broker_url_masked(self) -> str:
-        return _core.mask_url(self.broker_url)
+        return mask_url(self.broker_url)
 
     @property
     def result_backend_url(self) -> str | None:
@@ -1033,26 +471,26 @@ class Celeriac:
             # Nothing configured at all: the embedded default keeps results too, so
             # the first-steps tutorial works with no server.
             return DEFAULT_BROKER_URL
-        if url is None or url.strip() in _DISABLED_BACKENDS:
+        if url is None or url.strip() in DISABLED_BACKENDS:
             return None
         return url if "://" in url else url + "://"
 
     @property
     def backend_url_masked(self) -> str:
         url = self.result_backend_url
-        return "disabled://" if url is None else _core.mask_url(url)
+        return "disabled://" if url is None else mask_url(url)
 
     def transport_options(self) -> dict[str, Any]:
         """``broker_transport_options`` plus what the transport needs from other
         settings: for AMQP the heartbeat and the queue declarations (``task_queues``,
         priorities, quorum queues), declared with Celery's flags."""
         options = dict(self.conf["broker_transport_options"] or {})
-        if _scheme(self.broker_url) not in _AMQP_SCHEMES:
+        if scheme_of(self.broker_url) not in AMQP_SCHEMES:
             return options
         conf = self.conf
         options.setdefault("heartbeat", conf["broker_heartbeat"])
         if conf.get("broker_use_ssl"):
-            options.setdefault("ssl", _ssl_option(conf["broker_use_ssl"]))
+            options.setdefault("ssl", ssl_option(conf["broker_use_ssl"]))
         arguments: dict[str, Any] = {}
         if conf.get("task_queue_max_priority") is not None:
             arguments["x-max-priority"] = int(conf["task_queue_max_priority"])
@@ -1077,7 +515,7 @@ class Celeriac:
 
     @property
     def producer(self) -> Any:
-        """This process's ``celeriac._core.Producer``, connected on first use."""
+        """This process's ``celeriac.Producer``, connected on first use."""
         producer = self._producer
         if producer is None:
             producer = self._connect_producer()
@@ -1088,10 +526,10 @@ class Celeriac:
             if self._producer is not None and self._producer_pid == os.getpid():
                 return self._producer
             url = self.broker_url
-            scheme = _scheme(url)
-            if scheme not in _SUPPORTED_BROKERS:
+            scheme = scheme_of(url)
+            if scheme not in SUPPORTED_BROKERS:
                 raise ImproperlyConfigured(
-                    f"broker_url {_core.mask_url(url)!r}: the {scheme!r} transport is not "
+                    f"broker_url {mask_url(url)!r}: the {scheme!r} transport is not "
                     "supported; celeriac speaks amqp://, redis:// and sqlite://"
                 )
             try:
@@ -1101,12 +539,12 @@ class Celeriac:
                 raise ImproperlyConfigured(str(exc)) from None
             self.finalize()
             result_url = self.result_backend_url
-            if result_url is not None and _scheme(result_url) == "rpc":
+            if result_url is not None and scheme_of(result_url) == "rpc":
                 # Declare our reply queue before the first task can answer into it.
                 _ = self.backend
-            producer = _core.Producer(
+            producer = Producer(
                 url,
-                origin=f"gen{os.getpid()}@{_HOSTNAME}",
+                origin=client_origin(),
                 reply_to=self.process_oid,
                 transport_options=self.transport_options(),
                 connect_timeout=float(self.conf["broker_connection_timeout"]),
@@ -1117,16 +555,16 @@ class Celeriac:
 
     @property
     def backend(self) -> Any:
-        """This process's ``celeriac._core.Backend``, or None when results are
+        """This process's ``celeriac.Backend``, or None when results are
         disabled (the default)."""
         backend = self._backend
-        if backend is _UNBUILT:
+        if backend is UNBUILT:
             backend = self._connect_backend()
         return backend
 
     def _connect_backend(self) -> Any:
         with self._lock:
-            if self._backend is not _UNBUILT and self._backend_pid == os.getpid():
+            if self._backend is not UNBUILT and self._backend_pid == os.getpid():
                 return self._backend
             self._backend = self._build_backend("celery-task-meta-")
             self._backend_pid = os.getpid()
@@ -1142,7 +580,7 @@ class Celeriac:
             url = self.result_backend_url
             if url is None:
                 raise NotImplementedError("groups can only be saved with a result backend")
-            if _scheme(url) == "rpc":
+            if scheme_of(url) == "rpc":
                 raise NotImplementedError("the rpc:// result backend does not store groups")
             with self._lock:
                 store = (os.getpid(), self._build_backend("celery-taskset-meta-"))
@@ -1153,10 +591,10 @@ class Celeriac:
         url = self.result_backend_url
         if url is None:
             return None
-        scheme = _scheme(url)
-        if scheme not in _SUPPORTED_BACKENDS:
+        scheme = scheme_of(url)
+        if scheme not in SUPPORTED_BACKENDS:
             raise ImproperlyConfigured(
-                f"result_backend {_core.mask_url(url)!r}: the {scheme!r} backend is "
+                f"result_backend {mask_url(url)!r}: the {scheme!r} backend is "
                 "not supported; celeriac stores results in redis://, rpc:// and sqlite://"
             )
         options = dict(self.conf["result_backend_transport_options"])
@@ -1176,7 +614,7 @@ class Celeriac:
                 "persistent": bool(self.conf["result_persistent"]),
             }
             options = self.transport_options()
-        return _core.Backend(
+        return Backend(
             url,
             expires=float(expires) if expires else None,
             key_prefix=prefix + key_name,
@@ -1210,10 +648,10 @@ class Celeriac:
 
     def _drop_connections_after_fork(self) -> None:
         for connection in (self._producer, self._backend):
-            if connection is not None and connection is not _UNBUILT:
+            if connection is not None and connection is not UNBUILT:
                 _inherited.append(connection)
         self._producer = None
-        self._backend = _UNBUILT
+        self._backend = UNBUILT
         self._local = threading.local()
 
     def _flush_at_exit(self) -> None:
@@ -1227,7 +665,7 @@ class Celeriac:
             except Exception as exc:
                 logger.warning("celeriac: messages may not have been sent at exit: %s", exc)
         backend = self._backend
-        if backend is not None and backend is not _UNBUILT and self._backend_pid == pid:
+        if backend is not None and backend is not UNBUILT and self._backend_pid == pid:
             try:
                 backend.flush(10.0)
             except Exception as exc:
@@ -1241,7 +679,7 @@ class Celeriac:
                 events.close()
             producer, backend = self._producer, self._backend
             self._producer = None
-            self._backend = _UNBUILT
+            self._backend = UNBUILT
             tasksets = self.__dict__.pop("_taskset_backend", None)
             if tasksets is not None and tasksets[0] == os.getpid():
                 tasksets[1].close()
@@ -1250,7 +688,7 @@ class Celeriac:
                     producer.flush(10.0)
                 finally:
                     producer.close()
-            if backend not in (None, _UNBUILT) and self._backend_pid == os.getpid():
+            if backend not in (None, UNBUILT) and self._backend_pid == os.getpid():
                 try:
                     backend.flush(10.0)
                 finally:
@@ -1344,3 +782,5 @@ def _wrap_method(task: _Task[Any, Any], attr: str, around: Callable[..., Any]) -
 
 #: Celery's name for the app class.
 Celery = Celeriac
+
+set_default_app_maker(lambda: Celeriac("default", set_as_current=False))

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from celeriac import _core
+from celeriac._core import EventPublisher, __version__, loads
+from celeriac._core import EventReceiver as _CoreEventReceiver
 from celeriac.signals import heartbeat_sent
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ HEARTBEAT_FREQ = 2.0
 #: celeriac's own, so a monitor can tell the two apart. Flower and Celery's
 #: ``events.state`` only display these fields.
 SW_IDENT = "celeriac"
-SW_VER = _core.__version__
+SW_VER = __version__
 
 
 def utcoffset() -> float:
@@ -118,7 +119,7 @@ class EventDispatcher:
         if self._publisher is None and not self._failed:
             app = self.app
             try:
-                self._publisher = _core.EventPublisher(
+                self._publisher = EventPublisher(
                     app.broker_url,
                     transport_options=app.transport_options(),
                     connect_timeout=float(_conf(app, "broker_connection_timeout", 4.0)),
@@ -285,7 +286,7 @@ class EventReceiver:
     ) -> None:
         self.app = app
         self.handlers = dict(handlers or {})
-        self._receiver: Any = _core.EventReceiver(
+        self._receiver: Any = _CoreEventReceiver(
             app.broker_url,
             exchange=exchange or str(_conf(app, "event_exchange", "celeryev")),
             transport_options=app.transport_options(),
@@ -303,7 +304,7 @@ class EventReceiver:
             logger.warning("Skipped an unreadable event message (%s): %s", routing_key, body)
             return []
         try:
-            decoded = _core.loads(body)
+            decoded = loads(body)
         except Exception as exc:
             logger.warning("Skipped an event message (%s) that is not JSON: %s", routing_key, exc)
             return []

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Proxy",
+    "current_app_or_none",
     "get_current_app",
     "get_current_task",
     "get_current_worker_task",
@@ -28,6 +29,7 @@ __all__ = [
     "set_async_task",
     "set_current_app",
     "set_default_app",
+    "set_default_app_maker",
 ]
 
 T = TypeVar("T")
@@ -97,7 +99,15 @@ class Proxy(Generic[T]):
 
 _current_app: Celeriac | None = None
 _default_app: Celeriac | None = None
+#: Makes the default app; ``celeriac.app`` sets it (this module does not import the app).
+_default_app_maker: Callable[[], Celeriac] | None = None
 _app_lock = threading.Lock()
+
+
+def set_default_app_maker(maker: Callable[[], Celeriac]) -> None:
+    """How :func:`get_current_app` makes the default app when no app was created."""
+    global _default_app_maker
+    _default_app_maker = maker
 
 
 def set_current_app(app: Celeriac) -> None:
@@ -112,6 +122,11 @@ def set_default_app(app: Celeriac) -> None:
         _default_app = app
 
 
+def current_app_or_none() -> Celeriac | None:
+    """The current app, or None when no app was made current (none is made here)."""
+    return _current_app
+
+
 def get_current_app() -> Celeriac:
     """The current app; a default one (``main="default"``) when none was created."""
     global _default_app
@@ -120,9 +135,9 @@ def get_current_app() -> Celeriac:
         return app
     with _app_lock:
         if _default_app is None:
-            from celeriac.app import Celeriac
-
-            _default_app = Celeriac("default", set_as_current=False)
+            if _default_app_maker is None:
+                raise RuntimeError("no celeriac app: import celeriac (or celeriac.app) first")
+            _default_app = _default_app_maker()
         return _default_app
 
 

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from celeriac import _core, exceptions, states
+from celeriac import exceptions, states
+from celeriac._core import dumps
 from celeriac.local import get_current_app, get_current_worker_task
 
 if TYPE_CHECKING:
@@ -109,14 +110,14 @@ def _synthesize(module: str, qualname: str) -> type[BaseException]:
 
 def _json_safe_args(args: tuple[Any, ...]) -> list[Any]:
     try:
-        _core.dumps(args)
+        dumps(args)
         return list(args)
     except (TypeError, ValueError):
         pass
     safe: list[Any] = []
     for arg in args:
         try:
-            _core.dumps(arg)
+            dumps(arg)
             safe.append(arg)
         except (TypeError, ValueError):
             safe.append(repr(arg))
@@ -295,9 +296,7 @@ def _revoke(
     wait: bool,
     timeout: float | None,
 ) -> None:
-    from celeriac.control import Control
-
-    Control(app or get_current_app()).revoke(
+    (app or get_current_app()).control.revoke(
         ids,
         terminate=terminate,
         signal=signal or "SIGTERM",

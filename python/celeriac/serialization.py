@@ -21,7 +21,13 @@ import pickle
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from celeriac import _core
+from celeriac._core import (
+    ContentDisallowed,
+    compression_content_type,
+    serializer_content_type,
+)
+from celeriac._core import dumps as _core_dumps
+from celeriac._core import loads as _core_loads
 from celeriac.exceptions import ImproperlyConfigured
 
 __all__ = [
@@ -37,11 +43,11 @@ __all__ = [
     "worker_accept_content",
 ]
 
-ContentDisallowed = _core.ContentDisallowed
+ContentDisallowed = ContentDisallowed
 
 #: Serializer name -> (content type, content encoding), as kombu registers them.
 CONTENT_TYPES: dict[str, tuple[str, str]] = {
-    name: _core.serializer_content_type(name) for name in ("json", "pickle", "msgpack", "yaml")
+    name: serializer_content_type(name) for name in ("json", "pickle", "msgpack", "yaml")
 }
 
 #: The package each optional serializer needs, and the extra that installs it.
@@ -101,7 +107,7 @@ def _make_codec(name: str) -> _Codec:
             lambda data: yaml.load(data, Loader=loader),
         )
     if name == "json":
-        return _core.dumps, _core.loads
+        return _core_dumps, _core_loads
     raise ValueError(f"unknown serializer {name!r}: use one of {', '.join(CONTENT_TYPES)}")
 
 
@@ -130,7 +136,7 @@ def check_compression(setting: str, name: Any) -> str | None:
     if not isinstance(name, str):
         raise ValueError(f"{setting} must be a compression name, not {name!r}")
     try:
-        _core.compression_content_type(name)
+        compression_content_type(name)
     except ValueError as exc:
         raise ValueError(f"{setting}: {exc}") from None
     return name

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import signal
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
+
+from celeriac.task_context import Request as Context
+from celeriac.utils.einfo import ExceptionInfo
+from celeriac.utils.nodenames import client_origin
 
 __all__ = [
     "Signal",
@@ -336,8 +339,6 @@ def send_before_publish(
 ) -> None:
     """``before_task_publish`` with the message as Celery would send it; headers a
     receiver adds become the message's headers (how tracing tools pass context)."""
-    from celeriac.app import _HOSTNAME  # app imports this module
-
     user = dict(opts.get("headers") or {})
     headers: dict[str, Any] = {
         "lang": "py",
@@ -354,7 +355,7 @@ def send_before_publish(
         "parent_id": opts.get("parent_id"),
         "argsrepr": opts.get("argsrepr") or repr(args),
         "kwargsrepr": opts.get("kwargsrepr") or repr(kwargs),
-        "origin": f"gen{os.getpid()}@{_HOSTNAME}",
+        "origin": client_origin(),
         "ignore_result": bool(opts.get("ignore_result", False)),
         **user,
     }
@@ -428,8 +429,6 @@ def slot_revoked(app: Any, slot: Any, signum: int) -> None:
     stopped: the supervisor knows the task by the child's slot only."""
     if not task_revoked.receivers:
         return
-    from celeriac.task import Request as Context
-
     task = app.tasks.get(slot.name)
     context = Context(id=slot.task_id, task=slot.name, hostname=None)
     task_revoked.send(sender=task, request=context, terminated=True, signum=signum, expired=False)
@@ -439,8 +438,6 @@ def eager_failure(
     task: Any, task_id: str, args: Any, kwargs: Any, exc: BaseException, tb: str
 ) -> None:
     """``task_failure`` for a task run by ``apply()`` (or ``task_always_eager``)."""
-    from celeriac.worker.request import ExceptionInfo
-
     task_failure.send(
         sender=task,
         task_id=task_id,

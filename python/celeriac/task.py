@@ -10,12 +10,8 @@ tuple and ``kwargs`` a mapping, and an argument JSON cannot carry raises ``TypeE
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import datetime
 import inspect
-import keyword
-import random
 import socket
 import threading
 import time
@@ -23,7 +19,7 @@ import traceback
 import types
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar, cast
 
 from celeriac import canvas_map, signals, states
 from celeriac.canvas import Signature
@@ -41,369 +37,37 @@ from celeriac.local import (
 )
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.result import EagerResult, meta_for
-from celeriac.serialization import check_serializer
+from celeriac.sending import send_sent_event, send_task_message
+from celeriac.task_context import (
+    ASYNC_REQUEST,
+    DEFAULT_REQUEST,
+    Request,
+    is_async_task,
+    run_coroutine,
+)
+from celeriac.task_options import (
+    ATTRIBUTE_CHECKS,
+    DISPATCH_ATTRIBUTES,
+    UNBUILT,
+    DispatchDefaults,
+    FromConf,
+    build_argcheck,
+)
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
-    from celeriac.routes import Route
 
-__all__ = ["Request", "Task", "rate"]
+# Request, is_async_task and DispatchDefaults live in task_context and task_options;
+# importable here too.
+__all__ = ["DispatchDefaults", "Request", "Task", "is_async_task", "rate"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Tokens per second for a rate limit string (``"10/m"``); 0.0 = no limit.
 rate = parse_rate_limit
-
-
-class Request:
-    """What a running task knows about its message (``task.request``).
-
-    The worker creates one per execution with :meth:`Task.push_request`. Fields not
-    given keep the defaults below; unknown fields are kept as attributes.
-    """
-
-    id: str | None = None
-    task: str | None = None
-    args: Sequence[Any] | None = None
-    kwargs: Mapping[str, Any] | None = None
-    retries: int = 0
-    delivery_info: dict[str, Any] | None = None
-    hostname: str | None = None
-    is_eager: bool = False
-    called_directly: bool = True
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    root_id: str | None = None
-    parent_id: str | None = None
-    group: str | None = None
-    group_index: int | None = None
-    eta: str | None = None
-    expires: str | None = None
-    headers: dict[str, Any] | None = None
-    ignore_result: bool = False
-    timelimit: Sequence[float | None] | None = None
-    origin: str | None = None
-    shadow: str | None = None
-    callbacks: list[Any] | None = None
-    errbacks: list[Any] | None = None
-    chain: list[Any] | None = None
-    chord: Any = None
-    stamps: dict[str, Any] | None = None
-    stamped_headers: list[str] | None = None
-    replaced_task_nesting: int = 0
-    properties: dict[str, Any] | None = None
-    loglevel: Any = None
-    logfile: Any = None
-    utc: bool | None = None
-    children: list[_AsyncResult[Any]]
-
-    def __init__(self, **fields: Any) -> None:
-        self.children = []
-        self.__dict__.update(fields)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-    def as_execution_options(self) -> dict[str, Any]:
-        """The ``apply_async`` options that send this message again (``retry``)."""
-        hard, soft = self.timelimit or (None, None)
-        return {
-            "task_id": self.id,
-            "root_id": self.root_id,
-            "parent_id": self.parent_id,
-            "group_id": self.group,
-            "group_index": self.group_index,
-            "shadow": self.shadow,
-            "chord": self.chord,
-            "chain": self.chain,
-            "link": self.callbacks,
-            "link_error": self.errbacks,
-            "expires": self.expires,
-            "soft_time_limit": soft,
-            "time_limit": hard,
-            "headers": self.headers,
-            "retries": self.retries,
-            "reply_to": self.reply_to,
-            "replaced_task_nesting": self.replaced_task_nesting,
-            "origin": self.origin,
-            "stamps": self.stamps,
-            "stamped_headers": self.stamped_headers,
-        }
-
-    def __repr__(self) -> str:
-        return f"<Request: {vars(self)!r}>"
-
-
+#: ``Request`` inside ``Task``'s body, where the class attribute of that name hides it.
 _Request = Request
-_DEFAULT_REQUEST = Request()
-
-#: ``(task, request)`` of the ``async def`` execution the running asyncio task is: the
-#: worker's event loop runs many in one thread, so a thread-local stack cannot tell them
-#: apart; each asyncio task has a context of its own.
-_ASYNC_REQUEST: contextvars.ContextVar[tuple[Any, Request] | None] = contextvars.ContextVar(
-    "celeriac_async_request", default=None
-)
-
-
-def is_async_task(task: Any) -> bool:
-    """Whether ``task``'s body is an ``async def`` (a coroutine function)."""
-    run = task.__dict__.get("_orig_run") or getattr(task, "run", None)
-    return inspect.iscoroutinefunction(run) or inspect.iscoroutinefunction(
-        getattr(run, "__wrapped__", None)
-    )
-
-
-def run_coroutine(awaitable: Any) -> Any:
-    """Run a coroutine to its end from synchronous code (eager ``apply``): in this
-    thread when no event loop runs here, else in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(awaitable)
-    outcome: list[Any] = []
-    context = contextvars.copy_context()
-
-    def target() -> None:
-        try:
-            outcome.append((True, context.run(asyncio.run, awaitable)))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=target, name="celeriac-eager-async")
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
-class _FromConf:
-    """A task attribute that falls back to an app setting while not set on the task."""
-
-    def __init__(self, setting: str) -> None:
-        self.setting = setting
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: Any = None) -> Any:
-        if obj is None:
-            return self
-        try:
-            return obj.__dict__[self.name]
-        except KeyError:
-            return obj.app.conf[self.setting]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.name] = value
-
-
-# -- attribute checks -----------------------------------------------------------------
-
-
-def _check_time_limit(name: str, value: Any) -> Any:
-    if value is not None and (
-        not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
-    ):
-        raise ValueError(f"{name} must be None or a number of seconds >= 0, not {value!r}")
-    return value
-
-
-def _check_rate_limit(name: str, value: Any) -> Any:
-    parse_rate_limit(value)
-    return value
-
-
-def _check_max_retries(name: str, value: Any) -> Any:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"max_retries must be None or an int >= 0, not {value!r}")
-    return value
-
-
-def _check_delay(name: str, value: Any) -> Any:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
-    return value
-
-
-def _check_priority(name: str, value: Any) -> Any:
-    if value is not None and (
-        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255
-    ):
-        raise ValueError(f"priority must be None or an int from 0 to 255, not {value!r}")
-    return value
-
-
-def _check_serializer(name: str, value: Any) -> Any:
-    """A serializer name celeriac can write (its package installed), else raise."""
-    if value is not None:
-        check_serializer(name, value)
-    return value
-
-
-def _check_exception_classes(name: str, value: Any) -> Any:
-    classes = tuple(value or ())
-    for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-            raise TypeError(f"{name} must list exception classes, not {cls!r}")
-    return classes
-
-
-_ATTRIBUTE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "time_limit": _check_time_limit,
-    "soft_time_limit": _check_time_limit,
-    "rate_limit": _check_rate_limit,
-    "max_retries": _check_max_retries,
-    "default_retry_delay": _check_delay,
-    "priority": _check_priority,
-    "serializer": _check_serializer,
-    "autoretry_for": _check_exception_classes,
-    "dont_autoretry_for": _check_exception_classes,
-    "throws": _check_exception_classes,
-}
-
-# Attributes that the cached dispatch defaults depend on.
-_DISPATCH_ATTRIBUTES = frozenset(
-    {
-        "name",
-        "queue",
-        "exchange",
-        "routing_key",
-        "priority",
-        "time_limit",
-        "soft_time_limit",
-        "ignore_result",
-        "expires",
-        "_app",
-    }
-)
-
-
-class DispatchDefaults(NamedTuple):
-    """Per task and settings version: what ``apply_async`` adds when not told."""
-
-    conf: Any
-    version: int
-    route: Route | None
-    priority: int | None
-    time_limit: float | None
-    soft_time_limit: float | None
-    ignore_result: bool
-    expires: Any
-    eager: bool
-    #: ``broker_transport_options["confirm_publish"]``: wait for the broker's confirm.
-    confirm_publish: bool = False
-    #: The task's ``serializer`` (else ``task_serializer``) and ``task_compression``.
-    serializer: str = "json"
-    compression: str | None = None
-
-
-def _build_argcheck(fun: Callable[..., Any]) -> Callable[..., None] | None:
-    """A do-nothing function with ``fun``'s parameters: calling it raises the same
-    ``TypeError`` calling ``fun`` would for wrong arguments, at C speed."""
-    try:
-        signature = inspect.signature(fun)
-    except (TypeError, ValueError):
-        return None
-    kinds = inspect.Parameter
-    parts: list[str] = []
-    defaults: dict[str, Any] = {}
-    positional_only = any(p.kind is kinds.POSITIONAL_ONLY for p in signature.parameters.values())
-    slash_done = not positional_only
-    star_done = False
-    for index, param in enumerate(signature.parameters.values()):
-        if not slash_done and param.kind is not kinds.POSITIONAL_ONLY:
-            parts.append("/")
-            slash_done = True
-        if param.kind is kinds.VAR_POSITIONAL:
-            parts.append("*" + param.name)
-            star_done = True
-            continue
-        if param.kind is kinds.VAR_KEYWORD:
-            parts.append("**" + param.name)
-            continue
-        if param.kind is kinds.KEYWORD_ONLY and not star_done:
-            parts.append("*")
-            star_done = True
-        if param.default is param.empty:
-            parts.append(param.name)
-        else:
-            placeholder = f"__default_{index}"
-            defaults[placeholder] = param.default
-            parts.append(f"{param.name}={placeholder}")
-    if not slash_done:
-        parts.append("/")
-    name = getattr(fun, "__name__", "")
-    if not name.isidentifier() or keyword.iskeyword(name):
-        name = "task"
-    source = f"def {name}({', '.join(parts)}):\n    pass\n"
-    namespace: dict[str, Any] = dict(defaults)
-    exec(compile(source, f"<celeriac signature of {name}>", "exec"), namespace)
-    return cast("Callable[..., None]", namespace[name])
-
-
-_UNBUILT: Any = object()
-
-
-def _exponential_backoff(factor: int, retries: int, maximum: int, full_jitter: bool) -> int:
-    countdown: int = min(maximum, factor << retries)
-    if full_jitter:
-        countdown = random.randrange(countdown + 1)
-    return max(0, countdown)
-
-
-def _add_autoretry(task: Task[Any, Any]) -> None:
-    """Wrap ``task.run`` so ``autoretry_for`` exceptions call ``task.retry``."""
-    autoretry_for = tuple(task.autoretry_for)
-    if not autoretry_for or "_orig_run" in task.__dict__:
-        return
-    dont_autoretry_for = tuple(task.dont_autoretry_for)
-    retry_kwargs = dict(task.retry_kwargs or {})
-    backoff = float(task.retry_backoff)
-    backoff_max = int(task.retry_backoff_max)
-    jitter = bool(task.retry_jitter)
-    orig_run = task.run
-
-    def retry_for(exc: BaseException) -> Retry:
-        options = dict(retry_kwargs)
-        if backoff:
-            options["countdown"] = _exponential_backoff(
-                int(max(1.0, backoff)), task.request.retries, backoff_max, jitter
-            )
-        return task.retry(exc=exc, **options)
-
-    run: Callable[..., Any]
-    if is_async_task(task):
-
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await orig_run(*args, **kwargs)
-            except (Ignore, Retry):
-                raise
-            except dont_autoretry_for:
-                raise
-            except autoretry_for as exc:
-                raise retry_for(exc) from exc
-
-    else:
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return orig_run(*args, **kwargs)
-            except (Ignore, Retry):
-                raise
-            except dont_autoretry_for:
-                raise
-            except autoretry_for as exc:
-                raise retry_for(exc) from exc
-
-    run.__wrapped__ = orig_run  # type: ignore[union-attr]
-    object.__setattr__(task, "_orig_run", orig_run)
-    object.__setattr__(task, "run", run)
-    object.__setattr__(task, "_argcheck", _UNBUILT)
 
 
 class Task(Generic[P, R]):
@@ -437,35 +101,35 @@ class Task(Generic[P, R]):
     send_events: bool = True
     shadow_name: Any = None
 
-    ignore_result = _FromConf("task_ignore_result")
-    store_errors_even_if_ignored = _FromConf("task_store_errors_even_if_ignored")
-    store_eager_result = _FromConf("task_store_eager_result")
-    serializer = _FromConf("task_serializer")
-    priority = _FromConf("task_default_priority")
-    rate_limit = _FromConf("task_default_rate_limit")
-    track_started = _FromConf("task_track_started")
-    acks_late = _FromConf("task_acks_late")
-    acks_on_failure_or_timeout = _FromConf("task_acks_on_failure_or_timeout")
-    reject_on_worker_lost = _FromConf("task_reject_on_worker_lost")
+    ignore_result = FromConf("task_ignore_result")
+    store_errors_even_if_ignored = FromConf("task_store_errors_even_if_ignored")
+    store_eager_result = FromConf("task_store_eager_result")
+    serializer = FromConf("task_serializer")
+    priority = FromConf("task_default_priority")
+    rate_limit = FromConf("task_default_rate_limit")
+    track_started = FromConf("task_track_started")
+    acks_late = FromConf("task_acks_late")
+    acks_on_failure_or_timeout = FromConf("task_acks_on_failure_or_timeout")
+    reject_on_worker_lost = FromConf("task_reject_on_worker_lost")
 
     MaxRetriesExceededError: ClassVar[type[_MaxRetriesExceededError]] = _MaxRetriesExceededError
     Request: ClassVar[type[_Request]] = _Request
 
     _app: Celeriac | None = None
-    _argcheck: Any = _UNBUILT
+    _argcheck: Any = UNBUILT
     _dispatch: DispatchDefaults | None = None
 
     # -- attributes ---------------------------------------------------------------------
 
     def __setattr__(self, name: str, value: Any) -> None:
-        check = _ATTRIBUTE_CHECKS.get(name)
+        check = ATTRIBUTE_CHECKS.get(name)
         if check is not None:
             value = check(name, value)
         object.__setattr__(self, name, value)
-        if name in _DISPATCH_ATTRIBUTES:
+        if name in DISPATCH_ATTRIBUTES:
             object.__setattr__(self, "_dispatch", None)
         elif name in ("run", "typing"):
-            object.__setattr__(self, "_argcheck", _UNBUILT)
+            object.__setattr__(self, "_argcheck", UNBUILT)
 
     @property
     def app(self) -> Celeriac:
@@ -483,7 +147,7 @@ class Task(Generic[P, R]):
 
     def _check_attributes(self) -> None:
         """Check attributes that may come from a subclass (not through setattr)."""
-        for name, check in _ATTRIBUTE_CHECKS.items():
+        for name, check in ATTRIBUTE_CHECKS.items():
             if name != "serializer" or "serializer" in self.__dict__:
                 check(name, getattr(self, name))
         hard, soft = self.time_limit, self.soft_time_limit
@@ -527,10 +191,10 @@ class Task(Generic[P, R]):
         stack = self._request_stack()
         if stack:
             return stack[-1]
-        return self._async_request() or _DEFAULT_REQUEST
+        return self._async_request() or DEFAULT_REQUEST
 
     def _async_request(self) -> _Request | None:
-        current = _ASYNC_REQUEST.get()
+        current = ASYNC_REQUEST.get()
         if current is not None and current[0] is self:
             return current[1]
         return None
@@ -542,7 +206,7 @@ class Task(Generic[P, R]):
         if request is None:
             fields.setdefault("called_directly", False)
             request = Request(**fields)
-        _ASYNC_REQUEST.set((self, request))
+        ASYNC_REQUEST.set((self, request))
         set_async_task(self)
         return request
 
@@ -762,7 +426,8 @@ class Task(Generic[P, R]):
             check(*args, **kwargs)
         return cast(
             "_AsyncResult[R]",
-            app._send_task_message(
+            send_task_message(
+                app,
                 task,
                 cast(str, task.name),
                 args,
@@ -798,7 +463,7 @@ class Task(Generic[P, R]):
             if registered is not None:
                 task = registered
         check = task._argcheck
-        if check is _UNBUILT:
+        if check is UNBUILT:
             check = task._build_argcheck()
         return app, task, check
 
@@ -845,8 +510,8 @@ class Task(Generic[P, R]):
         named = {key: options.pop(key, None) for key in _APPLY_ASYNC_NAMED}
 
         def plan(args: Sequence[Any], kwargs: Mapping[str, Any], batch: list[Any]) -> Any:
-            return app._send_task_message(
-                task, name, args, kwargs, None, named["countdown"], named["eta"],
+            return send_task_message(
+                app, task, name, args, kwargs, None, named["countdown"], named["eta"],
                 named["expires"], named["queue"], named["priority"], named["headers"],
                 named["ignore_result"], named["routing_key"], named["exchange"],
                 named["shadow"], named["time_limit"], named["soft_time_limit"],
@@ -889,11 +554,11 @@ class Task(Generic[P, R]):
             for task_id, (args, kwargs), route in zip(
                 ids, items, planned if not static else [planned[0]] * len(items), strict=True
             ):
-                app._send_sent_event(name, task_id, args, kwargs, route[0], route[1])
+                send_sent_event(app, name, task_id, args, kwargs, route[0], route[1])
         return results
 
     def _build_argcheck(self) -> Callable[..., None] | None:
-        check = _build_argcheck(self.run) if self.typing else None
+        check = build_argcheck(self.run) if self.typing else None
         object.__setattr__(self, "_argcheck", check)
         return check
 
@@ -1136,7 +801,7 @@ def bind_run(task: Task[Any, Any], fun: Callable[..., Any], bind: bool) -> None:
     """Make ``fun`` the body of ``task`` (receiving the task first when ``bind``)."""
     run = types.MethodType(fun, task) if bind else fun
     object.__setattr__(task, "run", run)
-    object.__setattr__(task, "_argcheck", _UNBUILT)
+    object.__setattr__(task, "_argcheck", UNBUILT)
     for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
         value = getattr(fun, attr, None)
         if value is not None:

@@ -414,7 +414,7 @@ def test_replies_are_printed_as_celery_prints_them(
     capsys: pytest.CaptureFixture[str], reply: dict[str, Any], show_body: bool
 ) -> None:
     """The reference is Celery's own ``celery inspect/control`` printer (no colours)."""
-    from celeriac.cli import _say_reply
+    from celeriac.cli.remote import say_reply as _say_reply
     from celery.bin.base import CLIContext
     from celery.bin.control import _say_remote_command_reply
 
@@ -427,7 +427,7 @@ def test_replies_are_printed_as_celery_prints_them(
 
 def test_a_reply_of_none_is_printed_too(capsys: pytest.CaptureFixture[str]) -> None:
     """A worker's ``None`` (Celery's printer raises on it): shown, not a crash."""
-    from celeriac.cli import _say_reply
+    from celeriac.cli.remote import say_reply as _say_reply
 
     _say_reply({"w1@vm": None}, show_body=True)
     assert capsys.readouterr().out == "->  w1@vm: OK\n    None\n"

@@ -25,7 +25,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from celeriac.exceptions import ImproperlyConfigured
-from celeriac.fixups import Fixup
+from celeriac.fixups.base import Fixup
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac

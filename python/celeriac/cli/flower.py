@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from celeriac.cli.common import EX_FAILURE, PROG, add_global_options, prepare_app
+
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
@@ -24,7 +26,7 @@ ROUTING_OPTIONS = ("queue", "exchange", "routing_key")
 INSTALL_HINT = "Flower is not installed: pip install flower"
 
 
-def add_parser(commands: Any, add_global_options: Any) -> None:
+def add_parser(commands: Any) -> None:
     flower = commands.add_parser(
         "flower",
         add_help=False,  # --help is Flower's: every option after the command is Flower's
@@ -73,14 +75,12 @@ def _runs_in_celeriac_workers(*args: Any, **kwargs: Any) -> None:
 
 
 def cmd_flower(ns: argparse.Namespace, flower_args: list[str]) -> int:
-    from celeriac.cli import EX_FAILURE, PROG, _prepare_app
-
     try:
         import flower.command  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
         print(f"{INSTALL_HINT} ({exc})", file=sys.stderr)
         return EX_FAILURE
-    app = _prepare_app(ns)
+    app = prepare_app(ns)
     capp = celery_app(app)
     # Celery's own CLI runs Flower's command with this app, as ``celery -A proj flower``.
     try:

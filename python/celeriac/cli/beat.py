@@ -9,6 +9,16 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+from celeriac.cli.common import (
+    EX_CANTCREAT,
+    EX_FAILURE,
+    PROG,
+    UsageError,
+    add_global_options,
+    loglevel,
+    prepare_app,
+)
+
 if TYPE_CHECKING:
     from celeriac.beat import Beat
 
@@ -24,7 +34,7 @@ DEFAULT_SCHEDULERS = frozenset(
 )  # fmt: skip
 
 
-def add_parser(commands: Any, add_global_options: Any, loglevel: Any) -> None:
+def add_parser(commands: Any) -> None:
     beat = commands.add_parser(
         "beat",
         help="start the periodic task scheduler",
@@ -98,7 +108,6 @@ def banner(beat: Beat, logfile: str | None, level: str) -> str:
 def cmd_beat(ns: argparse.Namespace) -> int:
     from celeriac import _core
     from celeriac.beat import Beat, BeatError
-    from celeriac.cli import EX_CANTCREAT, EX_FAILURE, PROG, UsageError, _prepare_app
     from celeriac.worker.log import parse_loglevel, setup_logging
     from celeriac.worker.options import Pidfile, PidfileLocked
 
@@ -117,7 +126,7 @@ def cmd_beat(ns: argparse.Namespace) -> int:
     if ns.schedule is not None and not ns.schedule.strip():
         raise UsageError("argument -s/--schedule: an empty name")
     level = parse_loglevel(ns.loglevel)
-    app = _prepare_app(ns)
+    app = prepare_app(ns)
     try:
         setup_logging(level, ns.logfile)
     except OSError as exc:
@@ -176,7 +185,6 @@ def start_embedded(ns: argparse.Namespace, app: Any) -> subprocess.Popen[bytes]:
     bad one stops the worker at start; the child ends with the worker, even a killed
     one (it watches its parent)."""
     from celeriac.beat import BeatError, read_schedule
-    from celeriac.cli import UsageError
 
     if ns.scheduler is not None and ns.scheduler not in DEFAULT_SCHEDULERS:
         raise UsageError(
