@@ -547,3 +547,23 @@ def test_get_follows_parents_as_celery_does(client: ModuleType, result_keys: Res
         result_keys.add(member.id)
     with pytest.raises(ValueError, match="boom"):
         result.get(timeout=20)
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_replace_in_the_other_librarys_workflow(
+    client: ModuleType, result_keys: ResultKeys
+) -> None:
+    """A task that replaces itself inside a chain and a chord started by the other
+    library: the replacement keeps the task's id, the chain tail and the chord part."""
+    canvas = _canvas(client)
+    alone = client.replaced.delay(1)
+    result_keys.add(alone.id)
+    assert alone.get(timeout=15) == 101
+    chained = (client.replaced.s(1) | client.add.s(1)).delay()
+    _forget_tree(chained, result_keys)
+    assert chained.get(timeout=15) == 102
+    joined = canvas.chord([client.replaced.s(1), client.add.s(1, 1)], client.tsum.s())()
+    _forget_tree(joined, result_keys)
+    for member in joined.parent.results:
+        result_keys.add(member.id)
+    assert joined.get(timeout=20) == 103
