@@ -7,7 +7,8 @@ The child cannot tell anyone once it is dead, so before running a task that has 
 fields (``embed.errbacks``, ``chord``, ``chain``) it writes them to a small file of its
 slot (:func:`record`); the supervisor, when that child dies with the task, reads the file
 back and does what the child's worker would have done after a failure (:func:`after_lost`).
-Tasks without canvas fields cost nothing.
+The child removes the file when the task ends (:func:`task_done`). Tasks without canvas
+fields cost nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def record(child: Any, request: Request) -> None:
         os.replace(path + ".tmp", path)
     except OSError as exc:
         logger.debug("Cannot record the canvas of %s: %s", request.id, exc)
+        return
+    _recorded[0] = path
+
+
+#: The record this child wrote for the task it runs (removed when the task ends).
+_recorded: list[str | None] = [None]
+
+
+def task_done() -> None:
+    """In a prefork child, after the task: its record is not needed any more."""
+    path = _recorded[0]
+    if path is not None:
+        _recorded[0] = None
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _take(supervisor_pid: int, index: int, task_id: str) -> dict[str, Any] | None:

@@ -1409,6 +1409,7 @@ class Worker:
             self._in_task = False
             self._check_memory()
             child.publish(State.RETIRING if child.retiring else State.IDLE)
+            canvas_lost.task_done()
 
     def _check_memory(self) -> None:
         """``--max-memory-per-child`` in a prefork child, after a task ended (a sync
