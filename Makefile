@@ -41,7 +41,7 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint lint-imports stubtest fmt bench bench-beat soak bench-rust demo wheel clean ci fuzz
+.PHONY: help venv dev test test-rust lint lint-imports stubtest fmt bench bench-canvas bench-beat soak bench-rust demo wheel clean ci fuzz
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
@@ -99,6 +99,9 @@ fmt: $(DEPS) ## Format the Rust and Python code in place (and sort imports)
 
 bench: $(BUILT) ## Benchmark celeriac against Celery and pure-Python queues (BENCH_ARGS="-n 2000")
 	$(BIN)/python -m benches $(BENCH_ARGS)
+
+bench-canvas: $(BUILT) ## Canvas: chord of 1,000 no-op tasks, chain of 100, celeriac vs Celery (Redis, RabbitMQ)
+	$(BIN)/python -m benches.canvas $(BENCH_ARGS)
 
 bench-beat: $(BUILT) ## Beat at 10,000 entries: start, tick cost, idle CPU (Redis and SQLite; ~1 min)
 	$(BIN)/python -m benches.beat

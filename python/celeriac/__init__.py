@@ -20,7 +20,18 @@ from typing import Any, cast
 from celeriac import states
 from celeriac._core import __version__
 from celeriac.app import Celeriac, Celery, shared_task
-from celeriac.canvas import Signature, chain, chord, group, maybe_signature, signature, subtask
+from celeriac.canvas import (
+    Signature,
+    chain,
+    chord,
+    chunks,
+    group,
+    maybe_signature,
+    signature,
+    subtask,
+    xmap,
+    xstarmap,
+)
 from celeriac.local import Proxy, get_current_app, get_current_task
 from celeriac.result import AsyncResult, EagerResult, GroupResult
 from celeriac.task import Task
@@ -36,6 +47,7 @@ __all__ = [
     "__version__",
     "chain",
     "chord",
+    "chunks",
     "current_app",
     "current_task",
     "group",
@@ -44,6 +56,8 @@ __all__ = [
     "signature",
     "states",
     "subtask",
+    "xmap",
+    "xstarmap",
 ]
 
 #: The current app (the last one created), looked up at each use.

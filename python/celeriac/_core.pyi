@@ -276,8 +276,9 @@ class Backend:
         update is missed. Raises ``TimeoutError`` after ``timeout`` seconds."""
 
     def forget(self, task_id: str) -> None: ...
-    # The chord join, on redis:// only (NotImplementedError elsewhere); keys are this
-    # store's prefix + group id + ".j" / ".t" / ".s" / ".d" / ".c", as Celery names them.
+    # The chord join, on redis:// and sqlite:// (NotImplementedError on rpc://, Celery's
+    # message); keys are this store's prefix + group id + ".j" / ".t" / ".s" / ".d" / ".c",
+    # as Celery names them (SQLite: rows ".s", ".j:<index>:<id>", ".c"; one transaction each).
     def chord_set_size(self, group_id: str, size: int, expires: int) -> None:
         """The client's step before the last header message: DEL .c, SET .s."""
 

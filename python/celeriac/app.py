@@ -28,6 +28,7 @@ from celeriac import sending
 from celeriac import signals as _signals
 from celeriac._core import Backend, Producer, mask_url
 from celeriac.canvas import Signature, signature
+from celeriac.canvas_map import register_builtins
 from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.fixups import install_fixups
@@ -163,6 +164,7 @@ class Celeriac:
             self.set_current()
         #: Framework fix-ups (Django's when ``DJANGO_SETTINGS_MODULE`` is set).
         self._fixups = install_fixups(self)
+        register_builtins(self)  # celery.map, celery.starmap, ... (celeriac.canvas_map)
 
     def finalize(self, auto: bool = False) -> None:
         """Send ``on_configure``, ``on_after_configure`` and ``on_after_finalize``

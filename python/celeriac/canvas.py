@@ -12,7 +12,7 @@ A chain is sent as ONE message: its first task, carrying the remaining steps in
 ``embed.chain`` in reverse order (the next step last). Each worker, after its task
 succeeds, sends the next step with the return value prepended to its arguments.
 
-Not yet supported: ``Task.map``/``starmap``/``chunks``, nested chords.
+map/starmap/chunks: ``celeriac.canvas_map``; ``Task.replace``: ``celeriac.canvas_replace``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ __all__ = [
     "Signature",
     "chain",
     "chord",
+    "chunks",
     "group",
     "maybe_signature",
     "signature",
+    "xmap",
+    "xstarmap",
 ]
 
 logger = logging.getLogger("celeriac.canvas")
@@ -975,3 +978,4 @@ def maybe_unroll_group(sig: Signature[Any]) -> Signature[Any]:
 
 # chord lives in its own module; imported last, when everything it builds on exists.
 from celeriac.canvas_chord import chord  # noqa: E402
+from celeriac.canvas_map import chunks, xmap, xstarmap  # noqa: E402

@@ -2,8 +2,10 @@
 
 The client writes the header's size and sends the header as a group carrying the
 body in ``embed.chord``; each header task's worker records its part of the join in
-the Redis result backend (``celeriac.worker.canvas_step.chord_part``, one script in the
-Rust core), and the one that records the last part sends the body.
+the result backend (``celeriac.worker.canvas_step.chord_part``: one script on Redis, one
+transaction on SQLite, in the Rust core), and the one that records the last part sends
+the body. A chord inside a chord's header is one part of the outer join: its body
+carries the outer chord. ``rpc://`` refuses chords, as Celery does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,32 @@ from celeriac.result import EagerResult
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
-__all__ = ["chord"]
+__all__ = ["chord", "ensure_chords_allowed"]
+
+#: Options of a chord's call that belong to its body (or to nobody), not its header.
+_NOT_FOR_HEADER = ("chain", "chord", "task_id", "link", "link_error", "group_id", "group_index")
+
+
+def ensure_chords_allowed(app: Celeriac) -> None:
+    """Celery's refusal of chords on ``rpc://``, before anything is sent."""
+    url = app.result_backend_url
+    if url is not None and url.split(":", 1)[0].lower() == "rpc":
+        raise NotImplementedError('The "rpc" result backend does not support chords!')
+
+
+def outer_membership(options: Mapping[str, Any], group_id: str) -> dict[str, Any]:
+    """The body's place: in an enclosing chord (a chord inside a chord's header, whose
+    body is one part of the outer join: the outer ``chord``, ``group_id`` and
+    ``group_index``), else in this chord's own group (``group_id``, no ``chord``)."""
+    outer = options.get("chord")
+    if outer is None:
+        return {"group_id": group_id}
+    return {
+        "chord": outer,
+        "group_id": options.get("group_id") or group_id,
+        "group_index": options.get("group_index"),
+    }
+
 
 R = TypeVar("R")
 
@@ -47,7 +74,7 @@ class chord(Signature[R]):
     """A group (the header) whose results, in header order, go to one task (the
     body) once every header task has ended: ``chord(header, body)()``.
 
-    Joined on the ``redis://`` result backend in Celery's keys and steps: the client
+    Joined on ``redis://`` in Celery's keys and steps (``sqlite://``: the same steps): the client
     writes the header's size, each header task's worker records its part in one
     atomic script, and the worker that records the last part sends the body, once.
     If a header task fails, the body does not run and its result is ``ChordError``.
@@ -147,6 +174,9 @@ class chord(Signature[R]):
         app = self.app
         task_id = options.pop("task_id", None)
         merged = {**self.options, **options}
+        merged.pop("add_to_parent", None)
+        if not app.conf["task_always_eager"]:
+            ensure_chords_allowed(app)
         if app.conf["task_always_eager"]:
             results = header.apply(args, **merged)
             values = results.get(disable_sync_subtasks=False)
@@ -159,10 +189,11 @@ class chord(Signature[R]):
         body_result = body.freeze(
             task_id or merged.get("task_id"), group_id=group_id, root_id=root_id
         )
+        body.options.update(outer_membership(merged, group_id))
         if not header.tasks:  # Celery's rule: the body runs at once with no results
             body.delay([])
             return cast("_AsyncResult[R]", body_result)
-        for key in ("chain", "chord", "task_id", "link", "link_error"):
+        for key in _NOT_FOR_HEADER:
             merged.pop(key, None)
         header.options["task_id"] = group_id
         header_result = header.apply_async(args, None, chord=body, **merged)
@@ -190,6 +221,8 @@ class chord(Signature[R]):
     ) -> _AsyncResult[R]:
         """Give the header (its group id: this chord's id) and the body their ids now;
         returns the body's result, whose parent is the header's :class:`GroupResult`."""
+        if group_index is not None:  # a member of an enclosing group (a chord's header)
+            self.options["group_index"] = group_index
         header = self.tasks
         header.options["task_id"] = self.options.get("task_id") or str(uuid.uuid4())
         header_result = header.freeze(root_id=root_id, parent_id=parent_id)

@@ -491,6 +491,8 @@ class AsyncResult(Generic[R]):
         if disable_sync_subtasks:
             _assert_will_not_block()
         meta = self._cache
+        if meta is None and propagate and kwargs.get("follow_parents", True) and self.parent:
+            meta = _wait_raising_parent_errors(self, timeout, interval)
         if meta is None:
             meta = self._decode(self._require_backend().wait(self.id, timeout))
         return cast(R, self._value(meta, propagate))
@@ -574,6 +576,50 @@ class EagerResult(AsyncResult[R]):
     def revoke(self, *args: Any, **kwargs: Any) -> None:
         meta = self._get_task_meta()
         meta["status"] = states.REVOKED
+
+
+def _raise_parent_errors(result: AsyncResult[Any]) -> None:
+    """Re-raise the error of a failed parent, the first step first (Celery's
+    ``_maybe_reraise_parent_error``; ready parents keep their meta, so each is read
+    until it is ready)."""
+    parents: list[Any] = []
+    node = result.parent
+    while node is not None:
+        parents.append(node)
+        node = getattr(node, "parent", None)
+    for node in reversed(parents):
+        node.maybe_throw()
+        if not node.ready():
+            break  # a step not done yet: the ones after it have not run (or failed) either
+
+
+def _wait_raising_parent_errors(
+    result: AsyncResult[Any], timeout: float | None, interval: float
+) -> dict[str, Any]:
+    """Wait for ``result``'s meta, checking its parents first and every ``interval``
+    seconds: a failed step of a chain (or a chord's header task) raises its own error,
+    as Celery's ``get()`` does, without waiting for the step that will never run."""
+    deadline = None if timeout is None else _monotonic() + timeout
+    backend = result._require_backend()
+    slice_ = max(0.05, float(interval or 0.5))
+    while True:
+        _raise_parent_errors(result)
+        left = None if deadline is None else deadline - _monotonic()
+        if left is not None and left <= 0:
+            raise exceptions.TimeoutError("The operation timed out.")
+        try:
+            meta = result._decode(
+                backend.wait(result.id, slice_ if left is None else min(slice_, left))
+            )
+        except (exceptions.TimeoutError, TimeoutError):
+            # A chord's parent is its whole header (one read per unfinished task): the
+            # worker fails the body of a failed header anyway, so look less and less often.
+            slice_ = min(slice_ * 2, 5.0)
+            continue
+        if meta.get("status") in states.PROPAGATE_STATES:
+            # Failed because a parent failed (a chord's body): the parent's error first.
+            _raise_parent_errors(result)
+        return meta
 
 
 class ResultSet:

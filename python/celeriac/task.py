@@ -21,9 +21,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar, cast
 
-from celeriac import signals, states
+from celeriac import canvas_map, signals, states
 from celeriac.canvas import Signature
 from celeriac.canvas_links import call_errbacks, send_callbacks, signature_list
+from celeriac.canvas_replace import replace_task
 from celeriac.conf import parse_rate_limit
 from celeriac.exceptions import Ignore, Reject, Retry
 from celeriac.exceptions import MaxRetriesExceededError as _MaxRetriesExceededError
@@ -362,6 +363,19 @@ class Task(Generic[P, R]):
         """An immutable signature: called by a chain or as a callback, it ignores the
         parent's return value."""
         return cast("Signature[R]", Signature(self, args, kwargs, immutable=True, app=self._app))
+
+    # Canvas hooks: the logic is in celeriac.canvas_map and celeriac.canvas_replace.
+    def map(self, it: Iterable[Any]) -> canvas_map.xmap:
+        return canvas_map.task_map(self, it)
+
+    def starmap(self, it: Iterable[Any]) -> canvas_map.xstarmap:
+        return canvas_map.task_starmap(self, it)
+
+    def chunks(self, it: Iterable[Any], n: int) -> canvas_map.chunks:
+        return canvas_map.task_chunks(self, it, n)
+
+    def replace(self, sig: Signature[Any]) -> Any:
+        return replace_task(self, sig)
 
     # -- sending ------------------------------------------------------------------------
 

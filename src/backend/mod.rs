@@ -5,6 +5,7 @@
 //! stores read is `"status"`, to tell a ready state from a progress update.
 
 pub mod beat;
+pub mod chord_join;
 pub mod redis;
 pub mod rpc;
 pub mod sqlite;
@@ -211,15 +212,9 @@ impl Backend {
         self.as_store().forget(task_id)
     }
 
-    /// The Redis store, for the chord join; `Unsupported` on the others.
-    pub fn chord_store(&self) -> Result<&redis::RedisBackend> {
-        match self {
-            Self::Redis(store) => Ok(store),
-            _ => Err(crate::error::Error::Unsupported(format!(
-                "chords are joined on the redis:// result backend only, not on {}",
-                self.masked_url()
-            ))),
-        }
+    /// The store's chord join (Redis, SQLite); `Unsupported` on rpc://.
+    pub fn chord_store(&self) -> Result<chord_join::ChordJoin<'_>> {
+        chord_join::ChordJoin::of(self)
     }
 
     pub fn watch(&self, task_id: &str) -> Result<Waiter> {

@@ -38,6 +38,10 @@ use crate::broker::sqlite::{
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
 
+// The chord join, one transaction per step.
+#[path = "sqlite_chord.rs"]
+mod chord;
+
 /// Results written per transaction at most.
 const MAX_BATCH: usize = 2048;
 /// How often the writer deletes expired rows.

@@ -233,7 +233,7 @@ impl Backend {
     }
 
     /// Delete the task's meta.
-    /// Chord join (Redis only; ``NotImplementedError`` elsewhere): the header size,
+    /// Chord join (Redis and SQLite; ``NotImplementedError`` on rpc://): the header size,
     /// written by the client before the last header message.
     fn chord_set_size(
         &self,

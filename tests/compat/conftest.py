@@ -133,6 +133,12 @@ def tsum(numbers):
     return sum(numbers)
 
 
+@app.task(name="compat.replaced", bind=True)
+def replaced(self, x):
+    """Hands its place to add(x, 100) (``self.replace``)."""
+    return self.replace(add.s(x, 100))
+
+
 @app.task(name="compat.sleep")
 def sleep(seconds):
     deadline = time.monotonic() + seconds

@@ -493,3 +493,77 @@ def test_canvas_on_a_prefork_worker(
     for member in joined.parent.results:
         result_keys.add(member.id)
     assert joined.get(timeout=20) == 56
+
+
+# -- map, starmap, chunks; nested chords --------------------------------------------------
+
+
+# Celery's client finalizes its app to find celery.map; the modules of earlier tests in
+# this process (shared tasks of apps of the same name) then warn as duplicates.
+@pytest.mark.filterwarnings("ignore::celery.exceptions.DuplicateTaskNameWarning")
+def test_map_starmap_and_chunks_across_libraries(
+    client: ModuleType, result_keys: ResultKeys
+) -> None:
+    """``celery.map``/``celery.starmap`` messages of one library run on the other's
+    built-in tasks; chunks is a group of starmap messages."""
+    mapped = client.tsum.map([[1, 2], [3, 4]]).delay()
+    result_keys.add(mapped.id)
+    assert mapped.get(timeout=15) == [3, 7]
+    starred = client.add.starmap([(1, 2), (3, 4)]).delay()
+    result_keys.add(starred.id)
+    assert starred.get(timeout=15) == [3, 7]
+    chunked = client.add.chunks(zip(range(5), range(5), strict=True), 2)()
+    for member in chunked.results:
+        result_keys.add(member.id)
+    assert chunked.get(timeout=15) == [[0, 2], [4, 6], [8]]
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_nested_chords_across_libraries(client: ModuleType, result_keys: ResultKeys) -> None:
+    """A chord in a chord's header (its body is one part of the outer join) and a chord
+    as a chord's body, started by one library and joined by the other's worker."""
+    canvas = _canvas(client)
+    add, tsum = client.add, client.tsum
+    in_header = canvas.chord(
+        [canvas.chord([add.s(1, 1), add.s(2, 2)], tsum.s()), add.s(10, 10)], tsum.s()
+    )()
+    _forget_tree(in_header, result_keys)
+    assert in_header.get(timeout=20) == 26
+    in_body = canvas.chord(
+        [add.s(1, 1), add.s(2, 2)], canvas.chord([tsum.s(), tsum.s()], tsum.s())
+    )()
+    _forget_tree(in_body, result_keys)
+    assert in_body.get(timeout=20) == 12
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_get_follows_parents_as_celery_does(client: ModuleType, result_keys: ResultKeys) -> None:
+    """A chord with a failing header task: ``get()`` on its result raises the header
+    task's own error, in both libraries' clients."""
+    canvas = _canvas(client)
+    result = canvas.chord([client.fail.s("value", "boom"), client.add.s(1, 1)], client.tsum.s())()
+    _forget_tree(result, result_keys)
+    for member in result.parent.results:
+        result_keys.add(member.id)
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=20)
+
+
+@pytest.mark.parametrize("compat", ["redis"], indirect=True)
+def test_replace_in_the_other_librarys_workflow(
+    client: ModuleType, result_keys: ResultKeys
+) -> None:
+    """A task that replaces itself inside a chain and a chord started by the other
+    library: the replacement keeps the task's id, the chain tail and the chord part."""
+    canvas = _canvas(client)
+    alone = client.replaced.delay(1)
+    result_keys.add(alone.id)
+    assert alone.get(timeout=15) == 101
+    chained = (client.replaced.s(1) | client.add.s(1)).delay()
+    _forget_tree(chained, result_keys)
+    assert chained.get(timeout=15) == 102
+    joined = canvas.chord([client.replaced.s(1), client.add.s(1, 1)], client.tsum.s())()
+    _forget_tree(joined, result_keys)
+    for member in joined.parent.results:
+        result_keys.add(member.id)
+    assert joined.get(timeout=20) == 103

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac.fixups import run_with_fixups
 from celeriac.signals import task_internal_error
+from celeriac.worker import canvas_lost
 from celeriac.worker.base import (
     ColdShutdown,
     WorkerBase,
@@ -108,6 +109,7 @@ class ExecutionMixin(WorkerBase):
         hard, soft = self.time_limits(request)
         # Counted toward --max-tasks-per-child (and the child retired) by _dispatch.
         child.publish(State.RETIRING if child.retiring else State.RUNNING, request, hard or 0.0)
+        canvas_lost.record(child, request)  # errbacks/chord part if this child is lost
         guard = None
         if soft:
             limit = soft
@@ -122,6 +124,7 @@ class ExecutionMixin(WorkerBase):
             self._in_task = False
             self.check_memory()
             child.publish(State.RETIRING if child.retiring else State.IDLE)
+            canvas_lost.task_done()
 
     def check_memory(self) -> None:
         """``--max-memory-per-child`` in a prefork child, after a task ended (a sync

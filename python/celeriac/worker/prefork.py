@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import signals, states
 from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.result import meta_for
+from celeriac.worker import canvas_lost
 from celeriac.worker.pidbox import ChildLinks, Pidbox
 from celeriac.worker.revoke import signal_name
 from celeriac.worker.slots import Flag, Slot, SlotTable, State
@@ -431,6 +432,7 @@ class Supervisor:
                 self.backend.store(slot.task_id, meta, **_reply_options(slot))
             except Exception as store_error:
                 logger.error("Could not store the failure of %s: %s", slot.task_id, store_error)
+        canvas_lost.after_lost(self.worker.app, self.backend, slot, child.index, exc)
 
     def _enforce_time_limits(self) -> None:
         self._enforce_terminates()
