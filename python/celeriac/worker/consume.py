@@ -92,10 +92,10 @@ class ConsumeMixin(HeldMixin):
             return consumer.fetch(count, wait)
         except StopFetch:
             return []  # deliveries not handed over stay in the consumer; restored
+        except _core.ClosedError:
+            raise  # the consumer was closed on purpose: the worker ends
         except _core.OperationalError as exc:
             self._in_fetch = False
-            if "closed" in str(exc):
-                raise
             logger.error(
                 "consumer: %s. Trying to re-establish the connection...",
                 scrub_error(str(exc), self.app.broker_url, self.app.broker_url_masked),

@@ -116,13 +116,10 @@ pub async fn connect(url: &BrokerUrl, options: &AmqpOptions, name: &str) -> Resu
     }
 }
 
-/// Error text for the Python side: the worker treats "closed" as "the consumer was
-/// closed on purpose", so a lost connection must not say it.
+/// Error text for a lost connection (a `Connection` error: the consumer reconnects;
+/// a consumer closed on purpose raises `Closed` instead, whatever the text says).
 pub(super) fn lost_text(masked: &str, why: &str) -> String {
-    format!(
-        "lost the connection to {masked}: {}; reconnecting",
-        why.replace("closed", "ended").replace("Closed", "Ended")
-    )
+    format!("lost the connection to {masked}: {why}; reconnecting")
 }
 
 pub(super) fn connection_alive(conn: &Connection, channel: &Channel) -> bool {
