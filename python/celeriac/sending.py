@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac import signals as _signals
-from celeriac._core import uuid4
+from celeriac._core import SEND_OPTIONS, uuid4
 from celeriac.exceptions import AlwaysEagerIgnored
 from celeriac.local import get_current_worker_task
 from celeriac.result import AsyncResult as _AsyncResult
@@ -32,25 +32,18 @@ if TYPE_CHECKING:
 
 _UTC = datetime.timezone.utc
 
-# apply_async option -> Producer.send option.
-_PASSED_OPTIONS = {
-    "group_id": "group",
-    "group": "group",
-    "group_index": "group_index",
-    "chord": "chord",
-    "chain": "chain",
-    "root_id": "root_id",
-    "parent_id": "parent_id",
-    "reply_to": "reply_to",
-    "retries": "retries",
-    "correlation_id": "correlation_id",
-    "argsrepr": "argsrepr",
-    "kwargsrepr": "kwargsrepr",
-    "origin": "origin",
-    "stamped_headers": "stamped_headers",
-    "stamps": "stamps",
-    "replaced_task_nesting": "replaced_task_nesting",
-}
+# Send options that apply_async builds itself (dates, routing, limits, links, encodings).
+_BUILT_OPTIONS = frozenset(
+    {
+        "eta", "expires", "expiration", "priority", "exchange", "routing_key", "timelimit",
+        "shadow", "ignore_result", "headers", "callbacks", "errbacks", "delivery_mode",
+        "serializer", "compression",
+    }
+)  # fmt: skip
+# apply_async option -> Producer.send option: every other send option passes as it is
+# (the names are listed once, in src/protocol/send.rs), and Celery's alias group_id.
+_PASSED_OPTIONS = {name: name for name in SEND_OPTIONS if name not in _BUILT_OPTIONS}
+_PASSED_OPTIONS["group_id"] = "group"
 _DELIVERY_MODES = {"persistent": 2, "transient": 1, 1: 1, 2: 2}
 
 
@@ -354,7 +347,7 @@ def send_sent_event(
     queue: str,
     opts: Mapping[str, Any],
 ) -> None:
-    """Celery's ``task-sent`` event (celery-wire §5.3), from ``gen<pid>@host``."""
+    """Celery's ``task-sent`` event (docs/wire.md §5.3), from ``gen<pid>@host``."""
     from celeriac.events import EventDispatcher
 
     events = app._events
