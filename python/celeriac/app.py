@@ -29,7 +29,7 @@ from celeriac import signals as _signals
 from celeriac._core import Backend, Producer, mask_url
 from celeriac.canvas import Signature, signature
 from celeriac.canvas_map import register_builtins
-from celeriac.conf import DEFAULT_BROKER_URL, Settings, _import_object, read_object
+from celeriac.conf import DEFAULT_BROKER_URL, Settings, import_object, read_object
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.fixups import install_fixups
 from celeriac.local import (
@@ -134,7 +134,7 @@ class Celeriac:
             self.conf.update(read_object(config_source, namespace))
         self.conf.update(self._preconf)
         self._task_cls: type[_Task[Any, Any]] = (
-            _import_object(task_cls) if isinstance(task_cls, str) else task_cls or _Task
+            import_object(task_cls) if isinstance(task_cls, str) else task_cls or _Task
         )
         self._custom_task_cls = task_cls is not None
         self._app_task_cls: type[_Task[Any, Any]] | None = None
@@ -376,7 +376,7 @@ class Celeriac:
             items = source
         else:
             items = (source,)
-        loaded = [_import_object(item) if isinstance(item, str) else item for item in items]
+        loaded = [import_object(item) if isinstance(item, str) else item for item in items]
         loaded = [item() if isinstance(item, type) else item for item in loaded]
         self._annotations_source = source
         self._annotations = loaded

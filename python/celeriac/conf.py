@@ -684,9 +684,6 @@ def _items_of(obj: Any) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-_import_object = import_object  # old private name, still imported by app.py and routes.py
-
-
 def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
     """The settings in a module (or its dotted name), a class, an object or a mapping.
 

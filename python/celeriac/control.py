@@ -1,4 +1,4 @@
-"""Remote control, the client's end (celery-wire §6): kombu's pidbox ``Mailbox``.
+"""Remote control, the client's end (docs/wire.md §6): kombu's pidbox ``Mailbox``.
 
 Requests are broadcast on the fanout exchange ``celery.pidbox``; a worker answers on
 the direct exchange ``reply.celery.pidbox`` with routing key = the client's ``oid``,
@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from celeriac import _core
+from celeriac._core import DecodeError, Mailbox, loads
 from celeriac.conf import setting
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ class LamportClock:
 
 #: This process's clock, ticked by every message it sends.
 node_clock = LamportClock()
-_clock = node_clock  # old private name, still read by tests
 
 
 def open_mailbox(app: BrokerApp) -> Any:
@@ -76,7 +75,7 @@ def open_mailbox(app: BrokerApp) -> Any:
     timeout = float(setting(app.conf, "broker_connection_timeout"))
     expires = setting(app.conf, "control_queue_expires")
     ttl = setting(app.conf, "control_queue_ttl")
-    return _core.Mailbox(
+    return Mailbox(
         app.broker_url,
         transport_options=app.transport_options(),
         connect_timeout=timeout,
@@ -170,8 +169,8 @@ def broadcast(
             if headers is None or headers.get("ticket") != ticket:
                 continue
             try:
-                result = _core.loads(data)
-            except _core.DecodeError:
+                result = loads(data)
+            except DecodeError:
                 continue
             if isinstance(result, dict):
                 replies.append(result)
@@ -266,8 +265,6 @@ class Control:
     ) -> list[dict[str, Any]] | None:
         return self.revoke(task_id, destination, terminate=True, signal=signal, **kwargs)
 
-
-_mailbox = open_mailbox  # old private name, still imported by cli.py
 
 #: Worker-side names that lived here before the split, by the module that has them now.
 _MOVED = {

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from celeriac.conf import Settings, _import_object
+from celeriac.conf import Settings, import_object
 from celeriac.exceptions import ImproperlyConfigured, QueueNotFound
 
 __all__ = ["MapRoute", "QueueSpec", "Route", "Router", "queue_table"]
@@ -96,7 +96,7 @@ def _prepare(routes: Any) -> list[Any]:
 
 def _load_router(path: str) -> Any:
     try:
-        router = _import_object(path)
+        router = import_object(path)
     except (ImportError, AttributeError) as exc:
         raise ImproperlyConfigured(f"task_routes: cannot import router {path!r}: {exc}") from exc
     if isinstance(router, type) and hasattr(router, "route_for_task"):

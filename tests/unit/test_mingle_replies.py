@@ -33,7 +33,7 @@ def test_replies_are_merged_and_our_own_ignored(
 ) -> None:
     box = control.Pidbox(worker)
     worker.revoked.add(["local-1"], 9)
-    before = next(control._clock)
+    before = next(control.node_clock)
     replies: list[Any] = [
         {"unit@test": {"revoked": ["ours-only"], "clock": 10**6}},  # our own: ignored
         {"celery@a": {"revoked": ["a-1", "a-2", "local-1"], "clock": before + 500}},
@@ -45,7 +45,7 @@ def test_replies_are_merged_and_our_own_ignored(
     assert list(worker.revoked) == ["local-1", "a-1", "a-2", "b-1"]
     assert "ours-only" not in worker.revoked
     assert worker.revoked.terminate_signal("local-1") == 9  # kept as revoked here
-    assert next(control._clock) > before + 500  # moved past celery@a's clock
+    assert next(control.node_clock) > before + 500  # moved past celery@a's clock
     text = caplog.text
     assert "mingle: sync with 2 nodes" in text
     assert "mingle: sync complete" in text

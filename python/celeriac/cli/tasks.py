@@ -112,7 +112,7 @@ def _queue_names(values: Sequence[str] | None) -> list[str]:
 
 
 def cmd_purge(ns: argparse.Namespace) -> int:
-    from celeriac.control import _mailbox
+    from celeriac.control import open_mailbox
 
     app = prepare_app(ns)
     queues = set(_queue_names(ns.queues)) or set(app.queues)
@@ -136,7 +136,7 @@ def cmd_purge(ns: argparse.Namespace) -> int:
             print("Aborted!", file=sys.stderr)
             return EX_FAILURE
     try:
-        mailbox = _mailbox(app)
+        mailbox = open_mailbox(app)
     except ValueError as exc:  # a broker URL the mailbox cannot use
         raise UsageError(f"purge: {exc}") from None
     except Exception as exc:

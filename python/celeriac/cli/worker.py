@@ -584,14 +584,14 @@ def _detach_worker(ns: argparse.Namespace, logfile: str | None, pidfile: str | N
 
 def _purge_queues(app: Celeriac, queues: list[str]) -> None:
     """``worker --purge``: erase the messages of the queues about to be consumed."""
-    from celeriac.control import _mailbox
-    from celeriac.worker.worker import _scrub
+    from celeriac.control import open_mailbox
+    from celeriac.worker.base import scrub_error
 
     def clean(exc: Exception) -> str:
-        return _scrub(str(exc), app.broker_url, app.broker_url_masked)
+        return scrub_error(str(exc), app.broker_url, app.broker_url_masked)
 
     try:
-        mailbox = _mailbox(app)
+        mailbox = open_mailbox(app)
     except ValueError as exc:
         raise UsageError(f"--purge: {clean(exc)}") from None
     except Exception as exc:

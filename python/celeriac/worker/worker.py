@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 #: Old private name, still imported by cli.py.
-_scrub = scrub_error
 
 
 class Worker(ChildMixin):
