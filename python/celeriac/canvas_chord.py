@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from celeriac.canvas import (
+from celeriac.canvas_signatures import (
     Signature,
     _Composite,
-    _copy_options,
-    _signature,
+    as_signature,
+    copy_options,
     group,
     maybe_signature,
 )
@@ -62,11 +62,11 @@ def _header_list(header: Any, app: Celeriac | None) -> list[Signature[Any]]:
     """A chord header as Celery stores it: a list of signatures (a group's or a
     chain's tasks, one signature, or any iterable of them)."""
     if isinstance(header, Mapping):
-        header = _signature(header, app)
+        header = as_signature(header, app)
         if isinstance(header, _Composite):
             return list(header.tasks)
         return [header]
-    return [_signature(task, app) for task in header]
+    return [as_signature(task, app) for task in header]
 
 
 @Signature.register_type()
@@ -154,7 +154,7 @@ class chord(Signature[R]):
                 args=tuple(args or ()) + self.args,
                 kwargs={**self.kwargs["kwargs"], **(kwargs or {})},
                 app=self._app,
-                **_copy_options({**self.options, **opts}),
+                **copy_options({**self.options, **opts}),
             ),
         )
 
@@ -168,7 +168,7 @@ class chord(Signature[R]):
         """Send the header (a group carrying the body) and return the body's result,
         whose ``parent`` is the header's :class:`GroupResult`."""
         kwargs = dict(kwargs or {})
-        body = _signature(kwargs.pop("body", None) or self.body, self._app)
+        body = as_signature(kwargs.pop("body", None) or self.body, self._app)
         header = cast(group, self.tasks.clone())
         args = tuple(args or ()) + self.args
         app = self.app
@@ -206,7 +206,7 @@ class chord(Signature[R]):
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> EagerResult[R]:
-        body = _signature(dict(kwargs or {}).pop("body", None) or self.body, self._app)
+        body = as_signature(dict(kwargs or {}).pop("body", None) or self.body, self._app)
         values = self.tasks.apply(args, **options).get(disable_sync_subtasks=False)
         return cast("EagerResult[R]", body.apply((values,)))
 
@@ -228,7 +228,7 @@ class chord(Signature[R]):
         header_result = header.freeze(root_id=root_id, parent_id=parent_id)
         self.kwargs["header"] = header.tasks
         self.options["task_id"] = header_result.id
-        body = _signature(self.body, self._app)
+        body = as_signature(self.body, self._app)
         self.kwargs["body"] = body
         body_result = body.freeze(
             _id, group_id=header_result.id, chord=chord, root_id=root_id, group_index=group_index

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from celeriac.canvas import Signature, _as_list, _signature, group
+from celeriac.canvas_signatures import Signature, as_list, as_signature, group
 from celeriac.exceptions import NotRegistered
 from celeriac.result import AsyncResult as _AsyncResult
 
@@ -59,7 +59,7 @@ def takes_request(errback: Signature[Any]) -> bool:
 
 def signature_list(value: Any, app: Celeriac | None = None) -> list[Signature[Any]]:
     """A ``link``/``link_error`` value (one signature or a list) as signatures."""
-    return [_signature(item, app) for item in _as_list(value)]
+    return [as_signature(item, app) for item in as_list(value)]
 
 
 def send_callbacks(

@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from celeriac.canvas import Signature, group, signature
+from celeriac.canvas_signatures import Signature, group, signature
 from celeriac.exceptions import NotRegistered
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.result import GroupResult

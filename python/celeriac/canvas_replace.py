@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from celeriac.canvas import Signature, _as_list, _chain, group, signature
+from celeriac.canvas_signatures import Signature, _chain, as_list, group, signature
 from celeriac.exceptions import Ignore, ImproperlyConfigured
 
 if TYPE_CHECKING:
@@ -33,9 +33,9 @@ def replace_task(task: Task[Any, Any], sig: Signature[Any]) -> Any:
     if isinstance(sig, group):
         # A group cannot carry callbacks: a chord with an identity body can.
         sig = sig | app.tasks["celery.accumulate"].s(index=0)
-    for callback in _as_list(request.callbacks):
+    for callback in as_list(request.callbacks):
         sig.link(signature(callback, app=app))
-    for errback in _as_list(request.errbacks):
+    for errback in as_list(request.errbacks):
         sig.link_error(signature(errback, app=app))
     if isinstance(sig, _chain) and "link" in sig.options:
         # The chain's callbacks belong after its last step, even when more steps follow.
@@ -49,7 +49,7 @@ def replace_task(task: Task[Any, Any], sig: Signature[Any]) -> Any:
         root_id=request.root_id,
         replaced_task_nesting=nesting,
     )
-    for step in reversed(_as_list(request.chain)):
+    for step in reversed(as_list(request.chain)):
         following = signature(step, app=app)
         following.set(replaced_task_nesting=nesting)
         sig = sig | following

@@ -1,4 +1,4 @@
-"""Canvas: signatures, chains and groups, on Celery 5.7's wire (chords:
+"""The canvas's core: signatures, chains and groups, on Celery 5.7's wire (chords:
 ``celeriac.canvas_chord``; callbacks and errbacks: ``celeriac.canvas_links``).
 
 A :class:`Signature` *is* a dict -- ``{"task", "args", "kwargs", "options",
@@ -13,6 +13,7 @@ A chain is sent as ONE message: its first task, carrying the remaining steps in
 succeeds, sends the next step with the return value prepended to its arguments.
 
 map/starmap/chunks: ``celeriac.canvas_map``; ``Task.replace``: ``celeriac.canvas_replace``.
+``celeriac.canvas`` gathers the public names of all of them.
 """
 
 from __future__ import annotations
@@ -36,17 +37,7 @@ if TYPE_CHECKING:
     from celeriac.app import Celeriac
     from celeriac.task import Task
 
-__all__ = [
-    "Signature",
-    "chain",
-    "chord",
-    "chunks",
-    "group",
-    "maybe_signature",
-    "signature",
-    "xmap",
-    "xstarmap",
-]
+__all__ = ["Signature", "chain", "group", "maybe_signature", "signature"]
 
 logger = logging.getLogger("celeriac.canvas")
 
@@ -59,7 +50,7 @@ _IMMUTABLE_OPTIONS = frozenset({"group_id", "stamped_headers"})
 _KEYS = ("task", "args", "kwargs", "options", "subtask_type", "immutable")
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -103,7 +94,7 @@ def seconds_of(value: Any) -> int:
     return max(0, int(value or 0))
 
 
-def _copy_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def copy_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of execution options that shares nothing mutable (link lists...)."""
     return {
         key: copy.deepcopy(value) if isinstance(value, (dict, list)) else value
@@ -324,7 +315,7 @@ class Signature(dict[str, Any], Generic[R]):
             "task": self.task,
             "args": tuple(new_args),
             "kwargs": dict(new_kwargs),
-            "options": _copy_options(new_opts),
+            "options": copy_options(new_opts),
             "subtask_type": self.subtask_type,
             "immutable": self.immutable,
         }
@@ -398,7 +389,7 @@ class Signature(dict[str, Any], Generic[R]):
     def append_to_list_option(self, key: str, value: T) -> T:
         items = self.options.get(key)
         if not isinstance(items, list):
-            items = self.options[key] = _as_list(items)
+            items = self.options[key] = as_list(items)
         if value not in items:
             items.append(value)
         return value
@@ -406,8 +397,8 @@ class Signature(dict[str, Any], Generic[R]):
     def extend_list_option(self, key: str, value: Any) -> None:
         items = self.options.get(key)
         if not isinstance(items, list):
-            items = self.options[key] = _as_list(items)
-        items.extend(_as_list(value))
+            items = self.options[key] = as_list(items)
+        items.extend(as_list(value))
 
     def link(self, callback: SigT) -> SigT:
         """Send ``callback`` with this task's return value when it succeeds; returns
@@ -431,7 +422,7 @@ class Signature(dict[str, Any], Generic[R]):
             sig = pending.pop()
             found.append(sig)
             links = [
-                maybe_signature(link, app=self._app) for link in _as_list(sig.options.get("link"))
+                maybe_signature(link, app=self._app) for link in as_list(sig.options.get("link"))
             ]
             pending.extend(reversed([link for link in links if link is not None]))
         return found
@@ -516,7 +507,7 @@ def maybe_signature(
     return sig
 
 
-def _signature(d: Any, app: Celeriac | None) -> Signature[Any]:
+def as_signature(d: Any, app: Celeriac | None) -> Signature[Any]:
     sig = maybe_signature(d, app=app)
     if sig is None:
         raise TypeError("a signature must be a dict, not None")
@@ -540,7 +531,7 @@ class _Composite(Signature[R]):
         options = d.get("options") or {}
         if not isinstance(options, Mapping):
             raise TypeError(f"{cls.__name__} options must be a mapping, not {options!r}")
-        return cls([_signature(task, app) for task in tasks], app=app, **options)
+        return cls([as_signature(task, app) for task in tasks], app=app, **options)
 
     @property
     def tasks(self) -> list[Signature[Any]]:
@@ -578,7 +569,7 @@ class _chain(_Composite[R]):
         if len(tasks) == 1 and not isinstance(tasks[0], Mapping) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
         app = options.pop("app", None)
-        steps = [_signature(task, app) for task in tasks]
+        steps = [as_signature(task, app) for task in tasks]
         super().__init__("celery.chain", (), {"tasks": steps}, app=app, **options)
         self.subtask_type = "chain"
 
@@ -598,7 +589,7 @@ class _chain(_Composite[R]):
         if isinstance(other, Signature):
             tasks = self.unchain_tasks()
             if tasks and isinstance(tasks[-1], group):  # group | task: a chord
-                tasks[-1] = chord(tasks[-1], body=other, app=self._app)
+                tasks[-1] = _chord(tasks[-1], body=other, app=self._app)
                 return cast("_chain[T]", type(self)(*tasks, app=self._app))
             return cast("_chain[T]", type(self)(*self.unchain_tasks(), other, app=self._app))
         return NotImplemented
@@ -607,9 +598,9 @@ class _chain(_Composite[R]):
         """Copies of the steps; the chain's ``link`` goes on the last one and its
         ``link_error`` on every one."""
         tasks = [task.clone() for task in self.tasks]
-        for callback in _as_list(self.options.get("link")):
+        for callback in as_list(self.options.get("link")):
             tasks[-1].link(callback)
-        for errback in _as_list(self.options.get("link_error")):
+        for errback in as_list(self.options.get("link_error")):
             for task in tasks:
                 task.link_error(errback)
         return tasks
@@ -684,7 +675,7 @@ class _chain(_Composite[R]):
         results: list[_AsyncResult[Any]] = []
         prev_res: _AsyncResult[Any] | None = None
         while steps:
-            task = _signature(steps.pop(), app)
+            task = as_signature(steps.pop(), app)
             # The first step is the one left when the queue is empty; a nested chain
             # in front is spliced in first so its own first step gets the arguments.
             if not steps and isinstance(task, _chain):
@@ -706,7 +697,7 @@ class _chain(_Composite[R]):
                 # body's chain when it runs the chord).
                 body = prepared.pop()
                 results.pop()
-                task = chord(task, body=body, app=app)
+                task = _chord(task, body=body, app=app)
                 is_last = not prepared
             if is_last:
                 res = task.freeze(
@@ -717,7 +708,7 @@ class _chain(_Composite[R]):
                 res = task.freeze(root_id=root_id)
             if prev_res is not None and prev_res.parent is None:
                 prev_res.parent = res
-            for errback in _as_list(link_error):
+            for errback in as_list(link_error):
                 task.link_error(errback)
             prepared.append(task)
             results.append(res)
@@ -788,7 +779,7 @@ def _flatten_chain(tasks: Iterable[Any], app: Celeriac | None) -> list[Signature
     flat: list[Signature[Any]] = []
     pending: deque[Any] = deque(tasks)
     while pending:
-        task = _signature(pending.popleft(), app)
+        task = as_signature(pending.popleft(), app)
         if isinstance(task, _chain):
             pending.extendleft(reversed(task.tasks))
         else:
@@ -833,12 +824,16 @@ class group(_Composite[list[Any]]):
             if isinstance(only, group):
                 members = only.tasks
             elif isinstance(only, Mapping):
-                members = [_signature(only, options.get("app")).clone()]
+                members = [as_signature(only, options.get("app")).clone()]
             elif isinstance(only, Iterable):
                 members = only
         app = options.pop("app", None)
         super().__init__(
-            "celery.group", (), {"tasks": [_signature(t, app) for t in members]}, app=app, **options
+            "celery.group",
+            (),
+            {"tasks": [as_signature(t, app) for t in members]},
+            app=app,
+            **options,
         )
         self.subtask_type = "group"
 
@@ -848,7 +843,7 @@ class group(_Composite[list[Any]]):
     def __or__(self, other: Signature[T]) -> _chain[T]:  # type: ignore[override]
         if isinstance(other, group) and not other.tasks:
             return cast("_chain[T]", self)
-        return cast("_chain[T]", chord(self, body=other, app=self._app))  # defined below
+        return cast("_chain[T]", _chord(self, body=other, app=self._app))
 
     def link(self, callback: SigT) -> SigT:
         """Celery's rule: the callback goes (immutable) on the FIRST member only -- it
@@ -882,7 +877,7 @@ class group(_Composite[list[Any]]):
         pending: deque[tuple[int, Any]] = deque(enumerate(self.tasks))
         while pending:
             index, task = pending.popleft()
-            sig = _signature(task, app).clone()
+            sig = as_signature(task, app).clone()
             if isinstance(sig, group):
                 pending.extendleft(reversed(list(enumerate(sig.tasks))))
                 continue
@@ -976,6 +971,7 @@ def maybe_unroll_group(sig: Signature[Any]) -> Signature[Any]:
     return sig
 
 
-# chord lives in its own module; imported last, when everything it builds on exists.
-from celeriac.canvas_chord import chord  # noqa: E402
-from celeriac.canvas_map import chunks, xmap, xstarmap  # noqa: E402
+def _chord(header: Signature[Any], body: Signature[Any], app: Any) -> Signature[Any]:
+    """A chord, made through the type registry: ``celeriac.canvas_chord`` registers it
+    (this module is below that one and does not import it)."""
+    return Signature.TYPES["chord"](header, body=body, app=app)

@@ -1,4 +1,4 @@
-"""Celery's events (celery-wire §5): what Flower and ``celery events`` consume.
+"""Celery's events (docs/wire.md §5): what Flower and ``celery events`` consume.
 
 ``EventDispatcher`` publishes on the ``celeryev`` exchange (a durable topic exchange on
 AMQP; PUB/SUB channel ``/{db}.celeryev/<routing key>`` on Redis) with Celery's fields:

@@ -1,6 +1,6 @@
 """Task results: :class:`AsyncResult`, :class:`EagerResult`, and the stored meta.
 
-The meta dict and the exception format are Celery's (celery-wire §4), so results
+The meta dict and the exception format are Celery's (docs/wire.md §4), so results
 written by a Celery worker are read here and the other way round:
 
 ``{"status", "result", "traceback", "children", "date_done", ["group_id"],
@@ -195,7 +195,7 @@ def meta_for(
     *,
     extended: bool = False,
 ) -> dict[str, Any]:
-    """The meta dict to store for a task (celery-wire §4.1), in Celery's key order.
+    """The meta dict to store for a task (docs/wire.md §4.1), in Celery's key order.
 
     An exception ``result`` in an exception state is stored as
     :func:`exception_to_meta`. ``request`` (a task request or a mapping) supplies

@@ -1,5 +1,5 @@
 //! Worker-side scheduling that needs no Python: per-task token buckets for rate limits
-//! (celery-wire §7: capacity 1, refilled continuously; per process here, per prefork
+//! (docs/wire.md §7: capacity 1, refilled continuously; per process here, per prefork
 //! node in `rate_shared`), the timer that holds ETA/countdown messages until due
 //! (`eta`), and the memory a prefork node's processes share (`shared_mem`).
 

@@ -1,4 +1,4 @@
-"""The startup banner keeps Celery's shape (celery-wire.md §8) with celeriac's own art."""
+"""The startup banner keeps Celery's shape (docs/wire.md §8) with celeriac's own art."""
 
 from __future__ import annotations
 

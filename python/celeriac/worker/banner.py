@@ -1,4 +1,4 @@
-"""The startup banner, in the shape of Celery's (celery-wire.md §8) with our own art."""
+"""The startup banner, in the shape of Celery's (docs/wire.md §8) with our own art."""
 
 from __future__ import annotations
 

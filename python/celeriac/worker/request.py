@@ -33,8 +33,8 @@ from celeriac.signals import (
     task_success,
 )
 from celeriac.task import Request as TaskRequest
-from celeriac.worker import canvas_step
 from celeriac.utils.einfo import ExceptionInfo
+from celeriac.worker import canvas_step
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,7 +60,7 @@ class Disposition(enum.Enum):
     REQUEUE = "requeue"
 
 
-#: Headers of the protocol itself (celery-wire §1.2, plus kombu's ``redelivered``);
+#: Headers of the protocol itself (docs/wire.md §1.2, plus kombu's ``redelivered``);
 #: any other header is the user's (``apply_async(headers=...)``).
 PROTOCOL_HEADERS = frozenset(
     (
@@ -432,7 +432,7 @@ def store(backend: Backend | None, request: Request, meta: Mapping[str, Any]) ->
 
 
 def store_revoked_expired(backend: Backend | None, request: Request) -> None:
-    """Celery's record for a message that expired before it ran (celery-wire §7)."""
+    """Celery's record for a message that expired before it ran (docs/wire.md §7)."""
     logger.warning(
         "Task %s[%s] expired at %s; discarding it.",
         request.name,

@@ -1,4 +1,4 @@
-//! The AMQP 0-9-1 broker (RabbitMQ) through `lapin`, in Celery's topology (celery-wire §2).
+//! The AMQP 0-9-1 broker (RabbitMQ) through `lapin`, in Celery's topology (docs/wire.md §2).
 //!
 //! - Topology: a task queue `X` is declared as Celery 5.7 declares it — queue `X`
 //!   (durable, not auto-delete, not exclusive, arguments from `queue_arguments`, e.g.
