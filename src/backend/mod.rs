@@ -5,7 +5,6 @@
 //! stores read is `"status"`, to tell a ready state from a progress update.
 
 pub mod beat;
-pub mod chord_join;
 pub mod redis;
 pub mod rpc;
 pub mod sqlite;
@@ -213,8 +212,14 @@ impl Backend {
     }
 
     /// The store's chord join (Redis, SQLite); `Unsupported` on rpc://.
-    pub fn chord_store(&self) -> Result<chord_join::ChordJoin<'_>> {
-        chord_join::ChordJoin::of(self)
+    pub fn chord_store(&self) -> Result<&dyn store::ChordStore> {
+        match self {
+            Self::Redis(store) => Ok(store),
+            Self::Sqlite(store) => Ok(store),
+            Self::Rpc(_) => Err(crate::error::Error::Unsupported(
+                "The \"rpc\" result backend does not support chords!".to_owned(),
+            )),
+        }
     }
 
     pub fn watch(&self, task_id: &str) -> Result<Waiter> {

@@ -1,6 +1,6 @@
 //! The chord join on the SQLite result store, each step one transaction.
 //!
-//! The same steps as the Redis join (`redis_chord.rs`), with the same entry points, kept
+//! The same steps as the Redis join (`redis/chord.rs`), with the same entry points, kept
 //! as rows of the `results` table (no schema change), named after Celery's Redis keys:
 //! `<prefix><group id>.s` (the header size, written by the client), one
 //! `<prefix><group id>.j:<index, 20 digits>:<task id>` row per recorded header result

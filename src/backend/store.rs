@@ -49,7 +49,7 @@ pub trait ResultWaiter: Send {
 /// The chord join: header results counted per group, the body sent once by the worker
 /// that completes the header (docs/wire.md §4.4). Same signatures as the Redis store's
 /// inherent methods.
-pub trait ChordStore {
+pub trait ChordStore: Send + Sync {
     fn chord_set_size(&self, group_id: &str, size: u64, expires: u64) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn chord_part_return(
@@ -138,41 +138,59 @@ impl ResultStore for rpc::RpcBackend {
     }
 }
 
-impl ChordStore for RedisBackend {
-    fn chord_set_size(&self, group_id: &str, size: u64, expires: u64) -> Result<()> {
-        RedisBackend::chord_set_size(self, group_id, size, expires)
-    }
-    fn chord_part_return(
-        &self,
-        group_id: &str,
-        task_id: &str,
-        index: Option<i64>,
-        member: &[u8],
-        expires: u64,
-        claim_expires: u64,
-        token: &str,
-    ) -> Result<ChordPart> {
-        RedisBackend::chord_part_return(
-            self,
-            group_id,
-            task_id,
-            index,
-            member,
-            expires,
-            claim_expires,
-            token,
-        )
-    }
-    fn chord_results(&self, group_id: &str) -> Result<Vec<Vec<u8>>> {
-        RedisBackend::chord_results(self, group_id)
-    }
-    fn chord_claim_extend(&self, group_id: &str, token: &str, expires: u64) -> Result<bool> {
-        RedisBackend::chord_claim_extend(self, group_id, token, expires)
-    }
-    fn chord_cleanup(&self, group_id: &str, token: &str, done_expires: u64) -> Result<bool> {
-        RedisBackend::chord_cleanup(self, group_id, token, done_expires)
-    }
-    fn chord_drop_size(&self, group_id: &str) -> Result<()> {
-        RedisBackend::chord_drop_size(self, group_id)
-    }
+/// `ChordStore` by the store's inherent methods of the same names.
+macro_rules! forward_chord_store {
+    ($store:ty) => {
+        impl ChordStore for $store {
+            fn chord_set_size(&self, group_id: &str, size: u64, expires: u64) -> Result<()> {
+                <$store>::chord_set_size(self, group_id, size, expires)
+            }
+            fn chord_part_return(
+                &self,
+                group_id: &str,
+                task_id: &str,
+                index: Option<i64>,
+                member: &[u8],
+                expires: u64,
+                claim_expires: u64,
+                token: &str,
+            ) -> Result<ChordPart> {
+                <$store>::chord_part_return(
+                    self,
+                    group_id,
+                    task_id,
+                    index,
+                    member,
+                    expires,
+                    claim_expires,
+                    token,
+                )
+            }
+            fn chord_results(&self, group_id: &str) -> Result<Vec<Vec<u8>>> {
+                <$store>::chord_results(self, group_id)
+            }
+            fn chord_claim_extend(
+                &self,
+                group_id: &str,
+                token: &str,
+                expires: u64,
+            ) -> Result<bool> {
+                <$store>::chord_claim_extend(self, group_id, token, expires)
+            }
+            fn chord_cleanup(
+                &self,
+                group_id: &str,
+                token: &str,
+                done_expires: u64,
+            ) -> Result<bool> {
+                <$store>::chord_cleanup(self, group_id, token, done_expires)
+            }
+            fn chord_drop_size(&self, group_id: &str) -> Result<()> {
+                <$store>::chord_drop_size(self, group_id)
+            }
+        }
+    };
 }
+
+forward_chord_store!(RedisBackend);
+forward_chord_store!(sqlite::SqliteBackend);
