@@ -49,12 +49,18 @@ ensure_rust_target() {  # the standard library of a cross target comes from rust
     fi
 }
 
+timed() {  # timed COMMAND...: run it; its wall and CPU time go to $TIMING
+    local TIMEFORMAT='%0R s wall, %0U s user + %0S s sys CPU'
+    { time "$@" 2>&3; } 3>&2 2>"$TIMING"
+}
+
+TIMING=$(mktemp)
+trap 'rm -f "$TIMING"' EXIT
 TIMES=()
 for platform in "$@"; do
-    t0=$SECONDS
     if [ "$platform" = sdist ]; then
         rm -f "$OUT"/celeriac-*.tar.gz
-        maturin sdist --out "$OUT"
+        timed maturin sdist --out "$OUT"
     else
         read -r target compat < <(rust_target "$platform")
         ensure_rust_target "$target"
@@ -62,11 +68,12 @@ for platform in "$@"; do
         rm -f "$OUT"/celeriac-*"$tag"*"$arch".whl
         # --zig: Zig's C compiler and linker, with the glibc 2.17 (or musl) symbols of the
         # platform, for the Rust code and for the C in ring, SQLite, zstd, lzma and bzip2.
-        maturin build --profile "$PROFILE" --zig --target "$target" \
+        timed maturin build --profile "$PROFILE" --zig --target "$target" \
             --compatibility "$compat" --out "$OUT"
     fi
-    TIMES+=("$(printf '%-24s %5d s  (profile %s)' "$platform" $((SECONDS - t0)) "$PROFILE")")
+    TIMES+=("$(printf '%-22s %s' "$platform" "$(cat "$TIMING")")")
 done
-printf '\nbuild times on %s cores (load average %s):\n' "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '\nbuild times, profile %s, on %s cores (load average %s):\n' "$PROFILE" "$(nproc)" \
+    "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '  %s\n' "${TIMES[@]}"
 ls -1 "$OUT"/celeriac-*
