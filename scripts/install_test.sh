@@ -95,7 +95,12 @@ for entry in "${PYS[@]}"; do
     version=${entry%% *} py=${entry#* }
     printf '\n===== CPython %s (%s)\n' "$version" "$py"
     t0=$SECONDS
-    if run_one "$version" "$py"; then status=passed; else status=FAILED; failed=1; fi
+    # Not `if run_one`: a function called as a condition runs with `set -e` off.
+    set +e
+    (set -e; run_one "$version" "$py")
+    rc=$?
+    set -e
+    if [ $rc -eq 0 ]; then status=passed; else status=FAILED failed=1; fi
     RESULTS+=("$(printf 'CPython %-5s %-7s %4d s  %s' "$version" "$status" $((SECONDS - t0)) "$py")")
 done
 printf '\ninstall test of %s:\n' "$(basename "$WHEEL")"
