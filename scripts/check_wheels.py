@@ -92,11 +92,15 @@ def audit_platform(wheel_path: pathlib.Path) -> list[str]:
     if shown.returncode != 0:
         return [f"auditwheel show failed: {shown.stderr.strip() or shown.stdout.strip()}"]
     report = json.loads(shown.stdout)
-    consistent = report["policy"]
-    print(f"  auditwheel: consistent with {consistent}")
+    consistent = report["overall_tag"]
+    external = sorted(report.get("external_libs") or {})
+    print(f"  auditwheel: consistent with {consistent}; libraries to bundle: {external or 'none'}")
+    problems = []
     if consistent not in claimed:
-        return [f"auditwheel: consistent with {consistent}, not with {sorted(claimed)}"]
-    return []
+        problems.append(f"auditwheel: consistent with {consistent}, not with {sorted(claimed)}")
+    if external:
+        problems.append(f"auditwheel: links libraries outside the policy: {external}")
+    return problems
 
 
 def audit_abi3(wheel_path: pathlib.Path) -> list[str]:
