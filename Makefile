@@ -41,11 +41,12 @@ print("\n".join(req for name in sys.argv[1:] for req in extras[name]))
 endef
 export READ_EXTRAS
 
-.PHONY: help venv dev test test-rust lint lint-imports stubtest fmt bench bench-canvas bench-beat soak bench-rust demo wheel clean ci fuzz
+.PHONY: help venv dev test test-rust lint lint-imports stubtest fmt bench bench-canvas bench-beat soak \
+	bench-rust demo wheel wheels wheels-check wheel-install-test clean ci fuzz
 
 help: ## Show this help
 	@echo "usage: make TARGET   (venv: $(VENV))"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-19s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -136,10 +137,30 @@ fuzz: ## Fuzz every decoder, FUZZ_RUNS (1000000) inputs per target: cargo fuzz o
 		PROPTEST_CASES=$(FUZZ_RUNS) nice -n 10 cargo test --lib -- mutate fuzz_hooks; \
 	fi
 
-wheel: $(DEPS) ## Build the release wheel (fat LTO; one abi3 manylinux wheel) into dist/
-	rm -f dist/celeriac-*.whl
-	$(BIN)/maturin build --release --out dist
-	@ls -1 dist/celeriac-*.whl
+# Wheels that install wherever Celery does, with no Rust toolchain (README "Install"): abi3
+# (one wheel for CPython 3.10+) per platform, cross-built through Zig by
+# scripts/build_wheels.sh. CI builds the x86_64 one in profile ci (no fat LTO: time).
+WHEEL_TOOLS := $(VENV)/.celeriac-wheel-tools
+WHEEL_PLATFORMS ?= x86_64-manylinux2014 aarch64-manylinux2014 x86_64-musllinux_1_2
+WHEEL_PROFILE ?= release
+
+$(WHEEL_TOOLS): | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check \
+		maturin ziglang auditwheel abi3audit
+	touch $@
+
+wheel: $(WHEEL_TOOLS) ## Build the x86_64 manylinux2014 (glibc 2.17+) abi3 wheel into dist/ (Zig; fat LTO)
+	scripts/build_wheels.sh --profile $(WHEEL_PROFILE) --out dist x86_64-manylinux2014
+
+wheels: $(WHEEL_TOOLS) ## Build into dist/ the sdist and the wheels of WHEEL_PLATFORMS (all Linux ones; slow)
+	scripts/build_wheels.sh --profile $(WHEEL_PROFILE) --out dist $(WHEEL_PLATFORMS) sdist
+
+wheels-check: $(WHEEL_TOOLS) ## Check dist/: auditwheel policy, abi3audit (3.10), contents; sdist builds in a fresh venv
+	$(BIN)/python scripts/check_wheels.py $(wildcard dist/celeriac-*.whl) \
+		$(addprefix --sdist ,$(wildcard dist/celeriac-*.tar.gz))
+
+wheel-install-test: ## Install dist's x86_64 wheel per CPython here (no cargo on PATH); run demo + tutorial tests
+	scripts/install_test.sh
 
 clean: ## Remove build outputs and caches (keeps the venv and benches/results)
 	cargo clean
