@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,12 +41,18 @@ from conftest import (
 #: The beat test's tasks module: ``record`` writes what it ran to ``<queue>-runs``.
 BEAT_BODY = """
 import json
+import time
 
 
 @app.task(bind=True, name="beat.record")
 def record(self, tag="run"):
     stamp = (self.request.headers or {{}}).get("celeriac_beat_run")
-    line = json.dumps([self.request.id, tag, stamp])
+    # How the message arrived, so that a doubled run tells "sent twice" (two task ids)
+    # from "ran twice" (one id, delivered again) in the test's failure message.
+    delivery = self.request.delivery_info or {{}}
+    seen = {{"pid": os.getpid(), "redelivered": bool(delivery.get("redelivered")),
+            "tag": str(delivery.get("delivery_tag")), "at": time.time()}}
+    line = json.dumps([self.request.id, tag, stamp, seen])
     client().rpush(os.environ["CELERIAC_TEST_QUEUE"] + "-runs", line)
 
 {schedule}
@@ -71,7 +78,12 @@ class Runs:
         self.key = f"{queue}-runs"
 
     def all(self) -> list[tuple[str, str, list[int] | None]]:
-        return [tuple(json.loads(raw)) for raw in self.client.lrange(self.key, 0, -1)]  # type: ignore[misc]
+        """``(task id, tag, stamp)`` of every run, in the order they were recorded."""
+        return [(run[0], run[1], run[2]) for run in self.raw()]
+
+    def raw(self) -> list[list[Any]]:
+        """Every run as recorded, with how its message was delivered (for messages)."""
+        return [json.loads(raw) for raw in self.client.lrange(self.key, 0, -1)]
 
     def count(self, tag: str = "run") -> int:
         return sum(1 for run in self.all() if run[1] == tag)
@@ -86,11 +98,11 @@ class Runs:
         no task id twice, no run twice, no two runs after the same one, no gap."""
         runs = [run for run in self.all() if run[1] == tag]
         ids = [run[0] for run in runs]
-        assert len(set(ids)) == len(ids), f"a task ran twice: {runs}"
+        assert len(set(ids)) == len(ids), f"a task ran twice: {self.raw()}"
         stamps = sorted((stamp[0], stamp[1]) for _, _, stamp in runs if stamp)
         assert len(stamps) == len(runs), f"a run without beat's stamp: {runs}"
         previous = [stamp[0] for stamp in stamps]
-        assert len(set(previous)) == len(previous), f"a run was sent twice: {stamps}"
+        assert len(set(previous)) == len(previous), f"a run was sent twice: {self.raw()}"
         for before, after in itertools.pairwise(stamps):
             assert after[0] == before[1], f"a run was lost between {before} and {after}"
         return stamps
@@ -251,6 +263,22 @@ def test_worker_dash_b_runs_beat_beside_another_beat_and_stops_it(
     # waits in the queue, as any message sent to a stopping worker does.
     assert process.stop() == 0
     assert wait_until(lambda: embedded not in _command_lines(), EVENT_WAIT)
+
+
+def test_worker_dash_b_gives_beat_the_workers_expanded_logfile(
+    tasks_dir: TasksDir, worker: Any
+) -> None:
+    """``-f %n%I.log``: the worker's main process logs to ``<name>.log`` (no child
+    index), and so does its beat, as Celery's embedded beat logs where the worker does."""
+    tasks_dir.write("beattasks.py", beat_module(EVERY_SECOND))
+    template = str(tasks_dir.path / "%n%I.log")
+    process = worker("-B", "-s", tasks_dir.queue, "-n", "beatnode@%h", "-f", template,
+                     app="beattasks", ready=False)  # fmt: skip
+    logfile = tasks_dir.path / "beatnode.log"
+    assert wait_until(lambda: logfile.exists() and SENDING in logfile.read_text(), MUST_SEE)
+    assert f"--logfile {logfile}\n" in _command_lines()  # its last argument
+    assert process.stop() == 0
+    assert sorted(path.name for path in tasks_dir.path.glob("*.log")) == ["beatnode.log"]
 
 
 def _command_lines() -> str:
@@ -497,7 +525,7 @@ def test_cli_options_logfile_pidfile_and_max_interval(
     ("args", "expected"),
     [
         (("-S", "django_celery_beat.schedulers:DatabaseScheduler"), "-S/--scheduler"),
-        (("--detach",), "--detach is not supported: run beat in the foreground"),
+        (("--executable", sys.executable), "--executable: only with --detach"),
         (("--max-interval", "0"), "--max-interval: must be positive"),
         (("-f", "/nonexistent/dir/beat.log"), "the directory /nonexistent/dir does not exist"),
     ],
@@ -509,6 +537,30 @@ def test_cli_refuses_bad_options(
     result = run_cli("-A", "beattasks", "beat", *args)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
+
+
+def test_detach_runs_beat_as_a_daemon_until_sigterm(
+    tasks_dir: TasksDir, worker: Any, run_cli: Any, runs: Runs
+) -> None:
+    tasks_dir.write("beattasks.py", beat_module(EVERY_SECOND))
+    worker(app="beattasks")
+    logfile, pidfile = tasks_dir.path / "beat.log", tasks_dir.path / "beat.pid"
+    argv = ("-A", "beattasks", "beat", "--detach", "-l", "info", "-s", tasks_dir.queue,
+            "-f", str(logfile), "--pidfile", str(pidfile))  # fmt: skip
+    started = run_cli(*argv)
+    assert started.returncode == 0, started.stderr
+    assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), EVENT_WAIT)
+    pid = int(pidfile.read_text())
+    try:
+        runs.wait_for(2)
+        assert "beat: Starting..." in logfile.read_text()
+        again = run_cli(*argv)  # the pidfile names the running daemon: refused here
+        assert again.returncode == 73, again.stderr
+        assert "is this beat already running?" in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not pidfile.exists(), EVENT_WAIT)
+    assert SENDING in logfile.read_text()
 
 
 def test_an_idle_beat_sleeps_until_the_next_due_run(tmp_path: Path) -> None:
