@@ -298,6 +298,10 @@ class Beat:
         for entry, (won, stored) in zip(due, answers, strict=True):
             seen, run = entry.pending or (entry.last_run, entry.last_run)
             entry.pending = None
+            logger.debug(
+                "beat: claim of %r from %d to %d: %s", entry.name, seen, run,
+                "won" if won else f"lost, stored {stored}",
+            )  # fmt: skip
             if won or stored == run:  # stored == run: our claim whose answer was lost
                 entry.last_run = run
                 entry.total_run_count += 1
@@ -307,18 +311,24 @@ class Beat:
                 else:
                     delay = self._give_back(entry, seen, run)
             else:
-                delay = self._adopt(entry, stored, run)
+                delay = self._adopt(entry, stored, seen)
             self._later(entry, now, delay)
         if sent:
             self._flush()
 
-    def _adopt(self, entry: ScheduleEntry, stored: int | None, run: int) -> float:
+    def _adopt(self, entry: ScheduleEntry, stored: int | None, seen: int) -> float:
         """Another beat sent this run: take its last run and wait for the next."""
-        if stored is None:  # dropped by a beat with another schedule: start afresh
+        if stored is None:
+            # The store lost the entry (a Redis restarted without its data, or a beat
+            # with another schedule dropped it): nobody sent this run. Put back the last
+            # run this beat knew and check again at once, so that the due run is
+            # claimed anew (sent once, by whichever beat wins), not skipped.
             try:
-                stored = self._store.register([entry.name], run)[0]
+                entry.last_run = self._store.register([entry.name], seen)[0]
             except _core.OperationalError as exc:
                 return self._store_failed(exc)
+            logger.warning("beat: %r was missing from the schedule store; added again.", entry.name)
+            return 0.0
         entry.last_run = stored
         logger.debug("beat: %r was sent by another beat.", entry.name)
         return self._next_check(entry)
