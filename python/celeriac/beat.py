@@ -91,8 +91,10 @@ class ScheduleEntry:
     #: The stored last run, microseconds since the epoch (what claims compare).
     last_run: int = 0
     total_run_count: int = 0
-    #: A claim whose answer was lost (the store failed): ``(seen, run)``, tried again.
+    #: The claim about to be made, or whose answer was lost: ``(seen, run)``.
     pending: tuple[int, int] | None = None
+    #: ``pending`` was tried and its answer lost: finding ``run`` stored means it won.
+    retrying: bool = False
 
     @property
     def last_run_at(self) -> datetime.datetime:
@@ -291,18 +293,22 @@ class Beat:
             # The answers may be lost, not the claims: each is tried again as it is.
             delay = self._store_failed(exc)
             for entry in due:
+                entry.retrying = True
                 self._later(entry, now, delay)
             return
         self._retry = RETRY_FIRST
         sent = False
         for entry, (won, stored) in zip(due, answers, strict=True):
             seen, run = entry.pending or (entry.last_run, entry.last_run)
-            entry.pending = None
+            retried, entry.pending, entry.retrying = entry.retrying, None, False
             logger.debug(
                 "beat: claim of %r from %d to %d: %s", entry.name, seen, run,
                 "won" if won else f"lost, stored {stored}",
             )  # fmt: skip
-            if won or stored == run:  # stored == run: our claim whose answer was lost
+            # stored == run after a lost answer: that claim was ours. Not on a first
+            # try: another beat that woke at the same moment may have picked the same
+            # microsecond, and its run is then not ours to send again.
+            if won or (retried and stored == run):
                 entry.last_run = run
                 entry.total_run_count += 1
                 if self._send(entry, seen, run):

@@ -173,12 +173,6 @@ def sent_by(process: WorkerProcess) -> int:
     return len(re.findall(SENDING, process.log))
 
 
-@pytest.mark.skip(
-    reason="open defect (issue 15): in 1 of 14 runs under CPU load (amqp-sqlite), both beats "
-    "logged 'Sending due task' for the run after the same previous run (two task ids, both "
-    "messages stamped [previous, run] alike, neither redelivered): beat sent a run twice; "
-    "cause not yet found (the SQLite claim, or how a run's stamp is chosen)"
-)
 def test_two_beats_and_a_sigkill_send_every_run_once(
     transport: str, tasks_dir: TasksDir, worker: Any, beat: StartBeat, runs: Runs
 ) -> None:
@@ -648,5 +642,34 @@ def test_a_run_due_when_the_store_lost_its_entry_is_sent_once(
         assert redis_client.llen(tasks_dir.queue) == 1
         message = json.loads(redis_client.lindex(tasks_dir.queue, 0))
         assert message["headers"]["celeriac_beat_run"][0] == long_ago
+    finally:
+        app.close()
+
+
+def test_two_beats_that_pick_the_same_run_time_send_it_once(
+    tasks_dir: TasksDir, redis_client: redis.Redis
+) -> None:
+    """Two beats wake at the same moment and stamp the run with the same microsecond:
+    the loser finds its own value stored, which is not a claim of its own whose answer
+    was lost (it never failed), so it does not send the run again."""
+    import datetime
+
+    from celeriac import Celeriac, _core
+    from celeriac.beat import Beat
+
+    app = Celeriac("same", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    app.conf.task_default_queue = tasks_dir.queue
+    app.conf.beat_schedule = {"hourly": {"task": "same.x", "schedule": 3600.0}}
+    long_ago = int((time.time() - 7200) * 1_000_000)
+    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(["hourly"], long_ago)
+    moment = datetime.datetime.now(datetime.timezone.utc)
+    app.now = lambda: moment  # type: ignore[method-assign]  # both beats: one clock reading
+    try:
+        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
+        first.setup()
+        second.setup()
+        first.tick()
+        second.tick()
+        assert redis_client.llen(tasks_dir.queue) == 1
     finally:
         app.close()
