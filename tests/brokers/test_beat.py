@@ -594,19 +594,12 @@ def test_runs_due_at_once_are_sent_once_by_one_of_two_beats(
 ) -> None:
     """250 entries all overdue (more than one claim batch): the first beat's tick sends
     each once, the second beat's finds them all claimed."""
-    from celeriac import Celeriac, _core
-    from celeriac.beat import Beat
+    from celeriac import _core
 
-    app = Celeriac("due", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
-    app.conf.task_default_queue = tasks_dir.queue
     names = [f"entry-{n}" for n in range(250)]
-    app.conf.beat_schedule = {name: {"task": "due.x", "schedule": 3600.0} for name in names}
-    long_ago = int((time.time() - 7200) * 1_000_000)
-    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(names, long_ago)
+    app, long_ago = _overdue(tasks_dir, names)
     try:
-        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
-        first.setup()
-        second.setup()
+        first, second = _two_beats(app, tasks_dir.queue)
         first.tick()
         second.tick()
         assert redis_client.llen(tasks_dir.queue) == 250
@@ -623,18 +616,9 @@ def test_a_run_due_when_the_store_lost_its_entry_is_sent_once(
 ) -> None:
     """The store forgets an entry while its run is due (a Redis restarted without its
     data): the run is claimed anew and sent once, not skipped until the next period."""
-    from celeriac import Celeriac, _core
-    from celeriac.beat import Beat
-
-    app = Celeriac("lost", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
-    app.conf.task_default_queue = tasks_dir.queue
-    app.conf.beat_schedule = {"hourly": {"task": "lost.x", "schedule": 3600.0}}
-    long_ago = int((time.time() - 7200) * 1_000_000)
-    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(["hourly"], long_ago)
+    app, long_ago = _overdue(tasks_dir, ["hourly"])
     try:
-        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
-        first.setup()
-        second.setup()
+        first, second = _two_beats(app, tasks_dir.queue)
         redis_client.delete(f"celeriac-beat:{tasks_dir.queue}")
         for _ in range(3):
             for beat in (first, second):
@@ -654,22 +638,35 @@ def test_two_beats_that_pick_the_same_run_time_send_it_once(
     was lost (it never failed), so it does not send the run again."""
     import datetime
 
-    from celeriac import Celeriac, _core
-    from celeriac.beat import Beat
-
-    app = Celeriac("same", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
-    app.conf.task_default_queue = tasks_dir.queue
-    app.conf.beat_schedule = {"hourly": {"task": "same.x", "schedule": 3600.0}}
-    long_ago = int((time.time() - 7200) * 1_000_000)
-    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(["hourly"], long_ago)
+    app, _ = _overdue(tasks_dir, ["hourly"])
     moment = datetime.datetime.now(datetime.timezone.utc)
-    app.now = lambda: moment  # type: ignore[method-assign]  # both beats: one clock reading
+    app.now = lambda: moment  # both beats: one clock reading
     try:
-        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
-        first.setup()
-        second.setup()
+        first, second = _two_beats(app, tasks_dir.queue)
         first.tick()
         second.tick()
         assert redis_client.llen(tasks_dir.queue) == 1
     finally:
         app.close()
+
+
+def _overdue(tasks_dir: TasksDir, names: list[str]) -> tuple[Any, int]:
+    """An app whose hourly entries ``names`` are stored as last run two hours ago (all
+    due), on the test's queue: ``(app, that last run)``."""
+    from celeriac import Celeriac, _core
+
+    app = Celeriac("due", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    app.conf.task_default_queue = tasks_dir.queue
+    app.conf.beat_schedule = {name: {"task": "due.x", "schedule": 3600.0} for name in names}
+    long_ago = int((time.time() - 7200) * 1_000_000)
+    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(names, long_ago)
+    return app, long_ago
+
+
+def _two_beats(app: Any, queue: str) -> list[Any]:
+    from celeriac.beat import Beat
+
+    beats = [Beat(app, schedule_filename=queue) for _ in range(2)]
+    for beat in beats:
+        beat.setup()
+    return beats
