@@ -91,8 +91,10 @@ class ScheduleEntry:
     #: The stored last run, microseconds since the epoch (what claims compare).
     last_run: int = 0
     total_run_count: int = 0
-    #: A claim whose answer was lost (the store failed): ``(seen, run)``, tried again.
+    #: The claim about to be made, or whose answer was lost: ``(seen, run)``.
     pending: tuple[int, int] | None = None
+    #: ``pending`` was tried and its answer lost: finding ``run`` stored means it won.
+    retrying: bool = False
 
     @property
     def last_run_at(self) -> datetime.datetime:
@@ -291,14 +293,22 @@ class Beat:
             # The answers may be lost, not the claims: each is tried again as it is.
             delay = self._store_failed(exc)
             for entry in due:
+                entry.retrying = True
                 self._later(entry, now, delay)
             return
         self._retry = RETRY_FIRST
         sent = False
         for entry, (won, stored) in zip(due, answers, strict=True):
             seen, run = entry.pending or (entry.last_run, entry.last_run)
-            entry.pending = None
-            if won or stored == run:  # stored == run: our claim whose answer was lost
+            retried, entry.pending, entry.retrying = entry.retrying, None, False
+            logger.debug(
+                "beat: claim of %r from %d to %d: %s", entry.name, seen, run,
+                "won" if won else f"lost, stored {stored}",
+            )  # fmt: skip
+            # stored == run after a lost answer: that claim was ours. Not on a first
+            # try: another beat that woke at the same moment may have picked the same
+            # microsecond, and its run is then not ours to send again.
+            if won or (retried and stored == run):
                 entry.last_run = run
                 entry.total_run_count += 1
                 if self._send(entry, seen, run):
@@ -307,18 +317,24 @@ class Beat:
                 else:
                     delay = self._give_back(entry, seen, run)
             else:
-                delay = self._adopt(entry, stored, run)
+                delay = self._adopt(entry, stored, seen)
             self._later(entry, now, delay)
         if sent:
             self._flush()
 
-    def _adopt(self, entry: ScheduleEntry, stored: int | None, run: int) -> float:
+    def _adopt(self, entry: ScheduleEntry, stored: int | None, seen: int) -> float:
         """Another beat sent this run: take its last run and wait for the next."""
-        if stored is None:  # dropped by a beat with another schedule: start afresh
+        if stored is None:
+            # The store lost the entry (a Redis restarted without its data, or a beat
+            # with another schedule dropped it): nobody sent this run. Put back the last
+            # run this beat knew and check again at once, so that the due run is
+            # claimed anew (sent once, by whichever beat wins), not skipped.
             try:
-                stored = self._store.register([entry.name], run)[0]
+                entry.last_run = self._store.register([entry.name], seen)[0]
             except _core.OperationalError as exc:
                 return self._store_failed(exc)
+            logger.warning("beat: %r was missing from the schedule store; added again.", entry.name)
+            return 0.0
         entry.last_run = stored
         logger.debug("beat: %r was sent by another beat.", entry.name)
         return self._next_check(entry)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,12 +41,18 @@ from conftest import (
 #: The beat test's tasks module: ``record`` writes what it ran to ``<queue>-runs``.
 BEAT_BODY = """
 import json
+import time
 
 
 @app.task(bind=True, name="beat.record")
 def record(self, tag="run"):
     stamp = (self.request.headers or {{}}).get("celeriac_beat_run")
-    line = json.dumps([self.request.id, tag, stamp])
+    # How the message arrived, so that a doubled run tells "sent twice" (two task ids)
+    # from "ran twice" (one id, delivered again) in the test's failure message.
+    delivery = self.request.delivery_info or {{}}
+    seen = {{"pid": os.getpid(), "redelivered": bool(delivery.get("redelivered")),
+            "tag": str(delivery.get("delivery_tag")), "at": time.time()}}
+    line = json.dumps([self.request.id, tag, stamp, seen])
     client().rpush(os.environ["CELERIAC_TEST_QUEUE"] + "-runs", line)
 
 {schedule}
@@ -64,33 +71,48 @@ def beat_module(schedule: str) -> str:
 
 
 class Runs:
-    """The runs recorded by the tasks of one test."""
+    """The runs recorded by the tasks of one test.
+
+    A run is a task id: beat sends each run as one message with its own id. The
+    worker may run one message twice (at-least-once delivery: a message delivered
+    again after its consumer was taken for dead or lost its connection); that is not
+    beat sending twice, so it counts once here, provided both deliveries carried the
+    same run. Two task ids for one run are beat's doing, and fail ``chain``."""
 
     def __init__(self, client: redis.Redis, queue: str) -> None:
         self.client = client
         self.key = f"{queue}-runs"
 
+    def raw(self) -> list[list[Any]]:
+        """Every execution as recorded: task id, tag, stamp, and how its message was
+        delivered (pid, redelivered flag, delivery tag, time): failure messages show it."""
+        return [json.loads(raw) for raw in self.client.lrange(self.key, 0, -1)]
+
     def all(self) -> list[tuple[str, str, list[int] | None]]:
-        return [tuple(json.loads(raw)) for raw in self.client.lrange(self.key, 0, -1)]  # type: ignore[misc]
+        """``(task id, tag, stamp)`` of every run (task id), in the order they first ran;
+        an id that ran again must have carried the same stamp."""
+        first: dict[str, tuple[str, str, list[int] | None]] = {}
+        for task_id, tag, stamp, *_ in self.raw():
+            seen = first.setdefault(task_id, (task_id, tag, stamp))
+            assert seen[1:] == (tag, stamp), f"task {task_id} ran as two runs: {self.raw()}"
+        return list(first.values())
 
     def count(self, tag: str = "run") -> int:
         return sum(1 for run in self.all() if run[1] == tag)
 
     def wait_for(self, count: int, tag: str = "run") -> None:
         assert wait_until(lambda: self.count(tag) >= count, MUST_SEE), (
-            f"only {self.count(tag)} of {count} runs of {tag!r} arrived: {self.all()}"
+            f"only {self.count(tag)} of {count} runs of {tag!r} arrived: {self.raw()}"
         )
 
     def chain(self, tag: str = "run") -> list[tuple[int, int]]:
         """The ``(previous, run)`` stamps of ``tag``'s runs, checked to form one chain:
-        no task id twice, no run twice, no two runs after the same one, no gap."""
+        no run twice (two task ids after the same previous run), no gap."""
         runs = [run for run in self.all() if run[1] == tag]
-        ids = [run[0] for run in runs]
-        assert len(set(ids)) == len(ids), f"a task ran twice: {runs}"
         stamps = sorted((stamp[0], stamp[1]) for _, _, stamp in runs if stamp)
         assert len(stamps) == len(runs), f"a run without beat's stamp: {runs}"
         previous = [stamp[0] for stamp in stamps]
-        assert len(set(previous)) == len(previous), f"a run was sent twice: {stamps}"
+        assert len(set(previous)) == len(previous), f"a run was sent twice: {self.raw()}"
         for before, after in itertools.pairwise(stamps):
             assert after[0] == before[1], f"a run was lost between {before} and {after}"
         return stamps
@@ -151,11 +173,6 @@ def sent_by(process: WorkerProcess) -> int:
     return len(re.findall(SENDING, process.log))
 
 
-@pytest.mark.skip(
-    reason="open defect (issue 15): after the session's merges, one run was recorded twice "
-    "in 1 of 2 full CI runs here; whether beat sent it twice or the worker ran a "
-    "redelivery twice is not yet known"
-)
 def test_two_beats_and_a_sigkill_send_every_run_once(
     transport: str, tasks_dir: TasksDir, worker: Any, beat: StartBeat, runs: Runs
 ) -> None:
@@ -251,6 +268,22 @@ def test_worker_dash_b_runs_beat_beside_another_beat_and_stops_it(
     # waits in the queue, as any message sent to a stopping worker does.
     assert process.stop() == 0
     assert wait_until(lambda: embedded not in _command_lines(), EVENT_WAIT)
+
+
+def test_worker_dash_b_gives_beat_the_workers_expanded_logfile(
+    tasks_dir: TasksDir, worker: Any
+) -> None:
+    """``-f %n%I.log``: the worker's main process logs to ``<name>.log`` (no child
+    index), and so does its beat, as Celery's embedded beat logs where the worker does."""
+    tasks_dir.write("beattasks.py", beat_module(EVERY_SECOND))
+    template = str(tasks_dir.path / "%n%I.log")
+    process = worker("-B", "-s", tasks_dir.queue, "-n", "beatnode@%h", "-f", template,
+                     app="beattasks", ready=False)  # fmt: skip
+    logfile = tasks_dir.path / "beatnode.log"
+    assert wait_until(lambda: logfile.exists() and SENDING in logfile.read_text(), MUST_SEE)
+    assert f"--logfile {logfile}\n" in _command_lines()  # its last argument
+    assert process.stop() == 0
+    assert sorted(path.name for path in tasks_dir.path.glob("*.log")) == ["beatnode.log"]
 
 
 def _command_lines() -> str:
@@ -422,11 +455,6 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.stop()
 
 
-@pytest.mark.skip(
-    reason="open defect (issue 15): after the session's merges, one run was recorded twice "
-    "in 1 of 2 full CI runs here; whether beat sent it twice or the worker ran a "
-    "redelivery twice is not yet known"
-)
 def test_a_store_that_goes_away_is_retried_and_nothing_is_sent_twice(
     tasks_dir: TasksDir, worker: Any, beat: StartBeat, runs: Runs, private_redis: PrivateRedis
 ) -> None:
@@ -497,7 +525,7 @@ def test_cli_options_logfile_pidfile_and_max_interval(
     ("args", "expected"),
     [
         (("-S", "django_celery_beat.schedulers:DatabaseScheduler"), "-S/--scheduler"),
-        (("--detach",), "--detach is not supported: run beat in the foreground"),
+        (("--executable", sys.executable), "--executable: only with --detach"),
         (("--max-interval", "0"), "--max-interval: must be positive"),
         (("-f", "/nonexistent/dir/beat.log"), "the directory /nonexistent/dir does not exist"),
     ],
@@ -509,6 +537,30 @@ def test_cli_refuses_bad_options(
     result = run_cli("-A", "beattasks", "beat", *args)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
+
+
+def test_detach_runs_beat_as_a_daemon_until_sigterm(
+    tasks_dir: TasksDir, worker: Any, run_cli: Any, runs: Runs
+) -> None:
+    tasks_dir.write("beattasks.py", beat_module(EVERY_SECOND))
+    worker(app="beattasks")
+    logfile, pidfile = tasks_dir.path / "beat.log", tasks_dir.path / "beat.pid"
+    argv = ("-A", "beattasks", "beat", "--detach", "-l", "info", "-s", tasks_dir.queue,
+            "-f", str(logfile), "--pidfile", str(pidfile))  # fmt: skip
+    started = run_cli(*argv)
+    assert started.returncode == 0, started.stderr
+    assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), EVENT_WAIT)
+    pid = int(pidfile.read_text())
+    try:
+        runs.wait_for(2)
+        assert "beat: Starting..." in logfile.read_text()
+        again = run_cli(*argv)  # the pidfile names the running daemon: refused here
+        assert again.returncode == 73, again.stderr
+        assert "is this beat already running?" in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not pidfile.exists(), EVENT_WAIT)
+    assert SENDING in logfile.read_text()
 
 
 def test_an_idle_beat_sleeps_until_the_next_due_run(tmp_path: Path) -> None:
@@ -542,19 +594,12 @@ def test_runs_due_at_once_are_sent_once_by_one_of_two_beats(
 ) -> None:
     """250 entries all overdue (more than one claim batch): the first beat's tick sends
     each once, the second beat's finds them all claimed."""
-    from celeriac import Celeriac, _core
-    from celeriac.beat import Beat
+    from celeriac import _core
 
-    app = Celeriac("due", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
-    app.conf.task_default_queue = tasks_dir.queue
     names = [f"entry-{n}" for n in range(250)]
-    app.conf.beat_schedule = {name: {"task": "due.x", "schedule": 3600.0} for name in names}
-    long_ago = int((time.time() - 7200) * 1_000_000)
-    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(names, long_ago)
+    app, long_ago = _overdue(tasks_dir, names)
     try:
-        first, second = (Beat(app, schedule_filename=tasks_dir.queue) for _ in range(2))
-        first.setup()
-        second.setup()
+        first, second = _two_beats(app, tasks_dir.queue)
         first.tick()
         second.tick()
         assert redis_client.llen(tasks_dir.queue) == 250
@@ -564,3 +609,64 @@ def test_runs_due_at_once_are_sent_once_by_one_of_two_beats(
         assert all(entry.last_run == stored[name] for name, entry in second.entries.items())
     finally:
         app.close()
+
+
+def test_a_run_due_when_the_store_lost_its_entry_is_sent_once(
+    tasks_dir: TasksDir, redis_client: redis.Redis
+) -> None:
+    """The store forgets an entry while its run is due (a Redis restarted without its
+    data): the run is claimed anew and sent once, not skipped until the next period."""
+    app, long_ago = _overdue(tasks_dir, ["hourly"])
+    try:
+        first, second = _two_beats(app, tasks_dir.queue)
+        redis_client.delete(f"celeriac-beat:{tasks_dir.queue}")
+        for _ in range(3):
+            for beat in (first, second):
+                time.sleep(min(beat.tick(), 0.05))
+        assert redis_client.llen(tasks_dir.queue) == 1
+        message = json.loads(redis_client.lindex(tasks_dir.queue, 0))
+        assert message["headers"]["celeriac_beat_run"][0] == long_ago
+    finally:
+        app.close()
+
+
+def test_two_beats_that_pick_the_same_run_time_send_it_once(
+    tasks_dir: TasksDir, redis_client: redis.Redis
+) -> None:
+    """Two beats wake at the same moment and stamp the run with the same microsecond:
+    the loser finds its own value stored, which is not a claim of its own whose answer
+    was lost (it never failed), so it does not send the run again."""
+    import datetime
+
+    app, _ = _overdue(tasks_dir, ["hourly"])
+    moment = datetime.datetime.now(datetime.timezone.utc)
+    app.now = lambda: moment  # both beats: one clock reading
+    try:
+        first, second = _two_beats(app, tasks_dir.queue)
+        first.tick()
+        second.tick()
+        assert redis_client.llen(tasks_dir.queue) == 1
+    finally:
+        app.close()
+
+
+def _overdue(tasks_dir: TasksDir, names: list[str]) -> tuple[Any, int]:
+    """An app whose hourly entries ``names`` are stored as last run two hours ago (all
+    due), on the test's queue: ``(app, that last run)``."""
+    from celeriac import Celeriac, _core
+
+    app = Celeriac("due", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    app.conf.task_default_queue = tasks_dir.queue
+    app.conf.beat_schedule = {name: {"task": "due.x", "schedule": 3600.0} for name in names}
+    long_ago = int((time.time() - 7200) * 1_000_000)
+    _core.BeatStore(REDIS_URL, tasks_dir.queue).register(names, long_ago)
+    return app, long_ago
+
+
+def _two_beats(app: Any, queue: str) -> list[Any]:
+    from celeriac.beat import Beat
+
+    beats = [Beat(app, schedule_filename=queue) for _ in range(2)]
+    for beat in beats:
+        beat.setup()
+    return beats

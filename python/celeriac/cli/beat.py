@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac.cli.common import (
     EX_CANTCREAT,
     EX_FAILURE,
+    EX_OK,
     PROG,
     UsageError,
     add_global_options,
@@ -21,12 +22,8 @@ from celeriac.cli.common import (
 
 if TYPE_CHECKING:
     from celeriac.beat import Beat
+    from celeriac.worker.options import PidfileLocked
 
-#: Celery's ``beat`` options celeriac refuses, with the reason.
-REFUSED = {
-    "detach": "not supported: run beat in the foreground under a service manager (systemd, "
-    "supervisord) instead",
-}
 #: Schedulers that mean "the default": celeriac's shared-store scheduler.
 DEFAULT_SCHEDULERS = frozenset(
     {"celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler",
@@ -60,7 +57,12 @@ def add_parser(commands: Any) -> None:
     beat.add_argument("--pidfile", default=None, metavar="FILE",
                       help="write the pid here; refuse to start if it names a running "
                       "process")  # fmt: skip
-    beat.add_argument("--detach", action="store_true", default=None, help=REFUSED["detach"])
+    beat.add_argument("--detach", action="store_true", default=None,
+                      help="run beat as a daemon, in the background (give -f and --pidfile "
+                      "to find its log and stop it)")  # fmt: skip
+    beat.add_argument("--executable", default=None, metavar="PYTHON",
+                      help="with --detach: the Python that runs the daemon (default: this "
+                      "one)")  # fmt: skip
     beat.add_argument("--exit-with-parent", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -111,8 +113,8 @@ def cmd_beat(ns: argparse.Namespace) -> int:
     from celeriac.worker.log import parse_loglevel, setup_logging
     from celeriac.worker.options import Pidfile, PidfileLocked
 
-    if ns.detach:
-        raise UsageError(f"--detach is {REFUSED['detach']}")
+    if ns.executable is not None and not ns.detach:
+        raise UsageError("argument --executable: only with --detach")
     if ns.scheduler is not None and ns.scheduler not in DEFAULT_SCHEDULERS:
         raise UsageError(
             f"argument -S/--scheduler: {ns.scheduler!r} is not supported: celeriac's "
@@ -142,18 +144,15 @@ def cmd_beat(ns: argparse.Namespace) -> int:
         )
     except BeatError as exc:
         raise UsageError(str(exc)) from None
+    if ns.detach:
+        return _detach(ns, app)
     pidfile = None
     if ns.pidfile is not None:
         pidfile = Pidfile(ns.pidfile)
         try:
             pidfile.acquire()
         except PidfileLocked as exc:
-            print(
-                f"{PROG} beat: error: the pidfile {exc.path} names process {exc.pid}, which "
-                "is running: is this beat already running? (remove the file if not)",
-                file=sys.stderr,
-            )
-            return EX_CANTCREAT
+            return _already_running(exc)
         except OSError as exc:
             raise UsageError(f"argument --pidfile: cannot write {ns.pidfile}: {exc}") from None
 
@@ -179,12 +178,50 @@ def cmd_beat(ns: argparse.Namespace) -> int:
             pidfile.release()
 
 
+def _already_running(exc: PidfileLocked) -> int:
+
+    print(
+        f"{PROG} beat: error: the pidfile {exc.path} names process {exc.pid}, which is "
+        "running: is this beat already running? (remove the file if not)",
+        file=sys.stderr,
+    )
+    return EX_CANTCREAT
+
+
+def _detach(ns: argparse.Namespace, app: Any) -> int:
+    """``beat --detach``: the schedule, the log file and the pidfile are checked here,
+    where an error still reaches the terminal; then the same command line, without
+    ``--detach``, runs afresh as a daemon (as ``worker -D`` does)."""
+    from celeriac.beat import BeatError, read_schedule
+    from celeriac.worker.daemon import check_before_detaching, detach
+    from celeriac.worker.options import PidfileLocked
+
+    try:
+        read_schedule(app, app.conf["beat_schedule"])
+    except BeatError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        check_before_detaching(ns.logfile, ns.pidfile)
+    except PidfileLocked as exc:
+        return _already_running(exc)
+    except OSError as exc:
+        raise UsageError(
+            f"argument -f/--logfile: cannot write {ns.logfile}: {exc.strerror}"
+        ) from None
+    if ns.logfile is None:
+        print(f"{PROG} beat: warning: --detach without -f: beat's log is lost", file=sys.stderr)
+    app.close()
+    detach(ns.raw_args, executable=ns.executable, logfile=ns.logfile)
+    return EX_OK
+
+
 def start_embedded(ns: argparse.Namespace, app: Any) -> subprocess.Popen[bytes]:
     """``worker -B``: beat in a child process (as Celery runs it beside a prefork
     pool: no thread to carry across fork). Its schedule is checked here first, so a
     bad one stops the worker at start; the child ends with the worker, even a killed
     one (it watches its parent)."""
     from celeriac.beat import BeatError, read_schedule
+    from celeriac.worker.options import expand_nodename, node_format
 
     if ns.scheduler is not None and ns.scheduler not in DEFAULT_SCHEDULERS:
         raise UsageError(
@@ -208,7 +245,9 @@ def start_embedded(ns: argparse.Namespace, app: Any) -> subprocess.Popen[bytes]:
     if ns.schedule:
         command += ["--schedule", ns.schedule]
     if ns.logfile:
-        command += ["--logfile", ns.logfile]
+        # The worker's own file (its main process's: %i is 0, %I empty), as Celery's
+        # embedded beat logs where the worker does; beat itself expands nothing.
+        command += ["--logfile", node_format(ns.logfile, expand_nodename(ns.hostname))]
     env = dict(os.environ)
     if not ns.app and not env.get("CELERIAC_APP") and app.main:
         env["CELERIAC_APP"] = app.main
