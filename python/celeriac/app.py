@@ -163,7 +163,8 @@ class Celeriac:
         if set_as_current:
             self.set_current()
         #: Framework fix-ups (Django's when ``DJANGO_SETTINGS_MODULE`` is set).
-        self._fixups = install_fixups(self)
+        #: The frameworks' hooks (Django's), found when the app is made.
+        self.fixups = install_fixups(self)
         register_builtins(self)  # celery.map, celery.starmap, ... (celeriac.canvas_map)
 
     def finalize(self, auto: bool = False) -> None:
@@ -231,7 +232,7 @@ class Celeriac:
             self._autodiscover.append(entry)
 
     def _fixup_packages(self) -> list[str]:
-        return [name for fixup in self._fixups for name in fixup.autodiscover_packages() or ()]
+        return [name for fixup in self.fixups for name in fixup.autodiscover_packages() or ()]
 
     def _import_related(self, packages: Any, related_name: str | None) -> list[types.ModuleType]:
         names = packages() if callable(packages) else packages
@@ -258,7 +259,7 @@ class Celeriac:
         """Import ``include`` and ``imports`` modules and the autodiscovered task
         modules (the worker calls this at start)."""
         _signals.import_modules.send(sender=self)
-        for fixup in self._fixups:
+        for fixup in self.fixups:
             fixup.on_import_modules()
         names = [*self.conf["imports"], *self.conf["include"]]
         modules = [importlib.import_module(name) for name in dict.fromkeys(names)]

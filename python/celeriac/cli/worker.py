@@ -26,6 +26,7 @@ from celeriac.cli.common import (
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
+    from celeriac.worker import Worker
 
 POOL_CHOICES = ("prefork", "solo", "threads")
 POOL_ALIASES = {"processes": "prefork"}
@@ -553,12 +554,23 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         if options.purge:
             _purge_queues(app, worker.queues)
         redirect_stdouts(log_settings)
-        return worker.run()
+        return _serve(worker)
     finally:
         if embedded_beat is not None:
             beat_cli.stop_embedded(embedded_beat)
         if pidfile is not None:
             pidfile.release()
+
+
+def _serve(worker: Worker) -> int:
+    """prefork: the supervisor forks the children and watches them (each child serves
+    with ``Worker.run``); the other pools serve in this process."""
+    if worker.pool_name == "prefork":
+        from celeriac.worker.prefork import Supervisor
+
+        worker.init_fixups()
+        return Supervisor(worker).run()
+    return worker.run()
 
 
 def _detach_worker(ns: argparse.Namespace, logfile: str | None, pidfile: str | None) -> int:

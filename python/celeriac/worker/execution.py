@@ -156,8 +156,8 @@ class ExecutionMixin(WorkerBase):
         if stats is not None:
             stats.began()
         try:
-            if self.app._fixups:  # Django's: database connections closed around the task
-                return run_with_fixups(self.app._fixups, execute, request, self.backend, guard)
+            if self.app.fixups:  # Django's: database connections closed around the task
+                return run_with_fixups(self.app.fixups, execute, request, self.backend, guard)
             return execute(request, self.backend, guard)
         except ColdShutdown:
             raise

@@ -196,15 +196,16 @@ class LifecycleMixin(ConsumeMixin):
             logger.warning("Soft time limit exceeded for the running task")
             raise SoftTimeLimitExceeded()
 
-    def run(self) -> int:
-        """Serve until told to stop; the process exit status."""
-        if self.child is None:
-            for fixup in self.app._fixups:
-                fixup.on_worker_init(self)
-        if self.pool_name == "prefork" and self.child is None:
-            from celeriac.worker.prefork import Supervisor
+    def init_fixups(self) -> None:
+        """The frameworks' worker_init (Django's checks), once, in the main process."""
+        for fixup in self.app.fixups:
+            fixup.on_worker_init(self)
 
-            return Supervisor(self.as_worker()).run()
+    def run(self) -> int:
+        """Serve in this process until told to stop (solo and threads pools, or a prefork
+        child: the command line runs the prefork supervisor instead); the exit status."""
+        if self.child is None:
+            self.init_fixups()
         self._install_signals()
         try:
             return self._run()
