@@ -149,10 +149,11 @@ class Celeriac:
         self._backend: Any = UNBUILT
         self._backend_pid = 0
         #: ``task_send_sent_event``: this process's event dispatcher (made on first use).
-        self._events: Any = None
+        self.client_events: Any = None
         self._router: Router | None = None
         self._router_version = -1
-        self._name_defaults: dict[str, DispatchDefaults] = {}
+        #: The send path's defaults of tasks sent by name only (sending.py).
+        self.name_defaults: dict[str, DispatchDefaults] = {}
         self._annotations_source: Any = None
         self._annotations: list[Any] = []
         self._timezone: datetime.tzinfo = _UTC
@@ -300,7 +301,7 @@ class Celeriac:
         if self._shared_bound < len(SHARED_TASKS):
             self._bind_shared()
         if self.conf["task_annotations"] is not self._annotations_source:
-            self._load_annotations()
+            self.load_annotations()
         return self._tasks
 
     def _bind_shared(self) -> None:
@@ -367,7 +368,7 @@ class Celeriac:
 
     # -- annotations ------------------------------------------------------------------
 
-    def _load_annotations(self) -> list[Any]:
+    def load_annotations(self) -> list[Any]:
         source = self.conf["task_annotations"]
         if source is self._annotations_source:
             return self._annotations
@@ -386,7 +387,7 @@ class Celeriac:
         return loaded
 
     def _annotate(self, task: _Task[Any, Any]) -> None:
-        annotations = self._load_annotations()
+        annotations = self.load_annotations()
         if not annotations:
             return
         specific = wildcard = None
@@ -439,7 +440,7 @@ class Celeriac:
                 router = Router(self.conf)
                 self._router = router
                 self._router_version = self.conf._version
-                self._name_defaults = {}
+                self.name_defaults = {}
         return router
 
     @property
@@ -657,7 +658,7 @@ class Celeriac:
 
     def _flush_at_exit(self) -> None:
         pid = os.getpid()
-        events = self._events
+        events = self.client_events
         if events is not None and events.pid == pid:
             events.close()
         if self._producer is not None and self._producer_pid == pid:
@@ -675,7 +676,7 @@ class Celeriac:
     def close(self) -> None:
         """Flush and close this process's connections (they reconnect on next use)."""
         with self._lock:
-            events, self._events = self._events, None
+            events, self.client_events = self.client_events, None
             if events is not None and events.pid == os.getpid():
                 events.close()
             producer, backend = self._producer, self._backend

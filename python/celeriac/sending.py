@@ -132,8 +132,8 @@ def send_task(
 
 def dispatch_defaults(app: Celeriac, task: _Task[Any, Any] | None, name: str) -> DispatchDefaults:
     conf = app.conf
-    app._load_annotations()
-    router = app._get_router()
+    app.load_annotations()
+    router = app.router
     version = conf._version
     confirm = bool((conf["broker_transport_options"] or {}).get("confirm_publish"))
     if task is None:
@@ -151,7 +151,7 @@ def dispatch_defaults(app: Celeriac, task: _Task[Any, Any] | None, name: str) ->
             check_serializer("task_serializer", conf["task_serializer"]),
             check_compression("task_compression", conf["task_compression"]),
         )
-        app._name_defaults[name] = defaults
+        app.name_defaults[name] = defaults
         return defaults
     route: Route | None = None
     if router.static:
@@ -180,7 +180,7 @@ def dispatch_defaults(app: Celeriac, task: _Task[Any, Any] | None, name: str) ->
         serializer,
         check_compression("task_compression", conf["task_compression"]),
     )
-    object.__setattr__(task, "_dispatch", defaults)
+    object.__setattr__(task, "dispatch_defaults", defaults)
     return defaults
 
 
@@ -214,7 +214,7 @@ def send_task_message(
     ``Task.apply_async_many``), nothing is sent: ``(queue, options, static route,
     parent, confirm_publish, ignore_result)`` is appended for the caller to send."""
     conf = app.conf
-    defaults = task._dispatch if task is not None else app._name_defaults.get(name)
+    defaults = task.dispatch_defaults if task is not None else app.name_defaults.get(name)
     if defaults is None or defaults.version != conf._version or defaults.conf is not conf:
         defaults = dispatch_defaults(app, task, name)
     if defaults.eager and eager_ok and task is not None:
@@ -244,7 +244,7 @@ def send_task_message(
                     route_options[key] = getattr(task, key)
         if options:
             route_options.update({k: v for k, v in options.items() if k not in route_options})
-        route = app._get_router().route(name, args, kwargs, route_options, task)
+        route = app.router.route(name, args, kwargs, route_options, task)
     if route.exchange is not None:
         opts["exchange"] = route.exchange
         opts["routing_key"] = route.routing_key
@@ -350,9 +350,9 @@ def send_sent_event(
     """Celery's ``task-sent`` event (docs/wire.md §5.3), from ``gen<pid>@host``."""
     from celeriac.events import EventDispatcher
 
-    events = app._events
+    events = app.client_events
     if events is None or events.pid != os.getpid():
-        events = app._events = EventDispatcher(app, client_origin())
+        events = app.client_events = EventDispatcher(app, client_origin())
     events.send(
         "task-sent",
         uuid=task_id,

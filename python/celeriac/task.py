@@ -117,7 +117,8 @@ class Task(Generic[P, R]):
 
     _app: Celeriac | None = None
     _argcheck: Any = UNBUILT
-    _dispatch: DispatchDefaults | None = None
+    #: Send defaults the send path worked out for this task (sending.py), kept per class.
+    dispatch_defaults: DispatchDefaults | None = None
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -127,7 +128,7 @@ class Task(Generic[P, R]):
             value = check(name, value)
         object.__setattr__(self, name, value)
         if name in DISPATCH_ATTRIBUTES:
-            object.__setattr__(self, "_dispatch", None)
+            object.__setattr__(self, "dispatch_defaults", None)
         elif name in ("run", "typing"):
             object.__setattr__(self, "_argcheck", UNBUILT)
 
