@@ -567,3 +567,32 @@ def test_replace_in_the_other_librarys_workflow(
     for member in joined.parent.results:
         result_keys.add(member.id)
     assert joined.get(timeout=20) == 103
+
+
+def test_collect_walks_the_graph_the_other_library_recorded(
+    client: ModuleType, result_keys: ResultKeys, compat: CompatDir
+) -> None:
+    """``collect()`` on one side follows the ``children`` the other side's worker stored:
+    a chain's steps, and several callbacks sent as one group (a GroupResult node, then
+    its members), in Celery's order."""
+    if compat.env["CELERIAC_TEST_BACKEND"] == "rpc://":
+        pytest.skip("rpc:// results of tasks a worker sent reach that worker, not the client")
+    canvas = _canvas(client)
+    last = canvas.chain(client.add.s(1, 1), client.add.s(2), client.add.s(3)).apply_async()
+    _forget_tree(last, result_keys)
+    first = last.parent.parent
+    collected = list(first.collect(timeout=15))
+    assert [value for _, value in collected] == [2, 4, 7]
+    assert [node.id for node, _ in collected] == [first.id, last.parent.id, last.id]
+
+    sig = client.add.s(3, 4)
+    sig.link(client.add.s(100))
+    sig.link(client.add.s(200))
+    root = sig.delay()
+    result_keys.add(root.id)
+    collected = list(root.collect(timeout=15))
+    for node, _ in collected:
+        result_keys.add(node.id)
+    assert [value for _, value in collected] == [7, [107, 207], 107, 207]
+    assert type(collected[1][0]).__name__ == "GroupResult"
+    assert [value for node, value in collected if not node.children] == [107, 207]
