@@ -22,7 +22,12 @@ from celeriac._core import dumps
 from celeriac.local import get_current_app, get_current_worker_task
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from celeriac.app import Celeriac
+
+    #: A node of the result graph (collect, iterdeps).
+    _Node: TypeAlias = "AsyncResult[Any] | GroupResult"
 
 __all__ = [
     "AsyncResult",
@@ -529,21 +534,19 @@ class AsyncResult(Generic[R]):
 
     # -- the graph of results under this one (result_graph) ---------------------------
 
-    def iterdeps(
-        self, intermediate: bool = False
-    ) -> Iterator[tuple[result_graph.ResultNode | None, result_graph.ResultNode]]:
+    def iterdeps(self, intermediate: bool = False) -> Iterator[tuple[_Node | None, _Node]]:
         """``(parent, result)`` for this result and every result under it, in Celery's
         order; :class:`~celeriac.exceptions.IncompleteStream` at a result not ready,
         unless ``intermediate``."""
-        return result_graph.iterdeps(self, intermediate=intermediate)
+        walk = result_graph.iterdeps(self, intermediate=intermediate)
+        return cast("Iterator[tuple[_Node | None, _Node]]", walk)
 
-    def collect(
-        self, intermediate: bool = False, **kwargs: Any
-    ) -> Iterator[tuple[result_graph.ResultNode, Any]]:
+    def collect(self, intermediate: bool = False, **kwargs: Any) -> Iterator[tuple[_Node, Any]]:
         """``(result, value)`` for this result and every result under it (tasks it
         sent, its chain's next step, groups it sent and their members), waiting for
         each with ``get(**kwargs)``."""
-        return result_graph.collect(self, intermediate=intermediate, **kwargs)
+        pairs = result_graph.collect(self, intermediate=intermediate, **kwargs)
+        return cast("Iterator[tuple[_Node, Any]]", pairs)
 
     def get_leaf(self) -> Any:
         """The value of the last result of :meth:`iterdeps`."""

@@ -61,7 +61,7 @@ def collect(
 
 
 def get_leaf(root: ResultNode) -> Any:
-    """The value of the last node of the walk (the graph must be complete)."""
+    """The value of the last node of the walk, waiting for each node in turn."""
     value = None
     for _, node in iterdeps(root):
         value = node.get()
