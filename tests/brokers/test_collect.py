@@ -38,6 +38,13 @@ def nested(n):
 
 
 @app.task
+async def fanout_async(n):
+    for i in range(n):
+        add.delay(i, 1)
+    return n
+
+
+@app.task
 def sends_slow(seconds):
     slow.delay(seconds)
     return "sent"
@@ -78,6 +85,19 @@ def test_collect_follows_tasks_and_groups_sent_inside_a_task(
     parents = [parent for parent, _ in root.iterdeps()]
     assert parents == [None, root, root, nodes[1], nodes[1], nodes[2], nodes[5], nodes[5]]
     assert root.get_leaf() == 11
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_children_recorded_by_prefork_and_async_tasks(
+    worker: StartWorker, collect_tasks: TasksDir, pool: str
+) -> None:
+    """A prefork child stores the children its task sent; so does an ``async def`` task."""
+    worker("-c", "2", pool=pool)
+    tasks = collect_tasks.import_module()
+
+    assert [value for _, value in tasks.fanout.delay(3).collect(timeout=20)] == [3, 0, 2, 4]
+    root = tasks.fanout_async.delay(2)
+    assert [value for _, value in root.collect(timeout=20)] == [2, 1, 2]
 
 
 def test_collect_follows_a_chain_and_its_callbacks(
