@@ -131,7 +131,7 @@ def test_a_result_not_ready_ends_the_walk_unless_intermediate(
     tasks = collect_tasks.import_module()
     from celeriac.exceptions import IncompleteStream
 
-    root = tasks.sends_slow.delay(2)
+    root = tasks.sends_slow.delay(4)
     assert root.get(timeout=20) == "sent"
     walk = root.iterdeps()
     assert next(walk) == (None, root)
@@ -140,7 +140,7 @@ def test_a_result_not_ready_ends_the_walk_unless_intermediate(
     with pytest.raises(IncompleteStream, match=child.id):
         next(walk)
     assert list(root.iterdeps(intermediate=True)) == [(None, root), (root, child)]
-    assert [value for _, value in root.collect(timeout=20)] == ["sent", 2]
+    assert [value for _, value in root.collect(timeout=20)] == ["sent", 4]
 
 
 @pytest.mark.parametrize(
