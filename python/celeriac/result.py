@@ -13,16 +13,21 @@ from __future__ import annotations
 import datetime
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from celeriac import exceptions, states
+from celeriac import exceptions, result_graph, states
 from celeriac._core import dumps
 from celeriac.local import get_current_app, get_current_worker_task
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from celeriac.app import Celeriac
+
+    #: A node of the result graph (collect, iterdeps).
+    _Node: TypeAlias = "AsyncResult[Any] | GroupResult"
 
 __all__ = [
     "AsyncResult",
@@ -251,11 +256,39 @@ def result_from_tuple(value: Any, app: Celeriac | None = None) -> AsyncResult[An
         task_id, parent = head, None
     parent_result = result_from_tuple(parent, app)
     if children is not None:
+        if not isinstance(children, (list, tuple)):
+            raise ValueError(f"a group's members must be a list, got {children!r:.200}")
         members = [result_from_tuple(child, app) for child in children]
         return GroupResult(  # type: ignore[return-value]
             task_id, [m for m in members if m is not None], parent=parent_result, app=app
         )
     return AsyncResult(task_id, app=app, parent=parent_result)
+
+
+def _children_from_meta(task_id: str, children: Any, app: Celeriac | None) -> list[Any]:
+    """The stored ``children`` of ``task_id`` as results; a ValueError naming the task
+    and the entry when it is not Celery's list of result tuples."""
+    if not isinstance(children, (list, tuple)):
+        raise ValueError(
+            f"result {task_id}: stored children must be a list of result tuples, "
+            f"got {type(children).__name__}: {children!r:.200}"
+        )
+    found: list[Any] = []
+    for index, entry in enumerate(children):
+        try:
+            if isinstance(entry, str):
+                raise ValueError("a bare string, not [[id, parent], members]")
+            child = result_from_tuple(entry, app)
+            if isinstance(child, GroupResult) and not isinstance(child.id, str):
+                raise ValueError(f"group id {child.id!r} is not a string")
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"result {task_id}: stored children[{index}] is not a result tuple "
+                f"({exc}): {entry!r:.200}"
+            ) from exc
+        if child is not None:
+            found.append(child)
+    return found
 
 
 # -- results ----------------------------------------------------------------------------
@@ -426,11 +459,11 @@ class AsyncResult(Generic[R]):
 
     @property
     def children(self) -> list[AsyncResult[Any]] | None:
+        """The results this task left behind (``children`` of its stored meta)."""
         children = self._get_task_meta().get("children")
         if children is None:
             return None
-        found = (result_from_tuple(child, self.app) for child in children)
-        return [child for child in found if child is not None]
+        return _children_from_meta(self.id, children, self.app)
 
     @property
     def args(self) -> Any:
@@ -498,6 +531,26 @@ class AsyncResult(Generic[R]):
         return cast(R, self._value(meta, propagate))
 
     wait = get
+
+    # -- the graph of results under this one (result_graph) ---------------------------
+
+    def iterdeps(self, intermediate: bool = False) -> Iterator[tuple[_Node | None, _Node]]:
+        """``(parent, result)`` for this result and every result under it, in Celery's
+        order; :class:`~celeriac.exceptions.IncompleteStream` at a result not ready,
+        unless ``intermediate``."""
+        walk = result_graph.iterdeps(self, intermediate=intermediate)
+        return cast("Iterator[tuple[_Node | None, _Node]]", walk)
+
+    def collect(self, intermediate: bool = False, **kwargs: Any) -> Iterator[tuple[_Node, Any]]:
+        """``(result, value)`` for this result and every result under it (tasks it
+        sent, its chain's next step, groups it sent and their members), waiting for
+        each with ``get(**kwargs)``."""
+        pairs = result_graph.collect(self, intermediate=intermediate, **kwargs)
+        return cast("Iterator[tuple[_Node, Any]]", pairs)
+
+    def get_leaf(self) -> Any:
+        """The value of the last result of :meth:`iterdeps`."""
+        return result_graph.get_leaf(self)
 
     def maybe_throw(self, propagate: bool = True, callback: Any = None) -> Any:
         """Raise the task's exception if it failed or was revoked; else its value."""

@@ -567,3 +567,88 @@ def test_replace_in_the_other_librarys_workflow(
     for member in joined.parent.results:
         result_keys.add(member.id)
     assert joined.get(timeout=20) == 103
+
+
+def test_collect_walks_the_graph_the_other_library_recorded(
+    client: ModuleType, result_keys: ResultKeys, compat: CompatDir
+) -> None:
+    """``collect()`` on one side follows the ``children`` the other side's worker stored:
+    a chain's steps, and several callbacks sent as one group (a GroupResult node, then
+    its members), in Celery's order."""
+    if compat.env["CELERIAC_TEST_BACKEND"] == "rpc://":
+        pytest.skip("rpc:// results of tasks a worker sent reach that worker, not the client")
+    canvas = _canvas(client)
+    last = canvas.chain(client.add.s(1, 1), client.add.s(2), client.add.s(3)).apply_async()
+    _forget_tree(last, result_keys)
+    first = last.parent.parent
+    collected = list(first.collect(timeout=15))
+    assert [value for _, value in collected] == [2, 4, 7]
+    assert [node.id for node, _ in collected] == [first.id, last.parent.id, last.id]
+
+    sig = client.add.s(3, 4)
+    sig.link(client.add.s(100))
+    sig.link(client.add.s(200))
+    root = sig.delay()
+    result_keys.add(root.id)
+    collected = list(root.collect(timeout=15))
+    for node, _ in collected:
+        result_keys.add(node.id)
+    assert [value for _, value in collected] == [7, [107, 207], 107, 207]
+    assert type(collected[1][0]).__name__ == "GroupResult"
+    assert [value for node, value in collected if not node.children] == [107, 207]
+
+
+#: Tasks that send others while running (appended to both compat modules).
+SENDING_TASKS = """
+
+from {impl} import group
+
+
+@app.task(name="compat.fanout")
+def fanout(n):
+    for i in range(n):
+        add.delay(i, i)
+    return n
+
+
+@app.task(name="compat.fanout_group")
+def fanout_group(n):
+    group(add.s(i, 10) for i in range(n)).delay()
+    return "sent"
+
+
+@app.task(name="compat.nested")
+def nested(n):
+    fanout.delay(n)
+    fanout_group.delay(n)
+    return "nested"
+"""
+
+
+@pytest.mark.parametrize(
+    ("client_kind", "worker_kind"), [("celeriac", "celery"), ("celery", "celeriac")]
+)
+def test_collect_follows_tasks_sent_inside_a_task_by_the_other_library(
+    compat: CompatDir,
+    start_worker: Any,
+    result_keys: ResultKeys,
+    client_kind: str,
+    worker_kind: str,
+) -> None:
+    """The children a worker records for tasks and a group sent from inside a task are
+    walked by the other library's collect() in the same order as Celery's own."""
+    if compat.env["CELERIAC_TEST_BACKEND"] == "rpc://":
+        pytest.skip("rpc:// results of tasks a worker sent reach that worker, not the client")
+    from compat.conftest import compat_module
+
+    for impl, module in (("celeriac", "compat_tasks"), ("celery", "celery_tasks")):
+        compat.write(f"{module}.py", compat_module(impl, module) + SENDING_TASKS.format(impl=impl))
+    start_worker(worker_kind)
+    client = compat.celery_app() if client_kind == "celery" else compat.celeriac_app()
+    root = client.nested.delay(2)
+    collected = list(root.collect(timeout=20))
+    for node, _ in collected:
+        result_keys.add(node.id)
+    assert [value for _, value in collected] == ["nested", 2, "sent", 0, 2, [10, 11], 10, 11]
+    assert type(collected[5][0]).__name__ == "GroupResult"
+    assert [value for node, value in collected if not node.children] == [0, 2, 10, 11]

@@ -359,6 +359,18 @@ def test_eager_result_success() -> None:
     assert repr(result) == "<EagerResult: e-1>"
 
 
+def test_eager_result_collect() -> None:
+    """An eager result has no children: collect() yields it alone; a failure raises."""
+    result: EagerResult[int] = EagerResult("e-2", 4, states.SUCCESS)
+    assert list(result.collect()) == [(result, 4)]
+    assert result.get_leaf() == 4
+    failed: EagerResult[int] = EagerResult("e-3", ValueError("bad"), states.FAILURE)
+    with pytest.raises(ValueError, match="bad"):
+        list(failed.collect())
+    ((node, error),) = failed.collect(propagate=False)
+    assert node is failed and error.args == ("bad",)
+
+
 def test_eager_result_failure() -> None:
     error = ValueError("boom")
     result: EagerResult[int] = EagerResult("e-2", error, states.FAILURE, traceback="tb")
