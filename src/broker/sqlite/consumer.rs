@@ -85,7 +85,7 @@ impl SqliteConsumer {
             pending_acks: Vec::new(),
             acks_since: None,
             pending_requeues: Vec::new(),
-            deliveries,
+            deliveries: Some(deliveries),
             signal: signal.clone(),
             closed: closed.clone(),
             drained: false,
@@ -269,7 +269,9 @@ pub(super) struct Fetcher {
     /// [`ACK_DELAY`]).
     acks_since: Option<Instant>,
     pending_requeues: Vec<i64>,
-    deliveries: mpsc::UnboundedSender<Fetched>,
+    /// Dropped once the consumer is closed, so that a fetch then raises `Closed`
+    /// (after the messages already handed over) instead of waiting.
+    deliveries: Option<mpsc::UnboundedSender<Fetched>>,
     signal: Arc<Signal>,
     closed: Arc<AtomicBool>,
     /// The last claim found fewer messages than it wanted.
@@ -368,6 +370,10 @@ impl Fetcher {
             }
             for reply in restores {
                 let _ = reply.send(self.restore_all());
+            }
+            if self.closed.load(Ordering::Acquire) {
+                // Nothing is claimed any more (no credits): end the fetches.
+                self.deliveries = None;
             }
             if Instant::now() >= next_maintenance {
                 // Errors here are retried next round; claims report lost databases.
@@ -556,14 +562,18 @@ impl Fetcher {
             self.in_flight.insert(row.id);
             // The receiver goes away with the consumer; what is claimed then stays
             // claimed until restored.
-            let _ = self.deliveries.send(into_fetched(row));
+            if let Some(deliveries) = &self.deliveries {
+                let _ = deliveries.send(into_fetched(row));
+            }
         }
     }
 
     fn report(&self, err: &rusqlite::Error) {
         if self.failures == 0 {
             let text = format!("{}: {}", self.masked, describe(&self.path, err));
-            let _ = self.deliveries.send(Fetched::Error(text));
+            if let Some(deliveries) = &self.deliveries {
+                let _ = deliveries.send(Fetched::Error(text));
+            }
         }
     }
 
