@@ -12,6 +12,8 @@ pub(super) enum Command {
     AddQueue(String, oneshot::Sender<bool>),
     /// Stop claiming from a queue; false: it was not claimed from.
     CancelQueue(String, oneshot::Sender<bool>),
+    /// Closed: claim nothing more and end the fetches (acks are still written).
+    Close,
 }
 
 /// Takes messages from queues within a prefetch window; acks them in batches.
@@ -164,10 +166,12 @@ impl SqliteConsumer {
         rx.await.map_err(|_| Error::Closed("the consumer"))
     }
 
-    /// Stop claiming; acks are still written.
+    /// Stop claiming and end the fetches (what was handed over is still read, then
+    /// the channel closes); acks are still written.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.signal.notify();
+        // Fails only when the fetch thread has ended: the channel is closed already.
+        let _ = self.send(Command::Close);
     }
 
     pub fn masked_url(&self) -> &str {
@@ -269,8 +273,8 @@ pub(super) struct Fetcher {
     /// [`ACK_DELAY`]).
     acks_since: Option<Instant>,
     pending_requeues: Vec<i64>,
-    /// Dropped once the consumer is closed, so that a fetch then raises `Closed`
-    /// (after the messages already handed over) instead of waiting.
+    /// Dropped when the consumer is closed, so that a fetch then raises `Closed` (after
+    /// the messages already handed over) instead of waiting.
     deliveries: Option<mpsc::UnboundedSender<Fetched>>,
     signal: Arc<Signal>,
     closed: Arc<AtomicBool>,
@@ -306,6 +310,7 @@ impl Fetcher {
                         self.window_extra = self.window_extra.saturating_add(delta);
                     }
                     Ok(Command::RestoreAll(reply)) => restores.push(reply),
+                    Ok(Command::Close) => self.deliveries = None,
                     Ok(Command::AddQueue(queue, reply)) => {
                         let added = !self.queues.contains(&queue);
                         if added {
@@ -370,10 +375,6 @@ impl Fetcher {
             }
             for reply in restores {
                 let _ = reply.send(self.restore_all());
-            }
-            if self.closed.load(Ordering::Acquire) {
-                // Nothing is claimed any more (no credits): end the fetches.
-                self.deliveries = None;
             }
             if Instant::now() >= next_maintenance {
                 // Errors here are retried next round; claims report lost databases.
