@@ -4,7 +4,7 @@
 //! and know no transport.
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use super::url::{BrokerUrl, Scheme};
 use super::TransportOptions;
 use crate::error::Result;
 
+/// How long a lost subscription waits before it subscribes again.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// How often the default [`Fanout::pop_wait`] looks again where nothing can wait for
 /// a message.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -72,6 +74,59 @@ pub struct Sink {
     pub stop: watch::Receiver<bool>,
     /// Counts the times the subscription was made again after a lost connection.
     pub resubscribed: Arc<AtomicU64>,
+}
+
+/// Why a subscription's connection stopped forwarding.
+pub enum Ended {
+    /// The connection was lost: subscribe again.
+    Lost,
+    /// Stopped, or nobody receives any more.
+    Stopped,
+}
+
+/// Run a subscription until `sink` stops it: `forward` hands over what one
+/// connection receives; after a lost one, wait and `open` another (counted in
+/// `sink.resubscribed`). `first` is the connection opened by the caller, so that it
+/// saw the first failure.
+pub async fn keep_subscribed<C, O, F>(
+    first: C,
+    open: impl Fn() -> O,
+    forward: impl Fn(C, mpsc::UnboundedSender<Received>, watch::Receiver<bool>) -> F,
+    sink: Sink,
+) where
+    O: Future<Output = Result<C>>,
+    F: Future<Output = Ended>,
+{
+    let Sink {
+        tx,
+        mut stop,
+        resubscribed,
+    } = sink;
+    let mut current = Some(first);
+    loop {
+        let connection = match current.take() {
+            Some(connection) => connection,
+            None => match open().await {
+                Ok(connection) => {
+                    resubscribed.fetch_add(1, Ordering::Relaxed);
+                    connection
+                }
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            },
+        };
+        if let Ended::Stopped = forward(connection, tx.clone(), stop.clone()).await {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Broadcasts (events, remote-control requests) and the direct replies to them.

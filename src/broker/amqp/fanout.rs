@@ -18,10 +18,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::*;
 use crate::broker::broadcast::{Broadcast, Received};
-use crate::broker::fanout::{Fanout, QueueTimes, Sink, Subscription};
-
-/// How long a lost subscription waits before it connects again.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+use crate::broker::fanout::{keep_subscribed, Ended, Fanout, QueueTimes, Sink, Subscription};
 
 struct Link {
     conn: Connection,
@@ -147,13 +144,11 @@ impl Fanout for AmqpFanout {
         );
         spec.exchange_durable = subscription.durable;
         let first = open_subscription(&self.url, &self.options, &spec).await?;
-        tokio::spawn(subscription_loop(
-            self.url.clone(),
-            self.options.clone(),
-            spec,
-            first,
-            sink,
-        ));
+        let (url, options) = (self.url.clone(), self.options.clone());
+        tokio::spawn(async move {
+            let open = || open_subscription(&url, &options, &spec);
+            keep_subscribed(first, open, forward, sink).await;
+        });
         Ok(())
     }
 
@@ -372,59 +367,29 @@ async fn open_subscription(
     Ok((conn, consumer))
 }
 
-async fn subscription_loop(
-    url: BrokerUrl,
-    options: AmqpOptions,
-    spec: QueueSpec,
-    first: (Connection, lapin::Consumer),
-    sink: Sink,
-) {
-    let Sink {
-        tx,
-        mut stop,
-        resubscribed,
-    } = sink;
-    let mut current = Some(first);
-    loop {
-        let (conn, mut consumer) = match current.take() {
-            Some(pair) => pair,
-            None => match open_subscription(&url, &options, &spec).await {
-                Ok(pair) => {
-                    resubscribed.fetch_add(1, Ordering::Relaxed);
-                    pair
-                }
-                Err(_) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue,
-                        _ = stop.changed() => return,
-                    }
-                }
-            },
-        };
-        loop {
-            tokio::select! {
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        if tx.send(from_delivery(&delivery)).is_err() {
-                            let _ = conn.close(200, ShortString::from("OK")).await;
-                            return;
-                        }
-                    }
-                    _ => break, // connection or channel lost: declare and consume again
-                },
-                _ = stop.changed() => {
-                    let _ = conn.close(200, ShortString::from("OK")).await;
-                    return;
-                }
-            }
-        }
-        drop(consumer);
-        let _ = conn.close(200, ShortString::from("OK")).await;
+/// Forward what one subscription receives until it is lost or stopped, then close
+/// its connection.
+async fn forward(
+    (conn, mut consumer): (Connection, lapin::Consumer),
+    tx: mpsc::UnboundedSender<Received>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Ended {
+    let ended = loop {
         tokio::select! {
-            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
-            _ = stop.changed() => return,
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    if tx.send(from_delivery(&delivery)).is_err() {
+                        break Ended::Stopped;
+                    }
+                }
+                _ => break Ended::Lost, // connection or channel lost: declare and consume again
+            },
+            _ = stop.changed() => break Ended::Stopped,
         }
-    }
+    };
+    drop(consumer);
+    let _ = conn.close(200, ShortString::from("OK")).await;
+    ended
 }
 
 #[cfg(test)]

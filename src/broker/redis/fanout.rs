@@ -8,22 +8,19 @@
 //!   (`_kombu.binding.<exchange>`): a message is an `LPUSH` of the envelope to every
 //!   queue bound with its routing key.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, watch, Mutex};
 
 use super::{bound_queues, connect, RedisOptions, PRIORITY_SEP};
 use crate::broker::broadcast::{decode, redis_envelope, Broadcast, Received};
-use crate::broker::fanout::{Fanout, Sink, Subscription};
+use crate::broker::fanout::{keep_subscribed, Ended, Fanout, Sink, Subscription};
 use crate::broker::url::BrokerUrl;
 use crate::broker::TransportOptions;
 use crate::error::{Error, Result};
 
-/// How long a lost subscription waits before it subscribes again.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// Read timeout of the publishing connection.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -128,13 +125,11 @@ impl Fanout for RedisFanout {
             .map_err(|err| Error::Connection(format!("{}: {err}", self.url.masked())))?;
         // Subscribe once here so that a failure is reported to the caller.
         let first = open_subscription(&client, &channel, self.options.connect_timeout).await?;
-        tokio::spawn(subscription_loop(
-            client,
-            channel,
-            self.options.connect_timeout,
-            first,
-            sink,
-        ));
+        let timeout = self.options.connect_timeout;
+        tokio::spawn(async move {
+            let open = || open_subscription(&client, &channel, timeout);
+            keep_subscribed(first, open, forward, sink).await;
+        });
         Ok(())
     }
 
@@ -233,53 +228,25 @@ async fn open_subscription(
     }
 }
 
-async fn subscription_loop(
-    client: redis::Client,
-    channel: String,
-    timeout: Duration,
-    first: redis::aio::PubSub,
-    sink: Sink,
-) {
-    let Sink {
-        tx,
-        mut stop,
-        resubscribed,
-    } = sink;
-    let mut current = Some(first);
+/// Forward what one subscription receives until it is lost or stopped.
+async fn forward(
+    pubsub: redis::aio::PubSub,
+    tx: mpsc::UnboundedSender<Received>,
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
+    let mut stream = pubsub.into_on_message();
     loop {
-        let pubsub = match current.take() {
-            Some(pubsub) => pubsub,
-            None => match open_subscription(&client, &channel, timeout).await {
-                Ok(pubsub) => {
-                    resubscribed.fetch_add(1, Ordering::Relaxed);
-                    pubsub
-                }
-                Err(_) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue,
-                        _ = stop.changed() => return,
-                    }
-                }
-            },
-        };
-        let mut stream = pubsub.into_on_message();
-        loop {
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => {
-                        let payload: &[u8] = message.get_payload_bytes();
-                        if tx.send(decode(payload)).is_err() {
-                            return;
-                        }
-                    }
-                    None => break, // connection lost: subscribe again
-                },
-                _ = stop.changed() => return,
-            }
-        }
         tokio::select! {
-            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
-            _ = stop.changed() => return,
+            message = stream.next() => match message {
+                Some(message) => {
+                    let payload: &[u8] = message.get_payload_bytes();
+                    if tx.send(decode(payload)).is_err() {
+                        return Ended::Stopped;
+                    }
+                }
+                None => return Ended::Lost,
+            },
+            _ = stop.changed() => return Ended::Stopped,
         }
     }
 }
