@@ -7,11 +7,11 @@ import time
 import uuid
 from pathlib import Path
 
-import kombu
 import pytest
 from celeriac import _core
 from celeriac.exceptions import ClosedError, OperationalError
 from conftest import AMQP_URL, REDIS_URL
+from kombu.connection import Connection
 
 
 def test_closed_error_is_an_operational_error() -> None:
@@ -43,7 +43,7 @@ def test_fetch_from_a_closed_amqp_consumer_raises_closed_error() -> None:
         _fetch_after_close(AMQP_URL, queue)
     finally:
         # The consumer declared a durable queue on the shared broker.
-        with kombu.Connection(AMQP_URL) as connection:
+        with Connection(AMQP_URL) as connection:
             connection.channel().queue_delete(queue)
 
 
