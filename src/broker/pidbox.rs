@@ -1,4 +1,4 @@
-//! Remote control (celery-wire §6): the broker side of kombu's pidbox `Mailbox`, on
+//! Remote control (docs/wire.md §6): the broker side of kombu's pidbox `Mailbox`, on
 //! whichever transport the URL names (see [`Fanout`] and each transport's fanout
 //! module for the wire).
 //!

@@ -1,5 +1,5 @@
 //! Broadcasts on AMQP, declared with Celery 5.7's exact flags so that mixed fleets
-//! agree (celery-wire §6):
+//! agree (docs/wire.md §6):
 //!
 //! - A message is a `basic.publish` to its exchange, declared once per connection
 //!   with the message's type and durability (`celeryev`: a durable topic;

@@ -1,4 +1,4 @@
-//! Broadcasts on Redis, as kombu's Redis transport emulates exchanges (celery-wire §3.4):
+//! Broadcasts on Redis, as kombu's Redis transport emulates exchanges (docs/wire.md §3.4):
 //!
 //! - A fanout (or topic) exchange is PUB/SUB: a message is one `PUBLISH` of the kombu
 //!   envelope on channel `/{db}.<exchange>/<routing key>` (`/{db}.<exchange>` when the
