@@ -5,12 +5,27 @@
 //! never waits (an I/O task batches the writes) and a consumer whose fetch task fills
 //! a channel of [`Fetched`] items within a prefetch window, and which acks in batches.
 //! [`Producer`] and [`Consumer`] pick the transport from the URL's scheme and delegate
-//! to it. `broadcast` is the transport-free message that `events` and `pidbox` send.
+//! to it. `broadcast` is the transport-free message that `events` and `pidbox` send
+//! through the [`fanout::Fanout`] trait, which [`fanout::FanoutLink`] delegates the
+//! same way.
+
+// Before the modules, so that `fanout` can use it too.
+/// `$body` for whichever transport `$self` holds, bound to `$transport`.
+macro_rules! on_transport {
+    ($self:expr, $transport:ident => $body:expr) => {
+        match $self {
+            Self::Redis($transport) => $body,
+            Self::Sqlite($transport) => $body,
+            Self::Amqp($transport) => $body,
+        }
+    };
+}
 
 pub mod amqp;
 pub mod amqp_tags;
 pub mod broadcast;
 pub mod events;
+pub mod fanout;
 pub mod outbox;
 pub mod pidbox;
 pub mod redis;
@@ -128,17 +143,6 @@ impl Default for TransportOptions {
             extra: serde_json::Map::new(),
         }
     }
-}
-
-/// `$body` for whichever transport `$self` holds, bound to `$transport`.
-macro_rules! on_transport {
-    ($self:expr, $transport:ident => $body:expr) => {
-        match $self {
-            Self::Redis($transport) => $body,
-            Self::Sqlite($transport) => $body,
-            Self::Amqp($transport) => $body,
-        }
-    };
 }
 
 /// Publishes task messages on whichever transport the URL names.

@@ -22,11 +22,13 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 
 mod consumer;
+mod fanout;
 mod producer;
 mod restore;
 mod wake;
 
 pub use self::consumer::RedisConsumer;
+pub use self::fanout::RedisFanout;
 pub use self::producer::RedisProducer;
 pub use self::restore::{recover_dead, restore_visible};
 use super::url::BrokerUrl;

@@ -3,13 +3,15 @@ the plain ``OperationalError``: the worker tells "stop" from "retry" by the clas
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from celeriac import _core
 from celeriac.exceptions import ClosedError, OperationalError
-from conftest import REDIS_URL
+from conftest import AMQP_URL, REDIS_URL
+from kombu.connection import Connection
 
 
 def test_closed_error_is_an_operational_error() -> None:
@@ -17,15 +19,32 @@ def test_closed_error_is_an_operational_error() -> None:
     assert ClosedError is _core.ClosedError
 
 
-# SQLite is left out: its fetch on a closed consumer waits and returns [] (its fetch
-# thread keeps the delivery channel open), a separate defect; AMQP would leave a
-# durable queue behind on the shared broker.
-@pytest.mark.parametrize("url", [REDIS_URL])
-def test_fetch_from_a_closed_consumer_raises_closed_error(url: str) -> None:
-    consumer = _core.Consumer(url, [f"closed-{uuid.uuid4()}"], prefetch_count=1)
+def _fetch_after_close(url: str, queue: str) -> None:
+    consumer = _core.Consumer(url, [queue], prefetch_count=1)
     consumer.close()
     with pytest.raises(ClosedError):
-        consumer.fetch(1, 1.0)
+        consumer.fetch(1, 5.0)
+
+
+def test_fetch_from_a_closed_consumer_raises_closed_error() -> None:
+    _fetch_after_close(REDIS_URL, f"closed-{uuid.uuid4()}")
+
+
+def test_fetch_from_a_closed_sqlite_consumer_raises_closed_error(tmp_path: Path) -> None:
+    started = time.monotonic()
+    _fetch_after_close(f"sqlite://{tmp_path / 'broker.db'}", "closed")
+    # Raised at once, not after waiting out the fetch's timeout.
+    assert time.monotonic() - started < 4.0
+
+
+def test_fetch_from_a_closed_amqp_consumer_raises_closed_error() -> None:
+    queue = f"closed-{uuid.uuid4()}"
+    try:
+        _fetch_after_close(AMQP_URL, queue)
+    finally:
+        # The consumer declared a durable queue on the shared broker.
+        with Connection(AMQP_URL) as connection:
+            connection.channel().queue_delete(queue)
 
 
 def test_send_on_a_closed_producer_raises_closed_error(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@
 
 mod connection;
 mod consumer;
+mod fanout;
 mod headers;
 mod options;
 mod producer;
@@ -35,6 +36,7 @@ mod topology;
 
 pub use connection::*;
 pub use consumer::*;
+pub use fanout::AmqpFanout;
 pub use headers::*;
 pub use options::*;
 pub use producer::*;

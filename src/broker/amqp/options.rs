@@ -320,7 +320,7 @@ pub(super) fn parse_queue_spec(name: &str, spec: &Value) -> Result<QueueSpec> {
     Ok(out)
 }
 
-pub(super) fn short(what: &str, text: &str) -> Result<ShortString> {
+pub(crate) fn short(what: &str, text: &str) -> Result<ShortString> {
     ShortString::try_new(text).map_err(|_| {
         Error::Config(format!(
             "{what} {:?}... is longer than AMQP's 255 bytes",

@@ -12,6 +12,8 @@ pub(super) enum Command {
     AddQueue(String, oneshot::Sender<bool>),
     /// Stop claiming from a queue; false: it was not claimed from.
     CancelQueue(String, oneshot::Sender<bool>),
+    /// Closed: claim nothing more and end the fetches (acks are still written).
+    Close,
 }
 
 /// Takes messages from queues within a prefetch window; acks them in batches.
@@ -85,7 +87,7 @@ impl SqliteConsumer {
             pending_acks: Vec::new(),
             acks_since: None,
             pending_requeues: Vec::new(),
-            deliveries,
+            deliveries: Some(deliveries),
             signal: signal.clone(),
             closed: closed.clone(),
             drained: false,
@@ -164,10 +166,12 @@ impl SqliteConsumer {
         rx.await.map_err(|_| Error::Closed("the consumer"))
     }
 
-    /// Stop claiming; acks are still written.
+    /// Stop claiming and end the fetches (what was handed over is still read, then
+    /// the channel closes); acks are still written.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.signal.notify();
+        // Fails only when the fetch thread has ended: the channel is closed already.
+        let _ = self.send(Command::Close);
     }
 
     pub fn masked_url(&self) -> &str {
@@ -269,7 +273,9 @@ pub(super) struct Fetcher {
     /// [`ACK_DELAY`]).
     acks_since: Option<Instant>,
     pending_requeues: Vec<i64>,
-    deliveries: mpsc::UnboundedSender<Fetched>,
+    /// Dropped when the consumer is closed, so that a fetch then raises `Closed` (after
+    /// the messages already handed over) instead of waiting.
+    deliveries: Option<mpsc::UnboundedSender<Fetched>>,
     signal: Arc<Signal>,
     closed: Arc<AtomicBool>,
     /// The last claim found fewer messages than it wanted.
@@ -304,6 +310,7 @@ impl Fetcher {
                         self.window_extra = self.window_extra.saturating_add(delta);
                     }
                     Ok(Command::RestoreAll(reply)) => restores.push(reply),
+                    Ok(Command::Close) => self.deliveries = None,
                     Ok(Command::AddQueue(queue, reply)) => {
                         let added = !self.queues.contains(&queue);
                         if added {
@@ -556,14 +563,18 @@ impl Fetcher {
             self.in_flight.insert(row.id);
             // The receiver goes away with the consumer; what is claimed then stays
             // claimed until restored.
-            let _ = self.deliveries.send(into_fetched(row));
+            if let Some(deliveries) = &self.deliveries {
+                let _ = deliveries.send(into_fetched(row));
+            }
         }
     }
 
     fn report(&self, err: &rusqlite::Error) {
         if self.failures == 0 {
             let text = format!("{}: {}", self.masked, describe(&self.path, err));
-            let _ = self.deliveries.send(Fetched::Error(text));
+            if let Some(deliveries) = &self.deliveries {
+                let _ = deliveries.send(Fetched::Error(text));
+            }
         }
     }
 
