@@ -27,7 +27,7 @@ pub struct Broadcast {
 /// body bytes, or why it could not be read.
 pub type Received = std::result::Result<(Value, Vec<u8>), String>;
 
-/// The kombu envelope of a broadcast on Redis (celery-wire §3.1).
+/// The kombu envelope of a broadcast on Redis (docs/wire.md §3.1).
 pub fn redis_envelope(message: &Broadcast) -> Result<Vec<u8>> {
     let envelope = json!({
         "body": base64::engine::general_purpose::STANDARD.encode(&message.body),

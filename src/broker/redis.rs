@@ -1,4 +1,4 @@
-//! The Redis broker in kombu's layout (celery-wire §3), so Celery peers share queues.
+//! The Redis broker in kombu's layout (docs/wire.md §3), so Celery peers share queues.
 //!
 //! - A queue is a list; priorities live in sub-lists `<queue>\x06\x16<step>`.
 //! - Publishing is `LPUSH`; the producer's I/O task pipelines everything pending
