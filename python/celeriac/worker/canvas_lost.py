@@ -7,8 +7,15 @@ The child cannot tell anyone once it is dead, so before running a task that has 
 fields (``embed.errbacks``, ``chord``, ``chain``) it writes them to a small file of its
 slot (:func:`record`); the supervisor, when that child dies with the task, reads the file
 back and does what the child's worker would have done after a failure (:func:`after_lost`).
-The child removes the file when the task ends (:func:`task_done`). Tasks without canvas
+The child empties the file when the task ends (:func:`task_done`). Tasks without canvas
 fields cost nothing.
+
+Every chain step and chord header task writes a record, so it is kept cheap: the file
+lives in shared memory (``/dev/shm``) when there is one, and each child keeps its file
+open and overwrites it in place, instead of creating, renaming and removing a file per
+task on a journaling disk. A child killed halfway through a write leaves a record that
+does not parse or names another task; the supervisor ignores it, as it would a record
+never written.
 """
 
 from __future__ import annotations
@@ -35,8 +42,17 @@ _CANVAS_FIELDS = ("errbacks", "chord", "chain")
 _HEADERS = ("group", "group_index", "root_id", "parent_id")
 
 
+_SHARED_MEMORY = "/dev/shm"
+
+
+def _directory() -> str:
+    if os.path.isdir(_SHARED_MEMORY) and os.access(_SHARED_MEMORY, os.W_OK | os.X_OK):
+        return _SHARED_MEMORY
+    return tempfile.gettempdir()
+
+
 def _path(supervisor_pid: int, index: int) -> str:
-    return os.path.join(tempfile.gettempdir(), f"celeriac-canvas-{supervisor_pid}-{index}.json")
+    return os.path.join(_directory(), f"celeriac-canvas-{supervisor_pid}-{index}.json")
 
 
 def record(child: Any, request: Request) -> None:
@@ -57,28 +73,52 @@ def record(child: Any, request: Request) -> None:
         text = json.dumps(fields)
     except (TypeError, ValueError):
         return  # not JSON (a pickled canvas): nothing the supervisor could use
-    path = _path(child.parent_pid, child.index)
+    data = text.encode()
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(path + ".tmp", path)
+        fd = _record_file(child.parent_pid, child.index)
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     except OSError as exc:
         logger.debug("Cannot record the canvas of %s: %s", request.id, exc)
         return
-    _recorded[0] = path
+    _recorded[0] = True
 
 
-#: The record this child wrote for the task it runs (removed when the task ends).
-_recorded: list[str | None] = [None]
+#: Whether this child's record holds the task it runs (emptied when the task ends).
+_recorded: list[bool] = [False]
+#: This process's open record file: ``((supervisor pid, slot index), fd)``.
+_record_fd: list[tuple[tuple[int, int], int] | None] = [None]
+
+
+def _record_file(supervisor_pid: int, index: int) -> int:
+    """The descriptor of this child's record file, opened once per process."""
+    owner = (supervisor_pid, index)
+    opened = _record_fd[0]
+    if opened is not None:
+        if opened[0] == owner:
+            return opened[1]
+        with contextlib.suppress(OSError):
+            os.close(opened[1])
+        _record_fd[0] = None
+    fd = os.open(_path(supervisor_pid, index), os.O_RDWR | os.O_CREAT, 0o600)
+    _record_fd[0] = (owner, fd)
+    return fd
 
 
 def task_done() -> None:
     """In a prefork child, after the task: its record is not needed any more."""
-    path = _recorded[0]
-    if path is not None:
-        _recorded[0] = None
+    opened = _record_fd[0]
+    if _recorded[0] and opened is not None:
+        _recorded[0] = False
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.ftruncate(opened[1], 0)
+
+
+def discard(supervisor_pid: int, index: int) -> None:
+    """In the supervisor, once the child of slot ``index`` has exited: its record file
+    (if any) goes with it."""
+    with contextlib.suppress(OSError):
+        os.unlink(_path(supervisor_pid, index))
 
 
 def _take(supervisor_pid: int, index: int, task_id: str) -> dict[str, Any] | None:

@@ -313,6 +313,7 @@ class Supervisor:
             self._startup_failures = 0
         if slot.task_id:
             self._task_lost(slot, child, status)
+        canvas_lost.discard(os.getpid(), child.index)
 
     def running_ids(self) -> list[str] | None:
         """Ids of the tasks the children run now: sync ones from the slot table, and
