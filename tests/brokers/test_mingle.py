@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -151,6 +152,22 @@ def test_a_worker_alone_starts_as_usual(
     result = tasks.mark.delay(scratch("alone"))
     result_keys.add(result.id)
     assert result.get(timeout=10) is True
+
+
+def test_a_worker_stopped_while_mingling_waits_for_the_mingle_thread(
+    worker: StartWorker, mtasks: TasksDir
+) -> None:
+    """Stopped at once after ``ready.``, the worker lets its mingle thread end (it
+    waits for replies inside the extension) before the interpreter exits: a thread
+    left there was ended by the exit (pthread_exit) and the Zig-built wheel crashed."""
+    process = worker("-n", _node("stopped"), app="mtasks")
+    assert process.stop() == 0
+    lines = process.log.splitlines()
+    ended = [
+        i for i, line in enumerate(lines) if re.search(r"mingle: (all alone|sync complete)", line)
+    ]
+    assert ended, process.log
+    assert ended[0] < _line_index(process, "stopped."), process.log
 
 
 # -- again after a lost connection --------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import _core
 from celeriac.app import transport_of
 from celeriac.control import PIDBOX, REPLY, matches, node_clock, open_mailbox
+from celeriac.worker import mingle
 from celeriac.worker.control import COMMANDS, NO_REPLY, join_lists, nok, run_handler
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Pidbox:
         self._stop = threading.Event()
         self._mailbox: Any = None
         self._thread: threading.Thread | None = None
+        self._minglers: list[threading.Thread] = []
 
     def start(self) -> None:
         try:
@@ -67,10 +69,11 @@ class Pidbox:
             return
         self._thread = threading.Thread(target=self._run, name="pidbox", daemon=True)
         self._thread.start()
-        if self._mingles():
-            from celeriac.worker import mingle
+        self._mingle()
 
-            mingle.start(self)
+    def _mingle(self) -> None:
+        if self._mingles():
+            self._minglers = [*(t for t in self._minglers if t.is_alive()), mingle.start(self)]
 
     def _mingles(self) -> bool:
         """Whether this node says hello to the others (at start, and again after its
@@ -86,6 +89,10 @@ class Pidbox:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
+        # A mingle thread waits for replies inside the extension with the GIL released;
+        # left running, the interpreter's exit would end it there (pthread_exit).
+        for mingler in self._minglers:
+            mingler.join(mingle.REPLY_WAIT + 1.0)
         if self._mailbox is not None:
             self._mailbox.close()
 
@@ -110,10 +117,7 @@ class Pidbox:
         """The mailbox is back after a lost connection: mingle again, as Celery's
         consumer does when it restarts after a connection loss."""
         logger.info("pidbox: reconnected to %s", self.worker.app.broker_url_masked)
-        if self._mingles():
-            from celeriac.worker import mingle
-
-            mingle.start(self)
+        self._mingle()
 
     def handle(self, headers: Any, data: Any) -> None:
         """Answer one request; a malformed one is logged and dropped."""
