@@ -255,6 +255,49 @@ pub fn float_repr(value: f64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// When the value lies exactly halfway between two shortest candidates, Rust's `{:e}`
+/// takes the upper one and Python's repr (dtoa's mode 0) the even one:
+/// 562949953421312.25 is `...312.3` in Rust, `...312.2` in Python. `digits` are Rust's
+/// shortest digits of `abs` (`d.ddd` times 10 to `exp`); the last one is lowered when
+/// that is such a tie.
+fn tie_to_even(digits: &mut [u8], abs: f64, exp: i32) {
+    let Some((&last, prefix)) = digits.split_last() else {
+        return;
+    };
+    if last % 2 == 0 || last <= b'1' {
+        return;
+    }
+    // The midpoint between the two candidates: the prefix, last - 1, then 5.
+    let mut midpoint: Vec<u8> = prefix.to_vec();
+    midpoint.push(last - 1);
+    midpoint.push(b'5');
+    // 40 significant digits show any f64 that equals an 18-digit decimal exactly.
+    let exact = format!("{abs:.39e}");
+    let (mantissa, exact_exp) = exact.split_once('e').unwrap_or((&exact, "0"));
+    if exact_exp.parse::<i32>().ok() != Some(exp) {
+        return;
+    }
+    let exact_digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+    let is_tie = exact_digits.starts_with(&midpoint)
+        && exact_digits[midpoint.len()..].iter().all(|&b| b == b'0');
+    if !is_tie {
+        return;
+    }
+    let mut lower = String::with_capacity(digits.len() + 8);
+    for (i, &d) in digits.iter().enumerate() {
+        if i == 1 {
+            lower.push('.');
+        }
+        lower.push(char::from(if i + 1 == digits.len() { d - 1 } else { d }));
+    }
+    lower.push_str(&format!("e{exp}"));
+    if lower.parse::<f64>().ok() == Some(abs) {
+        if let Some(d) = digits.last_mut() {
+            *d -= 1;
+        }
+    }
+}
+
 /// Append [`float_repr`] of `value` to `out`. `narrow` is set when the value came from
 /// an `f32`, whose shortest digits are used then.
 fn write_float_repr(out: &mut Vec<u8>, value: f64, narrow: Option<f32>) {
@@ -309,6 +352,9 @@ fn write_float_repr(out: &mut Vec<u8>, value: f64, narrow: Option<f32>) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    if narrow.is_none() {
+        tie_to_even(&mut digits[..nd], value.abs(), exp);
+    }
     let digits = &digits[..nd];
     if negative {
         out.push(b'-');

@@ -391,3 +391,14 @@ proptest::proptest! {
         let _ = from_slice::<serde_json::Value>(s.as_bytes());
     }
 }
+
+#[test]
+fn a_float_halfway_between_two_shortest_forms_takes_the_even_one_as_python() {
+    // Python: repr(562949953421312.2) == '562949953421312.2' (the value is ...312.25).
+    assert_eq!(float_repr(562949953421312.2), "562949953421312.2");
+    assert_eq!(float_repr(-562949953421312.2), "-562949953421312.2");
+    // Not a tie: the shortest form as before.
+    assert_eq!(float_repr(0.3), "0.3");
+    assert_eq!(float_repr(1.5e-5), "1.5e-05");
+    assert_eq!(float_repr(2.5), "2.5");
+}
