@@ -264,7 +264,9 @@ fn tie_to_even(digits: &mut [u8], abs: f64, exp: i32) {
     let Some((&last, prefix)) = digits.split_last() else {
         return;
     };
-    if last % 2 == 0 || last <= b'1' {
+    // Both candidates round-trip only when a unit of the last digit is under an ulp
+    // (about 2.2e-16 of the value): 16 or more digits. Shorter ones skip the check.
+    if digits.len() < 16 || last % 2 == 0 || last <= b'1' {
         return;
     }
     // The midpoint between the two candidates: the prefix, last - 1, then 5.
