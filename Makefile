@@ -69,9 +69,24 @@ dev: $(DEPS) ## Build the Rust extension (profile ci) and install celeriac, edit
 	rm -f $(BUILT)
 	$(MAKE) $(BUILT)
 
+# The tests run in PYTEST_WORKERS processes (pytest-xdist), a test file per process at a time
+# (its servers and module fixtures stay in one process); then, alone, the tests marked
+# broker_outage, which stop the shared RabbitMQ and would break whatever runs beside them.
+PYTEST_WORKERS ?= 2
+
 test: $(BUILT) ## Run the Python tests (needs Redis and RabbitMQ on localhost); builds first if needed
-	@rc=0; $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) || rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: that is a failure" >&2; fi; \
+	@rc=0; collected=0; \
+	$(BIN)/python -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadfile \
+		-m "not broker_outage" $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then collected=1; elif [ $$rc -eq 5 ]; then rc=0; fi; \
+	if [ $$rc -eq 0 ]; then \
+		echo "make test: the broker_outage tests, alone"; \
+		$(BIN)/python -m pytest -q -m broker_outage $(PYTEST_ARGS) || rc=$$?; \
+		if [ $$rc -eq 0 ]; then collected=1; elif [ $$rc -eq 5 ]; then rc=0; fi; \
+	fi; \
+	if [ $$rc -eq 0 ] && [ $$collected -eq 0 ]; then \
+		echo "make test: pytest collected no tests: that is a failure" >&2; rc=5; \
+	fi; \
 	exit $$rc
 
 test-rust: ## Run the Rust tests (cargo test, dev profile: debug assertions on)

@@ -94,6 +94,7 @@ def _rabbitmqctl(*args: str, timeout: float = 120) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, timeout=timeout, capture_output=True)
 
 
+@pytest.mark.broker_outage
 def test_rabbitmq_restart_mid_stream_loses_no_acks_late_task(
     on_rabbitmq: str, worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys
 ) -> None:
@@ -128,6 +129,7 @@ def test_rabbitmq_restart_mid_stream_loses_no_acks_late_task(
     assert process.proc.poll() is None, "the worker kept running through the restart"
 
 
+@pytest.mark.broker_outage
 def test_publish_during_an_outage_raises_and_loses_nothing(on_rabbitmq: str) -> None:
     from celeriac import Celery
     from celeriac.exceptions import OperationalError
