@@ -71,11 +71,9 @@ def enqueue(mod: ModuleType, n: int, batch: bool = False) -> dict[str, Any]:
     mod.finish()
     if hasattr(mod, "cleanup"):
         mod.cleanup()
-    loop = t_loop - t0
-    return {
-        "n": n, "seconds": seconds, "loop_seconds": loop, "rate": n / seconds,
-        "calls_rate": n / loop if loop > 0 else 0.0,
-    }  # fmt: skip
+    # wait_pending returned: the broker held exactly n + 1 (the warm-up's one included).
+    return {"n": n, "seconds": seconds, "loop_seconds": t_loop - t0, "rate": n / seconds,
+            "held": n}  # fmt: skip
 
 
 def fill(

@@ -10,10 +10,7 @@ from benches.peers import PEERS
 
 # scenario -> [(metric key, label, higher is better, shown in the chart)]
 METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
-    "enqueue": [
-        ("rate", "tasks/s", True, True),
-        ("calls_rate", "tasks/s, calls alone", True, False),
-    ],
+    "enqueue": [("rate", "tasks/s", True, True)],
     "drain": [
         ("rate", "tasks/s after start-up", True, True),
         ("seconds", "s incl. start-up", False, False),

@@ -72,7 +72,7 @@ import redis  # noqa: E402
 
 from benches import soak  # noqa: E402
 from benches.peers import BEST_PREFETCH, BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
-from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate  # noqa: E402
+from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate, tally  # noqa: E402
 from benches.report import (  # noqa: E402
     ceiling_summary,
     print_table,
@@ -168,7 +168,12 @@ class Bench:
             env["BENCH_SERIALIZER"] = job.shape.split(", ")[1]
         if job.mode == "async" and job.scenario == "io":
             env["BENCH_IO_ASYNC"] = "1"  # celeriac: the async def task
+        env["BENCH_COUNTER_DIR"] = str(self.counter_dir(queue))
         return env
+
+    def counter_dir(self, queue: str) -> Path:
+        """Where the no-ops of the measurement on ``queue`` count themselves."""
+        return self.tmp / "counts" / queue
 
     def purge(self, job: Job, queue: str) -> None:
         """Delete everything named after the queue: Redis keys, RabbitMQ queues, files."""
@@ -251,16 +256,33 @@ class Bench:
     def drain(self, job: Job, queue: str, kind: str = "noop") -> dict[str, Any]:
         n = {"io": self.args.io_n, "cpu": self.args.cpu_n}.get(kind, self.args.n)
         marks = f"{queue}:marks"
+        counts = self.counter_dir(queue)
+        counts.mkdir(parents=True, exist_ok=True)
+        # The client returns once the broker holds exactly n + 2 (it fails otherwise).
         self.client(job, queue, "fill", "-n", str(n), "--marks", marks, "--kind", kind,
                     timeout=60 + n / 100)  # fmt: skip
         t_start = time.time()
         with self.worker(job, queue) as (proc, settings):
-            first, last = self.wait_marks(proc, marks, 2, 60 + n / 50)
+            # sorted: a worker with several threads (Dramatiq's 8) may run the end
+            # sentinel before the first one; the count below then holds the clock
+            first, last = sorted(self.wait_marks(proc, marks, 2, 60 + n / 50))
+            if kind == "noop":
+                at_end, t_counted = wait_count(counts, n, COUNT_GRACE)
+                last = max(last, t_counted)  # a slot still running no-ops after the sentinel
+                figures = {"n": n, "counted_at_end": at_end, "counted": tally(counts)}
+                if figures["counted"] != n:
+                    raise BenchError(
+                        f"{figures['counted']:,} no-ops ran, not {n:,} (counted after the end "
+                        f"sentinel and {COUNT_GRACE:.0f} s of grace)",
+                        figures,
+                    )
         out = {
             "n": n, "settings": settings, "seconds": last - t_start,
             "startup_seconds": first - t_start, "run_seconds": last - first,
             "rate": n / (last - first),
         }  # fmt: skip
+        if kind == "noop":
+            out.update(figures)
         if kind in ("io", "cpu"):
             task_seconds = IO_SLEEP if kind == "io" else CPU_SECONDS
             out["ideal_seconds"] = n * task_seconds / job.c
@@ -394,6 +416,24 @@ class Bench:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+#: how long the drain waits after its end sentinel for the count to reach n (a worker with
+#: several slots may run the sentinel while another slot still runs no-ops)
+COUNT_GRACE = 10.0
+
+
+def wait_count(directory: Path, n: int, grace: float) -> tuple[int, float]:
+    """(the count right after the end sentinel, 0.0 if that was n already, else the time
+    it was first seen at n or the time the grace ran out); the caller checks the count."""
+    at_end = tally(directory)
+    if at_end >= n:
+        return at_end, 0.0
+    count, deadline = at_end, time.monotonic() + grace
+    while count < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+        count = tally(directory)
+    return at_end, time.time()
+
 
 #: the percentiles kept in the JSON for every round-trip run
 PERCENTILES = (0, 25, 50, 75, 90, 95, 99, 99.9, 100)

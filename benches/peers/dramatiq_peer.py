@@ -18,6 +18,7 @@ from benches.peers.common import (
     QUEUE,
     REDIS_URL,
     amqp_length,
+    bump,
     count_done,
     cpu_task,
     redis_length,
@@ -41,7 +42,7 @@ dramatiq.set_broker(broker)
 
 @dramatiq.actor(queue_name=QUEUE_NAME, max_retries=0)
 def noop() -> None:
-    pass
+    bump()
 
 
 @dramatiq.actor(queue_name=QUEUE_NAME, max_retries=0)

@@ -17,6 +17,7 @@ from benches.peers.common import (
     IO_SLEEP,
     QUEUE,
     REDIS_URL,
+    bump,
     count_done,
     cpu_task,
     redis_length,
@@ -31,7 +32,7 @@ broker = ListQueueBroker(REDIS_URL, queue_name=QUEUE)
 
 @broker.task(task_name="bench.noop")
 async def noop() -> None:
-    pass
+    bump()
 
 
 @broker.task(task_name="bench.mark")
