@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benches.peers import PEERS
+from benches.plan import TUNED
 
 # scenario -> [(metric key, label, higher is better, shown in the chart)]
 METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
@@ -85,6 +86,11 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 row["best_peer"], row["vs_best"] = None, None
             rows.append(row)
+    # Per broker, each scenario's rows together, the tuned ones below the defaults.
+    brokers = list(BROKER_NAMES)
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    rows.sort(key=lambda r: (brokers.index(r["broker"]), scenarios.index(r["scenario"]),
+                             TUNED in r["shape"]))  # fmt: skip
     return rows
 
 

@@ -12,10 +12,11 @@ unique to it; its keys, queues and files are deleted before and after. Scenarios
   ``enqueue_many``);
 - ``drain``: n no-ops queued (not timed) between two sentinel tasks that push the time they
   ran to a Redis list; one worker starts; the clock runs from its start to the second
-  sentinel (no task pays for the measurement). Shapes: one process (solo), prefork -c 1,
-  prefork -c 2, threads -c 2, at the short-task prefetch window (``--prefetch``, 64:
-  Celery's docs advise a high ``worker_prefetch_multiplier`` for many short tasks); and
-  celeriac and Celery in one process at their default window;
+  sentinel, and the no-ops' own count must then be n. Shapes: one process (solo), prefork
+  -c 1, prefork -c 2, threads -c 2, every peer at its defaults (the headline); then the one
+  process at the tuned window (``--prefetch``, 64: Celery's docs advise a high
+  ``worker_prefetch_multiplier`` for many short tasks) for the peers that have one, on
+  every broker, labelled ``tuned``;
 - ``io``: 1,000 tasks of ``time.sleep(0.1)`` (threads, prefork) or ``await
   asyncio.sleep(0.1)`` (async: celeriac's ``async def`` tasks, taskiq) with a concurrency
   of 50, sent to a worker that is up and idle (every prefork child started); each counts
@@ -71,8 +72,19 @@ if __package__ in (None, ""):  # `python benches/run.py`
 import redis  # noqa: E402
 
 from benches import soak  # noqa: E402
-from benches.peers import BEST_PREFETCH, BROKERS, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
+from benches.peers import BEST_PREFETCH, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
 from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate, tally  # noqa: E402
+from benches.plan import (  # noqa: E402
+    ALL_BROKERS,
+    DEFAULT_WINDOW,
+    MEM_PEERS,
+    MIXED_DRAIN,
+    NOT_BY_DEFAULT,
+    SCENARIOS,
+    UNBOUNDED_CEILING,
+    Job,
+    plan,
+)
 from benches.report import (  # noqa: E402
     ceiling_summary,
     print_table,
@@ -81,40 +93,7 @@ from benches.report import (  # noqa: E402
     write_chart,
 )
 
-SCENARIOS = (
-    "enqueue", "drain", "io", "cpu", "roundtrip", "memory", "ceiling", "mixed", "serializer",
-    "soak",
-)  # fmt: skip
-#: scenarios run only when named: the soak takes minutes
-NOT_BY_DEFAULT = ("soak",)
-#: the serializer scenario's shapes: celeriac's enqueue and drain (1 process) with each
-SERIALIZER_SHAPES = tuple(
-    f"{step}, {name}" for step in ("enqueue", "drain") for name in ("json", "msgpack")
-)
-ALL_BROKERS = ("redis", "amqp", "sqlite")
 RESULTS_DIR = ROOT / "benches" / "results"
-#: the drain row of celeriac and Celery at their default prefetch window (4 per slot)
-DEFAULTS_SHAPE = "1 process, defaults"
-#: the mixed scenario's shapes (a Celery client; a celeriac or a Celery worker)
-MIXED_DRAIN, MIXED_ROUNDTRIP = "Celery client, drain 1 process", "Celery client, round trip"
-#: drain shapes: label -> (worker mode, concurrency)
-DRAIN_SHAPES = {
-    "1 process": ("solo", 1),
-    DEFAULTS_SHAPE: ("solo", 1),
-    "prefork -c 1": ("prefork", 1),
-    "prefork -c 2": ("prefork", 2),
-    "threads -c 2": ("threads", 2),
-}
-#: CPU-bound shapes: label -> (worker mode, concurrency)
-CPU_SHAPES = {"1 process": ("solo", 1), "prefork -c 2": ("prefork", 2)}
-#: peers with a batch enqueue API measured in the "batch API" enqueue cell
-BATCH_PEERS = ("celeriac", "rq")
-#: the ceiling run with no prefetch window (the other one has the worker's: 4)
-UNBOUNDED_CEILING = "pure Rust, no window"
-#: peers of the memory scenario by default: 100,000 tasks take Celery's worker 1-3 min on
-#: 2 cores, Dramatiq's and taskiq's 1-2 min each and RQ's 6: the default run keeps Huey,
-#: the fastest pure-Python one (``--mem-peers`` names others)
-MEM_PEERS = ("celeriac", "celery", "huey")
 
 
 class BenchError(Exception):
@@ -124,19 +103,6 @@ class BenchError(Exception):
     def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.figures = figures or {}
-
-
-@dataclass(frozen=True)
-class Job:
-    broker: str
-    scenario: str
-    shape: str  # "" or a label of DRAIN_SHAPES, or the io / memory shape
-    peer: str
-    repeat: int
-    mode: str = "solo"
-    c: int = 1
-    prefetch: int = 0  # the worker's prefetch window per slot; 0: the peer's default
-    client_peer: str = ""  # the client's library when not the worker's (mixed)
 
 
 @dataclass
@@ -337,8 +303,8 @@ class Bench:
             raise BenchError("the ceiling program is not built (see the note above)")
         url = self.args.redis_url if job.broker == "redis" else self.args.amqp_url
         n = self.args.n
-        # The worker's window at -c 1 (the drain's prefetch multiplier), or none at all.
-        prefetch = 0 if job.shape == UNBOUNDED_CEILING else (self.args.prefetch or 4)
+        # The headline drain's window at -c 1 (the default multiplier), or none at all.
+        prefetch = 0 if job.shape == UNBOUNDED_CEILING else DEFAULT_WINDOW
         cmd = [self.ceiling_exe, "--url", url, "-n", str(n), "--queue", queue,
                "--prefetch", str(prefetch)]  # fmt: skip
         try:
@@ -719,146 +685,6 @@ def amqp_up(url: str) -> str | None:
     return None
 
 
-# -- the plan --------------------------------------------------------------------------------
-
-
-def ceiling_jobs(args: argparse.Namespace, broker: str, on: list[str], rep: int) -> list[Job]:
-    """The pure-Rust ceiling (with the drain's window and with none) and redis-benchmark."""
-    if rep >= args.extra_repeats or broker not in ("redis", "amqp"):
-        return []
-    jobs = []
-    if "celeriac" in on:
-        jobs.append(Job(broker, "ceiling", "pure Rust", "celeriac", rep))
-        jobs.append(Job(broker, "ceiling", UNBOUNDED_CEILING, "celeriac", rep))
-    if broker == "redis":
-        jobs.append(Job(broker, "ceiling", "redis-benchmark", "redis", rep))
-    return jobs
-
-
-def plan(args: argparse.Namespace, peers: list[str], brokers: list[str]) -> list[Job]:
-    """Every measurement of the run, in order: repeat by repeat, scenario by scenario, the
-    peers alternating their order between repeats to spread any drift."""
-    jobs: list[Job] = []
-    best = args.prefetch  # the short no-op tasks' prefetch window (0: each peer's default)
-    for rep in range(args.repeats):
-        order = peers if rep % 2 == 0 else peers[::-1]
-        for broker in brokers:
-            on = [p for p in order if broker in BROKERS[p]]
-            for scenario in args.scenarios:
-                if scenario == "enqueue":
-                    jobs += [Job(broker, "enqueue", "", p, rep) for p in on]
-                    if broker == "redis":
-                        jobs += [
-                            Job(broker, "enqueue", "batch API", p, rep)
-                            for p in on
-                            if p in BATCH_PEERS
-                        ]
-                elif scenario == "drain":
-                    for label, (mode, c) in DRAIN_SHAPES.items():
-                        if label != "1 process" and (
-                            broker != "redis" or rep >= args.extra_repeats
-                        ):
-                            continue
-                        if args.no_prefork and mode == "prefork":
-                            continue
-                        if label == DEFAULTS_SHAPE and not best:
-                            continue  # the "1 process" row has the defaults already
-                        jobs += [
-                            Job(broker, "drain", label, p, rep, mode, c,
-                                prefetch=0 if label == DEFAULTS_SHAPE else best)
-                            for p in on
-                            if worker_spec(p, "python", "q", mode, c, broker) is not None
-                            and (label not in ("prefork -c 1", DEFAULTS_SHAPE)
-                                 or p in ("celeriac", "celery"))
-                        ]  # fmt: skip
-                        if label == "1 process" and "ceiling" in args.scenarios:
-                            # Right after the drain it bounds: on a busy machine, cells
-                            # measured minutes apart differ more than side by side.
-                            jobs += ceiling_jobs(args, broker, on, rep)
-                elif scenario == "serializer" and "celeriac" in on:
-                    jobs += [
-                        Job(broker, "serializer", shape, "celeriac", rep,
-                            prefetch=best if shape.startswith("drain") else 0)
-                        for shape in SERIALIZER_SHAPES
-                    ]  # fmt: skip
-                elif scenario == "io":
-                    if broker != "redis" or rep >= args.extra_repeats:
-                        continue
-                    for mode in ("threads", "prefork", "async"):
-                        if args.no_prefork and mode == "prefork":
-                            continue
-                        label = f"{mode} -c {args.io_c}"
-                        jobs += [
-                            Job(broker, "io", label, p, rep, mode, args.io_c)
-                            for p in on
-                            if worker_spec(p, "python", "q", mode, args.io_c, broker) is not None
-                            and (mode != "prefork" or p in ("celeriac", "celery"))
-                        ]
-                elif scenario == "cpu":
-                    if broker != "redis" or rep >= args.extra_repeats:
-                        continue
-                    for label, (mode, c) in CPU_SHAPES.items():
-                        if args.no_prefork and mode == "prefork":
-                            continue
-                        jobs += [
-                            Job(broker, "cpu", label, p, rep, mode, c)
-                            for p in on
-                            if worker_spec(p, "python", "q", mode, c, broker) is not None
-                        ]
-                elif scenario == "ceiling" and "drain" not in args.scenarios:
-                    jobs += ceiling_jobs(args, broker, on, rep)
-                elif scenario == "mixed":
-                    # Celery's client sends; a celeriac worker, then a Celery one, runs.
-                    if broker != "redis" or rep >= args.extra_repeats or "celery" not in on:
-                        continue
-                    jobs += [
-                        Job(broker, "mixed", shape, p, rep, prefetch=best, client_peer="celery")
-                        for shape in (MIXED_DRAIN, MIXED_ROUNDTRIP)
-                        for p in on
-                        if p in ("celeriac", "celery")
-                    ]
-                elif scenario == "roundtrip":
-                    # Not Celery on SQLite: kombu's SQLAlchemy transport polls once a
-                    # second, so 2,000 calls would take over half an hour.
-                    jobs += [
-                        Job(broker, "roundtrip", "", p, rep, prefetch=best)
-                        for p in on
-                        if p in ("celeriac", "celery") and (broker, p) != ("sqlite", "celery")
-                    ]
-                elif scenario == "soak":
-                    if broker != "redis" or rep >= args.extra_repeats or "celeriac" not in on:
-                        continue
-                    jobs += [
-                        Job(broker, "soak", soak.SOAK_SHAPES[mode], "celeriac", rep, mode, 1,
-                            prefetch=best)
-                        for mode in args.soak_shapes
-                    ]  # fmt: skip
-                elif scenario == "memory":
-                    if broker != "redis" or rep >= args.extra_repeats:
-                        continue
-                    jobs += [
-                        Job(broker, "memory", "1 process", p, rep, prefetch=best)
-                        for p in on
-                        if p in args.mem_peers
-                    ]
-                    if args.mem_prefork and not args.no_prefork:
-                        jobs += [
-                            Job(
-                                broker,
-                                "memory",
-                                "prefork -c 1",
-                                p,
-                                rep,
-                                "prefork",
-                                1,
-                                prefetch=best,
-                            )
-                            for p in on
-                            if p in ("celeriac", "celery")
-                        ]
-    return jobs
-
-
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -883,10 +709,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=2_000, help="round-trip calls (2000)")
     p.add_argument(
         "--prefetch", type=int, default=BEST_PREFETCH,
-        help=f"prefetch window per slot for the no-op tasks (drain, round trip, memory, "
-        f"mixed, the ceiling): celeriac's and Celery's --prefetch-multiplier, Dramatiq's "
+        help=f"the tuned rows' prefetch window per slot (the one-process drain, below the "
+        f"defaults): celeriac's and Celery's --prefetch-multiplier, Dramatiq's "
         f"dramatiq_queue_prefetch, taskiq's --max-prefetch ({BEST_PREFETCH}, as Celery's "
-        f"docs advise for short tasks; 0: every peer's default)",
+        f"docs advise for short tasks; 0: no tuned rows)",
     )  # fmt: skip
     p.add_argument("--io-n", type=int, default=1_000, help="I/O-bound tasks (1000)")
     p.add_argument("--io-c", type=int, default=50, help="I/O-bound concurrency (50)")

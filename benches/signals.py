@@ -21,7 +21,8 @@ from typing import Any
 
 import redis
 
-from benches.run import Bench, Job, _group_cpu
+from benches.plan import Job
+from benches.run import Bench, _group_cpu
 
 VARIANTS = ("no receiver", "receivers connected")
 

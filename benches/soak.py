@@ -25,7 +25,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from benches.run import Bench, Job
+    from benches.plan import Job
+    from benches.run import Bench
 
 #: The no-op tasks of the soak.
 SOAK_N = 1_000_000

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benches import run  # noqa: E402
-from benches.peers import common  # noqa: E402
+from benches import plan, report, run  # noqa: E402
+from benches.peers import BROKERS, PEERS, common  # noqa: E402
 
 
 @pytest.fixture
@@ -69,3 +69,41 @@ def test_wait_count_does_not_move_the_clock_when_all_ran(counter: Path) -> None:
     for _ in range(10):
         common.bump()
     assert run.wait_count(counter, 10, grace=5.0) == (10, 0.0)
+
+
+# -- point 1: the defaults are the headline, the tuned rows below, on every broker ----------
+
+
+def test_headline_drain_runs_every_peer_at_its_defaults_on_every_broker() -> None:
+    args = run.parse_args([])
+    jobs = plan.plan(args, list(PEERS), list(plan.ALL_BROKERS))
+    for broker in plan.ALL_BROKERS:
+        drains = [j for j in jobs if j.broker == broker and j.scenario == "drain"]
+        headline = [j for j in drains if j.shape == "1 process" and j.repeat == 0]
+        assert {j.peer for j in headline} == {p for p in PEERS if broker in BROKERS[p]}
+        assert all(j.prefetch == 0 for j in headline)
+        tuned = [j for j in drains if plan.TUNED in j.shape and j.repeat == 0]
+        assert {j.peer for j in tuned} == {p for p in plan.TUNABLE_PEERS if broker in BROKERS[p]}, (
+            broker
+        )
+        assert all(j.prefetch == args.prefetch == 64 for j in tuned)
+        assert all(j.prefetch == 0 for j in drains if plan.TUNED not in j.shape)
+
+
+def test_no_tuned_rows_with_prefetch_0() -> None:
+    jobs = plan.plan(run.parse_args(["--prefetch", "0"]), list(PEERS), ["redis"])
+    assert not [j for j in jobs if plan.TUNED in j.shape]
+
+
+def _rec(peer: str, value: float, shape: str = "1 process", broker: str = "redis") -> dict:
+    return {"ok": True, "broker": broker, "scenario": "drain", "shape": shape, "peer": peer,
+            "rate": value, "seconds": 1.0}  # fmt: skip
+
+
+def test_tuned_rows_come_below_the_defaults() -> None:
+    tuned = plan.tuned_shape(64)
+    recs = [_rec("celeriac", 9.0, tuned), _rec("celeriac", 5.0), _rec("celery", 1.0, tuned),
+            _rec("celery", 1.0), _rec("celeriac", 4.0, broker="amqp")]  # fmt: skip
+    rows = report.summarize(recs)
+    shapes = [(r["broker"], r["shape"]) for r in rows if r["metric"] == "rate"]
+    assert shapes == [("redis", "1 process"), ("redis", tuned), ("amqp", "1 process")]
