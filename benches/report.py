@@ -51,6 +51,35 @@ METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
     ],
 }
 BROKER_NAMES = {"redis": "Redis", "amqp": "RabbitMQ", "sqlite": "SQLite"}
+#: a cell whose repeats spread wider than this share of their median is marked
+SPREAD_LIMIT = 0.25
+#: the method's minimum for a published run: repeats of every main cell, and the drain's n
+MIN_REPEATS, MIN_DRAIN_N = 3, 20_000
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median of a cell's repeats: 0 for one repeat."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid else 0.0
+
+
+def method_notes(params: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """What keeps a run from being a result to publish: too few repeats or tasks, or a
+    machine that was busy when it started."""
+    notes = []
+    if params.get("repeats", 0) < MIN_REPEATS:
+        notes.append(f"{params.get('repeats')} repeat(s): the method needs {MIN_REPEATS}")
+    if params.get("n", 0) < MIN_DRAIN_N:
+        notes.append(f"n = {params.get('n'):,}: the method needs {MIN_DRAIN_N:,} for the drain")
+    quiet = facts.get("quiet_at_start")
+    if quiet is False:
+        notes.append(
+            f"the CPUs were {facts.get('busy_at_start', 0):.0%} busy when it started "
+            f"(waited {facts.get('waited_for_quiet_seconds', 0):.0f} s)"
+        )
+    elif quiet is None:
+        notes.append("the machine's load at the start was not checked")
+    return notes
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -66,16 +95,18 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, label, higher, chart in METRICS[scenario]:
             if not all(key in r for recs in by_peer.values() for r in recs):
                 continue  # a metric of another shape of the scenario
-            values = {
-                peer: statistics.median(r[key] for r in recs) for peer, recs in by_peer.items()
-            }
+            samples = {peer: [float(r[key]) for r in recs] for peer, recs in by_peer.items()}
+            values = {peer: statistics.median(v) for peer, v in samples.items()}
             settings = {peer: recs[0].get("settings", "") for peer, recs in by_peer.items()}
             row: dict[str, Any] = {
                 "broker": broker, "scenario": scenario, "shape": shape, "metric": key,
                 "label": label, "higher_is_better": higher, "chart": chart,
                 "values": values, "settings": settings,
                 "repeats": {peer: len(recs) for peer, recs in by_peer.items()},
+                "ranges": {peer: [min(v), max(v)] for peer, v in samples.items()},
+                "spread": {peer: spread(v) for peer, v in samples.items()},
             }  # fmt: skip
+            row["wide"] = [p for p, x in row["spread"].items() if x > SPREAD_LIMIT]
             me = values.get("celeriac")
             row["vs_celery"] = _ratio(me, values.get("celery"), higher)
             others = {p: v for p, v in values.items() if p != "celeriac"}
@@ -131,6 +162,18 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
+def cell(row: dict[str, Any], peer: str) -> str:
+    """A peer's figure in a row: the median, [min-max] over two or more repeats, and a
+    ``*`` when the repeats spread wider than ``SPREAD_LIMIT``."""
+    if peer not in row["values"]:
+        return "-"
+    text = _fmt(row["values"][peer])
+    low, high = row.get("ranges", {}).get(peer, (None, None))
+    if row.get("repeats", {}).get(peer, 1) > 1 and low is not None:
+        text += f" [{_fmt(low)}-{_fmt(high)}]"
+    return text + ("*" if peer in row.get("wide", ()) else "")
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The table, as the terminal shows it (and the README quotes it)."""
     peers = [p for p in PEERS if any(p in r["values"] for r in rows)]
@@ -140,8 +183,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         scen = r["scenario"] + (f" {r['shape']}" if r["shape"] else "")
         best = f"{r['vs_best']:.2f}x {r['best_peer']}" if r["vs_best"] else "-"
         body.append([
-            BROKER_NAMES[r["broker"]], scen, r["label"],
-            *(_fmt(r["values"].get(p)) for p in peers),
+            BROKER_NAMES[r["broker"]], scen, r["label"], *(cell(r, p) for p in peers),
             f"{r['vs_celery']:.2f}x" if r["vs_celery"] else "-", best,
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -239,8 +281,14 @@ def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+def print_table(
+    rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    notes: list[str] | None = None,
+) -> None:
     print()
+    for note in notes or []:
+        print(f"NOT A RESULT TO PUBLISH: {note}")
     print("\n".join(table_lines(rows)))
     ceilings = ceiling_summary(rows, results)
     if ceilings:
@@ -249,7 +297,8 @@ def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> No
     print(
         "\nx Celery, x best peer: how many times better celeriac is (> 1: better; throughput"
         " divided, or time/latency/memory inverted); best peer = the best of the others,"
-        " Celery included. Medians of the repeats."
+        " Celery included. Medians of the repeats, [min-max] beside them; * marks a cell"
+        f" whose repeats spread wider than {SPREAD_LIMIT:.0%} of its median."
     )
     print("\nhow each ran:")
     seen: set[str] = set()

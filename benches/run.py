@@ -1,6 +1,6 @@
 """celeriac against Celery and the pure-Python queues, on Redis, RabbitMQ and SQLite.
 
-    python -m benches [-n 10000] [--repeats 2] [--brokers redis,amqp] [--peers celery,rq]
+    python -m benches [-n 20000] [--repeats 3] [--brokers redis,amqp] [--peers celery,rq]
                       [--scenarios enqueue,drain] [--json out.json]
 
 Every measurement runs in fresh processes on a fresh queue (or SQLite file) whose name is
@@ -72,6 +72,7 @@ if __package__ in (None, ""):  # `python benches/run.py`
 import redis  # noqa: E402
 
 from benches import soak  # noqa: E402
+from benches.machine import BUSY_THRESHOLD, QUIET_WAIT, wait_quiet  # noqa: E402
 from benches.peers import BEST_PREFETCH, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
 from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate, tally  # noqa: E402
 from benches.plan import (  # noqa: E402
@@ -86,7 +87,10 @@ from benches.plan import (  # noqa: E402
     plan,
 )
 from benches.report import (  # noqa: E402
+    MIN_DRAIN_N,
+    MIN_REPEATS,
     ceiling_summary,
+    method_notes,
     print_table,
     serializer_ratios,
     summarize,
@@ -704,8 +708,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benches",
         description="celeriac against Celery and pure-Python task queues.",
     )
-    p.add_argument("-n", type=int, default=5_000,
-                   help="tasks for enqueue, drain and the ceiling (5000)")  # fmt: skip
+    p.add_argument("-n", type=int, default=MIN_DRAIN_N,
+                   help=f"tasks for enqueue, drain and the ceiling ({MIN_DRAIN_N})")  # fmt: skip
     p.add_argument("--calls", type=int, default=2_000, help="round-trip calls (2000)")
     p.add_argument(
         "--prefetch", type=int, default=BEST_PREFETCH,
@@ -724,11 +728,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "need minutes to run 100,000 tasks)")  # fmt: skip
     p.add_argument("--mem-prefork", action="store_true",
                    help="memory: also prefork -c 1 (celeriac, Celery)")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=1, help="repeats of the main cells (1)")
+    p.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                   help=f"repeats of the enqueue, drain and round-trip cells ({MIN_REPEATS};"
+                   " fewer: the table says it is not a result)")  # fmt: skip
     p.add_argument(
         "--extra-repeats", type=int, default=1,
-        help="repeats of the -c 2, io, cpu, memory and ceiling cells (1)",
+        help="repeats of the io, cpu, memory, mixed and ceiling cells (1; 0: none of them,"
+        " and no multi-slot drain)",
     )  # fmt: skip
+    p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
+                   help=f"seconds to wait at the start for other processes to leave the CPUs"
+                   f" under {BUSY_THRESHOLD:.0%} busy ({QUIET_WAIT:.0f}; then it runs and says"
+                   " so)")  # fmt: skip
+    p.add_argument(
+        "--busy-threshold",
+        type=float,
+        default=BUSY_THRESHOLD,
+        help=f"the share of all CPUs that counts as busy ({BUSY_THRESHOLD})",
+    )
     p.add_argument("--peers", type=_csv(PEERS), default=list(PEERS),
                    help=f"comma-separated ({','.join(PEERS)})")  # fmt: skip
     p.add_argument("--brokers", type=_csv(ALL_BROKERS), default=list(ALL_BROKERS),
@@ -762,6 +779,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("need --prefetch >= 0")
     if args.calls < 10:
         p.error("need --calls >= 10")
+    if args.quiet_wait < 0:
+        p.error("need --quiet-wait >= 0 (seconds)")
+    if not 0 < args.busy_threshold <= 1:
+        p.error("need 0 < --busy-threshold <= 1 (a share of all CPUs)")
     if args.extra_repeats < 0:
         p.error("need --extra-repeats >= 0 (0: no -c 2, io and memory cells)")
     return args
@@ -796,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         f"SQLite {facts['sqlite']}\n" + ", ".join(f"{p} {v[DISTRIBUTIONS[p]]}" for p in peers)
     )
     jobs = plan(args, peers, brokers)
+    quiet = wait_quiet(args.quiet_wait, args.busy_threshold)
+    facts.update(quiet_at_start=quiet.quiet, busy_at_start=quiet.busy,
+                 waited_for_quiet_seconds=quiet.waited_seconds)  # fmt: skip
     started = time.time()
     cpu_rounds = 0
     if "cpu" in args.scenarios:
@@ -824,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell} {_brief(rec)}", flush=True)
     rows = summarize(bench.results)
     ceilings = ceiling_summary(rows, bench.results)
-    print_table(rows, bench.results)
+    print_table(rows, bench.results, method_notes(vars(args), facts))
     for line in serializer_ratios(rows):
         print(line)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

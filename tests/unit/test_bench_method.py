@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benches import plan, report, run  # noqa: E402
+from benches import machine, plan, report, run  # noqa: E402
 from benches.peers import BROKERS, PEERS, common  # noqa: E402
 
 
@@ -107,3 +107,112 @@ def test_tuned_rows_come_below_the_defaults() -> None:
     rows = report.summarize(recs)
     shapes = [(r["broker"], r["shape"]) for r in rows if r["metric"] == "rate"]
     assert shapes == [("redis", "1 process"), ("redis", tuned), ("amqp", "1 process")]
+
+
+# -- point 2: repeats, median and min-max, wide spreads marked, a busy machine said ---------
+
+
+def test_defaults_are_three_repeats_of_20000() -> None:
+    args = run.parse_args([])
+    assert (args.repeats, args.n) == (3, 20_000)
+    assert report.method_notes(vars(args), {"quiet_at_start": True}) == []
+
+
+def test_cell_shows_median_and_range_and_marks_a_wide_spread() -> None:
+    recs = [_rec("celeriac", v) for v in (100.0, 110.0, 130.0)]  # (130-100)/110 = 27 %
+    recs += [_rec("celery", v) for v in (10.0, 11.0, 12.0)]  # 18 %
+    rows = {r["metric"]: r for r in report.summarize(recs)}
+    row = rows["rate"]
+    assert row["values"] == {"celeriac": 110.0, "celery": 11.0}
+    assert row["ranges"]["celeriac"] == [100.0, 130.0]
+    assert row["wide"] == ["celeriac"]
+    assert report.cell(row, "celeriac") == "110 [100-130]*"
+    assert report.cell(row, "celery") == "11.0 [10.0-12.0]"
+    assert report.cell(row, "huey") == "-"
+    table = "\n".join(report.table_lines(list(rows.values())))
+    assert "110 [100-130]*" in table
+
+
+def test_one_repeat_shows_no_range() -> None:
+    row = report.summarize([_rec("celeriac", 5.0)])[0]
+    assert report.cell(row, "celeriac") == "5.00"
+    assert row["wide"] == []
+
+
+def test_method_notes_name_what_is_missing() -> None:
+    notes = report.method_notes(
+        {"repeats": 1, "n": 200},
+        {"quiet_at_start": False, "busy_at_start": 0.8, "waited_for_quiet_seconds": 120},
+    )
+    assert notes == [
+        "1 repeat(s): the method needs 3",
+        "n = 200: the method needs 20,000 for the drain",
+        "the CPUs were 80% busy when it started (waited 120 s)",
+    ]
+    assert report.method_notes({"repeats": 3, "n": 20_000}, {}) == [
+        "the machine's load at the start was not checked"
+    ]
+
+
+def test_cpu_times_and_busy_share() -> None:
+    before = machine.cpu_times("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    after = machine.cpu_times("cpu  250 0 150 800 100 0 0 0 0 0\n")
+    assert before == (200, 1000)
+    assert machine.busy_share(before, after) == pytest.approx(200 / 300)
+    with pytest.raises(ValueError, match="no 'cpu' line"):
+        machine.cpu_times("intr 1 2 3\n")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sampler(values: list[float], clock: FakeClock) -> Callable[[], float]:
+    it = iter(values)
+
+    def sample() -> float:
+        clock.now += 1.0
+        return next(it)
+
+    return sample
+
+
+def test_a_busy_machine_is_waited_for() -> None:
+    clock, said = FakeClock(), []
+    q = machine.wait_quiet(10, 0.2, _sampler([0.9, 0.7, 0.1], clock), clock, said.append)
+    assert (q.quiet, q.busy, q.waited_seconds, q.samples) == (True, 0.1, 3.0, [0.9, 0.7, 0.1])
+    assert len(said) == 1 and "waiting up to 10 s" in said[0]
+
+
+def test_a_machine_busy_all_along_is_said_so() -> None:
+    clock, said = FakeClock(), []
+    q = machine.wait_quiet(3, 0.2, _sampler([0.9] * 10, clock), clock, said.append)
+    assert not q.quiet and q.waited_seconds == 3.0
+    assert said[-1].startswith("NOT QUIET: the CPUs are 90% busy after 3 s")
+
+
+def test_a_quiet_machine_starts_at_once() -> None:
+    clock, said = FakeClock(), []
+    q = machine.wait_quiet(10, 0.2, _sampler([0.05], clock), clock, said.append)
+    assert q.quiet and said == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quiet-wait", "-1"], "need --quiet-wait >= 0"),
+        (["--busy-threshold", "0"], "need 0 < --busy-threshold <= 1"),
+        (["--busy-threshold", "1.5"], "need 0 < --busy-threshold <= 1"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_broken_options_get_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
