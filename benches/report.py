@@ -162,6 +162,24 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
+#: cells that compare against something other than what the name suggests: marked in the
+#: table with their mark, explained below it
+CAVEATS = {
+    ("sqlite", "celery"): (
+        "+",
+        "Celery on SQLite is kombu's sqla+sqlite:// transport (SQLAlchemy), which polls the"
+        " table once a second: its figures, and x Celery on SQLite, measure that poll. Huey's"
+        " SqliteHuey is the real peer of celeriac's embedded SQLite broker (x best peer).",
+    ),
+}
+
+
+def caveat_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The explanation of every caveat mark the table shows."""
+    used = {(r["broker"], p) for r in rows for p in r["values"]}
+    return [f"{mark} {text}" for key, (mark, text) in CAVEATS.items() if key in used]
+
+
 def cell(row: dict[str, Any], peer: str) -> str:
     """A peer's figure in a row: the median, [min-max] over two or more repeats, and a
     ``*`` when the repeats spread wider than ``SPREAD_LIMIT``."""
@@ -171,7 +189,8 @@ def cell(row: dict[str, Any], peer: str) -> str:
     low, high = row.get("ranges", {}).get(peer, (None, None))
     if row.get("repeats", {}).get(peer, 1) > 1 and low is not None:
         text += f" [{_fmt(low)}-{_fmt(high)}]"
-    return text + ("*" if peer in row.get("wide", ()) else "")
+    text += "*" if peer in row.get("wide", ()) else ""
+    return text + CAVEATS.get((row["broker"], peer), ("",))[0]
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -184,7 +203,9 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         best = f"{r['vs_best']:.2f}x {r['best_peer']}" if r["vs_best"] else "-"
         body.append([
             BROKER_NAMES[r["broker"]], scen, r["label"], *(cell(r, p) for p in peers),
-            f"{r['vs_celery']:.2f}x" if r["vs_celery"] else "-", best,
+            f"{r['vs_celery']:.2f}x" + CAVEATS.get((r["broker"], "celery"), ("",))[0]
+            if r["vs_celery"] else "-",
+            best,
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = []
@@ -290,6 +311,8 @@ def print_table(
     for note in notes or []:
         print(f"NOT A RESULT TO PUBLISH: {note}")
     print("\n".join(table_lines(rows)))
+    for line in caveat_lines(rows):
+        print(line)
     ceilings = ceiling_summary(rows, results)
     if ceilings:
         print()

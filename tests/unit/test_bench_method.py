@@ -216,3 +216,25 @@ def test_broken_options_get_a_clear_error(
     with pytest.raises(SystemExit):
         run.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+# -- point 6: honest labels ------------------------------------------------------------------
+
+
+def test_celery_on_sqlite_is_labelled_as_a_poll_once_a_second() -> None:
+    recs = [_rec("celeriac", 50.0, broker="sqlite"), _rec("celery", 1.0, broker="sqlite"),
+            _rec("huey", 4.0, broker="sqlite"), _rec("celery", 1.0)]  # fmt: skip
+    rows = report.summarize(recs)
+    table = report.table_lines(rows)
+    sqlite = next(line for line in table if line.startswith("SQLite") and "tasks/s" in line)
+    redis_line = next(line for line in table if line.startswith("Redis") and "tasks/s" in line)
+    assert "1.00+" in sqlite and "50.00x+" in sqlite and "12.50x huey" in sqlite
+    assert "+" not in redis_line
+    (note,) = report.caveat_lines(rows)
+    assert "polls the table once a second" in note and "SqliteHuey is the real peer" in note
+
+
+def test_readme_puts_the_eta_timer_in_rust() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert "ETA timer live in the Python worker" not in " ".join(text.split())
+    assert "the ETA timer is Rust" in text and (ROOT / "src/scheduler/eta.rs").exists()
