@@ -403,8 +403,14 @@ async fn topology_matches_celery_57() {
         .queue_declare(quorum.as_str().into(), celery_queue, args)
         .await
         .expect("Celery's quorum queue declaration is compatible");
-    // A consumer with several queues (global QoS) including a quorum one works.
-    let (consumer, mut rx) = new_consumer(&[quorum.clone(), plain.clone()], 4, options).await;
+    // A consumer of a quorum queue and a classic one (each declared as it is: the
+    // quorum arguments only for the quorum queue) works: no global QoS.
+    let mut quorum_only = AmqpOptions::default();
+    quorum_only.queues.insert(
+        quorum.clone(),
+        QueueSpec::celery(&quorum, options.queue_arguments.clone()),
+    );
+    let (consumer, mut rx) = new_consumer(&[quorum.clone(), plain.clone()], 4, quorum_only).await;
     let got = take(&mut rx, 2).await;
     consumer
         .ack(got.iter().map(|m| m.delivery_tag.clone()).collect())
@@ -435,6 +441,43 @@ async fn a_queue_declared_otherwise_by_a_peer_is_used_as_it_is() {
     let (consumer, mut rx) = consume(&queue, 1).await;
     assert_eq!(body_index(&take(&mut rx, 1).await[0]), 0);
     consumer.close();
+    cleanup(&[&queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_exists_with_other_arguments_is_rabbitmqs_error_not_a_hang() {
+    let queue = unique("args");
+    let _classic = published(&queue, 0..1).await;
+    let mut arguments = serde_json::Map::new();
+    arguments.insert("x-queue-type".into(), json!("quorum"));
+    let options = AmqpOptions {
+        queue_arguments: arguments,
+        ..AmqpOptions::default()
+    };
+    // The client: the message is not sent, and flush says why.
+    let producer = new_producer(options.clone()).await;
+    producer.publish(message(&queue, 1, None)).expect("publish");
+    let err = producer
+        .flush(Duration::from_secs(10))
+        .await
+        .expect_err("a conflict");
+    assert!(matches!(err, _core::error::Error::Config(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("inequivalent arg 'x-queue-type'") && text.contains(queue.as_str()),
+        "{text}"
+    );
+    assert_eq!(depth(&queue).await, 1);
+    // The worker's consumer: refused at connect with the same words.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = AmqpConsumer::connect(&url(), std::slice::from_ref(&queue), 1, options, tx)
+        .await
+        .err()
+        .expect("a conflict");
+    assert!(
+        err.to_string().contains("received the value 'quorum'"),
+        "{err}"
+    );
     cleanup(&[&queue]).await;
 }
 
@@ -731,7 +774,8 @@ async fn bare_connection(queue: &str) -> lapin::Connection {
         .expect("connect");
     amqp::declare(&conn, &QueueSpec::celery(queue, Default::default()))
         .await
-        .expect("declare");
+        .expect("declare")
+        .expect("no conflict");
     conn
 }
 
@@ -942,10 +986,12 @@ async fn round_trip_floor(relay: bool, confirm: (bool, bool)) {
         .expect("connect");
     amqp::declare(&client, &QueueSpec::celery(&tasks, Default::default()))
         .await
-        .expect("declare");
+        .expect("declare")
+        .expect("no conflict");
     amqp::declare(&client, &QueueSpec::rpc_reply(&replies, None))
         .await
-        .expect("declare");
+        .expect("declare")
+        .expect("no conflict");
     let client_channel = client.create_channel().await.expect("channel");
     let worker_channel = worker.create_channel().await.expect("channel");
     for (channel, on) in [(&client_channel, confirm.0), (&worker_channel, confirm.1)] {

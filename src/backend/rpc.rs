@@ -402,7 +402,7 @@ async fn listen_loop(
             let conn = amqp::connect(&url, &options.transport, "rpc results").await?;
             amqp::declare(&conn, &spec)
                 .await
-                .map_err(|e| Error::Connection(amqp::describe(&e, &url)))?;
+                .map_err(|e| Error::Connection(amqp::describe(&e, &url)))??;
             let channel = conn
                 .create_channel()
                 .await

@@ -86,7 +86,7 @@ impl AmqpConsumer {
                 url.masked(),
                 describe(&err, url)
             ))
-        })?;
+        })??;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(io.run(rx, deliveries));
         Ok(Self { tx, shared })
@@ -212,11 +212,17 @@ pub(super) fn parse_tag(tag: &str) -> Option<(u64, u64)> {
 }
 
 impl ConsumerIo {
-    async fn attach(&mut self, conn: Connection) -> Result<(), lapin::Error> {
+    /// Declare, set `basic.qos` and consume. The inner error: a queue exists with
+    /// other arguments than ours (nothing is consumed then).
+    async fn attach(&mut self, conn: Connection) -> Result<Result<()>, lapin::Error> {
         let mut declarer = Declarer::new();
         for spec in &self.specs {
-            // Refusals fall back to the existing queue; consuming tells if it is gone.
-            let _ = declarer.declare(&conn, spec).await?;
+            // Refusals of a flag fall back to the existing queue; consuming tells if
+            // it is gone. Other arguments than ours are an error.
+            if let Err(conflict) = declarer.declare(&conn, spec).await? {
+                let _ = conn.close(200, ShortString::from("OK")).await;
+                return Ok(Err(conflict));
+            }
         }
         let channel = conn.create_channel().await?;
         channel
@@ -242,7 +248,7 @@ impl ConsumerIo {
             consumer_tags,
             stream,
         });
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn incoming(&mut self, queue: &str, delivery: lapin::message::Delivery) -> IncomingMessage {
@@ -303,10 +309,11 @@ impl ConsumerIo {
                 tokio::time::sleep(backoff(failures)).await;
                 failures = failures.saturating_add(1);
                 let attached = match connect(&self.url, &self.options, "consumer").await {
-                    Ok(conn) => self
-                        .attach(conn)
-                        .await
-                        .map_err(|err| describe(&err, &self.url)),
+                    Ok(conn) => match self.attach(conn).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(conflict)) => Err(conflict.to_string()),
+                        Err(err) => Err(describe(&err, &self.url)),
+                    },
                     Err(err) => Err(err.to_string()),
                 };
                 match attached {
@@ -561,7 +568,13 @@ impl ConsumerIo {
         };
         let spec = self.specs[index].clone();
         let mut declarer = Declarer::new();
-        let warning = declarer.declare(&link.conn, &spec).await?;
+        let warning = match declarer.declare(&link.conn, &spec).await? {
+            Ok(warning) => warning,
+            Err(conflict) => {
+                self.specs.remove(index);
+                return Ok(Err(conflict));
+            }
+        };
         let exists = match warning {
             None => true,
             Some(_) => queue_exists(declarer.channel(&link.conn).await?, &spec.name).await?,

@@ -157,7 +157,7 @@ impl Fanout for AmqpFanout {
         let mut link = self.link().await?;
         let warning = declare(&link.conn, &spec)
             .await
-            .map_err(|err| self.lost(&err))?;
+            .map_err(|err| self.lost(&err))??;
         if let Some(warning) = warning {
             return Err(Error::Connection(warning));
         }
@@ -353,7 +353,10 @@ async fn open_subscription(
     spec: &QueueSpec,
 ) -> Result<(Connection, lapin::Consumer)> {
     let conn = connect(url, options, "pidbox subscription").await?;
-    let warning = declare(&conn, spec).await.map_err(|err| lost(url, &err))?;
+    let warning = match declare(&conn, spec).await.map_err(|err| lost(url, &err))? {
+        Ok(warning) => warning,
+        Err(conflict) => Some(conflict.to_string()),
+    };
     if let Some(warning) = warning {
         let _ = conn.close(200, ShortString::from("OK")).await;
         return Err(Error::Connection(format!(

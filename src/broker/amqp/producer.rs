@@ -52,6 +52,8 @@ pub(super) struct Failures {
     returned: u64,
     unencodable: u64,
     last: Option<String>,
+    /// A queue exists with other arguments than ours: why (RabbitMQ's words).
+    conflict: Option<String>,
 }
 
 pub(super) struct ProducerState {
@@ -299,6 +301,9 @@ impl AmqpProducer {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             std::mem::take(&mut *failures)
         };
+        if let Some(conflict) = failures.conflict {
+            return Err(Error::Config(conflict));
+        }
         if failures.nacked + failures.returned + failures.unencodable > 0 {
             return Err(Error::Connection(format!(
                 "{} at {}: {} refused (nack), {} unroutable (returned), {} not encodable; last: {}",
@@ -373,6 +378,9 @@ pub(super) struct Link {
     declared: HashSet<(String, String)>,
     /// Named exchanges that do not exist: publishing there would close the channel.
     missing_exchanges: HashSet<String>,
+    /// Targets whose queue exists with other arguments than ours, and why: their
+    /// messages are not sent.
+    conflicts: HashMap<(String, String), String>,
     confirms: FuturesUnordered<ConfirmFuture>,
 }
 
@@ -458,11 +466,14 @@ impl ProducerIo {
             declarer: Declarer::new(),
             declared: HashSet::new(),
             missing_exchanges: HashSet::new(),
+            conflicts: HashMap::new(),
             confirms: FuturesUnordered::new(),
         };
         for spec in &self.always_declare {
-            if let Some(warning) = link.declarer.declare(&link.conn, spec).await? {
-                self.warn(warning);
+            match link.declarer.declare(&link.conn, spec).await? {
+                Ok(None) => {}
+                Ok(Some(warning)) => self.warn(warning),
+                Err(conflict) => self.warn(conflict.to_string()),
             }
         }
         self.link = Some(link);
@@ -518,6 +529,10 @@ impl ProducerIo {
             "return" => {
                 failures.returned += 1;
                 self.state.total_returned.fetch_add(1, Ordering::AcqRel);
+            }
+            "conflict" => {
+                failures.returned += 1;
+                failures.conflict = Some(text.clone());
             }
             _ => failures.unencodable += 1,
         }
@@ -748,10 +763,18 @@ impl ProducerIo {
             if link.declared.contains(&target) {
                 continue;
             }
+            let mut conflict = None;
             for spec in self.options.specs_for_target(&target.0, &target.1) {
-                if let Some(warning) = link.declarer.declare(&link.conn, &spec).await? {
-                    warnings.push(warning);
+                match link.declarer.declare(&link.conn, &spec).await? {
+                    Ok(None) => {}
+                    Ok(Some(warning)) => warnings.push(warning),
+                    Err(err) => conflict = Some(err.to_string()),
                 }
+            }
+            if let Some(conflict) = conflict {
+                // Not marked declared: every message for it comes here and fails.
+                link.conflicts.insert(target, conflict);
+                continue;
             }
             if !target.0.is_empty() && !link.declarer.exchange_exists(&link.conn, &target.0).await?
             {
@@ -768,7 +791,16 @@ impl ProducerIo {
         }
         let mut unroutable = Vec::new();
         let mut finished = Vec::new();
+        let mut conflicts = Vec::new();
         for ((seq, prepared), source) in heads.into_iter().zip(sources) {
+            let target = (
+                prepared.exchange.as_str().to_owned(),
+                prepared.routing_key.as_str().to_owned(),
+            );
+            if let Some(conflict) = link.conflicts.get(&target) {
+                conflicts.push((seq, conflict.clone()));
+                continue;
+            }
             if link.missing_exchanges.contains(prepared.exchange.as_str()) {
                 unroutable.push((seq, prepared.exchange.as_str().to_owned()));
                 continue;
@@ -784,6 +816,10 @@ impl ProducerIo {
         }
         for warning in warnings {
             self.warn(warning);
+        }
+        for (seq, conflict) in conflicts {
+            self.outbox.remove(&seq);
+            self.fail("conflict", conflict);
         }
         for (seq, exchange) in unroutable {
             self.outbox.remove(&seq);

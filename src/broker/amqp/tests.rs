@@ -170,3 +170,24 @@ fn options_are_read_from_transport_options() {
     given.extra = serde_json::from_value(serde_json::json!({"heartbeat": "x"})).unwrap();
     assert!(AmqpOptions::from_transport(&given).is_err());
 }
+
+#[test]
+fn only_other_arguments_than_ours_are_a_conflict() {
+    let spec = QueueSpec::celery("jobs", serde_json::Map::new());
+    let said = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'jobs' in \
+                vhost '/': received the value 'quorum' of type 'longstr' but current is none";
+    let conflict = argument_conflict(&spec, &AMQPSoftError::PRECONDITIONFAILED, said)
+        .expect("an x- argument is a conflict")
+        .to_string();
+    assert!(conflict.contains("queue \"jobs\""), "{conflict}");
+    assert!(conflict.contains("another x-queue-type"), "{conflict}");
+    assert!(
+        conflict.contains("received the value 'quorum' of type 'longstr' but current is none"),
+        "{conflict}"
+    );
+    // A flag (durable) is a peer's older declaration: used as it is, not an error.
+    let flag = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'jobs' in vhost \
+                '/': received 'true' but current is 'false'";
+    assert!(argument_conflict(&spec, &AMQPSoftError::PRECONDITIONFAILED, flag).is_none());
+    assert!(argument_conflict(&spec, &AMQPSoftError::ACCESSREFUSED, said).is_none());
+}

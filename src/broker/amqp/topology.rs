@@ -156,6 +156,37 @@ pub(super) async fn exchange_exists(channel: &Channel, name: &str) -> Result<boo
     }
 }
 
+/// The error for a declaration refused because the queue exists with other
+/// arguments than `spec`'s (RabbitMQ: `PRECONDITION_FAILED - inequivalent arg
+/// 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type
+/// 'longstr' but current is none`). None for any other refusal (a flag such as `durable`).
+pub(super) fn argument_conflict(
+    spec: &QueueSpec,
+    code: &AMQPSoftError,
+    text: &str,
+) -> Option<Error> {
+    if *code != AMQPSoftError::PRECONDITIONFAILED {
+        return None;
+    }
+    let start = text.find("inequivalent arg '")?;
+    let said = &text[start..];
+    let argument = said
+        .trim_start_matches("inequivalent arg '")
+        .split('\'')
+        .next()
+        .unwrap_or_default();
+    if !argument.starts_with("x-") {
+        return None;
+    }
+    Some(Error::Config(format!(
+        "queue {:?} exists with another {argument} than this declaration asks for \
+         (declared with arguments {}); RabbitMQ refused it: PRECONDITION_FAILED - {said}. \
+         Declare the queue as it exists (task_queues / queue_arguments) or delete it first",
+        spec.name,
+        serde_json::Value::Object(spec.arguments.clone()),
+    )))
+}
+
 /// A declaration channel that survives the broker refusing a declaration: each
 /// refusal closes the channel, so a fresh one is opened for the next step.
 pub(super) struct Declarer {
@@ -181,26 +212,32 @@ impl Declarer {
         }
     }
 
-    /// Declare `spec`; when the broker refuses (the queue exists with other flags, as
-    /// a peer declared it) fall back to using the existing queue. Returns a warning.
+    /// Declare `spec`; when the broker refuses because the queue exists with other
+    /// flags (durable, auto-delete: as a peer of another Celery version declared it)
+    /// fall back to using the existing queue and return a warning. When it exists
+    /// with other arguments (`x-queue-type`, `x-max-priority`, ...), the inner error
+    /// says so in RabbitMQ's words: a setting that is not honoured is an error.
     pub(super) async fn declare(
         &mut self,
         conn: &Connection,
         spec: &QueueSpec,
-    ) -> Result<Option<String>, lapin::Error> {
+    ) -> Result<Result<Option<String>, Error>, lapin::Error> {
         let outcome = declare_queue(self.channel(conn).await?, spec).await?;
         let Err((code, text)) = outcome else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
+        if let Some(conflict) = argument_conflict(spec, &code, &text) {
+            return Ok(Err(conflict));
+        }
         let exists = queue_exists(self.channel(conn).await?, &spec.name).await?;
-        Ok(Some(if exists {
+        Ok(Ok(Some(if exists {
             format!(
                 "queue {:?} exists with other settings than ours ({code:?}: {text}); using it as it is",
                 spec.name
             )
         } else {
             format!("cannot declare queue {:?}: {code:?}: {text}", spec.name)
-        }))
+        })))
     }
 
     pub(super) async fn exchange_exists(
@@ -215,7 +252,10 @@ impl Declarer {
 /// Declare `spec` (queue, exchange, binding) with its exact flags on a channel of its
 /// own; when the broker refuses (the queue exists with other flags) the existing
 /// queue is used as it is and a warning returned.
-pub async fn declare(conn: &Connection, spec: &QueueSpec) -> Result<Option<String>, lapin::Error> {
+pub async fn declare(
+    conn: &Connection,
+    spec: &QueueSpec,
+) -> Result<Result<Option<String>, Error>, lapin::Error> {
     let mut declarer = Declarer::new();
     let warning = declarer.declare(conn, spec).await?;
     if let Some(channel) = declarer.channel.take() {
