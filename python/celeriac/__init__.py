@@ -33,6 +33,7 @@ from celeriac.canvas import (
     xstarmap,
 )
 from celeriac.local import Proxy, get_current_app, get_current_task
+from celeriac.queues import Exchange, Queue
 from celeriac.result import AsyncResult, EagerResult, GroupResult
 from celeriac.task import Task
 
@@ -41,7 +42,9 @@ __all__ = [
     "Celeriac",
     "Celery",
     "EagerResult",
+    "Exchange",
     "GroupResult",
+    "Queue",
     "Signature",
     "Task",
     "__version__",

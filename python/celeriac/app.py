@@ -145,6 +145,10 @@ class Celeriac:
         self._local = threading.local()
         self._producer: Any = None
         self._producer_pid = 0
+        #: AMQP: the queues this producer has sent to and seen declared (the first
+        #: message to each is waited for, so that a queue that exists with other
+        #: arguments fails that call with RabbitMQ's reason). None: other brokers.
+        self.declared_queues: set[str] | None = None
         self._process_oid: tuple[int, str] | None = None
         self._backend: Any = UNBUILT
         self._backend_pid = 0
@@ -502,15 +506,14 @@ class Celeriac:
             options.setdefault("queue_arguments", arguments)
         queues: dict[str, Any] = {}
         for name, spec in self.queues.items():
-            declaration: dict[str, Any] = {
-                "exchange": spec.exchange,
-                "exchange_type": spec.exchange_type,
-                "routing_key": spec.routing_key,
-            }
+            declaration = spec.declaration()
             if name == conf["task_default_queue"] and conf.get("task_default_queue_type") == (
                 "quorum"
             ):
-                declaration["queue_arguments"] = {"x-queue-type": "quorum"}
+                declaration["queue_arguments"] = {
+                    **declaration.get("queue_arguments", {}),
+                    "x-queue-type": "quorum",
+                }
             queues[name] = declaration
         options.setdefault("queues", queues)
         return options
@@ -553,6 +556,7 @@ class Celeriac:
             )
             self._producer = producer
             self._producer_pid = os.getpid()
+            self.declared_queues = set() if scheme in AMQP_SCHEMES else None
             return producer
 
     @property

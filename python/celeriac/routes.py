@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from celeriac.conf import Settings, import_object
 from celeriac.exceptions import ImproperlyConfigured, QueueNotFound
+from celeriac.queues import declared_arguments
 
 __all__ = ["MapRoute", "QueueSpec", "Route", "Router", "queue_table"]
 
@@ -38,12 +39,35 @@ class Route(NamedTuple):
 
 
 class QueueSpec(NamedTuple):
-    """A queue from ``task_queues`` (or created on demand)."""
+    """A queue from ``task_queues`` (or created on demand): what is declared."""
 
     name: str
     exchange: str
     exchange_type: str
     routing_key: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    #: ``queue_arguments`` plus kombu's shorthands (``max_priority``...); None: none.
+    arguments: Mapping[str, Any] | None = None
+    exchange_durable: bool = True
+    exchange_auto_delete: bool = False
+
+    def declaration(self) -> dict[str, Any]:
+        """The declaration handed to the transport (``queues`` transport option)."""
+        declaration: dict[str, Any] = {
+            "exchange": self.exchange,
+            "exchange_type": self.exchange_type,
+            "routing_key": self.routing_key,
+            "durable": self.durable,
+            "exclusive": self.exclusive,
+            "auto_delete": self.auto_delete,
+            "exchange_durable": self.exchange_durable,
+            "exchange_auto_delete": self.exchange_auto_delete,
+        }
+        if self.arguments:
+            declaration["queue_arguments"] = dict(self.arguments)
+        return declaration
 
 
 class MapRoute:
@@ -110,29 +134,86 @@ def _name_of(entity: Any) -> str | None:
     return getattr(entity, "name", None)
 
 
+#: kombu ``Queue`` attributes celeriac cannot honour: refused unless empty/default.
+_QUEUE_UNSUPPORTED = ("bindings", "binding_arguments", "consumer_arguments", "no_ack", "no_declare")
+_EXCHANGE_UNSUPPORTED = ("arguments", "passive", "no_declare")
+
+
+def _refuse_unsupported(name: str, item: Any, get: Callable[[str], Any]) -> None:
+    for attribute in _QUEUE_UNSUPPORTED:
+        if get(attribute):
+            raise ImproperlyConfigured(
+                f"task_queues: queue {name!r} sets {attribute}={get(attribute)!r}, which "
+                "celeriac does not support (one binding per queue, no binding or consumer "
+                "arguments, no no_ack/no_declare); remove it"
+            )
+    exchange = get("exchange")
+    if exchange is not None and not isinstance(exchange, str):
+        for attribute in _EXCHANGE_UNSUPPORTED:
+            if getattr(exchange, attribute, None):
+                raise ImproperlyConfigured(
+                    f"task_queues: queue {name!r}: its exchange sets {attribute}="
+                    f"{getattr(exchange, attribute)!r}, which celeriac does not support"
+                )
+
+
+def _flag(name: str, key: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(
+            f"task_queues: queue {name!r}: {key} must be True or False, not {value!r}"
+        )
+    return value
+
+
 def _queue_spec(item: Any, default_type: str) -> QueueSpec:
     if isinstance(item, str):
         return QueueSpec(item, item, default_type, item)
+    get: Callable[[str], Any]
     if isinstance(item, Mapping):
         name = item.get("name") or item.get("queue")
-        exchange: Any = item.get("exchange")
+        get = item.get
         exchange_type = item.get("exchange_type")
-        routing_key = item.get("routing_key")
-    else:
+    elif hasattr(item, "name") and hasattr(item, "routing_key"):
         name = getattr(item, "name", None)
-        exchange = getattr(item, "exchange", None)
+
+        def get(key: str) -> Any:
+            return getattr(item, key, None)
+
         exchange_type = None
-        routing_key = getattr(item, "routing_key", None)
+    else:
+        raise ImproperlyConfigured(
+            f"task_queues: {item!r} is not a queue (a name, a dict or a Queue)"
+        )
     if not isinstance(name, str) or not name:
         raise ImproperlyConfigured(f"task_queues: a queue needs a name: {item!r}")
+    exchange: Any = get("exchange")
+    routing_key = get("routing_key")
+    _refuse_unsupported(name, item, get)
+    exchange_durable = get("exchange_durable")
+    exchange_auto_delete = get("exchange_auto_delete")
     if exchange is not None and not isinstance(exchange, str):
         exchange_type = exchange_type or getattr(exchange, "type", None)
+        exchange_durable = getattr(exchange, "durable", None)
+        exchange_auto_delete = getattr(exchange, "auto_delete", None)
     exchange_name = _name_of(exchange)
+    try:
+        arguments = declared_arguments(item)
+    except TypeError as exc:
+        raise ImproperlyConfigured(f"task_queues: queue {name!r}: {exc}") from None
+    exclusive = _flag(name, "exclusive", get("exclusive"), False)
     return QueueSpec(
         name,
         name if exchange_name is None else exchange_name,
         exchange_type or default_type,
         routing_key or name,
+        durable=_flag(name, "durable", get("durable"), True),
+        exclusive=exclusive,
+        auto_delete=_flag(name, "auto_delete", get("auto_delete"), False) or exclusive,
+        arguments=arguments or None,
+        exchange_durable=_flag(name, "exchange durable", exchange_durable, True),
+        exchange_auto_delete=_flag(name, "exchange auto_delete", exchange_auto_delete, False),
     )
 
 

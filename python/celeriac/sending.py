@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import signals as _signals
 from celeriac._core import SEND_OPTIONS, uuid4
-from celeriac.exceptions import AlwaysEagerIgnored
+from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured
 from celeriac.local import get_current_worker_task
 from celeriac.result import AsyncResult as _AsyncResult
 from celeriac.serialization import check_compression, check_serializer
@@ -321,10 +321,18 @@ def send_task_message(
         return _AsyncResult(task_id, app=app, task_name=name)
     producer = app.producer
     producer.send(name, task_id, args, kwargs, route.queue, opts or None)
-    if defaults.confirm_publish:
+    declared = app.declared_queues
+    if defaults.confirm_publish or (declared is not None and route.queue not in declared):
         # broker_transport_options={"confirm_publish": True}: return only once the
         # broker has the message (OperationalError after broker_connection_timeout).
-        producer.flush(float(conf["broker_connection_timeout"]))
+        # The first message to an AMQP queue too: its declaration is checked then (a
+        # queue that exists with other arguments raises ImproperlyConfigured).
+        try:
+            producer.flush(float(conf["broker_connection_timeout"]))
+        except ValueError as exc:  # the queue exists with other arguments
+            raise ImproperlyConfigured(str(exc)) from None
+        if declared is not None:
+            declared.add(route.queue)
     if _signals.after_task_publish.receivers:
         _signals.send_after_publish(name, task_id, args, kwargs, route.queue, opts)
     if conf["task_send_sent_event"]:

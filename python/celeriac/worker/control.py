@@ -508,6 +508,11 @@ def active_queues(box: Pidbox, args: dict[str, Any]) -> Any:
     return [_queue_as_dict(name, known.get(name)) for name in box.worker.queues]
 
 
+def _arguments(spec: Any) -> Any:
+    arguments = getattr(spec, "arguments", None)
+    return dict(arguments) if isinstance(arguments, Mapping) and arguments else None
+
+
 def _queue_as_dict(name: str, spec: Any) -> dict[str, Any]:
     """kombu's ``Queue.as_dict(recurse=True)`` for a consumed queue."""
 
@@ -525,14 +530,14 @@ def _queue_as_dict(name: str, spec: Any) -> dict[str, Any]:
             "name": exchange_name,
             "type": exchange_type,
             "arguments": None,
-            "durable": True,
+            "durable": attr("exchange_durable", True),
             "passive": False,
-            "auto_delete": False,
+            "auto_delete": attr("exchange_auto_delete", False),
             "delivery_mode": None,
             "no_declare": False,
         },
         "routing_key": attr("routing_key", name),
-        "queue_arguments": attr("queue_arguments", None),
+        "queue_arguments": attr("queue_arguments", None) or _arguments(spec),
         "binding_arguments": None,
         "consumer_arguments": None,
         "durable": attr("durable", True),
