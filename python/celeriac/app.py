@@ -495,6 +495,8 @@ class Celeriac:
             return options
         conf = self.conf
         options.setdefault("heartbeat", conf["broker_heartbeat"])
+        if conf.get("broker_failover_strategy") is not None:
+            options.setdefault("failover_strategy", conf["broker_failover_strategy"])
         if conf.get("broker_use_ssl"):
             options.setdefault("ssl", ssl_option(conf["broker_use_ssl"]))
         arguments: dict[str, Any] = {}

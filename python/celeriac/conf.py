@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "broker_pool_limit": 10,
     "broker_transport_options": {},
     "broker_use_ssl": False,
+    "broker_failover_strategy": None,
     # results
     "result_backend": None,
     "result_backend_transport_options": {},
@@ -177,6 +178,7 @@ OLD_NAMES: dict[str, str] = {
     "BROKER_CONNECTION_RETRY_ON_STARTUP": "broker_connection_retry_on_startup",
     "BROKER_CONNECTION_MAX_RETRIES": "broker_connection_max_retries",
     "BROKER_HEARTBEAT": "broker_heartbeat",
+    "BROKER_FAILOVER_STRATEGY": "broker_failover_strategy",
     "BROKER_POOL_LIMIT": "broker_pool_limit",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
     "BROKER_USE_SSL": "broker_use_ssl",
@@ -262,6 +264,35 @@ def _check_str(name: str, value: Any) -> Any:
 
 def _check_optional_str(name: str, value: Any) -> Any:
     return None if value is None else _check_str(name, value)
+
+
+def _check_broker_url(name: str, value: Any) -> Any:
+    """A URL, or kombu's failover list: a list (or tuple) of URLs, kept as one str with
+    ``;`` between them, the form a URL list also takes in one string."""
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(entry, str) and entry.strip() for entry in value):
+            kinds = ", ".join(type(entry).__name__ for entry in value)
+            raise ImproperlyConfigured(
+                f"setting {name!r} must be a URL or a non-empty list of URL strings, "
+                f"not a {type(value).__name__} of [{kinds}]"
+            )
+        return ";".join(entry.strip() for entry in value)
+    return _check_optional_str(name, value)
+
+
+#: kombu's failover strategies by name (kombu also takes a callable; celeriac does not).
+FAILOVER_STRATEGIES = ("round-robin", "shuffle")
+
+
+def _check_failover_strategy(name: str, value: Any) -> Any:
+    if value is None or value in FAILOVER_STRATEGIES:
+        return value
+    if callable(value):
+        raise ImproperlyConfigured(
+            f"setting {name!r}: a callable strategy is not supported; "
+            f"use 'round-robin' or 'shuffle'"
+        )
+    raise _bad(name, "'round-robin' or 'shuffle'", value)
 
 
 def _check_queue_name(name: str, value: Any) -> Any:
@@ -414,9 +445,10 @@ def _check_rate(name: str, value: Any) -> Any:
 
 
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "broker_url": _check_optional_str,
-    "broker_read_url": _check_optional_str,
-    "broker_write_url": _check_optional_str,
+    "broker_url": _check_broker_url,
+    "broker_read_url": _check_broker_url,
+    "broker_write_url": _check_broker_url,
+    "broker_failover_strategy": _check_failover_strategy,
     "broker_connection_timeout": _check_positive_number,
     "broker_connection_retry": _check_bool,
     "broker_connection_retry_on_startup": _check_optional_bool,

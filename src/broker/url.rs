@@ -2,8 +2,14 @@
 //!
 //! Celery's form is `transport://user:password@host:port/vhost`; the password never
 //! reaches a log line or the banner, so every error here names the masked URL.
+//!
+//! A `;`-separated list (`amqp://a//;amqp://b//`, kombu's failover list) is one
+//! [`BrokerUrl`] whose fields are the first entry's and whose [`BrokerUrl::hosts`] are
+//! all the entries; a connection tries them in the order of the [`FailoverStrategy`].
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use url::Url;
 
@@ -43,10 +49,118 @@ pub struct BrokerUrl {
     /// AMQP virtual host (`/` by default); empty for other transports.
     pub vhost: String,
     masked: String,
+    /// The entries of a failover list, in the order given; empty for a single URL.
+    failover: Vec<BrokerUrl>,
+    /// The index in [`BrokerUrl::hosts`] of the host that last accepted a connection
+    /// (`usize::MAX`: none yet), shared by the clones of this URL, so that every
+    /// connection of a process goes to the same node.
+    last_good: Arc<AtomicUsize>,
+}
+
+/// `broker_failover_strategy`: the order in which the hosts of a failover list are
+/// tried. kombu's two names; the host that last accepted a connection is tried first
+/// by both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailoverStrategy {
+    /// The hosts in the order of the list (the default).
+    #[default]
+    RoundRobin,
+    /// The hosts in a random order (spreads the clients of one list over its hosts).
+    Shuffle,
+}
+
+impl FailoverStrategy {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "round-robin" => Ok(Self::RoundRobin),
+            "shuffle" => Ok(Self::Shuffle),
+            other => Err(Error::Config(format!(
+                "broker_failover_strategy must be \"round-robin\" or \"shuffle\", not {other:?}"
+            ))),
+        }
+    }
 }
 
 impl BrokerUrl {
+    /// One URL, or a `;`-separated failover list of URLs (see [`BrokerUrl::hosts`]).
     pub fn parse(raw: &str) -> Result<Self> {
+        if raw.contains(';') {
+            return Self::parse_list(raw);
+        }
+        Self::parse_one(raw)
+    }
+
+    /// kombu's failover list: `;` between full URLs, each with its own credentials
+    /// and vhost. Only AMQP URLs: a list that names another transport, or mixes
+    /// transports, is an error rather than a list silently read as its first entry.
+    pub fn parse_list(raw: &str) -> Result<Self> {
+        let masked = mask(raw);
+        let bad =
+            |why: &str| Error::InvalidUrl(format!("invalid broker URL list {masked:?}: {why}"));
+        let entries: Vec<&str> = raw.split(';').map(str::trim).collect();
+        if entries.iter().any(|entry| entry.is_empty()) {
+            return Err(bad(
+                "an entry is empty (a `;` at an end or two in a row); separate full URLs by `;`",
+            ));
+        }
+        let parsed = entries
+            .iter()
+            .map(|entry| Self::parse_one(entry))
+            .collect::<Result<Vec<_>>>()?;
+        let amqp = |url: &BrokerUrl| matches!(url.scheme, Scheme::Amqp | Scheme::Amqps);
+        if !parsed.iter().all(amqp) {
+            let what = if parsed.iter().any(amqp) {
+                "it mixes transports; every entry must be an amqp:// or amqps:// URL"
+            } else {
+                "failover between several URLs is supported on RabbitMQ (amqp://, amqps://) only"
+            };
+            return Err(bad(what));
+        }
+        let mut first = parsed[0].clone();
+        first.masked = masked;
+        first.failover = parsed;
+        Ok(first)
+    }
+
+    /// Every host to connect to, in the order given: the entries of a failover list,
+    /// or this URL alone.
+    pub fn hosts(&self) -> &[BrokerUrl] {
+        if self.failover.is_empty() {
+            std::slice::from_ref(self)
+        } else {
+            &self.failover
+        }
+    }
+
+    /// The indexes of [`BrokerUrl::hosts`] in the order a connection tries them: the
+    /// host that last accepted a connection first, then the others after it in list
+    /// order (round-robin) or in a random order (shuffle; on the first connection
+    /// every host is in a random order).
+    pub fn connect_order(&self, strategy: FailoverStrategy) -> Vec<usize> {
+        let count = self.hosts().len();
+        let last = self.last_good.load(Ordering::Acquire);
+        match strategy {
+            FailoverStrategy::RoundRobin => {
+                let start = if last < count { last } else { 0 };
+                (0..count).map(|step| (start + step) % count).collect()
+            }
+            FailoverStrategy::Shuffle => {
+                let mut others: Vec<usize> = (0..count).filter(|&i| i != last).collect();
+                shuffle(&mut others);
+                if last < count {
+                    others.insert(0, last);
+                }
+                others
+            }
+        }
+    }
+
+    /// Note that host `index` of [`BrokerUrl::hosts`] accepted a connection.
+    pub fn connected_to(&self, index: usize) {
+        self.last_good.store(index, Ordering::Release);
+    }
+
+    fn parse_one(raw: &str) -> Result<Self> {
         let masked = mask(raw);
         let bad = |why: &str| Error::InvalidUrl(format!("invalid broker URL {masked:?}: {why}"));
         if let Some(rest) = strip_prefix_ignore_case(raw, "sqlite://") {
@@ -119,6 +233,8 @@ impl BrokerUrl {
             sqlite_path: None,
             vhost: String::new(),
             masked,
+            failover: Vec::new(),
+            last_good: no_host_yet(),
         })
     }
 
@@ -168,6 +284,8 @@ impl BrokerUrl {
             sqlite_path: None,
             vhost,
             masked,
+            failover: Vec::new(),
+            last_good: no_host_yet(),
         })
     }
 
@@ -204,6 +322,8 @@ impl BrokerUrl {
             sqlite_path: Some(PathBuf::from(path)),
             vhost: String::new(),
             masked,
+            failover: Vec::new(),
+            last_good: no_host_yet(),
         })
     }
 
@@ -251,6 +371,22 @@ impl BrokerUrl {
     }
 }
 
+fn no_host_yet() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(usize::MAX))
+}
+
+/// Fisher-Yates with a seed from the UUID generator's randomness (no `rand` crate).
+fn shuffle(items: &mut [usize]) {
+    let mut state = uuid::Uuid::new_v4().as_u128() as u64 | 1;
+    for upper in (1..items.len()).rev() {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(upper, (state % (upper as u64 + 1)) as usize);
+    }
+}
+
 fn amqp_scheme(scheme: &str) -> Option<Scheme> {
     match scheme {
         "amqp" | "pyamqp" => Some(Scheme::Amqp),
@@ -272,11 +408,19 @@ fn percent_decode(part: &str) -> std::result::Result<String, std::str::Utf8Error
         .unwrap_or_else(|| Ok(String::new()))
 }
 
-/// Replace the password of `transport://user:password@host...` with `**`.
+/// Replace the password of `transport://user:password@host...` with `**`, in every
+/// entry of a `;`-separated failover list.
 ///
 /// Works on text, not on a parsed URL, so that even a URL we cannot parse is masked
 /// before it appears in an error message.
 pub fn mask(raw: &str) -> String {
+    if raw.contains(';') {
+        return raw.split(';').map(mask_one).collect::<Vec<_>>().join(";");
+    }
+    mask_one(raw)
+}
+
+fn mask_one(raw: &str) -> String {
     let Some(scheme_end) = raw.find("://") else {
         return raw.to_owned();
     };
@@ -408,5 +552,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("u:**@h") && !err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn masks_every_entry_of_a_list() {
+        assert_eq!(
+            mask("amqp://u:one@a:5672//;amqp://v:two@b:5673/x"),
+            "amqp://u:**@a:5672//;amqp://v:**@b:5673/x"
+        );
+        assert_eq!(
+            mask("amqp://a//; amqp://v:two@b//"),
+            "amqp://a//; amqp://v:**@b//"
+        );
+    }
+
+    #[test]
+    fn parses_failover_lists_entry_by_entry() {
+        let url = BrokerUrl::parse("amqp://u:one@a:5680/v1;amqps://w:two@b/v2").unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("a", 5680));
+        assert_eq!(url.masked(), "amqp://u:**@a:5680/v1;amqps://w:**@b/v2");
+        let hosts = url.hosts();
+        assert_eq!(hosts.len(), 2);
+        assert_eq!(hosts[0].masked(), "amqp://u:**@a:5680/v1");
+        assert_eq!(
+            (hosts[1].scheme, hosts[1].host.as_str(), hosts[1].port),
+            (Scheme::Amqps, "b", 5671)
+        );
+        assert_eq!(hosts[1].password.as_deref(), Some("two"));
+        assert_eq!(hosts[1].vhost, "v2");
+        let single = BrokerUrl::parse("amqp://a//").unwrap();
+        assert_eq!(single.hosts().len(), 1);
+        assert_eq!(single.connect_order(FailoverStrategy::Shuffle), [0]);
+    }
+
+    #[test]
+    fn bad_lists_are_invalid_and_masked() {
+        for (raw, why) in [
+            ("amqp://u:pwaaa@a//;", "empty"),
+            ("amqp://u:pwaaa@a//;;amqp://b//", "empty"),
+            ("amqp://u:pwaaa@a//;redis://:pwbbb@b/0", "mixes transports"),
+            ("redis://:one@a/0;redis://:pwbbb@b/0", "RabbitMQ"),
+            ("amqp://u:pwaaa@a//;amqp://v:pwbbb@b:99999//", "v:**@b"),
+        ] {
+            let err = BrokerUrl::parse(raw).unwrap_err();
+            assert!(matches!(err, Error::InvalidUrl(_)), "{raw}: {err:?}");
+            let text = err.to_string();
+            assert!(text.contains(why), "{raw}: {text}");
+            assert!(!text.contains("pwaaa") && !text.contains("pwbbb"), "{text}");
+        }
+    }
+
+    #[test]
+    fn round_robin_starts_at_the_host_that_last_worked() {
+        let url = BrokerUrl::parse("amqp://a//;amqp://b//;amqp://c//").unwrap();
+        let order = |url: &BrokerUrl| url.connect_order(FailoverStrategy::RoundRobin);
+        assert_eq!(order(&url), [0, 1, 2]);
+        let clone = url.clone();
+        clone.connected_to(1);
+        assert_eq!(order(&url), [1, 2, 0], "clones share the last good host");
+        url.connected_to(2);
+        assert_eq!(order(&clone), [2, 0, 1]);
+    }
+
+    #[test]
+    fn shuffle_tries_every_host_once_last_good_first() {
+        let url = BrokerUrl::parse("amqp://a//;amqp://b//;amqp://c//;amqp://d//").unwrap();
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut order = url.connect_order(FailoverStrategy::Shuffle);
+            firsts.insert(order[0]);
+            order.sort_unstable();
+            assert_eq!(order, [0, 1, 2, 3]);
+        }
+        assert_eq!(
+            firsts.len(),
+            4,
+            "every host comes first sometimes: {firsts:?}"
+        );
+        url.connected_to(3);
+        for _ in 0..20 {
+            assert_eq!(url.connect_order(FailoverStrategy::Shuffle)[0], 3);
+        }
+    }
+
+    #[test]
+    fn failover_strategy_names_are_kombus() {
+        assert_eq!(
+            FailoverStrategy::parse("round-robin").unwrap(),
+            FailoverStrategy::RoundRobin
+        );
+        assert_eq!(
+            FailoverStrategy::parse("shuffle").unwrap(),
+            FailoverStrategy::Shuffle
+        );
+        let err = FailoverStrategy::parse("random").unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("\"random\""), "{err}");
     }
 }

@@ -69,20 +69,23 @@ class StopFetch(BaseException):
 
 
 def scrub_error(text: str, url: str, masked: str) -> str:
-    """Remove the URL's password from an error text, whatever its origin, and the
-    ``cannot connect to <url>:`` prefix the core adds (the log line names the URL)."""
+    """Remove the URL's passwords (every entry's, for a ``;``-separated failover list)
+    from an error text, whatever its origin, and the ``cannot connect to <url>:``
+    prefix the core adds (the log line names the URL)."""
     text = text.replace(url, masked)
     prefix = f"cannot connect to {masked}: "
     if text.lower().startswith(prefix.lower()):
         text = text[len(prefix) :]
-    try:
-        password = urllib.parse.urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(f":{password}@", ":**@")
-        if len(password) >= 4:
-            text = text.replace(password, "**")
+    for entry in url.split(";"):
+        entry = entry.strip()
+        try:
+            password = urllib.parse.urlsplit(entry).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(f":{password}@", ":**@")
+            if len(password) >= 4:
+                text = text.replace(password, "**")
     return text
 
 

@@ -259,8 +259,11 @@ def _rusage() -> dict[str, Any]:
 
 
 def _broker_info(app: Any) -> dict[str, Any]:
-    """Celery's ``stats()["broker"]``: the connection's parameters, no password."""
-    url = str(app.broker_url)
+    """Celery's ``stats()["broker"]``: the connection's parameters, no password. For a
+    failover list, the first host's, and every entry masked in ``alternates`` (kombu
+    lists them with their passwords)."""
+    entries = [entry.strip() for entry in str(app.broker_url).split(";")]
+    url = entries[0]
     parts = urlsplit(url)
     scheme = parts.scheme or url.split(":", 1)[0]
     transport = {"pyamqp": "amqp", "amqps": "amqp", "rediss": "redis"}.get(scheme, scheme)
@@ -283,8 +286,8 @@ def _broker_info(app: Any) -> dict[str, Any]:
         "login_method": "PLAIN" if transport == "amqp" else None,
         "uri_prefix": None,
         "heartbeat": setting(app.conf, "broker_heartbeat") if transport == "amqp" else 0,
-        "failover_strategy": "round-robin",
-        "alternates": [],
+        "failover_strategy": setting(app.conf, "broker_failover_strategy") or "round-robin",
+        "alternates": [_core.mask_url(entry) for entry in entries] if len(entries) > 1 else [],
     }
 
 

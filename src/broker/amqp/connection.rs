@@ -87,8 +87,38 @@ pub(super) fn tls_hint(text: String) -> String {
     }
 }
 
-/// Open a connection on the current tokio runtime, bounded by the connect timeout.
+/// Open a connection on the current tokio runtime. For a failover list, the hosts are
+/// tried one after the other in the order of `options.failover` (the host that last
+/// accepted a connection first), each bounded by the connect timeout; the error names
+/// every host's failure.
 pub async fn connect(url: &BrokerUrl, options: &AmqpOptions, name: &str) -> Result<Connection> {
+    let hosts = url.hosts();
+    if hosts.len() == 1 {
+        return connect_one(url, options, name).await;
+    }
+    let mut failures = Vec::with_capacity(hosts.len());
+    for index in url.connect_order(options.failover) {
+        let Some(host) = hosts.get(index) else {
+            continue;
+        };
+        match connect_one(host, options, name).await {
+            Ok(conn) => {
+                url.connected_to(index);
+                return Ok(conn);
+            }
+            Err(err) => failures.push(err.to_string()),
+        }
+    }
+    Err(Error::Connection(format!(
+        "cannot connect to any of the {} brokers of {}: {}",
+        hosts.len(),
+        url.masked(),
+        failures.join("; ")
+    )))
+}
+
+/// Open a connection to one host, bounded by the connect timeout.
+async fn connect_one(url: &BrokerUrl, options: &AmqpOptions, name: &str) -> Result<Connection> {
     let masked = url.masked();
     let name = match &options.connection_name {
         Some(given) => format!("{given} {name}"),

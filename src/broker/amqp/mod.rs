@@ -67,7 +67,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::amqp_tags::TagLedger;
-use super::url::{BrokerUrl, Scheme};
+use super::url::{BrokerUrl, FailoverStrategy, Scheme};
 use super::{Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
 use crate::protocol::message::OutgoingMessage;

@@ -79,7 +79,9 @@ impl QueueSpec {
 /// - `max_message_size` (bytes),
 /// - `ssl`: `broker_use_ssl` — `true` (TLS, the system's root certificates) or a
 ///   dict of `ca_certs`, `certfile`, `keyfile` (PEM file paths) and `cert_reqs`
-///   (`"required"`, `"optional"`, `"none"`; see [`TlsSettings`]).
+///   (`"required"`, `"optional"`, `"none"`; see [`TlsSettings`]),
+/// - `failover_strategy`: `broker_failover_strategy`, `"round-robin"` or `"shuffle"`
+///   (the order in which the hosts of a `;`-separated URL list are tried).
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
     pub connect_timeout: Duration,
@@ -92,6 +94,7 @@ pub struct AmqpOptions {
     pub connection_name: Option<String>,
     /// TLS settings from `broker_use_ssl`; `amqps://` uses TLS without them too.
     pub tls: Option<TlsSettings>,
+    pub failover: FailoverStrategy,
 }
 
 /// `broker_use_ssl`, read and checked once (the files are read when the options are,
@@ -188,6 +191,7 @@ impl Default for AmqpOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             connection_name: None,
             tls: None,
+            failover: FailoverStrategy::default(),
         }
     }
 }
@@ -243,6 +247,12 @@ impl AmqpOptions {
                         as usize;
                 }
                 "ssl" => options.tls = TlsSettings::from_value(value)?,
+                "failover_strategy" if !value.is_null() => {
+                    let name = value
+                        .as_str()
+                        .ok_or_else(|| bad(key, "\"round-robin\" or \"shuffle\"", value))?;
+                    options.failover = FailoverStrategy::parse(name)?;
+                }
                 // The dict is shared with kombu's other options: ignore the rest.
                 _ => {}
             }

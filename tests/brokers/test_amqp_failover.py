@@ -1,0 +1,270 @@
+"""RabbitMQ failover: a `;`-separated broker URL list, a node stopped during a drain.
+
+Two RabbitMQ nodes of this test's own (not a cluster: each has its own queues) are
+started by the ``nodes`` fixture on 127.0.0.1:5680 and :5681 (distribution ports 25680,
+25681), in a temporary directory, and stopped by pid. The shared node on 5672 is never
+stopped. Results and the record of which task ran go to the real Redis.
+
+What is guaranteed, and checked here, when the node a worker and a client are connected
+to stops (acks_late tasks, publisher confirms):
+- the client and the worker move to the next node of the list and go on there: every
+  task sent after the stop runs, once;
+- a task confirmed by the stopped node stays on its disk (durable queue, persistent
+  message): it is not lost, but runs only when that node is back; the only ones run
+  twice are those in the worker's prefetch window at the stop (run, ack not yet sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from conftest import AMQP_URL, REDIS_URL, app_module, delete_amqp, wait_until, worker_env
+from kombu import Connection
+
+if TYPE_CHECKING:
+    from conftest import Scratch, StartWorker, TasksDir
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+#: Bounds: a node's start on a loaded 2-core machine, its graceful stop.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+#: The worker's prefetch window (solo pool: worker_prefetch_multiplier 4 x 1).
+PREFETCH = 4
+
+FAILOVER_TASKS = app_module(
+    "tasks",
+    """
+app.conf.task_acks_late = True
+app.conf.task_ignore_result = True
+app.conf.broker_connection_timeout = 2.0
+
+
+@app.task
+def record(key, number, pause):
+    client().rpush(key, f"{number} {time.time()}")
+    time.sleep(pause)
+""",
+    imports=("import time",),
+    redis_client=True,
+)
+
+
+class Node:
+    """A RabbitMQ node of this test's own, in ``base``, on ``port`` (AMQP)."""
+
+    def __init__(self, base: Path, port: int) -> None:
+        self.base = base
+        self.port = port
+        self.name = f"celeriac-failover-{os.getpid()}-{port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{port}//"
+        self.proc: subprocess.Popen[bytes] | None = None
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+        (base / "rabbitmq-env.conf").write_text("")
+        (base / "enabled_plugins").write_text("[].\n")
+
+    def env(self) -> dict[str, str]:
+        base = str(self.base)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=base,  # its own Erlang cookie
+            RABBITMQ_NODENAME=self.name,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.port + 20000),
+            RABBITMQ_CONFIG_FILE=f"{base}/rabbitmq.conf",
+            RABBITMQ_CONF_ENV_FILE=f"{base}/rabbitmq-env.conf",
+            RABBITMQ_ENABLED_PLUGINS_FILE=f"{base}/enabled_plugins",
+            RABBITMQ_MNESIA_BASE=f"{base}/mnesia",
+            RABBITMQ_LOG_BASE=f"{base}/log",
+            RABBITMQ_PID_FILE=f"{base}/pid",
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            # The script then execs the VM: our pid is the node's.
+            RUNNING_UNDER_SYSTEMD="1",
+        )
+        return env
+
+    def start(self) -> None:
+        if self.accepts():
+            pytest.fail(f"port {self.port} is taken: another test run's node?", pytrace=False)
+        with open(self.base / "out.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [RABBITMQ_SERVER],
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                break
+            if self.accepts():
+                with contextlib.suppress(Exception), Connection(self.url, connect_timeout=2) as c:
+                    c.connect()
+                    return
+            time.sleep(0.1)
+        log = (self.base / "out.log").read_text(errors="replace")[-3000:]
+        self.kill()
+        pytest.fail(f"RabbitMQ node {self.name} did not start:\n{log}", pytrace=False)
+
+    def accepts(self) -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM, what `rabbitmqctl stop` does), bounded; then
+        SIGKILL."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def ready_count(self, queue: str) -> int:
+        with Connection(self.url, connect_timeout=5) as conn:
+            _, ready, _ = conn.default_channel.queue_declare(queue, passive=True)
+        return int(ready)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node]]:
+    base = tmp_path_factory.mktemp("rabbit")
+    pair = (Node(base / "n1", 5680), Node(base / "n2", 5681))
+    try:
+        for node in pair:
+            node.start()
+        for node in pair:
+            node.wait_up()
+        yield pair
+    finally:
+        for node in pair:
+            node.stop()
+
+
+def ran(client: redis.Redis, key: str) -> list[tuple[int, float]]:
+    """(number, time) of every run recorded under ``key``, in the order they ran."""
+    out = []
+    for raw in client.lrange(key, 0, -1):
+        number, at = raw.decode().split()
+        out.append((int(number), float(at)))
+    return out
+
+
+def test_a_node_stopped_during_a_drain_the_worker_and_client_go_on_on_the_next(
+    nodes: tuple[Node, Node],
+    worker: StartWorker,
+    tasks_dir: TasksDir,
+    redis_client: redis.Redis,
+    scratch: Scratch,
+) -> None:
+    first, second = nodes
+    tasks_dir.env = worker_env(tasks_dir.queue, f"{first.url};{second.url}", REDIS_URL)
+    tasks_dir.write("tasks.py", FAILOVER_TASKS)
+    key = scratch("ran")
+    process = worker()
+    tasks = tasks_dir.import_module()
+    before, after = 200, 50
+    for number in range(before):
+        tasks.record.delay(key, number, 0.02)
+    tasks.app.producer.flush(10.0)  # every one confirmed by the first node
+    assert wait_until(lambda: redis_client.llen(key) >= 20, timeout=15), process.log
+
+    stopped_at = time.time()
+    first.stop()  # during the drain
+    gone_at = time.time()
+    for number in range(before, before + after):
+        tasks.record.delay(key, number, 0.0)
+    tasks.app.producer.flush(15.0)  # confirmed by the second node
+    assert wait_until(
+        lambda: {n for n, _ in ran(redis_client, key)} >= set(range(before, before + after)),
+        timeout=20,
+    ), process.log
+    runs = ran(redis_client, key)
+    resumed_at = min(at for n, at in runs if n >= before)
+    old = [n for n, _ in runs if n < before]
+    new = [n for n, _ in runs if n >= before]
+    print(
+        f"\nfailover: graceful stop took {gone_at - stopped_at:.2f}s; the first task sent "
+        f"after it ran {resumed_at - gone_at:.2f}s later ({resumed_at - stopped_at:.2f}s "
+        f"after SIGTERM); {len(set(old))}/{before} drained before the stop"
+    )
+    assert sorted(new) == list(range(before, before + after)), "each once"
+    assert len(set(old)) < before, "the stop came during the drain"
+
+    # The first node back: what it had confirmed and the worker had not acked is there.
+    first.start()
+    first.wait_up()
+    waiting = first.ready_count(tasks_dir.queue)
+    done = len(set(old))
+    assert waiting + done >= before, f"lost: {before - waiting - done} tasks"
+    assert waiting + done - before <= PREFETCH, "only the prefetch window is run again"
+    assert len(old) == done, "no task of the stopped node ran twice while it was down"
+    process.stop()
+    # The first node's queue is removed with the node's directory.
+    with contextlib.suppress(Exception):
+        Connection(second.url).default_channel.queue_delete(tasks_dir.queue)
+
+
+def test_a_list_whose_first_host_is_down_gets_ready_on_the_next_and_masks_every_password(
+    worker: StartWorker, tasks_dir: TasksDir
+) -> None:
+    # Port 1 refuses connections; the second entry is the shared node.
+    broker = f"amqp://guest:firstsecret@127.0.0.1:1//;{AMQP_URL}"
+    tasks_dir.env = worker_env(tasks_dir.queue, broker, REDIS_URL)
+    try:
+        process = worker()
+        tasks = tasks_dir.import_module()
+        assert tasks.add.delay(2, 3).get(timeout=10) == 5
+        process.wait_for(
+            r"amqp://guest:\*\*@127\.0\.0\.1:1//;amqp://guest:\*\*@127\.0\.0\.1:5672//"
+        )
+        process.stop()
+        assert "firstsecret" not in process.log
+        assert ":guest@" not in process.log
+    finally:
+        delete_amqp(AMQP_URL, tasks_dir.queue)
+
+
+def test_retry_lines_mask_every_password_of_the_list(
+    worker: StartWorker, tasks_dir: TasksDir
+) -> None:
+    # Ports 1 and 2 refuse connections: the worker retries, then gives up.
+    broker = "amqp://guest:firstsecret@127.0.0.1:1//;amqp://other:secondsecret@127.0.0.1:2/v"
+    tasks_dir.env = worker_env(tasks_dir.queue, broker, REDIS_URL)
+    tasks_dir.write(
+        "tasks.py", app_module("tasks", "\napp.conf.broker_connection_max_retries = 1\n")
+    )
+    process = worker(ready=False, check_exit=False)
+    process.wait_for("Trying again", timeout=15)
+    process.wait_for("Giving up", timeout=15)
+    process.wait(15)
+    assert "amqp://other:**@127.0.0.1:2/v" in process.log, process.log
+    assert "secret" not in process.log, process.log
