@@ -1,9 +1,10 @@
 """RabbitMQ failover: a `;`-separated broker URL list, a node stopped during a drain.
 
-Two RabbitMQ nodes of this test's own (not a cluster: each has its own queues) are
-started by the ``nodes`` fixture on 127.0.0.1:5680 and :5681 (distribution ports 25680,
-25681), in a temporary directory, and stopped by pid. The shared node on 5672 is never
-stopped. Results and the record of which task ran go to the real Redis.
+A RabbitMQ node of this test's own is started by the ``node`` fixture on 127.0.0.1:5680
+(distribution port 25680), in a temporary directory, and stopped by pid; the list names it
+first and the shared node on 5672 second (not a cluster: each has its own queues). The
+shared node is never stopped. Results and the record of which task ran go to the real
+Redis.
 
 What is guaranteed, and checked here, when the node a worker and a client are connected
 to stops (acks_late tasks, publisher confirms):
@@ -155,18 +156,14 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node]]:
-    base = tmp_path_factory.mktemp("rabbit")
-    pair = (Node(base / "n1", 5680), Node(base / "n2", 5681))
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    own = Node(tmp_path_factory.mktemp("rabbit"), 5680)
     try:
-        for node in pair:
-            node.start()
-        for node in pair:
-            node.wait_up()
-        yield pair
+        own.start()
+        own.wait_up()
+        yield own
     finally:
-        for node in pair:
-            node.stop()
+        own.stop()
 
 
 def ran(client: redis.Redis, key: str) -> list[tuple[int, float]]:
@@ -179,14 +176,28 @@ def ran(client: redis.Redis, key: str) -> list[tuple[int, float]]:
 
 
 def test_a_node_stopped_during_a_drain_the_worker_and_client_go_on_on_the_next(
-    nodes: tuple[Node, Node],
+    node: Node,
     worker: StartWorker,
     tasks_dir: TasksDir,
     redis_client: redis.Redis,
     scratch: Scratch,
 ) -> None:
-    first, second = nodes
-    tasks_dir.env = worker_env(tasks_dir.queue, f"{first.url};{second.url}", REDIS_URL)
+    first = node
+    tasks_dir.env = worker_env(tasks_dir.queue, f"{first.url};{AMQP_URL}", REDIS_URL)
+    try:
+        _stop_the_first_during_a_drain(first, worker, tasks_dir, redis_client, scratch)
+    finally:
+        # The first node's queue is removed with the node's directory.
+        delete_amqp(AMQP_URL, tasks_dir.queue)
+
+
+def _stop_the_first_during_a_drain(
+    first: Node,
+    worker: StartWorker,
+    tasks_dir: TasksDir,
+    redis_client: redis.Redis,
+    scratch: Scratch,
+) -> None:
     tasks_dir.write("tasks.py", FAILOVER_TASKS)
     key = scratch("ran")
     process = worker()
@@ -202,7 +213,7 @@ def test_a_node_stopped_during_a_drain_the_worker_and_client_go_on_on_the_next(
     gone_at = time.time()
     for number in range(before, before + after):
         tasks.record.delay(key, number, 0.0)
-    tasks.app.producer.flush(15.0)  # confirmed by the second node
+    tasks.app.producer.flush(15.0)  # confirmed by the shared node
     assert wait_until(
         lambda: {n for n, _ in ran(redis_client, key)} >= set(range(before, before + after)),
         timeout=20,
@@ -228,9 +239,6 @@ def test_a_node_stopped_during_a_drain_the_worker_and_client_go_on_on_the_next(
     assert waiting + done - before <= PREFETCH, "only the prefetch window is run again"
     assert len(old) == done, "no task of the stopped node ran twice while it was down"
     process.stop()
-    # The first node's queue is removed with the node's directory.
-    with contextlib.suppress(Exception):
-        Connection(second.url).default_channel.queue_delete(tasks_dir.queue)
 
 
 def test_a_list_whose_first_host_is_down_gets_ready_on_the_next_and_masks_every_password(
