@@ -351,11 +351,11 @@ async fn topology_matches_celery_57() {
     // task_queue_max_priority=10 -> x-max-priority, as py-amqp sends it.
     let mut arguments = serde_json::Map::new();
     arguments.insert("x-max-priority".into(), json!(10));
-    let producer2 = new_producer(AmqpOptions {
+    let priority_options = AmqpOptions {
         queue_arguments: arguments,
         ..AmqpOptions::default()
-    })
-    .await;
+    };
+    let producer2 = new_producer(priority_options.clone()).await;
     for (n, priority) in [(0, 1), (1, 9), (2, 5)] {
         producer2
             .publish(message(&prio, n, Some(priority)))
@@ -372,7 +372,9 @@ async fn topology_matches_celery_57() {
         .queue_declare(prio.as_str().into(), celery_queue, args)
         .await
         .expect("Celery's priority queue declaration is compatible");
-    let (consumer, mut rx) = consume(&prio, 0).await;
+    // The consumer declares the queue as it exists (an argument-less declaration is
+    // RabbitMQ's PRECONDITION_FAILED, reported as such).
+    let (consumer, mut rx) = new_consumer(&[prio.clone()], 0, priority_options).await;
     let order: Vec<usize> = take(&mut rx, 3).await.iter().map(body_index).collect();
     assert_eq!(order, vec![1, 2, 0], "higher priority first");
     assert_eq!(quiet(&mut rx, Duration::from_millis(200)).await, 0);
