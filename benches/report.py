@@ -4,6 +4,7 @@ the results JSON they are rendered from again (``python -m benches --report FILE
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import textwrap
 import time
@@ -483,15 +484,20 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     if facts.get("git_dirty"):
         code += " with uncommitted changes"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(doc["started"]))
+    command, note = doc["command"], str(doc.get("note") or "")
+    if note:  # shown once, below
+        for shown in (shlex.quote(note), note):
+            command = command.replace(f"--note {shown}", "--note (below)")
     lines = [
-        f"{doc['command']}",
+        *textwrap.wrap(command, width=100, subsequent_indent="    ", break_on_hyphens=False),
         f"  on {when}, {doc['duration_seconds'] / 60:.1f} min, {code}",
         *(f"  {line}" for line in machine_lines(facts, doc["peers"])),
     ]
     for what, why in doc["skipped"].items():
         lines.append(f"  skipped {what}: {why}")
-    if doc.get("note"):
-        lines += [f"  note: {line}" for line in textwrap.wrap(str(doc["note"]), width=92)]
+    if note:
+        lines += textwrap.wrap(note, width=100, initial_indent="  note: ",
+                               subsequent_indent="        ", break_on_hyphens=False)  # fmt: skip
     return lines
 
 

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -881,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": FORMAT,
         "started": started,
         "duration_seconds": time.time() - started,
-        "command": " ".join(["python -m benches", *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python -m benches " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "params": params,
         "peers": peers,
         "brokers": brokers,
