@@ -1,12 +1,17 @@
-"""The run's summary: medians per cell, ratios, the terminal table and the PNG chart."""
+"""The run's summary: medians per cell, ratios, the terminal table and the PNG chart; and
+the results JSON they are rendered from again (``python -m benches --report FILE``)."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import statistics
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
-from benches.peers import PEERS
+from benches.peers import DISTRIBUTIONS, PEERS
 from benches.plan import TUNED
 
 # scenario -> [(metric key, label, higher is better, shown in the chart)]
@@ -302,35 +307,42 @@ def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def print_table(
+LEGEND = (
+    "x Celery, x best peer: how many times better celeriac is (> 1: better; throughput"
+    " divided, or time/latency/memory inverted); best peer = the best of the others,"
+    " Celery included. Medians of the repeats, [min-max] beside them; * marks a cell"
+    f" whose repeats spread wider than {SPREAD_LIMIT:.0%} of its median."
+)
+
+
+def table_block(
     rows: list[dict[str, Any]],
     results: list[dict[str, Any]],
     notes: list[str] | None = None,
-) -> None:
-    print()
-    for note in notes or []:
-        print(f"NOT A RESULT TO PUBLISH: {note}")
-    print("\n".join(table_lines(rows)))
-    for line in caveat_lines(rows):
-        print(line)
+) -> list[str]:
+    """Everything a run prints after its measurements: the method's warnings, the table,
+    its caveats, the ceilings, the legend, how each peer ran and the serializer ratios.
+    ``python -m benches --report`` prints the same lines from the results JSON."""
+    lines = [""]
+    lines += [f"NOT A RESULT TO PUBLISH: {note}" for note in notes or []]
+    lines += table_lines(rows)
+    lines += caveat_lines(rows)
     ceilings = ceiling_summary(rows, results)
     if ceilings:
-        print()
-        print("\n".join(ceiling_lines(ceilings)))
-    print(
-        "\nx Celery, x best peer: how many times better celeriac is (> 1: better; throughput"
-        " divided, or time/latency/memory inverted); best peer = the best of the others,"
-        " Celery included. Medians of the repeats, [min-max] beside them; * marks a cell"
-        f" whose repeats spread wider than {SPREAD_LIMIT:.0%} of its median."
-    )
-    print("\nhow each ran:")
+        lines += ["", *ceiling_lines(ceilings)]
+    lines += ["", *textwrap.wrap(LEGEND, width=100)]
+    lines += ["", "how each ran:"]
     seen: set[str] = set()
     for rec in results:
         s = rec.get("settings")
         if s and s not in seen:
             seen.add(s)
             name = "ceiling" if rec["scenario"] == "ceiling" else rec["peer"]
-            print(f"  {name:<9} {s}")
+            lines.append(f"  {name:<9} {s}")
+    ratios = serializer_ratios(rows)
+    if ratios:
+        lines += ["", *ratios]
+    return lines
 
 
 def write_chart(
@@ -383,3 +395,118 @@ def write_chart(
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
+
+
+# -- the results file ------------------------------------------------------------------------
+
+#: the results JSON's format. ``--report`` renders this one only: bump it when what the
+#: rendering needs from the file changes. (Files written before the field existed have none.)
+FORMAT = 2
+#: what a results file must hold, and the type of each
+FILE_FIELDS: dict[str, type] = {
+    "format": int, "command": str, "started": float, "duration_seconds": float,
+    "params": dict, "peers": list, "brokers": list, "skipped": dict, "machine": dict,
+    "runs": list,
+}  # fmt: skip
+#: what every run record must hold, and the type of each
+RUN_FIELDS: dict[str, type] = {"broker": str, "scenario": str, "shape": str, "peer": str,
+                               "ok": bool}  # fmt: skip
+
+
+class ReportError(Exception):
+    """A results file that cannot be rendered: unreadable, not JSON, another format, or
+    missing what the tables need."""
+
+
+def machine_lines(facts: dict[str, Any], peers: list[str]) -> list[str]:
+    """The machine and the versions, as a run prints them before it measures."""
+    v = facts.get("versions") or {}
+    return [
+        f"{facts.get('cpu_count')} cores ({facts.get('cpu_model')}), Python "
+        f"{facts.get('python')}, Redis {facts.get('redis_server')}, RabbitMQ "
+        f"{facts.get('rabbitmq_server')}, SQLite {facts.get('sqlite')}",
+        ", ".join(f"{p} {v.get(DISTRIBUTIONS.get(p, p))}" for p in peers),
+    ]
+
+
+def check(doc: Any, source: str) -> dict[str, Any]:
+    """``doc`` if it is a results file of this ``FORMAT`` with every field the rendering
+    reads; else a ``ReportError`` naming ``source`` and what is wrong."""
+    if not isinstance(doc, dict) or ("runs" not in doc and "format" not in doc):
+        raise ReportError(f"{source} is not a benchmark results file (no runs, no format)")
+    if "format" not in doc:
+        raise ReportError(
+            f"{source} was written by an older version of the benchmark (it has no format "
+            f"field; this one reads format {FORMAT}): run `python -m benches` again"
+        )
+    if doc["format"] != FORMAT:
+        raise ReportError(
+            f"{source} is in format {doc['format']!r}; this benchmark reads format {FORMAT}"
+        )
+    for key, kind in FILE_FIELDS.items():
+        value = doc.get(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind):
+            raise ReportError(f"{source}: the field {key!r} is missing or not a {kind.__name__}")
+    for i, rec in enumerate(doc["runs"]):
+        if not isinstance(rec, dict):
+            raise ReportError(f"{source}: run record {i} is not an object")
+        for key, kind in RUN_FIELDS.items():
+            if not isinstance(rec.get(key), kind):
+                raise ReportError(
+                    f"{source}: run record {i} has no {key!r} (or it is not a {kind.__name__})"
+                )
+        if rec["broker"] not in BROKER_NAMES:
+            raise ReportError(f"{source}: run record {i} names an unknown broker {rec['broker']!r}")
+    return doc
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results file, checked (``check``); ``ReportError`` if it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ReportError(f"{path} is not JSON ({exc})") from exc
+    return check(doc, str(path))
+
+
+def summary_lines(doc: dict[str, Any]) -> list[str]:
+    """Where a results file comes from: the command, when, how long, the code's commit,
+    the machine, the versions and the file's note."""
+    facts = doc["machine"]
+    commit = facts.get("git_commit")
+    code = f"git {commit[:10]}" if isinstance(commit, str) else "git commit unknown"
+    if facts.get("git_dirty"):
+        code += " with uncommitted changes"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(doc["started"]))
+    command, note = doc["command"], str(doc.get("note") or "")
+    if note:  # shown once, below
+        for shown in (shlex.quote(note), note):
+            command = command.replace(f"--note {shown}", "--note (below)")
+    lines = [
+        *textwrap.wrap(command, width=100, subsequent_indent="    ", break_on_hyphens=False),
+        f"  on {when}, {doc['duration_seconds'] / 60:.1f} min, {code}",
+        *(f"  {line}" for line in machine_lines(facts, doc["peers"])),
+    ]
+    for what, why in doc["skipped"].items():
+        lines.append(f"  skipped {what}: {why}")
+    if note:
+        lines += textwrap.wrap(note, width=100, initial_indent="  note: ",
+                               subsequent_indent="        ", break_on_hyphens=False)  # fmt: skip
+    return lines
+
+
+def render(doc: dict[str, Any], source: str = "the results") -> list[str]:
+    """The lines ``python -m benches --report`` prints for a checked results file: where it
+    comes from (``summary_lines``), then exactly what the run printed after measuring."""
+    try:
+        rows = summarize(doc["runs"])
+        tables = table_block(rows, doc["runs"], method_notes(doc["params"], doc["machine"]))
+        return summary_lines(doc) + tables
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ReportError(f"{source}: a run record lacks what the table needs ({exc!r})") from exc

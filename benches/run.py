@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -73,7 +74,7 @@ import redis  # noqa: E402
 
 from benches import soak  # noqa: E402
 from benches.machine import BUSY_THRESHOLD, QUIET_WAIT, wait_quiet  # noqa: E402
-from benches.peers import BEST_PREFETCH, DISTRIBUTIONS, PEERS, worker_spec  # noqa: E402
+from benches.peers import BEST_PREFETCH, PEERS, worker_spec  # noqa: E402
 from benches.peers.common import CPU_SECONDS, IO_SLEEP, calibrate, tally  # noqa: E402
 from benches.plan import (  # noqa: E402
     ALL_BROKERS,
@@ -87,13 +88,17 @@ from benches.plan import (  # noqa: E402
     plan,
 )
 from benches.report import (  # noqa: E402
+    FORMAT,
     MIN_DRAIN_N,
     MIN_REPEATS,
+    ReportError,
     ceiling_summary,
+    load,
+    machine_lines,
     method_notes,
-    print_table,
-    serializer_ratios,
+    render,
     summarize,
+    table_block,
     write_chart,
 )
 
@@ -768,6 +773,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amqp-url", default=amqp_url, help="RabbitMQ (guest/guest on localhost)")
     p.add_argument("--json", type=Path, help="where to write the raw results")
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    p.add_argument("--chart", type=Path,
+                   help="where to draw the chart (the JSON's path with .png)")  # fmt: skip
+    p.add_argument("--note", default="",
+                   help="a note kept in the results JSON (why this run, what was odd)")  # fmt: skip
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="measure nothing: print the tables of the results JSON FILE as its "
+                   "run printed them, and draw its chart (--chart, --no-chart)")  # fmt: skip
     args = p.parse_args(argv)
     if args.only:  # the first version's options
         args.scenarios = args.only
@@ -788,8 +800,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def report(args: argparse.Namespace) -> int:
+    """``--report FILE``: the tables (and the chart) of a results file, nothing measured."""
+    try:
+        doc = load(args.report)
+        lines = render(doc, str(args.report))
+    except ReportError as exc:
+        print(f"python -m benches --report: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    if not args.no_chart:
+        png = args.chart or args.report.with_suffix(".png")
+        rows = summarize(doc["runs"])
+        problem = write_chart(rows, png, doc["machine"], ceiling_summary(rows, doc["runs"]))
+        print(f"chart: {png}" if problem is None else f"no chart: {problem}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        return report(args)
     python = sys.executable
     r = redis.Redis.from_url(args.redis_url, socket_timeout=10)
     try:
@@ -810,12 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     facts = machine_facts(r, python)
-    v = facts["versions"]
-    print(
-        f"{facts['cpu_count']} cores ({facts['cpu_model']}), Python {facts['python']}, "
-        f"Redis {facts['redis_server']}, RabbitMQ {facts['rabbitmq_server']}, "
-        f"SQLite {facts['sqlite']}\n" + ", ".join(f"{p} {v[DISTRIBUTIONS[p]]}" for p in peers)
-    )
+    print("\n".join(machine_lines(facts, peers)))
     jobs = plan(args, peers, brokers)
     quiet = wait_quiet(args.quiet_wait, args.busy_threshold)
     facts.update(quiet_at_start=quiet.quiet, busy_at_start=quiet.busy,
@@ -848,16 +874,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell} {_brief(rec)}", flush=True)
     rows = summarize(bench.results)
     ceilings = ceiling_summary(rows, bench.results)
-    print_table(rows, bench.results, method_notes(vars(args), facts))
-    for line in serializer_ratios(rows):
-        print(line)
+    print("\n".join(table_block(rows, bench.results, method_notes(vars(args), facts))))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = args.json or RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     doc = {
+        "format": FORMAT,
         "started": started,
         "duration_seconds": time.time() - started,
-        "command": " ".join(["python -m benches", *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python -m benches " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "params": params,
         "peers": peers,
         "brokers": brokers,
@@ -867,11 +892,13 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": ceilings,
         "runs": bench.results,
     }
+    if args.note:
+        doc["note"] = args.note
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nraw results: {out}")
     if not args.no_chart:
-        png = out.with_suffix(".png")
+        png = args.chart or out.with_suffix(".png")
         problem = write_chart(rows, png, facts, ceilings)
         print(f"chart: {png}" if problem is None else f"no chart: {problem}")
     print(f"took {(time.time() - started) / 60:.1f} min")
