@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celeriac import _core, signals
-from celeriac.app import scheme_of, transport_of
+from celeriac.app import transport_of
 from celeriac.schedules import BaseSchedule, maybe_schedule
+from celeriac.transports import scheme_of
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac

@@ -160,8 +160,8 @@ const CLAIMS_PER_CALL: usize = 500;
 pub struct RedisBeatStore {
     masked: String,
     key: String,
-    /// A `sentinel://` URL names the master anew on every connect.
-    url: BrokerUrl,
+    /// A `sentinel://` URL names the master anew on every connect (boxed: it is large).
+    url: Box<BrokerUrl>,
     timeout: Duration,
     /// The connection; `None` after it broke, until the next request reopens it.
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -191,7 +191,7 @@ impl RedisBeatStore {
                 global_keyprefix.unwrap_or_default()
             ),
             masked,
-            url: url.clone(),
+            url: Box::new(url.clone()),
             timeout,
             conn: Mutex::new(None),
             claim: redis::Script::new(CLAIM_SCRIPT),
