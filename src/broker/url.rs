@@ -655,6 +655,28 @@ mod tests {
     }
 
     #[test]
+    fn parses_sentinel_lists_with_kombus_default_port() {
+        let url = BrokerUrl::parse("sentinel://:pw@10.0.0.1/2;sentinel://10.0.0.2:26380").unwrap();
+        assert_eq!(url.scheme, Scheme::Sentinel);
+        assert_eq!((url.port, url.db), (26379, 2));
+        assert_eq!(url.password.as_deref(), Some("pw"));
+        let ports: Vec<u16> = url.hosts().iter().map(|host| host.port).collect();
+        assert_eq!(ports, [26379, 26380]);
+        assert_eq!(
+            url.masked(),
+            "sentinel://:**@10.0.0.1/2;sentinel://10.0.0.2:26380"
+        );
+        assert!(matches!(url.to_redis_info(), Err(Error::InvalidUrl(_))));
+        let err = BrokerUrl::parse("sentinel://:pwaaa@a;amqp://b//").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("every entry must be a sentinel:// URL"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("pwaaa"), "{err}");
+    }
+
+    #[test]
     fn round_robin_starts_at_the_host_that_last_worked() {
         let url = BrokerUrl::parse("amqp://a//;amqp://b//;amqp://c//").unwrap();
         let order = |url: &BrokerUrl| url.connect_order(FailoverStrategy::RoundRobin);
