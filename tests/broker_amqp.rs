@@ -374,7 +374,7 @@ async fn topology_matches_celery_57() {
         .expect("Celery's priority queue declaration is compatible");
     // The consumer declares the queue as it exists (an argument-less declaration is
     // RabbitMQ's PRECONDITION_FAILED, reported as such).
-    let (consumer, mut rx) = new_consumer(&[prio.clone()], 0, priority_options).await;
+    let (consumer, mut rx) = new_consumer(std::slice::from_ref(&prio), 0, priority_options).await;
     let order: Vec<usize> = take(&mut rx, 3).await.iter().map(body_index).collect();
     assert_eq!(order, vec![1, 2, 0], "higher priority first");
     assert_eq!(quiet(&mut rx, Duration::from_millis(200)).await, 0);
