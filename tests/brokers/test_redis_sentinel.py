@@ -359,3 +359,20 @@ def test_a_wrong_sentinel_password_is_a_clear_error(
     assert "no sentinel of" in text and MASKED_URL in text, text
     assert "authentication failed" in text.lower(), text
     assert "wrong-password" not in text and MASTER_PASSWORD not in text
+
+
+def test_beats_store_on_sentinel_keeps_its_state_on_the_master(sentinels: Servers) -> None:
+    from celeriac import _core
+
+    namespace = f"sentinel-{os.getpid()}-{time.monotonic_ns()}"
+    options = {"master_name": "mymaster", "sentinel_kwargs": {"password": SENTINEL_PASSWORD}}
+    store = _core.BeatStore(SENTINEL_URL, namespace, timeout=2.0, transport_options=options)
+    assert store.register(["every-minute"], 1234) == [1234]
+    master = server(master_port())
+    try:
+        assert master.hget(f"celeriac-beat:{namespace}", "every-minute") is not None
+    finally:
+        master.delete(f"celeriac-beat:{namespace}")
+    with pytest.raises(ValueError, match="master_name") as info:
+        _core.BeatStore(SENTINEL_URL, namespace, timeout=2.0)
+    assert MASKED_URL in str(info.value) and MASTER_PASSWORD not in str(info.value)
