@@ -17,7 +17,14 @@ fn namespace() -> String {
 }
 
 fn redis_store(namespace: &str) -> BeatStore {
-    BeatStore::connect(common::REDIS_URL, namespace, None, TIMEOUT).unwrap()
+    BeatStore::connect(
+        common::REDIS_URL,
+        namespace,
+        None,
+        TIMEOUT,
+        Default::default(),
+    )
+    .unwrap()
 }
 
 /// `contenders` stores on one schedule race to claim the run after `seen`.
@@ -100,14 +107,28 @@ fn redis_claims_have_one_winner() {
 fn sqlite_claims_have_one_winner() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("beat.db").display());
-    lifecycle(|| BeatStore::connect(&url, "schedule", None, TIMEOUT).unwrap());
+    lifecycle(|| BeatStore::connect(&url, "schedule", None, TIMEOUT, Default::default()).unwrap());
 }
 
 #[test]
 fn a_store_that_is_down_is_a_connection_error() {
-    let err = BeatStore::connect("redis://127.0.0.1:7713/0", "x", None, TIMEOUT).unwrap_err();
+    let err = BeatStore::connect(
+        "redis://127.0.0.1:7713/0",
+        "x",
+        None,
+        TIMEOUT,
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Connection(_)), "{err}");
     assert!(err.to_string().contains("127.0.0.1:7713"), "{err}");
-    let err = BeatStore::connect("amqp://guest@127.0.0.1//", "x", None, TIMEOUT).unwrap_err();
+    let err = BeatStore::connect(
+        "amqp://guest@127.0.0.1//",
+        "x",
+        None,
+        TIMEOUT,
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::InvalidUrl(_)), "{err}");
 }

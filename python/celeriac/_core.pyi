@@ -319,6 +319,7 @@ class BeatStore:
         *,
         global_keyprefix: str | None = None,
         timeout: float = 4.0,
+        transport_options: dict[str, Any] | None = None,
     ) -> Self: ...
     def register(self, names: list[str], now: int) -> list[int]:
         """Store ``now`` as the last run of the entries not stored yet; return every

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import _core, signals
 from celeriac.app import transport_of
 from celeriac.schedules import BaseSchedule, maybe_schedule
+from celeriac.transports import scheme_of
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -219,11 +220,22 @@ class Beat:
                 url.removeprefix("sqlite://"),
             )
         options = self.app.conf["result_backend_transport_options"] or {}
+        # A sentinel:// store takes master_name and sentinel_kwargs from the options
+        # of the setting its URL came from.
+        sentinel = None
+        if scheme_of(url) == "sentinel":
+            own = options if url == self.app.result_backend_url else self.app.transport_options()
+            sentinel = {
+                key: own[key]
+                for key in ("master_name", "sentinel_kwargs", "min_other_sentinels")
+                if key in own
+            }
         self._store = _core.BeatStore(
             url,
             self.schedule_name,
             global_keyprefix=options.get("global_keyprefix"),
             timeout=float(self.app.conf["broker_connection_timeout"]),
+            transport_options=sentinel,
         )
         names = [entry.name for entry in entries]
         runs = self._store.register(names, _micros(self.app.now()))

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 # Transports the core speaks now. Anything else fails at first use with a clear error.
-REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "unix", "socket"})
+# ``sentinel://`` (a ``;``-separated list of sentinels, kombu's) is Redis: the sentinels
+# name the master, which the core asks them for on every (re)connect.
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "unix", "socket", "sentinel"})
 AMQP_SCHEMES = frozenset({"amqp", "pyamqp", "amqps"})
 SUPPORTED_BROKERS = REDIS_SCHEMES | AMQP_SCHEMES | {"sqlite"}
 SUPPORTED_BACKENDS = REDIS_SCHEMES | {"sqlite", "rpc"}

@@ -27,6 +27,7 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::broker::redis::sentinel::SentinelOptions;
 use crate::broker::sqlite::{db_error, open};
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
@@ -50,26 +51,24 @@ pub enum BeatStore {
 }
 
 impl BeatStore {
-    /// Connect to the store `url` names (`redis://`, `rediss://`, `sqlite://`) for the
-    /// schedule `namespace`. `Error::Connection` when it cannot be reached within
+    /// Connect to the store `url` names (`redis://`, `rediss://`, `sentinel://` with
+    /// its `sentinel` options, `sqlite://`) for the schedule `namespace`. `Error::Connection` when it cannot be reached within
     /// `timeout`; `Error::InvalidUrl` for any other scheme.
     pub fn connect(
         url: &str,
         namespace: &str,
         global_keyprefix: Option<&str>,
         timeout: Duration,
+        sentinel: SentinelOptions,
     ) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?;
+        let parsed = BrokerUrl::parse(url)?.with_sentinel_options(sentinel);
         match parsed.scheme {
             Scheme::Sqlite => Ok(Self::Sqlite(SqliteBeatStore::connect(
                 &parsed, namespace, timeout,
             )?)),
-            Scheme::Redis | Scheme::Rediss => Ok(Self::Redis(RedisBeatStore::connect(
-                &parsed,
-                namespace,
-                global_keyprefix,
-                timeout,
-            )?)),
+            Scheme::Redis | Scheme::Rediss | Scheme::Sentinel => Ok(Self::Redis(
+                RedisBeatStore::connect(&parsed, namespace, global_keyprefix, timeout)?,
+            )),
             _ => Err(Error::InvalidUrl(format!(
                 "beat keeps its schedule in Redis or SQLite, not at {:?}",
                 parsed.masked()
@@ -161,7 +160,8 @@ const CLAIMS_PER_CALL: usize = 500;
 pub struct RedisBeatStore {
     masked: String,
     key: String,
-    client: redis::Client,
+    /// A `sentinel://` URL names the master anew on every connect (boxed: it is large).
+    url: Box<BrokerUrl>,
     timeout: Duration,
     /// The connection; `None` after it broke, until the next request reopens it.
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -185,15 +185,13 @@ impl RedisBeatStore {
         timeout: Duration,
     ) -> Result<Self> {
         let masked = url.masked().to_owned();
-        let client = redis::Client::open(crate::broker::redis::nodelay(url.to_redis_info()?))
-            .map_err(|err| Error::InvalidUrl(format!("invalid URL {masked:?}: {err}")))?;
         let store = Self {
             key: format!(
                 "{}celeriac-beat:{namespace}",
                 global_keyprefix.unwrap_or_default()
             ),
             masked,
-            client,
+            url: Box::new(url.clone()),
             timeout,
             conn: Mutex::new(None),
             claim: redis::Script::new(CLAIM_SCRIPT),
@@ -215,11 +213,17 @@ impl RedisBeatStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let opening = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
         let conn = runtime::handle()
-            .block_on(async { tokio::time::timeout(self.timeout, opening).await })
+            .block_on(async {
+                let info = crate::broker::redis::sentinel::connection_info(&self.url, self.timeout)
+                    .await?;
+                let client =
+                    redis::Client::open(crate::broker::redis::nodelay(info)).map_err(|err| {
+                        Error::InvalidUrl(format!("invalid URL {:?}: {err}", self.masked))
+                    })?;
+                let opening = client.get_multiplexed_async_connection_with_config(&config);
+                Ok::<_, Error>(tokio::time::timeout(self.timeout, opening).await)
+            })?
             .map_err(|_| {
                 Error::Connection(format!(
                     "cannot connect to {}: no answer within {:?}",

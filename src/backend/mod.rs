@@ -75,6 +75,8 @@ pub struct BackendOptions {
     pub broker_transport: serde_json::Map<String, serde_json::Value>,
     /// rpc: `result_serializer` (the other stores keep opaque bytes).
     pub serializer: Serializer,
+    /// redis: for a `sentinel://` URL, `master_name` and `sentinel_kwargs`.
+    pub sentinel: crate::broker::redis::sentinel::SentinelOptions,
 }
 
 impl Default for BackendOptions {
@@ -92,6 +94,7 @@ impl Default for BackendOptions {
             persistent: false,
             broker_transport: serde_json::Map::new(),
             serializer: Serializer::Json,
+            sentinel: redis.sentinel,
         }
     }
 }
@@ -165,6 +168,7 @@ impl Backend {
             key_prefix: options.key_prefix,
             global_keyprefix: options.global_keyprefix,
             connect_timeout: options.connect_timeout,
+            sentinel: options.sentinel,
         };
         Ok(Self::Redis(redis::RedisBackend::connect(url, options)?))
     }

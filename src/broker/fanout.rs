@@ -223,7 +223,7 @@ impl FanoutLink {
             Scheme::Amqp | Scheme::Amqps => {
                 Self::Amqp(AmqpFanout::connect(url, options, times, purpose).await?)
             }
-            Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket => {
+            Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket | Scheme::Sentinel => {
                 Self::Redis(RedisFanout::connect(url, options).await?)
             }
         })

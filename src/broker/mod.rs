@@ -166,6 +166,7 @@ impl Producer {
                 amqp::AmqpProducer::connect(url, options, Vec::new()).await?,
             ));
         }
+        let url = &url.with_sentinel(&options.extra)?;
         let options = redis::RedisOptions::from_transport(options)?;
         Ok(Self::Redis(
             redis::RedisProducer::connect(url, options).await?,
@@ -217,6 +218,7 @@ impl Consumer {
                     .await?;
             return Ok(Self::Amqp(consumer));
         }
+        let url = &url.with_sentinel(&options.extra)?;
         let options = redis::RedisOptions::from_transport(options)?;
         let consumer =
             redis::RedisConsumer::connect(url, queues, prefetch_count, options, deliveries).await?;

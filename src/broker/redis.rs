@@ -15,6 +15,8 @@
 //! - The consumer needs Redis 6.2 or later (`RPOP key count`, `BLMOVE`); it checks the
 //!   server's version when it connects.
 //! - Messages whose worker died are put back after `visibility_timeout`.
+//! - A `sentinel://` URL (list) is resolved to the current master on every
+//!   (re)connect ([`sentinel`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +27,7 @@ mod consumer;
 mod fanout;
 mod producer;
 mod restore;
+pub mod sentinel;
 mod wake;
 
 pub use self::consumer::RedisConsumer;
@@ -149,7 +152,7 @@ pub(crate) async fn connect(
     response_timeout: Option<Duration>,
 ) -> Result<MultiplexedConnection> {
     let masked = url.masked();
-    let client = Client::open(nodelay(url.to_redis_info()?))
+    let client = Client::open(nodelay(sentinel::connection_info(url, timeout).await?))
         .map_err(|err| Error::Connection(format!("cannot connect to {masked}: {err}")))?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))

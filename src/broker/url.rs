@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use url::Url;
 
+use crate::broker::redis::sentinel::SentinelOptions;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub enum Scheme {
     Amqp,
     /// AMQP over TLS (`amqps://`).
     Amqps,
+    /// Redis Sentinel (`sentinel://`, kombu's): the URL (list) names the sentinels,
+    /// which name the Redis master (see `crate::broker::redis::sentinel`).
+    Sentinel,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +59,8 @@ pub struct BrokerUrl {
     /// (`usize::MAX`: none yet), shared by the clones of this URL, so that every
     /// connection of a process goes to the same node.
     last_good: Arc<AtomicUsize>,
+    /// For `sentinel://`: the transport options that say which master to ask for.
+    sentinel: Arc<SentinelOptions>,
 }
 
 /// `broker_failover_strategy`: the order in which the hosts of a failover list are
@@ -91,7 +97,8 @@ impl BrokerUrl {
     }
 
     /// kombu's failover list: `;` between full URLs, each with its own credentials
-    /// and vhost. Only AMQP URLs: a list that names another transport, or mixes
+    /// and vhost. Only AMQP URLs, or only `sentinel://` URLs (the sentinels to ask
+    /// for the Redis master): a list that names another transport, or mixes
     /// transports, is an error rather than a list silently read as its first entry.
     pub fn parse_list(raw: &str) -> Result<Self> {
         let masked = mask(raw);
@@ -108,11 +115,15 @@ impl BrokerUrl {
             .map(|entry| Self::parse_one(entry))
             .collect::<Result<Vec<_>>>()?;
         let amqp = |url: &BrokerUrl| matches!(url.scheme, Scheme::Amqp | Scheme::Amqps);
-        if !parsed.iter().all(amqp) {
-            let what = if parsed.iter().any(amqp) {
+        let sentinel = |url: &BrokerUrl| url.scheme == Scheme::Sentinel;
+        if !parsed.iter().all(amqp) && !parsed.iter().all(sentinel) {
+            let what = if parsed.iter().any(sentinel) {
+                "it mixes transports; every entry must be a sentinel:// URL"
+            } else if parsed.iter().any(amqp) {
                 "it mixes transports; every entry must be an amqp:// or amqps:// URL"
             } else {
-                "failover between several URLs is supported on RabbitMQ (amqp://, amqps://) only"
+                "failover between several URLs is supported on RabbitMQ (amqp://, amqps://) \
+                 and Redis Sentinel (sentinel://) only"
             };
             return Err(bad(what));
         }
@@ -171,6 +182,7 @@ impl BrokerUrl {
             return Self::parse_amqp(&url, scheme, masked);
         }
         let scheme = match url.scheme() {
+            "sentinel" => Scheme::Sentinel,
             "redis" => Scheme::Redis,
             "rediss" => Scheme::Rediss,
             "redis+socket" | "unix" | "socket" => Scheme::RedisSocket,
@@ -223,7 +235,11 @@ impl BrokerUrl {
         };
         Ok(Self {
             scheme,
-            port: url.port().unwrap_or(6379),
+            port: url.port().unwrap_or(if scheme == Scheme::Sentinel {
+                26379
+            } else {
+                6379
+            }),
             port_given: url.port().is_some(),
             host,
             username,
@@ -235,6 +251,7 @@ impl BrokerUrl {
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
+            sentinel: Arc::default(),
         })
     }
 
@@ -286,6 +303,7 @@ impl BrokerUrl {
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
+            sentinel: Arc::default(),
         })
     }
 
@@ -324,12 +342,39 @@ impl BrokerUrl {
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
+            sentinel: Arc::default(),
         })
     }
 
     /// The URL as given, password replaced by `**`.
     pub fn masked(&self) -> &str {
         &self.masked
+    }
+
+    /// For a `sentinel://` URL: its sentinel transport options (the default until
+    /// [`BrokerUrl::with_sentinel`] gives them).
+    pub fn sentinel(&self) -> &SentinelOptions {
+        &self.sentinel
+    }
+
+    /// This URL with the sentinel options read from `transport_options` (kombu's
+    /// `master_name`, `sentinel_kwargs`, `min_other_sentinels`); other URLs as they are.
+    pub fn with_sentinel(
+        &self,
+        transport_options: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        if self.scheme != Scheme::Sentinel {
+            return Ok(self.clone());
+        }
+        let options = SentinelOptions::from_transport(transport_options)?;
+        Ok(self.with_sentinel_options(options))
+    }
+
+    /// This URL with `options` as its sentinel options.
+    pub fn with_sentinel_options(&self, options: SentinelOptions) -> Self {
+        let mut url = self.clone();
+        url.sentinel = Arc::new(options);
+        url
     }
 
     pub fn to_redis_info(&self) -> Result<redis::ConnectionInfo> {
@@ -354,6 +399,13 @@ impl BrokerUrl {
             Scheme::Amqp | Scheme::Amqps => {
                 return Err(Error::InvalidUrl(format!(
                     "{:?} is an AMQP URL, not a Redis one",
+                    self.masked
+                )))
+            }
+            Scheme::Sentinel => {
+                return Err(Error::InvalidUrl(format!(
+                    "{:?} names sentinels, not a Redis server: ask them for the master \
+                     (broker::redis::sentinel::connection_info)",
                     self.masked
                 )))
             }
@@ -600,6 +652,28 @@ mod tests {
             assert!(text.contains(why), "{raw}: {text}");
             assert!(!text.contains("pwaaa") && !text.contains("pwbbb"), "{text}");
         }
+    }
+
+    #[test]
+    fn parses_sentinel_lists_with_kombus_default_port() {
+        let url = BrokerUrl::parse("sentinel://:pw@10.0.0.1/2;sentinel://10.0.0.2:26380").unwrap();
+        assert_eq!(url.scheme, Scheme::Sentinel);
+        assert_eq!((url.port, url.db), (26379, 2));
+        assert_eq!(url.password.as_deref(), Some("pw"));
+        let ports: Vec<u16> = url.hosts().iter().map(|host| host.port).collect();
+        assert_eq!(ports, [26379, 26380]);
+        assert_eq!(
+            url.masked(),
+            "sentinel://:**@10.0.0.1/2;sentinel://10.0.0.2:26380"
+        );
+        assert!(matches!(url.to_redis_info(), Err(Error::InvalidUrl(_))));
+        let err = BrokerUrl::parse("sentinel://:pwaaa@a;amqp://b//").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("every entry must be a sentinel:// URL"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("pwaaa"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::codec;
 use super::exceptions::{ContentDisallowed, DecodeError, TimeoutError};
 use super::serializers;
 use crate::backend::{Backend as AnyBackend, BackendOptions, READY_STATES};
+use crate::broker::redis::sentinel::SentinelOptions;
 use crate::protocol::compression::{self, Compression};
 use crate::protocol::content::Serializer;
 
@@ -149,7 +150,15 @@ impl Backend {
             }
             _ => serde_json::Map::new(),
         };
+        // sentinel:// results: the sentinel options (master_name, sentinel_kwargs).
+        let sentinel = match transport_options {
+            Some(given) if is_sentinel(url) => SentinelOptions::from_transport(
+                &super::options::transport_options(Some(given.cast::<PyDict>()?), 4.0)?.extra,
+            )?,
+            _ => SentinelOptions::default(),
+        };
         let options = BackendOptions {
+            sentinel,
             broker_transport,
             expires,
             key_prefix,
@@ -365,6 +374,11 @@ fn global_keyprefix(transport_options: Option<&Bound<'_, PyAny>>) -> PyResult<Op
             value.get_type().name()?
         ))),
     }
+}
+
+fn is_sentinel(url: &str) -> bool {
+    url.get(..11)
+        .is_some_and(|head| head.eq_ignore_ascii_case("sentinel://"))
 }
 
 /// `transport_options[name]` as seconds, if given.

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::backend::beat::{BeatStore as AnyStore, Claim};
+use crate::broker::redis::sentinel::SentinelOptions;
 
 /// The last run of every entry of one schedule, in Redis or the SQLite file.
 #[pyclass(module = "celeriac._core", name = "BeatStore", frozen)]
@@ -17,14 +19,22 @@ pub struct BeatStore {
 #[pymethods]
 impl BeatStore {
     #[new]
-    #[pyo3(signature = (url, namespace, *, global_keyprefix = None, timeout = 4.0))]
+    #[pyo3(signature = (url, namespace, *, global_keyprefix = None, timeout = 4.0, transport_options = None))]
     fn new(
         py: Python<'_>,
         url: &str,
         namespace: &str,
         global_keyprefix: Option<&str>,
         timeout: f64,
+        transport_options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        // For a sentinel:// store: master_name and sentinel_kwargs.
+        let sentinel = match transport_options {
+            Some(given) => SentinelOptions::from_transport(
+                &super::options::transport_options(Some(given), 4.0)?.extra,
+            )?,
+            None => SentinelOptions::default(),
+        };
         let timeout = Duration::try_from_secs_f64(timeout)
             .ok()
             .filter(|timeout| !timeout.is_zero())
@@ -34,7 +44,8 @@ impl BeatStore {
         if namespace.is_empty() {
             return Err(PyValueError::new_err("the schedule name must not be empty"));
         }
-        let inner = py.detach(|| AnyStore::connect(url, namespace, global_keyprefix, timeout))?;
+        let inner =
+            py.detach(|| AnyStore::connect(url, namespace, global_keyprefix, timeout, sentinel))?;
         Ok(Self { inner })
     }
 

@@ -11,10 +11,12 @@ use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 use tokio::sync::Mutex;
 
 use super::RESPONSE_TIMEOUT;
+use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 
 pub(super) struct Shared {
-    pub(super) client: redis::Client,
+    /// The store's URL; a `sentinel://` one names the master anew on every connect.
+    pub(super) url: BrokerUrl,
     pub(super) masked: String,
     pub(super) prefix: String,
     /// SETEX seconds; `None`: plain SET.
@@ -54,6 +56,18 @@ impl Shared {
         ))
     }
 
+    /// A client for the store's server: for a sentinel URL, the master now.
+    pub(super) async fn client(&self) -> Result<redis::Client> {
+        let info = crate::broker::redis::sentinel::connection_info(&self.url, self.connect_timeout)
+            .await?;
+        redis::Client::open(crate::broker::redis::nodelay(info)).map_err(|err| {
+            Error::InvalidUrl(format!(
+                "invalid result backend URL {:?}: {err}",
+                self.masked
+            ))
+        })
+    }
+
     /// The command connection, opened if there is none.
     pub(super) async fn connection(&self) -> Result<(u64, MultiplexedConnection)> {
         let mut guard = self.conn.lock().await;
@@ -61,9 +75,8 @@ impl Shared {
             return Ok((*generation, conn.clone()));
         }
         let config = self.config();
-        let opening = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+        let client = self.client().await?;
+        let opening = client.get_multiplexed_async_connection_with_config(&config);
         let conn = match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(err)) => return Err(self.cannot_connect(err)),

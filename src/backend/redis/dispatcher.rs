@@ -304,8 +304,8 @@ impl Dispatcher {
     /// connection, re-read the watched keys in the background.
     async fn reconnect(&mut self) -> Result<(), String> {
         let limit = self.shared.connect_timeout;
-        let pubsub = match tokio::time::timeout(limit, self.shared.client.get_async_pubsub()).await
-        {
+        let client = self.shared.client().await.map_err(|err| err.to_string())?;
+        let pubsub = match tokio::time::timeout(limit, client.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(err)) => return Err(self.shared.cannot_connect(err).to_string()),
             Err(_) => {

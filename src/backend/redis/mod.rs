@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::broker::redis::sentinel::SentinelOptions;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::runtime;
@@ -92,6 +93,8 @@ pub struct RedisBackendOptions {
     pub global_keyprefix: Option<String>,
     /// Bound on opening a connection.
     pub connect_timeout: Duration,
+    /// For a `sentinel://` URL: `master_name`, `sentinel_kwargs` (transport options).
+    pub sentinel: SentinelOptions,
 }
 
 impl Default for RedisBackendOptions {
@@ -101,6 +104,7 @@ impl Default for RedisBackendOptions {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             global_keyprefix: None,
             connect_timeout: Duration::from_secs(4),
+            sentinel: SentinelOptions::default(),
         }
     }
 }
@@ -144,19 +148,15 @@ impl RedisBackend {
     /// `Error::InvalidUrl`, an unreachable server `Error::Connection`; both name the URL
     /// with its password masked.
     pub fn connect(url: &str, options: RedisBackendOptions) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?;
+        let parsed = BrokerUrl::parse(url)?.with_sentinel_options(options.sentinel);
         let masked = parsed.masked().to_owned();
-        let client = redis::Client::open(crate::broker::redis::nodelay(parsed.to_redis_info()?))
-            .map_err(|err| {
-                Error::InvalidUrl(format!("invalid result backend URL {masked:?}: {err}"))
-            })?;
         let expires = options
             .expires
             .filter(|ttl| !ttl.is_zero())
             // SETEX takes whole seconds; round up so that a short TTL is not "forever".
             .map(|ttl| ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0));
         let shared = Arc::new(Shared {
-            client,
+            url: parsed,
             masked,
             prefix: full_key_prefix(options.global_keyprefix.as_deref(), &options.key_prefix),
             expires,

@@ -34,6 +34,7 @@ pub struct RedisFanout {
 
 impl RedisFanout {
     pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
+        let url = &url.with_sentinel(&options.extra)?;
         let options = RedisOptions::from_transport(options)?;
         let conn = connect(url, options.connect_timeout, Some(RESPONSE_TIMEOUT)).await?;
         let fanout_prefix = format!("{}/{}.", options.global_keyprefix, url.db);
@@ -120,14 +121,12 @@ impl Fanout for RedisFanout {
     async fn subscribe(&self, subscription: &Subscription<'_>, sink: Sink) -> Result<()> {
         let pattern = subscription.binding.replace('#', "*");
         let channel = redis_channel(&self.fanout_prefix, subscription.exchange, &pattern);
-        let info = self.url.to_redis_info()?;
-        let client = redis::Client::open(info)
-            .map_err(|err| Error::Connection(format!("{}: {err}", self.url.masked())))?;
         // Subscribe once here so that a failure is reported to the caller.
-        let first = open_subscription(&client, &channel, self.options.connect_timeout).await?;
+        let first = open_subscription(&self.url, &channel, self.options.connect_timeout).await?;
         let timeout = self.options.connect_timeout;
+        let url = self.url.clone();
         tokio::spawn(async move {
-            let open = || open_subscription(&client, &channel, timeout);
+            let open = || open_subscription(&url, &channel, timeout);
             keep_subscribed(first, open, forward, sink).await;
         });
         Ok(())
@@ -209,11 +208,15 @@ fn binding_member(routing_key: &str, queue: &str) -> String {
     format!("{routing_key}{PRIORITY_SEP}{PRIORITY_SEP}{queue}")
 }
 
+/// Subscribe on a connection of its own (to the current master for a sentinel URL).
 async fn open_subscription(
-    client: &redis::Client,
+    url: &BrokerUrl,
     channel: &str,
     timeout: Duration,
 ) -> Result<redis::aio::PubSub> {
+    let info = super::sentinel::connection_info(url, timeout).await?;
+    let client = redis::Client::open(info)
+        .map_err(|err| Error::Connection(format!("{}: {err}", url.masked())))?;
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.psubscribe(channel).await?;
