@@ -27,6 +27,8 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::broker::redis::client::connect_error;
+use crate::broker::redis::{open_client, RedisTls};
 use crate::broker::sqlite::{db_error, open};
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
@@ -59,7 +61,19 @@ impl BeatStore {
         global_keyprefix: Option<&str>,
         timeout: Duration,
     ) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?;
+        Self::connect_with_tls(url, namespace, global_keyprefix, None, timeout)
+    }
+
+    /// [`BeatStore::connect`] with the TLS settings of a Redis store (the setting of
+    /// the URL beat uses: `redis_backend_use_ssl` or `broker_use_ssl`).
+    pub fn connect_with_tls(
+        url: &str,
+        namespace: &str,
+        global_keyprefix: Option<&str>,
+        tls: Option<&RedisTls>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let parsed = BrokerUrl::parse(url)?.with_redis_tls(tls);
         match parsed.scheme {
             Scheme::Sqlite => Ok(Self::Sqlite(SqliteBeatStore::connect(
                 &parsed, namespace, timeout,
@@ -185,8 +199,7 @@ impl RedisBeatStore {
         timeout: Duration,
     ) -> Result<Self> {
         let masked = url.masked().to_owned();
-        let client = redis::Client::open(crate::broker::redis::nodelay(url.to_redis_info()?))
-            .map_err(|err| Error::InvalidUrl(format!("invalid URL {masked:?}: {err}")))?;
+        let client = open_client(url)?;
         let store = Self {
             key: format!(
                 "{}celeriac-beat:{namespace}",
@@ -221,14 +234,13 @@ impl RedisBeatStore {
         let conn = runtime::handle()
             .block_on(async { tokio::time::timeout(self.timeout, opening).await })
             .map_err(|_| {
-                Error::Connection(format!(
-                    "cannot connect to {}: no answer within {:?}",
-                    self.masked, self.timeout
-                ))
+                connect_error(
+                    &self.client,
+                    &self.masked,
+                    &format!("no answer within {:?}", self.timeout),
+                )
             })?
-            .map_err(|err| {
-                Error::Connection(format!("cannot connect to {}: {err}", self.masked))
-            })?;
+            .map_err(|err| connect_error(&self.client, &self.masked, &err))?;
         *guard = Some(conn.clone());
         Ok(conn)
     }

@@ -75,6 +75,8 @@ pub struct BackendOptions {
     pub broker_transport: serde_json::Map<String, serde_json::Value>,
     /// rpc: `result_serializer` (the other stores keep opaque bytes).
     pub serializer: Serializer,
+    /// Redis: `redis_backend_use_ssl`.
+    pub redis_tls: Option<crate::broker::redis::RedisTls>,
 }
 
 impl Default for BackendOptions {
@@ -92,6 +94,7 @@ impl Default for BackendOptions {
             persistent: false,
             broker_transport: serde_json::Map::new(),
             serializer: Serializer::Json,
+            redis_tls: None,
         }
     }
 }
@@ -165,6 +168,7 @@ impl Backend {
             key_prefix: options.key_prefix,
             global_keyprefix: options.global_keyprefix,
             connect_timeout: options.connect_timeout,
+            tls: options.redis_tls,
         };
         Ok(Self::Redis(redis::RedisBackend::connect(url, options)?))
     }

@@ -167,8 +167,9 @@ impl Producer {
             ));
         }
         let options = redis::RedisOptions::from_transport(options)?;
+        let url = url.with_redis_tls(options.tls.as_ref());
         Ok(Self::Redis(
-            redis::RedisProducer::connect(url, options).await?,
+            redis::RedisProducer::connect(&url, options).await?,
         ))
     }
 
@@ -218,8 +219,10 @@ impl Consumer {
             return Ok(Self::Amqp(consumer));
         }
         let options = redis::RedisOptions::from_transport(options)?;
+        let url = url.with_redis_tls(options.tls.as_ref());
         let consumer =
-            redis::RedisConsumer::connect(url, queues, prefetch_count, options, deliveries).await?;
+            redis::RedisConsumer::connect(&url, queues, prefetch_count, options, deliveries)
+                .await?;
         Ok(Self::Redis(consumer))
     }
 

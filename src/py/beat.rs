@@ -17,14 +17,20 @@ pub struct BeatStore {
 #[pymethods]
 impl BeatStore {
     #[new]
-    #[pyo3(signature = (url, namespace, *, global_keyprefix = None, timeout = 4.0))]
+    #[pyo3(signature = (
+        url, namespace, *, global_keyprefix = None, timeout = 4.0, ssl = None,
+        ssl_setting = "redis_backend_use_ssl"
+    ))]
     fn new(
         py: Python<'_>,
         url: &str,
         namespace: &str,
         global_keyprefix: Option<&str>,
         timeout: f64,
+        ssl: Option<&Bound<'_, PyAny>>,
+        ssl_setting: &str,
     ) -> PyResult<Self> {
+        let tls = super::options::redis_tls(ssl_setting, ssl)?;
         let timeout = Duration::try_from_secs_f64(timeout)
             .ok()
             .filter(|timeout| !timeout.is_zero())
@@ -34,7 +40,9 @@ impl BeatStore {
         if namespace.is_empty() {
             return Err(PyValueError::new_err("the schedule name must not be empty"));
         }
-        let inner = py.detach(|| AnyStore::connect(url, namespace, global_keyprefix, timeout))?;
+        let inner = py.detach(|| {
+            AnyStore::connect_with_tls(url, namespace, global_keyprefix, tls.as_ref(), timeout)
+        })?;
         Ok(Self { inner })
     }
 

@@ -41,9 +41,11 @@ impl Shared {
     }
 
     pub(super) fn cannot_connect(&self, why: impl std::fmt::Display) -> Error {
+        let why = why.to_string();
         Error::Connection(format!(
-            "cannot connect to the result backend {}: {why}",
-            self.masked
+            "cannot connect to the result backend {}: {why}{}",
+            self.masked,
+            crate::broker::redis::client::tls_hint(&self.client, &why)
         ))
     }
 

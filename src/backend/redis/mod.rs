@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::broker::redis::{open_client, RedisTls};
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::runtime;
@@ -92,6 +93,8 @@ pub struct RedisBackendOptions {
     pub global_keyprefix: Option<String>,
     /// Bound on opening a connection.
     pub connect_timeout: Duration,
+    /// `redis_backend_use_ssl`, under the `ssl_*` of the URL's query.
+    pub tls: Option<RedisTls>,
 }
 
 impl Default for RedisBackendOptions {
@@ -101,6 +104,7 @@ impl Default for RedisBackendOptions {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             global_keyprefix: None,
             connect_timeout: Duration::from_secs(4),
+            tls: None,
         }
     }
 }
@@ -144,12 +148,9 @@ impl RedisBackend {
     /// `Error::InvalidUrl`, an unreachable server `Error::Connection`; both name the URL
     /// with its password masked.
     pub fn connect(url: &str, options: RedisBackendOptions) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?;
+        let parsed = BrokerUrl::parse(url)?.with_redis_tls(options.tls.as_ref());
         let masked = parsed.masked().to_owned();
-        let client = redis::Client::open(crate::broker::redis::nodelay(parsed.to_redis_info()?))
-            .map_err(|err| {
-                Error::InvalidUrl(format!("invalid result backend URL {masked:?}: {err}"))
-            })?;
+        let client = open_client(&parsed)?;
         let expires = options
             .expires
             .filter(|ttl| !ttl.is_zero())

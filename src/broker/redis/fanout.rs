@@ -35,10 +35,11 @@ pub struct RedisFanout {
 impl RedisFanout {
     pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
         let options = RedisOptions::from_transport(options)?;
-        let conn = connect(url, options.connect_timeout, Some(RESPONSE_TIMEOUT)).await?;
+        let url = url.with_redis_tls(options.tls.as_ref());
+        let conn = connect(&url, options.connect_timeout, Some(RESPONSE_TIMEOUT)).await?;
         let fanout_prefix = format!("{}/{}.", options.global_keyprefix, url.db);
         Ok(Self {
-            url: url.clone(),
+            url,
             options,
             conn: Mutex::new(Some(conn)),
             fanout_prefix,
@@ -120,9 +121,7 @@ impl Fanout for RedisFanout {
     async fn subscribe(&self, subscription: &Subscription<'_>, sink: Sink) -> Result<()> {
         let pattern = subscription.binding.replace('#', "*");
         let channel = redis_channel(&self.fanout_prefix, subscription.exchange, &pattern);
-        let info = self.url.to_redis_info()?;
-        let client = redis::Client::open(info)
-            .map_err(|err| Error::Connection(format!("{}: {err}", self.url.masked())))?;
+        let client = super::open_client(&self.url)?;
         // Subscribe once here so that a failure is reported to the caller.
         let first = open_subscription(&client, &channel, self.options.connect_timeout).await?;
         let timeout = self.options.connect_timeout;
