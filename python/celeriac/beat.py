@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import _core, signals
 from celeriac.app import transport_of
 from celeriac.schedules import BaseSchedule, maybe_schedule
+from celeriac.transports import redis_ssl_option
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -219,11 +220,19 @@ class Beat:
                 url.removeprefix("sqlite://"),
             )
         options = self.app.conf["result_backend_transport_options"] or {}
+        ssl_setting = (
+            "redis_backend_use_ssl" if url == self.app.result_backend_url else ("broker_use_ssl")
+        )
+        ssl = None
+        if transport_of(url) == "redis":
+            ssl = redis_ssl_option(self.app.conf[ssl_setting])
         self._store = _core.BeatStore(
             url,
             self.schedule_name,
             global_keyprefix=options.get("global_keyprefix"),
             timeout=float(self.app.conf["broker_connection_timeout"]),
+            ssl=ssl,
+            ssl_setting=ssl_setting,
         )
         names = [entry.name for entry in entries]
         runs = self._store.register(names, _micros(self.app.now()))
