@@ -47,7 +47,8 @@ pub enum Claim {
 /// Where one schedule's state lives.
 #[derive(Debug)]
 pub enum BeatStore {
-    Redis(RedisBeatStore),
+    /// Boxed: a TLS-capable redis::Client makes it much larger than the other.
+    Redis(Box<RedisBeatStore>),
     Sqlite(SqliteBeatStore),
 }
 
@@ -78,12 +79,12 @@ impl BeatStore {
             Scheme::Sqlite => Ok(Self::Sqlite(SqliteBeatStore::connect(
                 &parsed, namespace, timeout,
             )?)),
-            Scheme::Redis | Scheme::Rediss => Ok(Self::Redis(RedisBeatStore::connect(
+            Scheme::Redis | Scheme::Rediss => Ok(Self::Redis(Box::new(RedisBeatStore::connect(
                 &parsed,
                 namespace,
                 global_keyprefix,
                 timeout,
-            )?)),
+            )?))),
             _ => Err(Error::InvalidUrl(format!(
                 "beat keeps its schedule in Redis or SQLite, not at {:?}",
                 parsed.masked()

@@ -529,6 +529,36 @@ mod tests {
     }
 
     #[test]
+    fn rediss_urls_carry_their_tls_query() {
+        use crate::broker::redis::CertReqs;
+        let url = BrokerUrl::parse("rediss://u:pw@h:6380/1?ssl_cert_reqs=CERT_NONE").unwrap();
+        let tls = url.redis_tls.clone().unwrap();
+        assert_eq!(tls.cert_reqs, Some(CertReqs::None));
+        assert!(!tls.verifies());
+        assert_eq!(url.username.as_deref(), Some("u"));
+        let plain = BrokerUrl::parse("redis://h/0").unwrap();
+        assert!(plain.redis_tls.is_none());
+        // a setting turns TLS on for redis://; the URL's keys win over the setting's
+        let setting = RedisTls {
+            cert_reqs: Some(CertReqs::Required),
+            ca_certs: Some("/ca.pem".into()),
+            ..RedisTls::default()
+        };
+        let both = url.with_redis_tls(Some(&setting)).redis_tls.unwrap();
+        assert_eq!(both.cert_reqs, Some(CertReqs::None));
+        assert_eq!(both.ca_certs.as_deref(), Some("/ca.pem"));
+        assert!(plain.with_redis_tls(Some(&setting)).redis_tls.is_some());
+        for raw in [
+            "redis://:secret@h/0?ssl_cert_reqs=required",
+            "rediss://:secret@h/0?ssl_cert_reqs=sometimes",
+            "rediss://:secret@h/0?ssl_check_hostname=false",
+        ] {
+            let err = BrokerUrl::parse(raw).unwrap_err().to_string();
+            assert!(err.contains(":**@h/0") && !err.contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
     fn bad_urls_name_the_masked_url() {
         for raw in [
             "redis://:secret@localhost:6379/notadb",
