@@ -339,7 +339,7 @@ mod tests {
             (serde_json::json!("yes"), "must be True or a dict"),
         ] {
             let err = RedisTls::from_setting("redis_backend_use_ssl", &value);
-            let err = format!("{:?}", err.err());
+            let err = err.err().map(|err| err.to_string()).unwrap_or_default();
             assert!(
                 err.contains("redis_backend_use_ssl") && err.contains(text),
                 "{err}"
