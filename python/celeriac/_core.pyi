@@ -246,6 +246,7 @@ class Backend:
         serializer: str = "json",
         compression: str | None = None,
         accept_content: Sequence[str] | None = None,
+        ssl: bool | Mapping[str, Any] | None = None,
     ) -> Self:
         """``broker_url``, ``reply_to`` and ``persistent`` (``result_persistent``) are
         read by ``rpc://`` only; a backend with an empty ``reply_to`` only stores.
@@ -320,7 +321,12 @@ class BeatStore:
         global_keyprefix: str | None = None,
         timeout: float = 4.0,
         transport_options: dict[str, Any] | None = None,
-    ) -> Self: ...
+        ssl: bool | Mapping[str, Any] | None = None,
+        ssl_setting: str = "redis_backend_use_ssl",
+    ) -> Self:
+        """``transport_options``: a ``sentinel://`` store's ``master_name`` and
+        ``sentinel_kwargs``; ``ssl``: the TLS setting of a Redis store (``ssl_setting``
+        names it in errors)."""
     def register(self, names: list[str], now: int) -> list[int]:
         """Store ``now`` as the last run of the entries not stored yet; return every
         entry's stored last run, in order."""

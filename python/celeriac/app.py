@@ -55,6 +55,7 @@ from celeriac.transports import (
     DISABLED_BACKENDS,
     SUPPORTED_BACKENDS,
     SUPPORTED_BROKERS,
+    redis_ssl_option,
     scheme_of,
     ssl_option,
     transport_of,
@@ -491,6 +492,10 @@ class Celeriac:
         settings: for AMQP the heartbeat and the queue declarations (``task_queues``,
         priorities, quorum queues), declared with Celery's flags."""
         options = dict(self.conf["broker_transport_options"] or {})
+        if transport_of(self.broker_url) == "redis":
+            if self.conf.get("broker_use_ssl"):
+                options.setdefault("ssl", redis_ssl_option(self.conf["broker_use_ssl"]))
+            return options
         if scheme_of(self.broker_url) not in AMQP_SCHEMES:
             return options
         conf = self.conf
@@ -622,8 +627,12 @@ class Celeriac:
                 "persistent": bool(self.conf["result_persistent"]),
             }
             options = self.transport_options()
+        ssl = None
+        if transport_of(url) == "redis":
+            ssl = redis_ssl_option(self.conf["redis_backend_use_ssl"])
         return Backend(
             url,
+            ssl=ssl,
             expires=float(expires) if expires else None,
             key_prefix=prefix + key_name,
             transport_options=options,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import _core, signals
 from celeriac.app import transport_of
 from celeriac.schedules import BaseSchedule, maybe_schedule
-from celeriac.transports import scheme_of
+from celeriac.transports import redis_ssl_option, scheme_of
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -230,12 +230,20 @@ class Beat:
                 for key in ("master_name", "sentinel_kwargs", "min_other_sentinels")
                 if key in own
             }
+        ssl_setting = (
+            "redis_backend_use_ssl" if url == self.app.result_backend_url else ("broker_use_ssl")
+        )
+        ssl = None
+        if transport_of(url) == "redis":
+            ssl = redis_ssl_option(self.app.conf[ssl_setting])
         self._store = _core.BeatStore(
             url,
             self.schedule_name,
             global_keyprefix=options.get("global_keyprefix"),
             timeout=float(self.app.conf["broker_connection_timeout"]),
             transport_options=sentinel,
+            ssl=ssl,
+            ssl_setting=ssl_setting,
         )
         names = [entry.name for entry in entries]
         runs = self._store.register(names, _micros(self.app.now()))

@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     # results
     "result_backend": None,
     "result_backend_transport_options": {},
+    "redis_backend_use_ssl": None,
     "result_serializer": "json",
     "result_accept_content": None,
     "result_expires": 86400,
@@ -184,6 +185,7 @@ OLD_NAMES: dict[str, str] = {
     "BROKER_USE_SSL": "broker_use_ssl",
     "CELERY_RESULT_BACKEND": "result_backend",
     "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS": "result_backend_transport_options",
+    "CELERY_REDIS_BACKEND_USE_SSL": "redis_backend_use_ssl",
     "CELERY_RESULT_SERIALIZER": "result_serializer",
     "RESULT_ACCEPT_CONTENT": "result_accept_content",
     "CELERY_TASK_RESULT_EXPIRES": "result_expires",

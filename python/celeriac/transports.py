@@ -37,6 +37,18 @@ def ssl_option(value: Any) -> Any:
     return out
 
 
+def redis_ssl_option(value: Any) -> Any:
+    """``broker_use_ssl`` / ``redis_backend_use_ssl`` for a Redis URL: a dict of kombu's
+    ``ssl_*`` keys with paths as text (``ssl_cert_reqs`` as ``ssl.CERT_*`` or its name
+    goes through: the core reads both); True, False and None as they are."""
+    if not isinstance(value, Mapping):
+        return value
+    return {
+        str(key): os.fspath(item) if isinstance(item, os.PathLike) else item
+        for key, item in value.items()
+    }
+
+
 def scheme_of(url: str) -> str:
     return url.partition("://")[0].lower() if "://" in url else url.lower()
 

@@ -27,7 +27,9 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::broker::redis::client::connect_error;
 use crate::broker::redis::sentinel::SentinelOptions;
+use crate::broker::redis::{open_client_at, RedisTls};
 use crate::broker::sqlite::{db_error, open};
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
@@ -46,7 +48,8 @@ pub enum Claim {
 /// Where one schedule's state lives.
 #[derive(Debug)]
 pub enum BeatStore {
-    Redis(RedisBeatStore),
+    /// Boxed: a TLS-capable redis::Client makes it much larger than the other.
+    Redis(Box<RedisBeatStore>),
     Sqlite(SqliteBeatStore),
 }
 
@@ -61,14 +64,29 @@ impl BeatStore {
         timeout: Duration,
         sentinel: SentinelOptions,
     ) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?.with_sentinel_options(sentinel);
+        Self::connect_with_tls(url, namespace, global_keyprefix, timeout, sentinel, None)
+    }
+
+    /// [`BeatStore::connect`] with the TLS settings of a Redis store (the setting of
+    /// the URL beat uses: `redis_backend_use_ssl` or `broker_use_ssl`).
+    pub fn connect_with_tls(
+        url: &str,
+        namespace: &str,
+        global_keyprefix: Option<&str>,
+        timeout: Duration,
+        sentinel: SentinelOptions,
+        tls: Option<&RedisTls>,
+    ) -> Result<Self> {
+        let parsed = BrokerUrl::parse(url)?
+            .with_sentinel_options(sentinel)
+            .with_redis_tls(tls);
         match parsed.scheme {
             Scheme::Sqlite => Ok(Self::Sqlite(SqliteBeatStore::connect(
                 &parsed, namespace, timeout,
             )?)),
-            Scheme::Redis | Scheme::Rediss | Scheme::Sentinel => Ok(Self::Redis(
+            Scheme::Redis | Scheme::Rediss | Scheme::Sentinel => Ok(Self::Redis(Box::new(
                 RedisBeatStore::connect(&parsed, namespace, global_keyprefix, timeout)?,
-            )),
+            ))),
             _ => Err(Error::InvalidUrl(format!(
                 "beat keeps its schedule in Redis or SQLite, not at {:?}",
                 parsed.masked()
@@ -213,26 +231,21 @@ impl RedisBeatStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let conn = runtime::handle()
-            .block_on(async {
-                let info = crate::broker::redis::sentinel::connection_info(&self.url, self.timeout)
-                    .await?;
-                let client =
-                    redis::Client::open(crate::broker::redis::nodelay(info)).map_err(|err| {
-                        Error::InvalidUrl(format!("invalid URL {:?}: {err}", self.masked))
-                    })?;
-                let opening = client.get_multiplexed_async_connection_with_config(&config);
-                Ok::<_, Error>(tokio::time::timeout(self.timeout, opening).await)
-            })?
-            .map_err(|_| {
-                Error::Connection(format!(
-                    "cannot connect to {}: no answer within {:?}",
-                    self.masked, self.timeout
-                ))
-            })?
-            .map_err(|err| {
-                Error::Connection(format!("cannot connect to {}: {err}", self.masked))
-            })?;
+        let conn = runtime::handle().block_on(async {
+            let info =
+                crate::broker::redis::sentinel::connection_info(&self.url, self.timeout).await?;
+            let client = open_client_at(&self.url, info)?;
+            let opening = client.get_multiplexed_async_connection_with_config(&config);
+            match tokio::time::timeout(self.timeout, opening).await {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(err)) => Err(connect_error(&client, &self.masked, &err)),
+                Err(_) => Err(connect_error(
+                    &client,
+                    &self.masked,
+                    &format!("no answer within {:?}", self.timeout),
+                )),
+            }
+        })?;
         *guard = Some(conn.clone());
         Ok(conn)
     }

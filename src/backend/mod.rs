@@ -77,6 +77,8 @@ pub struct BackendOptions {
     pub serializer: Serializer,
     /// redis: for a `sentinel://` URL, `master_name` and `sentinel_kwargs`.
     pub sentinel: crate::broker::redis::sentinel::SentinelOptions,
+    /// Redis: `redis_backend_use_ssl`.
+    pub redis_tls: Option<crate::broker::redis::RedisTls>,
 }
 
 impl Default for BackendOptions {
@@ -95,6 +97,7 @@ impl Default for BackendOptions {
             broker_transport: serde_json::Map::new(),
             serializer: Serializer::Json,
             sentinel: redis.sentinel,
+            redis_tls: None,
         }
     }
 }
@@ -169,6 +172,7 @@ impl Backend {
             global_keyprefix: options.global_keyprefix,
             connect_timeout: options.connect_timeout,
             sentinel: options.sentinel,
+            tls: options.redis_tls,
         };
         Ok(Self::Redis(redis::RedisBackend::connect(url, options)?))
     }

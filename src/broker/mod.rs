@@ -168,8 +168,9 @@ impl Producer {
         }
         let url = &url.with_sentinel(&options.extra)?;
         let options = redis::RedisOptions::from_transport(options)?;
+        let url = url.with_redis_tls(options.tls.as_ref());
         Ok(Self::Redis(
-            redis::RedisProducer::connect(url, options).await?,
+            redis::RedisProducer::connect(&url, options).await?,
         ))
     }
 
@@ -220,8 +221,10 @@ impl Consumer {
         }
         let url = &url.with_sentinel(&options.extra)?;
         let options = redis::RedisOptions::from_transport(options)?;
+        let url = url.with_redis_tls(options.tls.as_ref());
         let consumer =
-            redis::RedisConsumer::connect(url, queues, prefetch_count, options, deliveries).await?;
+            redis::RedisConsumer::connect(&url, queues, prefetch_count, options, deliveries)
+                .await?;
         Ok(Self::Redis(consumer))
     }
 

@@ -21,8 +21,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client};
+use redis::AsyncConnectionConfig;
 
+pub mod client;
 mod consumer;
 mod fanout;
 mod producer;
@@ -30,6 +31,7 @@ mod restore;
 pub mod sentinel;
 mod wake;
 
+pub use self::client::{open_client, open_client_at, CertReqs, RedisTls};
 pub use self::consumer::RedisConsumer;
 pub use self::fanout::RedisFanout;
 pub use self::producer::RedisProducer;
@@ -76,6 +78,9 @@ pub struct RedisOptions {
     /// How long a heartbeat lives: a consumer silent this long is dead and its unacked
     /// messages go back to their queues (`celeriac_heartbeat_ttl`).
     pub heartbeat_ttl: Duration,
+    /// `broker_use_ssl` (the `ssl` transport option set from it), applied to the URL
+    /// with [`BrokerUrl::with_redis_tls`].
+    pub tls: Option<RedisTls>,
 }
 
 impl Default for RedisOptions {
@@ -91,6 +96,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(4),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_ttl: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -134,6 +140,7 @@ impl RedisOptions {
                 "unacked_key" => options.unacked_key = text()?,
                 "unacked_index_key" => options.unacked_index_key = text()?,
                 "unacked_mutex_key" => options.unacked_mutex_key = text()?,
+                "ssl" => options.tls = RedisTls::from_setting("broker_use_ssl", value)?,
                 // The dict is shared with kombu's other transports: ignore the rest.
                 _ => {}
             }
@@ -152,21 +159,19 @@ pub(crate) async fn connect(
     response_timeout: Option<Duration>,
 ) -> Result<MultiplexedConnection> {
     let masked = url.masked();
-    let client = Client::open(nodelay(sentinel::connection_info(url, timeout).await?))
-        .map_err(|err| Error::Connection(format!("cannot connect to {masked}: {err}")))?;
+    let client = open_client_at(url, sentinel::connection_info(url, timeout).await?)?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(response_timeout);
     let attempt = client.get_multiplexed_async_connection_with_config(&config);
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(Error::Connection(format!(
-            "cannot connect to {masked}: {err}"
-        ))),
-        Err(_) => Err(Error::Connection(format!(
-            "cannot connect to {masked}: timed out after {:.1}s",
-            timeout.as_secs_f64()
-        ))),
+        Ok(Err(err)) => Err(client::connect_error(&client, masked, &err)),
+        Err(_) => Err(client::connect_error(
+            &client,
+            masked,
+            &format!("timed out after {:.1}s", timeout.as_secs_f64()),
+        )),
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use url::Url;
 
+use super::redis::RedisTls;
 use crate::broker::redis::sentinel::SentinelOptions;
 use crate::error::{Error, Result};
 
@@ -52,6 +53,9 @@ pub struct BrokerUrl {
     pub sqlite_path: Option<PathBuf>,
     /// AMQP virtual host (`/` by default); empty for other transports.
     pub vhost: String,
+    /// Redis over TLS: set by `rediss://` (with the `ssl_*` of its query) or by a
+    /// setting ([`BrokerUrl::with_redis_tls`]); `None` for plain TCP and other transports.
+    pub redis_tls: Option<RedisTls>,
     masked: String,
     /// The entries of a failover list, in the order given; empty for a single URL.
     failover: Vec<BrokerUrl>,
@@ -223,6 +227,23 @@ impl BrokerUrl {
                 return Err(bad("the database must not be negative"));
             }
         }
+        let tls_pairs = url.query_pairs().filter(|(key, _)| key.starts_with("ssl_"));
+        let tls_pairs: Vec<(String, String)> = tls_pairs
+            .map(|(key, value)| (key.into_owned(), value.into_owned()))
+            .collect();
+        let redis_tls = match scheme {
+            Scheme::Rediss => Some(RedisTls::from_query(
+                tls_pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                |why| bad(&why),
+            )?),
+            _ if !tls_pairs.is_empty() => {
+                return Err(bad(&format!(
+                    "{} is a TLS parameter, but the URL is not rediss://",
+                    tls_pairs[0].0
+                )))
+            }
+            _ => None,
+        };
         let host = url
             .host_str()
             .unwrap_or("localhost")
@@ -248,6 +269,7 @@ impl BrokerUrl {
             socket_path,
             sqlite_path: None,
             vhost: String::new(),
+            redis_tls,
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
@@ -300,6 +322,7 @@ impl BrokerUrl {
             socket_path: None,
             sqlite_path: None,
             vhost,
+            redis_tls: None,
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
@@ -339,6 +362,7 @@ impl BrokerUrl {
             socket_path: None,
             sqlite_path: Some(PathBuf::from(path)),
             vhost: String::new(),
+            redis_tls: None,
             masked,
             failover: Vec::new(),
             last_good: no_host_yet(),
@@ -377,32 +401,57 @@ impl BrokerUrl {
         url
     }
 
+    /// This URL with the TLS settings of `setting` (`broker_use_ssl`,
+    /// `redis_backend_use_ssl`) under those of its query; a dict makes `redis://` use
+    /// TLS too, as in kombu and Celery. URLs of other transports are returned as
+    /// they are (AMQP reads its own TLS settings).
+    pub fn with_redis_tls(&self, setting: Option<&RedisTls>) -> Self {
+        let mut url = self.clone();
+        if let (Some(setting), Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket) =
+            (setting, self.scheme)
+        {
+            url.redis_tls = Some(match &self.redis_tls {
+                Some(own) => own.or(setting),
+                None => setting.clone(),
+            });
+        }
+        url
+    }
+
     pub fn to_redis_info(&self) -> Result<redis::ConnectionInfo> {
         use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
-        let addr = match self.scheme {
-            Scheme::Redis => ConnectionAddr::Tcp(self.host.clone(), self.port),
-            Scheme::Rediss => {
-                return Err(Error::InvalidUrl(format!(
-                    "invalid broker URL {:?}: TLS (rediss://) is not supported yet",
+        let addr = match (self.scheme, &self.redis_tls) {
+            (Scheme::Redis | Scheme::Rediss, Some(tls)) => ConnectionAddr::TcpTls {
+                host: self.host.clone(),
+                port: self.port,
+                insecure: !tls.verifies(),
+                tls_params: None,
+            },
+            (Scheme::Redis | Scheme::Rediss, None) => {
+                ConnectionAddr::Tcp(self.host.clone(), self.port)
+            }
+            (Scheme::RedisSocket, Some(_)) => {
+                return Err(Error::Config(format!(
+                    "{:?}: TLS is for TCP connections, not a unix socket",
                     self.masked
                 )))
             }
-            Scheme::RedisSocket => {
+            (Scheme::RedisSocket, None) => {
                 ConnectionAddr::Unix(self.socket_path.clone().unwrap_or_default().into())
             }
-            Scheme::Sqlite => {
+            (Scheme::Sqlite, _) => {
                 return Err(Error::InvalidUrl(format!(
                     "{:?} is a SQLite URL, not a Redis one",
                     self.masked
                 )))
             }
-            Scheme::Amqp | Scheme::Amqps => {
+            (Scheme::Amqp | Scheme::Amqps, _) => {
                 return Err(Error::InvalidUrl(format!(
                     "{:?} is an AMQP URL, not a Redis one",
                     self.masked
                 )))
             }
-            Scheme::Sentinel => {
+            (Scheme::Sentinel, _) => {
                 return Err(Error::InvalidUrl(format!(
                     "{:?} names sentinels, not a Redis server: ask them for the master \
                      (broker::redis::sentinel::connection_info)",
@@ -529,6 +578,36 @@ mod tests {
         assert_eq!(url.db, 0);
         let url = BrokerUrl::parse("redis://:p%40ss@localhost/0").unwrap();
         assert_eq!(url.password.as_deref(), Some("p@ss"));
+    }
+
+    #[test]
+    fn rediss_urls_carry_their_tls_query() {
+        use crate::broker::redis::CertReqs;
+        let url = BrokerUrl::parse("rediss://u:pw@h:6380/1?ssl_cert_reqs=CERT_NONE").unwrap();
+        let tls = url.redis_tls.clone().unwrap();
+        assert_eq!(tls.cert_reqs, Some(CertReqs::None));
+        assert!(!tls.verifies());
+        assert_eq!(url.username.as_deref(), Some("u"));
+        let plain = BrokerUrl::parse("redis://h/0").unwrap();
+        assert!(plain.redis_tls.is_none());
+        // a setting turns TLS on for redis://; the URL's keys win over the setting's
+        let setting = RedisTls {
+            cert_reqs: Some(CertReqs::Required),
+            ca_certs: Some("/ca.pem".into()),
+            ..RedisTls::default()
+        };
+        let both = url.with_redis_tls(Some(&setting)).redis_tls.unwrap();
+        assert_eq!(both.cert_reqs, Some(CertReqs::None));
+        assert_eq!(both.ca_certs.as_deref(), Some("/ca.pem"));
+        assert!(plain.with_redis_tls(Some(&setting)).redis_tls.is_some());
+        for raw in [
+            "redis://:secret@h/0?ssl_cert_reqs=required",
+            "rediss://:secret@h/0?ssl_cert_reqs=sometimes",
+            "rediss://:secret@h/0?ssl_check_hostname=false",
+        ] {
+            let err = BrokerUrl::parse(raw).unwrap_err().to_string();
+            assert!(err.contains(":**@h/0") && !err.contains("secret"), "{err}");
+        }
     }
 
     #[test]

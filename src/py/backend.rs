@@ -106,6 +106,7 @@ impl Backend {
         serializer = "json",
         compression = None,
         accept_content = None,
+        ssl = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -121,8 +122,10 @@ impl Backend {
         serializer: &str,
         compression: Option<&str>,
         accept_content: Option<Vec<String>>,
+        ssl: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let serializer = Serializer::parse(serializer)?;
+        let redis_tls = super::options::redis_tls("redis_backend_use_ssl", ssl)?;
         let is_rpc = url
             .get(..6)
             .is_some_and(|head| head.eq_ignore_ascii_case("rpc://"));
@@ -170,6 +173,7 @@ impl Backend {
             reply_to,
             persistent,
             serializer,
+            redis_tls,
         };
         let inner = py.detach(|| AnyBackend::connect(url, options))?;
         Ok(Self { inner, format })

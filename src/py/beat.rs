@@ -19,7 +19,12 @@ pub struct BeatStore {
 #[pymethods]
 impl BeatStore {
     #[new]
-    #[pyo3(signature = (url, namespace, *, global_keyprefix = None, timeout = 4.0, transport_options = None))]
+    // Python keyword arguments, each one setting.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (
+        url, namespace, *, global_keyprefix = None, timeout = 4.0, transport_options = None,
+        ssl = None, ssl_setting = "redis_backend_use_ssl"
+    ))]
     fn new(
         py: Python<'_>,
         url: &str,
@@ -27,6 +32,8 @@ impl BeatStore {
         global_keyprefix: Option<&str>,
         timeout: f64,
         transport_options: Option<&Bound<'_, PyDict>>,
+        ssl: Option<&Bound<'_, PyAny>>,
+        ssl_setting: &str,
     ) -> PyResult<Self> {
         // For a sentinel:// store: master_name and sentinel_kwargs.
         let sentinel = match transport_options {
@@ -35,6 +42,7 @@ impl BeatStore {
             )?,
             None => SentinelOptions::default(),
         };
+        let tls = super::options::redis_tls(ssl_setting, ssl)?;
         let timeout = Duration::try_from_secs_f64(timeout)
             .ok()
             .filter(|timeout| !timeout.is_zero())
@@ -44,8 +52,16 @@ impl BeatStore {
         if namespace.is_empty() {
             return Err(PyValueError::new_err("the schedule name must not be empty"));
         }
-        let inner =
-            py.detach(|| AnyStore::connect(url, namespace, global_keyprefix, timeout, sentinel))?;
+        let inner = py.detach(|| {
+            AnyStore::connect_with_tls(
+                url,
+                namespace,
+                global_keyprefix,
+                timeout,
+                sentinel,
+                tls.as_ref(),
+            )
+        })?;
         Ok(Self { inner })
     }
 

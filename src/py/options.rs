@@ -25,3 +25,20 @@ pub fn transport_options(
     }
     Ok(options)
 }
+
+/// A TLS setting for Redis (`broker_use_ssl`, `redis_backend_use_ssl`) as given from
+/// Python: `None`/`False`, `True` or a dict of `ssl_*` keys.
+pub fn redis_tls(
+    setting: &str,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<crate::broker::redis::RedisTls>> {
+    let Some(value) = value.filter(|value| !value.is_none()) else {
+        return Ok(None);
+    };
+    let json = dumps(value)?;
+    let value: serde_json::Value = serde_json::from_slice(&json)
+        .map_err(|err| PyTypeError::new_err(format!("{setting} must be a dict: {err}")))?;
+    Ok(crate::broker::redis::RedisTls::from_setting(
+        setting, &value,
+    )?)
+}

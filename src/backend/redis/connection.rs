@@ -42,10 +42,16 @@ impl Shared {
             .set_response_timeout(Some(RESPONSE_TIMEOUT.max(self.connect_timeout)))
     }
 
-    pub(super) fn cannot_connect(&self, why: impl std::fmt::Display) -> Error {
+    pub(super) fn cannot_connect(
+        &self,
+        client: &redis::Client,
+        why: impl std::fmt::Display,
+    ) -> Error {
+        let why = why.to_string();
         Error::Connection(format!(
-            "cannot connect to the result backend {}: {why}",
-            self.masked
+            "cannot connect to the result backend {}: {why}{}",
+            self.masked,
+            crate::broker::redis::client::tls_hint(client, &why)
         ))
     }
 
@@ -60,12 +66,7 @@ impl Shared {
     pub(super) async fn client(&self) -> Result<redis::Client> {
         let info = crate::broker::redis::sentinel::connection_info(&self.url, self.connect_timeout)
             .await?;
-        redis::Client::open(crate::broker::redis::nodelay(info)).map_err(|err| {
-            Error::InvalidUrl(format!(
-                "invalid result backend URL {:?}: {err}",
-                self.masked
-            ))
-        })
+        crate::broker::redis::open_client_at(&self.url, info)
     }
 
     /// The command connection, opened if there is none.
@@ -79,11 +80,12 @@ impl Shared {
         let opening = client.get_multiplexed_async_connection_with_config(&config);
         let conn = match tokio::time::timeout(self.connect_timeout, opening).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(err)) => return Err(self.cannot_connect(err)),
+            Ok(Err(err)) => return Err(self.cannot_connect(&client, err)),
             Err(_) => {
-                return Err(
-                    self.cannot_connect(format!("no answer within {:?}", self.connect_timeout))
-                )
+                return Err(self.cannot_connect(
+                    &client,
+                    format!("no answer within {:?}", self.connect_timeout),
+                ))
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;

@@ -307,11 +307,11 @@ impl Dispatcher {
         let client = self.shared.client().await.map_err(|err| err.to_string())?;
         let pubsub = match tokio::time::timeout(limit, client.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => return Err(self.shared.cannot_connect(err).to_string()),
+            Ok(Err(err)) => return Err(self.shared.cannot_connect(&client, err).to_string()),
             Err(_) => {
                 return Err(self
                     .shared
-                    .cannot_connect(format!("no answer within {limit:?}"))
+                    .cannot_connect(&client, format!("no answer within {limit:?}"))
                     .to_string())
             }
         };

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::broker::redis::sentinel::SentinelOptions;
+use crate::broker::redis::RedisTls;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::runtime;
@@ -95,6 +96,8 @@ pub struct RedisBackendOptions {
     pub connect_timeout: Duration,
     /// For a `sentinel://` URL: `master_name`, `sentinel_kwargs` (transport options).
     pub sentinel: SentinelOptions,
+    /// `redis_backend_use_ssl`, under the `ssl_*` of the URL's query.
+    pub tls: Option<RedisTls>,
 }
 
 impl Default for RedisBackendOptions {
@@ -105,6 +108,7 @@ impl Default for RedisBackendOptions {
             global_keyprefix: None,
             connect_timeout: Duration::from_secs(4),
             sentinel: SentinelOptions::default(),
+            tls: None,
         }
     }
 }
@@ -148,7 +152,9 @@ impl RedisBackend {
     /// `Error::InvalidUrl`, an unreachable server `Error::Connection`; both name the URL
     /// with its password masked.
     pub fn connect(url: &str, options: RedisBackendOptions) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url)?.with_sentinel_options(options.sentinel);
+        let parsed = BrokerUrl::parse(url)?
+            .with_sentinel_options(options.sentinel)
+            .with_redis_tls(options.tls.as_ref());
         let masked = parsed.masked().to_owned();
         let expires = options
             .expires

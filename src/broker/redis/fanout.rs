@@ -36,10 +36,11 @@ impl RedisFanout {
     pub async fn connect(url: &BrokerUrl, options: &TransportOptions) -> Result<Self> {
         let url = &url.with_sentinel(&options.extra)?;
         let options = RedisOptions::from_transport(options)?;
-        let conn = connect(url, options.connect_timeout, Some(RESPONSE_TIMEOUT)).await?;
+        let url = url.with_redis_tls(options.tls.as_ref());
+        let conn = connect(&url, options.connect_timeout, Some(RESPONSE_TIMEOUT)).await?;
         let fanout_prefix = format!("{}/{}.", options.global_keyprefix, url.db);
         Ok(Self {
-            url: url.clone(),
+            url,
             options,
             conn: Mutex::new(Some(conn)),
             fanout_prefix,
@@ -215,8 +216,7 @@ async fn open_subscription(
     timeout: Duration,
 ) -> Result<redis::aio::PubSub> {
     let info = super::sentinel::connection_info(url, timeout).await?;
-    let client = redis::Client::open(info)
-        .map_err(|err| Error::Connection(format!("{}: {err}", url.masked())))?;
+    let client = super::open_client_at(url, info)?;
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.psubscribe(channel).await?;
