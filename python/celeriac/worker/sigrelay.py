@@ -14,7 +14,7 @@ while the main thread blocks in a system call (a task's ``time.sleep(60)``):
 Either way the warm shutdown waited for the task to end by itself. The relay closes
 both: the C handler also writes the signal number to a wakeup pipe (whichever thread
 it ran in); a thread reading that pipe interrupts the main thread with ``NUDGE``, a
-signal sent to that thread alone with a handler that does nothing, until a handler
+signal sent to that thread alone with a handler that only counts, until a handler
 ran in the main thread. An interrupted call checks the caught signals first, so the
 worker's handler runs then; a nudge never counts as a shutdown signal.
 """
@@ -25,6 +25,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 #: The signal that interrupts the main thread. SIGURG: ignored by default, and
@@ -41,9 +42,10 @@ class SignalRelay:
 
     def __init__(self, signums: tuple[int, ...]) -> None:
         self.signums = frozenset(signums)
-        #: Set by ``handled`` (a handler ran in the main thread), cleared by the relay
-        #: when a signal came through the pipe.
-        self._handled = threading.Event()
+        #: How many times a handler ran in the main thread. A plain counter, never a
+        #: lock or an Event: a handler that waits on a lock the main thread holds (it
+        #: was interrupted inside ``Event.set``) deadlocks the process.
+        self._runs = 0
         self._main = threading.main_thread().ident
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
@@ -59,10 +61,10 @@ class SignalRelay:
 
     def handled(self) -> None:
         """Called by a handler running in the main thread: the caught signals were read."""
-        self._handled.set()
+        self._runs += 1
 
     def _on_nudge(self, signum: int, frame: FrameType | None) -> None:
-        self._handled.set()
+        self._runs += 1
 
     def _run(self) -> None:
         while True:
@@ -74,15 +76,16 @@ class SignalRelay:
                 return  # ``stop`` closed the pipe
             if not self.signums.intersection(data):
                 continue
-            self._handled.clear()
+            # A handler that ran before this point may have run before the signal
+            # was caught: only one that runs after counts (a nudge's, at least).
+            runs = self._runs
             wait = FIRST_WAIT
-            while not self._handled.is_set() and self._main is not None:
+            while self._runs == runs and self._main is not None:
                 try:
                     signal.pthread_kill(self._main, NUDGE)
                 except (OSError, ProcessLookupError):
                     return  # the main thread is gone: the process is ending
-                if self._handled.wait(wait):
-                    break
+                time.sleep(wait)
                 wait = min(wait * 2, LAST_WAIT)
 
     def stop(self) -> None:
