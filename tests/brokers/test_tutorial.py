@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from conftest import wait_until
+from conftest import app_module, wait_until
 
 if TYPE_CHECKING:
     from conftest import ResultKeys, RunCli, StartWorker, TasksDir
@@ -320,6 +320,42 @@ def test_second_signal_is_a_cold_shutdown(
     stuck = tasks.slow.delay(60)
     result_keys.add(stuck.id)
     process.wait_for(rf"Task tasks\.slow\[{re.escape(stuck.id)}\] received")
+    process.signal(signal.SIGTERM)
+    process.wait_for(r"Warm shutdown")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 1
+    assert "Cold shutdown" in process.stdout
+    assert not stuck.ready()
+
+
+def test_first_signal_taken_by_another_thread_is_a_warm_shutdown(
+    worker: StartWorker, tasks_dir: TasksDir, result_keys: ResultKeys
+) -> None:
+    """A shutdown signal whose C handler ran in another thread while the main thread
+    sleeps in a task (the kernel's choice when the main thread has it blocked, as glibc
+    does around each pthread_create; alike, one caught just before the sleep began):
+    Python would run the worker's handler only once the sleep ends."""
+    tasks_dir.write(
+        "masked.py",
+        app_module(
+            "masked",
+            """
+
+@app.task
+def sleep_masked(seconds):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    print("SIGTERM blocked in the main thread", flush=True)
+    time.sleep(seconds)
+    return seconds
+""",
+            imports=("import signal", "import time"),
+        ),
+    )
+    process = worker(app="masked", check_exit=False)
+    masked = tasks_dir.import_module("masked")
+    stuck = masked.sleep_masked.delay(60)
+    result_keys.add(stuck.id)
+    process.wait_for(r"SIGTERM blocked in the main thread")
     process.signal(signal.SIGTERM)
     process.wait_for(r"Warm shutdown")
     process.signal(signal.SIGTERM)

@@ -37,6 +37,7 @@ from celeriac.worker.slots import Flag, Slot, SlotTable, State
 if TYPE_CHECKING:
     from celeriac._core import Backend, Consumer
     from celeriac.app import Celeriac
+    from celeriac.worker.sigrelay import SignalRelay
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -249,6 +250,8 @@ class WorkerBase:
         self._signals_seen = 0
         self._in_fetch = False
         self._previous_handlers: dict[int, Any] = {}
+        #: Has the main thread act on a shutdown signal at once (``sigrelay``).
+        self._relay: SignalRelay | None = None
         signals.worker_init.send(sender=self)
 
     @property

@@ -25,6 +25,7 @@ from celeriac.worker.base import (
     scrub_error,
 )
 from celeriac.worker.consume import ConsumeMixin
+from celeriac.worker.sigrelay import SignalRelay
 from celeriac.worker.slots import State
 
 if TYPE_CHECKING:
@@ -154,15 +155,23 @@ class LifecycleMixin(ConsumeMixin):
         return None
 
     def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        shutdown = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+        for sig in shutdown:
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._relay = SignalRelay(shutdown)
+        self._relay.start()
 
     def _restore_signals(self) -> None:
+        if self._relay is not None:
+            self._relay.stop()
+            self._relay = None
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._relay is not None:
+            self._relay.handled()
         child = self.child
         if child is not None:
             wanted, task_id = child.table.terminate_request(child.index)
