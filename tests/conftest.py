@@ -182,6 +182,16 @@ def unacked_tags(client: redis.Redis, queue: str) -> list[str]:
     return tags
 
 
+def recorded_runs(client: redis.Redis, key: str) -> list[tuple[int, float]]:
+    """(number, time) of every run a test's ``record`` task pushed to ``key`` (``"number
+    time"``), in the order they ran."""
+    out = []
+    for raw in client.lrange(key, 0, -1):
+        number, at = raw.decode().split()
+        out.append((int(number), float(at)))
+    return out
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
     deadline = time.monotonic() + timeout

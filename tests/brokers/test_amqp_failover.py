@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from conftest import AMQP_URL, REDIS_URL, app_module, delete_amqp, wait_until, worker_env
+from conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    app_module,
+    delete_amqp,
+    recorded_runs,
+    wait_until,
+    worker_env,
+)
 from kombu import Connection
 
 if TYPE_CHECKING:
@@ -166,15 +174,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         own.stop()
 
 
-def ran(client: redis.Redis, key: str) -> list[tuple[int, float]]:
-    """(number, time) of every run recorded under ``key``, in the order they ran."""
-    out = []
-    for raw in client.lrange(key, 0, -1):
-        number, at = raw.decode().split()
-        out.append((int(number), float(at)))
-    return out
-
-
 def test_a_node_stopped_during_a_drain_the_worker_and_client_go_on_on_the_next(
     node: Node,
     worker: StartWorker,
@@ -215,10 +214,12 @@ def _stop_the_first_during_a_drain(
         tasks.record.delay(key, number, 0.0)
     tasks.app.producer.flush(15.0)  # confirmed by the shared node
     assert wait_until(
-        lambda: {n for n, _ in ran(redis_client, key)} >= set(range(before, before + after)),
+        lambda: (
+            {n for n, _ in recorded_runs(redis_client, key)} >= set(range(before, before + after))
+        ),
         timeout=20,
     ), process.log
-    runs = ran(redis_client, key)
+    runs = recorded_runs(redis_client, key)
     resumed_at = min(at for n, at in runs if n >= before)
     old = [n for n, _ in runs if n < before]
     new = [n for n, _ in runs if n >= before]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import REDIS_URL, app_module, wait_until, worker_env
+from conftest import REDIS_URL, app_module, recorded_runs, wait_until, worker_env
 
 if TYPE_CHECKING:
     from conftest import Scratch, StartWorker, TasksDir
@@ -195,15 +195,6 @@ def master_port() -> int:
     return int(port)
 
 
-def ran(client: redis.Redis, key: str) -> list[tuple[int, float]]:
-    """(number, time) of every run recorded under ``key``, in the order they ran."""
-    out = []
-    for raw in client.lrange(key, 0, -1):
-        number, at = raw.decode().split()
-        out.append((int(number), float(at)))
-    return out
-
-
 def test_tasks_and_results_go_through_the_master_the_sentinels_name(
     sentinels: Servers,
     worker: StartWorker,
@@ -258,12 +249,16 @@ def test_the_master_killed_during_a_drain_worker_and_client_go_on_on_the_new_one
     assert wait_until(lambda: master_port() != old_master, timeout=30), "no failover"
     switched_at = time.time()
     everything = set(range(before + after))
-    assert wait_until(lambda: {n for n, _ in ran(redis_client, key)} >= everything, timeout=40), (
-        sorted(everything - {n for n, _ in ran(redis_client, key)}),
+
+    def numbers_run() -> set[int]:
+        return {n for n, _ in recorded_runs(redis_client, key)}
+
+    assert wait_until(lambda: numbers_run() >= everything, timeout=40), (
+        sorted(everything - numbers_run()),
         process.log,
     )
 
-    runs = ran(redis_client, key)
+    runs = recorded_runs(redis_client, key)
     # The tasks of the worker's window ran at once after the kill; then nothing ran
     # until the worker fetched from the new master: the first run after that gap.
     after_kill = [killed_at, *sorted(at for _, at in runs if at >= killed_at)]
