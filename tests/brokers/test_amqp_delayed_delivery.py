@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import kombu
 import pytest
 import redis
+from celeriac.exceptions import OperationalError
 from conftest import READY_TIMEOUT, REDIS_URL, WorkerProcess, wait_until, worker_env
 from kombu.transport.native_delayed_delivery import (
     calculate_routing_key,
@@ -258,3 +259,13 @@ def test_past_short_huge_delays_and_direct_exchanges_as_celery(
     assert "Direct exchanges are not supported with native delayed delivery" in caplog.text
     assert parked(vhost_url) == 1
     assert wait_until(lambda: ready_counts(vhost_url, direct_queue)[direct_queue] == 1)
+
+
+def test_a_delayed_send_before_any_worker_declared_the_levels_is_an_error(
+    vhost_url: str, tasks_dir: TasksDir, records: str
+) -> None:
+    # Celery's client loses such a message (py-amqp publishes to a missing exchange);
+    # celeriac's first send to the queue waits for the broker and says why.
+    tasks = tasks_module(tasks_dir)
+    with pytest.raises(OperationalError, match='exchange "celery_delayed_27" does not exist'):
+        tasks.record.apply_async((records, 1), countdown=60, ignore_result=True)
