@@ -43,16 +43,14 @@ fn name(text: &str) -> std::result::Result<ShortString, lapin::Error> {
 }
 
 async fn declare_topic(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    // kombu's Exchange defaults: durable, not auto-delete, not internal.
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let (exchange, topic) = (name(exchange)?, lapin::ExchangeKind::Topic);
     channel
-        .exchange_declare(
-            name(exchange)?,
-            lapin::ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+        .exchange_declare(exchange, topic, durable, FieldTable::default())
         .await
 }
 
