@@ -12,19 +12,72 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import WorkerProcess, recorded_runs, wait_until
+from compat.conftest import celery_argv
+from conftest import WorkerProcess, app_module, recorded_runs, wait_until
+
+if TYPE_CHECKING:
+    from conftest import StartWorker, TasksDir
 
 #: The name the sentinels monitor the master under.
 MASTER_NAME = "mymaster"
+
+#: The task of the Sentinel tests, named alike on celeriac and Celery (so either
+#: worker runs what either client sends): it records its run in the shared Redis.
+RECORD_TASK = """
+
+@app.task(name="sentinel.record")
+def record(key, number, pause):
+    client().rpush(key, f"{number} {time.time()}")
+    time.sleep(pause)
+    return number
+"""
+
+
+def tasks_module(settings: str, name: str = "tasks", impl: str = "celeriac") -> str:
+    """The tasks module ``name`` on ``impl``: ``settings`` (module code) and
+    :data:`RECORD_TASK`."""
+    imports = ("import ssl", "import time")
+    return app_module(name, settings + RECORD_TASK, imports=imports, impl=impl, redis_client=True)
+
+
+def write_tasks(tasks_dir: TasksDir, settings: str) -> None:
+    """``tasks`` (celeriac) and ``celery_tasks`` (Celery) with ``settings``."""
+    tasks_dir.write("tasks.py", tasks_module(settings))
+    tasks_dir.write("celery_tasks.py", tasks_module(settings, "celery_tasks", "celery"))
+
+
+def interop(tasks_dir: TasksDir, worker: StartWorker, client: str, key: str) -> list[Any]:
+    """The results of two ``record`` tasks (1 and 2) that a ``client`` (``"celery"``
+    or ``"celeriac"``) client sends to a worker of the other kind
+    (:func:`write_tasks`)."""
+    if client == "celery":
+        process = worker()
+        module = tasks_dir.import_module("celery_tasks")
+        try:
+            return [module.record.delay(key, n, 0).get(timeout=15) for n in (1, 2)]
+        finally:
+            module.app.close()
+            sys.modules.pop("celery_tasks", None)
+            process.stop()
+    argv = celery_argv("celery_tasks", tasks_dir.queue)
+    celery = WorkerProcess(argv, tasks_dir.path, tasks_dir.env)
+    try:
+        celery.wait_for(r" ready\.", timeout=30)
+        tasks = tasks_dir.import_module()
+        return [tasks.record.delay(key, n, 0).get(timeout=15) for n in (1, 2)]
+    finally:
+        status = celery.stop()
+        assert status == 0, celery.log
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import REDIS_URL, app_module, worker_env
-from sentinel_servers import Cluster, Servers, drain_through_failover
+from conftest import REDIS_URL, worker_env
+from sentinel_servers import (
+    Cluster,
+    Servers,
+    drain_through_failover,
+    interop,
+    tasks_module,
+    write_tasks,
+)
 
 if TYPE_CHECKING:
     from conftest import Scratch, StartWorker, TasksDir
@@ -38,9 +45,7 @@ START_TIMEOUT = 20.0
 SENTINEL_URL = CLUSTER.url()
 MASKED_URL = CLUSTER.masked()
 
-SENTINEL_TASKS = app_module(
-    "tasks",
-    f"""
+SETTINGS = f"""
 options = {{
     "master_name": "mymaster",
     "sentinel_kwargs": {{"password": {SENTINEL_PASSWORD!r}}},
@@ -50,17 +55,8 @@ app.conf.broker_transport_options = options
 app.conf.result_backend_transport_options = options
 app.conf.task_acks_late = True
 app.conf.broker_connection_timeout = 2.0
-
-
-@app.task
-def record(key, number, pause):
-    client().rpush(key, f"{{number}} {{time.time()}}")
-    time.sleep(pause)
-    return number
-""",
-    imports=("import time",),
-    redis_client=True,
-)
+"""
+SENTINEL_TASKS = tasks_module(SETTINGS)
 
 
 def connect(port: int, password: str) -> redis.Redis:
@@ -117,6 +113,17 @@ def test_tasks_and_results_go_through_the_master_the_sentinels_name(
     finally:
         process.stop()
     CLUSTER.check_masked(process.log)
+
+
+@pytest.mark.parametrize("client", ["celery", "celeriac"])
+def test_celery_and_celeriac_share_the_sentinels_either_way(
+    sentinels: Servers, worker: StartWorker, tasks_dir: TasksDir, scratch: Scratch, client: str
+) -> None:
+    """The real Celery's client to a celeriac worker, and celeriac's client to a Celery
+    worker, both on the sentinel:// list with kombu's settings."""
+    tasks_dir.env = worker_env(tasks_dir.queue, SENTINEL_URL, SENTINEL_URL)
+    write_tasks(tasks_dir, SETTINGS)
+    assert interop(tasks_dir, worker, client, scratch(client)) == [1, 2]
 
 
 def test_the_master_killed_during_a_drain_worker_and_client_go_on_on_the_new_one(

@@ -14,7 +14,6 @@ Celery, so the settings are checked against kombu's reading of them too.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from compat.conftest import celery_argv
-from conftest import WorkerProcess, app_module, wait_until, worker_env
-from sentinel_servers import MASTER_NAME, Cluster, Servers, Tls, drain_through_failover, listening
+from conftest import wait_until, worker_env
+from sentinel_servers import (
+    MASTER_NAME,
+    Cluster,
+    Servers,
+    Tls,
+    drain_through_failover,
+    interop,
+    listening,
+    write_tasks,
+)
 
 if TYPE_CHECKING:
     from conftest import Scratch, StartWorker, TasksDir
@@ -38,9 +45,9 @@ START_TIMEOUT = 20.0
 SENTINEL_URL = CLUSTER.url()
 MASKED_URL = CLUSTER.masked()
 
-#: One body for celeriac and Celery: TLS to the sentinels (``sentinel_kwargs``) and
+#: The settings for celeriac and Celery: TLS to the sentinels (``sentinel_kwargs``) and
 #: to the master (``broker_use_ssl``, ``redis_backend_use_ssl``), each with its CA.
-TASKS_BODY = f"""
+SETTINGS = f"""
 master_tls = {{
     "ssl_cert_reqs": ssl.CERT_REQUIRED,
     "ssl_ca_certs": os.environ["CELERIAC_TEST_MASTER_CA"],
@@ -64,14 +71,7 @@ app.conf.redis_backend_use_ssl = master_tls
 app.conf.task_acks_late = True
 app.conf.broker_connection_timeout = 2.0
 
-
-@app.task(name="sentinel_tls.record")
-def record(key, number, pause):
-    client().rpush(key, f"{{number}} {{time.time()}}")
-    time.sleep(pause)
-    return number
 """
-IMPORTS = ("import ssl", "import time")
 
 
 def tls_client(pki: Pki, port: int, password: str) -> redis.Redis:
@@ -119,24 +119,7 @@ def on_sentinels(
     tasks_dir.env = worker_env(tasks_dir.queue, broker, broker)
     tasks_dir.env["CELERIAC_TEST_MASTER_CA"] = str(master_ca or pki.ca)
     tasks_dir.env["CELERIAC_TEST_SENTINEL_CA"] = str(sentinel_ca or pki.ca)
-    for name, impl in (("tasks", "celeriac"), ("celery_tasks", "celery")):
-        text = app_module(name, TASKS_BODY, imports=IMPORTS, impl=impl, redis_client=True)
-        tasks_dir.write(f"{name}.py", text)
-
-
-@pytest.fixture
-def celery_tasks(tasks_dir: TasksDir) -> Iterator[Any]:
-    """``celery_tasks()`` imports the Celery module of the test; its app is closed after."""
-    imported: list[Any] = []
-
-    def load() -> Any:
-        imported.append(tasks_dir.import_module("celery_tasks"))
-        return imported[-1]
-
-    yield load
-    for module in imported:
-        module.app.close()
-    sys.modules.pop("celery_tasks", None)
+    write_tasks(tasks_dir, SETTINGS)
 
 
 def test_tasks_and_results_go_through_tls_sentinels_to_the_tls_master(
@@ -156,43 +139,19 @@ def test_tasks_and_results_go_through_tls_sentinels_to_the_tls_master(
     CLUSTER.check_masked(process.log)
 
 
-def test_celery_client_and_celeriac_worker_share_the_tls_sentinels(
+@pytest.mark.parametrize("client", ["celery", "celeriac"])
+def test_celery_and_celeriac_share_the_tls_sentinels_either_way(
     sentinels: Servers,
     pki: Pki,
     worker: StartWorker,
     tasks_dir: TasksDir,
-    celery_tasks: Any,
     scratch: Scratch,
+    client: str,
 ) -> None:
+    """The real Celery's client to a celeriac worker, and celeriac's client to a Celery
+    worker: the same settings mean the same TLS connections to both."""
     on_sentinels(tasks_dir, pki)
-    process = worker()
-    try:
-        tasks = celery_tasks()
-        assert [tasks.record.delay(scratch("celery"), n, 0).get(timeout=15) for n in (1, 2)] == [
-            1,
-            2,
-        ]
-    finally:
-        process.stop()
-
-
-def test_celeriac_client_and_celery_worker_share_the_tls_sentinels(
-    sentinels: Servers, pki: Pki, tasks_dir: TasksDir, scratch: Scratch
-) -> None:
-    on_sentinels(tasks_dir, pki)
-    celery = WorkerProcess(
-        celery_argv("celery_tasks", tasks_dir.queue), tasks_dir.path, tasks_dir.env
-    )
-    try:
-        celery.wait_for(r" ready\.", timeout=30)
-        tasks = tasks_dir.import_module()
-        assert [tasks.record.delay(scratch("celeriac"), n, 0).get(timeout=15) for n in (3, 4)] == [
-            3,
-            4,
-        ]
-    finally:
-        status = celery.stop()
-    assert status == 0, celery.log
+    assert interop(tasks_dir, worker, client, scratch(client)) == [1, 2]
 
 
 def test_beats_store_on_tls_sentinels_keeps_its_state_on_the_tls_master(
