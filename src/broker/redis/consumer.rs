@@ -382,6 +382,7 @@ impl RedisConsumer {
         // An ack handed to the I/O task is as good as written (it is retried until it
         // is): free the window slots now, so the next fetch overlaps with writing the
         // ack instead of waiting a round trip for it.
+        crate::trace::hop("ack.handoff");
         let released = self.shared.forget(&tags);
         self.defer_release(released);
         self.ack_tx
@@ -566,10 +567,18 @@ async fn fetch_loop(
         }
         let lists = shared.lists();
         shared.fetching.send_replace(Some(lists.generation));
+        crate::trace::hop("consume.fetching");
         let result = fetch_once(&mut conn, &script, &shared, &lists, credits).await;
         shared.fetching.send_replace(None);
         let batch = match result {
-            Ok(batch) => batch,
+            Ok(batch) => {
+                crate::trace::hop(if batch.is_empty() {
+                    "consume.empty"
+                } else {
+                    "consume.fetched"
+                });
+                batch
+            }
             Err(err) => {
                 shared.release(credits);
                 if shared.closed.load(Ordering::Acquire) {
@@ -794,6 +803,7 @@ async fn write_acks(
     let mut pipe = redis::pipe();
     unacked_removal(&mut pipe, shared, tags);
     run_with_retry(conn, url, shared, &pipe).await;
+    crate::trace::hop("ack.written");
     shared.release(released);
     tags.clear();
 }
