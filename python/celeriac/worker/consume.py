@@ -7,7 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from celeriac import _core, signals, states
+from celeriac import _core, _trace, signals, states
 from celeriac.exceptions import NotRegistered
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.signals import task_received
@@ -89,7 +89,10 @@ class ConsumeMixin(HeldMixin):
             self._in_fetch = True
             if self.stop_requested:
                 return []
-            return consumer.fetch(count, wait)
+            deliveries = consumer.fetch(count, wait)
+            if _trace.ENABLED and deliveries:
+                _trace.hop("py.fetched")
+            return deliveries
         except StopFetch:
             return []  # deliveries not handed over stay in the consumer; restored
         except _core.ClosedError:
@@ -413,5 +416,7 @@ class ConsumeMixin(HeldMixin):
             if child is not None:
                 self._run_in_child(consumer, request)
             else:
+                if _trace.ENABLED:
+                    _trace.hop("py.submit")
                 self.pool.submit(request)
         self._finish(consumer, self.pool.completed())

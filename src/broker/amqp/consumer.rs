@@ -101,6 +101,7 @@ impl AmqpConsumer {
     }
 
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        crate::trace::hop("ack.handoff");
         self.tx
             .send(ConsumerCommand::Ack(tags))
             .map_err(|_| Error::Closed("the consumer"))
@@ -396,6 +397,7 @@ impl ConsumerIo {
                 item = link.stream.next(), if !link.stream.is_empty() => {
                     match item {
                         Some((queue, Ok(delivery))) => {
+                            crate::trace::hop("consume.fetched");
                             let message = self.incoming(&queue, delivery);
                             if deliveries.send(Fetched::Message(Ok(message))).is_err() {
                                 self.shutdown().await;
@@ -642,6 +644,7 @@ impl ConsumerIo {
         for result in futures_util::future::join_all(writes).await {
             result?;
         }
+        crate::trace::hop("ack.written");
         Ok(())
     }
 
