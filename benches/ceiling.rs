@@ -1,202 +1,217 @@
-//! The pure-Rust ceiling: the broker work of `bench.noop` tasks with no Python at all.
+//! The ceiling of `python -m benches`: a bare client that does a worker's broker work per
+//! task, with the worker's prefetch window and the same durability, and none of celeriac's
+//! code (no `_core`): redis-rs or lapin directly.
 //!
 //! ```text
-//! cargo bench --bench ceiling -- [--url redis://127.0.0.1:6379/0] [-n 10000]
-//!                                 [--prefetch 4] [--queue NAME] [--repeats 1]
+//! cargo bench --bench ceiling -- redis|amqp --url URL --queue NAME -n COUNT [--window 4]
 //! ```
 //!
-//! It uses the crate's own broker modules, the ones the extension wraps:
+//! The queue must already hold COUNT task messages (`python -m benches` fills it with
+//! celeriac's client, as for the drain it bounds); the program consumes exactly COUNT and
+//! prints one JSON object: how many, and the seconds from the first message received to
+//! the last one acked.
 //!
-//! - enqueue: n messages built as `noop.delay()` builds them (headers, properties,
-//!   `[[], {}, embed]` body) handed to the transport's producer, then a flush;
-//! - drain: a consumer with the worker's prefetch window (`-c 1` x multiplier 4 = 4)
-//!   takes the n messages, parses each one's headers and body as the worker's decoder
-//!   does (into JSON values instead of Python objects) and acks it alone, before
-//!   "running" it, as the worker acks.
-//!
-//! Prints one JSON object per repeat on stdout (`python -m benches` reads the last
-//! line). The queue (`--queue`, then `NAME_1`, `NAME_2`... for further repeats) is
-//! deleted before and after on Redis; on RabbitMQ it is left to the caller to delete.
+//! - `redis`: one connection, one Lua script per round trip that acks the previous batch
+//!   (SREM, ZREM, HDEL of its tags) and pops up to `window` messages, recording each in
+//!   kombu's ack emulation (`unacked` hash, `unacked_index` zset) and in the consumer's set
+//!   of tags (SADD), as the worker's fetch does. Keys are named after the queue, so the
+//!   run's clean-up deletes them. One round trip per `window` messages is the least a
+//!   consumer holding at most `window` unacked messages can do.
+//! - `amqp`: one channel, `basic.qos(window)`, `basic.consume` with manual acks, one
+//!   `basic.ack` per message (not `multiple`), persistent messages in a durable queue.
 
 use std::time::{Duration, Instant};
 
-use _core::broker::url::{BrokerUrl, Scheme};
-use _core::broker::{Consumer, Fetched, Producer, TransportOptions};
-use _core::error::{Error, Result};
-use _core::protocol::json;
-use _core::protocol::message::{
-    HeaderIds, OutgoingMessage, TaskHeaders, TaskProperties, EMPTY_EMBED,
-};
-use tokio::sync::mpsc;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde::Deserialize;
 
-struct Args {
-    url: String,
-    n: usize,
-    prefetch: usize,
-    queue: String,
-    repeats: usize,
+/// How long the queue may stay empty before the run fails (it was filled beforehand).
+const IDLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// KEYS: unacked hash, unacked_index zset, the consumer's set of tags, the queue's list.
+/// ARGV: how many to pop, the time now, then the tags to ack first.
+/// Returns the popped messages.
+const ACK_THEN_FETCH: &str = r#"
+if #ARGV > 2 then
+  local acked = {unpack(ARGV, 3)}
+  redis.call('SREM', KEYS[3], unpack(acked))
+  redis.call('ZREM', KEYS[2], unpack(acked))
+  redis.call('HDEL', KEYS[1], unpack(acked))
+end
+local count = tonumber(ARGV[1])
+if count == 0 then return {} end
+local popped = redis.call('RPOP', KEYS[4], count)
+if not popped then return {} end
+for _, raw in ipairs(popped) do
+  local envelope = cjson.decode(raw)
+  local props = envelope.properties
+  local route = props.delivery_info or {}
+  redis.call('ZADD', KEYS[2], ARGV[2], props.delivery_tag)
+  redis.call('SADD', KEYS[3], props.delivery_tag)
+  redis.call('HSET', KEYS[1], props.delivery_tag, cjson.encode({raw,
+    route.exchange or '', route.routing_key or ''}))
+end
+return popped
+"#;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Broker {
+    Redis,
+    Amqp,
 }
 
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut args = Args {
-        url: "redis://127.0.0.1:6379/0".into(),
-        n: 10_000,
-        prefetch: 4,
-        queue: format!("bench_ceiling_{}", uuid::Uuid::new_v4().simple()),
-        repeats: 1,
-    };
+struct Args {
+    broker: Broker,
+    url: String,
+    queue: String,
+    count: usize,
+    window: u16,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut broker = None;
+    let (mut url, mut queue, mut count, mut window) = (None, None, None, 4u16);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match flag.as_str() {
-            "--url" => args.url = value("--url")?,
-            "-n" => args.n = number(&value("-n")?)?,
-            "--prefetch" => args.prefetch = number(&value("--prefetch")?)?,
-            "--queue" => args.queue = value("--queue")?,
-            "--repeats" => args.repeats = number(&value("--repeats")?)?,
-            // `cargo bench` passes --bench; a filter may follow.
+            "redis" => broker = Some(Broker::Redis),
+            "amqp" => broker = Some(Broker::Amqp),
+            "--url" => url = Some(value("--url")?),
+            "--queue" => queue = Some(value("--queue")?),
+            "-n" => count = Some(number(&value("-n")?)?),
+            "--window" => window = number(&value("--window")?)?,
+            // `cargo bench` passes --bench.
             "--bench" => {}
-            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-            _ => {}
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if args.n == 0 || args.repeats == 0 {
-        return Err("-n and --repeats must be at least 1".into());
+    let args = Args {
+        broker: broker.ok_or("name the broker: redis or amqp")?,
+        url: url.ok_or("--url is required")?,
+        queue: queue.ok_or("--queue is required")?,
+        count: count.ok_or("-n is required")?,
+        window,
+    };
+    if args.count == 0 || args.window == 0 {
+        return Err("-n and --window must be at least 1".into());
     }
     Ok(args)
 }
 
-fn number(text: &str) -> std::result::Result<usize, String> {
+fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
     text.parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))
+        .map_err(|_| format!("{text:?} is not a whole number in range"))
 }
 
-/// The message `noop.delay()` sends: what `Producer.send` builds from Python.
-fn noop_message(queue: &str) -> OutgoingMessage {
-    let id = uuid::Uuid::new_v4().to_string();
-    let mut headers = TaskHeaders::new("bench.noop".into(), id.clone(), "gen0@ceiling".into());
-    headers.argsrepr = "()".into();
-    headers.kwargsrepr = "{}".into();
-    headers.ignore_result = true;
-    let mut body = Vec::with_capacity(96);
-    body.extend_from_slice(b"[[], {}, ");
-    body.extend_from_slice(EMPTY_EMBED.as_bytes());
-    body.push(b']');
-    OutgoingMessage {
-        exchange: String::new(),
-        routing_key: queue.to_owned(),
-        headers,
-        properties: TaskProperties::json(id, String::new()),
-        body,
-    }
+/// The only field of a kombu envelope the consumer needs to ack.
+#[derive(Deserialize)]
+struct Envelope {
+    properties: EnvelopeProperties,
 }
 
-/// What the worker's decoder does with a message before Python sees it: the task's
-/// name and id from the headers, every header, and the body's three parts.
-fn decode(headers: Option<&str>, body: &[u8]) -> Result<()> {
-    let headers = headers.ok_or_else(|| Error::Decode("a message without headers".into()))?;
-    let ids: HeaderIds = serde_json::from_str(headers)?;
-    let all: serde_json::Map<String, serde_json::Value> = serde_json::from_str(headers)?;
-    let parts: Vec<serde_json::Value> = json::from_slice(body)?;
-    if ids.task.is_none() || ids.id.is_none() || all.is_empty() || parts.len() != 3 {
-        return Err(Error::Decode("not a task message".into()));
-    }
-    std::hint::black_box(parts);
-    Ok(())
+#[derive(Deserialize)]
+struct EnvelopeProperties {
+    delivery_tag: String,
 }
 
-async fn purge(url: &BrokerUrl, queue: &str) {
-    if !matches!(
-        url.scheme,
-        Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket
-    ) {
-        return;
-    }
-    let Ok(info) = url.to_redis_info() else {
-        return;
-    };
-    let Ok(client) = redis::Client::open(info) else {
-        return;
-    };
-    if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("*{queue}*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: std::result::Result<(), _> =
-                redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+/// (messages consumed, seconds from the first received to the last acked)
+async fn drain_redis(args: &Args) -> Result<(usize, f64), String> {
+    let client = redis::Client::open(args.url.as_str()).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let script = redis::Script::new(ACK_THEN_FETCH);
+    let keys = [
+        format!("{}.ceiling.unacked", args.queue),
+        format!("{}.ceiling.unacked_index", args.queue),
+        format!("{}.ceiling.owned", args.queue),
+        args.queue.clone(),
+    ];
+    let mut to_ack: Vec<String> = Vec::with_capacity(usize::from(args.window));
+    let (mut done, mut first, mut idle_since) = (0usize, None, Instant::now());
+    while done < args.count || !to_ack.is_empty() {
+        let want = (args.count - done).min(usize::from(args.window));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut call = script.prepare_invoke();
+        for key in &keys {
+            call.key(key);
         }
-    }
-}
-
-async fn one_run(url: &BrokerUrl, args: &Args, queue: &str) -> Result<serde_json::Value> {
-    let options = TransportOptions::default();
-    let n = args.n;
-    let producer = Producer::connect(url, &options).await?;
-    // Warm-up: connect, declare (RabbitMQ) and write one message.
-    producer.publish(noop_message(queue))?;
-    producer.flush(Duration::from_secs(30)).await?;
-    let t0 = Instant::now();
-    for _ in 0..n {
-        producer.publish(noop_message(queue))?;
-    }
-    let loop_seconds = t0.elapsed().as_secs_f64();
-    producer.flush(Duration::from_secs(120)).await?;
-    let enqueue_seconds = t0.elapsed().as_secs_f64();
-    producer.close();
-
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let t_connect = Instant::now();
-    let consumer = Consumer::connect(url, &[queue.to_owned()], args.prefetch, &options, tx).await?;
-    let mut batch = Vec::with_capacity(256);
-    let mut done = 0usize;
-    let mut first = None;
-    let total = n + 1;
-    while done < total {
-        batch.clear();
-        let got = tokio::time::timeout(Duration::from_secs(30), rx.recv_many(&mut batch, 256))
+        call.arg(want).arg(now).arg(&to_ack);
+        let popped: Vec<Vec<u8>> = call
+            .invoke_async(&mut conn)
             .await
-            .map_err(|_| Error::Timeout(format!("drained {done} of {total} in 30 s")))?;
-        if got == 0 {
-            return Err(Error::Closed("the consumer"));
-        }
-        for item in batch.drain(..) {
-            match item {
-                Fetched::Message(Ok(message)) => {
-                    decode(message.headers.as_deref().map(|h| h.get()), &message.body)?;
-                    consumer.ack(vec![message.delivery_tag])?;
-                    done += 1;
-                    if done == 1 {
-                        // The warm-up message: the clock starts after it, as the
-                        // Python drain's starts at its first sentinel.
-                        first = Some(Instant::now());
-                    }
-                }
-                Fetched::Message(Err(bad)) => {
-                    return Err(Error::Decode(format!("bad message: {}", bad.reason)));
-                }
-                Fetched::Error(text) => return Err(Error::Connection(text)),
+            .map_err(|e| e.to_string())?;
+        to_ack.clear();
+        if popped.is_empty() && want > 0 {
+            if idle_since.elapsed() > IDLE_LIMIT {
+                return Err(format!("the queue ran dry after {done} of {}", args.count));
             }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        idle_since = Instant::now();
+        first.get_or_insert_with(Instant::now);
+        for raw in popped {
+            let envelope: Envelope =
+                serde_json::from_slice(&raw).map_err(|e| format!("not a kombu envelope: {e}"))?;
+            to_ack.push(envelope.properties.delivery_tag);
+            done += 1;
         }
     }
-    let drain_seconds = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    let with_startup = t_connect.elapsed().as_secs_f64();
-    // Let the ack task write the last acks before the consumer goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    consumer.close();
-    Ok(serde_json::json!({
-        "broker": format!("{:?}", url.scheme).to_lowercase(),
-        "n": n,
-        "prefetch": args.prefetch,
-        "enqueue_seconds": enqueue_seconds,
-        "enqueue_loop_seconds": loop_seconds,
-        "enqueue_rate": n as f64 / enqueue_seconds,
-        "drain_seconds": drain_seconds,
-        "drain_seconds_with_startup": with_startup,
-        "drain_rate": n as f64 / drain_seconds.max(1e-9),
-    }))
+    Ok((done, first.map_or(0.0, |t| t.elapsed().as_secs_f64())))
+}
+
+async fn drain_amqp(args: &Args) -> Result<(usize, f64), String> {
+    let runtime = async_rs::Runtime::tokio_with_handle(tokio::runtime::Handle::current());
+    let conn =
+        Connection::connect_with_runtime(&args.url, ConnectionProperties::default(), runtime)
+            .await
+            .map_err(|e| e.to_string())?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    channel
+        .basic_qos(args.window, BasicQosOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut deliveries = channel
+        .basic_consume(
+            args.queue.as_str().into(),
+            "ceiling".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut done, mut first) = (0usize, None);
+    while done < args.count {
+        let next = tokio::time::timeout(IDLE_LIMIT, deliveries.next()).await;
+        let delivery = match next {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(err))) => return Err(err.to_string()),
+            Ok(None) => return Err("the consumer was cancelled".into()),
+            Err(_) => return Err(format!("the queue ran dry after {done} of {}", args.count)),
+        };
+        first.get_or_insert_with(Instant::now);
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        done += 1;
+    }
+    let seconds = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    // The channel's close-ok comes after the broker has handled every ack.
+    channel
+        .close(200, "OK".into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = conn.close(200, "OK".into()).await;
+    Ok((done, seconds))
 }
 
 fn main() {
@@ -207,31 +222,35 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let url = match BrokerUrl::parse(&args.url) {
-        Ok(url) => url,
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("ceiling: {err}");
-            std::process::exit(2);
+            eprintln!("ceiling: no tokio runtime: {err}");
+            std::process::exit(1);
         }
     };
-    let runtime = _core::runtime::handle();
-    for repeat in 0..args.repeats {
-        let queue = match repeat {
-            0 => args.queue.clone(),
-            _ => format!("{}_{repeat}", args.queue),
-        };
-        let outcome = runtime.block_on(async {
-            purge(&url, &queue).await;
-            let outcome = one_run(&url, &args, &queue).await;
-            purge(&url, &queue).await;
-            outcome
-        });
-        match outcome {
-            Ok(value) => println!("{value}"),
-            Err(err) => {
-                eprintln!("ceiling: {err}");
-                std::process::exit(1);
-            }
+    let outcome = runtime.block_on(async {
+        match args.broker {
+            Broker::Redis => drain_redis(&args).await,
+            Broker::Amqp => drain_amqp(&args).await,
+        }
+    });
+    match outcome {
+        Ok((consumed, seconds)) => println!(
+            "{}",
+            serde_json::json!({
+                "client": if args.broker == Broker::Redis { "redis-rs" } else { "lapin" },
+                "consumed": consumed,
+                "window": args.window,
+                "seconds": seconds,
+            })
+        ),
+        Err(text) => {
+            eprintln!("ceiling: {text}");
+            std::process::exit(1);
         }
     }
 }

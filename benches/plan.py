@@ -45,8 +45,17 @@ DRAIN_SHAPES = {
 CPU_SHAPES = {"1 process": ("solo", 1), "prefork -c 2": ("prefork", 2)}
 #: peers with a batch enqueue API measured in the "batch API" enqueue cell
 BATCH_PEERS = ("celeriac", "rq")
-#: the ceiling run with no prefetch window (the other one has the headline drain's: 4)
-UNBOUNDED_CEILING = "pure Rust, no window"
+#: the ceiling's bare clients, per broker: each drains a queue filled by celeriac's client
+#: with the headline drain's window and one ack per message, and none of celeriac's code
+#: (``benches/ceiling.rs``: redis-rs, lapin; ``benches/bare_pika.py``: pika)
+CEILING_CLIENTS = {
+    "redis": ("redis-rs + Lua script",),
+    "amqp": ("lapin", "pika"),
+}
+#: beside the Redis ceiling, not a bound of the same work: redis-benchmark, one connection
+REDIS_BENCHMARK = "redis-benchmark"
+#: the peer name of every ceiling job (its shape names the client)
+BARE = "bare"
 #: peers of the memory scenario by default: 100,000 tasks take Celery's worker 1-3 min on
 #: 2 cores, Dramatiq's and taskiq's 1-2 min each and RQ's 6: the default run keeps Huey,
 #: the fastest pure-Python one (``--mem-peers`` names others)
@@ -63,19 +72,18 @@ class Job:
     mode: str = "solo"
     c: int = 1
     prefetch: int = 0  # the worker's prefetch window per slot; 0: the peer's default
-    client_peer: str = ""  # the client's library when not the worker's (mixed)
+    client_peer: str = ""  # the client's library when not the worker's (mixed, ceiling)
 
 
 def ceiling_jobs(args: argparse.Namespace, broker: str, on: list[str], rep: int) -> list[Job]:
-    """The pure-Rust ceiling (with the drain's window and with none) and redis-benchmark."""
-    if rep >= args.extra_repeats or broker not in ("redis", "amqp"):
+    """The ceiling's bare clients on ``broker`` (every repeat, as the drain they bound), and
+    redis-benchmark on Redis. Their queue is filled by celeriac's client: none without it."""
+    if "celeriac" not in on or broker not in CEILING_CLIENTS:
         return []
-    jobs = []
-    if "celeriac" in on:
-        jobs.append(Job(broker, "ceiling", "pure Rust", "celeriac", rep))
-        jobs.append(Job(broker, "ceiling", UNBOUNDED_CEILING, "celeriac", rep))
+    jobs = [Job(broker, "ceiling", shape, BARE, rep, client_peer="celeriac")
+            for shape in CEILING_CLIENTS[broker]]  # fmt: skip
     if broker == "redis":
-        jobs.append(Job(broker, "ceiling", "redis-benchmark", "redis", rep))
+        jobs.append(Job(broker, "ceiling", REDIS_BENCHMARK, BARE, rep))
     return jobs
 
 

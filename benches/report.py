@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benches.peers import DISTRIBUTIONS, PEERS
-from benches.plan import TUNED
+from benches.plan import CEILING_CLIENTS, REDIS_BENCHMARK, TUNED
 
 # scenario -> [(metric key, label, higher is better, shown in the chart)]
 METRICS: dict[str, list[tuple[str, str, bool, bool]]] = {
@@ -226,42 +226,39 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 def ceiling_summary(
     rows: list[dict[str, Any]], results: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Per broker: the pure-Rust ceiling (medians), redis-benchmark's figures, and
-    celeriac's enqueue and one-process drain as a share of the ceiling."""
+    """Per broker: each bare client's drain rate (median, range), the bound (the fastest
+    of them), celeriac's one-process drain as a share of it (``over_bound``: above 100 %,
+    so the bound is wrong), and redis-benchmark's figures beside them."""
     out = []
     for broker in BROKER_NAMES:
         recs = [r for r in results if r["ok"] and r["broker"] == broker
                 and r["scenario"] == "ceiling"]  # fmt: skip
-        rust = [r for r in recs if r["shape"] == "pure Rust"]
-        free = [r for r in recs if r["shape"] == "pure Rust, no window"]
-        bench = [r for r in recs if r["shape"] == "redis-benchmark"]
-        if not rust and not bench and not free:
+        if not recs:
             continue
-        entry: dict[str, Any] = {"broker": broker}
-        if rust:
-            entry["enqueue_rate"] = statistics.median(r["enqueue_rate"] for r in rust)
-            entry["drain_rate"] = statistics.median(r["drain_rate"] for r in rust)
-            entry["prefetch"] = rust[0]["prefetch"]
-            mine = {
-                (r["scenario"], r["shape"]): r["values"].get("celeriac")
-                for r in rows
-                if r["broker"] == broker and r["metric"] == "rate"
-            }
-            for key, (scen, shape), base in (
-                ("enqueue_pct", ("enqueue", ""), "enqueue_rate"),
-                ("batch_enqueue_pct", ("enqueue", "batch API"), "enqueue_rate"),
-                ("drain_pct", ("drain", "1 process"), "drain_rate"),
-            ):
-                value = mine.get((scen, shape))
-                if value:
-                    entry[key] = 100 * value / entry[base]
-        if free:
-            entry["unbounded_enqueue_rate"] = statistics.median(r["enqueue_rate"] for r in free)
-            entry["unbounded_drain_rate"] = statistics.median(r["drain_rate"] for r in free)
-        if bench:
-            for key in bench[0]:
-                if key.endswith("_rate"):
-                    entry["redis_benchmark_" + key] = statistics.median(r[key] for r in bench)
+        known = (*CEILING_CLIENTS.get(broker, ()), REDIS_BENCHMARK)
+        for rec in recs:
+            if rec["shape"] not in known:
+                raise ValueError(f"unknown ceiling client {rec['shape']!r} on {broker}")
+        entry: dict[str, Any] = {"broker": broker, "clients": {}, "ranges": {}}
+        for client in CEILING_CLIENTS.get(broker, ()):
+            rates = [float(r["rate"]) for r in recs if r["shape"] == client]
+            if rates:
+                entry["clients"][client] = statistics.median(rates)
+                entry["ranges"][client] = [min(rates), max(rates)]
+                entry["window"] = next(r["window"] for r in recs if r["shape"] == client)
+        if entry["clients"]:
+            bound = max(entry["clients"], key=lambda c: entry["clients"][c])
+            entry.update(bound_client=bound, bound_rate=entry["clients"][bound])
+            drain = next((r["values"].get("celeriac") for r in rows if r["broker"] == broker
+                          and r["scenario"] == "drain" and r["shape"] == "1 process"
+                          and r["metric"] == "rate"), None)  # fmt: skip
+            if drain:
+                entry.update(drain_rate=drain, drain_pct=100 * drain / entry["bound_rate"])
+                entry["over_bound"] = entry["drain_pct"] > 100
+        bench = [r for r in recs if r["shape"] == REDIS_BENCHMARK]
+        for key in ("lpush_rate", "lpop_rate"):
+            if bench:
+                entry["redis_benchmark_" + key] = statistics.median(float(r[key]) for r in bench)
         out.append(entry)
     return out
 
@@ -270,39 +267,32 @@ def ceiling_lines(ceilings: list[dict[str, Any]]) -> list[str]:
     lines = []
     for c in ceilings:
         name = BROKER_NAMES[c["broker"]]
-        if "drain_rate" in c:
-            parts = [
-                f"{name}: pure-Rust ceiling (benches/ceiling.rs, prefetch {c['prefetch']}): "
-                f"enqueue {c['enqueue_rate']:,.0f} tasks/s, drain {c['drain_rate']:,.0f} tasks/s"
-            ]
-            shares = [
-                f"{label} {c[key]:.0f} %"
-                for key, label in (
-                    ("enqueue_pct", "enqueue"),
-                    ("batch_enqueue_pct", "batch enqueue"),
-                    ("drain_pct", "drain 1 process"),
-                )
-                if key in c
-            ]
-            if shares:
-                parts.append("  celeriac as a share of it: " + ", ".join(shares))
-            lines += parts
-        if "unbounded_drain_rate" in c:
+        if c["clients"]:
+            figures = ", ".join(
+                f"{client} {_fmt(rate)}"
+                + (" [{}-{}]".format(*map(_fmt, c["ranges"][client]))
+                   if c["ranges"][client][0] != c["ranges"][client][1] else "")
+                for client, rate in c["clients"].items()
+            )  # fmt: skip
             lines.append(
-                f"{name}: the same with no prefetch window: enqueue "
-                f"{c['unbounded_enqueue_rate']:,.0f} tasks/s, drain "
-                f"{c['unbounded_drain_rate']:,.0f} tasks/s"
+                f"{name} ceiling: a bare client drains with the drain's window "
+                f"({c['window']}), one ack per message, no celeriac code: {figures} tasks/s"
             )
-        bench = {k[len("redis_benchmark_") :]: v for k, v in c.items()
-                 if k.startswith("redis_benchmark_")}  # fmt: skip
-        if bench:
+        if "drain_pct" in c:
             lines.append(
-                f"{name}: redis-benchmark -t lpush,rpop: "
-                + ", ".join(
-                    f"{k.split('_')[0].upper()} {v:,.0f}/s ({k.split('_')[1][1:]} client"
-                    + ("s)" if not k.split("_")[1].endswith("c1") else ")")
-                    for k, v in bench.items()
+                f"  celeriac's drain 1 process: {_fmt(c['drain_rate'])} tasks/s = "
+                f"{c['drain_pct']:.0f} % of the bound ({c['bound_client']})"
+            )
+            if c["over_bound"]:
+                lines.append(
+                    f"  THE {name.upper()} CEILING DOES NOT BOUND: celeriac drained faster than"
+                    " the bare client doing the same broker work; the bound is wrong"
                 )
+        if "redis_benchmark_lpop_rate" in c:
+            lines.append(
+                f"  redis-benchmark -c 1 -P 1 (one command per round trip; a reference, not "
+                f"the same work): LPUSH {_fmt(c.get('redis_benchmark_lpush_rate'))}/s, "
+                f"LPOP {_fmt(c['redis_benchmark_lpop_rate'])}/s"
             )
     return lines
 
@@ -323,11 +313,14 @@ def table_block(
     """Everything a run prints after its measurements: the method's warnings, the table,
     its caveats, the ceilings, the legend, how each peer ran and the serializer ratios.
     ``python -m benches --report`` prints the same lines from the results JSON."""
+    ceilings = ceiling_summary(rows, results)
+    notes = [*(notes or []), *(
+        f"celeriac drained faster than the {BROKER_NAMES[c['broker']]} ceiling: it does not"
+        " bound" for c in ceilings if c.get("over_bound"))]  # fmt: skip
     lines = [""]
-    lines += [f"NOT A RESULT TO PUBLISH: {note}" for note in notes or []]
+    lines += [f"NOT A RESULT TO PUBLISH: {note}" for note in notes]
     lines += table_lines(rows)
     lines += caveat_lines(rows)
-    ceilings = ceiling_summary(rows, results)
     if ceilings:
         lines += ["", *ceiling_lines(ceilings)]
     lines += ["", *textwrap.wrap(LEGEND, width=100)]
@@ -371,11 +364,11 @@ def write_chart(
         colors = ["#d9534f" if p == "celeriac" else "#5b7db1" for p in peers]
         ax.bar(peers, vals, color=colors)
         ceiling = next((c for c in ceilings or [] if c["broker"] == row["broker"]), None)
-        if ceiling and row["metric"] == "rate" and row["scenario"] in ("enqueue", "drain"):
-            key = "enqueue_rate" if row["scenario"] == "enqueue" else "drain_rate"
-            if key in ceiling and (row["scenario"] == "enqueue" or row["shape"] == "1 process"):
-                ax.axhline(ceiling[key], color="#444", linestyle="--", linewidth=1)
-                ax.text(0, ceiling[key], " pure-Rust ceiling", fontsize=7, va="bottom")
+        if (ceiling and "bound_rate" in ceiling and row["metric"] == "rate"
+                and (row["scenario"], row["shape"]) == ("drain", "1 process")):  # fmt: skip
+            ax.axhline(ceiling["bound_rate"], color="#444", linestyle="--", linewidth=1)
+            ax.text(0, ceiling["bound_rate"], f" ceiling ({ceiling['bound_client']})",
+                    fontsize=7, va="bottom")  # fmt: skip
         scen = row["scenario"] + (f" {row['shape']}" if row["shape"] else "")
         ratio = f"  ({row['vs_celery']:.1f}x Celery)" if row["vs_celery"] else ""
         ax.set_title(f"{BROKER_NAMES[row['broker']]}: {scen}{ratio}", fontsize=9)

@@ -33,9 +33,16 @@ unique to it; its keys, queues and files are deleted before and after. Scenarios
   and round trip through Celery's ``AsyncResult``), against a Celery worker, same client;
 - ``soak`` (not in the default run): 1,000,000 no-ops through one celeriac worker on Redis,
   its PSS sampled all along; it must stay flat within 5 % after the warm-up (``soak.py``);
-- ``ceiling``: the pure-Rust ceiling (``benches/ceiling.rs``, built once with cargo's
-  ``ci`` profile): the crate's own producer and consumer doing the broker work of n
-  no-ops with no Python; and ``redis-benchmark -t lpush,rpop`` where it is installed.
+- ``ceiling``: what the broker allows the one-process drain: n no-ops (and the two
+  sentinels) queued by celeriac's client, then drained by a bare client with the drain's
+  window (4) and one ack per message, none of celeriac's code: on Redis, redis-rs running
+  one Lua script per round trip (the previous batch's acks, the pop and kombu's unacked
+  record, as the worker's fetch does; ``benches/ceiling.rs``, built once with cargo's ``ci``
+  profile), with ``redis-benchmark -c 1 -P 1 -t lpush,lpop`` beside it (one connection, one
+  command per round trip: a reference, not the same work); on RabbitMQ, lapin
+  (``benches/ceiling.rs``) and pika (``benches/bare_pika.py``): ``basic.qos(4)``, one
+  ``basic.ack`` per persistent message. celeriac's drain as a share of the fastest of
+  them is reported; above 100 % the bound is wrong and the run says so.
 
 Prints a table with ratios to Celery and to the best pure-Python peer, writes the raw
 numbers and the machine's facts to ``benches/results/bench-*.json`` and a bar chart next
@@ -82,8 +89,8 @@ from benches.plan import (  # noqa: E402
     MEM_PEERS,
     MIXED_DRAIN,
     NOT_BY_DEFAULT,
+    REDIS_BENCHMARK,
     SCENARIOS,
-    UNBOUNDED_CEILING,
     Job,
     plan,
 )
@@ -103,6 +110,8 @@ from benches.report import (  # noqa: E402
 )
 
 RESULTS_DIR = ROOT / "benches" / "results"
+#: the ceiling's clients in ``benches/ceiling.rs`` (the rest: pika, redis-benchmark)
+RUST_CLIENTS = ("redis-rs + Lua script", "lapin")
 
 
 class BenchError(Exception):
@@ -305,28 +314,40 @@ class Bench:
         return self.drain(job, queue, kind="cpu")
 
     def ceiling(self, job: Job, queue: str) -> dict[str, Any]:
-        """The pure-Rust program (job.shape "pure Rust"), or redis-benchmark."""
-        if job.shape == "redis-benchmark":
-            return _redis_benchmark(self.args.redis_url, self.r)
-        if self.ceiling_exe is None:
-            raise BenchError("the ceiling program is not built (see the note above)")
+        """A bare client drains what celeriac's client queued for the drain (``fill``: n
+        no-ops between two sentinels), with the drain's window; or redis-benchmark."""
+        if job.shape == REDIS_BENCHMARK:
+            return _redis_benchmark(self.args.redis_url, self.r, self.args.n)
+        n, count = self.args.n, self.args.n + 2
+        # The client returns once the broker holds exactly n + 2 (it fails otherwise).
+        self.client(job, queue, "fill", "-n", str(n), "--marks", f"{queue}:marks",
+                    timeout=60 + n / 100)  # fmt: skip
         url = self.args.redis_url if job.broker == "redis" else self.args.amqp_url
-        n = self.args.n
-        # The headline drain's window at -c 1 (the default multiplier), or none at all.
-        prefetch = 0 if job.shape == UNBOUNDED_CEILING else DEFAULT_WINDOW
-        cmd = [self.ceiling_exe, "--url", url, "-n", str(n), "--queue", queue,
-               "--prefetch", str(prefetch)]  # fmt: skip
+        common = ["--url", url, "--queue", queue, "-n", str(count),
+                  "--window", str(DEFAULT_WINDOW)]  # fmt: skip
+        if job.shape == "pika":
+            cmd = [self.python, "-m", "benches.bare_pika", *common]
+            how = "benches/bare_pika.py"
+        elif self.ceiling_exe is None:
+            raise BenchError("the ceiling program is not built (see the note above)")
+        else:
+            cmd = [self.ceiling_exe, job.broker, *common]
+            how = f"benches/ceiling.rs (cargo profile {self.args.ceiling_profile})"
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                   timeout=60 + n / 100, check=False)  # fmt: skip
         except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"the ceiling program timed out after {exc.timeout:.0f}s") from exc
+            raise BenchError(f"{job.shape} timed out after {exc.timeout:.0f}s") from exc
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
-            raise BenchError(f"ceiling exited {proc.returncode}:\n{_tail(proc.stderr)}")
+            raise BenchError(f"{job.shape} exited {proc.returncode}:\n{_tail(proc.stderr)}")
         out: dict[str, Any] = json.loads(lines[-1])
-        window = f"prefetch {prefetch}" if prefetch else "no prefetch limit"
-        out["settings"] = f"benches/ceiling.rs (cargo profile ci), {window}"
+        if out.get("consumed") != count:
+            raise BenchError(f"{job.shape} consumed {out.get('consumed')}, not {count}", out)
+        # As the drain's rate: n over the time from the first sentinel to the last.
+        out.update(n=n, rate=n / max(out["seconds"], 1e-9))
+        out["settings"] = (f"{job.shape}: {how}, window {DEFAULT_WINDOW}, one ack per message,"
+                           " no celeriac code")  # fmt: skip
         return out
 
     def roundtrip(self, job: Job, queue: str) -> dict[str, Any]:
@@ -424,9 +445,9 @@ def percentile(ordered: list[float], p: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def _redis_benchmark(url: str, r: redis.Redis) -> dict[str, Any]:
-    """``redis-benchmark -t lpush,rpop``: with one client (one command at a time, the
-    bound of a consumer that waits for each reply) and with its default 50 clients."""
+def _redis_benchmark(url: str, r: redis.Redis, n: int) -> dict[str, Any]:
+    """``redis-benchmark -c 1 -P 1 -t lpush,lpop``: one connection, one command per round
+    trip (a consumer that waits for each reply; not the worker's work per task)."""
     exe = shutil.which("redis-benchmark")
     if exe is None:
         raise BenchError("redis-benchmark is not installed (it ships with redis-server)")
@@ -434,37 +455,38 @@ def _redis_benchmark(url: str, r: redis.Redis) -> dict[str, Any]:
     host, port, db = str(kw.get("host", "127.0.0.1")), str(kw.get("port", 6379)), kw.get("db", 0)
     if r.exists("mylist"):
         raise BenchError("Redis already has a key 'mylist' (redis-benchmark's); not touching it")
-    out: dict[str, Any] = {"settings": "redis-benchmark -t lpush,rpop -n 50000 -q --csv"}
+    count = max(n, 1000)  # below that its rate is mostly its start
+    args = ["-c", "1", "-P", "1", "-t", "lpush,lpop", "-n", str(count)]
+    out: dict[str, Any] = {"settings": f"redis-benchmark {' '.join(args)} --csv", "n": count}
+    cmd = [exe, "-h", host, "-p", port, "--dbnum", str(db), *args, "-q", "--csv"]
     try:
-        for clients in (1, 50):
-            cmd = [exe, "-h", host, "-p", port, "--dbnum", str(db), "-t", "lpush,rpop",
-                   "-n", "50000", "-c", str(clients), "-q", "--csv"]  # fmt: skip
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                                      check=False)  # fmt: skip
-            except subprocess.TimeoutExpired as exc:
-                raise BenchError("redis-benchmark timed out") from exc
-            if proc.returncode != 0:
-                raise BenchError(f"redis-benchmark exited {proc.returncode}: {proc.stderr}")
-            for line in proc.stdout.splitlines():
-                cells = [c.strip('"') for c in line.split(",")]
-                if len(cells) >= 2 and cells[0] in ("LPUSH", "RPOP"):
-                    with contextlib.suppress(ValueError):
-                        out[f"{cells[0].lower()}_c{clients}_rate"] = float(cells[1])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                                  check=False)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError("redis-benchmark timed out") from exc
+        if proc.returncode != 0:
+            raise BenchError(f"redis-benchmark exited {proc.returncode}: {proc.stderr}")
+        for line in proc.stdout.splitlines():
+            cells = [c.strip('"') for c in line.split(",")]
+            if len(cells) >= 2 and cells[0] in ("LPUSH", "LPOP"):
+                with contextlib.suppress(ValueError):
+                    out[f"{cells[0].lower()}_rate"] = float(cells[1])
     finally:
         r.delete("mylist")
-    if not any(k.endswith("_rate") for k in out):
-        raise BenchError("redis-benchmark printed no LPUSH/RPOP figures")
+    if "lpop_rate" not in out:
+        raise BenchError("redis-benchmark printed no LPOP figure")
+    out["rate"] = out["lpop_rate"]
     return out
 
 
-def build_ceiling() -> tuple[str | None, str | None]:
-    """Build ``benches/ceiling.rs`` with cargo's ``ci`` profile: (executable, None) or
+def build_ceiling(profile: str = "ci") -> tuple[str | None, str | None]:
+    """Build ``benches/ceiling.rs`` with cargo's ``profile``: (executable, None) or
     (None, why not). Cargo skips the work when nothing changed."""
     cargo = shutil.which("cargo")
     if cargo is None:
         return None, "cargo is not installed"
-    cmd = [cargo, "build", "--profile", "ci", "--bench", "ceiling", "--message-format=json"]
+    cmd = [cargo, "build", "--profile", profile, "--bench", "ceiling", "--message-format=json"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                               check=False)  # fmt: skip
@@ -591,12 +613,9 @@ def _brief(rec: dict[str, Any]) -> str:
     if scen == "cpu":
         return f"{rec['run_seconds']:>7.2f} s after start-up, {rec['efficiency']:.0%} of ideal"
     if scen == "ceiling":
-        if "drain_rate" in rec:
-            return (
-                f"enqueue {rec['enqueue_rate']:>9,.0f} tasks/s, "
-                f"drain {rec['drain_rate']:>9,.0f} tasks/s"
-            )
-        return ", ".join(f"{k[:-5]} {v:,.0f}/s" for k, v in rec.items() if k.endswith("_rate"))
+        if "lpop_rate" in rec:  # redis-benchmark
+            return f"LPUSH {rec.get('lpush_rate', 0):,.0f}/s, LPOP {rec['lpop_rate']:,.0f}/s"
+        return f"{rec['rate']:>10,.0f} tasks/s (window {rec['window']})"
     if scen == "soak":
         return soak.brief(rec)
     if scen == "memory":
@@ -734,12 +753,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-prefork", action="store_true",
                    help="memory: also prefork -c 1 (celeriac, Celery)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=MIN_REPEATS,
-                   help=f"repeats of the enqueue, drain and round-trip cells ({MIN_REPEATS};"
-                   " fewer: the table says it is not a result)")  # fmt: skip
+                   help=f"repeats of the enqueue, drain, round-trip and ceiling cells"
+                   f" ({MIN_REPEATS}; fewer: the table says it is not a result)")  # fmt: skip
     p.add_argument(
         "--extra-repeats", type=int, default=1,
-        help="repeats of the io, cpu, memory, mixed and ceiling cells (1; 0: none of them,"
-        " and no multi-slot drain)",
+        help="repeats of the io, cpu, memory and mixed cells (1; 0: none of them, and no"
+        " multi-slot drain)",
     )  # fmt: skip
     p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                    help=f"seconds to wait at the start for other processes to leave the CPUs"
@@ -767,6 +786,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=SCENARIOS, help=argparse.SUPPRESS)
     p.add_argument("--impl", action="append", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--no-prefork", action="store_true", help="skip the prefork cells")
+    p.add_argument("--ceiling-profile", default="ci",
+                   help="cargo profile of the ceiling's redis-rs and lapin clients (ci; CI's"
+                   " smoke run: dev, which `cargo test` has built already)")  # fmt: skip
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     amqp_url = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
     p.add_argument("--redis-url", default=redis_url, help="Redis (broker, results, sentinels)")
@@ -853,13 +875,13 @@ def main(argv: list[str] | None = None) -> int:
         facts["cpu_task_rounds"] = cpu_rounds
         print(f"CPU-bound task: {cpu_rounds:,} SHA-256 rounds = {CPU_SECONDS * 1000:.0f} ms here")
     ceiling_exe = None
-    if any(job.shape == "pure Rust" for job in jobs):
-        print("building the pure-Rust ceiling (cargo build --profile ci --bench ceiling) ...",
-              flush=True)  # fmt: skip
+    if any(job.scenario == "ceiling" and job.shape in RUST_CLIENTS for job in jobs):
+        print(f"building the ceiling's bare clients (cargo build --profile {args.ceiling_profile}"
+              " --bench ceiling) ...", flush=True)  # fmt: skip
         t_build = time.time()
-        ceiling_exe, problem = build_ceiling()
+        ceiling_exe, problem = build_ceiling(args.ceiling_profile)
         if problem is not None:
-            print(f"note: no pure-Rust ceiling: {problem}")
+            print(f"note: no redis-rs or lapin ceiling: {problem}")
             skipped["ceiling"] = problem
         facts["ceiling_build_seconds"] = time.time() - t_build
     with tempfile.TemporaryDirectory(prefix="celeriac-bench-") as tmp:

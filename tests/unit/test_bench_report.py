@@ -116,8 +116,8 @@ def _run_without(key: str) -> dict[str, Any]:
 
 def _ceiling_without_rate() -> dict[str, Any]:
     doc = _good()
-    doc["runs"].append({"broker": "redis", "scenario": "ceiling", "shape": "pure Rust",
-                        "peer": "celeriac", "ok": True, "drain_rate": 1.0})  # fmt: skip
+    doc["runs"].append({"broker": "amqp", "scenario": "ceiling", "shape": "lapin",
+                        "peer": "bare", "ok": True, "window": 4, "seconds": 1.0})  # fmt: skip
     return doc
 
 
