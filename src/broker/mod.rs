@@ -241,11 +241,6 @@ impl Consumer {
         on_transport!(self, consumer => ConsumerOps::give_back(consumer, tags))
     }
 
-    /// See [`traits::Consumer::release_window`]; called before waiting for messages.
-    pub fn release_window(&self) {
-        on_transport!(self, consumer => ConsumerOps::release_window(consumer))
-    }
-
     /// See [`traits::Consumer::extend_window`].
     pub fn extend_window(&self, delta: i64) -> Result<()> {
         on_transport!(self, consumer => ConsumerOps::extend_window(consumer, delta))

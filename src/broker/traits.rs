@@ -33,10 +33,6 @@ pub trait Consumer {
         tags.into_iter().try_for_each(|tag| self.reject(tag, true))
     }
 
-    /// Give the fetcher every window slot freed by acks and held back so far; only
-    /// transports that group them (Redis) have anything to do.
-    fn release_window(&self) {}
-
     /// Grow (`delta > 0`) or shrink the prefetch window, one slot per message held for
     /// its ETA or rate limit.
     fn extend_window(&self, delta: i64) -> Result<()>;

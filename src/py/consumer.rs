@@ -117,7 +117,6 @@ impl Consumer {
         crate::trace::hop("consume.fetch");
         let deadline = Instant::now() + duration("timeout", timeout)?;
         let max_count = max_count.max(1);
-        self.inner.release_window();
         let mut guard = self
             .deliveries
             .lock()

@@ -3,7 +3,7 @@
 //! what it holds when it stops.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -148,12 +148,6 @@ struct ConsumerShared {
     /// Window slots still to take back after `extend_window` shrank it by more than
     /// was free at the time; paid from the next releases.
     debt: Mutex<usize>,
-    /// Slots freed by acks and not yet given back to the fetcher: they are given back
-    /// `release_batch` at a time (or all at the next `fetch`). The batch is 1: refilling
-    /// each slot as it frees starts the next fetch script a task earlier, which an A-B
-    /// run measured faster than groups of `window / 2` (docs/latency.md).
-    deferred: AtomicUsize,
-    release_batch: usize,
     /// True when the last fetch found messages waiting (no blocking pop was needed):
     /// more work is queued, so the ack writer may linger to batch acks.
     backlog: AtomicBool,
@@ -342,8 +336,6 @@ impl RedisConsumer {
             owned_key: owned_key(&options, &id),
             id,
             debt: Mutex::new(0),
-            deferred: AtomicUsize::new(0),
-            release_batch: 1,
             backlog: AtomicBool::new(false),
             options,
         });
@@ -384,29 +376,13 @@ impl RedisConsumer {
         // is): free the window slots now, so the next fetch overlaps with writing the
         // ack instead of waiting a round trip for it.
         crate::trace::hop("ack.handoff");
+        // Each slot goes back as its ack is handed over: the next fetch script starts
+        // a task earlier than with slots given back in groups (docs/latency.md).
         let released = self.shared.forget(&tags);
-        self.defer_release(released);
+        self.shared.release(released);
         self.ack_tx
             .send(AckCommand::Ack(tags))
             .map_err(|_| Error::Closed("the consumer"))
-    }
-
-    /// Give `count` window slots back, in groups of `release_batch` (see its field).
-    fn defer_release(&self, count: usize) {
-        if count == 0 || self.shared.unbounded {
-            return;
-        }
-        let pending = self.shared.deferred.fetch_add(count, Ordering::AcqRel) + count;
-        if pending >= self.shared.release_batch {
-            self.release_deferred();
-        }
-    }
-
-    /// Give back every slot freed by acks so far (the caller is about to wait for
-    /// messages, so nothing may stay held back).
-    pub fn release_deferred(&self) {
-        let pending = self.shared.deferred.swap(0, Ordering::AcqRel);
-        self.shared.release(pending);
     }
 
     /// `requeue=false` drops the message (kombu: same as ack); `true` puts it back.
@@ -415,7 +391,7 @@ impl RedisConsumer {
             AckCommand::Requeue(tag)
         } else {
             let released = self.shared.forget(std::slice::from_ref(&tag));
-            self.defer_release(released);
+            self.shared.release(released);
             AckCommand::Ack(vec![tag])
         };
         self.ack_tx
@@ -967,10 +943,6 @@ impl crate::broker::traits::Consumer for RedisConsumer {
 
     fn give_back(&self, tags: Vec<String>) -> Result<()> {
         RedisConsumer::give_back(self, tags)
-    }
-
-    fn release_window(&self) {
-        self.release_deferred()
     }
 
     fn extend_window(&self, delta: i64) -> Result<()> {
