@@ -175,6 +175,14 @@ class ExecutionMixin(WorkerBase):
                 stats.ended()
 
     def _finish(self, consumer: Consumer, done: list[tuple[Request, Disposition]]) -> None:
+        for request, _ in done:
+            # The chord parts these tasks sent: settled before any of them is acked,
+            # so an acks_late header task is acked only once its part is recorded
+            # (and the body sent when it completed the header).
+            pending = request.pending_join
+            if pending is not None:
+                request.pending_join = None
+                pending.settle()
         acks: list[str] = []
         for request, disposition in done:
             if disposition is Disposition.ACK:
