@@ -743,8 +743,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT,
                    help=f"seconds to wait at the start for other processes to leave the CPUs"
-                   f" under {BUSY_THRESHOLD:.0%} busy ({QUIET_WAIT:.0f}; then it runs and says"
-                   " so)")  # fmt: skip
+                   f" under {BUSY_THRESHOLD * 100:.0f}%% busy ({QUIET_WAIT:.0f}; then it runs"
+                   " and says so)")  # fmt: skip
     p.add_argument(
         "--busy-threshold",
         type=float,

@@ -10,6 +10,7 @@ pub mod protocol;
 pub mod retry;
 pub mod runtime;
 pub mod scheduler;
+pub mod trace;
 
 mod py;
 

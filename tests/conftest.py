@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import redis
+from tls_pki import pki  # noqa: F401 (the fixture: the TLS tests' CA and certificates)
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379

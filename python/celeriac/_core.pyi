@@ -11,6 +11,8 @@ __version__: str
 
 SEND_OPTIONS: Final[tuple[str, ...]]
 """Every ``Producer.send`` option name (listed once, in ``src/protocol/send.rs``)."""
+DELAYED_DELIVERY_EXCHANGE: Final[str]
+"""The exchange Celery publishes a natively delayed task to (``celery_delayed_27``)."""
 
 class CeleriacError(Exception):
     """Base of every error celeriac raises itself (Celery's ``CeleryError``)."""
@@ -56,6 +58,10 @@ def loads(data: bytes | str) -> Any:
 
 def uuid4() -> str:
     """A random (version 4) UUID string, as ``str(uuid.uuid4())``: the default task id."""
+
+def delayed_routing_key(seconds: int, routing_key: str) -> str:
+    """The routing key of Celery's native delayed delivery for a delay of ``seconds``
+    (at least 1) to ``routing_key``: ``ValueError`` for 0 or an empty key."""
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``**`` (``redis://:**@host:6379/0``)."""

@@ -504,6 +504,9 @@ class Celeriac:
             options.setdefault("failover_strategy", conf["broker_failover_strategy"])
         if conf.get("broker_use_ssl"):
             options.setdefault("ssl", ssl_option(conf["broker_use_ssl"]))
+        options.setdefault(
+            "native_delayed_delivery_queue_type", conf["broker_native_delayed_delivery_queue_type"]
+        )
         arguments: dict[str, Any] = {}
         if conf.get("task_queue_max_priority") is not None:
             arguments["x-max-priority"] = int(conf["task_queue_max_priority"])

@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "broker_transport_options": {},
     "broker_use_ssl": False,
     "broker_failover_strategy": None,
+    # The type of the celery_delayed_* queues of native delayed delivery (quorum queues).
+    "broker_native_delayed_delivery_queue_type": "quorum",
     # results
     "result_backend": None,
     "result_backend_transport_options": {},

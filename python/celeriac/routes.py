@@ -252,6 +252,13 @@ class Router:
     def __init__(self, conf: Settings) -> None:
         self.routers = _prepare(conf["task_routes"])
         self.queues = queue_table(conf)
+        #: A quorum queue is configured: ETA tasks use Celery's native delayed delivery.
+        self.quorum = any(
+            (spec.arguments or {}).get("x-queue-type") == "quorum" for spec in self.queues.values()
+        ) or (
+            conf.get("task_default_queue_type") == "quorum"
+            and conf["task_default_queue"] in self.queues
+        )
         self.create_missing: bool = conf["task_create_missing_queues"]
         self.default_queue: str = conf["task_default_queue"]
         #: True when the route depends only on the task name (no router functions).

@@ -9,13 +9,14 @@ Functions of the app (its settings, router and producer): ``Celeriac.send_task``
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac import signals as _signals
-from celeriac._core import SEND_OPTIONS, uuid4
+from celeriac._core import DELAYED_DELIVERY_EXCHANGE, SEND_OPTIONS, delayed_routing_key, uuid4
 from celeriac.exceptions import AlwaysEagerIgnored, ImproperlyConfigured
 from celeriac.local import get_current_worker_task
 from celeriac.result import AsyncResult as _AsyncResult
@@ -23,6 +24,7 @@ from celeriac.serialization import check_compression, check_serializer
 from celeriac.serialization import dumps as _serialize
 from celeriac.serialization import loads as _deserialize
 from celeriac.task_options import DispatchDefaults
+from celeriac.transports import AMQP_SCHEMES, scheme_of
 from celeriac.utils.nodenames import client_origin
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from celeriac.task import Task as _Task
 
 _UTC = datetime.timezone.utc
+logger = logging.getLogger(__name__)
 
 # Send options that apply_async builds itself (dates, routing, limits, links, encodings).
 _BUILT_OPTIONS = frozenset(
@@ -260,6 +263,8 @@ def send_task_message(
         eta = app.now() + datetime.timedelta(seconds=_seconds("countdown", countdown))
     if eta is not None:
         opts["eta"] = _iso(eta)
+        if app.router.quorum:
+            _delay_natively(app, route, opts, countdown, eta)
     if expires is None:
         expires = defaults.expires
     if expires is not None:
@@ -376,6 +381,46 @@ def send_sent_event(
         exchange=opts.get("exchange", ""),
         routing_key=opts.get("routing_key", queue),
     )
+
+
+def _delay_natively(
+    app: Celeriac,
+    route: Route,
+    opts: dict[str, Any],
+    countdown: float | None,
+    eta: datetime.datetime | str,
+) -> None:
+    """Celery 5.5+'s native delayed delivery: with a quorum queue among the app's queues
+    on RabbitMQ, a task for a queue on a topic or fanout exchange is published to
+    ``celery_delayed_27`` with the delay in its routing key, and waits in the broker's
+    ``celery_delayed_*`` queues rather than in a worker (docs/wire.md §2.4). The ``eta``
+    header is kept: the worker holds the message for what is left of a second."""
+    if scheme_of(app.broker_url) not in AMQP_SCHEMES:
+        return
+    spec = app.router.queues.get(route.queue)
+    if spec is None or spec.exchange_type == "direct":
+        # Celery's warning, word for word in substance.
+        logger.warning(
+            "Direct exchanges are not supported with native delayed delivery. %s is a "
+            "direct exchange but should be a topic exchange or a fanout exchange in order "
+            "for native delayed delivery to work properly. If quorum queues are used, this "
+            "task may block the worker process until the ETA arrives.",
+            spec.exchange if spec is not None else route.queue,
+        )
+        return
+    if countdown:
+        delay = float(countdown)
+    else:
+        at = _parse_iso(eta) if isinstance(eta, str) else eta
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=_UTC)
+        delay = (at - app.now()).total_seconds()
+    # A delay in the past (or none) is sent to the queue at once, as Celery does; so is
+    # one under a second (Celery raises ValueError for it: int(delay) is 0).
+    if delay < 1:
+        return
+    opts["exchange"] = DELAYED_DELIVERY_EXCHANGE
+    opts["routing_key"] = delayed_routing_key(int(delay), spec.routing_key)
 
 
 def _set_expires(app: Celeriac, opts: dict[str, Any], expires: Any) -> None:

@@ -194,6 +194,7 @@ impl RpcBackend {
         correlation_id: Option<&str>,
     ) -> Result<()> {
         self.check_open()?;
+        crate::trace::hop("result.handoff");
         let Some(reply_to) = reply_to.filter(|r| !r.is_empty()) else {
             return Ok(());
         };
@@ -454,6 +455,7 @@ async fn listen_loop(
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(delivery)) => {
+                        crate::trace::hop("result.published");
                         let id = delivery
                             .properties
                             .correlation_id()

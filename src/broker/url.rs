@@ -403,12 +403,15 @@ impl BrokerUrl {
 
     /// This URL with the TLS settings of `setting` (`broker_use_ssl`,
     /// `redis_backend_use_ssl`) under those of its query; a dict makes `redis://` use
-    /// TLS too, as in kombu and Celery. URLs of other transports are returned as
+    /// TLS too, as in kombu and Celery, and a `sentinel://` list's master (not its
+    /// sentinels: those take `sentinel_kwargs`). URLs of other transports are returned as
     /// they are (AMQP reads its own TLS settings).
     pub fn with_redis_tls(&self, setting: Option<&RedisTls>) -> Self {
         let mut url = self.clone();
-        if let (Some(setting), Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket) =
-            (setting, self.scheme)
+        if let (
+            Some(setting),
+            Scheme::Redis | Scheme::Rediss | Scheme::RedisSocket | Scheme::Sentinel,
+        ) = (setting, self.scheme)
         {
             url.redis_tls = Some(match &self.redis_tls {
                 Some(own) => own.or(setting),
@@ -600,6 +603,13 @@ mod tests {
         assert_eq!(both.cert_reqs, Some(CertReqs::None));
         assert_eq!(both.ca_certs.as_deref(), Some("/ca.pem"));
         assert!(plain.with_redis_tls(Some(&setting)).redis_tls.is_some());
+        // and for the master a sentinel:// list names (kombu's broker_use_ssl)
+        let sentinels = BrokerUrl::parse("sentinel://h:26379;sentinel://g:26379").unwrap();
+        assert!(sentinels.redis_tls.is_none());
+        assert_eq!(
+            sentinels.with_redis_tls(Some(&setting)).redis_tls,
+            Some(setting.clone())
+        );
         for raw in [
             "redis://:secret@h/0?ssl_cert_reqs=required",
             "rediss://:secret@h/0?ssl_cert_reqs=sometimes",

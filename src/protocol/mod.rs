@@ -2,6 +2,7 @@
 
 pub mod compression;
 pub mod content;
+pub mod delayed;
 pub mod envelope;
 pub mod json;
 pub mod message;

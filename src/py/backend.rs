@@ -226,11 +226,13 @@ impl Backend {
             None => None,
             Some(secs) => Some(Instant::now() + duration("timeout", secs.max(0.0))?),
         };
+        crate::trace::hop("result.wait");
         let mut waiter = py.detach(|| self.inner.watch(task_id))?;
         loop {
             let slice_end = Instant::now() + WAIT_SLICE;
             let until = deadline.map_or(slice_end, |deadline| deadline.min(slice_end));
             if let Some(stored) = py.detach(|| waiter.wait_until(until))? {
+                crate::trace::hop("result.woken");
                 let meta = self.format.decode(py, task_id, &stored)?;
                 // The stores read the state of JSON only and hand anything else over:
                 // an unready one means waiting on, after a pause (some stores would

@@ -114,6 +114,7 @@ impl Consumer {
     }
 
     fn fetch(&self, py: Python<'_>, max_count: usize, timeout: f64) -> PyResult<Vec<Delivery>> {
+        crate::trace::hop("consume.fetch");
         let deadline = Instant::now() + duration("timeout", timeout)?;
         let max_count = max_count.max(1);
         self.inner.release_window();
@@ -144,6 +145,7 @@ impl Consumer {
                 return Err(Error::Closed("the consumer").into());
             }
             if !batch.is_empty() {
+                crate::trace::hop("consume.handed");
                 break;
             }
             py.check_signals()?;

@@ -451,8 +451,23 @@ fn uuid4() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// The routing key of Celery's native delayed delivery for a delay of `seconds`
+/// (at least 1) to `routing_key`: ``ValueError`` for 0 or an empty key.
+#[pyfunction]
+fn delayed_routing_key(seconds: u64, routing_key: &str) -> PyResult<String> {
+    Ok(crate::protocol::delayed::delayed_routing_key(
+        seconds,
+        routing_key,
+    )?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(uuid4, m)?)?;
+    m.add_function(wrap_pyfunction!(delayed_routing_key, m)?)?;
+    m.add(
+        "DELAYED_DELIVERY_EXCHANGE",
+        crate::protocol::delayed::FIRST_EXCHANGE,
+    )?;
     m.add("SEND_OPTIONS", send_options(m.py())?)?;
     m.add_class::<Producer>()
 }

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 #: The worker's prefetch window (solo pool: worker_prefetch_multiplier 4 x 1).
 PREFETCH = 4
+#: The stream's numbers stay below this; the batch sent after the stop starts there.
+STREAM_MAX = 1_000_000
 
 FAILOVER_TASKS = app_module(
     "tasks",
@@ -141,13 +144,18 @@ class Node:
         SIGKILL."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.kill()
         self.proc = None
+
+    def terminate(self) -> None:
+        """SIGTERM, not waiting: the node stops in a second or so."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -277,3 +285,133 @@ def test_retry_lines_mask_every_password_of_the_list(
     process.wait(15)
     assert "amqp://other:**@127.0.0.1:2/v" in process.log, process.log
     assert "secret" not in process.log, process.log
+
+
+@pytest.fixture
+def first(node: Node, tasks_dir: TasksDir) -> Iterator[Node]:
+    """The test's own node, up (an earlier test may have failed with it stopped) before
+    and after; this test's queues are removed from the shared node afterwards."""
+    try:
+        if node.proc is None:
+            node.start()
+            node.wait_up()
+        yield node
+    finally:
+        if node.proc is None:
+            node.start()
+            node.wait_up()
+        added = f"{tasks_dir.queue}.added"
+        delete_amqp(AMQP_URL, tasks_dir.queue, added, f"{added}.2")
+
+
+def test_the_outbox_is_sent_again_on_the_next_node_none_of_the_delayed_tasks_is_lost(
+    scratch: Scratch,
+    first: Node,
+    tasks_dir: TasksDir,
+    worker: StartWorker,
+    redis_client: redis.Redis,
+) -> None:
+    """A client with the list streams tasks; the first node is stopped mid-stream and a
+    batch is sent at once while it stops, before the client can have noticed it. A
+    worker on the second node only runs what reaches that node; once the first node is
+    back, a worker on it runs what it had confirmed. Every task ``delay`` returned for
+    runs: what the first node had not confirmed was written again on the second."""
+    tasks_dir.write("tasks.py", FAILOVER_TASKS)
+    key = scratch("ran")
+    tasks_dir.env = worker_env(tasks_dir.queue, AMQP_URL, REDIS_URL)
+    on_second = worker()
+    tasks_dir.env = worker_env(tasks_dir.queue, f"{first.url};{AMQP_URL}", REDIS_URL)
+    tasks = tasks_dir.import_module()
+    tasks.record.delay(key, 0, 0.0)  # connected to the first node
+    returned: list[int] = [0]
+    refused: list[str] = []
+    stopping = threading.Event()
+
+    def stream() -> None:
+        number = 1
+        while not stopping.is_set() and number < STREAM_MAX:
+            try:
+                tasks.record.delay(key, number, 0.0)
+                returned.append(number)
+            except Exception as exc:  # refused, not lost: delay did not return
+                refused.append(f"{number}: {exc}")
+            number += 1
+            time.sleep(0.002)
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    assert wait_until(lambda: len(returned) >= 500, timeout=30), refused[-3:]
+    first.terminate()  # mid-stream
+    batch = list(range(STREAM_MAX, STREAM_MAX + 200))
+    for number in batch:  # at once, to the node that is stopping
+        tasks.record.delay(key, number, 0.0)
+    returned.extend(batch)
+    first.stop()
+    time.sleep(2.0)  # the stream goes on, on the second node
+    stopping.set()
+    streamer.join(30)
+    tasks.app.producer.flush(30.0)
+    sent = set(returned)
+
+    # The first node back: a worker there runs what it had confirmed before the stop.
+    first.start()
+    first.wait_up()
+    tasks_dir.env = worker_env(tasks_dir.queue, first.url, REDIS_URL)
+    on_first = worker()
+    assert wait_until(
+        lambda: {n for n, _ in recorded_runs(redis_client, key)} >= sent, timeout=60
+    ), f"lost: {sorted(sent - {n for n, _ in recorded_runs(redis_client, key)})[:20]}"
+    on_first.stop()
+    on_second.stop()
+    runs = [n for n, _ in recorded_runs(redis_client, key)]
+    twice = len(runs) - len(set(runs))
+    print(
+        f"\noutbox at failover: {len(sent)} tasks delay() returned for ({len(batch)} right "
+        f"as the stop began), {len(refused)} refused; all ran, {twice} twice "
+        f"(written again on the second node after the first had them)"
+    )
+    assert set(runs) == sent, "nothing ran that was not sent"
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_queue_added_at_run_time_is_consumed_on_the_next_node_after_a_failover(
+    first: Node,
+    worker: StartWorker,
+    tasks_dir: TasksDir,
+    redis_client: redis.Redis,
+    scratch: Scratch,
+    pool: str,
+) -> None:
+    added = f"{tasks_dir.queue}.added"
+    tasks_dir.write("tasks.py", FAILOVER_TASKS)
+    tasks_dir.env = worker_env(tasks_dir.queue, f"{first.url};{AMQP_URL}", REDIS_URL)
+    key = scratch("ran")
+    node = f"{tasks_dir.queue}@localhost"
+    process = worker("-n", node, *(("-c", "2") if pool == "prefork" else ()), pool=pool)
+    tasks = tasks_dir.import_module()
+
+    def add_consumer(queue: str) -> None:
+        replies = tasks.app.control.broadcast(
+            "add_consumer", {"queue": queue}, destination=[node], reply=True, timeout=5
+        )
+        assert replies == [{node: {"ok": f"add consumer {queue}"}}], process.log
+
+    add_consumer(added)
+    tasks.record.apply_async((key, 1, 0.0), queue=added)
+    assert wait_until(lambda: redis_client.llen(key) >= 1, timeout=15), process.log
+
+    first.stop()
+    # The client fails over too; the worker consumes the added queue there.
+    tasks.record.apply_async((key, 2, 0.0), queue=added)
+    tasks.record.delay(key, 3, 0.0)
+    tasks.app.producer.flush(15.0)
+    assert wait_until(
+        lambda: {n for n, _ in recorded_runs(redis_client, key)} >= {1, 2, 3}, timeout=30
+    ), process.log
+    # Remote control reached on the next node: a queue added there is consumed.
+    add_consumer(f"{added}.2")
+    tasks.record.apply_async((key, 4, 0.0), queue=f"{added}.2")
+    assert wait_until(
+        lambda: {n for n, _ in recorded_runs(redis_client, key)} >= {1, 2, 3, 4}, timeout=30
+    ), process.log
+    process.stop()

@@ -15,39 +15,37 @@ least once, and the results come back.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from conftest import REDIS_URL, app_module, recorded_runs, wait_until, worker_env
+from conftest import REDIS_URL, worker_env
+from sentinel_servers import (
+    Cluster,
+    Servers,
+    drain_through_failover,
+    interop,
+    tasks_module,
+    write_tasks,
+)
 
 if TYPE_CHECKING:
     from conftest import Scratch, StartWorker, TasksDir
 
-MASTER_PORT = 16420
-REPLICA_PORT = 16421
-SENTINEL_PORTS = (16422, 16423, 16424)
+CLUSTER = Cluster(16420, 16421, (16422, 16423, 16424), "masterpw-7f3a", "sentinelpw-91c2")
+SENTINEL_PORTS = CLUSTER.sentinels
 #: Nothing listens there (a sentinel that is down).
 DEAD_PORT = 16425
-MASTER_PASSWORD = "masterpw-7f3a"
-SENTINEL_PASSWORD = "sentinelpw-91c2"
+MASTER_PASSWORD, SENTINEL_PASSWORD = CLUSTER.master_password, CLUSTER.sentinel_password
 START_TIMEOUT = 20.0
 
-SENTINEL_URL = ";".join(
-    f"sentinel://:{MASTER_PASSWORD}@127.0.0.1:{port}/0" for port in SENTINEL_PORTS
-)
-MASKED_URL = ";".join(f"sentinel://:**@127.0.0.1:{port}/0" for port in SENTINEL_PORTS)
+SENTINEL_URL = CLUSTER.url()
+MASKED_URL = CLUSTER.masked()
 
-SENTINEL_TASKS = app_module(
-    "tasks",
-    f"""
+SETTINGS = f"""
 options = {{
     "master_name": "mymaster",
     "sentinel_kwargs": {{"password": {SENTINEL_PASSWORD!r}}},
@@ -57,133 +55,27 @@ app.conf.broker_transport_options = options
 app.conf.result_backend_transport_options = options
 app.conf.task_acks_late = True
 app.conf.broker_connection_timeout = 2.0
+"""
+SENTINEL_TASKS = tasks_module(SETTINGS)
 
 
-@app.task
-def record(key, number, pause):
-    client().rpush(key, f"{{number}} {{time.time()}}")
-    time.sleep(pause)
-    return number
-""",
-    imports=("import time",),
-    redis_client=True,
-)
-
-
-class Servers:
-    """The master, the replica and the sentinels, each a process of ours."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-
-    def start(self, port: int, *args: str) -> None:
-        with socket_to(port) as taken:
-            if taken:
-                pytest.fail(f"port {port} is taken: another test run's server?", pytrace=False)
-        work = self.base / str(port)
-        work.mkdir()
-        with open(work / "out.log", "ab") as out:
-            self.procs[port] = subprocess.Popen(
-                [
-                    "redis-server",
-                    *args,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(work),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def start_sentinel(self, port: int) -> None:
-        conf = self.base / f"sentinel-{port}.conf"
-        conf.write_text(
-            f"sentinel monitor mymaster 127.0.0.1 {MASTER_PORT} 2\n"
-            "sentinel down-after-milliseconds mymaster 1000\n"
-            "sentinel failover-timeout mymaster 3000\n"
-            "sentinel parallel-syncs mymaster 1\n"
-            f"sentinel auth-pass mymaster {MASTER_PASSWORD}\n"
-            f"requirepass {SENTINEL_PASSWORD}\n"
-            f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
-        )
-        self.start(port, str(conf), "--sentinel")
-
-    def kill(self, port: int) -> None:
-        proc = self.procs.pop(port, None)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-
-    def stop_all(self) -> None:
-        for port in list(self.procs):
-            self.kill(port)
-
-    def log(self, port: int) -> str:
-        return (self.base / str(port) / "out.log").read_text(errors="replace")[-2000:]
-
-
-@contextlib.contextmanager
-def socket_to(port: int) -> Iterator[bool]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        yield sock.connect_ex(("127.0.0.1", port)) == 0
+def connect(port: int, password: str) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
 
 
 def server(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, password=MASTER_PASSWORD, socket_timeout=2)
+    return connect(port, MASTER_PASSWORD)
 
 
 def sentinel(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, password=SENTINEL_PASSWORD, socket_timeout=2)
-
-
-def ready(servers: Servers) -> bool:
-    """The replica in sync, every sentinel sees the master, the replica and the two
-    other sentinels (a failover needs them to vote)."""
-    with contextlib.suppress(redis.RedisError):
-        link = server(REPLICA_PORT).info("replication").get("master_link_status")
-        if link != "up":
-            return False
-        for port in SENTINEL_PORTS:
-            fields = sentinel(port).sentinel_master("mymaster")
-            if int(fields["num-other-sentinels"]) < 2 or int(fields["num-slaves"]) < 1:
-                return False
-        return True
-    return False
+    return connect(port, SENTINEL_PASSWORD)
 
 
 @pytest.fixture(scope="module")
 def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     servers = Servers(tmp_path_factory.mktemp("sentinel"))
     try:
-        servers.start(
-            MASTER_PORT, "--requirepass", MASTER_PASSWORD, "--masterauth", MASTER_PASSWORD
-        )
-        servers.start(
-            REPLICA_PORT,
-            "--replicaof", "127.0.0.1", str(MASTER_PORT),
-            "--requirepass", MASTER_PASSWORD,
-            "--masterauth", MASTER_PASSWORD,
-        )  # fmt: skip
-        for port in SENTINEL_PORTS:
-            servers.start_sentinel(port)
-        if not wait_until(lambda: ready(servers), timeout=START_TIMEOUT):
-            logs = "\n".join(servers.log(port) for port in (REPLICA_PORT, *SENTINEL_PORTS))
-            pytest.fail(f"the sentinels did not get ready:\n{logs}", pytrace=False)
+        servers.start_cluster(CLUSTER, connect, START_TIMEOUT)
         yield servers
     finally:
         servers.stop_all()
@@ -220,8 +112,18 @@ def test_tasks_and_results_go_through_the_master_the_sentinels_name(
         assert broker["alternates"] == MASKED_URL.split(";"), broker
     finally:
         process.stop()
-    assert MASKED_URL in process.log, process.log
-    assert MASTER_PASSWORD not in process.log and SENTINEL_PASSWORD not in process.log
+    CLUSTER.check_masked(process.log)
+
+
+@pytest.mark.parametrize("client", ["celery", "celeriac"])
+def test_celery_and_celeriac_share_the_sentinels_either_way(
+    sentinels: Servers, worker: StartWorker, tasks_dir: TasksDir, scratch: Scratch, client: str
+) -> None:
+    """The real Celery's client to a celeriac worker, and celeriac's client to a Celery
+    worker, both on the sentinel:// list with kombu's settings."""
+    tasks_dir.env = worker_env(tasks_dir.queue, SENTINEL_URL, SENTINEL_URL)
+    write_tasks(tasks_dir, SETTINGS)
+    assert interop(tasks_dir, worker, client, scratch(client)) == [1, 2]
 
 
 def test_the_master_killed_during_a_drain_worker_and_client_go_on_on_the_new_one(
@@ -233,32 +135,15 @@ def test_the_master_killed_during_a_drain_worker_and_client_go_on_on_the_new_one
 ) -> None:
     tasks_dir.env = worker_env(tasks_dir.queue, SENTINEL_URL, SENTINEL_URL)
     tasks_dir.write("tasks.py", SENTINEL_TASKS)
-    key = scratch("ran")
-    old_master = master_port()
     process = worker()
     tasks = tasks_dir.import_module()
     before, after = 200, 50
-    sent = [tasks.record.delay(key, number, 0.02) for number in range(before)]
-    tasks.app.producer.flush(10.0)
-    assert wait_until(lambda: redis_client.llen(key) >= 20, timeout=15), process.log
-
-    killed_at = time.time()
-    sentinels.kill(old_master)  # SIGKILL, during the drain
-    # Sent while the sentinels fail over: the producer finds the new master.
-    sent += [tasks.record.delay(key, number, 0.0) for number in range(before, before + after)]
-    assert wait_until(lambda: master_port() != old_master, timeout=30), "no failover"
-    switched_at = time.time()
+    drain = drain_through_failover(
+        sentinels, master_port, tasks, process, (before, after), scratch("ran"), redis_client
+    )
+    killed_at, switched_at, runs = drain.killed_at, drain.switched_at, drain.runs
     everything = set(range(before + after))
 
-    def numbers_run() -> set[int]:
-        return {n for n, _ in recorded_runs(redis_client, key)}
-
-    assert wait_until(lambda: numbers_run() >= everything, timeout=40), (
-        sorted(everything - numbers_run()),
-        process.log,
-    )
-
-    runs = recorded_runs(redis_client, key)
     # The tasks of the worker's window ran at once after the kill; then nothing ran
     # until the worker fetched from the new master: the first run after that gap.
     after_kill = [killed_at, *sorted(at for _, at in runs if at >= killed_at)]
@@ -272,7 +157,7 @@ def test_the_master_killed_during_a_drain_worker_and_client_go_on_on_the_new_one
         f"{gap - 1} in between; {len(runs) - len(everything)} ran twice"
     )
     assert done_before < before, "the kill came during the drain"
-    results: list[Any] = [result.get(timeout=20) for result in sent]
+    results: list[Any] = [result.get(timeout=20) for result in drain.sent]
     assert results == list(range(before + after))
     process.stop()
 

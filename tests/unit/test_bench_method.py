@@ -218,6 +218,15 @@ def test_broken_options_get_a_clear_error(
     assert message in capsys.readouterr().err
 
 
+def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse %-formats each help text: a bare "%" in one made --help itself crash
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quiet-wait" in out and "20% busy" in out
+
+
 # -- point 6: honest labels ------------------------------------------------------------------
 
 

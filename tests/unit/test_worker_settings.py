@@ -34,6 +34,15 @@ def test_defaults_are_the_ones_in_conf_defaults() -> None:
     assert build().pool == DEFAULTS["worker_pool"]
 
 
+def test_without_q_every_queue_of_task_queues_is_consumed_as_by_celery() -> None:
+    conf = {"task_queues": {"orders": {}, "reports": {}}, "task_default_queue": "orders"}
+    assert build(conf).queues == ("orders", "reports")
+    assert build(conf, exclude_queues=["orders"]).queues == ("reports",)
+    assert build(conf, queues=["reports"]).queues == ("reports",)
+    with pytest.raises(WorkerError, match=r"task_queues: "):
+        build({"task_queues": [42]})
+
+
 def test_a_changed_default_in_conf_defaults_is_what_the_worker_reads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -208,7 +208,8 @@ def add_parser(commands: Any) -> None:
         action="append",
         default=None,
         metavar="QUEUES",
-        help="comma-separated queues to consume (default: task_default_queue, 'celery')",
+        help="comma-separated queues to consume (default: every queue of task_queues, else "
+        "task_default_queue, 'celery')",
     )
     worker.add_argument(
         "-X",

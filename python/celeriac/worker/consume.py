@@ -7,7 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from celeriac import _core, signals, states
+from celeriac import _core, _trace, signals, states
 from celeriac.exceptions import NotRegistered
 from celeriac.result import exception_to_meta, meta_for
 from celeriac.signals import task_received
@@ -91,14 +91,18 @@ class ConsumeMixin(HeldMixin):
             self._in_fetch = True
             if self.stop_requested:
                 return []
+            deliveries: list[Delivery] = []
             if self.joins_in_flight:
                 # Chord parts in flight: take what is here already, else settle them
                 # (one may send a chord's body) before waiting for more.
-                ready = consumer.fetch(count, 0.0)
-                if ready:
-                    return ready
-                self.settle_joins_in_flight(block=True)
-            return consumer.fetch(count, wait)
+                deliveries = consumer.fetch(count, 0.0)
+                if not deliveries:
+                    self.settle_joins_in_flight(block=True)
+            if not deliveries:
+                deliveries = consumer.fetch(count, wait)
+            if _trace.ENABLED and deliveries:
+                _trace.hop("py.fetched")
+            return deliveries
         except StopFetch:
             return []  # deliveries not handed over stay in the consumer; restored
         except _core.ClosedError:
@@ -422,5 +426,7 @@ class ConsumeMixin(HeldMixin):
             if child is not None:
                 self._run_in_child(consumer, request)
             else:
+                if _trace.ENABLED:
+                    _trace.hop("py.submit")
                 self.pool.submit(request)
         self._finish(consumer, self.pool.completed())

@@ -272,7 +272,7 @@ def _broker_info(app: Any) -> dict[str, Any]:
     except ValueError:
         port = None
     vhost = unquote(parts.path[1:]) if parts.path.startswith("/") else parts.path
-    options = dict(setting(app.conf, "broker_transport_options") or {})
+    options = _censored(dict(setting(app.conf, "broker_transport_options") or {}))
     return {
         "hostname": parts.hostname,
         "userid": unquote(parts.username) if parts.username else None,
@@ -561,6 +561,28 @@ def _queue_as_dict(name: str, spec: Any) -> dict[str, Any]:
 _SECRET = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|DATABASE", re.IGNORECASE)
 
 
+def _censored(table: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``table`` as Celery's ``inspect conf`` shows settings, at every depth: the value
+    of a key that names a secret (``password``, ``sentinel_kwargs``' too) as
+    ``********``, a URL with its password masked."""
+    return {key: _censor(key, value) for key, value in table.items()}
+
+
+def _censor(key: Any, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _censored(value)
+    if isinstance(key, str) and _SECRET.search(key) and value:
+        return "********"
+    if isinstance(value, str) and "://" in value:
+        try:
+            return _core.mask_url(value)
+        except Exception:
+            return "********"
+    if isinstance(value, (list, tuple)):
+        return [_censor(None, item) for item in value]
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -584,14 +606,7 @@ def conf(box: Pidbox, args: dict[str, Any]) -> Any:
         value = settings[key]
         if not with_defaults and key in DEFAULTS and DEFAULTS[key] == value:
             continue
-        if isinstance(value, str) and "://" in value:
-            try:
-                value = _core.mask_url(value)
-            except Exception:
-                value = "********"
-        elif _SECRET.search(key) and value:
-            value = "********"
-        table[key] = _jsonable(value)
+        table[key] = _jsonable(_censor(key, value))
     return table
 
 

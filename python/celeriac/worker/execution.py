@@ -8,6 +8,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
+from celeriac import _trace
 from celeriac.fixups import run_with_fixups
 from celeriac.signals import task_internal_error
 from celeriac.worker import canvas_lost
@@ -200,6 +201,8 @@ class ExecutionMixin(WorkerBase):
                 send_internal_error(request, exc)
             return Disposition.ACK if request.acks_late else Disposition.NONE
         finally:
+            if _trace.ENABLED:
+                _trace.hop("py.executed")
             with contextlib.suppress(ValueError):
                 self.running.remove(request)
             if stats is not None:

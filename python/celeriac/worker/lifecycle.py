@@ -14,6 +14,7 @@ from celeriac import _core, signals
 from celeriac.conf import setting
 from celeriac.events import EventDispatcher, Heart
 from celeriac.exceptions import SoftTimeLimitExceeded
+from celeriac.transports import AMQP_SCHEMES, scheme_of
 from celeriac.worker import banner as banner_mod
 from celeriac.worker.base import (
     EX_FAILURE,
@@ -82,6 +83,7 @@ class LifecycleMixin(ConsumeMixin):
         timeout = float(setting(app.conf, "broker_connection_timeout"))
         options = app.transport_options()
         accept = self.accept_content
+        self._warn_direct_exchanges()
         return lambda: _core.Consumer(
             app.broker_url,
             self.queues,
@@ -90,6 +92,25 @@ class LifecycleMixin(ConsumeMixin):
             connect_timeout=timeout,
             accept_content=accept,
         )
+
+    def _warn_direct_exchanges(self) -> None:
+        """Celery's warning at start: with quorum queues (native delayed delivery), a
+        queue on a direct exchange is not bound to ``celery_delayed_delivery``."""
+        app = self.app
+        try:
+            if scheme_of(app.broker_url) not in AMQP_SCHEMES or not app.router.quorum:
+                return
+            specs = [app.queues.get(name) for name in self.queues]
+        except Exception:  # a bad task_queues setting is reported where it is used
+            return
+        for spec in specs:
+            if spec is not None and spec.exchange and spec.exchange_type == "direct":
+                logger.warning(
+                    "Exchange %s is a direct exchange and native delayed delivery do not "
+                    "support direct exchanges. ETA tasks published to this exchange will "
+                    "block the worker until the ETA arrives.",
+                    spec.exchange,
+                )
 
     def probe_factory(self) -> Callable[[], Any]:
         """The supervisor checks the broker with a producer: it consumes nothing."""

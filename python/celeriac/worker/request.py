@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from celeriac import states
+from celeriac import _trace, states
 from celeriac.conf import setting
 from celeriac.exceptions import Ignore, Reject, Retry, TaskRevokedError
 from celeriac.local import push_task
@@ -520,7 +520,11 @@ def execute(
             if guard is not None:
                 guard(True)
             try:
+                if _trace.ENABLED:
+                    _trace.hop("py.task.start")
                 retval = task(*args, **kwargs)
+                if _trace.ENABLED:
+                    _trace.hop("py.task.end")
             finally:
                 if guard is not None:
                     guard(False)

@@ -241,15 +241,17 @@ def _prefetch_multiplier(app: BrokerApp, options: WorkerOptions) -> int:
 
 
 def _queues(app: BrokerApp, options: WorkerOptions) -> tuple[str, ...]:
-    queues = list(options.queues) or [str(setting(app.conf, "task_default_queue"))]
+    """``-Q`` minus ``-X``; without ``-Q``, as Celery: every queue of ``task_queues``
+    (the default queue when it is unset)."""
+    try:
+        known = list(app.queues)
+    except Exception as exc:
+        raise WorkerError(f"task_queues: {exc}") from None
+    queues = list(options.queues) or known
     queues = [q for q in queues if q not in options.exclude_queues]
     if not queues:
         raise WorkerError("every queue was excluded (-X): nothing to consume from")
     if options.queues and not setting(app.conf, "task_create_missing_queues"):
-        try:
-            known = set(app.queues)
-        except Exception as exc:
-            raise WorkerError(f"task_queues: {exc}") from None
         for name in queues:
             if name not in known:
                 raise WorkerError(

@@ -187,6 +187,7 @@ impl Dispatcher {
                 }
             }
         }
+        crate::trace::hop("result.subscribed");
         for (channel, ready) in acks {
             let subscribed = outcome.clone().map(|()| match values.get(&channel) {
                 Some(value) => Subscribed::Read(value.clone()),
@@ -255,6 +256,7 @@ impl Dispatcher {
     }
 
     fn deliver(&mut self, message: &Msg) {
+        crate::trace::hop("result.published");
         if let Some(waiters) = self.channels.get(message.get_channel_name()) {
             for events in waiters.values() {
                 let _ = events.send(Event::Meta(message.get_payload_bytes().to_vec()));

@@ -200,6 +200,7 @@ impl RedisBackend {
     /// Queue a meta document for writing; returns at once. `flush` waits for it.
     pub fn store(&self, task_id: &str, meta_json: Vec<u8>) -> Result<()> {
         self.check_open()?;
+        crate::trace::hop("result.handoff");
         self.writer
             .send(WriteOp::Store {
                 key: self.shared.key_for(task_id),

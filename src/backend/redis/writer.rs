@@ -43,10 +43,12 @@ pub(super) async fn write_loop(shared: Arc<Shared>, mut ops: mpsc::UnboundedRece
             }
         }
         if !batch.is_empty() {
+            crate::trace::hop("result.writing");
             if let Err(text) = write_batch(&shared, &batch).await {
                 shared.note_error(&text);
                 refused = Some(text);
             }
+            crate::trace::hop("result.written");
             batch.clear();
         }
         if !flushes.is_empty() {

@@ -59,6 +59,13 @@ impl AmqpConsumer {
         for spec in &specs {
             short("queue name", &spec.name)?;
         }
+        // As a Celery 5.5+ worker: quorum queues get native delayed delivery, and a
+        // bad level queue type stops the worker before it consumes.
+        let delayed_delivery = if delayed::wanted(&options, &specs) {
+            Some(delayed::level_queue_type(&options)?)
+        } else {
+            None
+        };
         let shared = Arc::new(ConsumerShared {
             closed: AtomicBool::new(false),
             masked: url.masked().to_owned(),
@@ -72,6 +79,7 @@ impl AmqpConsumer {
                 .unwrap_or(!specs.iter().any(QueueSpec::is_quorum)),
             options,
             specs,
+            delayed_delivery,
             window: i64::try_from(prefetch_count).unwrap_or(i64::MAX),
             prefetch: prefetch_u16(prefetch_count),
             shared: shared.clone(),
@@ -93,6 +101,7 @@ impl AmqpConsumer {
     }
 
     pub fn ack(&self, tags: Vec<String>) -> Result<()> {
+        crate::trace::hop("ack.handoff");
         self.tx
             .send(ConsumerCommand::Ack(tags))
             .map_err(|_| Error::Closed("the consumer"))
@@ -193,6 +202,8 @@ pub(super) struct ConsumerIo {
     url: BrokerUrl,
     options: AmqpOptions,
     specs: Vec<QueueSpec>,
+    /// Set up native delayed delivery (with this level queue type) on each connection.
+    delayed_delivery: Option<LevelQueueType>,
     /// The window asked for: `prefetch_count` plus the extensions (0 = unbounded).
     window: i64,
     /// What `basic.qos` says (Celery sends more than 65535 as 0, unbounded).
@@ -222,6 +233,12 @@ impl ConsumerIo {
             if let Err(conflict) = declarer.declare(&conn, spec).await? {
                 let _ = conn.close(200, ShortString::from("OK")).await;
                 return Ok(Err(conflict));
+            }
+        }
+        if let Some(queue_type) = self.delayed_delivery {
+            if let Err(refused) = delayed::declare(&conn, &self.specs, queue_type).await? {
+                let _ = conn.close(200, ShortString::from("OK")).await;
+                return Ok(Err(refused));
             }
         }
         let channel = conn.create_channel().await?;
@@ -380,6 +397,7 @@ impl ConsumerIo {
                 item = link.stream.next(), if !link.stream.is_empty() => {
                     match item {
                         Some((queue, Ok(delivery))) => {
+                            crate::trace::hop("consume.fetched");
                             let message = self.incoming(&queue, delivery);
                             if deliveries.send(Fetched::Message(Ok(message))).is_err() {
                                 self.shutdown().await;
@@ -626,6 +644,7 @@ impl ConsumerIo {
         for result in futures_util::future::join_all(writes).await {
             result?;
         }
+        crate::trace::hop("ack.written");
         Ok(())
     }
 

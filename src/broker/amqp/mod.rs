@@ -26,6 +26,7 @@
 
 mod connection;
 mod consumer;
+mod delayed;
 mod fanout;
 mod headers;
 mod options;
@@ -55,7 +56,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
@@ -70,6 +71,7 @@ use super::amqp_tags::TagLedger;
 use super::url::{BrokerUrl, FailoverStrategy, Scheme};
 use super::{Fetched, IncomingMessage, TransportOptions};
 use crate::error::{Error, Result};
+use crate::protocol::delayed::LevelQueueType;
 use crate::protocol::message::OutgoingMessage;
 use crate::retry::backoff;
 

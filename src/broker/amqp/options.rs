@@ -81,7 +81,9 @@ impl QueueSpec {
 ///   dict of `ca_certs`, `certfile`, `keyfile` (PEM file paths) and `cert_reqs`
 ///   (`"required"`, `"optional"`, `"none"`; see [`TlsSettings`]),
 /// - `failover_strategy`: `broker_failover_strategy`, `"round-robin"` or `"shuffle"`
-///   (the order in which the hosts of a `;`-separated URL list are tried).
+///   (the order in which the hosts of a `;`-separated URL list are tried),
+/// - `native_delayed_delivery_queue_type`: `broker_native_delayed_delivery_queue_type`
+///   (checked by a worker that declares the delayed-delivery levels, as Celery does).
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
     pub connect_timeout: Duration,
@@ -95,6 +97,8 @@ pub struct AmqpOptions {
     /// TLS settings from `broker_use_ssl`; `amqps://` uses TLS without them too.
     pub tls: Option<TlsSettings>,
     pub failover: FailoverStrategy,
+    /// The type of the `celery_delayed_*` queues, as given (None: `quorum`).
+    pub delayed_delivery_queue_type: Option<String>,
 }
 
 /// `broker_use_ssl`, read and checked once (the files are read when the options are,
@@ -192,6 +196,7 @@ impl Default for AmqpOptions {
             connection_name: None,
             tls: None,
             failover: FailoverStrategy::default(),
+            delayed_delivery_queue_type: None,
         }
     }
 }
@@ -247,6 +252,14 @@ impl AmqpOptions {
                         as usize;
                 }
                 "ssl" => options.tls = TlsSettings::from_value(value)?,
+                // Checked only by a worker that needs it (as Celery): kept as given.
+                "native_delayed_delivery_queue_type" => {
+                    options.delayed_delivery_queue_type = Some(
+                        value
+                            .as_str()
+                            .map_or_else(|| value.to_string(), str::to_owned),
+                    );
+                }
                 "failover_strategy" if !value.is_null() => {
                     let name = value
                         .as_str()

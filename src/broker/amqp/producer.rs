@@ -219,6 +219,7 @@ impl AmqpProducer {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = self.state.queued.load(Ordering::Acquire);
+        crate::trace::hop("produce.handoff");
         let command = self.write_now(&fast, seq, message);
         self.state.queued.fetch_add(1, Ordering::AcqRel);
         self.tx
@@ -407,7 +408,12 @@ pub(super) fn start_publish(
             )
             .await;
         match written {
-            Ok(confirm) => (seq, confirm.await),
+            Ok(confirm) => {
+                crate::trace::hop("produce.written");
+                let confirmed = confirm.await;
+                crate::trace::hop("produce.confirmed");
+                (seq, confirmed)
+            }
             Err(err) => (seq, Err(err)),
         }
     })

@@ -168,7 +168,7 @@ impl RedisTls {
     }
 
     /// The files, read and checked: `Error::Config` names the key, the path and the URL.
-    fn certificates(&self, masked: &str) -> Result<redis::TlsCertificates> {
+    pub(crate) fn certificates(&self, masked: &str) -> Result<redis::TlsCertificates> {
         let bad = |why: String| Error::Config(format!("TLS for {masked}: {why}"));
         let read = |key: &str, path: &str| -> Result<Vec<u8>> {
             std::fs::read(path).map_err(|err| bad(format!("cannot read {key} {path:?}: {err}")))

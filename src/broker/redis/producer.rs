@@ -39,6 +39,7 @@ impl RedisProducer {
     /// Hand a message to the I/O task; never waits.
     pub fn publish(&self, message: OutgoingMessage) -> Result<()> {
         self.state.admit()?;
+        crate::trace::hop("produce.handoff");
         self.tx
             .send(message)
             .map_err(|_| Error::Closed("the producer"))
@@ -65,13 +66,17 @@ async fn publish_loop(
     let mut declared: std::collections::HashSet<String> = Default::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        crate::trace::hop("produce.woken");
         let count = batch.len() as u64;
         let pipe = build_publish_pipeline(&batch, &options, &mut declared);
         batch.clear();
         let mut attempt = 0;
         loop {
             match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    crate::trace::hop("produce.written");
+                    break;
+                }
                 Err(err) => {
                     state.note_error(err.to_string());
                     tokio::time::sleep(backoff(attempt)).await;

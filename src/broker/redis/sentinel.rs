@@ -11,6 +11,13 @@
 //! `sentinel_kwargs` (`{"password": ..., "username": ...}`). `master_name` is
 //! required; `min_other_sentinels` (kombu's, default 0) refuses a sentinel that sees
 //! fewer peers.
+//!
+//! TLS, as redis-py's `Sentinel` takes it from kombu and Celery: to the sentinels when
+//! `sentinel_kwargs` has `"ssl": True` (with `ssl_cert_reqs`, `ssl_ca_certs`,
+//! `ssl_certfile`, `ssl_keyfile`); to the master when `broker_use_ssl` /
+//! `redis_backend_use_ssl` is given (the URL's `redis_tls`). The two are independent,
+//! as in redis-py. `ssl_*` keys in `sentinel_kwargs` without `"ssl": True` are refused:
+//! redis-py would ignore them and talk plain text.
 
 use std::time::Duration;
 
@@ -18,6 +25,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use serde_json::{Map, Value};
 
+use super::client::{tls_hint, RedisTls};
 use crate::broker::url::{BrokerUrl, Scheme};
 use crate::error::{Error, Result};
 
@@ -33,6 +41,8 @@ pub struct SentinelOptions {
     pub password: Option<String>,
     /// `min_other_sentinels`: a sentinel that sees fewer other sentinels is skipped.
     pub min_other_sentinels: u64,
+    /// `sentinel_kwargs["ssl"]` and its `ssl_*` keys: TLS to the sentinels.
+    pub tls: Option<RedisTls>,
 }
 
 impl std::fmt::Debug for SentinelOptions {
@@ -42,6 +52,7 @@ impl std::fmt::Debug for SentinelOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "**"))
             .field("min_other_sentinels", &self.min_other_sentinels)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -78,6 +89,7 @@ impl SentinelOptions {
                 if let Some(value) = kwargs.get("username") {
                     options.username = text("sentinel_kwargs[\"username\"]", value)?;
                 }
+                options.tls = sentinel_tls(kwargs)?;
             }
             Some(other) => {
                 return Err(Error::Config(format!(
@@ -99,6 +111,41 @@ impl SentinelOptions {
         }
         Ok(options)
     }
+}
+
+/// TLS to the sentinels from `sentinel_kwargs`: `"ssl": True` turns it on, its `ssl_*`
+/// keys are those of `broker_use_ssl`. `ssl_*` keys without `"ssl": True` are an error
+/// (redis-py ignores them then: plain text the user did not mean).
+fn sentinel_tls(kwargs: &Map<String, Value>) -> Result<Option<RedisTls>> {
+    const SETTING: &str = "transport option \"sentinel_kwargs\"";
+    let on = match kwargs.get("ssl") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(on)) => *on,
+        Some(other) => {
+            return Err(Error::Config(format!(
+                "{SETTING}: \"ssl\" must be True or False, not {}",
+                kind(other)
+            )))
+        }
+    };
+    let keys: Map<String, Value> = kwargs
+        .iter()
+        .filter(|(key, value)| key.starts_with("ssl_") && !value.is_null())
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    if !on {
+        return match keys.keys().next() {
+            None => Ok(None),
+            Some(key) => Err(Error::Config(format!(
+                "{SETTING} has {key:?} but not \"ssl\": True; redis-py would ignore it and \
+                 talk plain text to the sentinels. Add \"ssl\": True for TLS to the \
+                 sentinels, or remove the ssl_* keys"
+            ))),
+        };
+    }
+    Ok(Some(
+        RedisTls::from_setting(SETTING, &Value::Object(keys))?.unwrap_or_default(),
+    ))
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -138,11 +185,20 @@ pub async fn master_info(url: &BrokerUrl, timeout: Duration) -> Result<redis::Co
             url.masked()
         )));
     };
+    // Unreadable certificate files are the user's to fix: refused at once, not retried.
+    let sentinel_tls = match &options.tls {
+        Some(tls) => Some((tls.verifies(), tls.certificates(url.masked())?)),
+        None => None,
+    };
+    let master_tls = match &url.redis_tls {
+        Some(tls) => Some((tls.verifies(), tls.certificates(url.masked())?)),
+        None => None,
+    };
     let mut failures = Vec::with_capacity(url.hosts().len());
     for sentinel in url.hosts() {
-        let asked = tokio::time::timeout(timeout, ask(sentinel, options, name))
+        let asked = tokio::time::timeout(timeout, ask(sentinel, options, name, &sentinel_tls))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {:.1}s", timeout.as_secs_f64())));
+            .unwrap_or_else(|_| Err(no_answer(timeout, sentinel_tls.is_some())));
         let (host, port) = match asked {
             Ok(addr) => addr,
             Err(why) => {
@@ -151,9 +207,9 @@ pub async fn master_info(url: &BrokerUrl, timeout: Duration) -> Result<redis::Co
             }
         };
         let info = master_at(url, &host, port)?;
-        let checked = tokio::time::timeout(timeout, check_role(&info))
+        let checked = tokio::time::timeout(timeout, check_role(&info, &master_tls))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {:.1}s", timeout.as_secs_f64())));
+            .unwrap_or_else(|_| Err(no_answer(timeout, master_tls.is_some())));
         match checked {
             Ok(()) => return Ok(info),
             Err(why) => failures.push(format!(
@@ -169,8 +225,36 @@ pub async fn master_info(url: &BrokerUrl, timeout: Duration) -> Result<redis::Co
     )))
 }
 
+/// Whether the server's certificate is checked, and the certificates to present and
+/// trust: TLS to a sentinel or to the master.
+type Tls = Option<(bool, redis::TlsCertificates)>;
+
+/// "no answer", and for TLS the likely reason.
+fn no_answer(timeout: Duration, tls: bool) -> String {
+    let hint = if tls {
+        " (a plain port does not answer a TLS hello: is this the server's TLS port?)"
+    } else {
+        ""
+    };
+    format!("no answer within {:.1}s{hint}", timeout.as_secs_f64())
+}
+
+/// The address of `host:port`: over TLS when `verifies` is given (whether the server's
+/// certificate is checked), else plain TCP.
+fn addr(host: &str, port: u16, verifies: Option<bool>) -> ConnectionAddr {
+    match verifies {
+        Some(verifies) => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: !verifies,
+            tls_params: None,
+        },
+        None => ConnectionAddr::Tcp(host.to_owned(), port),
+    }
+}
+
 /// The master's connection info: the sentinel URL's credentials and database at
-/// `host:port`.
+/// `host:port`, over TLS when `broker_use_ssl` / `redis_backend_use_ssl` asks for it.
 fn master_at(url: &BrokerUrl, host: &str, port: u16) -> Result<redis::ConnectionInfo> {
     let first = &url.hosts()[0];
     let mut redis = RedisConnectionInfo::default().set_db(first.db);
@@ -180,18 +264,45 @@ fn master_at(url: &BrokerUrl, host: &str, port: u16) -> Result<redis::Connection
     if let Some(password) = &first.password {
         redis = redis.set_password(password.clone());
     }
-    ConnectionAddr::Tcp(host.to_owned(), port)
+    let verifies = url.redis_tls.as_ref().map(RedisTls::verifies);
+    addr(host, port, verifies)
         .into_connection_info()
         .map(|info| info.set_redis_settings(redis))
         .map_err(Error::from)
 }
 
-async fn open(info: redis::ConnectionInfo) -> std::result::Result<MultiplexedConnection, String> {
-    let client = redis::Client::open(info).map_err(|err| err.to_string())?;
+/// A connection to `info`; the error says why not, with a hint for TLS failures.
+async fn open(
+    info: redis::ConnectionInfo,
+    tls: &Tls,
+) -> std::result::Result<MultiplexedConnection, String> {
+    let client = match tls {
+        Some((_, certificates)) => redis::Client::build_with_tls(info, certificates.clone()),
+        None => redis::Client::open(info),
+    }
+    .map_err(|err| err.to_string())?;
     client
         .get_multiplexed_async_connection_with_config(&AsyncConnectionConfig::new())
         .await
-        .map_err(|err| err.to_string())
+        .map_err(|err| {
+            let text = err.to_string();
+            let plain_port =
+                text.contains("corrupt message") || text.contains("InvalidContentType");
+            let hint = if tls.is_some() && plain_port {
+                "; it does not speak TLS on this port: give its TLS port, or no TLS for it \
+                 (sentinel_kwargs \"ssl\" for the sentinels, broker_use_ssl / \
+                 redis_backend_use_ssl for the master)"
+            } else if tls.is_none()
+                && (text.contains("reset by peer") || text.contains("Broken pipe"))
+            {
+                "; a TLS port drops plain connections: if this is one, turn TLS on for it \
+                 (sentinel_kwargs \"ssl\": True for the sentinels, broker_use_ssl / \
+                 redis_backend_use_ssl for the master)"
+            } else {
+                tls_hint(&client, &text)
+            };
+            format!("{text}{hint}")
+        })
 }
 
 /// Ask one sentinel for the master's address; the error says why it gave none.
@@ -199,6 +310,7 @@ async fn ask(
     sentinel: &BrokerUrl,
     options: &SentinelOptions,
     name: &str,
+    tls: &Tls,
 ) -> std::result::Result<(String, u16), String> {
     let mut redis = RedisConnectionInfo::default();
     if let Some(user) = &options.username {
@@ -207,11 +319,12 @@ async fn ask(
     if let Some(password) = &options.password {
         redis = redis.set_password(password.clone());
     }
-    let info = ConnectionAddr::Tcp(sentinel.host.clone(), sentinel.port)
+    let verifies = tls.as_ref().map(|(verifies, _)| *verifies);
+    let info = addr(&sentinel.host, sentinel.port, verifies)
         .into_connection_info()
         .map_err(|err| err.to_string())?
         .set_redis_settings(redis);
-    let mut conn = open(info).await?;
+    let mut conn = open(info, tls).await?;
     let addr: Option<(String, String)> = redis::cmd("SENTINEL")
         .arg("get-master-addr-by-name")
         .arg(name)
@@ -243,8 +356,8 @@ async fn ask(
 }
 
 /// `ROLE` on the named master: Ok when it says `master`.
-async fn check_role(info: &redis::ConnectionInfo) -> std::result::Result<(), String> {
-    let mut conn = open(info.clone())
+async fn check_role(info: &redis::ConnectionInfo, tls: &Tls) -> std::result::Result<(), String> {
+    let mut conn = open(info.clone(), tls)
         .await
         .map_err(|why| format!("it cannot be reached: {why}"))?;
     let role: Vec<redis::Value> = redis::cmd("ROLE")
@@ -302,6 +415,76 @@ mod tests {
             let err = options(given).unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{err:?}");
             assert!(err.to_string().contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn sentinel_kwargs_ssl_turns_tls_to_the_sentinels_on() {
+        let read = options(json!({
+            "sentinel_kwargs": {"ssl": true, "ssl_ca_certs": "/ca.pem", "ssl_cert_reqs": "none"},
+        }))
+        .unwrap();
+        let tls = read.tls.unwrap();
+        assert_eq!(tls.ca_certs.as_deref(), Some("/ca.pem"));
+        assert!(!tls.verifies());
+        let defaults = options(json!({"sentinel_kwargs": {"ssl": true}})).unwrap();
+        assert_eq!(defaults.tls, Some(RedisTls::default()));
+        let off = options(json!({"sentinel_kwargs": {"ssl": false, "password": "p"}})).unwrap();
+        assert_eq!(off.tls, None);
+    }
+
+    #[test]
+    fn ssl_keys_without_ssl_true_or_unknown_ones_are_config_errors() {
+        for (given, named) in [
+            (
+                json!({"sentinel_kwargs": {"ssl_ca_certs": "/ca.pem"}}),
+                "ssl_ca_certs",
+            ),
+            (
+                json!({"sentinel_kwargs": {"ssl": false, "ssl_cert_reqs": "required"}}),
+                "ssl_cert_reqs",
+            ),
+            (json!({"sentinel_kwargs": {"ssl": "yes"}}), "\"ssl\""),
+            (
+                json!({"sentinel_kwargs": {"ssl": true, "ssl_ca_path": "/etc/ssl"}}),
+                "ssl_ca_path",
+            ),
+            (
+                json!({"sentinel_kwargs": {"ssl": true, "ssl_cert_reqs": "maybe"}}),
+                "ssl_cert_reqs",
+            ),
+        ] {
+            let err = options(given).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            assert!(err.to_string().contains(named), "{err}");
+            assert!(err.to_string().contains("sentinel_kwargs"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_certificate_files_are_config_errors_before_any_sentinel_is_asked() {
+        let url = BrokerUrl::parse("sentinel://:secret@127.0.0.1:1").unwrap();
+        let tls = RedisTls {
+            ca_certs: Some("/nonexistent/ca.pem".into()),
+            ..RedisTls::default()
+        };
+        let sentinel_side = url.with_sentinel_options(SentinelOptions {
+            master_name: Some("mymaster".into()),
+            tls: Some(tls.clone()),
+            ..SentinelOptions::default()
+        });
+        let master_side = url
+            .with_sentinel_options(SentinelOptions {
+                master_name: Some("mymaster".into()),
+                ..SentinelOptions::default()
+            })
+            .with_redis_tls(Some(&tls));
+        for url in [sentinel_side, master_side] {
+            let err = master_info(&url, Duration::from_secs(1)).await.unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            let text = err.to_string();
+            assert!(text.contains("/nonexistent/ca.pem"), "{text}");
+            assert!(text.contains("sentinel://:**@127.0.0.1:1"), "{text}");
         }
     }
 

@@ -136,6 +136,7 @@ async fn wake_on(
             .await;
         match moved {
             Ok(Some(_)) => {
+                crate::trace::hop("consume.woken");
                 failures = 0;
                 answered = *wanted.borrow_and_update();
                 woken.send_modify(|newest| *newest = (*newest).max(answered));
