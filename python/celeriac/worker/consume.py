@@ -97,7 +97,11 @@ class ConsumeMixin(HeldMixin):
                 # (one may send a chord's body) before waiting for more.
                 deliveries = consumer.fetch(count, 0.0)
                 if not deliveries:
+                    self._in_fetch = False  # a shutdown signal must not cut a body's send
                     self.settle_joins_in_flight(block=True)
+                    self._in_fetch = True
+                    if self.stop_requested:
+                        return []
             if not deliveries:
                 deliveries = consumer.fetch(count, wait)
             if _trace.ENABLED and deliveries:
