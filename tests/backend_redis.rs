@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use _core::backend::redis::{RedisBackend, RedisBackendOptions};
+use _core::backend::redis::{PendingPart, RedisBackend, RedisBackendOptions};
 use _core::error::Error;
 
 const URL: &str = "redis://127.0.0.1:6379/0";
@@ -453,8 +453,8 @@ fn a_closed_backend_refuses_work_and_ends_waits() {
     backend.close().unwrap();
 }
 
-#[test]
-fn chord_join_counts_each_part_once_and_claims_once() {
+/// The taskset store, a unique group id and the cleanup of its join keys.
+fn chord_store(name: &str) -> (RedisBackend, String, Cleanup) {
     let store = RedisBackend::connect(
         URL,
         RedisBackendOptions {
@@ -463,18 +463,25 @@ fn chord_join_counts_each_part_once_and_claims_once() {
         },
     )
     .expect("Redis on 127.0.0.1:6379");
-    let group = unique("chord");
-    let _cleanup = Cleanup(
+    let group = unique(name);
+    let cleanup = Cleanup(
         ["c", "j", "t", "s", "d"]
             .iter()
             .map(|suffix| format!("celery-taskset-meta-{group}.{suffix}"))
             .collect(),
     );
+    (store, group, cleanup)
+}
+
+#[test]
+fn chord_join_counts_each_part_once_and_claims_once() {
+    let (store, group, _cleanup) = chord_store("chord");
     store.chord_set_size(&group, 2, 60).expect("set size");
     let part = |id: &str, index: i64, value: i64, token: &str| {
         let member = format!(r#"[1, "{id}", "SUCCESS", {value}]"#);
         store
-            .chord_part_return(&group, id, Some(index), member.as_bytes(), 60, 10, token)
+            .chord_part_begin(&group, id, Some(index), member.as_bytes(), 60, 10, token)
+            .and_then(PendingPart::wait)
             .expect("part")
     };
     // header index 1 ends first; the same part twice (a redelivery) counts once
@@ -505,4 +512,47 @@ fn chord_join_counts_each_part_once_and_claims_once() {
         .query(&mut redis())
         .expect("GET");
     assert_eq!(done.as_deref(), Some("done"));
+}
+
+#[test]
+fn chord_parts_begun_without_waiting_are_recorded_and_claimed_once() {
+    let (store, group, _cleanup) = chord_store("chord-begin");
+    store.chord_set_size(&group, 3, 60).expect("set size");
+    let begin = |id: &str, index: i64, token: &str| {
+        let member = format!(r#"[1, "{id}", "SUCCESS", {index}]"#);
+        store
+            .chord_part_begin(&group, id, Some(index), member.as_bytes(), 60, 10, token)
+            .expect("begin")
+    };
+    // three parts in flight at once, none waited for yet
+    let pending = [
+        begin("a", 0, "t1"),
+        begin("b", 1, "t2"),
+        begin("c", 2, "t3"),
+    ];
+    // the scripts went out without `wait`: Redis has every part
+    let jkey = format!("celery-taskset-meta-{group}.j");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let recorded: i64 = redis::cmd("ZCARD")
+            .arg(&jkey)
+            .query(&mut redis())
+            .expect("ZCARD");
+        if recorded == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{recorded} of 3 parts recorded");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let parts: Vec<_> = pending
+        .into_iter()
+        .map(|part| part.wait().expect("reply"))
+        .collect();
+    // each part counted once, whatever order the runtime sent them in; one claims
+    let mut counts: Vec<i64> = parts.iter().map(|part| part.ready).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [1, 2, 3]);
+    let claims: Vec<_> = parts.iter().filter(|part| part.claimed).collect();
+    assert_eq!(claims.len(), 1, "{parts:?}");
+    assert_eq!((claims[0].ready, claims[0].total), (3, 3));
 }

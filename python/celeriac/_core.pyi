@@ -289,7 +289,7 @@ class Backend:
     def chord_set_size(self, group_id: str, size: int, expires: int) -> None:
         """The client's step before the last header message: DEL .c, SET .s."""
 
-    def chord_part_return(
+    def chord_part_begin(
         self,
         group_id: str,
         task_id: str,
@@ -298,10 +298,11 @@ class Backend:
         expires: int,
         claim_expires: int,
         token: str,
-    ) -> tuple[int, int, bool]:
+    ) -> ChordJoin:
         """Record one header part (``member``: ``[1, id, state, result]``) in one
-        script: ``(ready, total, claimed)``; ready -1 once the chord is done; claimed
-        True for the one caller that must send the body."""
+        script, without waiting: the part is on its way when this returns.
+        ``ChordJoin.wait()`` gives ``(ready, total, claimed)``: ready -1 once the chord
+        is done; claimed True for the one caller that must send the body."""
 
     def chord_results(self, group_id: str) -> list[Any]:
         """The recorded parts, decoded, in header order."""
@@ -311,6 +312,17 @@ class Backend:
     def chord_drop_size(self, group_id: str) -> None: ...
     def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
+
+@final
+class ChordJoin:
+    """One chord header part sent by ``Backend.chord_part_begin``, its reply not read yet."""
+
+    def ready(self) -> bool:
+        """Whether ``wait`` would return at once."""
+
+    def wait(self) -> tuple[int, int, bool]:
+        """``(ready, total, claimed)`` of the part; blocks (GIL released) until the
+        store answered. Once only."""
 
 @final
 class BeatStore:

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::redis::{ChordPart, RedisBackend};
+use super::redis::{PendingPart, RedisBackend};
 use super::{redis, rpc, sqlite};
 use crate::error::Result;
 
@@ -51,8 +51,11 @@ pub trait ResultWaiter: Send {
 /// inherent methods.
 pub trait ChordStore: Send + Sync {
     fn chord_set_size(&self, group_id: &str, size: u64, expires: u64) -> Result<()>;
+    /// Record one header part (`member`: JSON `[1, id, state, result]`) at `index`:
+    /// record, count and claim atomically. Its [`PendingPart`] is read later (the
+    /// Redis script is on its way; SQLite's transaction is done).
     #[allow(clippy::too_many_arguments)]
-    fn chord_part_return(
+    fn chord_part_begin(
         &self,
         group_id: &str,
         task_id: &str,
@@ -61,7 +64,7 @@ pub trait ChordStore: Send + Sync {
         expires: u64,
         claim_expires: u64,
         token: &str,
-    ) -> Result<ChordPart>;
+    ) -> Result<PendingPart>;
     fn chord_results(&self, group_id: &str) -> Result<Vec<Vec<u8>>>;
     fn chord_claim_extend(&self, group_id: &str, token: &str, expires: u64) -> Result<bool>;
     fn chord_cleanup(&self, group_id: &str, token: &str, done_expires: u64) -> Result<bool>;
@@ -138,14 +141,15 @@ impl ResultStore for rpc::RpcBackend {
     }
 }
 
-/// `ChordStore` by the store's inherent methods of the same names.
+/// `ChordStore` by the store's inherent methods of the same names; `$part` records a
+/// header part, its result made a `PendingPart` by `$pending`.
 macro_rules! forward_chord_store {
-    ($store:ty) => {
+    ($store:ty, $part:ident, $pending:expr) => {
         impl ChordStore for $store {
             fn chord_set_size(&self, group_id: &str, size: u64, expires: u64) -> Result<()> {
                 <$store>::chord_set_size(self, group_id, size, expires)
             }
-            fn chord_part_return(
+            fn chord_part_begin(
                 &self,
                 group_id: &str,
                 task_id: &str,
@@ -154,8 +158,8 @@ macro_rules! forward_chord_store {
                 expires: u64,
                 claim_expires: u64,
                 token: &str,
-            ) -> Result<ChordPart> {
-                <$store>::chord_part_return(
+            ) -> Result<PendingPart> {
+                <$store>::$part(
                     self,
                     group_id,
                     task_id,
@@ -165,6 +169,7 @@ macro_rules! forward_chord_store {
                     claim_expires,
                     token,
                 )
+                .map($pending)
             }
             fn chord_results(&self, group_id: &str) -> Result<Vec<Vec<u8>>> {
                 <$store>::chord_results(self, group_id)
@@ -192,5 +197,5 @@ macro_rules! forward_chord_store {
     };
 }
 
-forward_chord_store!(RedisBackend);
-forward_chord_store!(sqlite::SqliteBackend);
+forward_chord_store!(RedisBackend, chord_part_begin, std::convert::identity);
+forward_chord_store!(sqlite::SqliteBackend, chord_part_return, PendingPart::Ready);

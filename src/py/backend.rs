@@ -6,6 +6,7 @@
 //! GIL. `wait` waits in short slices and checks for signals between them, so Ctrl-C
 //! raises `KeyboardInterrupt` promptly.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -15,6 +16,7 @@ use pyo3::types::{PyDict, PyMapping, PyString};
 use super::codec;
 use super::exceptions::{ContentDisallowed, DecodeError, TimeoutError};
 use super::serializers;
+use crate::backend::redis::PendingPart;
 use crate::backend::{Backend as AnyBackend, BackendOptions, READY_STATES};
 use crate::broker::redis::sentinel::SentinelOptions;
 use crate::protocol::compression::{self, Compression};
@@ -262,14 +264,14 @@ impl Backend {
     }
 
     /// Record a header task's part (``member``: the JSON of ``[1, id, state,
-    /// result]``) in one script. Returns ``(ready, total, claimed)``: ``ready`` -1 when
-    /// the chord is already done; ``claimed`` True for the one caller that must send
-    /// the body.
+    /// result]``) in one script, without waiting: the part is on its way when this
+    /// returns. ``ChordJoin.wait()`` gives ``(ready, total, claimed)``: ``ready`` -1
+    /// when the chord is already done; ``claimed`` True for the one caller that must
+    /// send the body.
     #[pyo3(signature = (group_id, task_id, index, member, expires, claim_expires, token))]
     #[allow(clippy::too_many_arguments)]
-    fn chord_part_return(
+    fn chord_part_begin(
         &self,
-        py: Python<'_>,
         group_id: &str,
         task_id: &str,
         index: Option<i64>,
@@ -277,21 +279,21 @@ impl Backend {
         expires: u64,
         claim_expires: u64,
         token: &str,
-    ) -> PyResult<(i64, i64, bool)> {
+    ) -> PyResult<ChordJoin> {
         let store = self.inner.chord_store()?;
         let json = codec::dumps(member)?;
-        let part = py.detach(|| {
-            store.chord_part_return(
-                group_id,
-                task_id,
-                index,
-                &json,
-                expires,
-                claim_expires,
-                token,
-            )
-        })?;
-        Ok((part.ready, part.total, part.claimed))
+        let pending = store.chord_part_begin(
+            group_id,
+            task_id,
+            index,
+            &json,
+            expires,
+            claim_expires,
+            token,
+        )?;
+        Ok(ChordJoin {
+            pending: Mutex::new(Some(pending)),
+        })
     }
 
     /// The header parts, decoded, in header order.
@@ -437,6 +439,38 @@ fn refused(
     )))
 }
 
+/// One chord header part sent by ``Backend.chord_part_begin``, its reply not read yet.
+#[pyclass(module = "celeriac._core", name = "ChordJoin", frozen)]
+pub struct ChordJoin {
+    pending: Mutex<Option<PendingPart>>,
+}
+
+#[pymethods]
+impl ChordJoin {
+    /// Whether ``wait`` would return at once.
+    fn ready(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_none_or(PendingPart::is_ready)
+    }
+
+    /// ``(ready, total, claimed)`` of the part; blocks (GIL released) until the store
+    /// answered. Once only.
+    fn wait(&self, py: Python<'_>) -> PyResult<(i64, i64, bool)> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this chord part was waited for already"))?;
+        let part = py.detach(|| pending.wait())?;
+        Ok((part.ready, part.total, part.claimed))
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ChordJoin>()?;
     m.add_class::<Backend>()
 }

@@ -199,6 +199,11 @@ def replaced_by_group(self, n):
     return self.replace(group(add.s(i, i) for i in range(n)))
 
 
+@app.task(acks_late=True)
+def late_add(x, y):
+    return x + y
+
+
 @app.task
 def record_failure(task_id, key):
     redis.Redis(host="127.0.0.1", port=6379).rpush(key, task_id)
@@ -323,6 +328,23 @@ def test_nested_chords(
     chain_body = chord([add.s(1, 1), add.s(2, 2)], tsum.s() | add.s(10))()
     _members(chain_body, result_keys)
     assert chain_body.get(timeout=20) == 16
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "prefork"])
+def test_chord_parts_of_early_and_late_acked_header_tasks_join_on_every_pool(
+    worker: StartWorker, canvas_tasks: TasksDir, result_keys: ResultKeys, pool: str
+) -> None:
+    """A header task's join reply is read after the task (before an acks_late ack, as it
+    comes in for an early ack): on each pool, with both kinds in one header, every part
+    is recorded and the body sent once the last one is in."""
+    worker("-c", "2", pool=pool)
+    tasks = canvas_tasks.import_module()
+    from celeriac import chord
+
+    header = [tasks.add.s(i, i) if i % 2 else tasks.late_add.s(i, i) for i in range(40)]
+    joined = chord(header, tasks.tsum.s())()
+    _members(joined, result_keys)
+    assert joined.get(timeout=30) == 2 * sum(range(40))
 
 
 def test_get_raises_a_failed_parents_error_first(

@@ -37,6 +37,7 @@ from celeriac.worker.slots import Flag, Slot, SlotTable, State
 if TYPE_CHECKING:
     from celeriac._core import Backend, Consumer
     from celeriac.app import Celeriac
+    from celeriac.worker.canvas_step import PendingChordPart
     from celeriac.worker.sigrelay import SignalRelay
 
 EX_OK = 0
@@ -169,6 +170,8 @@ class WorkerBase:
         self.disable_prefetch: bool = settings.disable_prefetch
         #: Window slots held back for running early-acked tasks (``--disable-prefetch``).
         self._slots_held = 0
+        #: Chord parts of early-acked tasks sent and not settled yet (``_settle_joins``).
+        self.joins_in_flight: list[PendingChordPart] = []
         #: ``async def`` tasks run on an event loop per process, this many at once.
         self.async_concurrency = settings.async_concurrency
         #: Most messages fetched and not finished; 0 = unbounded.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from traceback import format_exc
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +32,7 @@ from celeriac.result import GroupResult, exception_from_meta, exception_to_meta,
 from celeriac.task import Request as TaskRequest
 
 if TYPE_CHECKING:
-    from celeriac._core import Backend, Delivery
+    from celeriac._core import Backend, ChordJoin, Delivery
     from celeriac.task import Task
 
 logger = logging.getLogger("celeriac.worker.canvas")
@@ -182,17 +183,38 @@ def chord_part(request: Request, backend: Backend | None, state: str, result: An
     """A chord header task ended (its result stored): record its part of the join;
     the worker that records the last part sends the body, or fails it with
     ``ChordError`` when a part failed. Problems are logged, never raised."""
+    pending = begin_chord_part(request, backend, state, result)
+    if pending is not None:
+        pending.settle()
+
+
+def begin_chord_part(
+    request: Request, backend: Backend | None, state: str, result: Any
+) -> PendingChordPart | None:
+    """``chord_part`` in two steps: the part is sent now (on Redis, its script goes
+    out without waiting for the reply); ``settle()`` on what this returns reads the
+    reply and sends the body when this part completed the header. The worker settles
+    before it acks the message, so under ``acks_late`` a redelivered header task still
+    finds its part recorded or joins again. None when there is nothing to settle
+    (the problem was logged)."""
     try:
-        _chord_part(request, backend, state, result)
+        return _begin_chord_part(request, backend, state, result)
     except Exception as exc:
-        logger.error(
-            "Task %s[%s] is part of chord %r, which could not be joined: %s",
-            request.name, request.id, request.delivery.headers.get("group"), exc,
-            exc_info=not isinstance(exc, (TypeError, NotImplementedError)),
-        )  # fmt: skip
+        _log_join_error(request, exc)
+        return None
 
 
-def _chord_part(request: Request, backend: Backend | None, state: str, result: Any) -> None:
+def _log_join_error(request: Request, exc: Exception) -> None:
+    logger.error(
+        "Task %s[%s] is part of chord %r, which could not be joined: %s",
+        request.name, request.id, request.delivery.headers.get("group"), exc,
+        exc_info=not isinstance(exc, (TypeError, NotImplementedError)),
+    )  # fmt: skip
+
+
+def _begin_chord_part(
+    request: Request, backend: Backend | None, state: str, result: Any
+) -> PendingChordPart:
     headers = request.delivery.headers
     group_id = headers.get("group")
     if not isinstance(group_id, str) or not group_id:
@@ -212,36 +234,67 @@ def _chord_part(request: Request, backend: Backend | None, state: str, result: A
     claim_expires = max(5, int(join_timeout * 2))
     token = uuid.uuid4().hex
     expires = seconds_of(conf.get("result_chord_expires") or conf["result_expires"])
-    ready, _total, claimed = store.chord_part_return(
+    join = store.chord_part_begin(
         group_id, request.id, index if isinstance(index, int) else None,
         [1, request.id, state, result], expires, claim_expires, token,
     )  # fmt: skip
-    if ready < 0 or not claimed:
-        return
-    parts = store.chord_results(group_id)
-    values: list[Any] = []
-    for part in parts:
-        _, part_id, part_state, value = part
-        if part_state in states.PROPAGATE_STATES:
-            cause = exception_from_meta(value) if part_state in states.EXCEPTION_STATES else value
-            error = ChordError(f"Dependency {part_id} raised {cause!r}")
-            logger.error("Chord %r raised: %r", group_id, error)
-            try:
-                _fail_chord_body(request, backend, body, error)
-            finally:
-                store.chord_drop_size(group_id)
+    return PendingChordPart(request, backend, store, group_id, body, join, token, claim_expires)
+
+
+@dataclass
+class PendingChordPart:
+    """A header part on its way to the join; ``settle`` finishes it (once)."""
+
+    request: Request
+    backend: Backend | None
+    store: Backend
+    group_id: str
+    body: Signature[Any]
+    join: ChordJoin
+    token: str
+    claim_expires: int
+
+    def settle(self) -> None:
+        """Read the join's reply; the part that completed the header sends the body
+        (or fails it). Problems are logged, never raised."""
+        try:
+            self._settle()
+        except Exception as exc:
+            _log_join_error(self.request, exc)
+
+    def _settle(self) -> None:
+        request, backend, store = self.request, self.backend, self.store
+        group_id, token, claim_expires = self.group_id, self.token, self.claim_expires
+        ready, _total, claimed = self.join.wait()
+        if ready < 0 or not claimed:
             return
-        values.append(value)
-    if not store.chord_claim_extend(group_id, token, claim_expires * 2):
-        logger.warning("Chord callback for %r not sent: another worker claimed it", group_id)
-        return
-    try:
-        body.apply_async((values,), **_lineage(request))
-    except Exception as exc:
-        logger.exception("Chord callback for %r raised: %r", group_id, exc)
-        _fail_chord_body(request, backend, body, ChordError(f"Callback error: {exc!r}"))
-    finally:
-        store.chord_cleanup(group_id, token, max(claim_expires * 2, 300))
+        body = self.body
+        parts = store.chord_results(group_id)
+        values: list[Any] = []
+        for part in parts:
+            _, part_id, part_state, value = part
+            if part_state in states.PROPAGATE_STATES:
+                cause = (
+                    exception_from_meta(value) if part_state in states.EXCEPTION_STATES else value
+                )
+                error = ChordError(f"Dependency {part_id} raised {cause!r}")
+                logger.error("Chord %r raised: %r", group_id, error)
+                try:
+                    _fail_chord_body(request, backend, body, error)
+                finally:
+                    store.chord_drop_size(group_id)
+                return
+            values.append(value)
+        if not store.chord_claim_extend(group_id, token, claim_expires * 2):
+            logger.warning("Chord callback for %r not sent: another worker claimed it", group_id)
+            return
+        try:
+            body.apply_async((values,), **_lineage(request))
+        except Exception as exc:
+            logger.exception("Chord callback for %r raised: %r", group_id, exc)
+            _fail_chord_body(request, backend, body, ChordError(f"Callback error: {exc!r}"))
+        finally:
+            store.chord_cleanup(group_id, token, max(claim_expires * 2, 300))
 
 
 def _fail_chord_body(

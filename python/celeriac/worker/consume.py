@@ -70,6 +70,8 @@ class ConsumeMixin(HeldMixin):
             if self.stop_requested:
                 break
             wait = self._wait_budget()
+            if self.joins_in_flight:  # settled when nothing else is to be done
+                wait = min(wait, BUSY_WAIT)
             busy = bool(self.reserved) and self.pool.free_slots() == 0
             room = self._room()
             if not busy and room > 0:
@@ -89,7 +91,19 @@ class ConsumeMixin(HeldMixin):
             self._in_fetch = True
             if self.stop_requested:
                 return []
-            deliveries = consumer.fetch(count, wait)
+            deliveries: list[Delivery] = []
+            if self.joins_in_flight:
+                # Chord parts in flight: take what is here already, else settle them
+                # (one may send a chord's body) before waiting for more.
+                deliveries = consumer.fetch(count, 0.0)
+                if not deliveries:
+                    self._in_fetch = False  # a shutdown signal must not cut a body's send
+                    self.settle_joins_in_flight(block=True)
+                    self._in_fetch = True
+                    if self.stop_requested:
+                        return []
+            if not deliveries:
+                deliveries = consumer.fetch(count, wait)
             if _trace.ENABLED and deliveries:
                 _trace.hop("py.fetched")
             return deliveries

@@ -127,6 +127,37 @@ class ExecutionMixin(WorkerBase):
             child.publish(State.RETIRING if child.retiring else State.IDLE)
             canvas_lost.task_done()
 
+    def _settle_joins(self, done: list[tuple[Request, Disposition]]) -> None:
+        """The chord parts the tasks in ``done`` sent (``Request.pending_join``). An
+        ``acks_late`` one is settled now, before its message is acked: a header task
+        redelivered after a crash then finds its part recorded, or joins again. An
+        early-acked one whose reply is not in yet is left in flight, so the next task
+        need not wait for it (``settle_joins_in_flight``, at the latest when the
+        worker would wait for messages)."""
+        in_flight = self.joins_in_flight
+        if in_flight:
+            self.settle_joins_in_flight(block=False)
+        for request, _ in done:
+            pending = request.pending_join
+            if pending is None:
+                continue
+            request.pending_join = None
+            if request.acks_late or pending.join.ready():
+                pending.settle()
+            else:
+                in_flight.append(pending)
+
+    def settle_joins_in_flight(self, block: bool) -> None:
+        """Settle the chord parts left in flight: all of them (``block``: waits for
+        their replies), else those already answered."""
+        left = []
+        for pending in self.joins_in_flight:
+            if block or pending.join.ready():
+                pending.settle()
+            else:
+                left.append(pending)
+        self.joins_in_flight[:] = left
+
     def check_memory(self) -> None:
         """``--max-memory-per-child`` in a prefork child, after a task ended (a sync
         one in ``_job``, coroutines when the main thread collects them): over the
@@ -178,6 +209,7 @@ class ExecutionMixin(WorkerBase):
                 stats.ended()
 
     def _finish(self, consumer: Consumer, done: list[tuple[Request, Disposition]]) -> None:
+        self._settle_joins(done)
         acks: list[str] = []
         for request, disposition in done:
             if disposition is Disposition.ACK:

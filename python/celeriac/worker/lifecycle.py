@@ -319,6 +319,7 @@ class LifecycleMixin(ConsumeMixin):
             logger.info("Waiting for %d running task(s) to finish...", running)
         self.pool.join()
         self._finish(consumer, self.pool.completed())
+        self.settle_joins_in_flight(block=True)
         held = len(self.reserved) + len(self.eta)
         self.reserved.clear()
         self._unhold(consumer, self.eta.clear())

@@ -211,6 +211,9 @@ class Request:
     received_by: Any = None
     #: ``(state, return value or exception)`` once the body ended (``task_postrun``).
     outcome: tuple[str, Any] | None = None
+    #: Its chord part, sent and not yet settled: the worker settles it before it acks
+    #: the message (``ExecutionMixin._finish``), off the task's own time.
+    pending_join: canvas_step.PendingChordPart | None = None
 
     @property
     def args(self) -> Any:
@@ -570,7 +573,9 @@ def _on_success(
             # The return value cannot be encoded: that is the task's failure.
             return _on_failure(request, backend, exc, traceback.format_exc())
     if embed.get("chord"):
-        canvas_step.chord_part(request, backend, states.SUCCESS, retval)
+        request.pending_join = canvas_step.begin_chord_part(
+            request, backend, states.SUCCESS, retval
+        )
     if request.events is not None:
         request.send_event("task-succeeded", result=short_repr(retval), runtime=runtime)
     hooks = request.hooks
@@ -616,7 +621,7 @@ def _on_failure(
         store(backend, request, request.meta(states.FAILURE, exception_to_meta(exc), tb))
     embed = request.delivery.embed
     if embed.get("chord"):
-        canvas_step.chord_part(request, backend, states.FAILURE, exc)
+        request.pending_join = canvas_step.begin_chord_part(request, backend, states.FAILURE, exc)
     if embed.get("chain") or embed.get("errbacks"):
         canvas_step.after_failure(request, None if request.ignore_result else backend, exc, tb)
     request.send_event("task-failed", exception=short_repr(exc), traceback=tb)

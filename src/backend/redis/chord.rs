@@ -7,11 +7,18 @@
 //! Each header task's part is one script (EVALSHA): record, count and, when the
 //! header is complete, claim the right to send the body, atomically, so exactly one
 //! worker sends it. The scripts are Celery's behaviour, written here.
+//!
+//! A worker need not wait for that script's reply inside the task:
+//! `chord_part_begin` sends it and returns a [`PendingPart`], answered later (before
+//! the message is acked), so the round trip overlaps the worker's next task.
+
+use std::sync::{Arc, LazyLock};
 
 use redis::Script;
+use tokio::sync::oneshot;
 
-use super::RedisBackend;
-use crate::error::Result;
+use super::{RedisBackend, CLOSED};
+use crate::error::{Error, Result};
 use crate::runtime;
 
 /// Record one header result; returns `{ready count, total diff, size, claimed}`, or
@@ -48,6 +55,9 @@ if size and ready == tonumber(size) + diff then
 end
 return {ready, diff, tonumber(size or '0') or 0, claimed}
 ";
+
+/// Hashed once: `Script::new` computes the SHA1 that EVALSHA sends.
+static PART_RETURN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PART_RETURN));
 
 /// Keep the claim while it is ours (or take it back if it expired and the chord is
 /// still there): 1, else 0.
@@ -87,6 +97,39 @@ pub struct ChordPart {
     pub claimed: bool,
 }
 
+/// A header part whose script was sent; [`PendingPart::wait`] gives its reply.
+#[derive(Debug)]
+pub enum PendingPart {
+    /// Answered already (a store that joins in one local transaction).
+    Ready(ChordPart),
+    /// The script is on its way; the runtime answers here.
+    Sent(oneshot::Receiver<Result<ChordPart>>),
+}
+
+impl PendingPart {
+    /// Whether `wait` would return without blocking.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Ready(_) => true,
+            Self::Sent(reply) => !reply.is_empty() || reply.is_terminated(),
+        }
+    }
+
+    /// The script's reply; blocks until Redis answered (or the store was closed).
+    pub fn wait(self) -> Result<ChordPart> {
+        match self {
+            Self::Ready(part) => Ok(part),
+            Self::Sent(mut reply) => match reply.try_recv() {
+                Ok(part) => part,
+                Err(oneshot::error::TryRecvError::Closed) => Err(Error::Closed(CLOSED)),
+                Err(oneshot::error::TryRecvError::Empty) => runtime::handle()
+                    .block_on(reply)
+                    .unwrap_or(Err(Error::Closed(CLOSED))),
+            },
+        }
+    }
+}
+
 impl RedisBackend {
     fn chord_key(&self, group_id: &str, suffix: &str) -> String {
         self.key_for(&format!("{group_id}{suffix}"))
@@ -121,9 +164,10 @@ impl RedisBackend {
     }
 
     /// Record a header task's result (`member`: JSON `[1, id, state, result]`) at
-    /// `index` in one script; see [`ChordPart`].
+    /// `index` in one script; see [`ChordPart`]. The script is sent from the runtime
+    /// at once; its reply is read with [`PendingPart::wait`].
     #[allow(clippy::too_many_arguments)]
-    pub fn chord_part_return(
+    pub fn chord_part_begin(
         &self,
         group_id: &str,
         task_id: &str,
@@ -132,36 +176,48 @@ impl RedisBackend {
         expires: u64,
         claim_expires: u64,
         token: &str,
-    ) -> Result<ChordPart> {
+    ) -> Result<PendingPart> {
         self.check_open()?;
         let keys: Vec<String> = [".j", ".t", ".s", ".d", "", ".c"]
             .iter()
             .map(|suffix| self.chord_key(group_id, suffix))
             .collect();
         let score = index.map_or_else(|| "+inf".to_owned(), |i| i.to_string());
-        let script = Script::new(PART_RETURN);
-        let reply: (i64, i64, i64, i64) =
-            runtime::handle().block_on(self.shared.run(|mut conn| {
-                let mut invocation = script.prepare_invoke();
-                for key in &keys {
-                    invocation.key(key);
-                }
-                invocation
-                    .arg(task_id)
-                    .arg(member)
-                    .arg(&score)
-                    .arg(expires)
-                    .arg(expires)
-                    .arg(claim_expires)
-                    .arg(token);
-                async move { invocation.invoke_async(&mut conn).await }
-            }))?;
-        let (ready, diff, size, claimed) = reply;
-        Ok(ChordPart {
-            ready,
-            total: if size > 0 { size + diff } else { 0 },
-            claimed: claimed == 1,
-        })
+        let mut invocation = PART_RETURN_SCRIPT.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(task_id)
+            .arg(member)
+            .arg(&score)
+            .arg(expires)
+            .arg(expires)
+            .arg(claim_expires)
+            .arg(token);
+        let invocation = Arc::new(invocation);
+        let shared = Arc::clone(&self.shared);
+        let (answer, reply) = oneshot::channel();
+        runtime::handle().spawn(async move {
+            let outcome = shared
+                .run(|mut conn| {
+                    let invocation = Arc::clone(&invocation);
+                    async move {
+                        invocation
+                            .invoke_async::<(i64, i64, i64, i64)>(&mut conn)
+                            .await
+                    }
+                })
+                .await
+                .map(|(ready, diff, size, claimed)| ChordPart {
+                    ready,
+                    total: if size > 0 { size + diff } else { 0 },
+                    claimed: claimed == 1,
+                });
+            // The caller may have gone (its worker stopped): nobody to tell then.
+            let _ = answer.send(outcome);
+        });
+        Ok(PendingPart::Sent(reply))
     }
 
     /// The header results in header order (`ZRANGE .j 0 -1`).

@@ -49,7 +49,7 @@ use crate::broker::redis::RedisTls;
 use crate::broker::url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::runtime;
-pub use chord::ChordPart;
+pub use chord::{ChordPart, PendingPart};
 use connection::Shared;
 use dispatcher::{Command, Dispatcher};
 use waiter::WaitState;
