@@ -73,9 +73,13 @@ def worker_spec(
         pool = "solo" if mode == "solo" else mode
         if pool not in ("solo", "prefork", "threads"):
             return None
+        # Solo: no -c, as `celery worker -P solo` is run. Celery sizes the prefetch window
+        # by its concurrency (default: the CPU count) even though solo runs one task at a
+        # time; `-c 1` shrank the window to 4 and its RabbitMQ drain ~10x (issue 18 point 5).
+        concurrency = [] if pool == "solo" else ["-c", str(c)]
         # Cluster features celeriac lacks are off: they cost start-up time, not per-task time.
         argv = [python, "-m", "celery", "-A", "benches.app", "worker", "--pool", pool,
-                "-c", str(c), "-Q", queue, "-l", "warning", "--without-gossip",
+                *concurrency, "-Q", queue, "-l", "warning", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-n", f"{queue}@%h"]  # fmt: skip
         transport = {"amqp": "py-amqp", "sqlite": "sqla+sqlite, SQLAlchemy"}.get(broker, broker)
         window = ""
@@ -84,7 +88,8 @@ def worker_spec(
             window = f" --prefetch-multiplier {prefetch}"
         return WorkerSpec(
             argv,
-            f"celery worker --pool {pool} -c {c}{window} --without-gossip/mingle/heartbeat"
+            f"celery worker --pool {pool}{' ' + ' '.join(concurrency) if concurrency else ''}"
+            f"{window} --without-gossip/mingle/heartbeat"
             f" ({transport})",
         )
     if peer == "dramatiq":

@@ -247,3 +247,18 @@ def test_readme_puts_the_eta_timer_in_rust() -> None:
     text = (ROOT / "README.md").read_text()
     assert "ETA timer live in the Python worker" not in " ".join(text.split())
     assert "the ETA timer is Rust" in text and (ROOT / "src/scheduler/eta.rs").exists()
+
+
+def test_celery_solo_worker_is_run_as_a_user_runs_it() -> None:
+    """``celery worker -P solo`` with no ``-c``: Celery sizes the prefetch window by its
+    concurrency (the CPU count by default) even for solo, and ``-c 1`` made the harness's
+    RabbitMQ drain ~10x slower than the same worker started by hand (issue 18 point 5)."""
+    from benches.peers import worker_spec
+
+    for prefetch in (0, 64):
+        spec = worker_spec("celery", "python", "q", "solo", 1, "amqp", prefetch)
+        assert spec is not None
+        assert "-c" not in spec.argv and "--concurrency" not in spec.argv
+        assert " -c " not in spec.settings
+    prefork = worker_spec("celery", "python", "q", "prefork", 4, "amqp")
+    assert prefork is not None and prefork.argv[prefork.argv.index("-c") + 1] == "4"
