@@ -11,13 +11,12 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    import trustme
 
 HOST = "127.0.0.1"
 
@@ -38,6 +37,11 @@ class Pki:
 def _expired_cert(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
     """A server certificate for localhost/127.0.0.1 signed by ``ca``, valid from 30
     days ago to yesterday."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -73,6 +77,10 @@ def _expired_cert(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    # imported here: conftest imports this module, and the wheel's install test runs the
+    # tutorial tests in a venv without the TLS tests' dependencies
+    import trustme
+
     directory = tmp_path_factory.mktemp("redis-tls")
     ca, other = trustme.CA(), trustme.CA()
     paths = {name: directory / f"{name}.pem" for name in ("ca", "other_ca", "server", "skey")}
